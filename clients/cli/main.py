@@ -1,0 +1,180 @@
+"""The ``ds01`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+from ds01.client import Ds01Client, Ds01Error
+from ds01.core.config import Config, ConfigError, load_config
+from ds01.core.pki import SERVICES, CertPaths, PkiError, init_pki, issue_client_cert
+from ds01.v1 import common_pb2
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+@dataclass
+class Settings:
+    config_path: Path | None
+    output: str
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"ds01: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(work: Callable[[], Any]) -> Any:
+    """Run a command body, turning every expected failure into one clear line."""
+    try:
+        return work()
+    except Ds01Error as err:
+        _fail(f"{err.message} [{err.code.name}]")
+    except ConfigError as err:
+        _fail(f"configuration: {err}", code=2)
+    except PkiError as err:
+        _fail(str(err))
+    except PermissionError as err:
+        _fail(f"{err.filename}: permission denied (run as root, or as the file's owner)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="DS01_CONFIG",
+    help="Suite configuration (default: /etc/ds01/ds01.yaml).",
+)
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, output: str) -> None:
+    """ds01: GPUs, limits and containers on a shared GPU server."""
+    ctx.obj = Settings(config_path, output)
+
+
+@cli.command()
+@click.pass_obj
+def status(settings: Settings) -> None:
+    """Health of every ds01 service, checked over mutual TLS."""
+
+    async def check(client: Ds01Client) -> list[dict[str, str]]:
+        rows = []
+        for service in SERVICES:
+            try:
+                state = await client.health(service)
+                detail = ""
+            except Ds01Error as err:
+                if err.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise  # the same for every service: say it once
+                state, detail = err.code.name, err.message
+            rows.append(
+                {
+                    "service": service,
+                    "address": client.config.address(service),
+                    "status": state,
+                    "detail": detail,
+                }
+            )
+        return rows
+
+    rows = _run(lambda: asyncio.run(_with_client(settings.config(), check)))
+    if settings.output == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        table = Table("SERVICE", "ADDRESS", "STATUS", "DETAIL")
+        for row in rows:
+            style = "green" if row["status"] == "SERVING" else "red"
+            table.add_row(
+                row["service"], row["address"], f"[{style}]{row['status']}", row["detail"]
+            )
+        console.print(table)
+    if any(row["status"] != "SERVING" for row in rows):
+        sys.exit(1)
+
+
+@cli.command()
+@click.pass_obj
+def whoami(settings: Settings) -> None:
+    """Who the ds01 services take you for (from your client certificate)."""
+    response = _run(lambda: asyncio.run(_with_client(settings.config(), lambda c: c.whoami())))
+    kind = common_pb2.PrincipalKind.Name(response.kind).removeprefix("PRINCIPAL_KIND_").lower()
+    expires = (
+        response.certificate_expires.ToDatetime().isoformat(timespec="seconds") + "Z"
+        if response.HasField("certificate_expires")
+        else "unknown"
+    )
+    if settings.output == "json":
+        click.echo(json.dumps({"name": response.name, "kind": kind, "expires": expires}))
+    else:
+        click.echo(f"{response.name} ({kind}), certificate valid until {expires}")
+
+
+async def _with_client(config: Config, work: Callable[[Ds01Client], Any]) -> Any:
+    async with Ds01Client(config) as client:
+        return await work(client)
+
+
+@cli.group()
+def admin() -> None:
+    """Administration on the server itself (needs access to the state directory)."""
+
+
+@admin.group()
+def pki() -> None:
+    """The suite's certificate authority."""
+
+
+@pki.command("init")
+@click.option(
+    "--force", is_flag=True, help="Replace the CA: every issued certificate stops working."
+)
+@click.option("--host", "hosts", multiple=True, help="Extra name or IP for service certificates.")
+@click.pass_obj
+def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
+    """Create the CA, the service certificates and one for you, in the state directory."""
+    config = _run(settings.config)
+    written = _run(lambda: init_pki(config.pki, force=force, hosts=hosts, admin=getpass.getuser()))
+    if not written:
+        click.echo(f"PKI already present in {config.pki.root} (use --force to replace the CA)")
+        return
+    click.echo(f"PKI in {config.pki.root}:")
+    for path in written:
+        click.echo(f"  {path}")
+
+
+@admin.command("issue-cert")
+@click.argument("user")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=365, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write client.crt, client.key and ca.crt here (default: the state directory).",
+)
+@click.pass_obj
+def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None) -> None:
+    """Issue a client certificate for USER."""
+    config = _run(settings.config)
+    out = CertPaths(out_dir / "client.crt", out_dir / "client.key") if out_dir else None
+    paths = _run(lambda: issue_client_cert(config.pki, user, days=days, out=out))
+    if out_dir:
+        (out_dir / "ca.crt").write_bytes(config.pki.ca_cert.read_bytes())
+    click.echo(f"certificate for {user}: {paths.cert} (key {paths.key}, mode 0600)")
+
+
+def main() -> None:
+    cli()

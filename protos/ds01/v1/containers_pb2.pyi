@@ -1,0 +1,139 @@
+import datetime
+
+from ds01.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTAINER_STATE_UNSPECIFIED: _ClassVar[ContainerState]
+    CONTAINER_STATE_CREATED: _ClassVar[ContainerState]
+    CONTAINER_STATE_RUNNING: _ClassVar[ContainerState]
+    CONTAINER_STATE_STOPPED: _ClassVar[ContainerState]
+    CONTAINER_STATE_GONE: _ClassVar[ContainerState]
+CONTAINER_STATE_UNSPECIFIED: ContainerState
+CONTAINER_STATE_CREATED: ContainerState
+CONTAINER_STATE_RUNNING: ContainerState
+CONTAINER_STATE_STOPPED: ContainerState
+CONTAINER_STATE_GONE: ContainerState
+
+class Container(_message.Message):
+    __slots__ = ("name", "docker_name", "id", "user", "image", "state", "gpus", "created_at", "started_at", "stopped_at", "workspace", "data_dirs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIRS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    docker_name: str
+    id: str
+    user: str
+    image: str
+    state: ContainerState
+    gpus: _containers.RepeatedCompositeFieldContainer[_common_pb2.Allocation]
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    stopped_at: _timestamp_pb2.Timestamp
+    workspace: str
+    data_dirs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIRS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image: str
+    gpus: int
+    workspace: str
+    data_dirs: _containers.RepeatedScalarFieldContainer[str]
+    start: bool
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ...) -> None: ...
+
+class CreateContainerResponse(_message.Message):
+    __slots__ = ("container",)
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    container: Container
+    def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
+
+class StartContainerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StartContainerResponse(_message.Message):
+    __slots__ = ("container",)
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    container: Container
+    def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
+
+class StopContainerRequest(_message.Message):
+    __slots__ = ("name", "grace_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    grace_seconds: int
+    def __init__(self, name: _Optional[str] = ..., grace_seconds: _Optional[int] = ...) -> None: ...
+
+class StopContainerResponse(_message.Message):
+    __slots__ = ("container",)
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    container: Container
+    def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
+
+class RemoveContainerRequest(_message.Message):
+    __slots__ = ("name", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListContainersRequest(_message.Message):
+    __slots__ = ("user", "all_users")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ALL_USERS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    all_users: bool
+    def __init__(self, user: _Optional[str] = ..., all_users: _Optional[bool] = ...) -> None: ...
+
+class ListContainersResponse(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[Container]
+    def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...) -> None: ...
+
+class GetContainerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetContainerResponse(_message.Message):
+    __slots__ = ("container",)
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    container: Container
+    def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""GPU and MIG allocation kept in etcd (issue: allocator service)."""

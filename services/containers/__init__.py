@@ -1,0 +1,1 @@
+"""Container orchestration with MLC conventions (issue: containers service)."""

@@ -1,0 +1,218 @@
+"""The suite's one configuration file.
+
+Every key has a default that works on a single machine, so an empty or missing file
+is a valid configuration. A file that is present but wrong stops start-up with a
+message naming the file, the key and what is wrong: a typo must never silently fall
+back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ds01.core.pki import SERVICES, Pki
+
+ENV_CONFIG = "DS01_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/ds01/ds01.yaml")
+DEFAULT_PORTS = {"limits": 50051, "allocator": 50052, "containers": 50053, "ownership": 50054}
+INVENTORY_SOURCES = ("auto", "declared", "nvml")
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable; the message names file, key and problem."""
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    source: str = "auto"
+    file: Path = Path("/etc/ds01/inventory.yaml")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/ds01")
+    listen: Mapping[str, str] = field(
+        default_factory=lambda: {s: f"127.0.0.1:{p}" for s, p in DEFAULT_PORTS.items()}
+    )
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    limits_file: Path = Path("/etc/ds01/resource-limits.yaml")
+    inventory: InventoryConfig = InventoryConfig()
+    docker_host: str = "unix:///var/run/docker.sock"
+    log_level: str = "info"
+    source: Path | None = None
+
+    @property
+    def pki(self) -> Pki:
+        return Pki(self.state_dir / "pki")
+
+    def address(self, service: str) -> str:
+        return self.listen[service]
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load the file at ``path``, ``$DS01_CONFIG`` or /etc/ds01/ds01.yaml.
+
+    Only an explicitly named file must exist; the default location may be absent.
+    """
+    explicit = path or os.environ.get(ENV_CONFIG)
+    file = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    if not file.exists():
+        if explicit:
+            raise ConfigError(f"{file}: configuration file not found")
+        return Config()
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read: {err.strerror}") from err
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: Path) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{file}:{line} is not valid YAML: {err}") from err
+    if raw is None:
+        raw = {}
+    reader = _Reader(file, raw, "")
+    base = file.parent
+    config = Config(
+        node=reader.str("node", Config().node),
+        state_dir=reader.path("state_dir", Config.state_dir, base),
+        listen=_read_listen(reader.section("listen")),
+        etcd_endpoints=_read_endpoints(reader.section("etcd")),
+        limits_file=reader.path("limits_file", Config.limits_file, base),
+        inventory=_read_inventory(reader.section("inventory"), base),
+        docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
+        log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
+        source=file,
+    )
+    reader.reject_unknown()
+    return config
+
+
+def _read_listen(reader: _Reader) -> dict[str, str]:
+    listen = dict(Config().listen)
+    for service in SERVICES:
+        listen[service] = reader.str(service, listen[service], check=_check_address)
+    reader.reject_unknown()
+    return listen
+
+
+def _read_endpoints(reader: _Reader) -> tuple[str, ...]:
+    endpoints = reader.list_of_str("endpoints", list(Config.etcd_endpoints))
+    for i, endpoint in enumerate(endpoints):
+        problem = _check_address(endpoint.removeprefix("http://"))
+        if problem:
+            raise reader.error(f"endpoints[{i}]", problem)
+    if not endpoints:
+        raise reader.error("endpoints", "needs at least one etcd endpoint")
+    reader.reject_unknown()
+    return tuple(e.removeprefix("http://") for e in endpoints)
+
+
+def _read_inventory(reader: _Reader, base: Path) -> InventoryConfig:
+    inventory = InventoryConfig(
+        source=reader.one_of("source", "auto", INVENTORY_SOURCES),
+        file=reader.path("file", InventoryConfig.file, base),
+    )
+    reader.reject_unknown()
+    return inventory
+
+
+def _check_address(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        return f"{value!r} is not HOST:PORT"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r}: port must be a number from 1 to 65535"
+    return None
+
+
+def _check_docker_host(value: str) -> str | None:
+    if value.startswith("unix://") or value.startswith("tcp://127."):
+        return None
+    return f"{value!r}: use unix:///path/to/docker.sock (or tcp://127.x.x.x:PORT)"
+
+
+class _Reader:
+    """Reads one mapping of the file, remembering which keys were used."""
+
+    def __init__(self, file: Path, raw: Any, prefix: str) -> None:
+        self.file = file
+        self.prefix = prefix
+        if not isinstance(raw, dict):
+            where = f"key {prefix.rstrip('.')!r}" if prefix else "top level"
+            raise ConfigError(f"{file}: {where} must be a mapping, got {type(raw).__name__}")
+        self.raw = raw
+        self.used: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.file}: key {self.prefix}{key!s}: {problem}")
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.raw.get(key)
+
+    def section(self, key: str) -> _Reader:
+        value = self._get(key)
+        return _Reader(self.file, {} if value is None else value, f"{self.prefix}{key}.")
+
+    def str(self, key: str, default: str, check: Callable[[str], str | None] | None = None) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, got {value!r}")
+        problem = check(value) if check else None
+        if problem:
+            raise self.error(key, problem)
+        return value
+
+    def choice_str(
+        self, section: str, key: str, default: str, check: Callable[[str], str | None]
+    ) -> str:
+        sub = self.section(section)
+        value = sub.str(key, default, check)
+        sub.reject_unknown()
+        return value
+
+    def one_of(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(key, default)
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def path(self, key: str, default: Path, base: Path) -> Path:
+        value = self.str(key, str(default))
+        return (base / Path(value).expanduser()).resolve() if value else default
+
+    def list_of_str(self, key: str, default: list[str]) -> list[str]:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"must be a list of strings, got {value!r}")
+        return value
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(str(k) for k in self.raw if k not in self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling)")
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(Config))

@@ -1,0 +1,158 @@
+"""Who is calling: taken from the verified client certificate, never from the request.
+
+The transport refuses any peer without a certificate from the suite's CA (see
+``ds01.core.tls``). This interceptor then turns the certificate into a
+:class:`Principal` and makes it available to every handler through :func:`caller`.
+If a call ever arrives without a verified certificate, it is refused with
+UNAUTHENTICATED before any handler runs: the suite fails closed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography import x509
+from ds01.core.pki import SERVICE_PREFIX
+from ds01.v1 import common_pb2
+
+_CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("ds01_caller")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: a user, an admin or one of the suite's services."""
+
+    name: str
+    kind: common_pb2.PrincipalKind.ValueType
+    certificate_expires: dt.datetime | None = None
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind == common_pb2.PRINCIPAL_KIND_SERVICE
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == common_pb2.PRINCIPAL_KIND_ADMIN
+
+    def may_act_for(self, user: str) -> bool:
+        """Users act only for themselves; admins and services for anyone."""
+        return self.is_service or self.is_admin or self.name == user
+
+
+@dataclass
+class Roles:
+    """Which user names are admins. The limits configuration adds to it at run time."""
+
+    admins: set[str] = field(default_factory=lambda: {"root"})
+
+    def kind_of(self, name: str) -> common_pb2.PrincipalKind.ValueType:
+        if name.startswith(SERVICE_PREFIX):
+            return common_pb2.PRINCIPAL_KIND_SERVICE
+        if name in self.admins:
+            return common_pb2.PRINCIPAL_KIND_ADMIN
+        return common_pb2.PRINCIPAL_KIND_USER
+
+
+def caller() -> Principal:
+    """The principal of the call being handled; only valid inside a handler."""
+    try:
+        return _CALLER.get()
+    except LookupError:
+        raise RuntimeError("caller() used outside an authenticated gRPC handler") from None
+
+
+class AuthenticationError(Exception):
+    """The peer presented no usable identity."""
+
+
+def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> Principal:
+    names = auth.get("x509_common_name") or []
+    if len(names) != 1 or not names[0]:
+        raise AuthenticationError(
+            "no verified client certificate: every ds01 call needs one "
+            "(an admin issues them with `ds01 admin issue-cert USER`)"
+        )
+    name = names[0].decode()
+    expires = None
+    pem = auth.get("x509_pem_cert")
+    if pem:
+        expires = x509.load_pem_x509_certificate(pem[0]).not_valid_after_utc
+        if expires <= dt.datetime.now(dt.UTC):
+            raise AuthenticationError(f"client certificate of {name} expired at {expires:%c}")
+    return Principal(name=name, kind=roles.kind_of(name), certificate_expires=expires)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call and exposes the caller through :func:`caller`."""
+
+    # Health checks and reflection carry no user data; they still require mTLS at
+    # the transport, but need no principal.
+    PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, roles: Roles) -> None:
+        self.roles = roles
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.PUBLIC_PREFIXES):
+            return handler
+        return _wrap_handler(handler, self._authenticate)
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+        return principal_from_auth_context(context.auth_context(), self.roles)
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, authenticate: Callable[[Any], Principal]
+) -> grpc.RpcMethodHandler:
+    async def enter(context: grpc.aio.ServicerContext) -> contextvars.Token[Principal]:
+        try:
+            return _CALLER.set(authenticate(context))
+        except AuthenticationError as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+            raise  # abort raises; this line only satisfies the type checker
+
+    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = await enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                _CALLER.reset(token)
+
+        return wrapper
+
+    def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            token = await enter(context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                _CALLER.reset(token)
+
+        return wrapper
+
+    common = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **common)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **common)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **common)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **common)

@@ -1,0 +1,172 @@
+"""``ds01d``: runs one or more ds01 services in one process.
+
+``ds01d --services limits,allocator`` runs those two; ``--services all`` runs the four.
+``--local`` makes the process the whole single-machine deployment: it creates the PKI
+if there is none, starts an etcd (data in the state dir) unless one answers already,
+and a private dockerd unless the configured Docker socket answers. Ctrl-C (or SIGTERM)
+stops the services, then the daemons it started, and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import importlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+from ds01.allocator.inventory import InventoryError, load_inventory
+from ds01.core.config import Config, ConfigError, load_config
+from ds01.core.identity import Roles
+from ds01.core.logs import setup_logging
+from ds01.core.pki import SERVICES, init_pki
+from ds01.core.processes import (
+    ManagedProcess,
+    ProcessError,
+    docker_answers,
+    etcd_healthy,
+    start_dockerd,
+    start_etcd,
+)
+from ds01.core.server import (
+    RunningService,
+    ServiceContext,
+    ServiceSpec,
+    ServiceStartError,
+    start_service,
+)
+
+log = logging.getLogger("ds01d")
+
+
+def service_spec(name: str) -> ServiceSpec:
+    return importlib.import_module(f"ds01.{name}.server").SPEC
+
+
+def parse_services(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(SERVICES)
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown service {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(SERVICES)} or all",
+            param_hint="--services",
+        )
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class LocalDeps:
+    """The daemons ``--local`` started itself, to be stopped in reverse order."""
+
+    config: Config
+    started: list[ManagedProcess] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        written = init_pki(self.config.pki, admin=getpass.getuser())
+        if written:
+            self.notes.append(f"created certificates in {self.config.pki.root}")
+        endpoint = self.config.etcd_endpoints[0]
+        if etcd_healthy(endpoint):
+            self.notes.append(f"etcd       {endpoint} (already running, used as is)")
+        else:
+            host, _, port = endpoint.rpartition(":")
+            if not host.startswith("127.") and host != "localhost":
+                raise ProcessError(f"etcd at {endpoint} does not answer, and is not local")
+            etcd = start_etcd(self.config.state_dir / "etcd" / "data", int(port))
+            self.started.append(etcd)
+            self.notes.append(f"etcd       {endpoint} (data {self.config.state_dir / 'etcd'})")
+        socket_path = Path(self.config.docker_host.removeprefix("unix://"))
+        if not self.config.docker_host.startswith("unix://"):
+            self.notes.append(f"docker     {self.config.docker_host} (not managed by ds01d)")
+        elif docker_answers(socket_path):
+            self.notes.append(f"docker     {self.config.docker_host} (already running)")
+        else:
+            dockerd = start_dockerd(self.config.state_dir / "docker", socket_path)
+            self.started.append(dockerd)
+            self.notes.append(
+                f"docker     {self.config.docker_host} (private dockerd, data "
+                f"{self.config.state_dir / 'docker'})"
+            )
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            log.info("stopping %s (pid %d)", process.name, process.pid)
+            process.stop()
+        self.started.clear()
+
+
+async def serve(config: Config, names: list[str], local: bool) -> int:
+    deps = LocalDeps(config)
+    running: list[RunningService] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if local:
+            await asyncio.to_thread(deps.start)
+        context = ServiceContext(config=config, roles=Roles())
+        for name in names:
+            running.append(await start_service(service_spec(name), context))
+        print(_summary(config, running, deps.notes), flush=True)
+        await stop.wait()
+        log.info("stopping")
+        return 0
+    except (ServiceStartError, ProcessError, InventoryError) as err:
+        log.error("%s", err)
+        return 1
+    finally:
+        for service in reversed(running):
+            await service.stop()
+        await asyncio.to_thread(deps.stop)
+
+
+def _summary(config: Config, running: list[RunningService], notes: list[str]) -> str:
+    lines = [f"ds01 is up on node {config.node} (mutual TLS on every port)"]
+    lines += [f"  {s.spec.name:<10} {s.address}" for s in running]
+    lines += [f"  {note}" for note in notes]
+    try:
+        lines.append(f"  gpus       {load_inventory(config).describe()}")
+    except InventoryError as err:
+        lines.append(f"  gpus       inventory unavailable: {err}")
+    config_hint = f"DS01_CONFIG={config.source} " if config.source else ""
+    config_hint += str(Path(sys.argv[0]).with_name("ds01"))
+    lines += [
+        "",
+        "Next, in another terminal:",
+        f"  {config_hint} status     # health of every service over mTLS",
+        f"  {config_hint} whoami     # who the services take you for",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Suite configuration (default: $DS01_CONFIG or /etc/ds01/ds01.yaml).",
+)
+@click.option("--services", default="all", show_default=True, help="Comma-separated, or all.")
+@click.option("--local", is_flag=True, help="Also create the PKI and start etcd and dockerd.")
+def main(config_path: Path | None, services: str, local: bool) -> None:
+    """Run ds01 services."""
+    names = parse_services(services)
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        click.echo(f"ds01d: configuration error: {err}", err=True)
+        sys.exit(2)
+    setup_logging(config.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(serve(config, names, local)))

@@ -1,0 +1,174 @@
+"""Starting and stopping the suite's own etcd and dockerd.
+
+Used by ``ds01d --local`` and by the test fixtures, so that both run the real daemons
+the same way. Children are told by the kernel to stop if this process dies
+(PR_SET_PDEATHSIG), so even a killed supervisor leaves no daemon behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ProcessError(Exception):
+    """A daemon could not be started; the message says why and where its log is."""
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; always reaps the child."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def spawn(
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    timeout: float = 30.0,
+) -> ManagedProcess:
+    """Start ``argv`` with its output in ``log_path`` and wait until ``ready()``."""
+    if shutil.which(argv[0]) is None:
+        raise ProcessError(f"{argv[0]} is not installed (make setup installs it)")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+            preexec_fn=_die_with_parent,
+        )
+    managed = ManagedProcess(name, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not managed.running():
+            raise ProcessError(
+                f"{name} exited with code {process.returncode} during start-up; "
+                f"log {log_path}:\n{managed.log_tail()}"
+            )
+        if ready():
+            return managed
+        time.sleep(0.05)
+    managed.stop()
+    raise ProcessError(f"{name} was not ready after {timeout:.0f}s; log {log_path}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def etcd_healthy(endpoint: str, timeout: float = 0.5) -> bool:
+    """Whether an etcd answers /health at HOST:PORT."""
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as response:
+            return json.loads(response.read()).get("health") == "true"
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def start_etcd(data_dir: Path, client_port: int, peer_port: int | None = None) -> ManagedProcess:
+    """A single-member etcd on loopback with its data in ``data_dir``."""
+    peer_port = peer_port or free_port()
+    client = f"http://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [
+        "etcd",
+        "--name=default",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}",
+        "--log-outputs=stderr",
+    ]
+    endpoint = f"127.0.0.1:{client_port}"
+    return spawn("etcd", argv, data_dir.parent / "etcd.log", lambda: etcd_healthy(endpoint))
+
+
+def docker_answers(socket_path: Path) -> bool:
+    """Whether a Docker daemon answers /_ping on a Unix socket."""
+    if not socket_path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1.0)
+            s.connect(str(socket_path))
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status_line = s.recv(64).split(b"\r\n", 1)[0].split(b" ")
+            return len(status_line) > 1 and status_line[1] == b"200"
+    except OSError:
+        return False
+
+
+def start_dockerd(root: Path, socket_path: Path | None = None) -> ManagedProcess:
+    """A private dockerd under ``root``: no bridge, no iptables, no NAT, ever."""
+    socket_path = socket_path or root / "docker.sock"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [
+        "dockerd",
+        f"--host=unix://{socket_path}",
+        f"--data-root={root / 'data'}",
+        f"--exec-root={root / 'exec'}",
+        f"--pidfile={root / 'docker.pid'}",
+        "--bridge=none",
+        "--iptables=false",
+        "--ip-forward=false",
+        "--ip-masq=false",
+    ]
+    return spawn(
+        "dockerd", argv, root / "dockerd.log", lambda: docker_answers(socket_path), timeout=60
+    )

@@ -1,0 +1,142 @@
+"""What every ds01 gRPC server has: mTLS, the caller interceptor, health, reflection.
+
+A service package describes itself with a :class:`ServiceSpec`; :func:`start_service`
+turns it into a listening server. The same code runs one service per process (compose)
+or several in one process (``ds01d --services all``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import grpc
+from ds01.core.config import Config
+from ds01.core.identity import AuthInterceptor, Roles, caller
+from ds01.core.tls import server_credentials
+from ds01.v1 import identity_pb2, identity_pb2_grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+
+
+@dataclass
+class ServiceContext:
+    """What a service's wiring needs from the process it runs in."""
+
+    config: Config
+    roles: Roles
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service package's description of itself."""
+
+    name: str
+    # Full names of the gRPC services it serves, e.g. "ds01.v1.LimitsService".
+    grpc_services: tuple[str, ...]
+    register: Callable[[grpc.aio.Server, ServiceContext], None]
+
+
+class ServiceStartError(Exception):
+    """A service could not start; the message says why and what to do."""
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    server: grpc.aio.Server
+    address: str
+    health: HealthServicer
+    _stopped: bool = field(default=False, init=False)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def WhoAmI(
+        self, request: identity_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.WhoAmIResponse:
+        principal = caller()
+        response = identity_pb2.WhoAmIResponse(
+            name=principal.name, kind=principal.kind, service=self.service
+        )
+        if principal.certificate_expires:
+            expires = timestamp_pb2.Timestamp()
+            expires.FromDatetime(principal.certificate_expires)
+            response.certificate_expires.CopyFrom(expires)
+        return response
+
+
+async def start_service(
+    spec: ServiceSpec, context: ServiceContext, address: str | None = None
+) -> RunningService:
+    """Start ``spec`` on ``address`` (default: from the config) with mutual TLS."""
+    config = context.config
+    address = address or config.address(spec.name)
+    if not config.pki.service(spec.name).cert.is_file():
+        raise ServiceStartError(
+            f"{spec.name}: no certificate in {config.pki.root}: run `ds01 admin pki init`"
+        )
+    server = grpc.aio.server(interceptors=[AuthInterceptor(context.roles)])
+    spec.register(server, context)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(spec.name), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *spec.grpc_services,
+            IDENTITY_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_secure_port(address, server_credentials(config.pki, spec.name))
+    except RuntimeError as err:
+        port = 0
+        log.debug("bind %s failed: %s", address, err)
+    if port == 0:
+        raise ServiceStartError(
+            f"{spec.name}: cannot listen on {address}: the address is in use or not local; "
+            f"change listen.{spec.name} in {config.source or 'the config'}"
+        )
+    host = address.rpartition(":")[0]
+    bound = f"{host}:{port}"
+    await server.start()
+    for name in ("", *spec.grpc_services):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s (mutual TLS)", spec.name, bound)
+    return RunningService(spec=spec, server=server, address=bound, health=health)
+
+
+def contract_only_spec(
+    name: str, messages: ModuleType, stubs: ModuleType, service: str
+) -> ServiceSpec:
+    """A spec serving a contract whose methods are not built yet: they answer UNIMPLEMENTED.
+
+    Health and reflection already work, so clients and tools can discover the service.
+    """
+    servicer = getattr(stubs, f"{service}Servicer")
+    add = getattr(stubs, f"add_{service}Servicer_to_server")
+    return ServiceSpec(
+        name=name,
+        grpc_services=(messages.DESCRIPTOR.services_by_name[service].full_name,),
+        register=lambda server, _context: add(servicer(), server),
+    )

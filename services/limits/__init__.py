@@ -1,0 +1,1 @@
+"""Limits resolution: who may use what (issue: limits service)."""

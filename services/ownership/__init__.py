@@ -1,0 +1,1 @@
+"""Container ownership and the Docker socket proxy (issue: ownership service)."""
