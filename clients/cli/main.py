@@ -13,12 +13,13 @@ from typing import Any
 
 import click
 import grpc
+from rich.console import Console
+from rich.table import Table
+
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.config import Config, ConfigError, load_config
 from ds01.core.pki import SERVICES, CertPaths, PkiError, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
-from rich.console import Console
-from rich.table import Table
 
 console = Console()
 

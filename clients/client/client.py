@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core.config import Config
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
 from ds01.v1 import identity_pb2, identity_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
 

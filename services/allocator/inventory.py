@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
 from ds01.core.config import Config
 from ds01.core.units import parse_size
 

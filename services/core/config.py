@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from ds01.core.pki import SERVICES, Pki
 
 ENV_CONFIG = "DS01_CONFIG"

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+
 from ds01.core.pki import SERVICE_PREFIX
 from ds01.v1 import common_pb2
 

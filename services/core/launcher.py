@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+
 from ds01.allocator.inventory import InventoryError, load_inventory
 from ds01.core.config import Config, ConfigError, load_config
 from ds01.core.identity import Roles

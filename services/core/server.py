@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import grpc
-from ds01.core.config import Config
-from ds01.core.identity import AuthInterceptor, Roles, caller
-from ds01.core.tls import server_credentials
-from ds01.v1 import identity_pb2, identity_pb2_grpc
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+from ds01.core.config import Config
+from ds01.core.identity import AuthInterceptor, Roles, caller
+from ds01.core.tls import server_credentials
+from ds01.v1 import identity_pb2, identity_pb2_grpc
 
 log = logging.getLogger(__name__)
 

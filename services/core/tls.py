@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+
 from ds01.core.pki import CertPaths, Pki
 
 

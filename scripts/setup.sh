@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what ds01 needs on a fresh Debian machine, and nothing that is already there:
+#   Debian packages: etcd-server, docker.io, busybox-static (offline test image), python3-venv
+#   the Python project, editable, in .venv (versions pinned by constraints.txt)
+# Safe to run again; a second run takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+[ -x /bin/busybox ] && ! head -c 4096 /bin/busybox | grep -q ld-linux || need_apt+=(busybox-static)
+python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages ${need_apt[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "setup: installing ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The package scripts may try to start system daemons; ds01 starts its own.
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+stamp=.venv/.ds01-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing the Python project into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,143 @@
+"""Real daemons for the tests: an etcd and a private dockerd, plus an offline test image.
+
+With CI=true a missing daemon fails the run instead of skipping the test: integration
+tests must never pass vacuously there.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
+
+TEST_IMAGE = "ds01-test/busybox:latest"
+BUSYBOX_APPLETS = (
+    "sh",
+    "cat",
+    "sleep",
+    "id",
+    "ls",
+    "echo",
+    "true",
+    "env",
+    "grep",
+    "adduser",
+    "addgroup",
+    "head",
+    "wc",
+    "whoami",
+    "yes",
+    "dd",
+    "printf",
+    "test",
+)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed: run `make setup` (installs etcd-server, docker.io)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {message}")
+    pytest.skip(message)
+
+
+@contextmanager
+def running_etcd() -> Iterator[tuple[str, ManagedProcess]]:
+    require_binary("etcd")
+    with tempfile.TemporaryDirectory(prefix="ds01-etcd-") as tmp:
+        port = free_port()
+        etcd = start_etcd(Path(tmp) / "data", port)
+        try:
+            yield f"127.0.0.1:{port}", etcd
+        finally:
+            etcd.stop()
+
+
+@contextmanager
+def running_dockerd() -> Iterator[tuple[Path, ManagedProcess]]:
+    """A private dockerd; its Unix socket path is kept short (sun_path is 108 bytes)."""
+    require_binary("dockerd")
+    root = Path(tempfile.mkdtemp(prefix="ds01-dockerd-", dir="/tmp"))
+    dockerd = start_dockerd(root)
+    try:
+        yield root / "docker.sock", dockerd
+    finally:
+        dockerd.stop(timeout=30)
+        _remove_tree(root)
+
+
+def _remove_tree(root: Path) -> None:
+    # dockerd leaves mounts under exec-root on some kernels; unmount before removing.
+    subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True, check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def busybox_binary() -> Path:
+    """The statically linked busybox from Debian's busybox-static package."""
+    for candidate in (Path("/bin/busybox"), Path("/usr/bin/busybox")):
+        # A dynamically linked ELF names its loader (PT_INTERP) in the first page.
+        if candidate.is_file() and b"/ld-linux" not in candidate.read_bytes()[:4096]:
+            return candidate
+    message = "busybox-static is not installed: run `make setup`"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {message}")
+    pytest.skip(message)
+
+
+def build_test_image(docker_socket: Path, tag: str = TEST_IMAGE) -> str:
+    """Import a busybox root filesystem as an image: no registry needed.
+
+    Built with the real docker CLI (``docker import``), as DESIGN.md describes.
+    """
+    busybox = busybox_binary()
+    with tempfile.TemporaryDirectory(prefix="ds01-rootfs-") as tmp:
+        archive = Path(tmp) / "rootfs.tar"
+        with tarfile.open(archive, "w") as tar:
+            for directory in (
+                "bin",
+                "etc",
+                "tmp",
+                "workspace",
+                "data",
+                "home",
+                "proc",
+                "sys",
+                "dev",
+            ):
+                info = tarfile.TarInfo(directory)
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o1777 if directory == "tmp" else 0o755
+                tar.addfile(info)
+            tar.add(busybox, arcname="bin/busybox")
+            for applet in BUSYBOX_APPLETS:
+                link = tarfile.TarInfo(f"bin/{applet}")
+                link.type = tarfile.SYMTYPE
+                link.linkname = "busybox"
+                tar.addfile(link)
+            for name, text in (
+                ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+                ("etc/group", "root:x:0:\n"),
+            ):
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, fileobj=io.BytesIO(data))
+        subprocess.run(
+            ["docker", "-H", f"unix://{docker_socket}", "import", str(archive), tag],
+            check=True,
+            capture_output=True,
+        )
+    return tag
