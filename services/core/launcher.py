@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from ds01.allocator.inventory import InventoryError, load_inventory
-from ds01.core.config import Config, ConfigError, load_config
+from ds01.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from ds01.core.identity import Roles
 from ds01.core.logs import setup_logging
 from ds01.core.pki import SERVICES, init_pki
@@ -139,7 +139,8 @@ def _summary(config: Config, running: list[RunningService], notes: list[str]) ->
         lines.append(f"  gpus       {load_inventory(config).describe()}")
     except InventoryError as err:
         lines.append(f"  gpus       inventory unavailable: {err}")
-    config_hint = f"DS01_CONFIG={config.source} " if config.source else ""
+    default = config.source in (None, DEFAULT_CONFIG_PATH)
+    config_hint = "" if default else f"DS01_CONFIG={config.source} "
     config_hint += str(Path(sys.argv[0]).with_name("ds01"))
     lines += [
         "",
