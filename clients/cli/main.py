@@ -2,54 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 import grpc
 from rich.console import Console
 from rich.table import Table
 
+from ds01.cli.common import Settings, call, run
+from ds01.cli.limits import limits
 from ds01.client import Ds01Client, Ds01Error
-from ds01.core.config import Config, ConfigError, load_config
-from ds01.core.pki import SERVICES, CertPaths, PkiError, init_pki, issue_client_cert
+from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
 
 console = Console()
-
-
-@dataclass
-class Settings:
-    config_path: Path | None
-    output: str
-
-    def config(self) -> Config:
-        return load_config(self.config_path)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"ds01: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _run(work: Callable[[], Any]) -> Any:
-    """Run a command body, turning every expected failure into one clear line."""
-    try:
-        return work()
-    except Ds01Error as err:
-        _fail(f"{err.message} [{err.code.name}]")
-    except ConfigError as err:
-        _fail(f"configuration: {err}", code=2)
-    except PkiError as err:
-        _fail(str(err))
-    except PermissionError as err:
-        _fail(f"{err.filename}: permission denied (run as root, or as the file's owner)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,6 +36,9 @@ def cli(ctx: click.Context, config_path: Path | None, output: str) -> None:
     ctx.obj = Settings(config_path, output)
 
 
+cli.add_command(limits)
+
+
 @cli.command()
 @click.pass_obj
 def status(settings: Settings) -> None:
@@ -82,17 +54,11 @@ def status(settings: Settings) -> None:
                 if err.code == grpc.StatusCode.UNAUTHENTICATED:
                     raise  # the same for every service: say it once
                 state, detail = err.code.name, err.message
-            rows.append(
-                {
-                    "service": service,
-                    "address": client.config.address(service),
-                    "status": state,
-                    "detail": detail,
-                }
-            )
+            address = client.config.address(service)
+            rows.append({"service": service, "address": address, "status": state, "detail": detail})
         return rows
 
-    rows = _run(lambda: asyncio.run(_with_client(settings.config(), check)))
+    rows = call(settings, check)
     if settings.output == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -111,7 +77,7 @@ def status(settings: Settings) -> None:
 @click.pass_obj
 def whoami(settings: Settings) -> None:
     """Who the ds01 services take you for (from your client certificate)."""
-    response = _run(lambda: asyncio.run(_with_client(settings.config(), lambda c: c.whoami())))
+    response = call(settings, lambda client: client.whoami())
     kind = common_pb2.PrincipalKind.Name(response.kind).removeprefix("PRINCIPAL_KIND_").lower()
     expires = (
         response.certificate_expires.ToDatetime().isoformat(timespec="seconds") + "Z"
@@ -122,11 +88,6 @@ def whoami(settings: Settings) -> None:
         click.echo(json.dumps({"name": response.name, "kind": kind, "expires": expires}))
     else:
         click.echo(f"{response.name} ({kind}), certificate valid until {expires}")
-
-
-async def _with_client(config: Config, work: Callable[[Ds01Client], Any]) -> Any:
-    async with Ds01Client(config) as client:
-        return await work(client)
 
 
 @cli.group()
@@ -147,8 +108,8 @@ def pki() -> None:
 @click.pass_obj
 def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
     """Create the CA, the service certificates and one for you, in the state directory."""
-    config = _run(settings.config)
-    written = _run(lambda: init_pki(config.pki, force=force, hosts=hosts, admin=getpass.getuser()))
+    config = run(settings.config)
+    written = run(lambda: init_pki(config.pki, force=force, hosts=hosts, admin=getpass.getuser()))
     if not written:
         click.echo(f"PKI already present in {config.pki.root} (use --force to replace the CA)")
         return
@@ -169,9 +130,9 @@ def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
 @click.pass_obj
 def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None) -> None:
     """Issue a client certificate for USER."""
-    config = _run(settings.config)
+    config = run(settings.config)
     out = CertPaths(out_dir / "client.crt", out_dir / "client.key") if out_dir else None
-    paths = _run(lambda: issue_client_cert(config.pki, user, days=days, out=out))
+    paths = run(lambda: issue_client_cert(config.pki, user, days=days, out=out))
     if out_dir:
         (out_dir / "ca.crt").write_bytes(config.pki.ca_cert.read_bytes())
     click.echo(f"certificate for {user}: {paths.cert} (key {paths.key}, mode 0600)")

@@ -7,8 +7,8 @@ can act on; a refused TLS handshake is explained from the client's own certifica
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,9 +17,11 @@ from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core.config import Config
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
-from ds01.v1 import identity_pb2, identity_pb2_grpc
+from ds01.v1 import identity_pb2, identity_pb2_grpc, limits_pb2, limits_pb2_grpc
 
 T = TypeVar("T")
+_IdentityStub = identity_pb2_grpc.IdentityServiceStub
+_LimitsStub = limits_pb2_grpc.LimitsServiceStub
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -105,23 +107,50 @@ class Ds01Client:
         except grpc.aio.AioRpcError as err:
             raise self._explain(service, err) from None
 
+    async def unary(self, service: str, stub: type, method: str, request: Any) -> Any:
+        """Call ``stub(channel).method(request)`` on ``service`` with the default deadline."""
+        return await self.call(
+            service, lambda ch: getattr(stub(ch), method)(request, timeout=self.timeout)
+        )
+
     async def health(self, service: str) -> str:
         """The service's standard health status name, such as ``SERVING``."""
-        response = await self.call(
-            service,
-            lambda ch: health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=self.timeout
-            ),
-        )
+        request = health_pb2.HealthCheckRequest()
+        response = await self.unary(service, health_pb2_grpc.HealthStub, "Check", request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def whoami(self, service: str = "limits") -> identity_pb2.WhoAmIResponse:
-        return await self.call(
-            service,
-            lambda ch: identity_pb2_grpc.IdentityServiceStub(ch).WhoAmI(
-                identity_pb2.WhoAmIRequest(), timeout=self.timeout
-            ),
-        )
+        request = identity_pb2.WhoAmIRequest()
+        return await self.unary(service, _IdentityStub, "WhoAmI", request)
+
+    async def get_limits(self, user: str = "") -> limits_pb2.UserLimits:
+        request = limits_pb2.GetLimitsRequest(user=user)
+        return (await self.unary("limits", _LimitsStub, "GetLimits", request)).limits
+
+    async def get_docker_args(self, user: str = "") -> limits_pb2.GetDockerArgsResponse:
+        request = limits_pb2.GetDockerArgsRequest(user=user)
+        return await self.unary("limits", _LimitsStub, "GetDockerArgs", request)
+
+    async def list_groups(self) -> list[limits_pb2.Group]:
+        request = limits_pb2.ListGroupsRequest()
+        return list((await self.unary("limits", _LimitsStub, "ListGroups", request)).groups)
+
+    async def validate_config(
+        self, text: str | None = None, file_name: str = ""
+    ) -> limits_pb2.ValidateConfigResponse:
+        """Check candidate limits text, or (without text) the configuration being served."""
+        request = limits_pb2.ValidateConfigRequest(text=text, file_name=file_name)
+        return await self.unary("limits", _LimitsStub, "ValidateConfig", request)
+
+    async def watch_limits(self, user: str = "") -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
+        """Each reload that changes limits (the user's, or anyone's for admins)."""
+        stub = _LimitsStub(self.channel("limits"))
+        stream = stub.WatchLimits(limits_pb2.WatchLimitsRequest(user=user))
+        try:
+            async for change in stream:
+                yield change
+        except grpc.aio.AioRpcError as err:
+            raise self._explain("limits", err) from None
 
     def _explain(self, service: str, err: grpc.aio.AioRpcError) -> Ds01Error:
         code = err.code()

@@ -48,14 +48,16 @@ class Principal:
 
 @dataclass
 class Roles:
-    """Which user names are admins. The limits configuration adds to it at run time."""
+    """Which user names are admins: root, plus whatever ``admin_check`` says (the limits
+    service points it at the access_control section of its configuration)."""
 
     admins: set[str] = field(default_factory=lambda: {"root"})
+    admin_check: Callable[[str], bool] | None = None
 
     def kind_of(self, name: str) -> common_pb2.PrincipalKind.ValueType:
         if name.startswith(SERVICE_PREFIX):
             return common_pb2.PRINCIPAL_KIND_SERVICE
-        if name in self.admins:
+        if name in self.admins or (self.admin_check is not None and self.admin_check(name)):
             return common_pb2.PRINCIPAL_KIND_ADMIN
         return common_pb2.PRINCIPAL_KIND_USER
 

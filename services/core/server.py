@@ -7,10 +7,13 @@ or several in one process (``ds01d --services all``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -30,10 +33,40 @@ IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].f
 
 @dataclass
 class ServiceContext:
-    """What a service's wiring needs from the process it runs in."""
+    """What the services of one process share."""
 
     config: Config
     roles: Roles
+
+
+@dataclass
+class ServiceRuntime:
+    """What one service's wiring gets: the shared context, its health, its clean-up."""
+
+    context: ServiceContext
+    health: HealthServicer
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def config(self) -> Config:
+        return self.context.config
+
+    def run_in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` while the service runs; it is cancelled when the service stops."""
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_log_crash)
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.on_stop.append(cancel)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 @dataclass(frozen=True)
@@ -43,7 +76,8 @@ class ServiceSpec:
     name: str
     # Full names of the gRPC services it serves, e.g. "ds01.v1.LimitsService".
     grpc_services: tuple[str, ...]
-    register: Callable[[grpc.aio.Server, ServiceContext], None]
+    # Adds its servicers to the server; may report NOT_SERVING through runtime.health.
+    register: Callable[[grpc.aio.Server, ServiceRuntime], Awaitable[None]]
 
 
 class ServiceStartError(Exception):
@@ -55,8 +89,12 @@ class RunningService:
     spec: ServiceSpec
     server: grpc.aio.Server
     address: str
-    health: HealthServicer
+    runtime: ServiceRuntime
     _stopped: bool = field(default=False, init=False)
+
+    @property
+    def health(self) -> HealthServicer:
+        return self.runtime.health
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._stopped:
@@ -64,6 +102,8 @@ class RunningService:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for hook in reversed(self.runtime.on_stop):
+            await hook()
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
@@ -95,9 +135,12 @@ async def start_service(
             f"{spec.name}: no certificate in {config.pki.root}: run `ds01 admin pki init`"
         )
     server = grpc.aio.server(interceptors=[AuthInterceptor(context.roles)])
-    spec.register(server, context)
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(spec.name), server)
     health = HealthServicer()
+    for name in ("", *spec.grpc_services):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    runtime = ServiceRuntime(context, health)
+    await spec.register(server, runtime)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(spec.name), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
@@ -114,6 +157,8 @@ async def start_service(
         port = 0
         log.debug("bind %s failed: %s", address, err)
     if port == 0:
+        for hook in reversed(runtime.on_stop):
+            await hook()
         raise ServiceStartError(
             f"{spec.name}: cannot listen on {address}: the address is in use or not local; "
             f"change listen.{spec.name} in {config.source or 'the config'}"
@@ -121,10 +166,8 @@ async def start_service(
     host = address.rpartition(":")[0]
     bound = f"{host}:{port}"
     await server.start()
-    for name in ("", *spec.grpc_services):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving on %s (mutual TLS)", spec.name, bound)
-    return RunningService(spec=spec, server=server, address=bound, health=health)
+    return RunningService(spec=spec, server=server, address=bound, runtime=runtime)
 
 
 def contract_only_spec(
@@ -136,8 +179,12 @@ def contract_only_spec(
     """
     servicer = getattr(stubs, f"{service}Servicer")
     add = getattr(stubs, f"add_{service}Servicer_to_server")
+
+    async def register(server: grpc.aio.Server, _runtime: ServiceRuntime) -> None:
+        add(servicer(), server)
+
     return ServiceSpec(
         name=name,
         grpc_services=(messages.DESCRIPTOR.services_by_name[service].full_name,),
-        register=lambda server, _context: add(servicer(), server),
+        register=register,
     )

@@ -1,6 +1,248 @@
-"""Wiring of the limits service into a gRPC server."""
+"""The limits service over gRPC: who may ask what, and the mapping to messages."""
 
-from ds01.core.server import contract_only_spec
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+
+from ds01.core.identity import Principal, caller
+from ds01.core.pki import PkiError, validate_user_name
+from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.limits.config import LimitsConfig, LimitsConfigError, parse_sources, read_sources
+from ds01.limits.resolve import DEFAULT, GROUP, OVERRIDE, UserLimits, resolve
+from ds01.limits.schema import LIMIT_KEYS
+from ds01.limits.source import Issue
+from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2, limits_pb2_grpc
 
-SPEC = contract_only_spec("limits", limits_pb2, limits_pb2_grpc, "LimitsService")
+LIMITS_SERVICE = limits_pb2.DESCRIPTOR.services_by_name["LimitsService"].full_name
+_SOURCES = {
+    DEFAULT: limits_pb2.LIMIT_SOURCE_DEFAULT,
+    GROUP: limits_pb2.LIMIT_SOURCE_GROUP,
+    OVERRIDE: limits_pb2.LIMIT_SOURCE_OVERRIDE,
+}
+_DURATION_FIELDS = (
+    "idle_timeout",
+    "max_runtime",
+    "gpu_hold_after_stop",
+    "container_hold_after_stop",
+    "created_container_timeout",
+)
+
+
+class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
+    def __init__(self, store: LimitsStore) -> None:
+        self.store = store
+
+    async def GetLimits(
+        self, request: limits_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.GetLimitsResponse:
+        config = await self._config(context)
+        user = await self._subject(request.user, context)
+        return limits_pb2.GetLimitsResponse(limits=limits_message(resolve(config, user)))
+
+    async def GetDockerArgs(
+        self, request: limits_pb2.GetDockerArgsRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.GetDockerArgsResponse:
+        config = await self._config(context)
+        user = await self._subject(request.user, context)
+        args = resolve(config, user).docker_args()
+        return limits_pb2.GetDockerArgsResponse(
+            cpus=args.cpus,
+            memory_bytes=args.memory,
+            memory_swap_bytes=args.memory_swap,
+            shm_size_bytes=None if args.ipc_mode == "host" else args.shm_size,
+            ipc_mode=args.ipc_mode or "",
+            pids_limit=args.pids_limit,
+            cgroup_parent=args.cgroup_parent,
+            flags=args.flags(),
+        )
+
+    async def ListGroups(
+        self, request: limits_pb2.ListGroupsRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.ListGroupsResponse:
+        config = await self._config(context)
+        privileged = _privileged(caller())
+        default_priority = config.defaults.get("priority", 0)
+        return limits_pb2.ListGroupsResponse(
+            groups=[
+                limits_pb2.Group(
+                    name=group.name,
+                    priority=group.layer.get("priority", default_priority),
+                    # Who is in which group is the admins' business.
+                    members=group.members if privileged else (),
+                )
+                for group in config.groups.values()
+            ]
+        )
+
+    async def ValidateConfig(
+        self, request: limits_pb2.ValidateConfigRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.ValidateConfigResponse:
+        if not _privileged(caller()):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "only admins may check the limits configuration",
+            )
+        serving = self.store.config.digest if self.store.config else ""
+        if request.HasField("text"):
+            issues = await asyncio.to_thread(
+                _check_text, self.store, request.text, request.file_name
+            )
+        else:
+            issues = self.store.error.issues if self.store.error else []
+            if self.store.config is None and not issues:
+                issues = [Issue(str(self.store.path), 0, "", "not loaded yet")]
+        return limits_pb2.ValidateConfigResponse(
+            valid=not issues,
+            issues=[
+                limits_pb2.ConfigIssue(file=i.file, line=i.line, key=i.key, message=i.message)
+                for i in issues
+            ],
+            serving_digest=serving,
+        )
+
+    async def WatchLimits(
+        self, request: limits_pb2.WatchLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
+        principal = caller()
+        user = request.user
+        if user or not _privileged(principal):
+            user = await self._subject(user, context)
+        with self.store.subscribe() as changes:
+            last = resolve(self.store.config, user) if user and self.store.config else None
+            while True:
+                change = await changes.get()
+                if not user:
+                    yield limits_pb2.WatchLimitsResponse(
+                        users=sorted(change.users),
+                        digest=change.digest,
+                        default_users_changed=change.default_users_changed,
+                    )
+                    continue
+                current = resolve(self.store.config, user)
+                if current != last:
+                    last = current
+                    yield limits_pb2.WatchLimitsResponse(users=[user], digest=change.digest)
+
+    async def _config(self, context: grpc.aio.ServicerContext) -> LimitsConfig:
+        config = self.store.config
+        if config is None:
+            problem = f": {self.store.error}" if self.store.error else ""
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no valid limits configuration has been loaded from {self.store.path}"
+                f"{problem}. An admin can check the file with `ds01 limits check FILE`.",
+            )
+        return config
+
+    async def _subject(self, requested: str, context: grpc.aio.ServicerContext) -> str:
+        """The user a request is about: the caller unless named; others need a privilege."""
+        principal = caller()
+        if not requested and principal.is_service:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "services must name the user")
+        user = requested or principal.name
+        try:
+            validate_user_name(user)
+        except PkiError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if not principal.may_act_for(user):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.name} may not see the limits of {user}: users see their own, "
+                "admins anyone's",
+            )
+        return user
+
+
+def _privileged(principal: Principal) -> bool:
+    return principal.is_admin or principal.is_service
+
+
+def _check_text(store: LimitsStore, text: str, file_name: str) -> list[Issue]:
+    try:
+        parse_sources(read_sources(store.path, text, file_name or str(store.path)))
+    except LimitsConfigError as err:
+        return err.issues
+    return []
+
+
+def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
+    message = limits_pb2.UserLimits(
+        user=limits.user,
+        group=limits.group,
+        priority=limits.priority,
+        allow_full_gpu=limits.value("allow_full_gpu"),
+        ipc_mode=limits.value("ipc_mode") or "",
+        cgroup_parent=limits.cgroup_parent,
+        policies={key: _text(value) for key, value in limits.policies.items()},
+    )
+    for field, key in (
+        ("max_gpu_equivalents", "max_gpu_equivalents"),
+        ("max_gpu_slots_per_container", "max_gpu_slots_per_container"),
+        ("max_cpus", "max_cpus"),
+        ("memory_bytes", "memory"),
+        ("memory_swap_bytes", "memory_swap"),
+        ("shm_size_bytes", "shm_size"),
+        ("pids_limit", "pids_limit"),
+        ("max_containers_per_user", "max_containers_per_user"),
+    ):
+        if limits.value(key) is not None:
+            setattr(message, field, limits.value(key))
+    for key in _DURATION_FIELDS:
+        if limits.value(key) is not None:
+            getattr(message, key).CopyFrom(_duration(limits.value(key)))
+    if limits.aggregate:
+        for key, value in limits.aggregate.items():
+            if value is not None:
+                setattr(message.aggregate, key if key != "memory" else "memory_bytes", value)
+    for key, kind in LIMIT_KEYS.items():
+        setting = limits.settings[key]
+        if key == "ipc_mode":  # not a limit: unset means Docker's private namespace
+            text, unlimited = setting.value or "private", False
+        elif setting.unlimited:
+            text, unlimited = "", True
+        else:
+            text, unlimited = kind.format(setting.value), False
+        message.values.append(
+            limits_pb2.LimitValue(
+                key=key, value=text, unlimited=unlimited, source=_SOURCES[setting.source]
+            )
+        )
+    return message
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(dt.timedelta(seconds=seconds))
+    return duration
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
+    store = LimitsStore(runtime.config.limits_file)
+    await asyncio.to_thread(store.poll)
+    runtime.context.roles.admin_check = store.is_admin
+    limits_pb2_grpc.add_LimitsServiceServicer_to_server(LimitsServicer(store), server)
+
+    async def report_health() -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if store.config else health_pb2.HealthCheckResponse.NOT_SERVING
+        await runtime.health.set(LIMITS_SERVICE, status)
+
+    await report_health()
+    runtime.run_in_background(store.run(after_poll=report_health), "limits-reload")
+
+
+SPEC = ServiceSpec(name="limits", grpc_services=(LIMITS_SERVICE,), register=register)

@@ -195,9 +195,11 @@ class WatchLimitsRequest(_message.Message):
     def __init__(self, user: _Optional[str] = ...) -> None: ...
 
 class WatchLimitsResponse(_message.Message):
-    __slots__ = ("users", "digest")
+    __slots__ = ("users", "digest", "default_users_changed")
     USERS_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_USERS_CHANGED_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedScalarFieldContainer[str]
     digest: str
-    def __init__(self, users: _Optional[_Iterable[str]] = ..., digest: _Optional[str] = ...) -> None: ...
+    default_users_changed: bool
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., digest: _Optional[str] = ..., default_users_changed: _Optional[bool] = ...) -> None: ...

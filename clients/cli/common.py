@@ -1,0 +1,79 @@
+"""What every ds01 command shares: settings, the client, and failing with one clear line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from ds01.client import Ds01Client, Ds01Error
+from ds01.core.config import Config, ConfigError, load_config
+from ds01.core.pki import PkiError
+
+
+@dataclass
+class Settings:
+    config_path: Path | None
+    output: str
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"ds01: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run(work: Callable[[], Any]) -> Any:
+    """Run a command body, turning every expected failure into one clear line."""
+    try:
+        return work()
+    except Ds01Error as err:
+        fail(f"{err.message} [{err.code.name}]")
+    except ConfigError as err:
+        fail(f"configuration: {err}", code=2)
+    except PkiError as err:
+        fail(str(err))
+    except PermissionError as err:
+        fail(f"{err.filename}: permission denied (run as root, or as the file's owner)")
+
+
+def call(settings: Settings, work: Callable[[Ds01Client], Coroutine[Any, Any, Any]]) -> Any:
+    """Run ``work`` with a client for the configured suite."""
+
+    async def main() -> Any:
+        async with Ds01Client(settings.config()) as client:
+            return await work(client)
+
+    return run(lambda: asyncio.run(main()))
+
+
+def output_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--output table|json`` on a command, defaulting to ``ds01 --output``."""
+    return click.option(
+        "--output",
+        "-o",
+        type=click.Choice(["table", "json"]),
+        default=None,
+        help="Output format (default: the global --output).",
+    )(command)
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument may be an argument of its default command:
+    ``ds01 limits alice`` runs ``ds01 limits show alice``."""
+
+    def __init__(self, *args: Any, default_command: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)

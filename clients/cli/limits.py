@@ -1,0 +1,157 @@
+"""``ds01 limits``: what may I (or, for admins, anyone) use, and is this file right?"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+from google.protobuf import json_format
+
+from ds01.cli.common import DefaultCommandGroup, Settings, call, fail, output_option
+from ds01.client import Ds01Client
+from ds01.v1 import limits_pb2
+
+# The seed's block, in the seed's order: (label, key).
+SEED_BLOCK = (
+    ("Max MIG Instances", "max_gpu_equivalents"),
+    ("Max CPUs", "max_cpus"),
+    ("Memory", "memory"),
+    ("Shared Memory", "shm_size"),
+    ("Max Containers", "max_containers_per_user"),
+    ("Idle Timeout", "idle_timeout"),
+    ("GPU Hold After Stop", "gpu_hold_after_stop"),
+    ("Container Hold After Stop", "container_hold_after_stop"),
+)
+
+
+def render_block(limits: limits_pb2.UserLimits) -> str:
+    """The block ``get_resource_limits.py USER`` printed."""
+    values = {v.key: v for v in limits.values}
+    lines = [f"User: {limits.user}", f"Group: {limits.group}", f"Priority: {limits.priority}"]
+    for label, key in SEED_BLOCK:
+        value = values[key]
+        text = "unlimited" if value.unlimited else value.value
+        if key == "shm_size" and limits.ipc_mode == "host":
+            text = "host IPC (--ipc=host)"
+        lines.append(f"{label}: {text}")
+    return "\n".join(lines)
+
+
+def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
+    return {
+        "user": limits.user,
+        "group": limits.group,
+        "priority": limits.priority,
+        "cgroup_parent": limits.cgroup_parent,
+        "limits": {
+            v.key: {
+                "value": None if v.unlimited else v.value,
+                "unlimited": v.unlimited,
+                "source": limits_pb2.LimitSource.Name(v.source)
+                .removeprefix("LIMIT_SOURCE_")
+                .lower(),
+            }
+            for v in limits.values
+        },
+        "policies": dict(limits.policies),
+        "aggregate": json_format.MessageToDict(limits.aggregate, preserving_proto_field_name=True),
+    }
+
+
+@click.group(cls=DefaultCommandGroup, default_command="show")
+def limits() -> None:
+    """What a user may use: `ds01 limits [USER]`, `ds01 limits check [FILE]`."""
+
+
+@limits.command(hidden=True)
+@click.argument("user", required=False, default="")
+@click.option("--docker-args", is_flag=True, help="Print the Docker create flags instead.")
+@output_option
+@click.pass_obj
+def show(settings: Settings, user: str, docker_args: bool, output: str | None) -> None:
+    """Your limits, or USER's (admins)."""
+    as_json = (output or settings.output) == "json"
+    if docker_args:
+        args = call(settings, lambda client: client.get_docker_args(user))
+        if as_json:
+            data = json_format.MessageToDict(args, preserving_proto_field_name=True)
+            click.echo(json.dumps(data, indent=2))
+        else:
+            click.echo(args.flags)
+        return
+    resolved = call(settings, lambda client: client.get_limits(user))
+    if as_json:
+        click.echo(json.dumps(limits_json(resolved), indent=2))
+    else:
+        click.echo(render_block(resolved))
+
+
+@limits.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@output_option
+@click.pass_obj
+def check(settings: Settings, file: Path | None, output: str | None) -> None:
+    """Check FILE before installing it, or (without FILE) the served configuration.
+
+    FILE is checked together with the member and override files beside the served
+    resource-limits.yaml, as it would be once installed. Exits 1 if it has problems.
+    """
+    text = None
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as err:
+            fail(f"{file}: cannot read: {err.strerror}")
+    result = call(settings, lambda client: client.validate_config(text, str(file or "")))
+    if (output or settings.output) == "json":
+        click.echo(json_format.MessageToJson(result, preserving_proto_field_name=True))
+    else:
+        for issue in result.issues:
+            where = f"{issue.file}:{issue.line}" if issue.line else issue.file
+            key = f" {issue.key}:" if issue.key else ""
+            click.echo(f"{where}:{key} {issue.message}")
+        serving = result.serving_digest or "nothing"
+        if file is not None:
+            verdict = "OK" if result.valid else f"{len(result.issues)} problem(s)"
+            click.echo(f"{file}: {verdict} (now serving {serving})")
+        else:
+            verdict = "OK" if result.valid else "the files on disk are refused"
+            click.echo(f"served configuration: {serving}; {verdict}")
+    if not result.valid:
+        sys.exit(1)
+
+
+@limits.command()
+@output_option
+@click.pass_obj
+def groups(settings: Settings, output: str | None) -> None:
+    """The configured groups (members are shown to admins)."""
+    found = call(settings, lambda client: client.list_groups())
+    if (output or settings.output) == "json":
+        rows = [json_format.MessageToDict(g, preserving_proto_field_name=True) for g in found]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for group in found:
+        members = f": {', '.join(group.members)}" if group.members else ""
+        click.echo(f"{group.name} (priority {group.priority}){members}")
+
+
+@limits.command()
+@click.argument("user", required=False, default="")
+@click.pass_obj
+def watch(settings: Settings, user: str) -> None:
+    """Print a line whenever a reload changes your limits (admins: anyone's)."""
+
+    async def follow(client: Ds01Client) -> None:
+        async for change in client.watch_limits(user):
+            users = ", ".join(change.users)
+            if change.default_users_changed:
+                users = f"{users} and every unlisted user" if users else "every unlisted user"
+            click.echo(f"{change.digest}: limits changed for {users}", nl=True)
+            sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        call(settings, follow)

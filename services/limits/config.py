@@ -1,0 +1,412 @@
+"""Reading and checking a DS01 limits configuration.
+
+The configuration is ``resource-limits.yaml`` plus, in the same directory, the member
+files ``groups/<group>.members`` and ``user-overrides.yaml``. Every problem in any of
+them is collected with its file and line, so an admin sees all of them at once; a
+configuration with any problem is refused whole.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ds01.limits.schema import (
+    AGGREGATE_ALIASES,
+    AGGREGATE_KEYS,
+    ALIASES,
+    GPU_ALLOCATION_KEYS,
+    LIMIT_KEYS,
+    Kind,
+)
+from ds01.limits.source import Document, Issue, KeyPath, YamlError, load_document
+
+DEFAULT_GROUP = "student"
+MEMBERS_DIR = "groups"
+MEMBERS_SUFFIX = ".members"
+OVERRIDES_FILE = "user-overrides.yaml"
+
+TOP_LEVEL_KEYS = (
+    "defaults",
+    "default_group",
+    "groups",
+    "policies",
+    "container_types",
+    "enforcement",
+    "access_control",
+    "gpu_allocation",
+    "user_overrides",
+)
+GROUP_EXTRA_KEYS = ("members", "aggregate", "policies")
+OVERRIDE_EXTRA_KEYS = ("aggregate", "policies")
+ACCESS_CONTROL_KEYS = ("admin_users", "admin_group")
+
+Layer = dict[str, Any]  # canonical key -> parsed value; None means unlimited
+
+
+class LimitsConfigError(Exception):
+    """The configuration has problems; ``issues`` lists every one of them."""
+
+    def __init__(self, issues: list[Issue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    layer: Layer
+    members: tuple[str, ...]
+    aggregate: Layer | None
+    policies: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Override:
+    layer: Layer
+    aggregate: Layer | None
+    policies: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    defaults: Layer
+    default_group: str
+    groups: dict[str, Group]  # in file order: the first group listing a user wins
+    overrides: dict[str, Override]
+    policies: dict[str, Any] = field(default_factory=dict)
+    container_types: dict[str, Layer] = field(default_factory=dict)
+    enforcement: dict[str, Any] = field(default_factory=dict)
+    admin_users: frozenset[str] = frozenset()
+    admin_group: str | None = None
+    gpu_allocation: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The text of every file a configuration is made of."""
+
+    main: tuple[str, str]  # (file name, text)
+    members: dict[str, tuple[str, str]]  # group -> (file name, text)
+    overrides: tuple[str, str] | None
+
+    def digest(self) -> str:
+        sha = hashlib.sha256()
+        for name, text in (self.main, *self.members.values(), *filter(None, [self.overrides])):
+            sha.update(name.encode() + b"\0" + text.encode() + b"\0")
+        return sha.hexdigest()[:16]
+
+
+def read_sources(
+    path: Path, main_text: str | None = None, main_name: str | None = None
+) -> SourceFiles:
+    """Read ``path`` (or use ``main_text``, called ``main_name``, in its place) and the
+    member and override files beside it."""
+    issues: list[Issue] = []
+    if main_text is None:
+        main_text = _read(path, issues)
+    members: dict[str, tuple[str, str]] = {}
+    members_dir = path.parent / MEMBERS_DIR
+    if members_dir.is_dir():
+        for file in sorted(members_dir.glob(f"*{MEMBERS_SUFFIX}")):
+            members[file.name.removesuffix(MEMBERS_SUFFIX)] = (str(file), _read(file, issues))
+    overrides_path = path.parent / OVERRIDES_FILE
+    overrides = (
+        (str(overrides_path), _read(overrides_path, issues)) if overrides_path.is_file() else None
+    )
+    if issues:
+        raise LimitsConfigError(issues)
+    return SourceFiles((main_name or str(path), main_text or ""), members, overrides)
+
+
+def _read(path: Path, issues: list[Issue]) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        issues.append(Issue(str(path), 0, "", "file not found"))
+    except (OSError, UnicodeDecodeError) as err:
+        issues.append(Issue(str(path), 0, "", f"cannot read: {err}"))
+    return ""
+
+
+def load_limits(path: Path) -> LimitsConfig:
+    return parse_sources(read_sources(path))
+
+
+def parse_sources(sources: SourceFiles) -> LimitsConfig:
+    """Check every file; return the configuration, or raise with every problem found."""
+    issues: list[Issue] = []
+    main = _document(*sources.main, issues)
+    overrides_doc = _document(*sources.overrides, issues) if sources.overrides else None
+    if main is None:
+        raise LimitsConfigError(issues)
+    checker = _Checker(main, issues)
+    config = checker.config(sources, overrides_doc)
+    if issues:
+        raise LimitsConfigError(issues)
+    return config
+
+
+def _document(file: str, text: str, issues: list[Issue]) -> Document | None:
+    try:
+        return load_document(text, file)
+    except YamlError as err:
+        issues.append(err.issue)
+        return None
+
+
+def parse_members(file: str, text: str, issues: list[Issue]) -> list[str]:
+    """One user a line; ``#`` starts a comment anywhere on a line."""
+    users = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if len(entry.split()) > 1:
+            issues.append(Issue(file, number, "", f"one user per line, got {entry!r}"))
+            continue
+        users.append(entry)
+    return users
+
+
+class _Checker:
+    """Walks one parsed document, collecting issues as it builds the configuration."""
+
+    def __init__(self, doc: Document, issues: list[Issue]) -> None:
+        self.doc = doc
+        self.issues = issues
+
+    def problem(self, path: KeyPath, message: str, doc: Document | None = None) -> None:
+        self.issues.append((doc or self.doc).issue(path, message))
+
+    def mapping(self, value: Any, path: KeyPath, doc: Document | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a mapping, got {_describe(value)}", doc)
+            return {}
+        return value
+
+    def unknown(
+        self,
+        raw: dict[str, Any],
+        allowed: tuple[str, ...],
+        path: KeyPath,
+        doc: Document | None = None,
+    ) -> None:
+        for key in raw:
+            if key not in allowed:
+                self.problem((*path, key), _unknown_key(key, allowed), doc)
+
+    def config(self, sources: SourceFiles, overrides_doc: Document | None) -> LimitsConfig:
+        top = self.mapping(self.doc.data, ())
+        self.unknown(top, TOP_LEVEL_KEYS, ())
+        defaults = self.layer(top.get("defaults"), ("defaults",), ())
+        groups = self.groups(top.get("groups"), sources)
+        default_group = top.get("default_group", DEFAULT_GROUP)
+        if not isinstance(default_group, str) or not default_group:
+            self.problem(
+                ("default_group",), f"must be a group name, got {_describe(default_group)}"
+            )
+            default_group = DEFAULT_GROUP
+        access = self.mapping(top.get("access_control"), ("access_control",))
+        self.unknown(access, ACCESS_CONTROL_KEYS, ("access_control",))
+        admin_group = access.get("admin_group")
+        if admin_group is not None and not isinstance(admin_group, str):
+            self.problem(("access_control", "admin_group"), "must be a group name")
+            admin_group = None
+        return LimitsConfig(
+            defaults=defaults,
+            default_group=default_group,
+            groups=groups,
+            overrides=self.overrides(top.get("user_overrides"), overrides_doc),
+            policies=self.scalars(top.get("policies"), ("policies",)),
+            container_types={
+                str(name): self.layer(raw, ("container_types", name), ())
+                for name, raw in self.mapping(
+                    top.get("container_types"), ("container_types",)
+                ).items()
+            },
+            enforcement=self.scalars(top.get("enforcement"), ("enforcement",)),
+            admin_users=frozenset(
+                self.names(access.get("admin_users"), ("access_control", "admin_users"))
+            ),
+            admin_group=admin_group,
+            gpu_allocation=self.keyed(
+                top.get("gpu_allocation"), ("gpu_allocation",), GPU_ALLOCATION_KEYS, {}
+            ),
+            digest=sources.digest(),
+        )
+
+    def layer(
+        self,
+        raw: Any,
+        path: KeyPath,
+        extra: tuple[str, ...],
+        doc: Document | None = None,
+    ) -> Layer:
+        """The limit keys of one layer, aliases resolved; ``extra`` keys are left alone."""
+        raw = self.mapping(raw, path, doc)
+        limits = {k: v for k, v in raw.items() if k not in extra}
+        layer = self.keyed(limits, path, LIMIT_KEYS, ALIASES, doc)
+        if layer.get("ipc_mode") == "host" and layer.get("shm_size") is not None:
+            self.problem(
+                (*path, "shm_size"),
+                "ipc_mode: host and shm_size cannot be set together (Docker refuses "
+                "--ipc=host with --shm-size); keep one of them",
+                doc,
+            )
+        return layer
+
+    def keyed(
+        self,
+        raw: Any,
+        path: KeyPath,
+        kinds: dict[str, Kind],
+        aliases: dict[str, str],
+        doc: Document | None = None,
+    ) -> Layer:
+        layer: Layer = {}
+        seen_as: dict[str, str] = {}
+        for key, value in self.mapping(raw, path, doc).items():
+            canonical = aliases.get(key, key)
+            kind = kinds.get(canonical)
+            if kind is None:
+                self.problem((*path, key), _unknown_key(key, (*kinds, *aliases)), doc)
+                continue
+            if canonical in seen_as:
+                self.problem(
+                    (*path, key),
+                    f"sets {canonical} a second time (already set as {seen_as[canonical]})",
+                    doc,
+                )
+                continue
+            seen_as[canonical] = key
+            if value is None:
+                if kind.nullable:
+                    layer[canonical] = None
+                else:
+                    self.problem((*path, key), f"cannot be null: expected a {kind.name}", doc)
+                continue
+            try:
+                layer[canonical] = kind.parse(value)
+            except ValueError as err:
+                self.problem((*path, key), str(err), doc)
+        return layer
+
+    def scalars(self, raw: Any, path: KeyPath, doc: Document | None = None) -> dict[str, Any]:
+        values = {}
+        for key, value in self.mapping(raw, path, doc).items():
+            if isinstance(value, dict | list):
+                self.problem((*path, key), f"must be a single value, got {_describe(value)}", doc)
+            else:
+                values[key] = value
+        return values
+
+    def names(self, raw: Any, path: KeyPath) -> list[str]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.problem(path, f"must be a list of user names, got {_describe(raw)}")
+            return []
+        names = []
+        for i, item in enumerate(raw):
+            if isinstance(item, bool) or not isinstance(item, str | int) or str(item) == "":
+                self.problem((*path, i), f"must be a user name, got {_describe(item)}")
+            else:
+                names.append(str(item))
+        return names
+
+    def aggregate(self, raw: Any, path: KeyPath, doc: Document | None = None) -> Layer | None:
+        if raw is None:
+            return None
+        return self.keyed(raw, path, AGGREGATE_KEYS, AGGREGATE_ALIASES, doc)
+
+    def groups(self, raw: Any, sources: SourceFiles) -> dict[str, Group]:
+        groups: dict[str, Group] = {}
+        for name, body in self.mapping(raw, ("groups",)).items():
+            path: KeyPath = ("groups", name)
+            body = self.mapping(body, path)
+            members = self.names(body.get("members"), (*path, "members"))
+            if name in sources.members:
+                file, text = sources.members[name]
+                members += parse_members(file, text, self.issues)
+            groups[name] = Group(
+                name=name,
+                layer=self.layer(body, path, GROUP_EXTRA_KEYS),
+                members=tuple(dict.fromkeys(members)),
+                aggregate=self.aggregate(body.get("aggregate"), (*path, "aggregate")),
+                policies=self.scalars(body.get("policies"), (*path, "policies")),
+            )
+        for name, (file, _text) in sources.members.items():
+            if name not in groups:
+                self.issues.append(
+                    Issue(
+                        file,
+                        0,
+                        "",
+                        f"member file for group {name!r}, which {Path(self.doc.file).name} "
+                        f"does not define: add groups.{name} there or remove this file",
+                    )
+                )
+        return groups
+
+    def overrides(self, inline: Any, file_doc: Document | None) -> dict[str, Override]:
+        """Inline ``user_overrides`` and user-overrides.yaml; key by key, the file wins."""
+        result = {
+            user: self.override(body, ("user_overrides", user))
+            for user, body in self.mapping(inline, ("user_overrides",)).items()
+        }
+        if file_doc is None:
+            return result
+        raw, prefix = self.mapping(file_doc.data, (), file_doc), ()
+        if set(raw) == {"user_overrides"}:
+            prefix = ("user_overrides",)
+            raw = self.mapping(raw["user_overrides"], prefix, file_doc)
+        for user, body in raw.items():
+            from_file = self.override(body, (*prefix, user), file_doc)
+            result[user] = _merge(result[user], from_file) if user in result else from_file
+        return result
+
+    def override(self, raw: Any, path: KeyPath, doc: Document | None = None) -> Override:
+        body = self.mapping(raw, path, doc)
+        return Override(
+            layer=self.layer(body, path, OVERRIDE_EXTRA_KEYS, doc),
+            aggregate=self.aggregate(body.get("aggregate"), (*path, "aggregate"), doc),
+            policies=self.scalars(body.get("policies"), (*path, "policies"), doc),
+        )
+
+
+SHARED_MEMORY_KEYS = ("ipc_mode", "shm_size")
+
+
+def _merge(base: Override, top: Override) -> Override:
+    layer = dict(base.layer)
+    if any(k in top.layer for k in SHARED_MEMORY_KEYS):
+        # ipc_mode and shm_size are one choice: the layer on top makes it whole.
+        for key in SHARED_MEMORY_KEYS:
+            layer.pop(key, None)
+    layer.update(top.layer)
+    return Override(
+        layer=layer,
+        aggregate=top.aggregate if top.aggregate is not None else base.aggregate,
+        policies={**base.policies, **top.policies},
+    )
+
+
+def _unknown_key(key: str, allowed: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)

@@ -1,0 +1,175 @@
+"""A user's effective limits: defaults, then their group, then their override, key by key."""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from dataclasses import dataclass
+from typing import Any
+
+from ds01.core.units import format_size
+from ds01.limits.config import SHARED_MEMORY_KEYS, Layer, LimitsConfig
+from ds01.limits.schema import LIMIT_KEYS, NUMBER
+
+DEFAULT, GROUP, OVERRIDE = "default", "group", "override"
+# What a key is when no layer sets it: unlimited, except these.
+BUILTIN = {"priority": 0, "allow_full_gpu": False}
+
+
+def sanitize_for_systemd(name: str) -> str:
+    """The seed's rule: h.baker@hertie-school.lan -> h_baker_hertie-school_lan."""
+    return name.replace("@", "_").replace(".", "_")
+
+
+def slice_name(group: str, user: str) -> str:
+    return f"ds01-{sanitize_for_systemd(group)}-{sanitize_for_systemd(user)}.slice"
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any  # None: unlimited
+    source: str  # default, group or override
+
+    @property
+    def unlimited(self) -> bool:
+        return self.value is None
+
+
+@dataclass(frozen=True)
+class DockerArgs:
+    cpus: float | None
+    memory: int | None
+    memory_swap: int | None
+    shm_size: int | None
+    ipc_mode: str | None
+    pids_limit: int | None
+    cgroup_parent: str
+
+    def flags(self) -> str:
+        """The seed's flag line; ``--ipc=host`` replaces ``--shm-size``, never both."""
+        flags = []
+        if self.cpus is not None:
+            flags.append(f"--cpus={NUMBER.format(self.cpus)}")
+        if self.memory is not None:
+            flags.append(f"--memory={format_size(self.memory)}")
+        if self.memory_swap is not None:
+            flags.append(f"--memory-swap={format_size(self.memory_swap)}")
+        if self.ipc_mode == "host":
+            flags.append("--ipc=host")
+        elif self.shm_size is not None:
+            flags.append(f"--shm-size={format_size(self.shm_size)}")
+        if self.pids_limit is not None:
+            flags.append(f"--pids-limit={self.pids_limit}")
+        flags.append(f"--cgroup-parent={self.cgroup_parent}")
+        return " ".join(flags)
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    user: str
+    group: str
+    settings: dict[str, Setting]  # every key of LIMIT_KEYS
+    policies: dict[str, Any]
+    aggregate: Layer | None
+    cgroup_parent: str
+
+    def value(self, key: str) -> Any:
+        return self.settings[key].value
+
+    @property
+    def priority(self) -> int:
+        return self.value("priority")
+
+    def docker_args(self) -> DockerArgs:
+        return DockerArgs(
+            cpus=self.value("max_cpus"),
+            memory=self.value("memory"),
+            memory_swap=self.value("memory_swap"),
+            shm_size=self.value("shm_size"),
+            ipc_mode=self.value("ipc_mode"),
+            pids_limit=self.value("pids_limit"),
+            cgroup_parent=self.cgroup_parent,
+        )
+
+
+def group_of(config: LimitsConfig, user: str) -> str:
+    """The first group in file order that lists the user (raw or sanitized name)."""
+    for group in config.groups.values():
+        if _listed(group.members, user):
+            return group.name
+    return config.default_group
+
+
+def _listed(members: tuple[str, ...], user: str) -> bool:
+    return user in members or sanitize_for_systemd(user) in members
+
+
+def resolve(config: LimitsConfig, user: str) -> UserLimits:
+    group_name = group_of(config, user)
+    group = config.groups.get(group_name)
+    override = config.overrides.get(user)
+    layers: list[tuple[str, Layer]] = [(DEFAULT, config.defaults)]
+    if group:
+        layers.append((GROUP, group.layer))
+    if override:
+        layers.append((OVERRIDE, override.layer))
+    settings = {key: Setting(BUILTIN.get(key), DEFAULT) for key in LIMIT_KEYS}
+    for source, layer in layers:
+        for key, value in layer.items():
+            settings[key] = Setting(value, source)
+    _settle_shared_memory(settings, layers)
+    policies = dict(config.policies)
+    aggregate = None
+    if group:
+        policies.update(group.policies)
+        aggregate = group.aggregate
+    if override:
+        policies.update(override.policies)
+        aggregate = override.aggregate if override.aggregate is not None else aggregate
+    return UserLimits(
+        user=user,
+        group=group_name,
+        settings=settings,
+        policies=policies,
+        aggregate=aggregate,
+        cgroup_parent=slice_name(group_name, user),
+    )
+
+
+def _settle_shared_memory(settings: dict[str, Setting], layers: list[tuple[str, Layer]]) -> None:
+    """ipc_mode and shm_size are one choice, made by the most specific layer that sets
+    either: a group with ``ipc_mode: host`` beats the defaults' shm_size, and an override's
+    shm_size beats the group's ``ipc_mode: host``."""
+    for source, layer in reversed(layers):
+        if any(key in layer for key in SHARED_MEMORY_KEYS):
+            if layer.get("ipc_mode") == "host":
+                settings["shm_size"] = Setting(None, source)
+            else:
+                settings["ipc_mode"] = Setting(layer.get("ipc_mode"), source)
+            return
+
+
+def is_admin(config: LimitsConfig, user: str) -> bool:
+    """root, access_control.admin_users, and members of the admin group: the ds01 group
+    of that name in the configuration, or the Linux group of that name."""
+    if user == "root" or user in config.admin_users:
+        return True
+    group = config.admin_group
+    if not group:
+        return False
+    if group in config.groups and _listed(config.groups[group].members, user):
+        return True
+    return _in_unix_group(user, group)
+
+
+def _in_unix_group(user: str, group: str) -> bool:
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return False
+    if user in entry.gr_mem:
+        return True
+    try:
+        return pwd.getpwnam(user).pw_gid == entry.gr_gid
+    except KeyError:
+        return False

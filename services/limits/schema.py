@@ -1,0 +1,157 @@
+"""The keys a DS01 limits layer may set, their old names, and how each value is read.
+
+A value of ``None`` means unlimited. Each kind of value parses the YAML scalar into a
+Python value (raising ValueError with a sentence for people) and formats it back the
+way the seed prints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ds01.core.units import format_duration, format_size, parse_duration, parse_size
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    parse: Callable[[Any], Any]
+    format: Callable[[Any], str]
+    nullable: bool = True
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    if value != value or value == float("inf"):
+        raise ValueError(f"expected a finite number, got {value}")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_count(value: Any) -> int:
+    count = _count(value)
+    if count == 0:
+        raise ValueError("must be at least 1")
+    return count
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"expected a size such as 16g, got {value!r}")
+    return parse_size(value)
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a duration such as 72h, got {value!r}")
+    return parse_duration(value)
+
+
+def _ipc_mode(value: Any) -> str:
+    if value not in ("host", "private"):
+        raise ValueError(f"expected host or private, got {value!r}")
+    return value
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+NUMBER = Kind("number", _number, _format_number)
+COUNT = Kind("count", _count, str)
+POSITIVE_COUNT = Kind("positive count", _positive_count, str)
+INTEGER = Kind("integer", _integer, str, nullable=False)
+BOOL = Kind("boolean", _bool, lambda v: "yes" if v else "no", nullable=False)
+SIZE = Kind("size", _size, format_size)
+DURATION = Kind("duration", _duration, format_duration)
+IPC_MODE = Kind("ipc mode", _ipc_mode, str)
+
+# Every key a defaults, group, override or container-type layer may set.
+LIMIT_KEYS: dict[str, Kind] = {
+    "priority": INTEGER,
+    "max_gpu_equivalents": NUMBER,
+    "max_gpu_slots_per_container": COUNT,
+    "slots_per_gpu": POSITIVE_COUNT,
+    "allow_full_gpu": BOOL,
+    "max_cpus": NUMBER,
+    "memory": SIZE,
+    "memory_swap": SIZE,
+    "shm_size": SIZE,
+    "ipc_mode": IPC_MODE,
+    "pids_limit": COUNT,
+    "max_containers_per_user": COUNT,
+    "idle_timeout": DURATION,
+    "max_runtime": DURATION,
+    "gpu_hold_after_stop": DURATION,
+    "container_hold_after_stop": DURATION,
+    "created_container_timeout": DURATION,
+}
+
+# Names older DS01 configurations use for the same keys.
+ALIASES: dict[str, str] = {
+    "max_mig_instances": "max_gpu_equivalents",
+    "max_gpu_slots": "max_gpu_equivalents",
+    "max_gpus_per_user": "max_gpu_equivalents",
+    "max_mig_per_container": "max_gpu_slots_per_container",
+    "max_gpus_per_container": "max_gpu_slots_per_container",
+    "mig_instances_per_gpu": "slots_per_gpu",
+}
+
+# Limits on the sum of one user's containers (the cgroup slice's own limits).
+AGGREGATE_KEYS: dict[str, Kind] = {
+    "cpus": NUMBER,
+    "memory": SIZE,
+    "pids": COUNT,
+    "gpu_equivalents": NUMBER,
+}
+AGGREGATE_ALIASES: dict[str, str] = {
+    "max_cpus": "cpus",
+    "memory_max": "memory",
+    "tasks_max": "pids",
+    "pids_limit": "pids",
+    "max_gpu_equivalents": "gpu_equivalents",
+}
+
+GPU_ALLOCATION_KEYS: dict[str, Kind] = {
+    "enable_mig": BOOL,
+    "mig_profile": Kind("MIG profile", lambda v: _text(v), str, nullable=False),
+    "strategy": Kind(
+        "strategy", lambda v: _choice(v, ("least_allocated", "pack")), str, nullable=False
+    ),
+}
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected text, got {value!r}")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+    return value

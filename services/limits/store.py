@@ -1,0 +1,151 @@
+"""The configuration being served, reloaded when its files change.
+
+A reload that fails keeps the last good configuration serving and records the problems
+for ValidateConfig and ``ds01 limits check``. Subscribers learn which users' limits a
+successful reload changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds01.limits.config import (
+    MEMBERS_DIR,
+    OVERRIDES_FILE,
+    LimitsConfig,
+    LimitsConfigError,
+    load_limits,
+)
+from ds01.limits.resolve import is_admin, resolve
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.2  # changes are served within a second
+# A name no group or override can list: how every unlisted user resolves.
+_UNLISTED = "\x00unlisted"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one successful reload changed."""
+
+    users: frozenset[str]  # listed users (members or overrides) whose limits changed
+    default_users_changed: bool  # every user listed nowhere resolves differently now
+    digest: str
+
+
+def changed_users(old: LimitsConfig, new: LimitsConfig) -> Change:
+    users = set()
+    for config in (old, new):
+        users.update(config.overrides)
+        for group in config.groups.values():
+            users.update(group.members)
+    return Change(
+        users=frozenset(u for u in users if resolve(old, u) != resolve(new, u)),
+        default_users_changed=resolve(old, _UNLISTED) != resolve(new, _UNLISTED),
+        digest=new.digest,
+    )
+
+
+class LimitsStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config: LimitsConfig | None = None
+        self.error: LimitsConfigError | None = None
+        self._signature: tuple[object, ...] | None = None
+        self._subscribers: set[asyncio.Queue[Change]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def is_admin(self, user: str) -> bool:
+        return user == "root" or (self.config is not None and is_admin(self.config, user))
+
+    def signature(self) -> tuple[object, ...]:
+        """Cheap fingerprint of every file the configuration is read from."""
+        paths = [self.path, self.path.parent / OVERRIDES_FILE]
+        members = self.path.parent / MEMBERS_DIR
+        with contextlib.suppress(OSError):
+            paths += sorted(members.iterdir())
+        return tuple(_stat(p) for p in paths)
+
+    def reload(self) -> Change | None:
+        """Read the files now. Returns what changed, or None if nothing or it failed."""
+        try:
+            new = load_limits(self.path)
+        except LimitsConfigError as err:
+            if self.error is None or err.issues != self.error.issues:
+                serving = (
+                    f"still serving {self.config.digest}" if self.config else "nothing to serve"
+                )
+                log.error("limits configuration refused (%s):\n%s", serving, err)
+            self.error = err
+            return None
+        old, self.config, self.error = self.config, new, None
+        if old is None:
+            log.info("limits configuration %s loaded from %s", new.digest, self.path)
+            return None
+        if old.digest == new.digest:
+            return None
+        change = changed_users(old, new)
+        log.info(
+            "limits configuration %s loaded; changed: %s%s",
+            new.digest,
+            ", ".join(sorted(change.users)) or "no listed user",
+            " and every unlisted user" if change.default_users_changed else "",
+        )
+        self._publish(change)
+        return change
+
+    def poll(self) -> Change | None:
+        signature = self.signature()
+        if signature == self._signature:
+            return None
+        self._signature = signature
+        return self.reload()
+
+    async def run(
+        self,
+        interval: float = POLL_INTERVAL,
+        after_poll: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Poll the files until cancelled; polling a few stat() calls is cheap and,
+        unlike inotify, sees files replaced by editors, config management and mounts."""
+        self._loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.to_thread(self.poll)
+            if after_poll is not None:
+                await after_poll()
+            await asyncio.sleep(interval)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[Change]]:
+        queue: asyncio.Queue[Change] = asyncio.Queue(maxsize=256)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    def _publish(self, change: Change) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._deliver, change)
+
+    def _deliver(self, change: Change) -> None:
+        for queue in list(self._subscribers):
+            if queue.full():  # a stalled watcher loses its oldest news, not the service
+                queue.get_nowait()
+            queue.put_nowait(change)
+
+
+def _stat(path: Path) -> object:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
