@@ -1,0 +1,284 @@
+"""Limits configuration and resolution, tested directly (no gRPC)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ds01.limits.config import LimitsConfigError, SourceFiles, load_limits, parse_sources
+from ds01.limits.resolve import (
+    DEFAULT,
+    GROUP,
+    OVERRIDE,
+    group_of,
+    is_admin,
+    resolve,
+    sanitize_for_systemd,
+)
+from ds01.limits.schema import ALIASES, LIMIT_KEYS
+from tests.limits_fixtures import RESOURCE_LIMITS, write_config
+
+GiB = 1024**3
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
+
+
+def parse(text: str, members: dict[str, str] | None = None, overrides: str | None = None):
+    return parse_sources(
+        SourceFiles(
+            ("resource-limits.yaml", text),
+            {g: (f"groups/{g}.members", t) for g, t in (members or {}).items()},
+            ("user-overrides.yaml", overrides) if overrides is not None else None,
+        )
+    )
+
+
+def issues_of(text: str, **kwargs) -> list[str]:
+    with pytest.raises(LimitsConfigError) as refused:
+        parse(text, **kwargs)
+    return [str(i) for i in refused.value.issues]
+
+
+def test_sanitization_follows_the_seed():
+    assert sanitize_for_systemd("h.baker@hertie-school.lan") == "h_baker_hertie-school_lan"
+
+
+def test_seed_researcher_gets_group_values_over_defaults(config_path: Path):
+    alice = resolve(load_limits(config_path), "alice")
+    assert alice.group == "researchers" and alice.priority == 50
+    assert alice.value("max_gpu_equivalents") == 2  # max_mig_instances alias
+    assert alice.value("max_gpu_slots_per_container") == 1  # alias, from defaults
+    assert alice.settings["max_cpus"].source == GROUP
+    assert alice.settings["pids_limit"].source == DEFAULT
+    assert alice.value("memory") == 64 * GiB
+    assert alice.docker_args().flags() == (
+        "--cpus=16 --memory=64g --memory-swap=64g --shm-size=16g --pids-limit=4096 "
+        "--cgroup-parent=ds01-researchers-alice.slice"
+    )
+
+
+def test_unlisted_users_get_the_default_group(config_path: Path):
+    config = load_limits(config_path)
+    nobody = resolve(config, "student42")
+    assert nobody.group == "students"
+    assert nobody.docker_args().flags() == (
+        "--cpus=8 --memory=32g --memory-swap=32g --shm-size=16g --pids-limit=4096 "
+        "--cgroup-parent=ds01-students-student42.slice"
+    )
+
+
+def test_default_group_is_student_when_unset():
+    config = parse("defaults: {max_cpus: 2}\n")
+    assert resolve(config, "x").group == "student"
+    assert resolve(config, "x").cgroup_parent == "ds01-student-x.slice"
+
+
+def test_member_files_with_comments_are_unioned_with_inline_members(config_path: Path):
+    config = load_limits(config_path)
+    assert config.groups["researchers"].members == ("alice", "h_baker_hertie-school_lan", "carol")
+    assert config.groups["faculty"].members == ("carol", "d.jones@uni.example")
+    assert config.groups["admin"].members == ("labadmin",)
+
+
+def test_ldap_names_match_by_raw_or_sanitized_name(config_path: Path):
+    config = load_limits(config_path)
+    baker = resolve(config, "h.baker@hertie-school.lan")
+    assert baker.group == "researchers"  # listed as h_baker_hertie-school_lan
+    assert baker.cgroup_parent == "ds01-researchers-h_baker_hertie-school_lan.slice"
+    jones = resolve(config, "d.jones@uni.example")
+    assert jones.group == "faculty"
+    assert jones.cgroup_parent == "ds01-faculty-d_jones_uni_example.slice"
+
+
+def test_first_group_in_file_order_wins_for_a_user_in_two_groups(config_path: Path):
+    assert group_of(load_limits(config_path), "carol") == "researchers"
+
+
+def test_null_means_unlimited_and_absent_falls_back(config_path: Path):
+    carol_as_faculty = resolve(load_limits(config_path), "d.jones@uni.example")
+    faculty = carol_as_faculty.settings
+    # null in the group: unlimited, though the defaults say 1
+    assert faculty["max_gpu_equivalents"].value is None
+    assert faculty["max_gpu_equivalents"].source == GROUP
+    # absent in group and override: falls back to the defaults
+    assert faculty["pids_limit"].value == 4096 and faculty["pids_limit"].source == DEFAULT
+
+
+def test_override_on_top_of_group_key_by_key(config_path: Path):
+    jones = resolve(load_limits(config_path), "d.jones@uni.example")
+    assert jones.settings["max_cpus"].value == 48 and jones.settings["max_cpus"].source == OVERRIDE
+    assert jones.settings["memory"].value is None and jones.settings["memory"].source == OVERRIDE
+    assert jones.priority == 80  # from the group, not overridden
+    assert jones.value("allow_full_gpu") is True
+    # The override's shm_size beats the group's ipc_mode: host.
+    assert jones.docker_args().flags() == (
+        "--cpus=48 --memory-swap=32g --shm-size=8g --pids-limit=4096 "
+        "--cgroup-parent=ds01-faculty-d_jones_uni_example.slice"
+    )
+
+
+def test_group_ipc_host_replaces_the_default_shm_size(config_path: Path):
+    carol = resolve(load_limits(config_path), "carl")  # not listed: students
+    assert "--shm-size=16g" in carol.docker_args().flags()
+    faculty_only = parse(RESOURCE_LIMITS, members={"faculty": "erin\n"})
+    erin = resolve(faculty_only, "erin").docker_args().flags()
+    assert "--ipc=host" in erin and "--shm-size" not in erin
+
+
+def test_policies_layer_global_group_override(config_path: Path):
+    config = load_limits(config_path)
+    assert resolve(config, "alice").policies == {
+        "warn_before_idle_stop": "2h",  # override
+        "exempt_from_idle": True,  # group
+    }
+    assert resolve(config, "student1").policies == {
+        "warn_before_idle_stop": "1h",
+        "exempt_from_idle": False,
+    }
+
+
+def test_aggregate_is_the_overrides_else_the_groups(config_path: Path):
+    config = load_limits(config_path)
+    assert resolve(config, "alice").aggregate == {"cpus": 32, "memory": 128 * GiB, "pids": 8192}
+    assert resolve(config, "student1").aggregate is None
+    text = RESOURCE_LIMITS.replace(
+        "  alice:\n    policies:", "  alice:\n    aggregate: {cpus: 4}\n    policies:"
+    )
+    assert text != RESOURCE_LIMITS
+    with_override = parse(text, members={"researchers": "alice\n"})
+    assert resolve(with_override, "alice").aggregate == {"cpus": 4}
+
+
+def test_the_override_file_wins_over_inline_overrides():
+    text = "user_overrides:\n  bob: {max_cpus: 2, memory: 4g}\n"
+    config = parse(text, overrides="bob:\n  max_cpus: 6\n")
+    bob = resolve(config, "bob")
+    assert bob.value("max_cpus") == 6 and bob.value("memory") == 4 * GiB
+
+
+def test_admins_come_from_access_control_and_the_admin_group(config_path: Path):
+    config = load_limits(config_path)
+    assert is_admin(config, "root") and is_admin(config, "labadmin")
+    assert not is_admin(config, "alice")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("defaults: {max_cpus: 8\n", "resource-limits.yaml:2: not valid YAML"),
+        ("defaults:\n  max_cpu: 8\n", "resource-limits.yaml:2: defaults.max_cpu: unknown key"),
+        ("defaults:\n  max_cpus: eight\n", "defaults.max_cpus: expected a number, got 'eight'"),
+        ("defaults:\n  memory: -4g\n", "defaults.memory: '-4g' is not a size"),
+        ("defaults:\n  memory: 4 parsecs\n", "'4 parsecs' is not a size"),
+        ("defaults:\n  pids_limit: -1\n", "defaults.pids_limit: must not be negative"),
+        ("defaults:\n  idle_timeout: soon\n", "'soon' is not a duration"),
+        ("defaults:\n  allow_full_gpu: maybe\n", "expected true or false"),
+        ("defaults:\n  priority: null\n", "defaults.priority: cannot be null"),
+        (
+            "groups:\n  g:\n    ipc_mode: host\n    shm_size: 1g\n",
+            "resource-limits.yaml:4: groups.g.shm_size: ipc_mode: host and shm_size cannot",
+        ),
+        ("defaults:\n  max_mig_instances: 1\n  max_gpu_equivalents: 2\n", "a second time"),
+        ("groupz: {}\n", "resource-limits.yaml:1: groupz: unknown key 'groupz' (did you mean"),
+        ("groups:\n  g:\n    members: alice\n", "groups.g.members: must be a list"),
+        ("gpu_allocation:\n  strategy: random\n", "expected one of least_allocated, pack"),
+        ("defaults:\n  memory: 1g\n  memory: 2g\n", "resource-limits.yaml:3: defaults.memory: "),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_broken_files_are_refused_with_file_line_and_key(text: str, expected: str):
+    assert any(expected in issue for issue in issues_of(text)), issues_of(text)
+
+
+def test_member_file_for_an_undefined_group_is_refused():
+    issues = issues_of("groups: {students: {}}\n", members={"reserchers": "alice\n"})
+    assert issues == [
+        "groups/reserchers.members: member file for group 'reserchers', which "
+        "resource-limits.yaml does not define: add groups.reserchers there or remove this file"
+    ]
+
+
+def test_every_problem_is_reported_at_once():
+    text = "defaults:\n  max_cpus: -1\n  memory: lots\nfoo: 1\n"
+    issues = issues_of(text, overrides="bob:\n  shm_size: huge\n")
+    assert len(issues) == 4
+    assert any(i.startswith("user-overrides.yaml:2: bob.shm_size:") for i in issues)
+
+
+def test_every_alias_means_its_canonical_key():
+    for old, new in ALIASES.items():
+        config = parse(f"defaults:\n  {old}: 3\n")
+        assert resolve(config, "u").value(new) == 3
+
+
+# --- property: any configuration loads or is refused with issues, never an exception ---
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["16g", "72h", "-1", "1.5t", "host", "private", "pack", "0", "1e400"]),
+)
+_keys = st.one_of(
+    st.sampled_from([*LIMIT_KEYS, *ALIASES, "members", "aggregate", "policies", "memory_max"]),
+    st.text(max_size=10),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)),
+    max_leaves=20,
+)
+_configs = st.fixed_dictionaries(
+    {},
+    optional={
+        "defaults": st.dictionaries(_keys, _scalars, max_size=6),
+        "default_group": _values,
+        "groups": st.dictionaries(st.text(max_size=8), _values, max_size=4),
+        "policies": _values,
+        "container_types": _values,
+        "enforcement": _values,
+        "access_control": st.dictionaries(
+            st.sampled_from(["admin_users", "admin_group", "x"]), _values
+        ),
+        "gpu_allocation": _values,
+        "user_overrides": st.dictionaries(st.text(max_size=8), _values, max_size=3),
+        "other": _values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=_configs,
+    members=st.dictionaries(st.text(min_size=1, max_size=6), st.text(max_size=40), max_size=2),
+    overrides=st.one_of(st.none(), _values.map(yaml.safe_dump)),
+    user=st.text(min_size=1, max_size=20),
+)
+def test_any_configuration_loads_or_is_refused_never_crashes(config, members, overrides, user):
+    text = yaml.safe_dump(config)
+    try:
+        loaded = parse(text, members=members, overrides=overrides)
+    except LimitsConfigError as err:
+        assert err.issues and all(str(i) for i in err.issues)
+        return
+    resolved = resolve(loaded, user)
+    resolved.docker_args().flags()
+    assert set(resolved.settings) == set(LIMIT_KEYS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_text_loads_or_is_refused_never_crashes(text):
+    try:
+        parse(text)
+    except LimitsConfigError as err:
+        assert err.issues

@@ -1,0 +1,293 @@
+"""The limits service over mTLS: answers, permissions, hot reload and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import yaml
+
+from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.core.config import Config
+from ds01.core.identity import Roles
+from ds01.core.pki import SERVICES, Pki, issue_client_cert
+from ds01.core.processes import free_port
+from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.limits.server import SPEC
+from ds01.v1 import limits_pb2
+from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+DS01 = str(REPO / ".venv" / "bin" / "ds01")
+
+
+@dataclass
+class LimitsEnv:
+    config: Config
+    config_file: Path
+    limits_file: Path
+    pki: Pki
+    service: RunningService
+
+    def client(self, user: str) -> Ds01Client:
+        paths = self.pki.client(user)
+        if not paths.cert.is_file():
+            issue_client_cert(self.pki, user)
+        return Ds01Client(self.config, ClientIdentity(self.pki.ca_cert, paths))
+
+    async def cli(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the real ``ds01`` CLI as ``user``, off the event loop that serves it."""
+        paths = self.pki.client(user)
+        if not paths.cert.is_file():
+            issue_client_cert(self.pki, user)
+        env = {**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)}
+        command = [DS01, "--config", str(self.config_file), *args]
+        return await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=env, timeout=60
+        )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(tmp_path: Path, pki: Pki, state_dir: Path) -> AsyncIterator[LimitsEnv]:
+    limits_file = write_config(tmp_path / "etc")
+    config = Config(
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        limits_file=limits_file,
+    )
+    config_file = tmp_path / "ds01.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(state_dir),
+                "listen": dict(config.listen),
+                "limits_file": str(limits_file),
+            }
+        )
+    )
+    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    yield LimitsEnv(config, config_file, limits_file, pki, service)
+    await service.stop(grace=0)
+
+
+async def eventually(check, timeout: float = 3.0):
+    """Poll ``check`` until it returns a truthy value; reloads are asynchronous."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+async def test_cli_prints_the_seed_block(env: LimitsEnv):
+    result = await env.cli("alice", "limits")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == SEED_BLOCK_ALICE
+
+
+async def test_cli_docker_args_line(env: LimitsEnv):
+    result = await env.cli("root", "limits", "student1", "--docker-args")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "--cpus=8 --memory=32g --memory-swap=32g --shm-size=16g --pids-limit=4096 "
+        "--cgroup-parent=ds01-students-student1.slice"
+    )
+
+
+async def test_cli_json_names_the_source_of_each_value(env: LimitsEnv):
+    import json
+
+    result = await env.cli("alice", "limits", "--output", "json")
+    data = json.loads(result.stdout)
+    assert data["group"] == "researchers"
+    assert data["limits"]["max_cpus"] == {"value": "16", "unlimited": False, "source": "group"}
+    assert data["limits"]["pids_limit"]["source"] == "default"
+    assert data["policies"] == {"warn_before_idle_stop": "2h", "exempt_from_idle": "true"}
+    assert data["aggregate"] == {"cpus": 32.0, "memory_bytes": str(128 * 1024**3), "pids": "8192"}
+
+
+async def test_users_see_only_their_own_limits(env: LimitsEnv):
+    denied = await env.cli("bob", "limits", "alice")
+    assert denied.returncode == 1
+    assert "bob may not see the limits of alice" in denied.stderr
+    assert "[PERMISSION_DENIED]" in denied.stderr
+    for admin in ("root", "labadmin"):  # access_control.admin_users, the admin group
+        allowed = await env.cli(admin, "limits", "alice")
+        assert allowed.returncode == 0 and "Group: researchers" in allowed.stdout
+
+
+async def test_get_limits_reports_unlimited_and_ipc_host(env: LimitsEnv):
+    async with env.client("root") as client:
+        jones = await client.get_limits("d.jones@uni.example")
+        carol = await client.get_docker_args("erin")  # unlisted: students
+    values = {v.key: v for v in jones.values}
+    assert (
+        values["memory"].unlimited and values["memory"].source == limits_pb2.LIMIT_SOURCE_OVERRIDE
+    )
+    assert not jones.HasField("memory_bytes") and jones.max_cpus == 48
+    assert values["max_gpu_equivalents"].unlimited
+    assert jones.cgroup_parent == "ds01-faculty-d_jones_uni_example.slice"
+    assert carol.shm_size_bytes == 16 * 1024**3 and carol.ipc_mode == ""
+
+
+async def test_services_must_name_the_user(env: LimitsEnv):
+    identity = ClientIdentity(env.pki.ca_cert, env.pki.service("allocator"))
+    async with Ds01Client(env.config, identity) as client:
+        assert (await client.get_limits("alice")).group == "researchers"
+        with pytest.raises(Ds01Error) as refused:
+            await client.get_limits()
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_groups_shows_members_to_admins_only(env: LimitsEnv):
+    async with env.client("root") as admin, env.client("alice") as alice:
+        as_admin = {g.name: g for g in await admin.list_groups()}
+        as_user = {g.name: g for g in await alice.list_groups()}
+    assert list(as_admin) == ["students", "researchers", "faculty", "admin"]
+    assert as_admin["researchers"].priority == 50
+    assert "alice" in as_admin["researchers"].members
+    assert all(not g.members for g in as_user.values())
+
+
+async def test_limits_check_reports_every_problem_with_file_and_line(
+    env: LimitsEnv, tmp_path: Path
+):
+    candidate = tmp_path / "new-limits.yaml"
+    candidate.write_text(RESOURCE_LIMITS.replace("max_cpus: 16", "max_cpus: sixteen"))
+    result = await env.cli("root", "limits", "check", str(candidate))
+    assert result.returncode == 1
+    line = RESOURCE_LIMITS.splitlines().index("    max_cpus: 16") + 1
+    assert f"{candidate}:{line}: groups.researchers.max_cpus: expected a number" in result.stdout
+    good = tmp_path / "good.yaml"
+    good.write_text(RESOURCE_LIMITS)
+    ok = await env.cli("root", "limits", "check", str(good))
+    assert ok.returncode == 0 and f"{good}: OK" in ok.stdout
+    assert (await env.cli("alice", "limits", "check", str(good))).returncode == 1  # admins only
+
+
+async def test_hot_reload_of_a_good_then_a_broken_file_while_clients_call(env: LimitsEnv):
+    async with env.client("alice") as alice, env.client("root") as root:
+        before = await alice.get_limits()
+        assert before.max_cpus == 16
+        stop = asyncio.Event()
+        failures: list[Exception] = []
+        calls = 0
+
+        async def hammer() -> None:
+            nonlocal calls
+            while not stop.is_set():
+                try:
+                    limits = await alice.get_limits()
+                    assert limits.max_cpus in (16, 20)
+                    calls += 1
+                except Exception as err:  # any failure during reload is a bug
+                    failures.append(err)
+                await asyncio.sleep(0)
+
+        callers = [asyncio.create_task(hammer()) for _ in range(4)]
+        try:
+            # A good change is served within a second.
+            env.limits_file.write_text(RESOURCE_LIMITS.replace("max_cpus: 16", "max_cpus: 20"))
+
+            async def reloaded():
+                return (await alice.get_limits()).max_cpus == 20
+
+            assert await eventually(reloaded, timeout=1.0)
+            # A broken file is refused; the last good configuration keeps serving.
+            env.limits_file.write_text(RESOURCE_LIMITS.replace("max_cpus: 16", "max_cpus: -3"))
+
+            async def refused():
+                return not (await root.validate_config()).valid
+
+            assert await eventually(refused)
+            [issue] = (await root.validate_config()).issues
+            assert (issue.file, issue.key) == (str(env.limits_file), "groups.researchers.max_cpus")
+            assert issue.line == 27 and issue.message == "must not be negative, got -3"
+            assert (await alice.get_limits()).max_cpus == 20
+            health = await alice.health("limits")
+            assert health == "SERVING"
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+            env.limits_file.write_text(RESOURCE_LIMITS)
+    assert not failures, failures[:3]
+    assert calls > 20
+
+
+async def test_member_file_changes_are_picked_up_and_watchers_told(env: LimitsEnv):
+    async with env.client("alice") as alice, env.client("root") as root:
+        mine = alice.watch_limits()
+        everyone = root.watch_limits()
+        next_mine = asyncio.ensure_future(anext(mine))
+        next_everyone = asyncio.ensure_future(anext(everyone))
+        await asyncio.sleep(0.3)  # let both streams subscribe
+        # alice leaves researchers: she falls back to the default group.
+        members = env.limits_file.parent / "groups" / "researchers.members"
+        members.write_text(members.read_text().replace("alice\n", "# alice left\n"))
+        try:
+            change = await asyncio.wait_for(next_everyone, 3)
+            assert "alice" in change.users and "carol" not in change.users
+            own = await asyncio.wait_for(next_mine, 3)
+            assert list(own.users) == ["alice"]
+            assert (await alice.get_limits()).group == "students"
+        finally:
+            for stream in (mine, everyone):
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            write_config(env.limits_file.parent)
+
+
+async def test_a_member_file_for_an_undefined_group_is_refused(env: LimitsEnv):
+    stray = env.limits_file.parent / "groups" / "visitors.members"
+    stray.write_text("zoe\n")
+    async with env.client("root") as root:
+        try:
+
+            async def refused():
+                return not (await root.validate_config()).valid
+
+            assert await eventually(refused)
+            issues = (await root.validate_config()).issues
+            assert issues[0].file == str(stray)
+            assert "group 'visitors'" in issues[0].message
+            assert (await root.get_limits("alice")).group == "researchers"  # still serving
+        finally:
+            stray.unlink()
+
+
+async def test_a_service_started_on_a_broken_file_is_not_serving(
+    tmp_path: Path, pki: Pki, state_dir: Path
+):
+    limits_file = tmp_path / "resource-limits.yaml"
+    limits_file.write_text("defaults: [\n")
+    config = Config(
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        limits_file=limits_file,
+    )
+    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    try:
+        identity = ClientIdentity(pki.ca_cert, pki.client("alice"))
+        async with Ds01Client(config, identity) as client:
+            with pytest.raises(Ds01Error) as refused:
+                await client.get_limits()
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "not valid YAML" in refused.value.message
+            limits_file.write_text(RESOURCE_LIMITS)
+
+            async def recovered():
+                with contextlib.suppress(Ds01Error):
+                    return (await client.get_limits()).group == "students"
+
+            assert await eventually(recovered)
+    finally:
+        await service.stop(grace=0)
