@@ -282,3 +282,15 @@ def test_any_text_loads_or_is_refused_never_crashes(text):
         parse(text)
     except LimitsConfigError as err:
         assert err.issues
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_quickly():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for level in "bcdefghij":
+        previous = chr(ord(level) - 1)
+        bomb += (
+            f"{level}: &{level} [*{previous}, *{previous}, *{previous}, *{previous}, *{previous}]\n"
+        )
+    bomb += "defaults:\n  max_cpus: *j\n"
+    assert any("alias bomb" in issue for issue in issues_of(bomb))
+    assert any("nested too deeply" in issue for issue in issues_of("a: " + "[" * 5000))

@@ -123,8 +123,14 @@ def read_sources(
     return SourceFiles((main_name or str(path), main_text or ""), members, overrides)
 
 
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
 def _read(path: Path, issues: list[Issue]) -> str:
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            issues.append(Issue(str(path), 0, "", f"larger than {MAX_FILE_BYTES} bytes"))
+            return ""
         return path.read_text()
     except FileNotFoundError:
         issues.append(Issue(str(path), 0, "", "file not found"))

@@ -48,10 +48,16 @@ class Document:
         return Issue(self.file, self.line(path), ".".join(str(p) for p in path), message)
 
 
+MAX_NODES = 50_000  # far beyond any real configuration; stops alias bombs
+
+
 def load_document(text: str, file: str) -> Document:
-    """Parse ``text`` safely; a syntax error or a duplicated key raises YamlError."""
+    """Parse ``text`` safely; a syntax error, a duplicated key, an alias bomb or absurd
+    nesting raises YamlError rather than exhausting the service."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError as err:
+        raise YamlError(Issue(file, 0, "", "nested too deeply to be a configuration")) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
@@ -60,8 +66,11 @@ def load_document(text: str, file: str) -> Document:
         ) from err
     lines: dict[KeyPath, int] = {}
     constructor = yaml.SafeLoader("")
+    budget = [MAX_NODES]
     try:
-        data = _convert(node, (), lines, constructor, file) if node is not None else None
+        data = _convert(node, (), lines, constructor, file, budget) if node is not None else None
+    except RecursionError as err:
+        raise YamlError(Issue(file, 0, "", "nested too deeply to be a configuration")) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise YamlError(
@@ -76,7 +85,13 @@ def _convert(
     lines: dict[KeyPath, int],
     constructor: yaml.SafeLoader,
     file: str,
+    budget: list[int],
 ) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise YamlError(
+            Issue(file, node.start_mark.line + 1, "", f"more than {MAX_NODES} values (alias bomb?)")
+        )
     if isinstance(node, yaml.MappingNode):
         constructor.flatten_mapping(node)
         result: dict[Any, Any] = {}
@@ -93,12 +108,12 @@ def _convert(
                     Issue(file, key_node.start_mark.line + 1, dotted, "key appears twice")
                 )
             lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, (*path, key), lines, constructor, file)
+            result[key] = _convert(value_node, (*path, key), lines, constructor, file, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             lines[(*path, i)] = item.start_mark.line + 1
-            items.append(_convert(item, (*path, i), lines, constructor, file))
+            items.append(_convert(item, (*path, i), lines, constructor, file, budget))
         return items
     return constructor.construct_object(node, deep=True)

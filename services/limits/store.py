@@ -23,6 +23,7 @@ from ds01.limits.config import (
     load_limits,
 )
 from ds01.limits.resolve import is_admin, resolve
+from ds01.limits.source import Issue
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,10 @@ class LimitsStore:
         """Read the files now. Returns what changed, or None if nothing or it failed."""
         try:
             new = load_limits(self.path)
-        except LimitsConfigError as err:
+        except Exception as err:  # nothing a file contains may stop the service
+            if not isinstance(err, LimitsConfigError):
+                log.exception("unexpected failure reading %s", self.path)
+                err = LimitsConfigError([Issue(str(self.path), 0, "", f"cannot be read: {err!r}")])
             if self.error is None or err.issues != self.error.issues:
                 serving = (
                     f"still serving {self.config.digest}" if self.config else "nothing to serve"
