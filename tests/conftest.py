@@ -57,11 +57,12 @@ def pki(state_dir: Path) -> Pki:
 
 
 @pytest.fixture(scope="session")
-def suite_config(state_dir: Path, pki: Pki) -> Config:
+def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str) -> Config:
     return Config(
         node="test-node",
         state_dir=state_dir,
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        etcd_endpoints=(etcd_endpoint,),
         limits_file=REPO / "config" / "resource-limits.yaml",
         inventory=InventoryConfig(source="declared", file=REPO / "config" / "inventory.yaml"),
     )

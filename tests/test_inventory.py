@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from ds01.allocator.inventory import DeclaredInventory, InventoryError
+from ds01.allocator.inventory import (
+    DeclaredInventory,
+    InventoryError,
+    NvmlInventory,
+    load_inventory,
+)
+from ds01.core.config import Config, InventoryConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +56,54 @@ def test_bad_inventory_files_are_refused_with_the_entry_named(tmp_path, text, me
     path.write_text(text)
     with pytest.raises(InventoryError, match=message):
         DeclaredInventory(path).load()
+
+
+def _a100_mig_and_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An A100 in MIG mode with three 2g.20gb instances, plus a full A100."""
+    from tests.fake_pynvml import NVML_DEVICE_MIG_ENABLE, FakeGpu, FakeMig, make_module
+
+    mig_gpu = FakeGpu(
+        uuid="GPU-aaaa",
+        name="NVIDIA A100-SXM4-80GB",
+        memory=80 * 1024**3,
+        mig_mode=NVML_DEVICE_MIG_ENABLE,
+        migs={
+            # NVML's MIG device index is not the GPU instance id.
+            0: FakeMig(3, "MIG-0003", "NVIDIA A100-SXM4-80GB MIG 2g.20gb", 2, 19968),
+            1: FakeMig(5, "MIG-0005", "NVIDIA A100-SXM4-80GB MIG 2g.20gb", 2, 19968),
+            4: FakeMig(1, "MIG-0001", "NVIDIA A100-SXM4-80GB MIG 2g.20gb", 2, 19968),
+        },
+    )
+    full = FakeGpu(uuid="GPU-bbbb", name="NVIDIA A100-SXM4-80GB", memory=80 * 1024**3)
+    monkeypatch.setitem(sys.modules, "pynvml", make_module([mig_gpu, full]))
+
+
+def test_nvml_source_finds_mig_instances_and_full_gpus(monkeypatch):
+    _a100_mig_and_full(monkeypatch)
+    inventory = NvmlInventory().load()
+    assert (inventory.source, inventory.simulated) == ("nvml", False)
+    slots = {s.slot_id: s for s in inventory.slots()}
+    assert sorted(slots) == ["0:1", "0:3", "0:5", "1"]  # GPU 0 offers only its MIG slices
+    assert {s.uuid for s in slots.values()} == {"MIG-0001", "MIG-0003", "MIG-0005", "GPU-bbbb"}
+    assert slots["0:3"].uuid == "MIG-0003" and slots["0:3"].mig_profile == "2g.20gb"
+    assert Fraction(slots["0:5"].gpu_equivalents).limit_denominator(7) == Fraction(2, 7)
+    assert slots["1"].gpu_equivalents == 1.0 and slots["1"].memory_bytes == 80 * 1024**3
+    assert "simulated" not in inventory.describe()
+
+
+def test_auto_source_uses_nvml_when_a_driver_answers(monkeypatch, tmp_path):
+    _a100_mig_and_full(monkeypatch)
+    config = Config(inventory=InventoryConfig(source="auto", file=tmp_path / "none.yaml"))
+    assert load_inventory(config).source == "nvml"
+
+
+def test_auto_source_falls_back_to_the_declared_file_without_a_driver(monkeypatch):
+    from tests.fake_pynvml import make_module
+
+    monkeypatch.setitem(sys.modules, "pynvml", make_module([], driver_loaded=False))
+    config = Config(
+        inventory=InventoryConfig(source="auto", file=REPO / "config" / "inventory.yaml")
+    )
+    assert load_inventory(config).simulated
+    with pytest.raises(InventoryError, match="NVML is not available"):
+        load_inventory(Config(inventory=InventoryConfig(source="nvml")))

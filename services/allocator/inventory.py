@@ -11,9 +11,11 @@ full GPU and the instance's compute slices over the GPU's slices for MIG.
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import yaml
@@ -169,12 +171,90 @@ def _declared_mig(where: str, j: int, inst: Any, slices: int) -> MigInstance:
     )
 
 
+class NvmlInventory:
+    """The GPUs the NVIDIA driver reports, through NVML (the pynvml module).
+
+    Only NVML calls are used, never nvidia-smi text. MIG instances are found through
+    the MIG device handles of each GPU whose current MIG mode is enabled.
+    """
+
+    origin = "NVML"
+
+    def __init__(self, nvml: ModuleType | None = None) -> None:
+        self._nvml = nvml
+
+    def load(self) -> Inventory:
+        nvml = self._nvml or importlib.import_module("pynvml")
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as err:
+            raise InventoryError(f"NVML is not available: {err}") from err
+        try:
+            gpus = tuple(
+                self._gpu(nvml, index, nvml.nvmlDeviceGetHandleByIndex(index))
+                for index in range(nvml.nvmlDeviceGetCount())
+            )
+        except nvml.NVMLError as err:
+            raise InventoryError(f"NVML failed while listing GPUs: {err}") from err
+        finally:
+            nvml.nvmlShutdown()
+        return Inventory(gpus, "nvml", False, self.origin)
+
+    def _gpu(self, nvml: ModuleType, index: int, handle: Any) -> Gpu:
+        product = _text(nvml.nvmlDeviceGetName(handle))
+        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+        try:
+            current_mode, _pending = nvml.nvmlDeviceGetMigMode(handle)
+        except nvml.NVMLError:  # GPUs without MIG support answer NOT_SUPPORTED
+            current_mode = 0
+        if current_mode != nvml.NVML_DEVICE_MIG_ENABLE:
+            return Gpu(index, uuid, product, memory, mig_enabled=False)
+        slices = int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)) or DEFAULT_SLICES
+        instances = []
+        for mig_index in range(slices):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, mig_index)
+            except nvml.NVMLError:  # an empty MIG slot
+                continue
+            attributes = nvml.nvmlDeviceGetAttributes(mig)
+            compute = int(attributes.gpuInstanceSliceCount)
+            memory_mb = int(attributes.memorySizeMB)
+            name = _text(nvml.nvmlDeviceGetName(mig))
+            match = _PROFILE_IN_NAME.search(name)
+            profile = match.group(1) if match else f"{compute}g.{round(memory_mb / 1024)}gb"
+            instances.append(
+                MigInstance(
+                    instance_id=int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
+                    profile=profile,
+                    uuid=_text(nvml.nvmlDeviceGetUUID(mig)),
+                    memory_bytes=memory_mb * 1024 * 1024,
+                    compute_slices=compute,
+                )
+            )
+        instances.sort(key=lambda m: m.instance_id)
+        return Gpu(index, uuid, product, memory, True, slices, tuple(instances))
+
+
+_PROFILE_IN_NAME = re.compile(r"(\d+g\.\d+gb)")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def load_inventory(config: Config) -> Inventory:
     """The node's inventory from the configured source.
 
-    ``auto`` takes the declared file on hosts without an NVIDIA driver. The NVML source
-    is part of the allocator service; until it lands, ``nvml`` is refused clearly.
+    ``auto`` uses NVML when an NVIDIA driver answers, else the declared file.
     """
     if config.inventory.source == "nvml":
-        raise InventoryError("inventory.source nvml: the NVML source is not built yet")
+        return NvmlInventory().load()
+    if config.inventory.source == "auto":
+        try:
+            inventory = NvmlInventory().load()
+        except InventoryError:
+            inventory = None
+        if inventory is not None and inventory.gpus:
+            return inventory
     return DeclaredInventory(config.inventory.file).load()

@@ -1,6 +1,356 @@
-"""Wiring of the allocator service into a gRPC server."""
+"""The allocator service over gRPC: wiring, permissions, and errors people can act on."""
 
-from ds01.core.server import contract_only_spec
-from ds01.v1 import allocator_pb2, allocator_pb2_grpc
+from __future__ import annotations
 
-SPEC = contract_only_spec("allocator", allocator_pb2, allocator_pb2_grpc, "AllocatorService")
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2
+
+from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
+from ds01.allocator.events import AllocationEvent, EventKind, HistoryCompacted, watch_allocations
+from ds01.allocator.inventory import load_inventory
+from ds01.allocator.placement import (
+    AllocationRefused,
+    Preference,
+    Quota,
+    Refusal,
+    Request,
+    Strategy,
+)
+from ds01.allocator.records import Holder, NodeRecord, SlotRecord
+from ds01.allocator.service import (
+    Actor,
+    Allocator,
+    Granted,
+    NotFound,
+    NotPermitted,
+    environment,
+)
+from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.core.identity import caller
+from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ALLOCATOR_SERVICE = allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name
+ADMIN_CACHE_SECONDS = 10.0
+_PREFERENCES = {
+    allocator_pb2.SLOT_PREFERENCE_UNSPECIFIED: Preference.ANY,
+    allocator_pb2.SLOT_PREFERENCE_ANY: Preference.ANY,
+    allocator_pb2.SLOT_PREFERENCE_FULL_GPU: Preference.FULL_GPU,
+    allocator_pb2.SLOT_PREFERENCE_MIG: Preference.MIG,
+}
+_EVENT_TYPES = {
+    EventKind.ALLOCATED: allocator_pb2.ALLOCATION_EVENT_TYPE_ALLOCATED,
+    EventKind.RELEASED: allocator_pb2.ALLOCATION_EVENT_TYPE_RELEASED,
+    EventKind.HELD: allocator_pb2.ALLOCATION_EVENT_TYPE_HELD,
+    EventKind.HOLD_CLEARED: allocator_pb2.ALLOCATION_EVENT_TYPE_HOLD_CLEARED,
+    EventKind.HOLD_EXPIRED: allocator_pb2.ALLOCATION_EVENT_TYPE_HOLD_EXPIRED,
+    EventKind.PREEMPTED: allocator_pb2.ALLOCATION_EVENT_TYPE_PREEMPTED,
+}
+_REFUSAL_CODES = {
+    Refusal.QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.NO_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.NOT_ALLOWED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class RemoteLimits:
+    """Quotas and roles from the limits service, asked as ``svc:allocator``."""
+
+    def __init__(self, client: Ds01Client) -> None:
+        self.client = client
+        self._admins: dict[str, tuple[float, bool]] = {}
+
+    async def quota(self, user: str) -> Quota:
+        limits = await self.client.get_limits(user)
+        return Quota(
+            group=limits.group,
+            priority=limits.priority,
+            max_gpu_equivalents=(
+                limits.max_gpu_equivalents if limits.HasField("max_gpu_equivalents") else None
+            ),
+            max_slots_per_container=(
+                limits.max_gpu_slots_per_container
+                if limits.HasField("max_gpu_slots_per_container")
+                else None
+            ),
+            allow_full_gpu=limits.allow_full_gpu,
+        )
+
+    async def hold_seconds(self, user: str) -> float | None:
+        limits = await self.client.get_limits(user)
+        if not limits.HasField("gpu_hold_after_stop"):
+            return None
+        return limits.gpu_hold_after_stop.ToTimedelta().total_seconds()
+
+    async def is_admin(self, user: str) -> bool:
+        cached = self._admins.get(user)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        admin = (await self.client.get_limits(user)).admin
+        self._admins[user] = (time.monotonic() + ADMIN_CACHE_SECONDS, admin)
+        return admin
+
+
+class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
+    def __init__(self, allocator: Allocator, limits: RemoteLimits, node: str) -> None:
+        self.allocator = allocator
+        self.limits = limits
+        self.node = node
+
+    async def Allocate(
+        self, request: allocator_pb2.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.AllocateResponse:
+        actor = await self._actor(context)
+        if not request.container:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name the container")
+        wanted = Request(
+            user=request.user or actor.name,
+            container=request.container,
+            slots=request.slots,
+            gpu_equivalents=request.gpu_equivalents,
+            preference=_PREFERENCES[request.preference],
+            node=request.node,
+        )
+        wait_until = (
+            request.wait_until.ToDatetime().timestamp() if request.HasField("wait_until") else None
+        )
+        granted = await self._run(context, self.allocator.allocate(wanted, actor, wait_until))
+        return allocator_pb2.AllocateResponse(
+            allocations=[allocation_message(g.slot, g.holder, True) for g in granted],
+            environment=environment(granted),
+        )
+
+    async def Release(
+        self, request: allocator_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ReleaseResponse:
+        actor = await self._actor(context)
+        released = await self._run(context, self.allocator.release(request.container, actor))
+        return allocator_pb2.ReleaseResponse(released_slots=released)
+
+    async def MarkStopped(
+        self, request: allocator_pb2.MarkStoppedRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.MarkStoppedResponse:
+        actor = await self._actor(context)
+        granted = await self._run(context, self.allocator.mark_stopped(request.container, actor))
+        return allocator_pb2.MarkStoppedResponse(allocations=_messages(granted))
+
+    async def ClearStopped(
+        self, request: allocator_pb2.ClearStoppedRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ClearStoppedResponse:
+        actor = await self._actor(context)
+        granted = await self._run(context, self.allocator.clear_stopped(request.container, actor))
+        return allocator_pb2.ClearStoppedResponse(allocations=_messages(granted))
+
+    async def Validate(
+        self, request: allocator_pb2.ValidateRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ValidateResponse:
+        actor = await self._actor(context)
+        node = request.node or self.node
+        reason = await self._run(
+            context, self.allocator.validate(request.container, node, request.slot_id, actor)
+        )
+        return allocator_pb2.ValidateResponse(valid=reason is None, reason=reason or "")
+
+    async def GetStatus(
+        self, request: allocator_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.GetStatusResponse:
+        actor = await self._actor(context)
+        snapshot = await self._run(context, self.allocator.status(request.user, request.node))
+        response = allocator_pb2.GetStatusResponse()
+        for key, slot in sorted(snapshot.slots.items(), key=lambda item: item[1].order):
+            holder = snapshot.holders.get(key)
+            if request.user and holder is None:
+                continue
+            if holder and not actor.privileged and holder.user != actor.name:
+                holder = Holder(holder.user, "", holder.since, holder.priority, holder.stopped_at)
+            message = allocation_message(slot, holder, slot.node in snapshot.nodes)
+            response.allocations.append(message)
+        for name in sorted({s.node for s in snapshot.slots.values()} | set(snapshot.nodes)):
+            record = snapshot.nodes.get(name)
+            response.nodes.append(
+                allocator_pb2.NodeStatus(
+                    node=name,
+                    up=record is not None,
+                    inventory_source=record.inventory_source if record else "",
+                    simulated=record.simulated if record else False,
+                )
+            )
+        return response
+
+    async def WatchAllocations(
+        self, request: allocator_pb2.WatchAllocationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:
+        actor = await self._actor(context)
+        try:
+            async for event in watch_allocations(
+                self.allocator.state.client, request.since_revision
+            ):
+                if actor.privileged or event.holder.user == actor.name:
+                    yield event_message(event)
+        except HistoryCompacted as err:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+
+    async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
+        principal = caller()
+        privileged = principal.is_service or principal.is_admin
+        if not privileged:
+            privileged = await self._run(context, self.limits.is_admin(principal.name))
+        return Actor(principal.name, privileged)
+
+    async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        """Await ``work``; turn the domain's refusals into gRPC status codes."""
+        try:
+            return await work
+        except AllocationRefused as refused:
+            await context.abort(_REFUSAL_CODES[refused.kind], refused.message)
+        except NotPermitted as err:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        except NotFound as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except Ds01Error as err:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
+            )
+        raise AssertionError("unreachable: abort raises")
+
+
+def _timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
+    if epoch is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(epoch * 1e9))
+    return stamp
+
+
+def slot_message(slot: SlotRecord) -> common_pb2.GpuSlot:
+    return common_pb2.GpuSlot(
+        node=slot.node,
+        slot_id=slot.slot_id,
+        uuid=slot.uuid,
+        product=slot.product,
+        mig_profile=slot.mig_profile,
+        memory_bytes=slot.memory_bytes,
+        gpu_equivalents=slot.gpu_equivalents,
+    )
+
+
+def allocation_message(
+    slot: SlotRecord, holder: Holder | None, node_up: bool
+) -> common_pb2.Allocation:
+    if holder is None:
+        state = common_pb2.SLOT_STATE_FREE if node_up else common_pb2.SLOT_STATE_NODE_DOWN
+        return common_pb2.Allocation(slot=slot_message(slot), state=state)
+    return holding_message(slot_message(slot), holder, node_up)
+
+
+def holding_message(
+    slot: common_pb2.GpuSlot, holder: Holder, node_up: bool = True
+) -> common_pb2.Allocation:
+    if not node_up:
+        state = common_pb2.SLOT_STATE_NODE_DOWN
+    elif holder.stopped:
+        state = common_pb2.SLOT_STATE_HELD
+    else:
+        state = common_pb2.SLOT_STATE_ALLOCATED
+    return common_pb2.Allocation(
+        slot=slot,
+        state=state,
+        user=holder.user,
+        container=holder.container,
+        since=_timestamp(holder.since),
+        stopped_at=_timestamp(holder.stopped_at),
+        hold_until=_timestamp(holder.hold_until),
+        priority=holder.priority,
+    )
+
+
+def _messages(granted: list[Granted]) -> list[common_pb2.Allocation]:
+    return [allocation_message(g.slot, g.holder, True) for g in granted]
+
+
+def event_message(event: AllocationEvent) -> allocator_pb2.WatchAllocationsResponse:
+    slot = common_pb2.GpuSlot(node=event.node, slot_id=event.slot_id)
+    message = allocator_pb2.WatchAllocationsResponse(
+        type=_EVENT_TYPES[event.kind],
+        allocation=holding_message(slot, event.holder),
+        revision=event.revision,
+        released_by=event.released_by,
+    )
+    if event.kind in (EventKind.RELEASED, EventKind.HOLD_EXPIRED):
+        message.allocation.state = common_pb2.SLOT_STATE_FREE
+    if event.previous is not None:
+        message.previous.CopyFrom(holding_message(slot, event.previous))
+    return message
+
+
+async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
+    config = runtime.config
+    etcd = connect(config.etcd_endpoints)
+    identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
+    limits = RemoteLimits(Ds01Client(config, identity))
+    allocator = Allocator(
+        EtcdState(etcd),
+        limits,
+        strategy=Strategy(config.allocator.strategy),
+        lock_ttl=config.allocator.lock_ttl,
+    )
+    allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
+        AllocatorServicer(allocator, limits, config.node), server
+    )
+    await runtime.health.set(ALLOCATOR_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    runtime.run_in_background(
+        _keep_node_registered(config.node, runtime, etcd), f"node-{config.node}"
+    )
+
+    async def close() -> None:
+        await limits.client.close()
+        with contextlib.suppress(Exception):
+            await etcd.close()
+
+    runtime.on_stop.append(close)
+
+
+async def _keep_node_registered(node: str, runtime: ServiceRuntime, etcd: object) -> None:
+    """Register this node's inventory, then keep the registration alive. Until etcd
+    answers, the service reports NOT_SERVING and retries."""
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    while True:
+        try:
+            inventory = await asyncio.to_thread(load_inventory, runtime.config)
+            slots = [
+                SlotRecord(
+                    node,
+                    s.slot_id,
+                    s.uuid,
+                    s.product,
+                    s.mig_profile,
+                    s.memory_bytes,
+                    s.gpu_equivalents,
+                )
+                for s in inventory.slots()
+            ]
+            record = NodeRecord(node, inventory.source, inventory.simulated, time.time())
+            registration = NodeRegistration(etcd, record, slots)  # type: ignore[arg-type]
+            await registration.register()
+            log.info("node %s registered: %s", node, inventory.describe())
+            await runtime.health.set(ALLOCATOR_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            await registration.keep_alive()
+        except Exception as err:  # keep trying: etcd or the driver may come later
+            log.error("node %s: cannot register: %s", node, err)
+            await runtime.health.set(ALLOCATOR_SERVICE, not_serving)
+            await asyncio.sleep(2)
+
+
+SPEC = ServiceSpec(name="allocator", grpc_services=(ALLOCATOR_SERVICE,), register=register)

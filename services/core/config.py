@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,14 @@ class InventoryConfig:
 
 
 @dataclass(frozen=True)
+class AllocatorConfig:
+    # least_allocated spreads containers over GPUs; pack fills partly used GPUs first.
+    strategy: str = "least_allocated"
+    # Seconds before etcd frees a per-user lock whose holder died.
+    lock_ttl: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     node: str = field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/ds01")
@@ -45,6 +53,7 @@ class Config:
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     limits_file: Path = Path("/etc/ds01/resource-limits.yaml")
     inventory: InventoryConfig = InventoryConfig()
+    allocator: AllocatorConfig = AllocatorConfig()
     docker_host: str = "unix:///var/run/docker.sock"
     log_level: str = "info"
     source: Path | None = None
@@ -55,9 +64,6 @@ class Config:
 
     def address(self, service: str) -> str:
         return self.listen[service]
-
-    def with_overrides(self, **changes: Any) -> Config:
-        return replace(self, **changes)
 
 
 def load_config(path: Path | str | None = None) -> Config:
@@ -96,6 +102,7 @@ def parse_config(text: str, file: Path) -> Config:
         etcd_endpoints=_read_endpoints(reader.section("etcd")),
         limits_file=reader.path("limits_file", Config.limits_file, base),
         inventory=_read_inventory(reader.section("inventory"), base),
+        allocator=_read_allocator(reader.section("allocator")),
         docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
         log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
         source=file,
@@ -131,6 +138,15 @@ def _read_inventory(reader: _Reader, base: Path) -> InventoryConfig:
     )
     reader.reject_unknown()
     return inventory
+
+
+def _read_allocator(reader: _Reader) -> AllocatorConfig:
+    allocator = AllocatorConfig(
+        strategy=reader.one_of("strategy", "least_allocated", ("least_allocated", "pack")),
+        lock_ttl=reader.whole("lock_ttl", AllocatorConfig.lock_ttl, minimum=2, maximum=300),
+    )
+    reader.reject_unknown()
+    return allocator
 
 
 def _check_address(value: str) -> str | None:
@@ -182,6 +198,16 @@ class _Reader:
             raise self.error(key, problem)
         return value
 
+    def whole(self, key: str, default: int, minimum: int, maximum: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"must be from {minimum} to {maximum}, got {value}")
+        return value
+
     def choice_str(
         self, section: str, key: str, default: str, check: Callable[[str], str | None]
     ) -> str:
@@ -214,6 +240,3 @@ class _Reader:
         unknown = sorted(str(k) for k in self.raw if k not in self.used)
         if unknown:
             raise self.error(unknown[0], "unknown key (check the spelling)")
-
-
-CONFIG_KEYS = tuple(f.name for f in fields(Config))

@@ -45,7 +45,9 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
     ) -> limits_pb2.GetLimitsResponse:
         config = await self._config(context)
         user = await self._subject(request.user, context)
-        return limits_pb2.GetLimitsResponse(limits=limits_message(resolve(config, user)))
+        message = limits_message(resolve(config, user))
+        message.admin = self.store.is_admin(user)
+        return limits_pb2.GetLimitsResponse(limits=message)
 
     async def GetDockerArgs(
         self, request: limits_pb2.GetDockerArgsRequest, context: grpc.aio.ServicerContext

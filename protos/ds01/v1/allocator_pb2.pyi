@@ -40,20 +40,22 @@ ALLOCATION_EVENT_TYPE_HOLD_EXPIRED: AllocationEventType
 ALLOCATION_EVENT_TYPE_PREEMPTED: AllocationEventType
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until")
+    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until", "node")
     USER_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     GPU_EQUIVALENTS_FIELD_NUMBER: _ClassVar[int]
     PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     user: str
     container: str
     slots: int
     gpu_equivalents: float
     preference: SlotPreference
     wait_until: _timestamp_pb2.Timestamp
-    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    node: str
+    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("allocations", "environment")
@@ -133,14 +135,16 @@ class GetStatusRequest(_message.Message):
     def __init__(self, user: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "up", "inventory_source")
+    __slots__ = ("node", "up", "inventory_source", "simulated")
     NODE_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
     node: str
     up: bool
     inventory_source: str
-    def __init__(self, node: _Optional[str] = ..., up: _Optional[bool] = ..., inventory_source: _Optional[str] = ...) -> None: ...
+    simulated: bool
+    def __init__(self, node: _Optional[str] = ..., up: _Optional[bool] = ..., inventory_source: _Optional[str] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("allocations", "nodes")
@@ -157,11 +161,15 @@ class WatchAllocationsRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
 
 class WatchAllocationsResponse(_message.Message):
-    __slots__ = ("type", "allocation", "revision")
+    __slots__ = ("type", "allocation", "revision", "previous", "released_by")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_BY_FIELD_NUMBER: _ClassVar[int]
     type: AllocationEventType
     allocation: _common_pb2.Allocation
     revision: int
-    def __init__(self, type: _Optional[_Union[AllocationEventType, str]] = ..., allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    previous: _common_pb2.Allocation
+    released_by: str
+    def __init__(self, type: _Optional[_Union[AllocationEventType, str]] = ..., allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., revision: _Optional[int] = ..., previous: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., released_by: _Optional[str] = ...) -> None: ...

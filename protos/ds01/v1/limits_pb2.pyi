@@ -46,7 +46,7 @@ class AggregateLimits(_message.Message):
     def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ...) -> None: ...
 
 class UserLimits(_message.Message):
-    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values")
+    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values", "admin")
     class PoliciesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class UserLimits(_message.Message):
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
     user: str
     group: str
     priority: int
@@ -98,7 +99,8 @@ class UserLimits(_message.Message):
     aggregate: AggregateLimits
     policies: _containers.ScalarMap[str, str]
     values: _containers.RepeatedCompositeFieldContainer[LimitValue]
-    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ...) -> None: ...
+    admin: bool
+    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ..., admin: _Optional[bool] = ...) -> None: ...
 
 class GetLimitsRequest(_message.Message):
     __slots__ = ("user",)

@@ -1,0 +1,115 @@
+"""The allocation event stream: an etcd watch on the holder keys, told in words.
+
+Every event carries the etcd revision it happened at, so a client that reconnects
+with the last revision it saw receives everything after it, or learns clearly that
+etcd compacted that history away.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aetcd
+from aetcd.exceptions import RevisionCompactedError
+
+from ds01.allocator.records import ALLOC, HOLDERS, RELEASED, Holder, ReleaseMark, split_slot_key
+
+
+class EventKind(enum.Enum):
+    ALLOCATED = "allocated"
+    RELEASED = "released"
+    HELD = "held"
+    HOLD_CLEARED = "hold_cleared"
+    HOLD_EXPIRED = "hold_expired"
+    PREEMPTED = "preempted"
+
+
+@dataclass(frozen=True)
+class AllocationEvent:
+    kind: EventKind
+    node: str
+    slot_id: str
+    holder: Holder  # the new holder, or the last one for releases and expiries
+    revision: int
+    previous: Holder | None = None  # the displaced holder of a preemption
+    released_by: str = ""
+
+
+class HistoryCompacted(Exception):
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(
+            f"etcd has compacted the history before revision {compact_revision}; "
+            "read the current state (GetStatus) and watch again from now"
+        )
+        self.compact_revision = compact_revision
+
+
+_NOBODY = Holder(user="", container="", since=0, priority=0)
+
+
+class EventTranslator:
+    """Turns raw etcd events into allocation events.
+
+    A release writes a mark beside the holder key in the same transaction, just
+    before deleting it; a holder key deleted without a mark was a hold whose lease
+    etcd expired.
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[tuple[str, str], tuple[int, ReleaseMark]] = {}
+
+    def translate(self, event: aetcd.rtypes.Event) -> AllocationEvent | None:
+        key = event.kv.key.decode()
+        revision = event.kv.mod_revision
+        if key.startswith(RELEASED):
+            if event.kind == "PUT":
+                slot = split_slot_key(RELEASED, event.kv.key)
+                self._marks[slot] = (revision, ReleaseMark.decode(event.kv.value))
+            return None
+        node, slot_id = split_slot_key(HOLDERS, event.kv.key)
+        previous = (
+            Holder.decode(event.prev_kv.value, event.prev_kv.mod_revision, event.prev_kv.lease)
+            if event.prev_kv is not None and event.prev_kv.value
+            else None
+        )
+        if event.kind == "DELETE":
+            mark = self._marks.pop((node, slot_id), None)
+            holder = previous or _NOBODY
+            if mark is not None and mark[0] == revision:
+                return AllocationEvent(
+                    EventKind.RELEASED, node, slot_id, holder, revision, released_by=mark[1].by
+                )
+            kind = EventKind.HOLD_EXPIRED if holder.stopped else EventKind.RELEASED
+            return AllocationEvent(kind, node, slot_id, holder, revision)
+        holder = Holder.decode(event.kv.value, event.kv.mod_revision, event.kv.lease)
+        if previous is None:
+            return AllocationEvent(EventKind.ALLOCATED, node, slot_id, holder, revision)
+        if previous.container != holder.container:
+            return AllocationEvent(
+                EventKind.PREEMPTED, node, slot_id, holder, revision, previous=previous
+            )
+        if holder.stopped and not previous.stopped:
+            return AllocationEvent(EventKind.HELD, node, slot_id, holder, revision)
+        if previous.stopped and not holder.stopped:
+            return AllocationEvent(EventKind.HOLD_CLEARED, node, slot_id, holder, revision)
+        return None
+
+
+async def watch_allocations(
+    client: aetcd.Client, since_revision: int = 0
+) -> AsyncIterator[AllocationEvent]:
+    """Events after ``since_revision`` (0: from now on), in revision order, forever."""
+    start = since_revision + 1 if since_revision > 0 else None
+    translator = EventTranslator()
+    watch = await client.watch_prefix(ALLOC.encode(), start_revision=start, prev_kv=True)
+    try:
+        async for raw in watch:
+            event = translator.translate(raw)
+            if event is not None:
+                yield event
+    except RevisionCompactedError as err:
+        raise HistoryCompacted(err.compacted_revision) from err
+    finally:
+        await watch.cancel()

@@ -1,0 +1,217 @@
+"""Choosing slots for a request: quotas, full-or-MIG, placement order and preemption.
+
+Pure functions over a snapshot of the inventory and the holders; the etcd transaction
+that claims the chosen slots is what makes the choice safe under races.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ds01.allocator.records import Holder, SlotRecord
+
+EPSILON = 1e-9
+
+
+class Preference(enum.Enum):
+    ANY = "any"
+    FULL_GPU = "full"
+    MIG = "mig"
+
+
+class Strategy(enum.Enum):
+    LEAST_ALLOCATED = "least_allocated"
+    PACK = "pack"
+
+
+class Refusal(enum.Enum):
+    QUOTA = "quota"  # RESOURCE_EXHAUSTED: over the user's own limits, waiting won't help
+    NO_CAPACITY = "no_capacity"  # RESOURCE_EXHAUSTED: nothing free now; waiting may help
+    NOT_ALLOWED = "not_allowed"  # FAILED_PRECONDITION: the group may not have this kind
+    INVALID = "invalid"  # INVALID_ARGUMENT
+
+
+class AllocationRefused(Exception):
+    def __init__(self, kind: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    user: str
+    container: str
+    slots: int = 0  # how many; 0 means "enough for gpu_equivalents", or one
+    gpu_equivalents: float = 0.0
+    preference: Preference = Preference.ANY
+    node: str = ""  # empty: any node that is up
+
+
+@dataclass(frozen=True)
+class Quota:
+    group: str
+    priority: int
+    max_gpu_equivalents: float | None  # None: unlimited
+    max_slots_per_container: int | None
+    allow_full_gpu: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    claim: tuple[SlotRecord, ...]  # free slots to take
+    preempt: tuple[tuple[SlotRecord, Holder], ...]  # held slots of lower-priority users
+
+    @property
+    def slots(self) -> tuple[SlotRecord, ...]:
+        return self.claim + tuple(slot for slot, _ in self.preempt)
+
+    @property
+    def weight(self) -> float:
+        return sum(slot.gpu_equivalents for slot in self.slots)
+
+
+def plan(
+    request: Request,
+    quota: Quota,
+    slots: Iterable[SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+    nodes_up: set[str],
+    strategy: Strategy = Strategy.LEAST_ALLOCATED,
+) -> Plan:
+    """The slots ``request`` gets, or AllocationRefused saying why not."""
+    slots = list(slots)
+    if request.slots < 0 or request.gpu_equivalents < 0:
+        raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
+    wanted = request.slots or (0 if request.gpu_equivalents else 1)
+    if quota.max_slots_per_container is not None and wanted > quota.max_slots_per_container:
+        raise AllocationRefused(
+            Refusal.QUOTA,
+            f"a container of group {quota.group} may have at most "
+            f"{quota.max_slots_per_container} GPU slot(s); {wanted} were asked for",
+        )
+    if request.preference is Preference.FULL_GPU and not quota.allow_full_gpu:
+        raise AllocationRefused(
+            Refusal.NOT_ALLOWED, f"full GPUs are not allowed for group {quota.group}"
+        )
+    eligible = [
+        slot
+        for slot in slots
+        if slot.node in nodes_up
+        and (not request.node or slot.node == request.node)
+        and _kind_fits(slot, request.preference, quota.allow_full_gpu)
+    ]
+    if request.node and request.node not in nodes_up:
+        raise AllocationRefused(Refusal.NO_CAPACITY, f"node {request.node} is down")
+    if not eligible:
+        where = f"node {request.node}" if request.node else "any node that is up"
+        raise AllocationRefused(Refusal.NO_CAPACITY, f"no {_kind_name(request, quota)} on {where}")
+
+    weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
+    held_by_user = sum(
+        weights.get(key, 0.0) for key, holder in holders.items() if holder.user == request.user
+    )
+    free = [s for s in eligible if (s.node, s.slot_id) not in holders]
+    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy)
+    preempt: list[tuple[SlotRecord, Holder]] = []
+    if not _enough(claim, wanted, request.gpu_equivalents):
+        preempt = _preemptible(eligible, holders, quota.priority)
+        preempt = preempt[: _still_needed(claim, preempt, wanted, request.gpu_equivalents)]
+    chosen = Plan(tuple(claim), tuple(preempt))
+    weight = chosen.weight if chosen.slots else min(s.gpu_equivalents for s in eligible)
+    if (
+        quota.max_gpu_equivalents is not None
+        and held_by_user + weight > quota.max_gpu_equivalents + EPSILON
+    ):
+        raise AllocationRefused(
+            Refusal.QUOTA,
+            f"{request.user} holds {held_by_user:.1f} of {quota.max_gpu_equivalents:.1f} "
+            f"GPU-equivalents; this request needs {weight:.2f} more",
+        )
+    if not _enough(chosen.slots, wanted, request.gpu_equivalents):
+        in_use = sum(1 for s in eligible if (s.node, s.slot_id) in holders)
+        stopped = sum(1 for s in eligible if holders.get((s.node, s.slot_id), _RUNNING).stopped)
+        raise AllocationRefused(
+            Refusal.NO_CAPACITY,
+            f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
+            f"({stopped} held for stopped containers)",
+        )
+    return chosen
+
+
+_RUNNING = Holder(user="", container="", since=0, priority=0)
+
+
+def _kind_fits(slot: SlotRecord, preference: Preference, allow_full: bool) -> bool:
+    if preference is Preference.MIG:
+        return slot.is_mig
+    if preference is Preference.FULL_GPU:
+        return not slot.is_mig
+    return slot.is_mig or allow_full
+
+
+def _kind_name(request: Request, quota: Quota) -> str:
+    if request.preference is Preference.MIG or not quota.allow_full_gpu:
+        return "MIG slots"
+    if request.preference is Preference.FULL_GPU:
+        return "full GPUs"
+    return "GPU slots"
+
+
+def _enough(chosen: Iterable[SlotRecord], wanted: int, equivalents: float) -> bool:
+    chosen = list(chosen)
+    if wanted:
+        return len(chosen) >= wanted
+    return sum(s.gpu_equivalents for s in chosen) >= equivalents - EPSILON
+
+
+def _pick(
+    free: list[SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+    wanted: int,
+    equivalents: float,
+    strategy: Strategy,
+) -> list[SlotRecord]:
+    """Least-allocated GPU first (ties in numeric order), or most-allocated for pack."""
+    load = Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
+    remaining = sorted(free, key=lambda s: s.order)
+    chosen: list[SlotRecord] = []
+    sign = -1 if strategy is Strategy.PACK else 1
+    while remaining and not _enough(chosen, wanted, equivalents):
+        best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], s.order))
+        remaining.remove(best)
+        chosen.append(best)
+        load[(best.node, best.gpu)] += 1
+    return chosen
+
+
+def _preemptible(
+    eligible: list[SlotRecord], holders: dict[tuple[str, str], Holder], priority: int
+) -> list[tuple[SlotRecord, Holder]]:
+    """Slots only held for a stopped container of a lower-priority user: lowest priority,
+    then longest stopped, first."""
+    found = [
+        (slot, holder)
+        for slot in eligible
+        if (holder := holders.get((slot.node, slot.slot_id))) is not None
+        and holder.stopped
+        and holder.priority < priority
+    ]
+    return sorted(found, key=lambda pair: (pair[1].priority, pair[1].stopped_at, pair[0].order))
+
+
+def _still_needed(
+    claim: list[SlotRecord],
+    candidates: list[tuple[SlotRecord, Holder]],
+    wanted: int,
+    equivalents: float,
+) -> int:
+    taken: list[SlotRecord] = list(claim)
+    for count, (slot, _holder) in enumerate(candidates, start=1):
+        taken.append(slot)
+        if _enough(taken, wanted, equivalents):
+            return count
+    return len(candidates)

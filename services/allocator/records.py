@@ -1,0 +1,133 @@
+"""What the allocator keeps in etcd: one key per thing, JSON values.
+
+/ds01/v1/nodes/<node>                  registration, on a lease the node keeps alive
+/ds01/v1/slots/<node>/<slot>           inventory: a full GPU or a MIG instance
+/ds01/v1/alloc/holders/<node>/<slot>   who holds the slot; created only if absent.
+                                       While a stopped container's hold runs, the
+                                       key is on a lease of the hold's length, so
+                                       etcd frees the slot on time by itself.
+/ds01/v1/alloc/released/<node>/<slot>  written in the same transaction as a release,
+                                       so the event stream can tell a release from
+                                       a hold that expired
+/ds01/v1/locks/users/<user>            per-user lock around "check quota, claim"
+/ds01/v1/waiters/<node>/<order>        Allocate calls waiting for a slot
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+ROOT = "/ds01/v1/"
+NODES = ROOT + "nodes/"
+SLOTS = ROOT + "slots/"
+ALLOC = ROOT + "alloc/"
+HOLDERS = ALLOC + "holders/"
+RELEASED = ALLOC + "released/"
+USER_LOCKS = ROOT + "locks/users/"
+WAITERS = ROOT + "waiters/"
+
+
+def slot_key(prefix: str, node: str, slot_id: str) -> bytes:
+    return f"{prefix}{node}/{slot_id}".encode()
+
+
+def split_slot_key(prefix: str, key: bytes) -> tuple[str, str]:
+    node, _, slot_id = key.decode()[len(prefix) :].partition("/")
+    return node, slot_id
+
+
+def _slot_order(slot_id: str) -> tuple[int, ...]:
+    """Numeric order: "2" before "10", "0:2" before "0:10"."""
+    return tuple(int(part) if part.isdigit() else -1 for part in slot_id.split(":"))
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    node: str
+    slot_id: str
+    uuid: str
+    product: str
+    mig_profile: str
+    memory_bytes: int
+    gpu_equivalents: float
+
+    @property
+    def gpu(self) -> str:
+        return self.slot_id.split(":", 1)[0]
+
+    @property
+    def is_mig(self) -> bool:
+        return ":" in self.slot_id
+
+    @property
+    def order(self) -> tuple[str, tuple[int, ...]]:
+        return (self.node, _slot_order(self.slot_id))
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SlotRecord:
+        return cls(**json.loads(data))
+
+
+@dataclass(frozen=True)
+class Holder:
+    user: str
+    container: str
+    since: float  # epoch seconds
+    priority: int
+    stopped_at: float | None = None
+    hold_until: float | None = None  # None while running, or for an indefinite hold
+    # From etcd, not stored in the value:
+    mod_revision: int = 0
+    lease: int = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
+
+    def encode(self) -> bytes:
+        data = asdict(self)
+        del data["mod_revision"], data["lease"]
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, mod_revision: int = 0, lease: int = 0) -> Holder:
+        fields: dict[str, Any] = json.loads(data)
+        return cls(**fields, mod_revision=mod_revision, lease=lease)
+
+    def running(self) -> Holder:
+        return replace(self, stopped_at=None, hold_until=None)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node: str
+    inventory_source: str
+    simulated: bool
+    registered_at: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeRecord:
+        return cls(**json.loads(data))
+
+
+@dataclass(frozen=True)
+class ReleaseMark:
+    container: str
+    user: str
+    by: str  # who released it: a user, an admin or svc:<service>
+    reason: str = "released"
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReleaseMark:
+        return cls(**json.loads(data))

@@ -1,0 +1,268 @@
+"""The allocator's operations, free of gRPC: quota, lock, plan, claim; holds; release."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from ds01.allocator.etcd_state import EtcdState, LockTimeout, SlotKey, Snapshot
+from ds01.allocator.placement import (
+    AllocationRefused,
+    Quota,
+    Refusal,
+    Request,
+    Strategy,
+    plan,
+)
+from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
+
+log = logging.getLogger(__name__)
+
+CLAIM_ATTEMPTS = 8  # a lost race re-reads and re-plans; each loss means someone else won
+
+
+class LimitsSource(Protocol):
+    async def quota(self, user: str) -> Quota: ...
+
+    async def hold_seconds(self, user: str) -> float | None:
+        """gpu_hold_after_stop; None holds indefinitely."""
+        ...
+
+
+class NotPermitted(Exception):
+    """The actor may not act on this container."""
+
+
+class NotFound(Exception):
+    """No such container or slot."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks: a user acts on their own containers; services and admins on any."""
+
+    name: str
+    privileged: bool
+
+
+@dataclass(frozen=True)
+class Granted:
+    slot: SlotRecord
+    holder: Holder
+
+
+def environment(granted: list[Granted]) -> dict[str, str]:
+    """What the container is given: only its own devices, MIG UUIDs for MIG slices."""
+    uuids = ",".join(g.slot.uuid for g in granted)
+    return {"CUDA_VISIBLE_DEVICES": uuids, "NVIDIA_VISIBLE_DEVICES": uuids}
+
+
+class Allocator:
+    def __init__(
+        self,
+        state: EtcdState,
+        limits: LimitsSource,
+        strategy: Strategy = Strategy.LEAST_ALLOCATED,
+        lock_ttl: int = 10,
+    ) -> None:
+        self.state = state
+        self.limits = limits
+        self.strategy = strategy
+        self.lock_ttl = lock_ttl
+
+    async def allocate(
+        self, request: Request, actor: Actor, wait_until: float | None = None
+    ) -> list[Granted]:
+        """Claim slots for ``request.container``; the same call again returns the same slots."""
+        if not actor.privileged and actor.name != request.user:
+            raise NotPermitted(f"{actor.name} may not allocate GPUs for {request.user}")
+        quota = await self.limits.quota(request.user)
+        if wait_until is None or wait_until <= time.time():
+            return await self._allocate_now(request, quota, waiter=None)
+        return await self._allocate_waiting(request, quota, wait_until)
+
+    async def _allocate_now(
+        self, request: Request, quota: Quota, waiter: str | None
+    ) -> list[Granted]:
+        for _attempt in range(CLAIM_ATTEMPTS):
+            try:
+                async with self.state.user_lock(request.user, self.lock_ttl, self.lock_ttl + 5):
+                    snapshot = await self.state.snapshot()
+                    existing = snapshot.held_by(request.container)
+                    if existing:
+                        self._check_owner(existing, Actor(request.user, False))
+                        return _granted(snapshot, existing)
+                    waiters = snapshot.waiters
+                    ahead = waiters[: waiters.index(waiter)] if waiter in waiters else waiters
+                    chosen = plan(
+                        request,
+                        quota,
+                        snapshot.slots.values(),
+                        snapshot.holders,
+                        set(snapshot.nodes),
+                        self.strategy,
+                    )
+                    if ahead and _waiters_outrank(ahead, quota.priority):
+                        raise AllocationRefused(
+                            Refusal.NO_CAPACITY,
+                            f"{len(ahead)} waiting request(s) with the same or a higher "
+                            "priority are served first",
+                        )
+                    holder = Holder(
+                        user=request.user,
+                        container=request.container,
+                        since=time.time(),
+                        priority=quota.priority,
+                    )
+                    if await self.state.claim(chosen, holder):
+                        for slot, displaced in chosen.preempt:
+                            log.info(
+                                "%s:%s taken from stopped %s (%s, priority %d) for %s",
+                                slot.node,
+                                slot.slot_id,
+                                displaced.container,
+                                displaced.user,
+                                displaced.priority,
+                                request.container,
+                            )
+                        return [Granted(slot, holder) for slot in chosen.slots]
+            except LockTimeout as err:
+                raise AllocationRefused(Refusal.NO_CAPACITY, str(err)) from err
+        raise AllocationRefused(
+            Refusal.NO_CAPACITY, "the slots kept being taken by others; try again"
+        )
+
+    async def _allocate_waiting(
+        self, request: Request, quota: Quota, deadline: float
+    ) -> list[Granted]:
+        """Queue by priority, then arrival; only the head of the queue may claim."""
+        key, lease = await self.state.enqueue_waiter(
+            request.node, quota.priority, deadline - time.time() + 5
+        )
+        try:
+            while True:
+                snapshot = await self.state.snapshot()
+                if snapshot.waiters and snapshot.waiters[0] == key:
+                    try:
+                        return await self._allocate_now(request, quota, waiter=key)
+                    except AllocationRefused as refused:
+                        if refused.kind is not Refusal.NO_CAPACITY:
+                            raise
+                        last = refused
+                else:
+                    last = AllocationRefused(Refusal.NO_CAPACITY, "still queued")
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise AllocationRefused(
+                        Refusal.NO_CAPACITY, f"waited until the deadline: {last.message}"
+                    )
+                await self.state.wait_for_change(snapshot.revision, min(remaining, 5.0))
+        finally:
+            await self.state.dequeue_waiter(key, lease)
+
+    async def release(self, container: str, actor: Actor) -> list[str]:
+        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+            mark = ReleaseMark(container=container, user=held[0][1].user, by=actor.name)
+            return await self.state.release(held, mark)
+
+        held = await self._change(container, actor, change)
+        return [f"{node}/{slot_id}" for (node, slot_id), _ in held]
+
+    async def mark_stopped(self, container: str, actor: Actor) -> list[Granted]:
+        """Keep the slots for the user's gpu_hold_after_stop; etcd ends the hold on time."""
+        now = time.time()
+
+        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+            if held[0][1].stopped:
+                return True  # already held: the hold keeps its original end
+            seconds = await self.limits.hold_seconds(held[0][1].user)
+            until = now + seconds if seconds is not None else None
+            holder = replace(held[0][1], stopped_at=now, hold_until=until)
+            return await self.state.rewrite(held, holder, seconds)
+
+        await self._change(container, actor, change)
+        return await self.granted_to(container)
+
+    async def clear_stopped(self, container: str, actor: Actor) -> list[Granted]:
+        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+            if not held[0][1].stopped:
+                return True
+            return await self.state.rewrite(held, held[0][1].running(), None)
+
+        await self._change(container, actor, change)
+        return await self.granted_to(container)
+
+    async def granted_to(self, container: str) -> list[Granted]:
+        snapshot = await self.state.snapshot()
+        return _granted(snapshot, snapshot.held_by(container))
+
+    async def validate(self, container: str, node: str, slot_id: str, actor: Actor) -> str | None:
+        """None if the slot exists and is still this container's; else why not."""
+        snapshot = await self.state.snapshot()
+        held = snapshot.held_by(container)
+        if held:
+            self._check_owner(held, actor)
+        if (node, slot_id) not in snapshot.slots:
+            return f"slot {slot_id} no longer exists on node {node}"
+        if node not in snapshot.nodes:
+            return f"node {node} is down"
+        holder = snapshot.holders.get((node, slot_id))
+        if holder is None:
+            return f"slot {slot_id} on {node} is no longer allocated to {container}"
+        if holder.container != container:
+            if not actor.privileged and holder.user != actor.name:
+                return f"slot {slot_id} on {node} now belongs to another container"
+            return f"slot {slot_id} on {node} now belongs to {holder.container}"
+        return None
+
+    async def status(self, user: str = "", node: str = "") -> Snapshot:
+        snapshot = await self.state.snapshot()
+        if not user and not node:
+            return snapshot
+        return replace(
+            snapshot,
+            slots={k: s for k, s in snapshot.slots.items() if not node or k[0] == node},
+            holders={
+                k: h
+                for k, h in snapshot.holders.items()
+                if (not node or k[0] == node) and (not user or h.user == user)
+            },
+        )
+
+    async def _change(
+        self,
+        container: str,
+        actor: Actor,
+        change: Callable[[list[tuple[SlotKey, Holder]]], Awaitable[bool]],
+    ) -> list[tuple[SlotKey, Holder]]:
+        """Apply ``change`` to the container's holder keys, re-reading on a lost race."""
+        for _attempt in range(CLAIM_ATTEMPTS):
+            held = (await self.state.snapshot()).held_by(container)
+            if not held:
+                raise NotFound(f"container {container} holds no GPU")
+            self._check_owner(held, actor)
+            if await change(held):
+                return held
+            await asyncio.sleep(0)
+        raise AllocationRefused(Refusal.NO_CAPACITY, f"{container} kept changing; try again")
+
+    @staticmethod
+    def _check_owner(held: list[tuple[SlotKey, Holder]], actor: Actor) -> None:
+        owner = held[0][1].user
+        if not actor.privileged and owner != actor.name:
+            raise NotPermitted(
+                f"{actor.name} may not act on {held[0][1].container}, owned by {owner}"
+            )
+
+
+def _granted(snapshot: Snapshot, held: list[tuple[SlotKey, Holder]]) -> list[Granted]:
+    return [Granted(snapshot.slots[key], holder) for key, holder in held if key in snapshot.slots]
+
+
+def _waiters_outrank(waiters: list[str], priority: int) -> bool:
+    """Waiter keys start with 1_000_000 - priority: a smaller number is a higher priority."""
+    return any(int(key.rsplit("/", 2)[-2]) <= 1_000_000 - priority for key in waiters)

@@ -1,0 +1,150 @@
+"""Slot choice, quotas and preemption, tested directly on snapshots (no etcd)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds01.allocator.placement import (
+    AllocationRefused,
+    Preference,
+    Quota,
+    Refusal,
+    Request,
+    Strategy,
+    plan,
+)
+from ds01.allocator.records import Holder, SlotRecord
+
+STUDENT = Quota(
+    "student", 10, max_gpu_equivalents=1, max_slots_per_container=2, allow_full_gpu=False
+)
+RESEARCHER = Quota("researchers", 50, 2, 2, allow_full_gpu=True)
+
+
+def full(node: str, index: int) -> SlotRecord:
+    return SlotRecord(node, str(index), f"GPU-{index}", "A100", "", 80 << 30, 1.0)
+
+
+def mig(node: str, index: int, instance: int, compute: int = 2) -> SlotRecord:
+    return SlotRecord(
+        node,
+        f"{index}:{instance}",
+        f"MIG-{index}-{instance}",
+        "A100",
+        f"{compute}g.20gb",
+        20 << 30,
+        compute / 7,
+    )
+
+
+def holder(user: str, container: str, priority: int = 10, stopped: float | None = None) -> Holder:
+    return Holder(user, container, since=1.0, priority=priority, stopped_at=stopped)
+
+
+FULLS = [full("n", i) for i in (0, 1, 2, 10)]
+MIGS = [mig("n", 3, i) for i in (1, 2, 3)]
+
+
+def ids(chosen) -> list[str]:
+    return [s.slot_id for s in chosen.slots]
+
+
+def test_least_allocated_gpu_first_ties_in_numeric_order():
+    holders = {("n", "0"): holder("bob", "b")}
+    chosen = plan(Request("alice", "a"), RESEARCHER, FULLS, holders, {"n"})
+    assert ids(chosen) == ["1"]  # "0" is taken; "1" before "10" and "2"
+    two = plan(Request("alice", "a", slots=2), RESEARCHER, FULLS, {}, {"n"})
+    assert ids(two) == ["0", "1"]
+
+
+def test_least_allocated_spreads_mig_slices_over_gpus():
+    slots = [mig("n", 0, 1), mig("n", 0, 2), mig("n", 1, 1), mig("n", 1, 2)]
+    holders = {("n", "0:1"): holder("bob", "b")}
+    chosen = plan(Request("alice", "a"), STUDENT, slots, holders, {"n"})
+    assert ids(chosen) == ["1:1"]  # GPU 1 has nothing allocated
+
+
+def test_pack_fills_partly_used_gpus_first():
+    slots = [mig("n", 0, 1), mig("n", 0, 2), mig("n", 1, 1), mig("n", 1, 2)]
+    holders = {("n", "1:1"): holder("bob", "b")}
+    chosen = plan(Request("alice", "a"), STUDENT, slots, holders, {"n"}, Strategy.PACK)
+    assert ids(chosen) == ["1:2"]
+
+
+def test_students_get_mig_slices_only_and_are_told_why_not_full_gpus():
+    chosen = plan(Request("alice", "a"), STUDENT, FULLS + MIGS, {}, {"n"})
+    assert ids(chosen) == ["3:1"]
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a", preference=Preference.FULL_GPU), STUDENT, FULLS, {}, {"n"})
+    assert refused.value.kind is Refusal.NOT_ALLOWED
+    assert refused.value.message == "full GPUs are not allowed for group student"
+
+
+def test_quota_counts_gpu_equivalents_across_containers():
+    holders = {("n", "0"): holder("alice", "first"), ("n", "1"): holder("alice", "second")}
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "third"), RESEARCHER, FULLS, holders, {"n"})
+    assert refused.value.kind is Refusal.QUOTA
+    assert refused.value.message.startswith("alice holds 2.0 of 2.0 GPU-equivalents")
+
+
+def test_mig_weights_fill_a_quota_exactly():
+    # 3 slices of 2/7 = 6/7 <= 1.0; a fourth would be 8/7.
+    holders = {("n", f"3:{i}"): holder("alice", f"c{i}") for i in (1, 2, 3)}
+    slots = [*MIGS, mig("n", 4, 1)]
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "c4"), STUDENT, slots, holders, {"n"})
+    assert refused.value.message.startswith("alice holds 0.9 of 1.0")
+
+
+def test_gpu_equivalents_request_takes_enough_slices():
+    chosen = plan(Request("alice", "a", gpu_equivalents=0.5), RESEARCHER, MIGS, {}, {"n"})
+    assert ids(chosen) == ["3:1", "3:2"]  # 4/7 >= 0.5
+
+
+def test_slots_per_container_limit():
+    with pytest.raises(AllocationRefused, match="at most 2 GPU slot"):
+        plan(Request("alice", "a", slots=3), RESEARCHER, FULLS, {}, {"n"})
+
+
+def test_no_capacity_says_how_many_are_in_use_and_held():
+    holders = {
+        ("n", "3:1"): holder("bob", "b"),
+        ("n", "3:2"): holder("carol", "c", stopped=5.0),
+        ("n", "3:3"): holder("dave", "d", priority=50, stopped=5.0),
+    }
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("erin", "e"), STUDENT, MIGS, holders, {"n"})
+    assert refused.value.kind is Refusal.NO_CAPACITY
+    assert "3 of 3 in use (2 held for stopped containers)" in refused.value.message
+
+
+def test_higher_priority_takes_the_held_slot_of_a_lower_priority_user():
+    holders = {
+        ("n", "3:1"): holder("bob", "running", priority=10),
+        ("n", "3:2"): holder("carol", "stopped-late", priority=10, stopped=9.0),
+        ("n", "3:3"): holder("dave", "stopped-early", priority=10, stopped=2.0),
+    }
+    chosen = plan(Request("alice", "a"), RESEARCHER, MIGS, holders, {"n"})
+    assert chosen.claim == ()
+    [(slot, displaced)] = chosen.preempt
+    assert (slot.slot_id, displaced.container) == ("3:3", "stopped-early")
+
+
+def test_equal_priority_never_preempts_and_running_is_never_preempted():
+    holders = {
+        ("n", "3:1"): holder("bob", "running", priority=10),
+        ("n", "3:2"): holder("carol", "held", priority=50, stopped=1.0),
+        ("n", "3:3"): holder("dave", "held2", priority=50, stopped=1.0),
+    }
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a"), RESEARCHER, MIGS, holders, {"n"})
+    assert refused.value.kind is Refusal.NO_CAPACITY
+
+
+def test_slots_of_nodes_that_are_down_are_not_given_out():
+    slots = [full("down", 0), full("up", 0)]
+    chosen = plan(Request("alice", "a"), RESEARCHER, slots, {}, {"up"})
+    assert [(s.node, s.slot_id) for s in chosen.slots] == [("up", "0")]
+    with pytest.raises(AllocationRefused):
+        plan(Request("alice", "a", node="down"), RESEARCHER, slots, {}, {"up"})
