@@ -7,6 +7,7 @@ can act on; a refused TLS handshake is explained from the client's own certifica
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,11 +18,20 @@ from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core.config import Config
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
-from ds01.v1 import identity_pb2, identity_pb2_grpc, limits_pb2, limits_pb2_grpc
+from ds01.v1 import (
+    allocator_pb2,
+    allocator_pb2_grpc,
+    common_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    limits_pb2,
+    limits_pb2_grpc,
+)
 
 T = TypeVar("T")
 _IdentityStub = identity_pb2_grpc.IdentityServiceStub
 _LimitsStub = limits_pb2_grpc.LimitsServiceStub
+_AllocatorStub = allocator_pb2_grpc.AllocatorServiceStub
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -142,15 +152,79 @@ class Ds01Client:
         request = limits_pb2.ValidateConfigRequest(text=text, file_name=file_name)
         return await self.unary("limits", _LimitsStub, "ValidateConfig", request)
 
-    async def watch_limits(self, user: str = "") -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
+    async def allocate(
+        self,
+        container: str,
+        user: str = "",
+        slots: int = 0,
+        gpu_equivalents: float = 0.0,
+        preference: int = 0,
+        node: str = "",
+        wait_seconds: float | None = None,
+    ) -> allocator_pb2.AllocateResponse:
+        request = allocator_pb2.AllocateRequest(
+            user=user,
+            container=container,
+            slots=slots,
+            gpu_equivalents=gpu_equivalents,
+            preference=preference,
+            node=node,
+        )
+        timeout = self.timeout
+        if wait_seconds:
+            request.wait_until.FromNanoseconds(time.time_ns() + int(wait_seconds * 1e9))
+            timeout += wait_seconds
+        return await self.call(
+            "allocator", lambda ch: _AllocatorStub(ch).Allocate(request, timeout=timeout)
+        )
+
+    async def release(self, container: str) -> list[str]:
+        request = allocator_pb2.ReleaseRequest(container=container)
+        response = await self.unary("allocator", _AllocatorStub, "Release", request)
+        return list(response.released_slots)
+
+    async def mark_stopped(self, container: str) -> list[common_pb2.Allocation]:
+        request = allocator_pb2.MarkStoppedRequest(container=container)
+        response = await self.unary("allocator", _AllocatorStub, "MarkStopped", request)
+        return list(response.allocations)
+
+    async def clear_stopped(self, container: str) -> list[common_pb2.Allocation]:
+        request = allocator_pb2.ClearStoppedRequest(container=container)
+        response = await self.unary("allocator", _AllocatorStub, "ClearStopped", request)
+        return list(response.allocations)
+
+    async def validate(
+        self, container: str, slot_id: str, node: str = ""
+    ) -> allocator_pb2.ValidateResponse:
+        request = allocator_pb2.ValidateRequest(container=container, slot_id=slot_id, node=node)
+        return await self.unary("allocator", _AllocatorStub, "Validate", request)
+
+    async def gpu_status(self, user: str = "", node: str = "") -> allocator_pb2.GetStatusResponse:
+        request = allocator_pb2.GetStatusRequest(user=user, node=node)
+        return await self.unary("allocator", _AllocatorStub, "GetStatus", request)
+
+    def watch_allocations(
+        self, since_revision: int = 0
+    ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:
+        """Every allocation event after ``since_revision`` (0: from now on)."""
+        request = allocator_pb2.WatchAllocationsRequest(since_revision=since_revision)
+        stub = _AllocatorStub(self.channel("allocator"))
+        return self._follow("allocator", stub.WatchAllocations(request))
+
+    def watch_limits(self, user: str = "") -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
         """Each reload that changes limits (the user's, or anyone's for admins)."""
         stub = _LimitsStub(self.channel("limits"))
-        stream = stub.WatchLimits(limits_pb2.WatchLimitsRequest(user=user))
+        return self._follow("limits", stub.WatchLimits(limits_pb2.WatchLimitsRequest(user=user)))
+
+    async def _follow(self, service: str, stream: Any) -> AsyncIterator[Any]:
+        """Relay a server stream, translating its failure; cancel it when abandoned."""
         try:
-            async for change in stream:
-                yield change
+            async for item in stream:
+                yield item
         except grpc.aio.AioRpcError as err:
-            raise self._explain("limits", err) from None
+            raise self._explain(service, err) from None
+        finally:
+            stream.cancel()
 
     def _explain(self, service: str, err: grpc.aio.AioRpcError) -> Ds01Error:
         code = err.code()

@@ -36,6 +36,11 @@ class AllocationEvent:
     previous: Holder | None = None  # the displaced holder of a preemption
     released_by: str = ""
 
+    @property
+    def users(self) -> set[str]:
+        """Whose business the event is: the holder, and a displaced holder."""
+        return {self.holder.user} | ({self.previous.user} if self.previous else set())
+
 
 class HistoryCompacted(Exception):
     def __init__(self, compact_revision: int) -> None:

@@ -197,7 +197,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
             async for event in watch_allocations(
                 self.allocator.state.client, request.since_revision
             ):
-                if actor.privileged or event.holder.user == actor.name:
+                if actor.privileged or actor.name in event.users:
                     yield event_message(event)
         except HistoryCompacted as err:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))

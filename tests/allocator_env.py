@@ -1,0 +1,138 @@
+"""A limits and an allocator service on a wiped etcd, for the allocator tests."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import aetcd
+
+from ds01.client import ClientIdentity, Ds01Client
+from ds01.core.config import AllocatorConfig, Config, InventoryConfig
+from ds01.core.identity import Roles
+from ds01.core.launcher import service_spec
+from ds01.core.pki import SERVICES, Pki, issue_client_cert
+from ds01.core.processes import free_port
+from ds01.core.server import RunningService, ServiceContext, start_service
+
+HOLD_SECONDS = 2  # etcd's shortest lease is about 2 s
+
+LIMITS = textwrap.dedent(
+    f"""\
+    defaults:
+      max_gpu_equivalents: 1
+      max_gpu_slots_per_container: 1
+      allow_full_gpu: false
+      gpu_hold_after_stop: {HOLD_SECONDS}s
+      priority: 10
+    default_group: students
+    groups:
+      students: {{}}
+      researchers:
+        priority: 50
+        max_gpu_equivalents: 2
+        max_gpu_slots_per_container: 2
+        allow_full_gpu: true
+        gpu_hold_after_stop: null      # held until cleared or released
+        members: [rita, ray]
+      admin:
+        priority: 100
+        members: [labadmin]
+    access_control:
+      admin_group: admin
+    """
+)
+
+# Two full GPUs and one in MIG mode with three 2g.20gb slices: 5 slots.
+INVENTORY = textwrap.dedent(
+    """\
+    gpus:
+      - {index: 0, uuid: GPU-0000, product: A100}
+      - {index: 1, uuid: GPU-0001, product: A100}
+      - index: 2
+        uuid: GPU-0002
+        product: A100
+        mig:
+          slices: 7
+          instances:
+            - {id: 1, profile: 2g.20gb, uuid: MIG-0002-1}
+            - {id: 2, profile: 2g.20gb, uuid: MIG-0002-2}
+            - {id: 3, profile: 2g.20gb, uuid: MIG-0002-3}
+    """
+)
+
+
+def write_files(directory: Path, limits: str = LIMITS, inventory: str = INVENTORY) -> Config:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "resource-limits.yaml").write_text(limits)
+    (directory / "inventory.yaml").write_text(inventory)
+    return Config(
+        node="n1",
+        limits_file=directory / "resource-limits.yaml",
+        inventory=InventoryConfig(source="declared", file=directory / "inventory.yaml"),
+        allocator=AllocatorConfig(lock_ttl=2),
+    )
+
+
+async def wipe(endpoint: str) -> None:
+    host, _, port = endpoint.rpartition(":")
+    client = aetcd.Client(host=host, port=int(port))
+    try:
+        await client.delete_prefix(b"/ds01/")
+    finally:
+        await client.close()
+
+
+@dataclass
+class AllocatorEnv:
+    config: Config
+    pki: Pki
+    services: dict[str, RunningService]
+
+    def client(self, user: str) -> Ds01Client:
+        paths = self.pki.client(user)
+        if not paths.cert.is_file():
+            issue_client_cert(self.pki, user)
+        return Ds01Client(self.config, ClientIdentity(self.pki.ca_cert, paths))
+
+    def service_client(self, service: str = "containers") -> Ds01Client:
+        return Ds01Client(self.config, ClientIdentity(self.pki.ca_cert, self.pki.service(service)))
+
+    async def start(self, *names: str) -> None:
+        context = ServiceContext(config=self.config, roles=Roles())
+        for name in names:
+            self.services[name] = await start_service(service_spec(name), context)
+        if "allocator" in names:
+            await self.wait_registered()
+
+    async def stop(self, *names: str) -> None:
+        for name in names or list(self.services):
+            await self.services.pop(name).stop(grace=0)
+
+    async def wait_registered(self) -> None:
+        async with self.client("root") as client:
+            for _ in range(100):
+                status = await client.gpu_status()
+                if any(n.up for n in status.nodes):
+                    return
+                await asyncio.sleep(0.05)
+        raise AssertionError("the allocator never registered its node")
+
+
+async def make_env(directory: Path, pki: Pki, state_dir: Path, etcd: str) -> AllocatorEnv:
+    await wipe(etcd)
+    files = write_files(directory)
+    config = Config(
+        node=files.node,
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        etcd_endpoints=(etcd,),
+        limits_file=files.limits_file,
+        inventory=files.inventory,
+        allocator=files.allocator,
+    )
+    env = AllocatorEnv(config, pki, {})
+    await env.start("limits", "allocator")
+    return env

@@ -1,0 +1,263 @@
+"""The allocator over mTLS on a real etcd: claims, quotas, holds, events, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aetcd
+import grpc
+import pytest
+import pytest_asyncio
+
+from ds01.client import Ds01Error
+from ds01.core.pki import Pki
+from ds01.v1 import allocator_pb2, common_pb2
+from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, make_env
+
+EVENT = allocator_pb2.AllocationEventType
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
+) -> AsyncIterator[AllocatorEnv]:
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
+    yield env
+    await env.stop()
+
+
+async def refused(call) -> Ds01Error:
+    with pytest.raises(Ds01Error) as error:
+        await call
+    return error.value
+
+
+def slots_of(status: allocator_pb2.GetStatusResponse) -> dict[str, common_pb2.Allocation]:
+    return {a.slot.slot_id: a for a in status.allocations}
+
+
+async def collect(stream, count: int, timeout: float = 10) -> list:
+    events = []
+
+    async def take() -> None:
+        async for event in stream:
+            events.append(event)
+            if len(events) == count:
+                return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(take(), timeout)
+    return events
+
+
+async def test_allocate_gives_a_mig_slice_with_its_uuid_and_environment(env: AllocatorEnv):
+    async with env.client("alice") as alice:
+        granted = await alice.allocate("proj._.alice")
+        again = await alice.allocate("proj._.alice")  # a retry gets the same slot
+    [allocation] = granted.allocations
+    assert allocation.slot.slot_id == "2:1" and allocation.slot.uuid == "MIG-0002-1"
+    assert allocation.slot.mig_profile == "2g.20gb"
+    assert allocation.slot.gpu_equivalents == pytest.approx(2 / 7)
+    assert granted.environment["CUDA_VISIBLE_DEVICES"] == "MIG-0002-1"
+    assert granted.environment["NVIDIA_VISIBLE_DEVICES"] == "MIG-0002-1"
+    assert [a.slot.slot_id for a in again.allocations] == ["2:1"]
+
+
+async def test_full_gpus_for_researchers_and_a_clear_refusal_for_students(env: AllocatorEnv):
+    async with env.client("rita") as rita, env.client("alice") as alice:
+        granted = await rita.allocate("big._.rita", slots=2, preference=2)
+        error = await refused(alice.allocate("big._.alice", preference=2))
+    assert sorted(a.slot.slot_id for a in granted.allocations) == ["0", "1"]
+    assert granted.environment["CUDA_VISIBLE_DEVICES"] == "GPU-0000,GPU-0001"
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.message == "full GPUs are not allowed for group students"
+
+
+async def test_quota_is_held_across_containers(env: AllocatorEnv):
+    async with env.client("rita") as rita:
+        await rita.allocate("a._.rita", preference=2)
+        await rita.allocate("b._.rita", preference=2)
+        error = await refused(rita.allocate("c._.rita"))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.message.startswith("rita holds 2.0 of 2.0 GPU-equivalents")
+
+
+async def test_users_act_only_on_their_own_containers(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob:
+        await alice.allocate("proj._.alice")
+        for call in (
+            bob.release("proj._.alice"),
+            bob.mark_stopped("proj._.alice"),
+            bob.allocate("proj._.alice", user="alice"),
+        ):
+            assert (await refused(call)).code == grpc.StatusCode.PERMISSION_DENIED
+        theirs = slots_of(await bob.gpu_status())["2:1"]
+        assert (theirs.user, theirs.container) == ("alice", "")  # who, but not what
+    async with env.client("labadmin") as admin, env.service_client() as service:
+        assert slots_of(await admin.gpu_status())["2:1"].container == "proj._.alice"
+        assert await service.release("proj._.alice") == ["n1/2:1"]
+
+
+async def test_release_frees_at_once_and_validate_notices(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob:
+        await alice.allocate("proj._.alice")
+        assert (await alice.validate("proj._.alice", "2:1")).valid
+        bogus = await alice.validate("proj._.alice", "2:9")
+        assert not bogus.valid and bogus.reason == "slot 2:9 no longer exists on node n1"
+        await alice.release("proj._.alice")
+        gone = await alice.validate("proj._.alice", "2:1")
+        assert not gone.valid and "no longer allocated to proj._.alice" in gone.reason
+        assert (await bob.allocate("x._.bob")).allocations[0].slot.slot_id == "2:1"
+        missing = await refused(alice.release("proj._.alice"))
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_hold_keeps_the_slot_then_expires_on_time(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob:
+        await alice.allocate("proj._.alice")
+        [held] = await alice.mark_stopped("proj._.alice")
+        assert held.state == common_pb2.SLOT_STATE_HELD
+        assert held.hold_until.ToSeconds() - held.stopped_at.ToSeconds() == HOLD_SECONDS
+        # Nothing else is free for bob on MIG 2:1 while it is held: he gets 2:2.
+        assert (await bob.allocate("x._.bob")).allocations[0].slot.slot_id == "2:2"
+        await asyncio.sleep(HOLD_SECONDS + 1.5)
+        assert slots_of(await alice.gpu_status())["2:1"].state == common_pb2.SLOT_STATE_FREE
+        expired = await alice.validate("proj._.alice", "2:1")
+        assert not expired.valid
+
+
+async def test_clear_stopped_cancels_the_hold(env: AllocatorEnv):
+    async with env.client("alice") as alice:
+        await alice.allocate("proj._.alice")
+        await alice.mark_stopped("proj._.alice")
+        [running] = await alice.clear_stopped("proj._.alice")
+        assert running.state == common_pb2.SLOT_STATE_ALLOCATED
+        await asyncio.sleep(HOLD_SECONDS + 1.5)
+        assert (await alice.validate("proj._.alice", "2:1")).valid
+
+
+async def test_a_watcher_that_resumes_from_its_last_revision_misses_nothing(env: AllocatorEnv):
+    async with env.client("labadmin") as admin, env.client("alice") as alice:
+        stream = admin.watch_allocations()
+        first_events = asyncio.ensure_future(collect(stream, 2))
+        await asyncio.sleep(0.3)
+        await alice.allocate("one._.alice")
+        await alice.mark_stopped("one._.alice")
+        seen = await first_events
+        await stream.aclose()  # the watcher goes away...
+        assert [e.type for e in seen] == [
+            EVENT.ALLOCATION_EVENT_TYPE_ALLOCATED,
+            EVENT.ALLOCATION_EVENT_TYPE_HELD,
+        ]
+        await alice.clear_stopped("one._.alice")  # ...and misses these
+        await alice.release("one._.alice")
+        await alice.allocate("two._.alice")
+        resumed = await collect(admin.watch_allocations(since_revision=seen[-1].revision), 3)
+    assert [(e.type, e.allocation.container) for e in resumed] == [
+        (EVENT.ALLOCATION_EVENT_TYPE_HOLD_CLEARED, "one._.alice"),
+        (EVENT.ALLOCATION_EVENT_TYPE_RELEASED, "one._.alice"),
+        (EVENT.ALLOCATION_EVENT_TYPE_ALLOCATED, "two._.alice"),
+    ]
+    assert resumed[1].released_by == "alice"
+    assert [e.revision for e in resumed] == sorted(e.revision for e in resumed)
+
+
+async def test_resuming_from_compacted_history_is_a_clear_error(
+    env: AllocatorEnv, etcd_endpoint: str
+):
+    async with env.client("alice") as alice:
+        await alice.allocate("a._.alice")
+        first = await alice.release("a._.alice")
+        assert first
+        host, _, port = etcd_endpoint.rpartition(":")
+        etcd = aetcd.Client(host=host, port=int(port))
+        try:
+            current = (await etcd.get_prefix(b"/ds01/")).header.revision
+            await etcd.compact(current)
+        finally:
+            await etcd.close()
+        error = await refused(collect(alice.watch_allocations(since_revision=1), 1))
+    assert error.code == grpc.StatusCode.OUT_OF_RANGE
+    assert "compacted the history" in error.message
+
+
+async def test_a_researcher_takes_a_students_held_slot_and_the_student_is_told(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob, env.client("carl") as carl:
+        for client, name in ((alice, "a._.alice"), (bob, "b._.bob"), (carl, "c._.carl")):
+            await client.allocate(name)  # all three MIG slices
+        await alice.mark_stopped("a._.alice")
+        events = asyncio.ensure_future(collect(alice.watch_allocations(), 1))
+        await asyncio.sleep(0.3)
+        async with env.client("ray") as ray:
+            granted = await ray.allocate("r._.ray", preference=3)  # MIG only: none free
+        [preempted] = await events
+    assert granted.allocations[0].slot.slot_id == "2:1"
+    assert preempted.type == EVENT.ALLOCATION_EVENT_TYPE_PREEMPTED
+    assert (preempted.previous.user, preempted.previous.container) == ("alice", "a._.alice")
+    async with env.client("dave") as dave:
+        error = await refused(dave.allocate("d._.dave"))  # same priority: no preemption
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_waiters_are_served_by_priority_then_arrival(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob, env.client("carl") as carl:
+        for client, name in ((alice, "a._.alice"), (bob, "b._.bob"), (carl, "c._.carl")):
+            await client.allocate(name)
+        async with env.client("dave") as dave, env.client("ray") as ray:
+            low = asyncio.ensure_future(dave.allocate("d._.dave", wait_seconds=10))
+            await asyncio.sleep(0.3)
+            high = asyncio.ensure_future(ray.allocate("r._.ray", preference=3, wait_seconds=10))
+            await asyncio.sleep(0.3)
+            assert not low.done() and not high.done()
+            await alice.release("a._.alice")
+            granted = await asyncio.wait_for(high, 5)  # higher priority, though later
+            assert granted.allocations[0].slot.slot_id == "2:1"
+            assert not low.done()
+            await bob.release("b._.bob")
+            assert (await asyncio.wait_for(low, 5)).allocations[0].slot.slot_id == "2:2"
+
+
+async def test_a_waiter_gives_up_at_its_deadline(env: AllocatorEnv):
+    async with env.client("rita") as rita, env.client("ray") as ray:
+        await rita.allocate("r._.rita", slots=2, preference=2)
+        started = time.monotonic()
+        error = await refused(ray.allocate("w._.ray", preference=2, wait_seconds=1.5))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "waited until the deadline" in error.message
+    assert 1.2 < time.monotonic() - started < 8
+
+
+async def etcd_revision(endpoint: str) -> int:
+    host, _, port = endpoint.rpartition(":")
+    etcd = aetcd.Client(host=host, port=int(port))
+    try:
+        return (await etcd.get_prefix(b"/")).header.revision
+    finally:
+        await etcd.close()
+
+
+async def test_a_hold_expires_while_every_ds01_process_is_stopped(
+    env: AllocatorEnv, etcd_endpoint: str
+):
+    start = await etcd_revision(etcd_endpoint)
+    async with env.client("alice") as alice:
+        granted = await alice.allocate("proj._.alice")
+        await alice.mark_stopped("proj._.alice")
+    await env.stop("allocator", "limits")
+    await asyncio.sleep(HOLD_SECONDS + 2)  # nothing of ds01 runs while the hold ends
+    await env.start("limits", "allocator")
+    async with env.client("labadmin") as admin:
+        slot = slots_of(await admin.gpu_status())[granted.allocations[0].slot.slot_id]
+        assert slot.state == common_pb2.SLOT_STATE_FREE
+        # The stream still has the expiry, which happened while nothing ran.
+        history = await collect(admin.watch_allocations(since_revision=start), 3, timeout=5)
+    assert [e.type for e in history] == [
+        EVENT.ALLOCATION_EVENT_TYPE_ALLOCATED,
+        EVENT.ALLOCATION_EVENT_TYPE_HELD,
+        EVENT.ALLOCATION_EVENT_TYPE_HOLD_EXPIRED,
+    ]
+    assert history[-1].allocation.container == "proj._.alice"
