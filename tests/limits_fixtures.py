@@ -88,6 +88,7 @@ USER_OVERRIDES = textwrap.dedent(
     d.jones@uni.example:
       max_cpus: 48
       memory: null        # unlimited memory for this user only
+      memory_swap: null   # (Docker refuses --memory-swap without --memory)
       shm_size: 8g        # overrides the group's ipc_mode: host
     """
 )

@@ -119,7 +119,7 @@ def test_override_on_top_of_group_key_by_key(config_path: Path):
     assert jones.value("allow_full_gpu") is True
     # The override's shm_size beats the group's ipc_mode: host.
     assert jones.docker_args().flags() == (
-        "--cpus=48 --memory-swap=32g --shm-size=8g --pids-limit=4096 "
+        "--cpus=48 --shm-size=8g --pids-limit=4096 "
         "--cgroup-parent=ds01-faculty-d_jones_uni_example.slice"
     )
 
@@ -294,3 +294,71 @@ def test_alias_bombs_and_deep_nesting_are_refused_quickly():
     bomb += "defaults:\n  max_cpus: *j\n"
     assert any("alias bomb" in issue for issue in issues_of(bomb))
     assert any("nested too deeply" in issue for issue in issues_of("a: " + "[" * 5000))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("defaults:\n  priority: 3000000000\n", "defaults.priority: 3000000000 is out of range"),
+        ("defaults:\n  max_containers_per_user: 2147483648\n", "is too large"),
+        ("defaults:\n  memory: 99999999999999999999t\n", "defaults.memory: "),
+        ("defaults:\n  idle_timeout: .inf\n", "defaults.idle_timeout: "),
+        ("defaults:\n  idle_timeout: .nan\n", "defaults.idle_timeout: "),
+        ("defaults:\n  max_runtime: 99999999999999999w\n", "longer than a century"),
+        ("defaults:\n  max_cpus: .inf\n", "expected a finite number"),
+        ("groups:\n  g:\n    aggregate: {pids: 100000000000000000000000}\n", "is too large"),
+    ],
+)
+def test_values_that_cannot_be_served_are_refused(text: str, expected: str):
+    """Every accepted value must fit the message fields it is served in."""
+    assert any(expected in issue for issue in issues_of(text)), issues_of(text)
+
+
+def test_an_empty_limits_file_is_refused_not_served_as_unlimited():
+    assert issues_of("") == [
+        "resource-limits.yaml: the file is empty: it must at least have defaults"
+    ]
+    assert issues_of("# only a comment\n") == issues_of("")
+
+
+def test_memory_above_swap_or_swap_without_memory_is_refused():
+    text = "defaults:\n  memory: 32g\n  memory_swap: 32g\ngroups:\n  big:\n    memory: 64g\n"
+    assert issues_of(text) == [
+        "resource-limits.yaml:6: groups.big.memory: memory (64g) is larger than memory_swap "
+        "(32g); Docker refuses that: set memory_swap as well"
+    ]
+    lone = "defaults:\n  memory_swap: 8g\n"
+    assert any("Docker needs both" in issue for issue in issues_of(lone))
+
+
+def test_special_files_beside_the_config_are_refused_without_blocking(tmp_path: Path):
+    import os
+    import threading
+
+    path = write_config(tmp_path)
+    os.mkfifo(tmp_path / "groups" / "faculty.members.fifo")
+    (tmp_path / "groups" / "faculty.members").unlink()
+    os.symlink("/dev/zero", tmp_path / "groups" / "faculty.members")
+    result: list[object] = []
+    reader = threading.Thread(target=lambda: result.append(_load_or_issues(path)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert result, "reading the configuration blocked"
+    assert any("faculty.members: not a regular file" in str(i) for i in result[0])
+
+
+def _load_or_issues(path: Path) -> list:
+    try:
+        load_limits(path)
+    except LimitsConfigError as err:
+        return err.issues
+    return []
+
+
+def test_admin_membership_matches_raw_names_only():
+    config = parse(
+        "access_control: {admin_group: admin}\ngroups:\n  admin:\n    members: [h_baker_x_org]\n"
+    )
+    assert is_admin(config, "h_baker_x_org")
+    assert not is_admin(config, "h.baker@x.org")  # sanitizes to the same name
+    assert group_of(config, "h.baker@x.org") == "admin"  # limits still follow the seed

@@ -282,7 +282,13 @@ async def test_a_service_started_on_a_broken_file_is_not_serving(
                 await client.get_limits()
             assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "not valid YAML" in refused.value.message
+        async with Ds01Client(config, ClientIdentity(pki.ca_cert, pki.client("root"))) as root:
+            told = asyncio.ensure_future(anext(root.watch_limits()))
+            await asyncio.sleep(0.3)
             limits_file.write_text(RESOURCE_LIMITS)
+            change = await asyncio.wait_for(told, 3)
+            assert change.default_users_changed and "alice" in change.users
+        async with Ds01Client(config, identity) as client:
 
             async def recovered():
                 with contextlib.suppress(Ds01Error):

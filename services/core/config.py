@@ -224,7 +224,10 @@ class _Reader:
 
     def path(self, key: str, default: Path, base: Path) -> Path:
         value = self.str(key, str(default))
-        return (base / Path(value).expanduser()).resolve() if value else default
+        try:
+            return (base / Path(value).expanduser()).resolve()
+        except (ValueError, RuntimeError, OSError) as err:
+            raise self.error(key, f"{value!r} is not a usable path: {err}") from err
 
     def list_of_str(self, key: str, default: list[str]) -> list[str]:
         value = self._get(key)

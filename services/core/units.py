@@ -34,12 +34,12 @@ def format_size(size: int) -> str:
 def parse_duration(text: str | int) -> float:
     """Seconds in a duration such as 90s, 30m, 72h, 1d or 1h30m; a plain number is seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"duration {text} is negative")
+        if text != text or text in (float("inf"), float("-inf")) or text < 0:
+            raise ValueError(f"duration {text} is not a finite, non-negative number")
         return float(text)
     compact = str(text).strip().lower().replace(" ", "")
     if compact.replace(".", "", 1).isdigit():
-        return float(compact)
+        return float(compact)  # digits only: always finite
     parts = list(_DURATION_PART.finditer(compact))
     if not parts or "".join(p.group(0) for p in parts) != compact:
         raise ValueError(f"{text!r} is not a duration such as 90s, 30m, 72h or 1d")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ds01.core.units import format_size
 from ds01.limits.schema import (
     AGGREGATE_ALIASES,
     AGGREGATE_KEYS,
@@ -116,7 +117,7 @@ def read_sources(
             members[file.name.removesuffix(MEMBERS_SUFFIX)] = (str(file), _read(file, issues))
     overrides_path = path.parent / OVERRIDES_FILE
     overrides = (
-        (str(overrides_path), _read(overrides_path, issues)) if overrides_path.is_file() else None
+        (str(overrides_path), _read(overrides_path, issues)) if overrides_path.exists() else None
     )
     if issues:
         raise LimitsConfigError(issues)
@@ -127,11 +128,17 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
 def _read(path: Path, issues: list[Issue]) -> str:
+    """Read a regular file of sane size; never block on a FIFO or stream a device."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if path.exists() and not path.is_file():
+            issues.append(Issue(str(path), 0, "", "not a regular file"))
+            return ""
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
             issues.append(Issue(str(path), 0, "", f"larger than {MAX_FILE_BYTES} bytes"))
             return ""
-        return path.read_text()
+        return data.decode()
     except FileNotFoundError:
         issues.append(Issue(str(path), 0, "", "file not found"))
     except (OSError, UnicodeDecodeError) as err:
@@ -150,11 +157,66 @@ def parse_sources(sources: SourceFiles) -> LimitsConfig:
     overrides_doc = _document(*sources.overrides, issues) if sources.overrides else None
     if main is None:
         raise LimitsConfigError(issues)
+    if main.data is None:
+        # Most often a file caught half-written; serving "no limits, no admins" is worse.
+        issues.append(Issue(main.file, 0, "", "the file is empty: it must at least have defaults"))
+        raise LimitsConfigError(issues)
     checker = _Checker(main, issues)
     config = checker.config(sources, overrides_doc)
+    if not issues:
+        issues += _docker_conflicts(config, main)
     if issues:
         raise LimitsConfigError(issues)
     return config
+
+
+def sanitize_for_systemd(name: str) -> str:
+    """The seed's rule: h.baker@hertie-school.lan -> h_baker_hertie-school_lan."""
+    return name.replace("@", "_").replace(".", "_")
+
+
+def group_of(config: LimitsConfig, user: str) -> str:
+    """The first group in file order that lists the user (raw or sanitized name)."""
+    for group in config.groups.values():
+        if user in group.members or sanitize_for_systemd(user) in group.members:
+            return group.name
+    return config.default_group
+
+
+def _docker_conflicts(config: LimitsConfig, main: Document) -> list[Issue]:
+    """Combinations of layers Docker would refuse at create time, found before they serve.
+
+    Docker wants --memory whenever --memory-swap is given, and swap >= memory.
+    """
+    contexts: list[tuple[KeyPath, list[Layer]]] = [(("defaults",), [config.defaults])]
+    for group in config.groups.values():
+        contexts.append((("groups", group.name), [config.defaults, group.layer]))
+    for user, override in config.overrides.items():
+        group = config.groups.get(group_of(config, user))
+        layers = [config.defaults, *([group.layer] if group else []), override.layer]
+        contexts.append((("user_overrides", user), layers))
+    issues = []
+    for path, layers in contexts:
+        memory, swap = (_effective(layers, key) for key in ("memory", "memory_swap"))
+        if swap is not None and memory is None:
+            problem = "memory_swap is set but memory is unlimited; Docker needs both"
+        elif swap is not None and memory is not None and swap < memory:
+            problem = (
+                f"memory ({format_size(memory)}) is larger than memory_swap "
+                f"({format_size(swap)}); Docker refuses that: set memory_swap as well"
+            )
+        else:
+            continue
+        issues.append(main.issue((*path, "memory"), problem))
+    return issues
+
+
+def _effective(layers: list[Layer], key: str) -> Any:
+    value = None
+    for layer in layers:
+        if key in layer:
+            value = layer[key]
+    return value
 
 
 def _document(file: str, text: str, issues: list[Issue]) -> Document | None:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import pwd
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ds01.core.units import format_size
-from ds01.limits.config import SHARED_MEMORY_KEYS, Layer, LimitsConfig
+from ds01.limits.config import (
+    SHARED_MEMORY_KEYS,
+    Layer,
+    LimitsConfig,
+    group_of,
+    sanitize_for_systemd,
+)
 from ds01.limits.schema import LIMIT_KEYS, NUMBER
 
 DEFAULT, GROUP, OVERRIDE = "default", "group", "override"
 # What a key is when no layer sets it: unlimited, except these.
 BUILTIN = {"priority": 0, "allow_full_gpu": False}
-
-
-def sanitize_for_systemd(name: str) -> str:
-    """The seed's rule: h.baker@hertie-school.lan -> h_baker_hertie-school_lan."""
-    return name.replace("@", "_").replace(".", "_")
 
 
 def slice_name(group: str, user: str) -> str:
@@ -92,18 +95,6 @@ class UserLimits:
         )
 
 
-def group_of(config: LimitsConfig, user: str) -> str:
-    """The first group in file order that lists the user (raw or sanitized name)."""
-    for group in config.groups.values():
-        if _listed(group.members, user):
-            return group.name
-    return config.default_group
-
-
-def _listed(members: tuple[str, ...], user: str) -> bool:
-    return user in members or sanitize_for_systemd(user) in members
-
-
 def resolve(config: LimitsConfig, user: str) -> UserLimits:
     group_name = group_of(config, user)
     group = config.groups.get(group_name)
@@ -157,8 +148,15 @@ def is_admin(config: LimitsConfig, user: str) -> bool:
     group = config.admin_group
     if not group:
         return False
-    if group in config.groups and _listed(config.groups[group].members, user):
+    # Raw names only: sanitizing is lossy, and h.baker_x must not pass for h_baker_x.
+    if group in config.groups and user in config.groups[group].members:
         return True
+    # NSS (LDAP) lookups can be slow: remember answers for a minute.
+    return _cached_unix_group(user, group, int(time.monotonic() // 60))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_unix_group(user: str, group: str, minute: int) -> bool:
     return _in_unix_group(user, group)
 
 

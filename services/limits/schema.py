@@ -22,13 +22,22 @@ class Kind:
     nullable: bool = True
 
 
+# Every value must fit the fields it travels in (int32 counts, int64 bytes and seconds).
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+MAX_NUMBER = 1e9
+MAX_SECONDS = 100 * 365 * 86400  # a century: longer is a typo, not a policy
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {value}")
     if value < 0:
         raise ValueError(f"must not be negative, got {value}")
-    if value != value or value == float("inf"):
-        raise ValueError(f"expected a finite number, got {value}")
+    if value > MAX_NUMBER:
+        raise ValueError(f"{value} is too large (at most {MAX_NUMBER:g})")
     return float(value)
 
 
@@ -37,6 +46,8 @@ def _count(value: Any) -> int:
         raise ValueError(f"expected a whole number, got {value!r}")
     if value < 0:
         raise ValueError(f"must not be negative, got {value}")
+    if value > MAX_INT32:
+        raise ValueError(f"{value} is too large (at most {MAX_INT32})")
     return value
 
 
@@ -50,6 +61,8 @@ def _positive_count(value: Any) -> int:
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number, got {value!r}")
+    if not -MAX_INT32 <= value <= MAX_INT32:
+        raise ValueError(f"{value} is out of range (at most {MAX_INT32} either way)")
     return value
 
 
@@ -62,13 +75,19 @@ def _bool(value: Any) -> bool:
 def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError(f"expected a size such as 16g, got {value!r}")
-    return parse_size(value)
+    size = parse_size(value)
+    if size > MAX_INT64:
+        raise ValueError(f"{value} is too large")
+    return size
 
 
 def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"expected a duration such as 72h, got {value!r}")
-    return parse_duration(value)
+    seconds = parse_duration(value)
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{value} is longer than a century")
+    return seconds
 
 
 def _ipc_mode(value: Any) -> str:

@@ -41,12 +41,16 @@ class Change:
     digest: str
 
 
+def listed_users(config: LimitsConfig) -> set[str]:
+    """Every name the configuration lists, as written (raw or sanitized)."""
+    users = set(config.overrides)
+    for group in config.groups.values():
+        users.update(group.members)
+    return users
+
+
 def changed_users(old: LimitsConfig, new: LimitsConfig) -> Change:
-    users = set()
-    for config in (old, new):
-        users.update(config.overrides)
-        for group in config.groups.values():
-            users.update(group.members)
+    users = listed_users(old) | listed_users(new)
     return Change(
         users=frozenset(u for u in users if resolve(old, u) != resolve(new, u)),
         default_users_changed=resolve(old, _UNLISTED) != resolve(new, _UNLISTED),
@@ -91,8 +95,11 @@ class LimitsStore:
             return None
         old, self.config, self.error = self.config, new, None
         if old is None:
+            # First configuration (perhaps after a broken start): everyone's limits are new.
             log.info("limits configuration %s loaded from %s", new.digest, self.path)
-            return None
+            change = Change(frozenset(listed_users(new)), True, new.digest)
+            self._publish(change)
+            return change
         if old.digest == new.digest:
             return None
         change = changed_users(old, new)
