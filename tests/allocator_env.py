@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
+from tests.harness import run_cli, write_config_file
 
 HOLD_SECONDS = 2  # etcd's shortest lease is about 2 s
 
@@ -90,6 +92,10 @@ class AllocatorEnv:
     config: Config
     pki: Pki
     services: dict[str, RunningService]
+    config_file: Path
+
+    async def cli(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return await run_cli(self.config_file, self.pki, user, *args)
 
     def client(self, user: str) -> Ds01Client:
         paths = self.pki.client(user)
@@ -133,6 +139,6 @@ async def make_env(directory: Path, pki: Pki, state_dir: Path, etcd: str) -> All
         inventory=files.inventory,
         allocator=files.allocator,
     )
-    env = AllocatorEnv(config, pki, {})
+    env = AllocatorEnv(config, pki, {}, write_config_file(config, directory / "ds01.yaml"))
     await env.start("limits", "allocator")
     return env

@@ -6,6 +6,7 @@ tests must never pass vacuously there.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -17,9 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
+from ds01.core.config import Config
+from ds01.core.pki import Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
 
+REPO = Path(__file__).resolve().parent.parent
+DS01 = str(REPO / ".venv" / "bin" / "ds01")
 TEST_IMAGE = "ds01-test/busybox:latest"
 BUSYBOX_APPLETS = (
     "sh",
@@ -141,3 +147,37 @@ def build_test_image(docker_socket: Path, tag: str = TEST_IMAGE) -> str:
             capture_output=True,
         )
     return tag
+
+
+def write_config_file(config: Config, path: Path) -> Path:
+    """The YAML form of ``config``, for the CLI and ds01d processes."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": config.node,
+                "state_dir": str(config.state_dir),
+                "listen": dict(config.listen),
+                "etcd": {"endpoints": list(config.etcd_endpoints)},
+                "limits_file": str(config.limits_file),
+                "inventory": {
+                    "source": config.inventory.source,
+                    "file": str(config.inventory.file),
+                },
+            }
+        )
+    )
+    return path
+
+
+async def run_cli(
+    config_file: Path, pki: Pki, user: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``ds01`` CLI as ``user``, off the event loop that serves it."""
+    paths = pki.client(user)
+    if not paths.cert.is_file():
+        issue_client_cert(pki, user)
+    env = {**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)}
+    command = [DS01, "--config", str(config_file), *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, env=env, timeout=60
+    )

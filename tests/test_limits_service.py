@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import yaml
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
@@ -23,10 +21,8 @@ from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.limits.server import SPEC
 from ds01.v1 import limits_pb2
+from tests.harness import run_cli, write_config_file
 from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, write_config
-
-REPO = Path(__file__).resolve().parent.parent
-DS01 = str(REPO / ".venv" / "bin" / "ds01")
 
 
 @dataclass
@@ -44,15 +40,7 @@ class LimitsEnv:
         return Ds01Client(self.config, ClientIdentity(self.pki.ca_cert, paths))
 
     async def cli(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run the real ``ds01`` CLI as ``user``, off the event loop that serves it."""
-        paths = self.pki.client(user)
-        if not paths.cert.is_file():
-            issue_client_cert(self.pki, user)
-        env = {**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)}
-        command = [DS01, "--config", str(self.config_file), *args]
-        return await asyncio.to_thread(
-            subprocess.run, command, capture_output=True, text=True, env=env, timeout=60
-        )
+        return await run_cli(self.config_file, self.pki, user, *args)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -63,16 +51,7 @@ async def env(tmp_path: Path, pki: Pki, state_dir: Path) -> AsyncIterator[Limits
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
         limits_file=limits_file,
     )
-    config_file = tmp_path / "ds01.yaml"
-    config_file.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(state_dir),
-                "listen": dict(config.listen),
-                "limits_file": str(limits_file),
-            }
-        )
-    )
+    config_file = write_config_file(config, tmp_path / "ds01.yaml")
     service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
     yield LimitsEnv(config, config_file, limits_file, pki, service)
     await service.stop(grace=0)

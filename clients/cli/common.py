@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.config import Config, ConfigError, load_config
@@ -77,3 +79,16 @@ class DefaultCommandGroup(click.Group):
         if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal; plain aligned columns (never cut) in pipes and files."""
+    if sys.stdout.isatty():
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for line in (headers, *rows):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())

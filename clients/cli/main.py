@@ -9,16 +9,13 @@ from pathlib import Path
 
 import click
 import grpc
-from rich.console import Console
-from rich.table import Table
 
-from ds01.cli.common import Settings, call, run
+from ds01.cli.common import Settings, call, print_table, run
+from ds01.cli.gpu import events, gpu
 from ds01.cli.limits import limits
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
-
-console = Console()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +34,8 @@ def cli(ctx: click.Context, config_path: Path | None, output: str) -> None:
 
 
 cli.add_command(limits)
+cli.add_command(gpu)
+cli.add_command(events)
 
 
 @cli.command()
@@ -62,13 +61,10 @@ def status(settings: Settings) -> None:
     if settings.output == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
-        table = Table("SERVICE", "ADDRESS", "STATUS", "DETAIL")
-        for row in rows:
-            style = "green" if row["status"] == "SERVING" else "red"
-            table.add_row(
-                row["service"], row["address"], f"[{style}]{row['status']}", row["detail"]
-            )
-        console.print(table)
+        print_table(
+            ["SERVICE", "ADDRESS", "STATUS", "DETAIL"],
+            [[r["service"], r["address"], r["status"], r["detail"]] for r in rows],
+        )
     if any(row["status"] != "SERVING" for row in rows):
         sys.exit(1)
 

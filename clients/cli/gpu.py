@@ -1,0 +1,190 @@
+"""``ds01 gpu`` and ``ds01 events``: who holds which GPU, and what happens to them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import sys
+
+import click
+from google.protobuf import json_format
+
+from ds01.cli.common import Settings, call, output_option, print_table
+from ds01.client import Ds01Client
+from ds01.v1 import allocator_pb2, common_pb2
+
+_STATE = {
+    common_pb2.SLOT_STATE_FREE: "free",
+    common_pb2.SLOT_STATE_ALLOCATED: "allocated",
+    common_pb2.SLOT_STATE_HELD: "held",
+    common_pb2.SLOT_STATE_NODE_DOWN: "node down",
+}
+
+
+def _when(allocation: common_pb2.Allocation, field: str) -> str:
+    if not allocation.HasField(field):
+        return ""
+    stamp = getattr(allocation, field).ToDatetime(dt.UTC).astimezone()
+    return stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _json(message: object) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)  # type: ignore[arg-type]
+
+
+@click.group()
+def gpu() -> None:
+    """GPU and MIG slots: status for everyone; allocation commands for admins and services."""
+
+
+@gpu.command()
+@click.option("--user", default="", help="Only slots this user holds.")
+@click.option("--node", default="", help="Only this node's slots.")
+@output_option
+@click.pass_obj
+def status(settings: Settings, user: str, node: str, output: str | None) -> None:
+    """Every slot: profile, state, user, container, since."""
+    response = call(settings, lambda client: client.gpu_status(user, node))
+    if (output or settings.output) == "json":
+        click.echo(_json(response))
+        return
+    for n in response.nodes:
+        source = "simulated (declared inventory)" if n.simulated else n.inventory_source
+        click.echo(f"node {n.node}: {'up' if n.up else 'DOWN'}, {source or 'unknown source'}")
+    rows = []
+    for a in response.allocations:
+        profile = a.slot.mig_profile or f"full GPU ({a.slot.product})"
+        held = a.state == common_pb2.SLOT_STATE_HELD
+        hold = _when(a, "hold_until") or ("until cleared" if held else "")
+        state = _STATE.get(a.state, "?")
+        since = _when(a, "since")
+        rows.append([a.slot.node, a.slot.slot_id, profile, state, a.user, a.container, since, hold])
+    headers = ["NODE", "SLOT", "PROFILE", "STATE", "USER", "CONTAINER", "SINCE", "HELD UNTIL"]
+    print_table(headers, rows)
+
+
+@gpu.command()
+@click.argument("container")
+@click.option("--user", default="", help="The container's owner (default: you).")
+@click.option("--slots", type=click.IntRange(min=0), default=0, help="How many slots.")
+@click.option("--gpu-equivalents", type=click.FloatRange(min=0), default=0.0)
+@click.option("--full", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_FULL_GPU)
+@click.option("--mig", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_MIG)
+@click.option("--node", default="")
+@click.option("--wait", type=click.FloatRange(min=0), default=None, help="Seconds to queue.")
+@output_option
+@click.pass_obj
+def allocate(
+    settings: Settings,
+    container: str,
+    user: str,
+    slots: int,
+    gpu_equivalents: float,
+    kind: int | None,
+    node: str,
+    wait: float | None,
+    output: str | None,
+) -> None:
+    """Claim GPU slots for CONTAINER."""
+    response = call(
+        settings,
+        lambda client: client.allocate(
+            container, user, slots, gpu_equivalents, kind or 0, node, wait
+        ),
+    )
+    if (output or settings.output) == "json":
+        click.echo(_json(response))
+        return
+    for a in response.allocations:
+        click.echo(f"{a.slot.node}/{a.slot.slot_id} {a.slot.uuid}")
+    for key, value in sorted(response.environment.items()):
+        click.echo(f"{key}={value}")
+
+
+def _container_command(name: str, doc: str, run: str) -> None:
+    @gpu.command(name=name, help=doc)
+    @click.argument("container")
+    @click.pass_obj
+    def command(settings: Settings, container: str) -> None:
+        result = call(settings, lambda client: getattr(client, run)(container))
+        for item in result:
+            if isinstance(item, str):
+                click.echo(f"released {item}")
+            else:
+                until = _when(item, "hold_until") or "until cleared"
+                state = _STATE.get(item.state, "?")
+                held = f" until {until}" if item.state == common_pb2.SLOT_STATE_HELD else ""
+                click.echo(f"{item.slot.node}/{item.slot.slot_id} {state}{held}")
+
+
+_container_command("release", "Free CONTAINER's slots at once.", "release")
+_container_command(
+    "mark-stopped", "Hold CONTAINER's slots for the owner's gpu_hold_after_stop.", "mark_stopped"
+)
+_container_command("clear-stopped", "End the hold: CONTAINER runs again.", "clear_stopped")
+
+
+@gpu.command()
+@click.argument("container")
+@click.argument("slot")
+@click.option("--node", default="")
+@click.pass_obj
+def validate(settings: Settings, container: str, slot: str, node: str) -> None:
+    """Whether SLOT still exists and is still CONTAINER's (exit 1 if not)."""
+    result = call(settings, lambda client: client.validate(container, slot, node))
+    if result.valid:
+        click.echo(f"{slot} is {container}'s")
+        return
+    click.echo(result.reason)
+    sys.exit(1)
+
+
+_EVENT_NAMES = {
+    value.number: value.name.removeprefix("ALLOCATION_EVENT_TYPE_").lower()
+    for value in allocator_pb2.AllocationEventType.DESCRIPTOR.values
+}
+
+
+def event_line(event: allocator_pb2.WatchAllocationsResponse) -> str:
+    a = event.allocation
+    line = (
+        f"{event.revision:>8} {_EVENT_NAMES[event.type]:<13} {a.slot.node}/{a.slot.slot_id:<6} "
+        f"{a.user} {a.container}"
+    )
+    if event.HasField("previous"):
+        line += f" (displaced {event.previous.container} of {event.previous.user})"
+    if event.released_by:
+        line += f" (by {event.released_by})"
+    return line
+
+
+@click.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
+@click.option("--since", type=click.IntRange(min=0), default=0, help="Start after this revision.")
+@output_option
+@click.pass_obj
+def events(settings: Settings, follow: bool, since: int, output: str | None) -> None:
+    """Allocation events, each with its etcd revision (resume with --since REV)."""
+    if not follow and not since:
+        raise click.UsageError("use --follow, or --since REV to print what happened after REV")
+    as_json = (output or settings.output) == "json"
+
+    async def stream(client: Ds01Client) -> None:
+        events = client.watch_allocations(since)
+        while True:
+            try:
+                # Without --follow, stop once the history is printed (a second of quiet).
+                event = await asyncio.wait_for(anext(events), None if follow else 1.0)
+            except (TimeoutError, StopAsyncIteration):
+                return
+            if as_json:
+                click.echo(
+                    json.dumps(json_format.MessageToDict(event, preserving_proto_field_name=True))
+                )
+            else:
+                click.echo(event_line(event))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        call(settings, stream)
