@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
 
 log = logging.getLogger(__name__)
 
-CLAIM_ATTEMPTS = 8  # a lost race re-reads and re-plans; each loss means someone else won
+CLAIM_ATTEMPTS = 20  # a lost race re-reads and re-plans; each loss means someone else won
 
 
 class LimitsSource(Protocol):
@@ -73,6 +74,9 @@ class Allocator:
         self.limits = limits
         self.strategy = strategy
         self.lock_ttl = lock_ttl
+        # Claims of this process go one at a time: they would all pick the same best slot
+        # and all but one lose the transaction. Other processes are kept apart by etcd.
+        self._claiming = asyncio.Lock()
 
     async def allocate(
         self, request: Request, actor: Actor, wait_until: float | None = None
@@ -88,9 +92,14 @@ class Allocator:
     async def _allocate_now(
         self, request: Request, quota: Quota, waiter: str | None
     ) -> list[Granted]:
-        for _attempt in range(CLAIM_ATTEMPTS):
+        for attempt in range(CLAIM_ATTEMPTS):
+            if attempt:  # lost to another process: back off a random moment, then re-plan
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
             try:
-                async with self.state.user_lock(request.user, self.lock_ttl, self.lock_ttl + 5):
+                async with (
+                    self.state.user_lock(request.user, self.lock_ttl, self.lock_ttl + 5),
+                    self._claiming,
+                ):
                     snapshot = await self.state.snapshot()
                     existing = snapshot.held_by(request.container)
                     if existing:

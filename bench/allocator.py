@@ -1,0 +1,225 @@
+"""Allocate+release through the allocator service, beside what it is built from.
+
+Measured in one run on this machine, printed as ratios (nothing here asserts a time):
+  * one raw etcd transaction (compare create_revision == 0, put): the floor;
+  * Allocate and Release over mTLS at 1, 16 and 64 concurrent clients;
+  * the seed's design for reference: flock around a JSON state file;
+  * one allocation event fanned out to 200 watchers (DESIGN.md: p99 under 50 ms).
+
+    .venv/bin/python bench/allocator.py [--cycles 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aetcd
+import yaml
+
+from ds01.client import ClientIdentity, Ds01Client
+from ds01.core.config import load_config
+from ds01.core.pki import Pki, init_pki
+from ds01.core.processes import free_port, start_etcd
+
+REPO = Path(__file__).resolve().parent.parent
+UNLIMITED = (
+    "defaults:\n  max_gpu_equivalents: null\n  max_gpu_slots_per_container: null\n"
+    "  allow_full_gpu: true\n  priority: 10\n"
+)
+
+
+def inventory(gpus: int) -> str:
+    """``gpus`` GPUs in MIG mode with seven 1g.10gb slices each."""
+    lines = ["gpus:"]
+    for gpu in range(gpus):
+        lines += [f"  - index: {gpu}", f"    uuid: GPU-{gpu}", "    mig:", "      instances:"]
+        lines += [
+            f"        - {{id: {i}, profile: 1g.10gb, uuid: MIG-{gpu}-{i}}}" for i in range(1, 8)
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def line(name: str, samples: list[float], per_second: float | None = None) -> str:
+    rate = f"   {per_second:9.1f}/s" if per_second else ""
+    return (
+        f"  {name:<44} p50 {statistics.median(samples) * 1e3:7.2f} ms"
+        f"   p99 {pct(samples, 99) * 1e3:7.2f} ms{rate}"
+    )
+
+
+async def raw_txn(endpoint: str, count: int) -> list[float]:
+    host, _, port = endpoint.rpartition(":")
+    etcd = aetcd.Client(host=host, port=int(port))
+    samples = []
+    try:
+        for i in range(count):
+            key = f"/bench/raw/{i}".encode()
+            start = time.perf_counter()
+            await etcd.transaction(
+                compare=[etcd.transactions.create(key) == 0],
+                success=[etcd.transactions.put(key, b"x")],
+                failure=[],
+            )
+            samples.append(time.perf_counter() - start)
+            await etcd.delete(key)
+    finally:
+        await etcd.close()
+    return samples
+
+
+def seed_flock(path: Path, count: int) -> list[float]:
+    """The seed: flock, read the JSON state, add an allocation, write it back."""
+    path.write_text(json.dumps({"allocations": {}}))
+    samples = []
+    for i in range(count):
+        start = time.perf_counter()
+        with path.open("r+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            state = json.load(f)
+            state["allocations"][f"c{i}"] = {"user": "u", "gpu_id": "0", "stopped_at": None}
+            f.seek(0)
+            json.dump(state, f)
+            f.truncate()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def cycles(client: Ds01Client, clients: int, total: int) -> tuple[list, list, float]:
+    allocate, release = [], []
+
+    async def worker(w: int) -> None:
+        for n in range(total // clients):
+            container = f"b{w}-{n}._.u{w}"
+            start = time.perf_counter()
+            await client.allocate(container, user=f"u{w}")
+            middle = time.perf_counter()
+            await client.release(container)
+            allocate.append(middle - start)
+            release.append(time.perf_counter() - middle)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    return allocate, release, len(allocate) / (time.perf_counter() - start)
+
+
+async def fan_out(client: Ds01Client, watchers: int, events: int) -> list[float]:
+    """Delay from a committed allocation to its event at each of ``watchers`` streams."""
+    received: list[float] = []
+    sent: dict[str, float] = {}
+    ready = asyncio.Barrier(watchers + 1)
+
+    async def watch() -> None:
+        stream = client.watch_allocations()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)
+        await ready.wait()
+        seen = 0
+        event = await first
+        while True:
+            if event.type == 1:  # ALLOCATED
+                received.append(time.perf_counter() - sent[event.allocation.container])
+                seen += 1
+                if seen == events:
+                    await stream.aclose()
+                    return
+            event = await anext(stream)
+
+    tasks = [asyncio.ensure_future(watch()) for _ in range(watchers)]
+    await ready.wait()
+    for n in range(events):
+        container = f"fan{n}._.u0"
+        sent[container] = time.perf_counter()
+        await client.allocate(container, user="u0")
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    return received
+
+
+async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> None:
+    config = load_config(config_path)
+    identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
+    raw = await raw_txn(endpoint, total)
+    async with Ds01Client(config, identity, timeout=60) as client:
+        for _ in range(100):
+            if any(n.up for n in (await client.gpu_status()).nodes):
+                break
+            await asyncio.sleep(0.1)
+        await cycles(client, 4, 40)  # warm-up
+        results = {c: await cycles(client, c, max(total, c * 4)) for c in (1, 16, 64)}
+        fan = await fan_out(client, 200, 20)
+    seed = seed_flock(Path(config_path).parent / "gpu-state.json", total)
+
+    raw_p50 = statistics.median(raw)
+    print("allocate + release, measured in this run:")
+    print(line("raw etcd txn (create_revision == 0, put)", raw))
+    print(line("seed: flock + JSON read/modify/write", seed))
+    for clients, (allocate, release, rate) in results.items():
+        print(line(f"Allocate, {clients} concurrent clients", allocate, rate))
+        print(line(f"Release, {clients} concurrent clients", release))
+        ratio = statistics.median(allocate) / raw_p50
+        print(f"    ratio: Allocate p50 = {ratio:.1f}x one raw etcd txn (target <= 3x)")
+    print(line("event to 200 watchers (delivery delay)", fan))
+    print(f"    {len(fan)} deliveries; p99 {pct(fan, 99) * 1e3:.1f} ms (target < 50 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ds01-bench-") as tmp:
+        root = Path(tmp)
+        etcd_port = free_port()
+        etcd = start_etcd(root / "etcd" / "data", etcd_port)
+        pki = Pki(root / "pki")
+        init_pki(pki, admin="root")
+        (root / "resource-limits.yaml").write_text(UNLIMITED)
+        (root / "inventory.yaml").write_text(inventory(10))  # 70 slots: 64 clients fit
+        config_path = root / "ds01.yaml"
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "state_dir": tmp,
+                    "listen": {
+                        "limits": f"127.0.0.1:{free_port()}",
+                        "allocator": f"127.0.0.1:{free_port()}",
+                    },
+                    "etcd": {"endpoints": [f"127.0.0.1:{etcd_port}"]},
+                    "limits_file": "resource-limits.yaml",
+                    "inventory": {"source": "declared", "file": "inventory.yaml"},
+                    "log_level": "warning",
+                }
+            )
+        )
+        server = subprocess.Popen(
+            [
+                str(REPO / ".venv" / "bin" / "ds01d"),
+                "--config",
+                str(config_path),
+                "--services",
+                "limits,allocator",
+            ]
+        )
+        try:
+            time.sleep(1.5)
+            asyncio.run(measure(config_path, pki, f"127.0.0.1:{etcd_port}", args.cycles))
+        finally:
+            server.terminate()
+            server.wait()
+            etcd.stop()
+
+
+if __name__ == "__main__":
+    main()
