@@ -87,6 +87,16 @@ async def wipe(endpoint: str) -> None:
         await client.close()
 
 
+async def etcd_revision(endpoint: str) -> int:
+    """The current revision: a watcher resuming from it sees only what comes after."""
+    host, _, port = endpoint.rpartition(":")
+    client = aetcd.Client(host=host, port=int(port))
+    try:
+        return (await client.get_prefix(b"/")).header.revision
+    finally:
+        await client.close()
+
+
 @dataclass
 class AllocatorEnv:
     config: Config

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest_asyncio
 
 from ds01.core.pki import Pki
-from tests.allocator_env import AllocatorEnv, make_env
+from tests.allocator_env import AllocatorEnv, etcd_revision, make_env
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -55,11 +55,14 @@ async def test_quota_errors_reach_the_user_in_words(env: AllocatorEnv):
     )
 
 
-async def test_events_since_a_revision_print_the_history_as_json(env: AllocatorEnv):
+async def test_events_since_a_revision_print_the_history_as_json(
+    env: AllocatorEnv, etcd_endpoint: str
+):
+    start = await etcd_revision(etcd_endpoint)
     async with env.client("alice") as alice:
         await alice.allocate("ev._.alice")
         await alice.release("ev._.alice")
-    result = await env.cli("root", "-o", "json", "events", "--since", "1")
+    result = await env.cli("root", "-o", "json", "events", "--since", str(start))
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     mine = [e for e in lines if e["allocation"].get("container") == "ev._.alice"]
     assert [e["type"] for e in mine] == [

@@ -140,10 +140,11 @@ import asyncio, sys
 from ds01.allocator.etcd_state import EtcdState, connect
 
 async def main():
-    state = EtcdState(connect((sys.argv[1],)))
-    async with state.user_lock("alice", ttl=2, timeout=10):
-        print("locked", flush=True)
-        await asyncio.sleep(600)
+    state = EtcdState(connect((sys.argv[1],)), lock_ttl=2)
+    lock = await state.lock_and_read("alice")  # the allocator's own lock, then no more
+    assert lock.snapshot is not None
+    print("locked", flush=True)
+    await asyncio.sleep(600)
 
 asyncio.run(main())
 """

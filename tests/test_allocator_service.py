@@ -16,7 +16,7 @@ import pytest_asyncio
 from ds01.client import Ds01Error
 from ds01.core.pki import Pki
 from ds01.v1 import allocator_pb2, common_pb2
-from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, make_env
+from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision, make_env
 
 EVENT = allocator_pb2.AllocationEventType
 
@@ -229,15 +229,6 @@ async def test_a_waiter_gives_up_at_its_deadline(env: AllocatorEnv):
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "waited until the deadline" in error.message
     assert 1.2 < time.monotonic() - started < 8
-
-
-async def etcd_revision(endpoint: str) -> int:
-    host, _, port = endpoint.rpartition(":")
-    etcd = aetcd.Client(host=host, port=int(port))
-    try:
-        return (await etcd.get_prefix(b"/")).header.revision
-    finally:
-        await etcd.close()
 
 
 async def test_a_hold_expires_while_every_ds01_process_is_stopped(

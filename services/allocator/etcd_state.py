@@ -12,16 +12,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aetcd
+from aetcd.utils import prefix_range_end
 
 from ds01.allocator.placement import Plan
 from ds01.allocator.records import (
     HOLDERS,
     NODES,
     RELEASED,
+    ROOT,
     SLOTS,
     USER_LOCKS,
     WAITERS,
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 SlotKey = tuple[str, str]  # (node, slot id)
 
 
-class LockTimeout(Exception):
-    """Another request of the same user held the lock for too long."""
-
-
 @dataclass(frozen=True)
 class Snapshot:
     slots: dict[SlotKey, SlotRecord]
@@ -51,12 +48,41 @@ class Snapshot:
     revision: int  # changes after this revision are not in the snapshot
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
+        found = [(key, h) for key, h in self.holders.items() if h.container == container]
         return sorted(
-            ((key, h) for key, h in self.holders.items() if h.container == container),
+            found,
             key=lambda pair: (
                 self.slots[pair[0]].order if pair[0] in self.slots else (pair[0][0], ())
             ),
         )
+
+
+@dataclass(frozen=True)
+class UserLock:
+    key: bytes
+    token: bytes
+    snapshot: Snapshot | None  # None: another request holds the lock
+    held_revision: int  # when held by another: the revision it was taken at
+
+
+def _snapshot(kvs: list, revision: int) -> Snapshot:
+    slots: dict[SlotKey, SlotRecord] = {}
+    holders: dict[SlotKey, Holder] = {}
+    nodes: dict[str, NodeRecord] = {}
+    waiters: list[str] = []
+    for kv in kvs:
+        key = kv.key.decode()
+        if key.startswith(SLOTS):
+            slots[split_slot_key(SLOTS, kv.key)] = SlotRecord.decode(kv.value)
+        elif key.startswith(HOLDERS):
+            holder = Holder.decode(kv.value, kv.mod_revision, kv.lease)
+            holders[split_slot_key(HOLDERS, kv.key)] = holder
+        elif key.startswith(NODES):
+            record = NodeRecord.decode(kv.value)
+            nodes[record.node] = record
+        elif key.startswith(WAITERS):
+            waiters.append(key)
+    return Snapshot(slots, holders, nodes, sorted(waiters), revision)
 
 
 def connect(endpoints: tuple[str, ...]) -> aetcd.Client:
@@ -65,37 +91,103 @@ def connect(endpoints: tuple[str, ...]) -> aetcd.Client:
 
 
 class EtcdState:
-    def __init__(self, client: aetcd.Client) -> None:
+    def __init__(self, client: aetcd.Client, lock_ttl: int = 10) -> None:
         self.client = client
+        self.lock_ttl = lock_ttl
+        self._lease: aetcd.leases.Lease | None = None
+        self._keepalive: asyncio.Future[None] | None = None
 
     async def snapshot(self) -> Snapshot:
-        slots_, holders_, nodes_, waiters_ = await asyncio.gather(
-            self.client.get_prefix(SLOTS.encode()),
-            self.client.get_prefix(HOLDERS.encode()),
-            self.client.get_prefix(NODES.encode()),
-            self.client.get_prefix(WAITERS.encode(), sort_order="ascend", sort_target="key"),
-        )
-        slots = {split_slot_key(SLOTS, kv.key): SlotRecord.decode(kv.value) for kv in slots_}
-        holders = {
-            split_slot_key(HOLDERS, kv.key): Holder.decode(kv.value, kv.mod_revision, kv.lease)
-            for kv in holders_
-        }
-        nodes = {(r := NodeRecord.decode(kv.value)).node: r for kv in nodes_}
-        waiters = [kv.key.decode() for kv in waiters_]
-        revision = min(r.header.revision for r in (slots_, holders_, nodes_, waiters_))
-        return Snapshot(slots, holders, nodes, waiters, revision)
+        """Everything under /ds01/v1/ in one consistent read."""
+        found = await self.client.get_prefix(ROOT.encode())
+        return _snapshot(list(found), found.header.revision)
 
-    async def claim(self, plan: Plan, holder: Holder) -> bool:
-        """Take every slot of ``plan`` in one transaction, or none of them."""
+    async def lock_and_read(self, user: str) -> UserLock:
+        """Take the user's lock and read a snapshot, in one transaction.
+
+        The lock key lives on this process's session lease: if the process dies, etcd
+        deletes it when the lease runs out, and the next request proceeds.
+        """
+        session = await self._session()
+        key = f"{USER_LOCKS}{user}".encode()
+        token = uuid.uuid4().bytes
         tx = self.client.transactions
-        compare = [tx.create(slot_key(HOLDERS, s.node, s.slot_id)) == 0 for s in plan.claim]
+        won, responses = await self.client.transaction(
+            compare=[tx.create(key) == 0],
+            success=[
+                tx.put(key, token, lease=session),
+                tx.get(ROOT.encode(), prefix_range_end(ROOT.encode())),
+            ],
+            failure=[tx.get(key)],
+        )
+        if not won:
+            held = responses[0][0][1] if responses and responses[0] else None
+            return UserLock(key, token, None, held.mod_revision if held else 0)
+        kvs = [get for _value, get in responses[1]]
+        revision = responses[0].response_put.header.revision
+        return UserLock(key, token, _snapshot(kvs, revision), 0)
+
+    async def unlock(self, lock: UserLock) -> None:
+        tx = self.client.transactions
+        await self.client.transaction(
+            compare=[tx.value(lock.key) == lock.token], success=[tx.delete(lock.key)], failure=[]
+        )
+
+    async def wait_unlocked(self, lock: UserLock, timeout: float) -> None:
+        """Return once the lock another request holds is deleted, or after ``timeout``."""
+        with contextlib.suppress(aetcd.exceptions.WatchTimeoutError):
+            await self.client.watch_once(
+                lock.key,
+                timeout=max(0.1, timeout),
+                start_revision=lock.held_revision + 1,
+                kind=aetcd.rtypes.EventKind.DELETE,
+            )
+
+    async def claim(self, plan: Plan, holder: Holder, lock: UserLock) -> bool:
+        """Take every slot of ``plan`` in one transaction, or none of them; either way
+        the user's lock is released in the same transaction."""
+        tx = self.client.transactions
+        compare = [tx.value(lock.key) == lock.token]
+        compare += [tx.create(slot_key(HOLDERS, s.node, s.slot_id)) == 0 for s in plan.claim]
         compare += [
             tx.mod(slot_key(HOLDERS, s.node, s.slot_id)) == displaced.mod_revision
             for s, displaced in plan.preempt
         ]
         puts = [tx.put(slot_key(HOLDERS, s.node, s.slot_id), holder.encode()) for s in plan.slots]
-        succeeded, _ = await self.client.transaction(compare=compare, success=puts, failure=[])
+        unlock = tx.txn(
+            compare=[tx.value(lock.key) == lock.token], success=[tx.delete(lock.key)], failure=[]
+        )
+        succeeded, _ = await self.client.transaction(
+            compare=compare, success=[*puts, tx.delete(lock.key)], failure=[unlock]
+        )
         return succeeded
+
+    async def _session(self) -> aetcd.leases.Lease:
+        if self._lease is None:
+            self._lease = await self.client.lease(self.lock_ttl)
+            self._keepalive = asyncio.ensure_future(self._keep_session(self._lease))
+        return self._lease
+
+    async def _keep_session(self, lease: aetcd.leases.Lease) -> None:
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                await lease.refresh()
+                alive = await lease.remaining_ttl() > 0
+            except Exception as err:
+                log.warning("session lease refresh failed: %s", err)
+                alive = False
+            if not alive:  # a new lease next time; locks on the old one are gone with it
+                self._lease = None
+                return
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await self._lease.revoke()
+            self._lease = None
 
     async def release(self, held: list[tuple[SlotKey, Holder]], mark: ReleaseMark) -> bool:
         """Delete the holder keys, marking each as released in the same transaction."""
@@ -133,21 +225,6 @@ class EtcdState:
                 info = await self.client.get_lease_info(lease)
                 if not info.keys:
                     await self.client.revoke_lease(lease)
-
-    @contextlib.asynccontextmanager
-    async def user_lock(self, user: str, ttl: int, timeout: float) -> AsyncIterator[None]:
-        """Hold the user's lock; if this process dies, etcd frees it when ``ttl`` ends."""
-        lock = self.client.lock(f"{USER_LOCKS}{user}".encode(), ttl=ttl)
-        if not await lock.acquire(timeout=timeout):
-            raise LockTimeout(f"another allocation for {user} held the lock for {timeout:.0f}s")
-        lease = lock.lease
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                await lock.release()
-                if lease is not None:
-                    await lease.revoke()
 
     async def enqueue_waiter(self, node: str, priority: int, ttl: float) -> tuple[str, object]:
         """A key that sorts by priority (highest first), then arrival."""

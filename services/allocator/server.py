@@ -300,12 +300,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     etcd = connect(config.etcd_endpoints)
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
     limits = RemoteLimits(Ds01Client(config, identity))
-    allocator = Allocator(
-        EtcdState(etcd),
-        limits,
-        strategy=Strategy(config.allocator.strategy),
-        lock_ttl=config.allocator.lock_ttl,
-    )
+    state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
+    allocator = Allocator(state, limits, strategy=Strategy(config.allocator.strategy))
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
     )
@@ -315,6 +311,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     )
 
     async def close() -> None:
+        await state.close()
         await limits.client.close()
         with contextlib.suppress(Exception):
             await etcd.close()

@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ds01.allocator.etcd_state import EtcdState, LockTimeout, SlotKey, Snapshot
+from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot
 from ds01.allocator.placement import (
     AllocationRefused,
+    Plan,
     Quota,
     Refusal,
     Request,
@@ -68,12 +69,11 @@ class Allocator:
         state: EtcdState,
         limits: LimitsSource,
         strategy: Strategy = Strategy.LEAST_ALLOCATED,
-        lock_ttl: int = 10,
     ) -> None:
         self.state = state
         self.limits = limits
         self.strategy = strategy
-        self.lock_ttl = lock_ttl
+        self.lock_ttl = state.lock_ttl
         # Claims of this process go one at a time: they would all pick the same best slot
         # and all but one lose the transaction. Other processes are kept apart by etcd.
         self._claiming = asyncio.Lock()
@@ -92,58 +92,64 @@ class Allocator:
     async def _allocate_now(
         self, request: Request, quota: Quota, waiter: str | None
     ) -> list[Granted]:
+        """Lock the user and read, plan, claim and unlock: two etcd round trips."""
+        deadline = time.monotonic() + self.lock_ttl + 5
         for attempt in range(CLAIM_ATTEMPTS):
             if attempt:  # lost to another process: back off a random moment, then re-plan
                 await asyncio.sleep(random.uniform(0, 0.005 * attempt))
-            try:
-                async with (
-                    self.state.user_lock(request.user, self.lock_ttl, self.lock_ttl + 5),
-                    self._claiming,
-                ):
-                    snapshot = await self.state.snapshot()
-                    existing = snapshot.held_by(request.container)
-                    if existing:
-                        self._check_owner(existing, Actor(request.user, False))
-                        return _granted(snapshot, existing)
-                    waiters = snapshot.waiters
-                    ahead = waiters[: waiters.index(waiter)] if waiter in waiters else waiters
-                    chosen = plan(
-                        request,
-                        quota,
-                        snapshot.slots.values(),
-                        snapshot.holders,
-                        set(snapshot.nodes),
-                        self.strategy,
-                    )
-                    if ahead and _waiters_outrank(ahead, quota.priority):
-                        raise AllocationRefused(
-                            Refusal.NO_CAPACITY,
-                            f"{len(ahead)} waiting request(s) with the same or a higher "
-                            "priority are served first",
-                        )
-                    holder = Holder(
-                        user=request.user,
-                        container=request.container,
-                        since=time.time(),
-                        priority=quota.priority,
-                    )
-                    if await self.state.claim(chosen, holder):
-                        for slot, displaced in chosen.preempt:
-                            log.info(
-                                "%s:%s taken from stopped %s (%s, priority %d) for %s",
-                                slot.node,
-                                slot.slot_id,
-                                displaced.container,
-                                displaced.user,
-                                displaced.priority,
-                                request.container,
-                            )
+            async with self._claiming:
+                lock = await self.state.lock_and_read(request.user)
+                if lock.snapshot is not None:
+                    try:
+                        chosen = self._plan(request, quota, lock.snapshot, waiter)
+                    except BaseException:
+                        await self.state.unlock(lock)
+                        raise
+                    if isinstance(chosen, list):  # the container already holds these
+                        await self.state.unlock(lock)
+                        return chosen
+                    holder = Holder(request.user, request.container, time.time(), quota.priority)
+                    if await self.state.claim(chosen, holder, lock):
+                        _log_preemptions(chosen, request.container)
                         return [Granted(slot, holder) for slot in chosen.slots]
-            except LockTimeout as err:
-                raise AllocationRefused(Refusal.NO_CAPACITY, str(err)) from err
+                    continue
+            # Another request of this user holds the lock (or a dead process still does,
+            # until its lease runs out): wait for it outside this process's claim queue.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AllocationRefused(
+                    Refusal.NO_CAPACITY,
+                    f"another allocation for {request.user} held the lock too long; try again",
+                )
+            await self.state.wait_unlocked(lock, remaining)
         raise AllocationRefused(
             Refusal.NO_CAPACITY, "the slots kept being taken by others; try again"
         )
+
+    def _plan(
+        self, request: Request, quota: Quota, snapshot: Snapshot, waiter: str | None
+    ) -> Plan | list[Granted]:
+        existing = snapshot.held_by(request.container)
+        if existing:
+            self._check_owner(existing, Actor(request.user, False))
+            return _granted(snapshot, existing)
+        chosen = plan(
+            request,
+            quota,
+            snapshot.slots.values(),
+            snapshot.holders,
+            set(snapshot.nodes),
+            self.strategy,
+        )
+        waiters = snapshot.waiters
+        ahead = waiters[: waiters.index(waiter)] if waiter in waiters else waiters
+        if ahead and _waiters_outrank(ahead, quota.priority):
+            raise AllocationRefused(
+                Refusal.NO_CAPACITY,
+                f"{len(ahead)} waiting request(s) with the same or a higher "
+                "priority are served first",
+            )
+        return chosen
 
     async def _allocate_waiting(
         self, request: Request, quota: Quota, deadline: float
@@ -266,6 +272,19 @@ class Allocator:
             raise NotPermitted(
                 f"{actor.name} may not act on {held[0][1].container}, owned by {owner}"
             )
+
+
+def _log_preemptions(chosen: Plan, container: str) -> None:
+    for slot, displaced in chosen.preempt:
+        log.info(
+            "%s:%s taken from stopped %s (%s, priority %d) for %s",
+            slot.node,
+            slot.slot_id,
+            displaced.container,
+            displaced.user,
+            displaced.priority,
+            container,
+        )
 
 
 def _granted(snapshot: Snapshot, held: list[tuple[SlotKey, Holder]]) -> list[Granted]:
