@@ -150,5 +150,9 @@ async def make_env(directory: Path, pki: Pki, state_dir: Path, etcd: str) -> All
         allocator=files.allocator,
     )
     env = AllocatorEnv(config, pki, {}, write_config_file(config, directory / "ds01.yaml"))
-    await env.start("limits", "allocator")
+    try:
+        await env.start("limits", "allocator")
+    except BaseException:
+        await env.stop()
+        raise
     return env

@@ -252,3 +252,24 @@ async def test_a_hold_expires_while_every_ds01_process_is_stopped(
         EVENT.ALLOCATION_EVENT_TYPE_HOLD_EXPIRED,
     ]
     assert history[-1].allocation.container == "proj._.alice"
+
+
+async def test_a_limits_reload_applies_to_the_next_allocation(env: AllocatorEnv):
+    async with env.client("alice") as alice:
+        denied = await refused(alice.allocate("full._.alice", preference=2))
+        assert denied.code == grpc.StatusCode.FAILED_PRECONDITION  # the answer is now cached
+        limits_file = env.config.limits_file
+        limits_file.write_text(
+            limits_file.read_text().replace("allow_full_gpu: false", "allow_full_gpu: true")
+        )
+        for _ in range(60):
+            if (await alice.get_limits()).allow_full_gpu:
+                break
+            await asyncio.sleep(0.05)
+        granted = None
+        for _ in range(20):  # the change reaches the allocator's cache as an event
+            with contextlib.suppress(Ds01Error):
+                granted = await alice.allocate("full._.alice", preference=2)
+                break
+            await asyncio.sleep(0.05)
+    assert granted is not None and granted.allocations[0].slot.slot_id == "0"

@@ -206,9 +206,11 @@ async def test_member_file_changes_are_picked_up_and_watchers_told(env: LimitsEn
     async with env.client("alice") as alice, env.client("root") as root:
         mine = alice.watch_limits()
         everyone = root.watch_limits()
+        for stream in (mine, everyone):  # subscribed once the greeting arrives
+            greeting = await anext(stream)
+            assert not greeting.users and greeting.digest
         next_mine = asyncio.ensure_future(anext(mine))
         next_everyone = asyncio.ensure_future(anext(everyone))
-        await asyncio.sleep(0.3)  # let both streams subscribe
         # alice leaves researchers: she falls back to the default group.
         members = env.limits_file.parent / "groups" / "researchers.members"
         members.write_text(members.read_text().replace("alice\n", "# alice left\n"))
@@ -262,8 +264,9 @@ async def test_a_service_started_on_a_broken_file_is_not_serving(
             assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "not valid YAML" in refused.value.message
         async with Ds01Client(config, ClientIdentity(pki.ca_cert, pki.client("root"))) as root:
-            told = asyncio.ensure_future(anext(root.watch_limits()))
-            await asyncio.sleep(0.3)
+            watch = root.watch_limits()
+            assert (await anext(watch)).digest == ""  # nothing served yet
+            told = asyncio.ensure_future(anext(watch))
             limits_file.write_text(RESOURCE_LIMITS)
             change = await asyncio.wait_for(told, 3)
             assert change.default_users_changed and "alice" in change.users

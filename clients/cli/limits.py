@@ -147,6 +147,8 @@ def watch(settings: Settings, user: str) -> None:
 
     async def follow(client: Ds01Client) -> None:
         async for change in client.watch_limits(user):
+            if not change.users and not change.default_users_changed:
+                continue  # the greeting that names the digest being served
             users = ", ".join(change.users)
             if change.default_users_changed:
                 users = f"{users} and every unlisted user" if users else "every unlisted user"

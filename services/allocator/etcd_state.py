@@ -65,24 +65,48 @@ class UserLock:
     held_revision: int  # when held by another: the revision it was taken at
 
 
-def _snapshot(kvs: list, revision: int) -> Snapshot:
-    slots: dict[SlotKey, SlotRecord] = {}
-    holders: dict[SlotKey, Holder] = {}
-    nodes: dict[str, NodeRecord] = {}
-    waiters: list[str] = []
-    for kv in kvs:
-        key = kv.key.decode()
-        if key.startswith(SLOTS):
-            slots[split_slot_key(SLOTS, kv.key)] = SlotRecord.decode(kv.value)
-        elif key.startswith(HOLDERS):
-            holder = Holder.decode(kv.value, kv.mod_revision, kv.lease)
-            holders[split_slot_key(HOLDERS, kv.key)] = holder
-        elif key.startswith(NODES):
-            record = NodeRecord.decode(kv.value)
-            nodes[record.node] = record
-        elif key.startswith(WAITERS):
-            waiters.append(key)
-    return Snapshot(slots, holders, nodes, sorted(waiters), revision)
+# What a snapshot reads: not the release marks or the locks.
+_SNAPSHOT_PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS)
+
+
+class _Decoder:
+    """Turns key-values into records, decoding each version of a key only once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[bytes, int], object] = {}
+
+    def snapshot(self, ranges: list[list], revision: int) -> Snapshot:
+        slots_kvs, holder_kvs, node_kvs, waiter_kvs = ranges
+        seen: dict[tuple[bytes, int], object] = {}
+        slots = {
+            split_slot_key(SLOTS, kv.key): self._decode(seen, kv, SlotRecord.decode)
+            for kv in slots_kvs
+        }
+        holders = {
+            split_slot_key(HOLDERS, kv.key): self._decode(
+                seen, kv, lambda v, kv=kv: Holder.decode(v, kv.mod_revision, kv.lease)
+            )
+            for kv in holder_kvs
+        }
+        nodes = {
+            (record := self._decode(seen, kv, NodeRecord.decode)).node: record for kv in node_kvs
+        }
+        self._seen = seen  # forget versions no longer current
+        waiters = sorted(kv.key.decode() for kv in waiter_kvs)
+        return Snapshot(slots, holders, nodes, waiters, revision)  # type: ignore[arg-type]
+
+    def _decode(self, seen: dict, kv: object, decode: object) -> object:
+        version = (kv.key, kv.mod_revision)  # type: ignore[attr-defined]
+        record = self._seen.get(version)
+        if record is None:
+            record = decode(kv.value)  # type: ignore[attr-defined, operator]
+        seen[version] = record
+        return record
+
+
+def _ranges(responses: list) -> list[list]:
+    """The key-values of each range read in a transaction's responses."""
+    return [[get for _value, get in response] for response in responses]
 
 
 def connect(endpoints: tuple[str, ...]) -> aetcd.Client:
@@ -96,11 +120,23 @@ class EtcdState:
         self.lock_ttl = lock_ttl
         self._lease: aetcd.leases.Lease | None = None
         self._keepalive: asyncio.Future[None] | None = None
+        self._decoder = _Decoder()
+
+    def _reads(self) -> list:
+        tx = self.client.transactions
+        return [tx.get(p.encode(), prefix_range_end(p.encode())) for p in _SNAPSHOT_PREFIXES]
 
     async def snapshot(self) -> Snapshot:
-        """Everything under /ds01/v1/ in one consistent read."""
-        found = await self.client.get_prefix(ROOT.encode())
-        return _snapshot(list(found), found.header.revision)
+        """Slots, holders, nodes and waiters in one consistent read."""
+        _, responses = await self.client.transaction(compare=[], success=self._reads(), failure=[])
+        return self._decoder.snapshot(_ranges(responses), await self._revision(responses))
+
+    async def _revision(self, responses: list) -> int:
+        """The revision a transaction read at: every Get it returned carries it."""
+        for response in responses:
+            for _value, get in response:
+                return get.header.revision
+        return (await self.client.get_prefix(ROOT.encode())).header.revision  # all empty
 
     async def lock_and_read(self, user: str) -> UserLock:
         """Take the user's lock and read a snapshot, in one transaction.
@@ -114,18 +150,14 @@ class EtcdState:
         tx = self.client.transactions
         won, responses = await self.client.transaction(
             compare=[tx.create(key) == 0],
-            success=[
-                tx.put(key, token, lease=session),
-                tx.get(ROOT.encode(), prefix_range_end(ROOT.encode())),
-            ],
+            success=[tx.put(key, token, lease=session), *self._reads()],
             failure=[tx.get(key)],
         )
         if not won:
             held = responses[0][0][1] if responses and responses[0] else None
             return UserLock(key, token, None, held.mod_revision if held else 0)
-        kvs = [get for _value, get in responses[1]]
         revision = responses[0].response_put.header.revision
-        return UserLock(key, token, _snapshot(kvs, revision), 0)
+        return UserLock(key, token, self._decoder.snapshot(_ranges(responses[1:]), revision), 0)
 
     async def unlock(self, lock: UserLock) -> None:
         tx = self.client.transactions

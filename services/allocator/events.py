@@ -7,6 +7,8 @@ etcd compacted that history away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -118,3 +120,59 @@ async def watch_allocations(
         raise HistoryCompacted(err.compacted_revision) from err
     finally:
         await watch.cancel()
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """A subscriber fell too far behind; it can resume after ``revision``."""
+
+    revision: int
+
+
+class EventHub:
+    """One etcd watch per process, shared by every live WatchAllocations stream.
+
+    Translating each event once instead of once per watcher keeps delivery to many
+    watchers fast. A subscriber that falls more than QUEUE events behind is cut off
+    with the revision to resume from, instead of holding the others back.
+    """
+
+    QUEUE = 1024
+
+    def __init__(self, client: aetcd.Client) -> None:
+        self.client = client
+        self._subscribers: set[asyncio.Queue[AllocationEvent | Overflow | Exception]] = set()
+        self._pump: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self,
+    ) -> AsyncIterator[asyncio.Queue[AllocationEvent | Overflow | Exception]]:
+        queue: asyncio.Queue[AllocationEvent | Overflow | Exception] = asyncio.Queue(self.QUEUE)
+        self._subscribers.add(queue)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run(), name="allocation-events")
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+            if not self._subscribers and self._pump is not None:
+                self._pump.cancel()
+                self._pump = None
+
+    async def _run(self) -> None:
+        last = 0
+        try:
+            async for event in watch_allocations(self.client):
+                last = event.revision
+                for queue in list(self._subscribers):
+                    if queue.full():
+                        self._subscribers.discard(queue)
+                        while not queue.empty():
+                            queue.get_nowait()
+                        queue.put_nowait(Overflow(last - 1))
+                    else:
+                        queue.put_nowait(event)
+        except Exception as err:  # etcd went away: every subscriber learns it
+            for queue in list(self._subscribers):
+                queue.put_nowait(err)

@@ -14,7 +14,14 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2
 
 from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
-from ds01.allocator.events import AllocationEvent, EventKind, HistoryCompacted, watch_allocations
+from ds01.allocator.events import (
+    AllocationEvent,
+    EventHub,
+    EventKind,
+    HistoryCompacted,
+    Overflow,
+    watch_allocations,
+)
 from ds01.allocator.inventory import load_inventory
 from ds01.allocator.placement import (
     AllocationRefused,
@@ -36,13 +43,12 @@ from ds01.allocator.service import (
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.identity import caller
 from ds01.core.server import ServiceRuntime, ServiceSpec
-from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
+from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ALLOCATOR_SERVICE = allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name
-ADMIN_CACHE_SECONDS = 10.0
 _PREFERENCES = {
     allocator_pb2.SLOT_PREFERENCE_UNSPECIFIED: Preference.ANY,
     allocator_pb2.SLOT_PREFERENCE_ANY: Preference.ANY,
@@ -66,14 +72,41 @@ _REFUSAL_CODES = {
 
 
 class RemoteLimits:
-    """Quotas and roles from the limits service, asked as ``svc:allocator``."""
+    """Quotas and roles from the limits service, asked as ``svc:allocator``.
+
+    Answers are cached while a WatchLimits stream is open, and the whole cache is
+    dropped on every change it reports, so a reload applies to the next request.
+    """
 
     def __init__(self, client: Ds01Client) -> None:
         self.client = client
-        self._admins: dict[str, tuple[float, bool]] = {}
+        self._cache: dict[str, limits_pb2.UserLimits] = {}
+        self._watching = False
+
+    async def follow_changes(self) -> None:
+        """Keep the change stream open; without it, nothing is cached."""
+        while True:
+            try:
+                async for _change in self.client.watch_limits():
+                    self._cache.clear()
+                    self._watching = True
+            except Ds01Error as err:
+                log.warning("limits change stream lost (%s); not caching limits", err.message)
+            self._watching = False
+            self._cache.clear()
+            await asyncio.sleep(1)
+
+    async def limits(self, user: str) -> limits_pb2.UserLimits:
+        cached = self._cache.get(user)
+        if cached is not None:
+            return cached
+        limits = await self.client.get_limits(user)
+        if self._watching:
+            self._cache[user] = limits
+        return limits
 
     async def quota(self, user: str) -> Quota:
-        limits = await self.client.get_limits(user)
+        limits = await self.limits(user)
         return Quota(
             group=limits.group,
             priority=limits.priority,
@@ -89,18 +122,13 @@ class RemoteLimits:
         )
 
     async def hold_seconds(self, user: str) -> float | None:
-        limits = await self.client.get_limits(user)
+        limits = await self.limits(user)
         if not limits.HasField("gpu_hold_after_stop"):
             return None
         return limits.gpu_hold_after_stop.ToTimedelta().total_seconds()
 
     async def is_admin(self, user: str) -> bool:
-        cached = self._admins.get(user)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
-        admin = (await self.client.get_limits(user)).admin
-        self._admins[user] = (time.monotonic() + ADMIN_CACHE_SECONDS, admin)
-        return admin
+        return (await self.limits(user)).admin
 
 
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
@@ -108,6 +136,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self.allocator = allocator
         self.limits = limits
         self.node = node
+        self.hub = EventHub(allocator.state.client)
 
     async def Allocate(
         self, request: allocator_pb2.AllocateRequest, context: grpc.aio.ServicerContext
@@ -193,14 +222,28 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.WatchAllocationsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:
         actor = await self._actor(context)
-        try:
-            async for event in watch_allocations(
-                self.allocator.state.client, request.since_revision
-            ):
-                if actor.privileged or actor.name in event.users:
-                    yield event_message(event)
-        except HistoryCompacted as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+        if request.since_revision:  # a replay from etcd's history, then live
+            try:
+                async for event in watch_allocations(
+                    self.allocator.state.client, request.since_revision
+                ):
+                    if actor.privileged or actor.name in event.users:
+                        yield event_message(event)
+            except HistoryCompacted as err:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+            return
+        async with self.hub.subscribe() as events:
+            while True:
+                item = await events.get()
+                if isinstance(item, Overflow):
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this watcher fell behind; resume with since_revision={item.revision}",
+                    )
+                if isinstance(item, Exception):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
+                if actor.privileged or actor.name in item.users:
+                    yield event_message(item)
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
         principal = caller()
@@ -309,6 +352,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.run_in_background(
         _keep_node_registered(config.node, runtime, etcd), f"node-{config.node}"
     )
+    runtime.run_in_background(limits.follow_changes(), "limits-changes")
 
     async def close() -> None:
         await state.close()

@@ -119,6 +119,8 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
             user = await self._subject(user, context)
         with self.store.subscribe() as changes:
             last = resolve(self.store.config, user) if user and self.store.config else None
+            serving = self.store.config.digest if self.store.config else ""
+            yield limits_pb2.WatchLimitsResponse(digest=serving)
             while True:
                 change = await changes.get()
                 if not user:

@@ -97,7 +97,9 @@ class LimitsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLimits(self, request, context):
-        """Tells the subscriber whenever a reload changes a user's limits.
+        """Tells the subscriber whenever a reload changes a user's limits. The first message,
+        sent at once, has no users and names the digest being served: from then on the
+        subscriber misses no change (a cache may be filled after it arrives).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
