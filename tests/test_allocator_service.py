@@ -273,3 +273,29 @@ async def test_a_limits_reload_applies_to_the_next_allocation(env: AllocatorEnv)
                 break
             await asyncio.sleep(0.05)
     assert granted is not None and granted.allocations[0].slot.slot_id == "0"
+
+
+async def test_a_node_that_stops_renewing_shows_down_and_keeps_its_slots(etcd_endpoint: str):
+    from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
+    from ds01.allocator.records import NodeRecord, SlotRecord
+
+    client = connect((etcd_endpoint,))
+    slot = SlotRecord("ghost", "0", "GPU-g", "A100", "", 1, 1.0)
+    registration = NodeRegistration(
+        client, NodeRecord("ghost", "declared", True, time.time()), [slot], ttl=2
+    )
+    try:
+        await registration.register()
+        state = EtcdState(client)
+        assert "ghost" in (await state.snapshot()).nodes
+        # The node's process dies: nobody refreshes its lease.
+        for _ in range(50):
+            snapshot = await state.snapshot()
+            if "ghost" not in snapshot.nodes:
+                break
+            await asyncio.sleep(0.1)
+        assert "ghost" not in snapshot.nodes
+        assert snapshot.slots[("ghost", "0")] == slot  # still recorded
+    finally:
+        await client.delete_prefix(b"/ds01/v1/slots/ghost/")
+        await client.close()

@@ -300,11 +300,13 @@ class NodeRegistration:
     dies the node shows as down, and its slots stay recorded with their holders.
     """
 
-    def __init__(self, client: aetcd.Client, record: NodeRecord, slots: list[SlotRecord]):
+    def __init__(
+        self, client: aetcd.Client, record: NodeRecord, slots: list[SlotRecord], ttl: int = 10
+    ) -> None:
         self.client = client
         self.record = record
         self.slots = slots
-        self.ttl = 10
+        self.ttl = ttl
 
     async def register(self) -> None:
         current = await self.client.get_prefix(f"{SLOTS}{self.record.node}/".encode())

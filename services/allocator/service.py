@@ -74,9 +74,9 @@ class Allocator:
         self.limits = limits
         self.strategy = strategy
         self.lock_ttl = state.lock_ttl
-        # Claims of this process go one at a time: they would all pick the same best slot
-        # and all but one lose the transaction. Other processes are kept apart by etcd.
-        self._claiming = asyncio.Lock()
+        # Slots this process is claiming right now: its other requests plan around them
+        # instead of all picking the same best slot and losing the transaction.
+        self._in_flight: dict[SlotKey, Holder] = {}
 
     async def allocate(
         self, request: Request, actor: Actor, wait_until: float | None = None
@@ -97,22 +97,28 @@ class Allocator:
         for attempt in range(CLAIM_ATTEMPTS):
             if attempt:  # lost to another process: back off a random moment, then re-plan
                 await asyncio.sleep(random.uniform(0, 0.005 * attempt))
-            async with self._claiming:
-                lock = await self.state.lock_and_read(request.user)
-                if lock.snapshot is not None:
-                    try:
-                        chosen = self._plan(request, quota, lock.snapshot, waiter)
-                    except BaseException:
-                        await self.state.unlock(lock)
-                        raise
-                    if isinstance(chosen, list):  # the container already holds these
-                        await self.state.unlock(lock)
-                        return chosen
-                    holder = Holder(request.user, request.container, time.time(), quota.priority)
-                    if await self.state.claim(chosen, holder, lock):
-                        _log_preemptions(chosen, request.container)
-                        return [Granted(slot, holder) for slot in chosen.slots]
-                    continue
+            lock = await self.state.lock_and_read(request.user)
+            if lock.snapshot is not None:
+                try:
+                    chosen = self._plan(request, quota, lock.snapshot, waiter)
+                except BaseException:
+                    await self.state.unlock(lock)
+                    raise
+                if isinstance(chosen, list):  # the container already holds these
+                    await self.state.unlock(lock)
+                    return chosen
+                holder = Holder(request.user, request.container, time.time(), quota.priority)
+                keys = [(s.node, s.slot_id) for s in chosen.slots]
+                self._in_flight.update(dict.fromkeys(keys, holder))
+                try:
+                    claimed = await self.state.claim(chosen, holder, lock)
+                finally:
+                    for key in keys:
+                        self._in_flight.pop(key, None)
+                if claimed:
+                    _log_preemptions(chosen, request.container)
+                    return [Granted(slot, holder) for slot in chosen.slots]
+                continue
             # Another request of this user holds the lock (or a dead process still does,
             # until its lease runs out): wait for it outside this process's claim queue.
             remaining = deadline - time.monotonic()
@@ -137,7 +143,7 @@ class Allocator:
             request,
             quota,
             snapshot.slots.values(),
-            snapshot.holders,
+            {**self._in_flight, **snapshot.holders},
             set(snapshot.nodes),
             self.strategy,
         )
