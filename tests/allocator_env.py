@@ -11,7 +11,7 @@ from pathlib import Path
 import aetcd
 
 from ds01.client import ClientIdentity, Ds01Client
-from ds01.core.config import AllocatorConfig, Config, InventoryConfig
+from ds01.core.config import AllocatorConfig, Config, ContainersConfig, InventoryConfig
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
@@ -137,9 +137,18 @@ class AllocatorEnv:
         raise AssertionError("the allocator never registered its node")
 
 
-async def make_env(directory: Path, pki: Pki, state_dir: Path, etcd: str) -> AllocatorEnv:
+async def make_env(
+    directory: Path,
+    pki: Pki,
+    state_dir: Path,
+    etcd: str,
+    docker_socket: Path | None = None,
+    limits: str = LIMITS,
+) -> AllocatorEnv:
+    """limits and allocator (and containers, given a Docker socket) on a wiped etcd."""
     await wipe(etcd)
-    files = write_files(directory)
+    files = write_files(directory, limits)
+    services = ("limits", "allocator", "containers") if docker_socket else ("limits", "allocator")
     config = Config(
         node=files.node,
         state_dir=state_dir,
@@ -148,10 +157,12 @@ async def make_env(directory: Path, pki: Pki, state_dir: Path, etcd: str) -> All
         limits_file=files.limits_file,
         inventory=files.inventory,
         allocator=files.allocator,
+        containers=ContainersConfig(network_mode="none"),
+        docker_host=f"unix://{docker_socket}" if docker_socket else Config.docker_host,
     )
     env = AllocatorEnv(config, pki, {}, write_config_file(config, directory / "ds01.yaml"))
     try:
-        await env.start("limits", "allocator")
+        await env.start(*services)
     except BaseException:
         await env.stop()
         raise

@@ -22,6 +22,8 @@ from ds01.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
     common_pb2,
+    containers_pb2,
+    containers_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     limits_pb2,
@@ -32,6 +34,7 @@ T = TypeVar("T")
 _IdentityStub = identity_pb2_grpc.IdentityServiceStub
 _LimitsStub = limits_pb2_grpc.LimitsServiceStub
 _AllocatorStub = allocator_pb2_grpc.AllocatorServiceStub
+_ContainersStub = containers_pb2_grpc.ContainersServiceStub
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -210,6 +213,44 @@ class Ds01Client:
         request = allocator_pb2.WatchAllocationsRequest(since_revision=since_revision)
         stub = _AllocatorStub(self.channel("allocator"))
         return self._follow("allocator", stub.WatchAllocations(request))
+
+    async def create_container(
+        self,
+        name: str,
+        image: str,
+        gpus: int = 0,
+        workspace: str = "",
+        data_dirs: tuple[str, ...] = (),
+        start: bool = False,
+    ) -> containers_pb2.Container:
+        request = containers_pb2.CreateContainerRequest(
+            name=name, image=image, gpus=gpus, workspace=workspace, data_dirs=data_dirs, start=start
+        )
+        return (await self._containers("CreateContainer", request)).container
+
+    async def start_container(self, name: str) -> containers_pb2.Container:
+        request = containers_pb2.StartContainerRequest(name=name)
+        return (await self._containers("StartContainer", request)).container
+
+    async def stop_container(self, name: str, grace_seconds: int = 0) -> containers_pb2.Container:
+        request = containers_pb2.StopContainerRequest(name=name, grace_seconds=grace_seconds)
+        return (await self._containers("StopContainer", request)).container
+
+    async def remove_container(self, name: str) -> None:
+        await self._containers("RemoveContainer", containers_pb2.RemoveContainerRequest(name=name))
+
+    async def list_containers(
+        self, user: str = "", all_users: bool = False
+    ) -> list[containers_pb2.Container]:
+        request = containers_pb2.ListContainersRequest(user=user, all_users=all_users)
+        return list((await self._containers("ListContainers", request)).containers)
+
+    async def get_container(self, name: str) -> containers_pb2.Container:
+        request = containers_pb2.GetContainerRequest(name=name)
+        return (await self._containers("GetContainer", request)).container
+
+    async def _containers(self, method: str, request: Any) -> Any:
+        return await self.unary("containers", _ContainersStub, method, request)
 
     def watch_limits(self, user: str = "") -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
         """Each reload that changes limits (the user's, or anyone's for admins)."""

@@ -1,6 +1,191 @@
-"""Wiring of the containers service into a gRPC server."""
+"""The containers service over gRPC: the caller's containers, errors in words."""
 
-from ds01.core.server import contract_only_spec
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import docker.errors
+import grpc
+from google.protobuf import timestamp_pb2
+
+from ds01.allocator.etcd_state import connect
+from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
+from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
+from ds01.core.identity import caller
+from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.v1 import containers_pb2, containers_pb2_grpc
 
-SPEC = contract_only_spec("containers", containers_pb2, containers_pb2_grpc, "ContainersService")
+T = TypeVar("T")
+CONTAINERS_SERVICE = containers_pb2.DESCRIPTOR.services_by_name["ContainersService"].full_name
+_CODES = {
+    Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Code.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+_STATES = {
+    "created": containers_pb2.CONTAINER_STATE_CREATED,
+    "running": containers_pb2.CONTAINER_STATE_RUNNING,
+    "restarting": containers_pb2.CONTAINER_STATE_RUNNING,
+    "paused": containers_pb2.CONTAINER_STATE_RUNNING,
+    "exited": containers_pb2.CONTAINER_STATE_STOPPED,
+    "dead": containers_pb2.CONTAINER_STATE_STOPPED,
+}
+
+
+class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+
+    async def CreateContainer(
+        self, request: containers_pb2.CreateContainerRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.CreateContainerResponse:
+        user, _ = await self._caller(context)
+        create = CreateRequest(
+            user=user,
+            name=request.name,
+            image=request.image,
+            gpus=request.gpus,
+            workspace=request.workspace,
+            data_dirs=tuple(request.data_dirs),
+            start=request.start,
+        )
+        metadata = await self._run(context, self.lifecycle.create(create))
+        return containers_pb2.CreateContainerResponse(container=await self._message(metadata))
+
+    async def StartContainer(
+        self, request: containers_pb2.StartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.StartContainerResponse:
+        user, privileged = await self._caller(context)
+        metadata = await self._run(context, self.lifecycle.start(user, privileged, request.name))
+        return containers_pb2.StartContainerResponse(container=await self._message(metadata))
+
+    async def StopContainer(
+        self, request: containers_pb2.StopContainerRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.StopContainerResponse:
+        user, privileged = await self._caller(context)
+        metadata = await self._run(
+            context, self.lifecycle.stop(user, privileged, request.name, request.grace_seconds)
+        )
+        return containers_pb2.StopContainerResponse(container=await self._message(metadata))
+
+    async def RemoveContainer(
+        self, request: containers_pb2.RemoveContainerRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.RemoveContainerResponse:
+        user, privileged = await self._caller(context)
+        await self._run(context, self.lifecycle.remove(user, privileged, request.name))
+        return containers_pb2.RemoveContainerResponse()
+
+    async def ListContainers(
+        self, request: containers_pb2.ListContainersRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.ListContainersResponse:
+        user, privileged = await self._caller(context)
+        if (request.all_users or (request.user and request.user != user)) and not privileged:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "only admins may list other users' containers"
+            )
+        found = await self._run(
+            context, self.lifecycle.list(request.user or user, request.all_users)
+        )
+        return containers_pb2.ListContainersResponse(
+            containers=[await self._message(m, c) for m, c in found]
+        )
+
+    async def GetContainer(
+        self, request: containers_pb2.GetContainerRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.GetContainerResponse:
+        user, privileged = await self._caller(context)
+        metadata, container = await self._run(
+            context, self.lifecycle.inspect(user, privileged, request.name)
+        )
+        return containers_pb2.GetContainerResponse(
+            container=await self._message(metadata, container)
+        )
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+        principal = caller()
+        if principal.is_service:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "containers are created by users, not services"
+            )
+        privileged = principal.is_admin
+        if not privileged:
+            with contextlib.suppress(Ds01Error):
+                privileged = (await self.lifecycle.client.get_limits(principal.name)).admin
+        return principal.name, privileged
+
+    async def _message(self, metadata: Metadata, container: Any = None) -> containers_pb2.Container:
+        docker = self.lifecycle.docker
+        container = container or await docker.find(metadata.container_id)
+        return _container(metadata, await docker.status(container) if container else None)
+
+    async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except ContainerError as err:
+            await context.abort(_CODES[err.code], err.message)
+        except (DockerUnavailable, docker.errors.DockerException) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Docker: {err}")
+        raise AssertionError("unreachable: abort raises")
+
+
+def _container(metadata: Metadata, status: str | None) -> containers_pb2.Container:
+    message = containers_pb2.Container(
+        name=metadata.name,
+        docker_name=metadata.docker_name,
+        id=metadata.container_id,
+        user=metadata.user,
+        image=metadata.image,
+        workspace=metadata.workspace,
+        data_dirs=metadata.data_dirs,
+        created_at=_timestamp(metadata.created_at),
+        state=containers_pb2.CONTAINER_STATE_GONE,
+    )
+    for slot in metadata.gpu_slots:
+        node, _, slot_id = slot.partition("/")
+        allocation = message.gpus.add()
+        allocation.slot.node, allocation.slot.slot_id = node, slot_id
+    if status is not None:
+        message.state = _STATES.get(status, containers_pb2.CONTAINER_STATE_STOPPED)
+    return message
+
+
+def _timestamp(epoch: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(epoch * 1e9))
+    return stamp
+
+
+async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
+    config = runtime.config
+    identity = ClientIdentity(config.pki.ca_cert, config.pki.service("containers"))
+    client = Ds01Client(config, identity, timeout=60)
+    etcd = connect(config.etcd_endpoints)
+    docker_host = DockerHost(config.docker_host)
+    lifecycle = Lifecycle(
+        node=config.node,
+        docker=docker_host,
+        metadata=MetadataStore(etcd, config.node),
+        client=client,
+        network_mode=config.containers.network_mode,
+    )
+    containers_pb2_grpc.add_ContainersServiceServicer_to_server(
+        ContainersServicer(lifecycle), server
+    )
+
+    async def close() -> None:
+        await client.close()
+        await docker_host.close()
+        with contextlib.suppress(Exception):
+            await etcd.close()
+
+    runtime.on_stop.append(close)
+
+
+SPEC = ServiceSpec(name="containers", grpc_services=(CONTAINERS_SERVICE,), register=register)

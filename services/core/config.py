@@ -44,6 +44,12 @@ class AllocatorConfig:
 
 
 @dataclass(frozen=True)
+class ContainersConfig:
+    # Docker network mode for new containers; unset: Docker's default network.
+    network_mode: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: str = field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/ds01")
@@ -54,6 +60,7 @@ class Config:
     limits_file: Path = Path("/etc/ds01/resource-limits.yaml")
     inventory: InventoryConfig = InventoryConfig()
     allocator: AllocatorConfig = AllocatorConfig()
+    containers: ContainersConfig = ContainersConfig()
     docker_host: str = "unix:///var/run/docker.sock"
     log_level: str = "info"
     source: Path | None = None
@@ -103,6 +110,7 @@ def parse_config(text: str, file: Path) -> Config:
         limits_file=reader.path("limits_file", Config.limits_file, base),
         inventory=_read_inventory(reader.section("inventory"), base),
         allocator=_read_allocator(reader.section("allocator")),
+        containers=_read_containers(reader.section("containers")),
         docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
         log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
         source=file,
@@ -147,6 +155,13 @@ def _read_allocator(reader: _Reader) -> AllocatorConfig:
     )
     reader.reject_unknown()
     return allocator
+
+
+def _read_containers(reader: _Reader) -> ContainersConfig:
+    mode = reader.str("network_mode", "")
+    containers = ContainersConfig(network_mode=mode or None)
+    reader.reject_unknown()
+    return containers
 
 
 def _check_address(value: str) -> str | None:

@@ -1,0 +1,350 @@
+"""Creating and running containers; a failed create undoes every step it had done.
+
+Free of gRPC: it talks to the limits and allocator services through the client
+library, and to Docker, etcd and cgroups through the adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ds01.client import Ds01Client, Ds01Error
+from ds01.containers.adapters import (
+    CgroupfsSlices,
+    DockerHost,
+    Metadata,
+    MetadataStore,
+    NoAccount,
+    host_account,
+)
+from ds01.containers.spec import Account, ContainerSpec, Limits, SpecError, docker_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 10
+
+
+class Code(enum.Enum):
+    INVALID = "invalid"
+    NOT_FOUND = "not_found"
+    EXISTS = "exists"
+    DENIED = "denied"
+    PRECONDITION = "precondition"
+    EXHAUSTED = "exhausted"
+    UNAVAILABLE = "unavailable"
+
+
+class ContainerError(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_FROM_GRPC = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Code.EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION: Code.PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED: Code.DENIED,
+    grpc.StatusCode.NOT_FOUND: Code.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID,
+}
+
+
+@dataclass
+class CreateRequest:
+    user: str
+    name: str
+    image: str
+    gpus: int = 0
+    workspace: str = ""
+    data_dirs: tuple[str, ...] = ()
+    start: bool = False
+
+
+@dataclass
+class Undo:
+    """What a create has done so far, to be undone in reverse if a later step fails."""
+
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+
+    def add(self, what: str, undo: Callable[[], Awaitable[None]]) -> None:
+        self.steps.append((what, undo))
+
+    async def run(self) -> list[str]:
+        problems = []
+        for what, undo in reversed(self.steps):
+            try:
+                await undo()
+            except Exception as err:  # keep undoing the rest; say what is left
+                log.exception("could not undo %s", what)
+                problems.append(f"{what}: {err}")
+        return problems
+
+
+@dataclass
+class Lifecycle:
+    node: str
+    docker: DockerHost
+    metadata: MetadataStore
+    client: Ds01Client  # limits and allocator, as svc:containers
+    network_mode: str | None = None
+    cgroups: CgroupfsSlices = field(default_factory=CgroupfsSlices)
+    accounts: Callable[[str], Account] = host_account
+
+    async def create(self, request: CreateRequest) -> Metadata:
+        undo = Undo()
+        step = "checking the request"
+        try:
+            step = "looking up the host account"
+            account = self.accounts(request.user)
+            name = docker_name(request.name, request.user)
+            step = "checking the image"
+            if not await self.docker.image_exists(request.image):
+                raise ContainerError(
+                    Code.PRECONDITION,
+                    f"image {request.image} is not on this host: build or load it first "
+                    "(`docker images` lists what is there)",
+                )
+            step = "reading the limits"
+            limits = await self.client.get_limits(request.user)
+            args = await self.client.get_docker_args(request.user)
+            await self._check_room(request.user, name, limits)
+            workspace, data_dirs, made = self._paths(account, request)
+            if made is not None:
+                undo.add("the new workspace directory", lambda: _remove_dirs(made))
+            gpu_env: dict[str, str] = {}
+            slots: tuple[str, ...] = ()
+            uuids: tuple[str, ...] = ()
+            if request.gpus:
+                step = "allocating GPUs"
+                granted = await self.client.allocate(
+                    name, user=request.user, slots=request.gpus, node=self.node
+                )
+                undo.add("the GPU allocation", lambda: self._release(name))
+                gpu_env = dict(granted.environment)
+                slots = tuple(f"{a.slot.node}/{a.slot.slot_id}" for a in granted.allocations)
+                uuids = tuple(a.slot.uuid for a in granted.allocations)
+            step = "preparing the user's cgroup"
+            parent = await self._cgroup_parent(args.cgroup_parent, limits)
+            spec = ContainerSpec(
+                name=request.name,
+                image=request.image,
+                account=account,
+                limits=Limits(
+                    cpus=args.cpus if args.HasField("cpus") else None,
+                    memory=args.memory_bytes if args.HasField("memory_bytes") else None,
+                    memory_swap=(
+                        args.memory_swap_bytes if args.HasField("memory_swap_bytes") else None
+                    ),
+                    shm_size=args.shm_size_bytes if args.HasField("shm_size_bytes") else None,
+                    ipc_host=args.ipc_mode == "host",
+                    pids=args.pids_limit if args.HasField("pids_limit") else None,
+                    cgroup_parent=parent,
+                ),
+                gpu_environment=gpu_env,
+                gpu_slots=slots,
+                gpu_device_ids=uuids,
+                workspace=workspace,
+                data_dirs=data_dirs,
+                network_mode=self.network_mode,
+            )
+            step = "creating the Docker container"
+            container = await self.docker.create(spec.create_arguments())
+            undo.add("the Docker container", lambda: self.docker.remove(container))
+            metadata = Metadata(
+                docker_name=name,
+                name=request.name,
+                user=request.user,
+                image=request.image,
+                container_id=container.id,
+                node=self.node,
+                created_at=time.time(),
+                gpu_slots=list(slots),
+                workspace=str(workspace or ""),
+                data_dirs=[str(d) for d in data_dirs],
+                limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
+            )
+            step = "recording the container's metadata"
+            await self.metadata.put(metadata)
+            undo.add("the metadata", lambda: self.metadata.delete(name))
+            if request.start:
+                step = "starting the container"
+                await self.docker.start(container)
+            return metadata
+        except BaseException as err:
+            left = await undo.run()
+            raise _failed(step, err, left) from err
+
+    async def start(self, user: str, privileged: bool, name: str) -> Metadata:
+        metadata, container = await self._own(user, privileged, name)
+        for slot in metadata.gpu_slots:
+            node, _, slot_id = slot.partition("/")
+            check = await self._allocator(
+                self.client.validate(metadata.docker_name, slot_id, node), "validating the GPU"
+            )
+            if not check.valid:
+                raise ContainerError(
+                    Code.PRECONDITION,
+                    f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
+                    f"remove it (`ds01 container remove {metadata.name}`) and create it again",
+                )
+        await self.docker.start(container)
+        if metadata.gpu_slots:
+            await self._allocator(
+                self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
+            )
+        return metadata
+
+    async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
+        metadata, container = await self._own(user, privileged, name)
+        await self.docker.stop(container, grace or DEFAULT_GRACE)
+        if metadata.gpu_slots:
+            await self._allocator(self.client.mark_stopped(metadata.docker_name), "holding the GPU")
+        return metadata
+
+    async def remove(self, user: str, privileged: bool, name: str) -> None:
+        metadata, container = await self._own(user, privileged, name, must_exist=False)
+        if container is not None:
+            await self.docker.remove(container)
+        if metadata.gpu_slots:
+            await self._release(metadata.docker_name)
+        await self.metadata.delete(metadata.docker_name)
+
+    async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
+        found = []
+        for metadata in await self.metadata.all():
+            if all_users or metadata.user == user:
+                found.append((metadata, await self.docker.find(metadata.container_id)))
+        return sorted(found, key=lambda pair: (pair[0].user, pair[0].name))
+
+    async def inspect(self, user: str, privileged: bool, name: str) -> tuple[Metadata, Any]:
+        return await self._own(user, privileged, name, must_exist=False)
+
+    async def _own(
+        self, user: str, privileged: bool, name: str, must_exist: bool = True
+    ) -> tuple[Metadata, Any]:
+        """The caller's container ``name`` (admins: a full ``name._.user`` for others')."""
+        try:
+            full = name if "._." in name else docker_name(name, user)
+        except SpecError as err:
+            raise ContainerError(Code.INVALID, str(err)) from err
+        metadata = await self.metadata.get(full)
+        if metadata is None:
+            raise ContainerError(Code.NOT_FOUND, f"no container {name} (`ds01 container list`)")
+        if metadata.user != user and not privileged:
+            raise ContainerError(Code.DENIED, f"{name} belongs to {metadata.user}")
+        container = await self.docker.find(metadata.container_id)
+        if container is None and must_exist:
+            raise ContainerError(
+                Code.NOT_FOUND, f"{name} is recorded but Docker no longer has it; remove it"
+            )
+        return metadata, container
+
+    async def _check_room(self, user: str, name: str, limits: Any) -> None:
+        mine = [m for m in await self.metadata.all() if m.user == user]
+        if any(m.docker_name == name for m in mine) or await self.docker.find(name):
+            raise ContainerError(Code.EXISTS, f"{name} exists already")
+        if limits.HasField("max_containers_per_user"):
+            allowed = limits.max_containers_per_user
+            if len(mine) >= allowed:
+                raise ContainerError(
+                    Code.EXHAUSTED,
+                    f"{user} has {len(mine)} of {allowed} containers: remove one first",
+                )
+
+    def _paths(
+        self, account: Account, request: CreateRequest
+    ) -> tuple[Path, tuple[Path, ...], list[Path] | None]:
+        """Workspace and data directories must lie in the user's own home. Returns the
+        directories it had to create, if any, so that a failed create can remove them."""
+        workspace = Path(request.workspace or account.home / "workspace" / request.name)
+        data = tuple(Path(d) for d in request.data_dirs)
+        for path in (workspace, *data):
+            resolved = path.resolve()
+            if not resolved.is_relative_to(account.home.resolve()):
+                raise ContainerError(
+                    Code.DENIED, f"{path} is outside {account.user}'s home {account.home}"
+                )
+        for path in data:
+            if not path.is_dir():
+                raise ContainerError(Code.PRECONDITION, f"data directory {path} does not exist")
+        made = None
+        if not workspace.exists():
+            made = [p for p in (workspace, *workspace.parents) if not p.exists()]
+            workspace.mkdir(parents=True, mode=0o750)
+            _chown_tree(workspace, account)
+        return workspace, data, made
+
+    async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
+        """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
+        otherwise."""
+        if await self.docker.cgroup_driver() == "systemd":
+            return slice_name
+        group, user = slice_name.removesuffix(".slice").removeprefix("ds01-").split("-", 1)
+        parent = f"/ds01/{group}/{user}"
+        aggregate = {
+            key: getattr(limits.aggregate, field)
+            for key, field in (("memory", "memory_bytes"), ("cpus", "cpus"), ("pids", "pids"))
+            if limits.aggregate.HasField(field)
+        }
+        if aggregate:
+            self.cgroups.ensure(parent, aggregate)
+        return parent
+
+    async def _release(self, docker_name: str) -> None:
+        try:
+            await self.client.release(docker_name)
+        except Ds01Error as err:
+            if err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    @staticmethod
+    async def _allocator(call: Awaitable[Any], doing: str) -> Any:
+        try:
+            return await call
+        except Ds01Error as err:
+            code = _FROM_GRPC.get(err.code, Code.UNAVAILABLE)
+            raise ContainerError(code, f"{doing}: {err.message}") from err
+
+
+async def _remove_dirs(made: list[Path]) -> None:
+    for directory in made:  # deepest first; only if still empty
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _chown_tree(path: Path, account: Account) -> None:
+    home = account.home.resolve()
+    current = path.resolve()
+    while current != home and current.is_relative_to(home):
+        os.chown(current, account.uid, account.gid)
+        current = current.parent
+
+
+def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:
+    if isinstance(err, ContainerError):
+        code, why = err.code, err.message
+    elif isinstance(err, Ds01Error):
+        code, why = _FROM_GRPC.get(err.code, Code.UNAVAILABLE), err.message
+    elif isinstance(err, SpecError):
+        code, why = Code.INVALID, str(err)
+    elif isinstance(err, NoAccount):
+        code, why = Code.PRECONDITION, str(err)
+    else:
+        code, why = Code.UNAVAILABLE, f"{type(err).__name__}: {err}"
+    message = f"create failed while {step}: {why}"
+    if left:
+        message += f"; could not undo: {'; '.join(left)}"
+    else:
+        message += "; nothing was left behind"
+    return ContainerError(code, message)

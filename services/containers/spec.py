@@ -1,0 +1,152 @@
+"""What a ds01 container looks like to Docker: name, labels, limits, mounts, user setup.
+
+Pure functions: the lifecycle gathers the facts (limits, GPUs, the host account), these
+turn them into the arguments of Docker's create call, following AIME MLC's conventions
+so that MLC's own ``mlc list`` and ``mlc open`` see and open ds01 containers.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEPARATOR = "._."
+MLC_VERSION = "4"
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+class SpecError(ValueError):
+    """The request cannot become a container; the message says what to change."""
+
+
+def docker_user(user: str) -> str:
+    """A user name as Docker names allow it ([a-zA-Z0-9_.-]): h.baker@x.org -> h.baker_x.org."""
+    return re.sub(r"[^a-zA-Z0-9_.-]", "_", user)
+
+
+def docker_name(name: str, user: str) -> str:
+    """``<name>._.<user>``, the seed's and MLC's convention."""
+    if not _NAME.match(name) or SEPARATOR in name:
+        raise SpecError(
+            f"{name!r} is not a valid container name: use letters, digits and _ . - "
+            f"(at most 63, not starting with . _ -, and without {SEPARATOR!r})"
+        )
+    return f"{name}{SEPARATOR}{docker_user(user)}"
+
+
+@dataclass(frozen=True)
+class Account:
+    """The host account the container's user mirrors (the seed's 'I have no name!' fix)."""
+
+    user: str
+    uid: int
+    gid: int
+    group: str
+    home: Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float | None = None
+    memory: int | None = None
+    memory_swap: int | None = None
+    shm_size: int | None = None
+    ipc_host: bool = False
+    pids: int | None = None
+    cgroup_parent: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    account: Account
+    limits: Limits
+    gpu_environment: dict[str, str] = field(default_factory=dict)
+    gpu_slots: tuple[str, ...] = ()  # "<node>/<slot id>"
+    gpu_device_ids: tuple[str, ...] = ()  # UUIDs for a Docker device request, if any
+    workspace: Path | None = None
+    data_dirs: tuple[Path, ...] = ()
+    network_mode: str | None = None
+
+    @property
+    def docker_name(self) -> str:
+        return docker_name(self.name, self.account.user)
+
+    def labels(self) -> dict[str, str]:
+        """ds01's and MLC's labels. No value may hold a comma: MLC's parser splits on them."""
+        user = self.account.user
+        labels = {
+            "ds01.managed": "true",
+            "ds01.user": user,
+            "ds01.name": self.name,
+            "ds01.gpu.slots": " ".join(self.gpu_slots),
+            "ds01.gpu.uuids": " ".join(self.gpu_device_ids),
+            "aime.mlc": user,
+            "aime.mlc.NAME": self.name,
+            "aime.mlc.USER": user,
+            "aime.mlc.MLC_VERSION": MLC_VERSION,
+            "aime.mlc.WORK_MOUNT": str(self.workspace or ""),
+            "aime.mlc.DATA_MOUNT": " ".join(str(d) for d in self.data_dirs),
+            "aime.mlc.FRAMEWORK": self.image,
+            "aime.mlc.GPUS": " ".join(self.gpu_slots) or "none",
+        }
+        for key, value in labels.items():
+            if "," in value:
+                raise SpecError(
+                    f"label {key} would contain a comma ({value!r}); MLC cannot read it"
+                )
+        return labels
+
+    def create_arguments(self) -> dict[str, Any]:
+        """Keyword arguments for docker-py's ``containers.create``."""
+        limits = self.limits
+        mounts = []
+        if self.workspace is not None:
+            mounts.append(f"{self.workspace}:/workspace")
+        for data in self.data_dirs:
+            target = "/data" if len(self.data_dirs) == 1 else f"/data/{data.name}"
+            mounts.append(f"{data}:{target}")
+        arguments: dict[str, Any] = {
+            "image": self.image,
+            "name": self.docker_name,
+            "command": ["sh", "-c", setup_script(self.account)],
+            "labels": self.labels(),
+            "environment": {"DS01_USER": self.account.user, **self.gpu_environment},
+            "working_dir": "/workspace",
+            "volumes": mounts,
+            "cgroup_parent": limits.cgroup_parent or None,
+            "pids_limit": limits.pids,
+            "detach": True,
+        }
+        if limits.cpus is not None:
+            arguments["nano_cpus"] = int(limits.cpus * 1e9)
+        if limits.memory is not None:
+            arguments["mem_limit"] = limits.memory
+        if limits.memory_swap is not None:
+            arguments["memswap_limit"] = limits.memory_swap
+        if limits.ipc_host:  # never together with shm_size: Docker refuses both
+            arguments["ipc_mode"] = "host"
+        elif limits.shm_size is not None:
+            arguments["shm_size"] = limits.shm_size
+        if self.network_mode:
+            arguments["network_mode"] = self.network_mode
+        return {k: v for k, v in arguments.items() if v is not None}
+
+
+def setup_script(account: Account) -> str:
+    """POSIX sh that gives the host uid and gid names inside any image (busybox or
+    Debian), group first, then user; then waits, ending promptly on SIGTERM."""
+    group = shlex.quote(account.group)
+    user = shlex.quote(account.user)
+    uid, gid = account.uid, account.gid
+    return (
+        f"grep -q '^[^:]*:[^:]*:{gid}:' /etc/group || echo {group}:x:{gid}: >> /etc/group; "
+        f"grep -q '^[^:]*:[^:]*:{uid}:' /etc/passwd || "
+        f"echo {user}:x:{uid}:{gid}::/workspace:/bin/sh >> /etc/passwd; "
+        "trap 'exit 0' TERM INT; "
+        "while :; do sleep 3600 & wait $!; done"
+    )

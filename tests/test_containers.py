@@ -1,0 +1,282 @@
+"""The containers service on a real private dockerd and etcd, with real Unix users."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import docker
+import grpc
+import pytest
+import pytest_asyncio
+
+from ds01.allocator.etcd_state import connect
+from ds01.client import Ds01Error
+from ds01.containers.adapters import DockerHost, MetadataStore
+from ds01.containers.lifecycle import ContainerError, CreateRequest, Lifecycle
+from ds01.core.pki import Pki
+from ds01.v1 import common_pb2, containers_pb2
+from tests.allocator_env import AllocatorEnv, make_env
+from tests.harness import require_binary
+
+MiB = 1024 * 1024
+USERS = {"ds01alice": 35001, "ds01bob": 35002}
+GROUP, GID = "ds01lab", 35000
+LIMITS = textwrap.dedent(
+    """\
+    defaults:
+      max_gpu_equivalents: 1
+      max_gpu_slots_per_container: 1
+      max_cpus: 1
+      memory: 256m
+      memory_swap: 256m
+      shm_size: 32m
+      pids_limit: 128
+      max_containers_per_user: 2
+      gpu_hold_after_stop: 2s
+      priority: 10
+    default_group: students
+    groups:
+      students:
+        aggregate: {memory_max: 1g, max_cpus: 2, tasks_max: 512}
+    """
+)
+READ_LIMITS = (
+    "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes;"
+    " cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max;"
+    " df -k /dev/shm | tail -1"
+)
+
+
+@pytest.fixture(scope="session")
+def unix_users() -> Iterator[dict[str, int]]:
+    """Real accounts, as on a lab server: a shared group with an unusual GID."""
+    require_binary("useradd")
+    subprocess.run(["groupadd", "-g", str(GID), GROUP], check=False, capture_output=True)
+    for user, uid in USERS.items():
+        subprocess.run(
+            ["useradd", "-m", "-u", str(uid), "-g", GROUP, user], check=False, capture_output=True
+        )
+    yield USERS
+    for user in USERS:
+        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
+    subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    tmp_path: Path,
+    pki: Pki,
+    state_dir: Path,
+    etcd_endpoint: str,
+    docker_socket: Path,
+    test_image: str,
+    unix_users: dict[str, int],
+) -> AsyncIterator[AllocatorEnv]:
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS)
+    yield env
+    await env.stop()
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    for container in client.containers.list(all=True, filters={"label": "ds01.managed=true"}):
+        container.remove(force=True)
+    client.close()
+    for user in unix_users:
+        shutil.rmtree(Path("/home") / user / "workspace", ignore_errors=True)
+
+
+def docker_exec(docker_socket: Path, name: str, *command: str, user: str = "") -> str:
+    argv = ["docker", "-H", f"unix://{docker_socket}", "exec"]
+    argv += ["-u", user] if user else []
+    result = subprocess.run([*argv, name, *command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_the_full_lifecycle(env: AllocatorEnv, docker_socket: Path, test_image: str):
+    async with env.client("ds01alice") as alice:
+        created = await alice.create_container("proj", test_image, gpus=1, start=True)
+        assert created.docker_name == "proj._.ds01alice"
+        assert created.state == containers_pb2.CONTAINER_STATE_RUNNING
+        assert [g.slot.slot_id for g in created.gpus] == ["2:1"]
+        name = created.docker_name
+
+        # Limits, read from inside the container.
+        memory, pids, shm = (
+            await asyncio.to_thread(docker_exec, docker_socket, name, "sh", "-c", READ_LIMITS)
+        ).splitlines()
+        assert int(memory) == 256 * MiB and pids.strip() == "128"
+        assert shm.split()[1] == str(32 * 1024)  # /dev/shm size in KiB
+        # The user exists inside with the host uid, gid and names: no "I have no name!".
+        who = await asyncio.to_thread(
+            docker_exec,
+            docker_socket,
+            name,
+            "sh",
+            "-c",
+            "id; whoami; pwd",
+            user=f"{USERS['ds01alice']}:{GID}",
+        )
+        assert who.splitlines() == [
+            f"uid={USERS['ds01alice']}(ds01alice) gid={GID}({GROUP}) groups={GID}({GROUP})",
+            "ds01alice",
+            "/workspace",
+        ]
+        env_vars = await asyncio.to_thread(docker_exec, docker_socket, name, "env")
+        assert "CUDA_VISIBLE_DEVICES=MIG-0002-1" in env_vars
+        assert "NVIDIA_VISIBLE_DEVICES=MIG-0002-1" in env_vars
+
+        stopped = await alice.stop_container("proj")
+        assert stopped.state == containers_pb2.CONTAINER_STATE_STOPPED
+        held = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
+        assert held.state == common_pb2.SLOT_STATE_HELD and held.container == name
+
+        started = await alice.start_container("proj")
+        assert started.state == containers_pb2.CONTAINER_STATE_RUNNING
+        running = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
+        assert running.state == common_pb2.SLOT_STATE_ALLOCATED
+
+        await alice.remove_container("proj")
+        assert await alice.list_containers() == []
+        free = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
+        assert free.state == common_pb2.SLOT_STATE_FREE
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        assert not client.containers.list(all=True, filters={"name": name})
+    finally:
+        client.close()
+
+
+async def test_labels_follow_ds01_and_mlc_conventions(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("labels", test_image, gpus=1)
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        container = client.containers.get("labels._.ds01alice")
+        labels = container.labels
+        host_config = container.attrs["HostConfig"]
+    finally:
+        client.close()
+    assert labels["ds01.user"] == labels["aime.mlc.USER"] == labels["aime.mlc"] == "ds01alice"
+    assert labels["ds01.managed"] == "true" and labels["aime.mlc.NAME"] == "labels"
+    assert labels["aime.mlc.WORK_MOUNT"] == "/home/ds01alice/workspace/labels"
+    assert not any("," in value for value in labels.values())
+    assert host_config["CgroupParent"] == "/ds01/students/ds01alice"
+    # The user's slice carries the aggregate limits, written by the service (cgroupfs).
+    unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    memory = Path("/sys/fs/cgroup") / ("" if unified else "memory") / "ds01/students/ds01alice"
+    limit = (memory / ("memory.max" if unified else "memory.limit_in_bytes")).read_text()
+    assert int(limit) == 1024 * MiB
+    assert host_config["NanoCpus"] == 1_000_000_000 and host_config["PidsLimit"] == 128
+
+
+async def test_a_stopped_containers_gpu_hold_expires_and_start_says_so(
+    env: AllocatorEnv, test_image: str
+):
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("hold", test_image, gpus=1, start=True)
+        await alice.stop_container("hold", grace_seconds=1)
+        await asyncio.sleep(3.5)  # gpu_hold_after_stop is 2s
+        with pytest.raises(Ds01Error) as refused:
+            await alice.start_container("hold")
+        await alice.remove_container("hold")
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Its GPU hold has ended" in refused.value.message
+
+
+async def test_users_cannot_touch_each_others_containers(env: AllocatorEnv, test_image: str):
+    async with env.client("ds01alice") as alice, env.client("ds01bob") as bob:
+        await alice.create_container("mine", test_image)
+        for call in (
+            bob.stop_container("mine._.ds01alice"),
+            bob.remove_container("mine._.ds01alice"),
+            bob.get_container("mine._.ds01alice"),
+            bob.list_containers(user="ds01alice"),
+        ):
+            with pytest.raises(Ds01Error) as refused:
+                await call
+            assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert await bob.list_containers() == []
+        await alice.remove_container("mine")
+
+
+async def test_limits_on_count_images_and_names_are_explained(env: AllocatorEnv, test_image: str):
+    async with env.client("ds01alice") as alice:
+        with pytest.raises(Ds01Error) as missing:
+            await alice.create_container("x", "no-such-image:1")
+        await alice.create_container("one", test_image)
+        await alice.create_container("two", test_image)
+        with pytest.raises(Ds01Error) as too_many:
+            await alice.create_container("three", test_image)
+        with pytest.raises(Ds01Error) as twice:
+            await alice.create_container("two", test_image)
+        with pytest.raises(Ds01Error) as bad_name:
+            await alice.create_container("../etc", test_image)
+        for name in ("one", "two"):
+            await alice.remove_container(name)
+    assert missing.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "image no-such-image:1 is not on this host" in missing.value.message
+    assert too_many.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ds01alice has 2 of 2 containers" in too_many.value.message
+    assert twice.value.code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert bad_name.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_workspace_outside_the_users_home_is_refused(env: AllocatorEnv, test_image: str):
+    async with env.client("ds01alice") as alice:
+        with pytest.raises(Ds01Error) as refused:
+            await alice.create_container("escape", test_image, workspace="/etc")
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "/etc is outside ds01alice's home" in refused.value.message
+
+
+@pytest.mark.parametrize("step", ["allocate", "cgroup", "create", "metadata", "start"])
+async def test_a_failure_at_any_create_step_leaves_nothing_behind(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, etcd_endpoint: str, step: str
+):
+    """The domain, driven directly on the real Docker, etcd and services, with one step
+    made to fail."""
+    etcd = connect((etcd_endpoint,))
+    lifecycle = Lifecycle(
+        node="n1",
+        docker=DockerHost(f"unix://{docker_socket}"),
+        metadata=MetadataStore(etcd, "n1"),
+        client=env.service_client("containers"),
+        network_mode="none",
+    )
+    target, method = {
+        "allocate": (lifecycle.client, "allocate"),
+        "cgroup": (lifecycle.cgroups, "ensure"),
+        "create": (lifecycle.docker, "create"),
+        "metadata": (lifecycle.metadata, "put"),
+        "start": (lifecycle.docker, "start"),
+    }[step]
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"injected failure in {step}")
+
+    async def fail_async(*args: object, **kwargs: object) -> None:
+        fail()
+
+    setattr(target, method, fail if step == "cgroup" else fail_async)
+    request = CreateRequest(user="ds01alice", name="doomed", image=test_image, gpus=1, start=True)
+    try:
+        with pytest.raises(ContainerError) as failed:
+            await lifecycle.create(request)
+        assert f"injected failure in {step}" in failed.value.message
+        assert failed.value.message.endswith("nothing was left behind")
+        assert await lifecycle.metadata.all() == []
+        async with env.client("ds01alice") as alice:
+            slots = (await alice.gpu_status()).allocations
+        assert all(a.state == common_pb2.SLOT_STATE_FREE for a in slots)
+        assert await lifecycle.docker.find("doomed._.ds01alice") is None
+        assert not Path("/home/ds01alice/workspace/doomed").exists()
+    finally:
+        await lifecycle.client.close()
+        await lifecycle.docker.close()
+        await etcd.close()
