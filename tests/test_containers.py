@@ -280,3 +280,17 @@ async def test_a_failure_at_any_create_step_leaves_nothing_behind(
         await lifecycle.client.close()
         await lifecycle.docker.close()
         await etcd.close()
+
+
+async def test_the_cli_runs_lists_stops_and_removes(env: AllocatorEnv, test_image: str):
+    run = await env.cli("ds01bob", "container", "run", "web", "--image", test_image, "--gpus", "1")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"web._.ds01bob: running, n1/2:1, image {test_image}"
+    listed = await env.cli("ds01bob", "container", "list")
+    assert listed.stdout.splitlines()[1].split()[:4] == ["web", "ds01bob", "running", "2:1"]
+    stop = await env.cli("ds01bob", "container", "stop", "web", "--grace", "1")
+    assert stop.stdout.strip().startswith("web._.ds01bob: stopped")
+    denied = await env.cli("ds01alice", "container", "remove", "web._.ds01bob")
+    assert denied.returncode == 1 and "belongs to ds01bob [PERMISSION_DENIED]" in denied.stderr
+    removed = await env.cli("ds01bob", "container", "remove", "web")
+    assert removed.stdout.strip() == "removed web"

@@ -11,6 +11,7 @@ import click
 import grpc
 
 from ds01.cli.common import Settings, call, print_table, run
+from ds01.cli.container import container
 from ds01.cli.gpu import events, gpu
 from ds01.cli.limits import limits
 from ds01.client import Ds01Client, Ds01Error
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, config_path: Path | None, output: str) -> None:
 cli.add_command(limits)
 cli.add_command(gpu)
 cli.add_command(events)
+cli.add_command(container)
 
 
 @cli.command()
