@@ -92,7 +92,8 @@ def processes(
 async def _wait_serving(client: Ds01Client) -> None:
     for _ in range(200):
         try:
-            if any(node.up for node in (await client.gpu_status()).nodes):
+            nodes_up = any(node.up for node in (await client.gpu_status()).nodes)
+            if nodes_up and await client.health("limits") == "SERVING":
                 return
         except Ds01Error:
             pass

@@ -299,3 +299,66 @@ async def test_a_node_that_stops_renewing_shows_down_and_keeps_its_slots(etcd_en
     finally:
         await client.delete_prefix(b"/ds01/v1/slots/ghost/")
         await client.close()
+
+
+async def test_a_waiter_leaves_what_it_cannot_use_to_others(env: AllocatorEnv):
+    """A researcher waiting for two full GPUs while one is free does not block a student's
+    MIG slice, nor another researcher's single free GPU once the waiter's needs are met."""
+    async with env.client("rita") as rita, env.client("ray") as ray, env.client("alice") as alice:
+        await rita.allocate("one._.rita", preference=2)  # GPU 0 taken; GPU 1 free
+        big = asyncio.ensure_future(
+            ray.allocate("big._.ray", slots=2, preference=2, wait_seconds=10)
+        )
+        await asyncio.sleep(0.5)
+        assert not big.done()
+        # 1 full GPU + 3 MIG slices free, the waiter wants 2: a slice is still given out.
+        assert (await alice.allocate("small._.alice")).allocations[0].slot.slot_id == "2:1"
+        await rita.release("one._.rita")
+        granted = await asyncio.wait_for(big, 5)
+    assert sorted(a.slot.slot_id for a in granted.allocations) == ["0", "1"]
+
+
+async def test_an_overdue_hold_is_ended_even_if_its_lease_was_renewed(
+    env: AllocatorEnv, etcd_endpoint: str
+):
+    """etcd restarts a lease's time to live when it restarts; hold_until still rules."""
+    from dataclasses import replace
+
+    from ds01.allocator.etcd_state import EtcdState, connect
+    from ds01.allocator.service import Allocator
+
+    start = await etcd_revision(etcd_endpoint)
+    async with env.client("alice") as alice:
+        await alice.allocate("late._.alice")
+    client = connect((etcd_endpoint,))
+    try:
+        state = EtcdState(client)
+        held = (await state.snapshot()).held_by("late._.alice")
+        overdue = replace(held[0][1], stopped_at=time.time() - 60, hold_until=time.time() - 1)
+        assert await state.rewrite(held, overdue, ttl=3600)  # a lease that would run an hour
+        assert await Allocator(state, limits=None).expire_overdue() == 1  # type: ignore[arg-type]
+        assert not (await state.snapshot()).held_by("late._.alice")
+    finally:
+        await client.close()
+    async with env.client("labadmin") as admin:
+        history = await collect(admin.watch_allocations(since_revision=start), 3, timeout=3)
+    assert [e.type for e in history][-1] == EVENT.ALLOCATION_EVENT_TYPE_HOLD_EXPIRED
+
+
+async def test_container_names_say_whose_they_are(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob:
+        squat = await refused(alice.allocate("train._.bob"))
+        assert squat.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be named <name>._.alice to hold GPUs for alice" in squat.message
+        await alice.allocate("job._.alice")
+        # Bob's watcher learns that a slot went to alice, but not her container's name.
+        events = asyncio.ensure_future(collect(bob.watch_allocations(), 1, timeout=3))
+        await asyncio.sleep(0.3)
+        async with env.client("ray") as ray:
+            await alice.mark_stopped("job._.alice")
+            await ray.allocate("r._.ray", preference=3)
+            await ray.allocate("r2._.ray", preference=3)  # preempts nothing of bob's
+        assert await events == []
+        await bob.allocate("b._.bob")
+        status = {a.slot.slot_id: a for a in (await bob.gpu_status()).allocations}
+    assert all(a.container in ("", "b._.bob") for a in status.values())

@@ -38,7 +38,7 @@ _ContainersStub = containers_pb2_grpc.ContainersServiceStub
 
 DEFAULT_TIMEOUT = 10.0
 
-# Reads may be retried when the service is briefly unavailable (a restart).
+# Reads may be retried when a service is briefly unavailable (starting, restarting).
 _RETRY_READS = json.dumps(
     {
         "methodConfig": [
@@ -46,6 +46,9 @@ _RETRY_READS = json.dumps(
                 "name": [
                     {"service": "grpc.health.v1.Health"},
                     {"service": "ds01.v1.IdentityService"},
+                    {"service": "ds01.v1.LimitsService", "method": "GetLimits"},
+                    {"service": "ds01.v1.LimitsService", "method": "GetDockerArgs"},
+                    {"service": "ds01.v1.AllocatorService", "method": "GetStatus"},
                 ],
                 "retryPolicy": {
                     "maxAttempts": 4,

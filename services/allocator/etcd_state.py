@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -44,7 +45,7 @@ class Snapshot:
     slots: dict[SlotKey, SlotRecord]
     holders: dict[SlotKey, Holder]
     nodes: dict[str, NodeRecord]  # nodes that are up
-    waiters: list[str]  # waiter keys in serving order
+    waiters: list[tuple[str, int]]  # (waiter key, slots wanted), in serving order
     revision: int  # changes after this revision are not in the snapshot
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
@@ -92,7 +93,7 @@ class _Decoder:
             (record := self._decode(seen, kv, NodeRecord.decode)).node: record for kv in node_kvs
         }
         self._seen = seen  # forget versions no longer current
-        waiters = sorted(kv.key.decode() for kv in waiter_kvs)
+        waiters = sorted((kv.key.decode(), _wanted(kv.value)) for kv in waiter_kvs)
         return Snapshot(slots, holders, nodes, waiters, revision)  # type: ignore[arg-type]
 
     def _decode(self, seen: dict, kv: object, decode: object) -> object:
@@ -102,6 +103,13 @@ class _Decoder:
             record = decode(kv.value)  # type: ignore[attr-defined, operator]
         seen[version] = record
         return record
+
+
+def _wanted(value: bytes) -> int:
+    try:
+        return max(1, int(json.loads(value)["slots"]))
+    except (ValueError, KeyError, TypeError):
+        return 1
 
 
 def _ranges(responses: list) -> list[list]:
@@ -250,6 +258,20 @@ class EtcdState:
             await self._revoke_unused({h.lease for _, h in held})
         return succeeded
 
+    async def expire(self, key: SlotKey, holder: Holder) -> bool:
+        """End an overdue hold, as the lease would have: no release mark, so the event
+        stream reports it as an expiry."""
+        tx = self.client.transactions
+        holder_key = slot_key(HOLDERS, *key)
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.mod(holder_key) == holder.mod_revision],
+            success=[tx.delete(holder_key)],
+            failure=[],
+        )
+        if succeeded:
+            await self._revoke_unused({holder.lease})
+        return succeeded
+
     async def _revoke_unused(self, leases: set[int]) -> None:
         """Revoke hold leases no key uses any more (the holders were rewritten or deleted)."""
         for lease in leases - {0}:
@@ -258,12 +280,16 @@ class EtcdState:
                 if not info.keys:
                     await self.client.revoke_lease(lease)
 
-    async def enqueue_waiter(self, node: str, priority: int, ttl: float) -> tuple[str, object]:
-        """A key that sorts by priority (highest first), then arrival."""
+    async def enqueue_waiter(
+        self, node: str, priority: int, slots: int, ttl: float
+    ) -> tuple[str, object]:
+        """A key that sorts by priority (highest first), then arrival; its value says how
+        many slots the waiter needs, so others may take what it cannot use."""
         lease = await self.client.lease(max(2, round(ttl)))
         order = f"{1_000_000 - priority:07d}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         key = f"{WAITERS}{order}"
-        await self.client.put(key.encode(), node.encode(), lease=lease)
+        value = json.dumps({"node": node, "slots": slots}).encode()
+        await self.client.put(key.encode(), value, lease=lease)
         return key, lease
 
     async def dequeue_waiter(self, key: str, lease: object) -> None:

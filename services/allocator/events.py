@@ -48,7 +48,7 @@ class HistoryCompacted(Exception):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(
             f"etcd has compacted the history before revision {compact_revision}; "
-            "read the current state (GetStatus) and watch again from now"
+            "read the current state (GetStatus) and watch again from its revision"
         )
         self.compact_revision = compact_revision
 
@@ -161,18 +161,25 @@ class EventHub:
                 self._pump = None
 
     async def _run(self) -> None:
-        last = 0
         try:
             async for event in watch_allocations(self.client):
-                last = event.revision
                 for queue in list(self._subscribers):
                     if queue.full():
-                        self._subscribers.discard(queue)
-                        while not queue.empty():
-                            queue.get_nowait()
-                        queue.put_nowait(Overflow(last - 1))
+                        # Resume just before the oldest event it has not received.
+                        oldest = queue.get_nowait()
+                        revision = oldest.revision if isinstance(oldest, AllocationEvent) else 0
+                        self._end(queue, Overflow(revision - 1))
                     else:
                         queue.put_nowait(event)
         except Exception as err:  # etcd went away: every subscriber learns it
             for queue in list(self._subscribers):
-                queue.put_nowait(err)
+                self._end(queue, err)
+
+    def _end(
+        self, queue: asyncio.Queue[AllocationEvent | Overflow | Exception], last: object
+    ) -> None:
+        """Make ``last`` the only thing left for a subscriber, and stop feeding it."""
+        self._subscribers.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(last)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
 import grpc
@@ -197,13 +198,12 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
     ) -> allocator_pb2.GetStatusResponse:
         actor = await self._actor(context)
         snapshot = await self._run(context, self.allocator.status(request.user, request.node))
-        response = allocator_pb2.GetStatusResponse()
+        response = allocator_pb2.GetStatusResponse(revision=snapshot.revision)
         for key, slot in sorted(snapshot.slots.items(), key=lambda item: item[1].order):
             holder = snapshot.holders.get(key)
             if request.user and holder is None:
                 continue
-            if holder and not actor.privileged and holder.user != actor.name:
-                holder = Holder(holder.user, "", holder.since, holder.priority, holder.stopped_at)
+            holder = _visible(holder, actor) if holder else None
             message = allocation_message(slot, holder, slot.node in snapshot.nodes)
             response.allocations.append(message)
         for name in sorted({s.node for s in snapshot.slots.values()} | set(snapshot.nodes)):
@@ -228,7 +228,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                     self.allocator.state.client, request.since_revision
                 ):
                     if actor.privileged or actor.name in event.users:
-                        yield event_message(event)
+                        yield event_message(event, actor)
             except HistoryCompacted as err:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
             return
@@ -243,7 +243,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                 if isinstance(item, Exception):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
                 if actor.privileged or actor.name in item.users:
-                    yield event_message(item)
+                    yield event_message(item, actor)
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
         principal = caller()
@@ -323,19 +323,26 @@ def _messages(granted: list[Granted]) -> list[common_pb2.Allocation]:
     return [allocation_message(g.slot, g.holder, True) for g in granted]
 
 
-def event_message(event: AllocationEvent) -> allocator_pb2.WatchAllocationsResponse:
+def event_message(event: AllocationEvent, actor: Actor) -> allocator_pb2.WatchAllocationsResponse:
     slot = common_pb2.GpuSlot(node=event.node, slot_id=event.slot_id)
     message = allocator_pb2.WatchAllocationsResponse(
         type=_EVENT_TYPES[event.kind],
-        allocation=holding_message(slot, event.holder),
+        allocation=holding_message(slot, _visible(event.holder, actor)),
         revision=event.revision,
         released_by=event.released_by,
     )
     if event.kind in (EventKind.RELEASED, EventKind.HOLD_EXPIRED):
         message.allocation.state = common_pb2.SLOT_STATE_FREE
     if event.previous is not None:
-        message.previous.CopyFrom(holding_message(slot, event.previous))
+        message.previous.CopyFrom(holding_message(slot, _visible(event.previous, actor)))
     return message
+
+
+def _visible(holder: Holder, actor: Actor) -> Holder:
+    """Users see who holds a slot, but not another user's container names."""
+    if actor.privileged or holder.user == actor.name:
+        return holder
+    return replace(holder, container="")
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
@@ -353,6 +360,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         _keep_node_registered(config.node, runtime, etcd), f"node-{config.node}"
     )
     runtime.run_in_background(limits.follow_changes(), "limits-changes")
+    runtime.run_in_background(_expire_overdue_holds(allocator), "hold-sweeper")
 
     async def close() -> None:
         await state.close()
@@ -361,6 +369,19 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             await etcd.close()
 
     runtime.on_stop.append(close)
+
+
+async def _expire_overdue_holds(allocator: Allocator, interval: float = 1.0) -> None:
+    """Backstop for hold leases that etcd renewed by restarting (see expire_overdue)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            ended = await allocator.expire_overdue()
+        except Exception as err:  # etcd away: try again next round
+            log.warning("hold sweep failed: %s", err)
+            continue
+        if ended:
+            log.info("ended %d overdue GPU hold(s)", ended)
 
 
 async def _keep_node_registered(node: str, runtime: ServiceRuntime, etcd: object) -> None:

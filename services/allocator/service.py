@@ -21,6 +21,7 @@ from ds01.allocator.placement import (
     plan,
 )
 from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
+from ds01.core.naming import belongs_to, docker_user
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class Allocator:
         """Claim slots for ``request.container``; the same call again returns the same slots."""
         if not actor.privileged and actor.name != request.user:
             raise NotPermitted(f"{actor.name} may not allocate GPUs for {request.user}")
+        if not belongs_to(request.container, request.user):
+            # The name says whose it is, so nobody can take or squat another's name.
+            raise AllocationRefused(
+                Refusal.INVALID,
+                f"container {request.container!r} must be named <name>._."
+                f"{docker_user(request.user)} to hold GPUs for {request.user}",
+            )
         quota = await self.limits.quota(request.user)
         if wait_until is None or wait_until <= time.time():
             return await self._allocate_now(request, quota, waiter=None)
@@ -147,35 +155,41 @@ class Allocator:
             set(snapshot.nodes),
             self.strategy,
         )
-        waiters = snapshot.waiters
-        ahead = waiters[: waiters.index(waiter)] if waiter in waiters else waiters
-        if ahead and _waiters_outrank(ahead, quota.priority):
-            raise AllocationRefused(
-                Refusal.NO_CAPACITY,
-                f"{len(ahead)} waiting request(s) with the same or a higher "
-                "priority are served first",
+        ahead = _waiting_ahead(snapshot.waiters, waiter, quota.priority)
+        if ahead:
+            # Free slots of the kind this request gets (full GPUs or MIG slices).
+            taken = {**snapshot.holders, **self._in_flight}
+            kinds = {slot.is_mig for slot in chosen.slots}
+            free = sum(
+                1
+                for key, slot in snapshot.slots.items()
+                if key[0] in snapshot.nodes and key not in taken and slot.is_mig in kinds
             )
+            if free - sum(ahead) < len(chosen.slots):
+                raise AllocationRefused(
+                    Refusal.NO_CAPACITY,
+                    f"{len(ahead)} waiting request(s) with the same or a higher "
+                    "priority are served first",
+                )
         return chosen
 
     async def _allocate_waiting(
         self, request: Request, quota: Quota, deadline: float
     ) -> list[Granted]:
-        """Queue by priority, then arrival; only the head of the queue may claim."""
+        """Queue by priority, then arrival: a waiter may claim only what the waiters ahead
+        of it leave free, so it never takes a slot from a higher-priority or earlier one."""
         key, lease = await self.state.enqueue_waiter(
-            request.node, quota.priority, deadline - time.time() + 5
+            request.node, quota.priority, max(1, request.slots), deadline - time.time() + 5
         )
         try:
             while True:
                 snapshot = await self.state.snapshot()
-                if snapshot.waiters and snapshot.waiters[0] == key:
-                    try:
-                        return await self._allocate_now(request, quota, waiter=key)
-                    except AllocationRefused as refused:
-                        if refused.kind is not Refusal.NO_CAPACITY:
-                            raise
-                        last = refused
-                else:
-                    last = AllocationRefused(Refusal.NO_CAPACITY, "still queued")
+                try:
+                    return await self._allocate_now(request, quota, waiter=key)
+                except AllocationRefused as refused:
+                    if refused.kind is not Refusal.NO_CAPACITY:
+                        raise
+                    last = refused
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     raise AllocationRefused(
@@ -216,6 +230,16 @@ class Allocator:
 
         await self._change(container, actor, change)
         return await self.granted_to(container)
+
+    async def expire_overdue(self, now: float | None = None) -> int:
+        """End holds whose time is up but whose lease still runs: etcd restarts every
+        lease's time to live when it restarts or changes leader. Returns how many ended."""
+        now = time.time() if now is None else now
+        ended = 0
+        for key, holder in (await self.state.snapshot()).holders.items():
+            if holder.hold_until is not None and holder.hold_until < now:
+                ended += await self.state.expire(key, holder)
+        return ended
 
     async def granted_to(self, container: str) -> list[Granted]:
         snapshot = await self.state.snapshot()
@@ -273,7 +297,10 @@ class Allocator:
 
     @staticmethod
     def _check_owner(held: list[tuple[SlotKey, Holder]], actor: Actor) -> None:
+        owners = {holder.user for _, holder in held}
         owner = held[0][1].user
+        if len(owners) > 1:  # cannot happen with names tied to users; never act on a mix
+            raise NotPermitted(f"{held[0][1].container} is held by several users: {owners}")
         if not actor.privileged and owner != actor.name:
             raise NotPermitted(
                 f"{actor.name} may not act on {held[0][1].container}, owned by {owner}"
@@ -297,6 +324,13 @@ def _granted(snapshot: Snapshot, held: list[tuple[SlotKey, Holder]]) -> list[Gra
     return [Granted(snapshot.slots[key], holder) for key, holder in held if key in snapshot.slots]
 
 
-def _waiters_outrank(waiters: list[str], priority: int) -> bool:
-    """Waiter keys start with 1_000_000 - priority: a smaller number is a higher priority."""
-    return any(int(key.rsplit("/", 2)[-2]) <= 1_000_000 - priority for key in waiters)
+def _waiting_ahead(waiters: list[tuple[str, int]], mine: str | None, priority: int) -> list[int]:
+    """Slots wanted by the waiters to serve before this request: those queued before it,
+    or, for a request that does not wait, those of the same or a higher priority (waiter
+    keys start with 1_000_000 - priority: a smaller number is a higher priority)."""
+    keys = [key for key, _ in waiters]
+    if mine in keys:
+        return [wanted for _, wanted in waiters[: keys.index(mine)]]
+    return [
+        wanted for key, wanted in waiters if int(key.rsplit("/", 2)[-2]) <= 1_000_000 - priority
+    ]

@@ -13,18 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SEPARATOR = "._."
+from ds01.core.naming import SEPARATOR, docker_user
+
 MLC_VERSION = "4"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
 class SpecError(ValueError):
     """The request cannot become a container; the message says what to change."""
-
-
-def docker_user(user: str) -> str:
-    """A user name as Docker names allow it ([a-zA-Z0-9_.-]): h.baker@x.org -> h.baker_x.org."""
-    return re.sub(r"[^a-zA-Z0-9_.-]", "_", user)
 
 
 def docker_name(name: str, user: str) -> str:

@@ -147,12 +147,14 @@ class NodeStatus(_message.Message):
     def __init__(self, node: _Optional[str] = ..., up: _Optional[bool] = ..., inventory_source: _Optional[str] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("allocations", "nodes")
+    __slots__ = ("allocations", "nodes", "revision")
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     allocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Allocation]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
-    def __init__(self, allocations: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+    revision: int
+    def __init__(self, allocations: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WatchAllocationsRequest(_message.Message):
     __slots__ = ("since_revision",)

@@ -1,0 +1,18 @@
+"""Container names as Docker, MLC and ds01 spell them: ``<name>._.<user>``."""
+
+from __future__ import annotations
+
+import re
+
+SEPARATOR = "._."
+
+
+def docker_user(user: str) -> str:
+    """A user name as Docker names allow it ([a-zA-Z0-9_.-]): h.baker@x.org -> h.baker_x.org."""
+    return re.sub(r"[^a-zA-Z0-9_.-]", "_", user)
+
+
+def belongs_to(container: str, user: str) -> bool:
+    """Whether ``container`` is named as one of ``user``'s: ``<name>._.<user>``."""
+    name, separator, owner = container.rpartition(SEPARATOR)
+    return bool(name) and bool(separator) and owner == docker_user(user)
