@@ -14,6 +14,7 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
+from tests.allocator_env import AllocatorEnv, make_env
 from tests.harness import build_test_image, running_dockerd, running_etcd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +77,16 @@ async def suite(suite_config: Config) -> AsyncIterator[dict[str, RunningService]
     yield running
     for service in running.values():
         await service.stop(grace=0)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
+) -> AsyncIterator[AllocatorEnv]:
+    """limits and allocator services on a wiped etcd (test files may override it)."""
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
+    yield env
+    await env.stop()
 
 
 _skipped: list[str] = []

@@ -4,22 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest_asyncio
-
-from ds01.core.pki import Pki
-from tests.allocator_env import AllocatorEnv, etcd_revision, make_env
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def env(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
-) -> AsyncIterator[AllocatorEnv]:
-    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
-    yield env
-    await env.stop()
+from tests.allocator_env import AllocatorEnv, etcd_revision
 
 
 async def test_gpu_commands_allocate_hold_validate_and_release(env: AllocatorEnv):

@@ -9,19 +9,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 import yaml
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import load_config
 from ds01.core.pki import Pki
 from ds01.core.processes import free_port
-from tests.allocator_env import AllocatorEnv, make_env, wipe
+from tests.allocator_env import AllocatorEnv, wipe
 
 REPO = Path(__file__).resolve().parent.parent
 DS01D = str(REPO / ".venv" / "bin" / "ds01d")
@@ -149,15 +148,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def env(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
-) -> AsyncIterator[AllocatorEnv]:
-    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
-    yield env
-    await env.stop()
 
 
 async def test_a_killed_lock_holder_blocks_only_until_its_lease_expires(

@@ -5,29 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aetcd
 import grpc
 import pytest
-import pytest_asyncio
 
 from ds01.client import Ds01Error
-from ds01.core.pki import Pki
 from ds01.v1 import allocator_pb2, common_pb2
-from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision, make_env
+from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision
 
 EVENT = allocator_pb2.AllocationEventType
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def env(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
-) -> AsyncIterator[AllocatorEnv]:
-    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
-    yield env
-    await env.stop()
 
 
 async def refused(call) -> Ds01Error:

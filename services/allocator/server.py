@@ -43,7 +43,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.identity import caller
-from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
 log = logging.getLogger(__name__)
@@ -253,20 +253,20 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         return Actor(principal.name, privileged)
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        """Await ``work``; turn the domain's refusals into gRPC status codes."""
-        try:
-            return await work
-        except AllocationRefused as refused:
-            await context.abort(_REFUSAL_CODES[refused.kind], refused.message)
-        except NotPermitted as err:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
-        except NotFound as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        except Ds01Error as err:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
-            )
-        raise AssertionError("unreachable: abort raises")
+        return await answer(context, work, _status_of)
+
+
+def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The domain's refusals as gRPC statuses."""
+    if isinstance(err, AllocationRefused):
+        return _REFUSAL_CODES[err.kind], err.message
+    if isinstance(err, NotPermitted):
+        return grpc.StatusCode.PERMISSION_DENIED, str(err)
+    if isinstance(err, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(err)
+    if isinstance(err, Ds01Error):
+        return grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
+    return None
 
 
 def _timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:

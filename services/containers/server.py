@@ -15,7 +15,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.core.identity import caller
-from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import containers_pb2, containers_pb2_grpc
 
 T = TypeVar("T")
@@ -126,13 +126,15 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         return _container(metadata, await docker.status(container) if container else None)
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        try:
-            return await work
-        except ContainerError as err:
-            await context.abort(_CODES[err.code], err.message)
-        except (DockerUnavailable, docker.errors.DockerException) as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Docker: {err}")
-        raise AssertionError("unreachable: abort raises")
+        return await answer(context, work, _status_of)
+
+
+def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(err, ContainerError):
+        return _CODES[err.code], err.message
+    if isinstance(err, DockerUnavailable | docker.errors.DockerException):
+        return grpc.StatusCode.UNAVAILABLE, f"Docker: {err}"
+    return None
 
 
 def _container(metadata: Metadata, status: str | None) -> containers_pb2.Container:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -27,6 +27,7 @@ from ds01.core.tls import server_credentials
 from ds01.v1 import identity_pb2, identity_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 
@@ -188,3 +189,20 @@ def contract_only_spec(
         grpc_services=(messages.DESCRIPTOR.services_by_name[service].full_name,),
         register=register,
     )
+
+
+async def answer(
+    context: grpc.aio.ServicerContext,
+    work: Awaitable[T],
+    status_of: Callable[[Exception], tuple[grpc.StatusCode, str] | None],
+) -> T:
+    """Await a handler's ``work``; a failure ``status_of`` knows becomes that gRPC status
+    with its sentence. Anything else propagates (and gRPC reports it as UNKNOWN)."""
+    try:
+        return await work
+    except Exception as err:
+        status = status_of(err)
+        if status is None:
+            raise
+        await context.abort(*status)
+        raise  # abort raises; this only satisfies type checkers
