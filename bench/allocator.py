@@ -16,20 +16,16 @@ import asyncio
 import fcntl
 import json
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import aetcd
-import yaml
+from _suite import suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
-from ds01.core.pki import Pki, init_pki
-from ds01.core.processes import free_port, start_etcd
+from ds01.core.pki import Pki
 
-REPO = Path(__file__).resolve().parent.parent
 UNLIMITED = (
     "defaults:\n  max_gpu_equivalents: null\n  max_gpu_slots_per_container: null\n"
     "  allow_full_gpu: true\n  priority: 10\n"
@@ -179,46 +175,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=300)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ds01-bench-") as tmp:
-        root = Path(tmp)
-        etcd_port = free_port()
-        etcd = start_etcd(root / "etcd" / "data", etcd_port)
-        pki = Pki(root / "pki")
-        init_pki(pki, admin="root")
-        (root / "resource-limits.yaml").write_text(UNLIMITED)
-        (root / "inventory.yaml").write_text(inventory(10))  # 70 slots: 64 clients fit
-        config_path = root / "ds01.yaml"
-        config_path.write_text(
-            yaml.safe_dump(
-                {
-                    "state_dir": tmp,
-                    "listen": {
-                        "limits": f"127.0.0.1:{free_port()}",
-                        "allocator": f"127.0.0.1:{free_port()}",
-                    },
-                    "etcd": {"endpoints": [f"127.0.0.1:{etcd_port}"]},
-                    "limits_file": "resource-limits.yaml",
-                    "inventory": {"source": "declared", "file": "inventory.yaml"},
-                    "log_level": "warning",
-                }
-            )
-        )
-        server = subprocess.Popen(
-            [
-                str(REPO / ".venv" / "bin" / "ds01d"),
-                "--config",
-                str(config_path),
-                "--services",
-                "limits,allocator",
-            ]
-        )
-        try:
-            time.sleep(1.5)
-            asyncio.run(measure(config_path, pki, f"127.0.0.1:{etcd_port}", args.cycles))
-        finally:
-            server.terminate()
-            server.wait()
-            etcd.stop()
+    # 10 GPUs x 7 slices = 70 slots: 64 clients each hold one at a time.
+    with suite("limits,allocator", UNLIMITED, inventory(10), etcd=True) as running:
+        asyncio.run(measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles))
 
 
 if __name__ == "__main__":

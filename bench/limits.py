@@ -14,16 +14,14 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from _suite import suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
-from ds01.core.pki import Pki, init_pki
-from ds01.core.processes import free_port
+from ds01.core.pki import Pki
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = REPO / "config" / "resource-limits.yaml"
@@ -90,36 +88,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--seed-runs", type=int, default=30)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ds01-bench-") as tmp:
-        pki = Pki(Path(tmp) / "pki")
-        init_pki(pki, admin="root")
-        config_path = Path(tmp) / "ds01.yaml"
-        config_path.write_text(
-            yaml.safe_dump(
-                {
-                    "state_dir": tmp,
-                    "listen": {"limits": f"127.0.0.1:{free_port()}"},
-                    "limits_file": str(LIMITS),
-                    "log_level": "warning",
-                }
-            )
-        )
-        server = subprocess.Popen(
-            [
-                str(REPO / ".venv" / "bin" / "ds01d"),
-                "--config",
-                str(config_path),
-                "--services",
-                "limits",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            time.sleep(1.5)
-            results = asyncio.run(measure(config_path, pki, args.queries))
-        finally:
-            server.terminate()
-            server.wait()
+    with suite("limits", LIMITS.read_text()) as running:
+        results = asyncio.run(measure(running.config_path, running.pki, args.queries))
     seed = seed_latencies(args.seed_runs)
     seed_p50 = statistics.median(seed)
     print(f"seed (fresh python3 + YAML parse per query), {len(seed)} runs:")
