@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from tests.allocator_env import AllocatorEnv, make_env
-from tests.harness import build_test_image, running_dockerd, running_etcd
+from tests.harness import (
+    GID,
+    GROUP,
+    USERS,
+    build_test_image,
+    require_binary,
+    running_dockerd,
+    running_etcd,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +96,21 @@ async def env(
     env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
     yield env
     await env.stop()
+
+
+@pytest.fixture(scope="session")
+def unix_users() -> Iterator[dict[str, int]]:
+    """Real accounts, as on a lab server: a shared group with an unusual GID."""
+    require_binary("useradd")
+    subprocess.run(["groupadd", "-g", str(GID), GROUP], check=False, capture_output=True)
+    for user, uid in USERS.items():
+        subprocess.run(
+            ["useradd", "-m", "-u", str(uid), "-g", GROUP, user], check=False, capture_output=True
+        )
+    yield USERS
+    for user in USERS:
+        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
+    subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
 
 
 _skipped: list[str] = []

@@ -27,6 +27,9 @@ from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_
 REPO = Path(__file__).resolve().parent.parent
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
 TEST_IMAGE = "ds01-test/busybox:latest"
+# Real Unix accounts the container tests create: a lab group with an unusual GID.
+USERS = {"ds01alice": 35001, "ds01bob": 35002}
+GROUP, GID = "ds01lab", 35000
 BUSYBOX_APPLETS = (
     "sh",
     "cat",

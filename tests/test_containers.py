@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
@@ -21,11 +21,10 @@ from ds01.containers.lifecycle import ContainerError, CreateRequest, Lifecycle
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2, containers_pb2
 from tests.allocator_env import AllocatorEnv, make_env
-from tests.harness import require_binary
+from tests.harness import GID, GROUP, USERS
 
 MiB = 1024 * 1024
-USERS = {"ds01alice": 35001, "ds01bob": 35002}
-GROUP, GID = "ds01lab", 35000
+
 LIMITS = textwrap.dedent(
     """\
     defaults:
@@ -50,21 +49,6 @@ READ_LIMITS = (
     " cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max;"
     " df -k /dev/shm | tail -1"
 )
-
-
-@pytest.fixture(scope="session")
-def unix_users() -> Iterator[dict[str, int]]:
-    """Real accounts, as on a lab server: a shared group with an unusual GID."""
-    require_binary("useradd")
-    subprocess.run(["groupadd", "-g", str(GID), GROUP], check=False, capture_output=True)
-    for user, uid in USERS.items():
-        subprocess.run(
-            ["useradd", "-m", "-u", str(uid), "-g", GROUP, user], check=False, capture_output=True
-        )
-    yield USERS
-    for user in USERS:
-        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
-    subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

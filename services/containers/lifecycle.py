@@ -7,6 +7,7 @@ library, and to Docker, etcd and cgroups through the adapters.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import enum
 import logging
 import os
@@ -207,6 +208,11 @@ class Lifecycle:
 
     async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
         metadata, container = await self._own(user, privileged, name)
+        if await self.docker.status(container) == "running":
+            started = docker_time(container.attrs["State"].get("StartedAt"))
+            if started is not None:  # max_runtime counts across restarts
+                metadata.runtime_before += max(0.0, time.time() - started)
+                await self.metadata.put(metadata)
         await self.docker.stop(container, grace or DEFAULT_GRACE)
         if metadata.gpu_slots:
             await self._allocator(self.client.mark_stopped(metadata.docker_name), "holding the GPU")
@@ -329,6 +335,15 @@ def _chown_tree(path: Path, account: Account) -> None:
     while current != home and current.is_relative_to(home):
         os.chown(current, account.uid, account.gid)
         current = current.parent
+
+
+def docker_time(stamp: str | None) -> float | None:
+    """Docker's RFC 3339 timestamps (nanoseconds, Z); its zero time means never."""
+    if not stamp or stamp.startswith("0001-"):
+        return None
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    base = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC)
+    return base.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:

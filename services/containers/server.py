@@ -14,6 +14,7 @@ from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
+from ds01.containers.reconcile import Reconciler
 from ds01.core.identity import caller
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import containers_pb2, containers_pb2_grpc
@@ -180,6 +181,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     containers_pb2_grpc.add_ContainersServiceServicer_to_server(
         ContainersServicer(lifecycle), server
     )
+    reconciler = Reconciler(lifecycle, interval=config.containers.reconcile_interval)
+    runtime.run_in_background(reconciler.run(), "reconciler")
 
     async def close() -> None:
         await client.close()

@@ -47,6 +47,8 @@ class AllocatorConfig:
 class ContainersConfig:
     # Docker network mode for new containers; unset: Docker's default network.
     network_mode: str | None = None
+    # Seconds between lifecycle sweeps (Docker events also start one at once).
+    reconcile_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,8 @@ def _read_allocator(reader: _Reader) -> AllocatorConfig:
 
 def _read_containers(reader: _Reader) -> ContainersConfig:
     mode = reader.str("network_mode", "")
-    containers = ContainersConfig(network_mode=mode or None)
+    interval = reader.whole("reconcile_interval", 30, minimum=1, maximum=3600)
+    containers = ContainersConfig(network_mode=mode or None, reconcile_interval=interval)
     reader.reject_unknown()
     return containers
 

@@ -1,0 +1,307 @@
+"""The lifecycle reconciler: observe Docker, compare with ds01's records and policies, act.
+
+Runs a sweep at a fixed interval and right after any Docker container event (so a
+dockerd restart is noticed at once). Each sweep is idempotent:
+  * adopt ds01-labelled containers ds01 has no record of (after a crash or restore);
+  * forget records, and release GPUs, of containers Docker no longer has;
+  * release allocations on this node whose container is gone, and report containers
+    that carry GPUs without an allocation;
+  * apply the lifecycle policies: stop idle containers (warning first) and those past
+    max_runtime (counted across restarts), remove containers stopped longer than
+    container_hold_after_stop and created-never-started ones after
+    created_container_timeout. ``ds01.protected=true`` and the ``exempt_from_idle``
+    policy are honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ds01.client import Ds01Error
+from ds01.containers.adapters import Metadata
+from ds01.containers.lifecycle import ContainerError, Lifecycle, docker_time
+
+log = logging.getLogger(__name__)
+
+IDLE_CPU_FRACTION = 0.02  # under 2% of one core
+IDLE_NET_BYTES_PER_SECOND = 1024
+WARN_FRACTION = 0.8  # warn once 80% of the idle timeout has passed
+# A create in progress has its allocation before its container, and its container before
+# its record: leave anything younger than this alone.
+SETTLE_SECONDS = 60.0
+
+
+class Action(enum.Enum):
+    WARN_IDLE = "warn_idle"
+    STOP_IDLE = "stop_idle"
+    STOP_RUNTIME = "stop_runtime"
+    REMOVE_STOPPED = "remove_stopped"
+    REMOVE_NEVER_STARTED = "remove_never_started"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One container as Docker reports it."""
+
+    state: str  # created, running, exited, ...
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    protected: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    idle_timeout: float | None
+    max_runtime: float | None
+    container_hold_after_stop: float | None
+    created_container_timeout: float | None
+    exempt_from_idle: bool = False
+
+
+def decide(
+    observed: Observed,
+    policy: Policy,
+    runtime_before: float,
+    idle_for: float,
+    warned: bool,
+    now: float,
+) -> Action | None:
+    """What the lifecycle policies ask for now, if anything (pure)."""
+    if observed.protected:
+        return None
+    if observed.state == "created":
+        timeout = policy.created_container_timeout
+        if timeout is not None and now - observed.created_at > timeout:
+            return Action.REMOVE_NEVER_STARTED
+        return None
+    if observed.state in ("exited", "dead"):
+        hold = policy.container_hold_after_stop
+        if hold is not None and observed.finished_at and now - observed.finished_at > hold:
+            return Action.REMOVE_STOPPED
+        return None
+    if observed.state != "running":
+        return None
+    running = runtime_before + (now - (observed.started_at or now))
+    if policy.max_runtime is not None and running > policy.max_runtime:
+        return Action.STOP_RUNTIME
+    if policy.idle_timeout is not None and not policy.exempt_from_idle:
+        if idle_for > policy.idle_timeout:
+            return Action.STOP_IDLE
+        if idle_for > policy.idle_timeout * WARN_FRACTION and not warned:
+            return Action.WARN_IDLE
+    return None
+
+
+@dataclass
+class _Activity:
+    """The last usage sample of a container, and since when it has been idle."""
+
+    cpu: float
+    net: float
+    at: float
+    idle_since: float | None = None
+    warned: bool = False
+
+
+@dataclass
+class Reconciler:
+    lifecycle: Lifecycle
+    interval: float = 30.0
+    activity: dict[str, _Activity] = field(default_factory=dict)
+    sweeps: int = 0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._follow_docker_events, args=(loop,), daemon=True).start()
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # a failed sweep is retried; the loop never dies
+                log.exception("reconcile sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    def _follow_docker_events(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake the sweep on every container event; reconnect when dockerd restarts."""
+        while True:
+            try:
+                events = self.lifecycle.docker.client.events(
+                    decode=True, filters={"type": "container"}
+                )
+                loop.call_soon_threadsafe(self._wake.set)  # (re)connected: look again
+                for _event in events:
+                    loop.call_soon_threadsafe(self._wake.set)
+            except Exception as err:
+                log.info("Docker event stream interrupted (%s); reconnecting", err)
+            if loop.is_closed():
+                return
+            time.sleep(1)
+
+    async def sweep(self, now: float | None = None) -> None:
+        lifecycle = self.lifecycle
+        now = time.time() if now is None else now
+        records = {m.docker_name: m for m in await lifecycle.metadata.all()}
+        containers = {
+            c.name: c
+            for c in await lifecycle.docker.run(
+                lambda: lifecycle.docker.client.containers.list(
+                    all=True, filters={"label": "ds01.managed=true"}
+                )
+            )
+        }
+        for name, container in list(containers.items()):
+            if name not in records:
+                created = docker_time(container.attrs.get("Created"))
+                if created is not None and now - created < SETTLE_SECONDS:
+                    del containers[name]  # perhaps still being created: next sweep
+                    continue
+                records[name] = await self._adopt(container, now)
+        for name, record in list(records.items()):
+            if name not in containers:
+                await self._forget(record)
+                del records[name]
+        await self._release_orphaned_allocations(set(records) | set(containers), now)
+        policies: dict[str, Policy] = {}
+        for name, container in containers.items():
+            record = records[name]
+            if record.user not in policies:
+                policies[record.user] = await self._policy(record.user)
+            await self._apply(container, record, policies[record.user], now)
+        self.sweeps += 1
+
+    async def _adopt(self, container: Any, now: float) -> Metadata:
+        labels = container.labels
+        name = labels.get("ds01.name") or container.name.split("._.", 1)[0]
+        record = Metadata(
+            docker_name=container.name,
+            name=name,
+            user=labels.get("ds01.user", ""),
+            image=labels.get("aime.mlc.FRAMEWORK", ""),
+            container_id=container.id,
+            node=self.lifecycle.node,
+            created_at=now,
+            gpu_slots=labels.get("ds01.gpu.slots", "").split(),
+            workspace=labels.get("aime.mlc.WORK_MOUNT", ""),
+        )
+        await self.lifecycle.metadata.put(record)
+        log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
+        return record
+
+    async def _forget(self, record: Metadata) -> None:
+        if record.gpu_slots:
+            with contextlib.suppress(Ds01Error):
+                await self.lifecycle._release(record.docker_name)
+        await self.lifecycle.metadata.delete(record.docker_name)
+        self.activity.pop(record.docker_name, None)
+        log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
+
+    async def _release_orphaned_allocations(self, known: set[str], now: float) -> None:
+        client = self.lifecycle.client
+        try:
+            status = await client.gpu_status(node=self.lifecycle.node)
+        except Ds01Error as err:
+            log.warning("cannot read GPU allocations: %s", err.message)
+            return
+        for allocation in status.allocations:
+            young = now - allocation.since.ToSeconds() < SETTLE_SECONDS
+            if allocation.container and allocation.container not in known and not young:
+                with contextlib.suppress(Ds01Error):
+                    await client.release(allocation.container)
+                    log.warning(
+                        "released %s/%s: its container %s no longer exists",
+                        allocation.slot.node,
+                        allocation.slot.slot_id,
+                        allocation.container,
+                    )
+
+    async def _policy(self, user: str) -> Policy:
+        limits = await self.lifecycle.client.get_limits(user)
+
+        def seconds(key: str) -> float | None:
+            return (
+                getattr(limits, key).ToTimedelta().total_seconds() if limits.HasField(key) else None
+            )
+
+        return Policy(
+            idle_timeout=seconds("idle_timeout"),
+            max_runtime=seconds("max_runtime"),
+            container_hold_after_stop=seconds("container_hold_after_stop"),
+            created_container_timeout=seconds("created_container_timeout"),
+            exempt_from_idle=limits.policies.get("exempt_from_idle", "") == "true",
+        )
+
+    async def _apply(self, container: Any, record: Metadata, policy: Policy, now: float) -> None:
+        docker = self.lifecycle.docker
+        await docker.run(container.reload)
+        state = container.attrs["State"]
+        observed = Observed(
+            state=container.status,
+            created_at=record.created_at,
+            started_at=docker_time(state.get("StartedAt")),
+            finished_at=docker_time(state.get("FinishedAt")),
+            protected=container.labels.get("ds01.protected") == "true",
+        )
+        activity = await self._sample(container, now) if container.status == "running" else None
+        idle_for = now - activity.idle_since if activity and activity.idle_since else 0.0
+        action = decide(
+            observed,
+            policy,
+            record.runtime_before,
+            idle_for,
+            bool(activity and activity.warned),
+            now,
+        )
+        if action is None:
+            return
+        who = f"{record.docker_name} ({record.user})"
+        try:
+            if action is Action.WARN_IDLE and activity is not None:
+                activity.warned = True
+                log.warning(
+                    "%s has been idle for %.0fs; it stops at %.0fs",
+                    who,
+                    idle_for,
+                    policy.idle_timeout or 0,
+                )
+            elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
+                log.warning("stopping %s: %s", who, action.value)
+                await self.lifecycle.stop(record.user, True, record.docker_name)
+                self.activity.pop(record.docker_name, None)
+            else:
+                log.warning("removing %s: %s", who, action.value)
+                await self.lifecycle.remove(record.user, True, record.docker_name)
+        except ContainerError as err:
+            log.warning("could not act on %s (%s): %s", who, action.value, err.message)
+
+    async def _sample(self, container: Any, now: float) -> _Activity:
+        """CPU and network use since the last sweep, from Docker's stats."""
+        stats = await self.lifecycle.docker.run(
+            lambda: container.stats(stream=False, one_shot=True)
+        )
+        cpu = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage", 0) / 1e9
+        net = sum(
+            n.get("rx_bytes", 0) + n.get("tx_bytes", 0)
+            for n in (stats.get("networks") or {}).values()
+        )
+        last = self.activity.get(container.name)
+        current = _Activity(cpu=cpu, net=net, at=now)
+        if last is not None and now > last.at:
+            elapsed = now - last.at
+            idle = (cpu - last.cpu) / elapsed < IDLE_CPU_FRACTION and (
+                net - last.net
+            ) / elapsed < IDLE_NET_BYTES_PER_SECOND
+            if idle:
+                current.idle_since = last.idle_since or last.at
+                current.warned = last.warned
+        self.activity[container.name] = current
+        return current

@@ -1,0 +1,172 @@
+"""The lifecycle reconciler: policy decisions, and sweeps on a real dockerd and etcd.
+
+Sweeps are driven with an explicit ``now`` so that hours of policy pass in a moment;
+everything else (Docker, etcd, the limits and allocator services) is real.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import docker
+import pytest
+import pytest_asyncio
+
+from ds01.allocator.etcd_state import connect
+from ds01.containers.adapters import DockerHost, MetadataStore
+from ds01.containers.lifecycle import CreateRequest, Lifecycle
+from ds01.containers.reconcile import SETTLE_SECONDS, Action, Observed, Policy, Reconciler, decide
+from ds01.core.pki import Pki
+from ds01.v1 import common_pb2
+from tests.allocator_env import AllocatorEnv, make_env
+
+LIMITS = textwrap.dedent(
+    """\
+    defaults:
+      max_gpu_equivalents: 1
+      max_gpu_slots_per_container: 1
+      memory: 256m
+      memory_swap: 256m
+      max_containers_per_user: 5
+      idle_timeout: 60s
+      max_runtime: 600s
+      gpu_hold_after_stop: 1h
+      container_hold_after_stop: 30s
+      created_container_timeout: 30s
+      priority: 10
+    """
+)
+POLICY = Policy(
+    idle_timeout=60, max_runtime=600, container_hold_after_stop=30, created_container_timeout=30
+)
+RUNNING = Observed("running", created_at=0, started_at=1000, finished_at=None, protected=False)
+
+
+@pytest.mark.parametrize(
+    ("observed", "policy", "runtime_before", "idle_for", "warned", "expected"),
+    [
+        (RUNNING, POLICY, 0, 10, False, None),
+        (RUNNING, POLICY, 0, 50, False, Action.WARN_IDLE),
+        (RUNNING, POLICY, 0, 50, True, None),
+        (RUNNING, POLICY, 0, 61, True, Action.STOP_IDLE),
+        (RUNNING, POLICY, 550, 0, False, Action.STOP_RUNTIME),  # 550 before + 100 now
+        (RUNNING, Policy(60, 600, 30, 30, exempt_from_idle=True), 0, 999, False, None),
+        (Observed("running", 0, 1000, None, protected=True), POLICY, 9999, 999, False, None),
+        (Observed("exited", 0, 900, 1100 - 31, False), POLICY, 0, 0, False, Action.REMOVE_STOPPED),
+        (Observed("exited", 0, 900, 1100 - 29, False), POLICY, 0, 0, False, None),
+        (
+            Observed("created", 1100 - 31, None, None, False),
+            POLICY,
+            0,
+            0,
+            False,
+            Action.REMOVE_NEVER_STARTED,
+        ),
+        (Observed("exited", 0, 900, 0, False), Policy(None, None, None, None), 0, 0, False, None),
+    ],
+)
+def test_policy_decisions(observed, policy, runtime_before, idle_for, warned, expected):
+    assert decide(observed, policy, runtime_before, idle_for, warned, now=1100) == expected
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def world(
+    tmp_path: Path,
+    pki: Pki,
+    state_dir: Path,
+    etcd_endpoint: str,
+    docker_socket: Path,
+    test_image: str,
+    unix_users: dict[str, int],
+) -> AsyncIterator[tuple[AllocatorEnv, Reconciler]]:
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, limits=LIMITS)
+    etcd = connect((etcd_endpoint,))
+    lifecycle = Lifecycle(
+        node="n1",
+        docker=DockerHost(f"unix://{docker_socket}"),
+        metadata=MetadataStore(etcd, "n1"),
+        client=env.service_client("containers"),
+        network_mode="none",
+    )
+    yield env, Reconciler(lifecycle)
+    for record in await lifecycle.metadata.all():
+        await lifecycle.remove(record.user, True, record.docker_name)
+    await lifecycle.client.close()
+    await lifecycle.docker.close()
+    await etcd.close()
+    await env.stop()
+
+
+async def _create(reconciler: Reconciler, image: str, name: str, start: bool = True) -> str:
+    request = CreateRequest("ds01alice", name, image, gpus=1, start=start)
+    return (await reconciler.lifecycle.create(request)).docker_name
+
+
+async def _state(reconciler: Reconciler, name: str) -> str | None:
+    container = await reconciler.lifecycle.docker.find(name)
+    return await reconciler.lifecycle.docker.status(container) if container else None
+
+
+async def _slot_state(env: AllocatorEnv) -> int:
+    async with env.client("root") as admin:
+        status = await admin.gpu_status()
+    return {a.slot.slot_id: a.state for a in status.allocations}["2:1"]
+
+
+async def test_an_idle_container_is_warned_then_stopped_and_its_gpu_held(world, test_image):
+    env, reconciler = world
+    name = await _create(reconciler, test_image, "idle")
+    now = time.time()
+    await reconciler.sweep(now)  # first usage sample
+    await reconciler.sweep(now + 50)  # idle 50 s: a warning
+    assert reconciler.activity[name].warned and await _state(reconciler, name) == "running"
+    await reconciler.sweep(now + 70)  # idle 70 s > 60 s
+    assert await _state(reconciler, name) == "exited"
+    assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
+
+
+async def test_a_container_past_max_runtime_is_stopped(world, test_image):
+    _env, reconciler = world
+    name = await _create(reconciler, test_image, "long")
+    await reconciler.sweep(time.time() + 601)
+    assert await _state(reconciler, name) == "exited"
+
+
+async def test_stopped_and_never_started_containers_are_removed_after_their_time(world, test_image):
+    env, reconciler = world
+    stopped = await _create(reconciler, test_image, "stopped")
+    await reconciler.lifecycle.stop("ds01alice", False, "stopped", grace=1)
+    never = await _create(reconciler, test_image, "never", start=False)
+    await reconciler.sweep(time.time() + 10)
+    assert await _state(reconciler, stopped) == "exited" and await _state(reconciler, never)
+    await reconciler.sweep(time.time() + 31)
+    assert await _state(reconciler, stopped) is None and await _state(reconciler, never) is None
+    assert await reconciler.lifecycle.metadata.all() == []
+    assert await _slot_state(env) == common_pb2.SLOT_STATE_FREE
+
+
+async def test_after_a_crash_records_allocations_and_containers_are_reconciled(
+    world, test_image, docker_socket
+):
+    env, reconciler = world
+    lifecycle = reconciler.lifecycle
+    kept = await _create(reconciler, test_image, "kept")
+    await lifecycle.metadata.delete(kept)  # the record was lost
+    gone = await _create(reconciler, test_image, "gone", start=False)
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        client.containers.get(gone).remove(force=True)  # removed behind ds01's back
+    finally:
+        client.close()
+    async with env.client("ds01bob") as bob:
+        await bob.allocate("ghost._.ds01bob")  # an allocation whose container never came
+    await reconciler.sweep(time.time() + SETTLE_SECONDS + 1)
+    records = {r.docker_name: r for r in await lifecycle.metadata.all()}
+    assert kept in records and records[kept].gpu_slots == ["n1/2:1"]  # adopted from labels
+    assert gone not in records
+    async with env.client("root") as admin:
+        held = {a.container for a in (await admin.gpu_status()).allocations if a.container}
+    assert held == {kept}  # gone's and ghost's GPUs were released
