@@ -158,6 +158,7 @@ class Lifecycle:
                 workspace=workspace,
                 data_dirs=data_dirs,
                 network_mode=self.network_mode,
+                nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
             )
             step = "creating the Docker container"
             container = await self.docker.create(spec.create_arguments())

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from docker.types import DeviceRequest
+
 from ds01.core.naming import SEPARATOR, docker_user
 
 MLC_VERSION = "4"
@@ -67,6 +69,7 @@ class ContainerSpec:
     workspace: Path | None = None
     data_dirs: tuple[Path, ...] = ()
     network_mode: str | None = None
+    nvidia_runtime: bool = False  # Docker has the NVIDIA runtime: request exactly our GPUs
 
     @property
     def docker_name(self) -> str:
@@ -130,6 +133,12 @@ class ContainerSpec:
             arguments["shm_size"] = limits.shm_size
         if self.network_mode:
             arguments["network_mode"] = self.network_mode
+        if self.nvidia_runtime and self.gpu_device_ids:
+            arguments["device_requests"] = [
+                DeviceRequest(
+                    driver="nvidia", device_ids=list(self.gpu_device_ids), capabilities=[["gpu"]]
+                )
+            ]
         return {k: v for k, v in arguments.items() if v is not None}
 
 

@@ -1,0 +1,50 @@
+"""The Docker create arguments, tested directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ds01.containers.spec import Account, ContainerSpec, Limits, SpecError, docker_name
+
+ALICE = Account("h.baker@uni.org", 5001, 5025, "lab", Path("/home/h.baker"))
+
+
+def spec(**changes) -> ContainerSpec:
+    fields = {
+        "name": "proj",
+        "image": "img:1",
+        "account": ALICE,
+        "limits": Limits(cpus=2, memory=1 << 30, memory_swap=1 << 30, shm_size=1 << 28, pids=99),
+        "gpu_environment": {"CUDA_VISIBLE_DEVICES": "MIG-a,MIG-b"},
+        "gpu_slots": ("n1/2:1", "n1/2:2"),
+        "gpu_device_ids": ("MIG-a", "MIG-b"),
+    }
+    return ContainerSpec(**{**fields, **changes})
+
+
+def test_names_follow_the_mlc_convention_with_docker_safe_users():
+    assert spec().docker_name == "proj._.h.baker_uni.org"
+    for bad in ("", "-x", "a._.b", "a/b", "x" * 64):
+        with pytest.raises(SpecError):
+            docker_name(bad, "alice")
+
+
+def test_shm_size_or_ipc_host_never_both():
+    shm = spec().create_arguments()
+    assert shm["shm_size"] == 1 << 28 and "ipc_mode" not in shm
+    host = spec(limits=Limits(shm_size=1 << 28, ipc_host=True)).create_arguments()
+    assert host["ipc_mode"] == "host" and "shm_size" not in host
+
+
+def test_a_device_request_for_exactly_the_allocated_gpus_with_the_nvidia_runtime():
+    assert "device_requests" not in spec().create_arguments()
+    [request] = spec(nvidia_runtime=True).create_arguments()["device_requests"]
+    assert request["Driver"] == "nvidia" and request["DeviceIDs"] == ["MIG-a", "MIG-b"]
+
+
+def test_labels_never_hold_a_comma():
+    assert spec().labels()["aime.mlc.GPUS"] == "n1/2:1 n1/2:2"
+    with pytest.raises(SpecError, match="comma"):
+        spec(image="img:1,2").labels()
