@@ -362,3 +362,18 @@ def test_admin_membership_matches_raw_names_only():
     assert is_admin(config, "h_baker_x_org")
     assert not is_admin(config, "h.baker@x.org")  # sanitizes to the same name
     assert group_of(config, "h.baker@x.org") == "admin"  # limits still follow the seed
+
+
+def test_a_container_type_applies_between_group_and_override(config_path: Path):
+    text = RESOURCE_LIMITS + "container_types:\n  batch: {idle_timeout: null, max_cpus: 4}\n"
+    text = text.replace(
+        "user_overrides:\n  alice:\n", "user_overrides:\n  alice:\n    max_cpus: 12\n"
+    )
+    config = parse(text, members={"researchers": "alice\ncarol\n"})
+    carol = resolve(config, "carol", "batch")
+    assert carol.settings["idle_timeout"].unlimited and carol.value("max_cpus") == 4
+    assert carol.settings["max_cpus"].source == "container_type"
+    assert carol.value("memory") == 64 * GiB  # the group's, untouched by the type
+    assert resolve(config, "alice", "batch").value("max_cpus") == 12  # the override wins
+    with pytest.raises(ValueError, match="unknown container type 'gpu'; configured: batch"):
+        resolve(config, "carol", "gpu")

@@ -37,6 +37,8 @@ LIMITS = textwrap.dedent(
       container_hold_after_stop: 30s
       created_container_timeout: 30s
       priority: 10
+    container_types:
+      batch: {idle_timeout: null}    # long jobs are never stopped for idleness
     """
 )
 POLICY = Policy(
@@ -170,3 +172,18 @@ async def test_after_a_crash_records_allocations_and_containers_are_reconciled(
     async with env.client("root") as admin:
         held = {a.container for a in (await admin.gpu_status()).allocations if a.container}
     assert held == {kept}  # gone's and ghost's GPUs were released
+
+
+async def test_a_container_type_changes_the_policy(world, test_image, docker_socket):
+    _env, reconciler = world
+    request = CreateRequest("ds01alice", "job", test_image, start=True, container_type="batch")
+    name = (await reconciler.lifecycle.create(request)).docker_name
+    now = time.time()
+    for later in (0, 70, 140):
+        await reconciler.sweep(now + later)
+    assert await _state(reconciler, name) == "running"
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        assert client.containers.get(name).labels["ds01.type"] == "batch"
+    finally:
+        client.close()

@@ -40,6 +40,7 @@ def _create(start: bool):
     @click.option("--gpus", type=click.IntRange(min=0), default=0, help="GPU slots to allocate.")
     @click.option("--workspace", default="", help="Host directory for /workspace (in your home).")
     @click.option("--data", "data_dirs", multiple=True, help="Host directory for /data.")
+    @click.option("--type", "container_type", default="", help="A configured container type.")
     @output_option
     @click.pass_obj
     def command(
@@ -49,11 +50,14 @@ def _create(start: bool):
         gpus: int,
         workspace: str,
         data_dirs: tuple[str, ...],
+        container_type: str,
         output: str | None,
     ) -> None:
         created = call(
             settings,
-            lambda client: client.create_container(name, image, gpus, workspace, data_dirs, start),
+            lambda client: client.create_container(
+                name, image, gpus, workspace, data_dirs, start, container_type
+            ),
         )
         _print(settings, output, created)
 

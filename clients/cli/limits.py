@@ -69,20 +69,23 @@ def limits() -> None:
 @limits.command(hidden=True)
 @click.argument("user", required=False, default="")
 @click.option("--docker-args", is_flag=True, help="Print the Docker create flags instead.")
+@click.option("--type", "container_type", default="", help="With a container type applied.")
 @output_option
 @click.pass_obj
-def show(settings: Settings, user: str, docker_args: bool, output: str | None) -> None:
+def show(
+    settings: Settings, user: str, docker_args: bool, container_type: str, output: str | None
+) -> None:
     """Your limits, or USER's (admins)."""
     as_json = (output or settings.output) == "json"
     if docker_args:
-        args = call(settings, lambda client: client.get_docker_args(user))
+        args = call(settings, lambda client: client.get_docker_args(user, container_type))
         if as_json:
             data = json_format.MessageToDict(args, preserving_proto_field_name=True)
             click.echo(json.dumps(data, indent=2))
         else:
             click.echo(args.flags)
         return
-    resolved = call(settings, lambda client: client.get_limits(user))
+    resolved = call(settings, lambda client: client.get_limits(user, container_type))
     if as_json:
         click.echo(json.dumps(limits_json(resolved), indent=2))
     else:

@@ -139,12 +139,14 @@ class Ds01Client:
         request = identity_pb2.WhoAmIRequest()
         return await self.unary(service, _IdentityStub, "WhoAmI", request)
 
-    async def get_limits(self, user: str = "") -> limits_pb2.UserLimits:
-        request = limits_pb2.GetLimitsRequest(user=user)
+    async def get_limits(self, user: str = "", container_type: str = "") -> limits_pb2.UserLimits:
+        request = limits_pb2.GetLimitsRequest(user=user, container_type=container_type)
         return (await self.unary("limits", _LimitsStub, "GetLimits", request)).limits
 
-    async def get_docker_args(self, user: str = "") -> limits_pb2.GetDockerArgsResponse:
-        request = limits_pb2.GetDockerArgsRequest(user=user)
+    async def get_docker_args(
+        self, user: str = "", container_type: str = ""
+    ) -> limits_pb2.GetDockerArgsResponse:
+        request = limits_pb2.GetDockerArgsRequest(user=user, container_type=container_type)
         return await self.unary("limits", _LimitsStub, "GetDockerArgs", request)
 
     async def list_groups(self) -> list[limits_pb2.Group]:
@@ -225,9 +227,16 @@ class Ds01Client:
         workspace: str = "",
         data_dirs: tuple[str, ...] = (),
         start: bool = False,
+        container_type: str = "",
     ) -> containers_pb2.Container:
         request = containers_pb2.CreateContainerRequest(
-            name=name, image=image, gpus=gpus, workspace=workspace, data_dirs=data_dirs, start=start
+            name=name,
+            image=image,
+            gpus=gpus,
+            workspace=workspace,
+            data_dirs=data_dirs,
+            start=start,
+            container_type=container_type,
         )
         return (await self._containers("CreateContainer", request)).container
 

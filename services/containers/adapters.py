@@ -122,6 +122,7 @@ class Metadata:
     data_dirs: list[str] = field(default_factory=list)
     limits: dict[str, Any] = field(default_factory=dict)
     runtime_before: float = 0.0  # seconds run before the current start (for max_runtime)
+    container_type: str = ""  # container_types.<type> of the limits configuration
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

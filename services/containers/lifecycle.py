@@ -70,6 +70,7 @@ class CreateRequest:
     workspace: str = ""
     data_dirs: tuple[str, ...] = ()
     start: bool = False
+    container_type: str = ""
 
 
 @dataclass
@@ -117,8 +118,8 @@ class Lifecycle:
                     "(`docker images` lists what is there)",
                 )
             step = "reading the limits"
-            limits = await self.client.get_limits(request.user)
-            args = await self.client.get_docker_args(request.user)
+            limits = await self.client.get_limits(request.user, request.container_type)
+            args = await self.client.get_docker_args(request.user, request.container_type)
             await self._check_room(request.user, name, limits)
             workspace, data_dirs, made = self._paths(account, request)
             if made is not None:
@@ -158,6 +159,7 @@ class Lifecycle:
                 workspace=workspace,
                 data_dirs=data_dirs,
                 network_mode=self.network_mode,
+                container_type=request.container_type,
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
             )
             step = "creating the Docker container"
@@ -175,6 +177,7 @@ class Lifecycle:
                 workspace=str(workspace or ""),
                 data_dirs=[str(d) for d in data_dirs],
                 limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
+                container_type=request.container_type,
             )
             step = "recording the container's metadata"
             await self.metadata.put(metadata)

@@ -171,12 +171,13 @@ class Reconciler:
                 await self._forget(record)
                 del records[name]
         await self._release_orphaned_allocations(set(records) | set(containers), now)
-        policies: dict[str, Policy] = {}
+        policies: dict[tuple[str, str], Policy] = {}
         for name, container in containers.items():
             record = records[name]
-            if record.user not in policies:
-                policies[record.user] = await self._policy(record.user)
-            await self._apply(container, record, policies[record.user], now)
+            key = (record.user, record.container_type)
+            if key not in policies:
+                policies[key] = await self._policy(*key)
+            await self._apply(container, record, policies[key], now)
         self.sweeps += 1
 
     async def _adopt(self, container: Any, now: float) -> Metadata:
@@ -192,6 +193,7 @@ class Reconciler:
             created_at=now,
             gpu_slots=labels.get("ds01.gpu.slots", "").split(),
             workspace=labels.get("aime.mlc.WORK_MOUNT", ""),
+            container_type=labels.get("ds01.type", ""),
         )
         await self.lifecycle.metadata.put(record)
         log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
@@ -224,8 +226,8 @@ class Reconciler:
                         allocation.container,
                     )
 
-    async def _policy(self, user: str) -> Policy:
-        limits = await self.lifecycle.client.get_limits(user)
+    async def _policy(self, user: str, container_type: str) -> Policy:
+        limits = await self.lifecycle.client.get_limits(user, container_type)
 
         def seconds(key: str) -> float | None:
             return (

@@ -56,6 +56,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             workspace=request.workspace,
             data_dirs=tuple(request.data_dirs),
             start=request.start,
+            container_type=request.container_type,
         )
         metadata = await self._run(context, self.lifecycle.create(create))
         return containers_pb2.CreateContainerResponse(container=await self._message(metadata))

@@ -69,6 +69,7 @@ class ContainerSpec:
     workspace: Path | None = None
     data_dirs: tuple[Path, ...] = ()
     network_mode: str | None = None
+    container_type: str = ""
     nvidia_runtime: bool = False  # Docker has the NVIDIA runtime: request exactly our GPUs
 
     @property
@@ -84,6 +85,7 @@ class ContainerSpec:
             "ds01.name": self.name,
             "ds01.gpu.slots": " ".join(self.gpu_slots),
             "ds01.gpu.uuids": " ".join(self.gpu_device_ids),
+            "ds01.type": self.container_type,
             "aime.mlc": user,
             "aime.mlc.NAME": self.name,
             "aime.mlc.USER": user,

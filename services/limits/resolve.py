@@ -19,7 +19,7 @@ from ds01.limits.config import (
 )
 from ds01.limits.schema import LIMIT_KEYS, NUMBER
 
-DEFAULT, GROUP, OVERRIDE = "default", "group", "override"
+DEFAULT, GROUP, CONTAINER_TYPE, OVERRIDE = "default", "group", "container_type", "override"
 # What a key is when no layer sets it: unlimited, except these.
 BUILTIN = {"priority": 0, "allow_full_gpu": False}
 
@@ -71,6 +71,7 @@ class DockerArgs:
 class UserLimits:
     user: str
     group: str
+    container_type: str
     settings: dict[str, Setting]  # every key of LIMIT_KEYS
     policies: dict[str, Any]
     aggregate: Layer | None
@@ -95,13 +96,25 @@ class UserLimits:
         )
 
 
-def resolve(config: LimitsConfig, user: str) -> UserLimits:
+class UnknownContainerType(ValueError):
+    pass
+
+
+def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLimits:
+    """Defaults, then the user's group, then the container type, then the override."""
     group_name = group_of(config, user)
     group = config.groups.get(group_name)
     override = config.overrides.get(user)
     layers: list[tuple[str, Layer]] = [(DEFAULT, config.defaults)]
     if group:
         layers.append((GROUP, group.layer))
+    if container_type:
+        if container_type not in config.container_types:
+            known = ", ".join(config.container_types) or "none"
+            raise UnknownContainerType(
+                f"unknown container type {container_type!r}; configured: {known}"
+            )
+        layers.append((CONTAINER_TYPE, config.container_types[container_type]))
     if override:
         layers.append((OVERRIDE, override.layer))
     settings = {key: Setting(BUILTIN.get(key), DEFAULT) for key in LIMIT_KEYS}
@@ -120,6 +133,7 @@ def resolve(config: LimitsConfig, user: str) -> UserLimits:
     return UserLimits(
         user=user,
         group=group_name,
+        container_type=container_type,
         settings=settings,
         policies=policies,
         aggregate=aggregate,

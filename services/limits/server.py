@@ -15,7 +15,15 @@ from ds01.core.identity import Principal, caller
 from ds01.core.pki import PkiError, validate_user_name
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.limits.config import LimitsConfig, LimitsConfigError, parse_sources, read_sources
-from ds01.limits.resolve import DEFAULT, GROUP, OVERRIDE, UserLimits, resolve
+from ds01.limits.resolve import (
+    CONTAINER_TYPE,
+    DEFAULT,
+    GROUP,
+    OVERRIDE,
+    UnknownContainerType,
+    UserLimits,
+    resolve,
+)
 from ds01.limits.schema import LIMIT_KEYS
 from ds01.limits.source import Issue
 from ds01.limits.store import LimitsStore
@@ -26,6 +34,7 @@ _SOURCES = {
     DEFAULT: limits_pb2.LIMIT_SOURCE_DEFAULT,
     GROUP: limits_pb2.LIMIT_SOURCE_GROUP,
     OVERRIDE: limits_pb2.LIMIT_SOURCE_OVERRIDE,
+    CONTAINER_TYPE: limits_pb2.LIMIT_SOURCE_CONTAINER_TYPE,
 }
 _DURATION_FIELDS = (
     "idle_timeout",
@@ -45,7 +54,7 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
     ) -> limits_pb2.GetLimitsResponse:
         config = await self._config(context)
         user = await self._subject(request.user, context)
-        message = limits_message(resolve(config, user))
+        message = limits_message(await self._resolve(config, user, request.container_type, context))
         message.admin = self.store.is_admin(user)
         return limits_pb2.GetLimitsResponse(limits=message)
 
@@ -54,7 +63,7 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
     ) -> limits_pb2.GetDockerArgsResponse:
         config = await self._config(context)
         user = await self._subject(request.user, context)
-        args = resolve(config, user).docker_args()
+        args = (await self._resolve(config, user, request.container_type, context)).docker_args()
         return limits_pb2.GetDockerArgsResponse(
             cpus=args.cpus,
             memory_bytes=args.memory,
@@ -135,6 +144,16 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
                     last = current
                     yield limits_pb2.WatchLimitsResponse(users=[user], digest=change.digest)
 
+    @staticmethod
+    async def _resolve(
+        config: LimitsConfig, user: str, container_type: str, context: grpc.aio.ServicerContext
+    ) -> UserLimits:
+        try:
+            return resolve(config, user, container_type)
+        except UnknownContainerType as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise
+
     async def _config(self, context: grpc.aio.ServicerContext) -> LimitsConfig:
         config = self.store.config
         if config is None:
@@ -185,6 +204,7 @@ def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
         allow_full_gpu=limits.value("allow_full_gpu"),
         ipc_mode=limits.value("ipc_mode") or "",
         cgroup_parent=limits.cgroup_parent,
+        container_type=limits.container_type,
         policies={key: _text(value) for key, value in limits.policies.items()},
     )
     for field, key in (

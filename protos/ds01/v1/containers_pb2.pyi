@@ -53,20 +53,22 @@ class Container(_message.Message):
     def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start")
+    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     DATA_DIRS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     gpus: int
     workspace: str
     data_dirs: _containers.RepeatedScalarFieldContainer[str]
     start: bool
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ...) -> None: ...
+    container_type: str
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ..., container_type: _Optional[str] = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("container",)

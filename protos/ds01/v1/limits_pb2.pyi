@@ -16,10 +16,12 @@ class LimitSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIMIT_SOURCE_DEFAULT: _ClassVar[LimitSource]
     LIMIT_SOURCE_GROUP: _ClassVar[LimitSource]
     LIMIT_SOURCE_OVERRIDE: _ClassVar[LimitSource]
+    LIMIT_SOURCE_CONTAINER_TYPE: _ClassVar[LimitSource]
 LIMIT_SOURCE_UNSPECIFIED: LimitSource
 LIMIT_SOURCE_DEFAULT: LimitSource
 LIMIT_SOURCE_GROUP: LimitSource
 LIMIT_SOURCE_OVERRIDE: LimitSource
+LIMIT_SOURCE_CONTAINER_TYPE: LimitSource
 
 class LimitValue(_message.Message):
     __slots__ = ("key", "value", "unlimited", "source")
@@ -46,7 +48,7 @@ class AggregateLimits(_message.Message):
     def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ...) -> None: ...
 
 class UserLimits(_message.Message):
-    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values", "admin")
+    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values", "admin", "container_type")
     class PoliciesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class UserLimits(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
     user: str
     group: str
     priority: int
@@ -100,13 +103,16 @@ class UserLimits(_message.Message):
     policies: _containers.ScalarMap[str, str]
     values: _containers.RepeatedCompositeFieldContainer[LimitValue]
     admin: bool
-    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ..., admin: _Optional[bool] = ...) -> None: ...
+    container_type: str
+    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ..., admin: _Optional[bool] = ..., container_type: _Optional[str] = ...) -> None: ...
 
 class GetLimitsRequest(_message.Message):
-    __slots__ = ("user",)
+    __slots__ = ("user", "container_type")
     USER_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
     user: str
-    def __init__(self, user: _Optional[str] = ...) -> None: ...
+    container_type: str
+    def __init__(self, user: _Optional[str] = ..., container_type: _Optional[str] = ...) -> None: ...
 
 class GetLimitsResponse(_message.Message):
     __slots__ = ("limits",)
@@ -115,10 +121,12 @@ class GetLimitsResponse(_message.Message):
     def __init__(self, limits: _Optional[_Union[UserLimits, _Mapping]] = ...) -> None: ...
 
 class GetDockerArgsRequest(_message.Message):
-    __slots__ = ("user",)
+    __slots__ = ("user", "container_type")
     USER_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
     user: str
-    def __init__(self, user: _Optional[str] = ...) -> None: ...
+    container_type: str
+    def __init__(self, user: _Optional[str] = ..., container_type: _Optional[str] = ...) -> None: ...
 
 class GetDockerArgsResponse(_message.Message):
     __slots__ = ("cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "cgroup_parent", "flags")
