@@ -51,6 +51,13 @@ class FakeMig:
     name: str
     slices: int
     memory_mb: int
+    processes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Utilization:
+    gpu: int
+    memory: int
 
 
 @dataclass
@@ -58,6 +65,8 @@ class FakeGpu:
     uuid: str
     name: str
     memory: int
+    processes: list[int] = field(default_factory=list)  # pids running compute work
+    utilization: int = 0
     mig_mode: int | None = NVML_DEVICE_MIG_DISABLE  # None: MIG not supported
     max_mig: int = 7
     migs: dict[int, FakeMig] = field(default_factory=dict)  # MIG device index -> instance
@@ -110,6 +119,24 @@ def make_module(gpus: list[FakeGpu], driver_loaded: bool = True) -> types.Module
         if index not in device.migs:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return device.migs[index]
+
+    def nvmlDeviceGetHandleByUUID(uuid: str) -> FakeGpu | FakeMig:
+        check()
+        for gpu in gpus:
+            if gpu.uuid == uuid:
+                return gpu
+            for mig in gpu.migs.values():
+                if mig.uuid == uuid:
+                    return mig
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetComputeRunningProcesses(handle: FakeGpu | FakeMig) -> list[int]:
+        return list(getattr(handle, "processes", []))
+
+    def nvmlDeviceGetUtilizationRates(handle: FakeGpu | FakeMig) -> Utilization:
+        if isinstance(handle, FakeMig):
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)  # as NVML answers for MIG devices
+        return Utilization(gpu=handle.utilization, memory=0)
 
     def nvmlDeviceGetGpuInstanceId(device: FakeMig) -> int:
         return device.gpu_instance_id

@@ -187,3 +187,23 @@ async def test_a_container_type_changes_the_policy(world, test_image, docker_soc
         assert client.containers.get(name).labels["ds01.type"] == "batch"
     finally:
         client.close()
+
+
+async def test_a_container_whose_gpu_works_is_not_idle(world, test_image):
+    """Quiet CPU and network, but NVML shows a compute process on its MIG slice."""
+    from ds01.containers.gpu_activity import NvmlActivity
+    from tests.fake_pynvml import NVML_DEVICE_MIG_ENABLE, FakeGpu, FakeMig, make_module
+
+    _env, reconciler = world
+    mig = FakeMig(1, "MIG-0002-1", "A100 MIG 2g.20gb", 2, 19968, processes=[4242])
+    gpu = FakeGpu("GPU-0002", "A100", 80 << 30, mig_mode=NVML_DEVICE_MIG_ENABLE, migs={0: mig})
+    reconciler.gpus = NvmlActivity(make_module([gpu]))
+    name = await _create(reconciler, test_image, "training")
+    now = time.time()
+    for later in (0, 50, 70):
+        await reconciler.sweep(now + later)
+    assert await _state(reconciler, name) == "running"
+    mig.processes.clear()  # the job ended: now it is idle
+    for later in (80, 150):
+        await reconciler.sweep(now + later)
+    assert await _state(reconciler, name) == "exited"

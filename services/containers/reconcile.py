@@ -26,6 +26,7 @@ from typing import Any
 
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
+from ds01.containers.gpu_activity import NvmlActivity
 from ds01.containers.lifecycle import ContainerError, Lifecycle, docker_time
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class _Activity:
 class Reconciler:
     lifecycle: Lifecycle
     interval: float = 30.0
+    gpus: NvmlActivity = field(default_factory=NvmlActivity)
     activity: dict[str, _Activity] = field(default_factory=dict)
     sweeps: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -295,13 +297,17 @@ class Reconciler:
             n.get("rx_bytes", 0) + n.get("tx_bytes", 0)
             for n in (stats.get("networks") or {}).values()
         )
+        uuids = container.labels.get("ds01.gpu.uuids", "").split()
+        gpu_busy = await asyncio.to_thread(self.gpus.busy, uuids)
         last = self.activity.get(container.name)
         current = _Activity(cpu=cpu, net=net, at=now)
         if last is not None and now > last.at:
             elapsed = now - last.at
-            idle = (cpu - last.cpu) / elapsed < IDLE_CPU_FRACTION and (
-                net - last.net
-            ) / elapsed < IDLE_NET_BYTES_PER_SECOND
+            idle = (
+                not gpu_busy
+                and (cpu - last.cpu) / elapsed < IDLE_CPU_FRACTION
+                and (net - last.net) / elapsed < IDLE_NET_BYTES_PER_SECOND
+            )
             if idle:
                 current.idle_since = last.idle_since or last.at
                 current.warned = last.warned
