@@ -6,6 +6,10 @@ everything else (Docker, etcd, the limits and allocator services) is real.
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator
@@ -207,3 +211,59 @@ async def test_a_container_whose_gpu_works_is_not_idle(world, test_image):
     for later in (80, 150):
         await reconciler.sweep(now + later)
     assert await _state(reconciler, name) == "exited"
+
+
+async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
+    world, etcd_endpoint, tmp_path_factory
+):
+    """Docker events wake the sweep; after dockerd restarts, the event stream is
+    re-opened and a container removed behind ds01's back is noticed at once."""
+    from ds01.core.processes import start_dockerd
+    from tests.harness import build_test_image
+
+    env, _ = world
+    root = Path(tempfile.mkdtemp(prefix="ds01-restart-", dir="/tmp"))
+    daemon = start_dockerd(root)
+    etcd = connect((etcd_endpoint,))
+    lifecycle = Lifecycle(
+        node="n1",
+        docker=DockerHost(f"unix://{root / 'docker.sock'}"),
+        metadata=MetadataStore(etcd, "n1"),
+        client=env.service_client("containers"),
+        network_mode="none",
+    )
+    reconciler = Reconciler(lifecycle, interval=3600)  # only events can wake it
+    task = None
+    try:
+        image = build_test_image(root / "docker.sock")
+        name = (await lifecycle.create(CreateRequest("ds01bob", "svc", image))).docker_name
+        task = asyncio.ensure_future(reconciler.run())
+        await asyncio.sleep(1)
+        daemon.stop()
+        daemon = start_dockerd(root)  # the same data: the container is still there
+        before = reconciler.sweeps
+        for _ in range(100):
+            if reconciler.sweeps > before:
+                break
+            await asyncio.sleep(0.1)
+        assert reconciler.sweeps > before, "no sweep after dockerd came back"
+        assert [r.docker_name for r in await lifecycle.metadata.all()] == [name]
+        client = docker.DockerClient(base_url=f"unix://{root / 'docker.sock'}")
+        try:
+            client.containers.get(name).remove(force=True)
+        finally:
+            client.close()
+        for _ in range(100):
+            if not await lifecycle.metadata.all():
+                break
+            await asyncio.sleep(0.1)
+        assert await lifecycle.metadata.all() == []
+    finally:
+        if task is not None:
+            task.cancel()
+        await lifecycle.client.close()
+        await lifecycle.docker.close()
+        await etcd.close()
+        daemon.stop()
+        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

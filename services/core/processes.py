@@ -2,12 +2,11 @@
 
 Used by ``ds01d --local`` and by the test fixtures, so that both run the real daemons
 the same way. Children are told by the kernel to stop if this process dies
-(PR_SET_PDEATHSIG), so even a killed supervisor leaves no daemon behind.
+(PR_SET_PDEATHSIG, through setpriv), so even a killed supervisor leaves no daemon behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import signal
@@ -20,16 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
 
 class ProcessError(Exception):
     """A daemon could not be started; the message says why and where its log is."""
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """Have the kernel send SIGTERM to the child when its parent dies. Done with
+    util-linux's setpriv rather than a preexec_fn: forking a process that runs gRPC
+    threads and then running Python in the child can crash the child."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 @dataclass
@@ -81,12 +81,11 @@ def spawn(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            argv,
+            _die_with_parent(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-            preexec_fn=_die_with_parent,
         )
     managed = ManagedProcess(name, process, log_path)
     deadline = time.monotonic() + timeout
