@@ -129,8 +129,12 @@ async def test_an_idle_container_is_warned_then_stopped_and_its_gpu_held(world, 
     await reconciler.sweep(now)  # first usage sample
     await reconciler.sweep(now + 50)  # idle 50 s: a warning
     assert reconciler.activity[name].warned and await _state(reconciler, name) == "running"
+    [record] = await reconciler.lifecycle.metadata.all()
+    assert record.notice.startswith("idle for 50s: stops at ")  # shown by `container list`
     await reconciler.sweep(now + 70)  # idle 70 s > 60 s
     assert await _state(reconciler, name) == "exited"
+    [record] = await reconciler.lifecycle.metadata.all()
+    assert record.notice == ""
     assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
 
 
@@ -267,3 +271,12 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
         daemon.stop()
         subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):
+    env, reconciler = world
+    name = await _create(reconciler, test_image, "rogue")
+    async with env.client("root") as admin:
+        await admin.release(name)  # its allocation vanished, its GPUs did not
+    await reconciler.sweep()
+    assert reconciler.unallocated == {name}

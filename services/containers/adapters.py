@@ -123,6 +123,7 @@ class Metadata:
     limits: dict[str, Any] = field(default_factory=dict)
     runtime_before: float = 0.0  # seconds run before the current start (for max_runtime)
     container_type: str = ""  # container_types.<type> of the limits configuration
+    notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -204,6 +204,9 @@ class Lifecycle:
                     f"remove it (`ds01 container remove {metadata.name}`) and create it again",
                 )
         await self.docker.start(container)
+        if metadata.notice:
+            metadata.notice = ""
+            await self.metadata.put(metadata)
         if metadata.gpu_slots:
             await self._allocator(
                 self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
@@ -216,7 +219,8 @@ class Lifecycle:
             started = docker_time(container.attrs["State"].get("StartedAt"))
             if started is not None:  # max_runtime counts across restarts
                 metadata.runtime_before += max(0.0, time.time() - started)
-                await self.metadata.put(metadata)
+            metadata.notice = ""
+            await self.metadata.put(metadata)
         await self.docker.stop(container, grace or DEFAULT_GRACE)
         if metadata.gpu_slots:
             await self._allocator(self.client.mark_stopped(metadata.docker_name), "holding the GPU")

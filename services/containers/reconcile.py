@@ -119,6 +119,7 @@ class Reconciler:
     gpus: NvmlActivity = field(default_factory=NvmlActivity)
     activity: dict[str, _Activity] = field(default_factory=dict)
     sweeps: int = 0
+    unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -172,7 +173,14 @@ class Reconciler:
             if name not in containers:
                 await self._forget(record)
                 del records[name]
-        await self._release_orphaned_allocations(set(records) | set(containers), now)
+        held = await self._release_orphaned_allocations(set(records) | set(containers), now)
+        self.unallocated = {
+            name
+            for name, container in containers.items()
+            if container.labels.get("ds01.gpu.uuids") and held is not None and name not in held
+        }
+        for name in sorted(self.unallocated):
+            log.warning("%s carries GPUs but holds no allocation: check it", name)
         policies: dict[tuple[str, str], Policy] = {}
         for name, container in containers.items():
             record = records[name]
@@ -209,13 +217,15 @@ class Reconciler:
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
 
-    async def _release_orphaned_allocations(self, known: set[str], now: float) -> None:
+    async def _release_orphaned_allocations(self, known: set[str], now: float) -> set[str] | None:
+        """Release allocations whose container is gone; return the containers that hold
+        allocations (None if the allocator could not be asked)."""
         client = self.lifecycle.client
         try:
             status = await client.gpu_status(node=self.lifecycle.node)
         except Ds01Error as err:
             log.warning("cannot read GPU allocations: %s", err.message)
-            return
+            return None
         for allocation in status.allocations:
             young = now - allocation.since.ToSeconds() < SETTLE_SECONDS
             if allocation.container and allocation.container not in known and not young:
@@ -227,6 +237,7 @@ class Reconciler:
                         allocation.slot.slot_id,
                         allocation.container,
                     )
+        return {a.container for a in status.allocations if a.container}
 
     async def _policy(self, user: str, container_type: str) -> Policy:
         limits = await self.lifecycle.client.get_limits(user, container_type)
@@ -271,12 +282,13 @@ class Reconciler:
         try:
             if action is Action.WARN_IDLE and activity is not None:
                 activity.warned = True
-                log.warning(
-                    "%s has been idle for %.0fs; it stops at %.0fs",
-                    who,
-                    idle_for,
-                    policy.idle_timeout or 0,
+                stop_at = now + (policy.idle_timeout or 0) - idle_for
+                record.notice = (
+                    f"idle for {idle_for:.0f}s: stops at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stop_at))} unless used"
                 )
+                await self.lifecycle.metadata.put(record)  # watchers of etcd see it too
+                log.warning("%s: %s", who, record.notice)
             elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
                 log.warning("stopping %s: %s", who, action.value)
                 await self.lifecycle.stop(record.user, True, record.docker_name)

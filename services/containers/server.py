@@ -148,6 +148,8 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
         image=metadata.image,
         workspace=metadata.workspace,
         data_dirs=metadata.data_dirs,
+        notice=metadata.notice,
+        container_type=metadata.container_type,
         created_at=_timestamp(metadata.created_at),
         state=containers_pb2.CONTAINER_STATE_GONE,
     )
