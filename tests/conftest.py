@@ -9,7 +9,7 @@ import docker
 import pytest
 import pytest_asyncio
 
-from ds01.core.config import Config, InventoryConfig
+from ds01.core.config import Config, InventoryConfig, OwnershipConfig
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
@@ -75,6 +75,7 @@ def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str) -> Config:
         etcd_endpoints=(etcd_endpoint,),
         limits_file=REPO / "config" / "resource-limits.yaml",
         inventory=InventoryConfig(source="declared", file=REPO / "config" / "inventory.yaml"),
+        ownership=OwnershipConfig(enroll_socket=state_dir / "enroll.sock"),
     )
 
 

@@ -166,6 +166,7 @@ def write_config_file(config: Config, path: Path) -> Path:
                     "source": config.inventory.source,
                     "file": str(config.inventory.file),
                 },
+                "ownership": {"enroll_socket": str(config.ownership.enroll_socket)},
             }
         )
     )

@@ -65,6 +65,7 @@ def local_config() -> Iterator[Path]:
                     "limits_file": str(REPO / "config" / "resource-limits.yaml"),
                     "inventory": {"file": str(REPO / "config" / "inventory.yaml")},
                     "docker": {"host": f"unix://{state}/docker/docker.sock"},
+                    "ownership": {"enroll_socket": f"{state}/enroll.sock"},
                 }
             )
         )

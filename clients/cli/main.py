@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 import grpc
 
-from ds01.cli.common import Settings, call, print_table, run
+from ds01.cli.common import Settings, call, fail, print_table, run
 from ds01.cli.container import container
 from ds01.cli.gpu import events, gpu
 from ds01.cli.limits import limits
-from ds01.client import Ds01Client, Ds01Error
+from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
 from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
 
@@ -86,6 +86,18 @@ def whoami(settings: Settings) -> None:
         click.echo(json.dumps({"name": response.name, "kind": kind, "expires": expires}))
     else:
         click.echo(f"{response.name} ({kind}), certificate valid until {expires}")
+
+
+@cli.command("enroll")
+@click.pass_obj
+def enroll_command(settings: Settings) -> None:
+    """Get (or renew) your client certificate from this host's enrollment socket."""
+    config = run(settings.config)
+    try:
+        identity = enroll(config.ownership.enroll_socket)
+    except EnrollmentError as err:
+        fail(str(err))
+    click.echo(f"certificate in {identity.cert.cert} (mode 0600)")
 
 
 @cli.group()

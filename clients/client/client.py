@@ -298,5 +298,5 @@ class Ds01Client:
 def _advice(problem: str) -> str:
     return (
         f"the ds01 services refuse this client: {problem}. "
-        "An admin issues certificates with `ds01 admin issue-cert USER`."
+        "Run `ds01 enroll` on the server (or ask an admin: `ds01 admin issue-cert USER`)."
     )

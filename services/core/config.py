@@ -52,6 +52,12 @@ class ContainersConfig:
 
 
 @dataclass(frozen=True)
+class OwnershipConfig:
+    # Where local users get their client certificate (any user may connect).
+    enroll_socket: Path = Path("/run/ds01/enroll.sock")
+
+
+@dataclass(frozen=True)
 class Config:
     node: str = field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/ds01")
@@ -63,6 +69,7 @@ class Config:
     inventory: InventoryConfig = InventoryConfig()
     allocator: AllocatorConfig = AllocatorConfig()
     containers: ContainersConfig = ContainersConfig()
+    ownership: OwnershipConfig = OwnershipConfig()
     docker_host: str = "unix:///var/run/docker.sock"
     log_level: str = "info"
     source: Path | None = None
@@ -113,6 +120,7 @@ def parse_config(text: str, file: Path) -> Config:
         inventory=_read_inventory(reader.section("inventory"), base),
         allocator=_read_allocator(reader.section("allocator")),
         containers=_read_containers(reader.section("containers")),
+        ownership=_read_ownership(reader.section("ownership"), base),
         docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
         log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
         source=file,
@@ -165,6 +173,14 @@ def _read_containers(reader: _Reader) -> ContainersConfig:
     containers = ContainersConfig(network_mode=mode or None, reconcile_interval=interval)
     reader.reject_unknown()
     return containers
+
+
+def _read_ownership(reader: _Reader, base: Path) -> OwnershipConfig:
+    ownership = OwnershipConfig(
+        enroll_socket=reader.path("enroll_socket", OwnershipConfig.enroll_socket, base)
+    )
+    reader.reject_unknown()
+    return ownership
 
 
 def _check_address(value: str) -> str | None:

@@ -79,7 +79,7 @@ def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> P
     if len(names) != 1 or not names[0]:
         raise AuthenticationError(
             "no verified client certificate: every ds01 call needs one "
-            "(an admin issues them with `ds01 admin issue-cert USER`)"
+            "(`ds01 enroll` on the server gives one; admins: `ds01 admin issue-cert USER`)"
         )
     name = names[0].decode()
     expires = None

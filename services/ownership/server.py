@@ -1,6 +1,108 @@
-"""Wiring of the ownership service into a gRPC server."""
+"""The ownership service: the owner map over gRPC, its Docker sync, and enrollment."""
 
-from ds01.core.server import contract_only_spec
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from ds01.allocator.etcd_state import connect
+from ds01.containers.adapters import DockerHost
+from ds01.core.identity import Principal, caller
+from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.ownership.enroll import EnrollmentServer
+from ds01.ownership.owners import DEVCONTAINER, DS01_LABEL, MLC_LABEL, NONE, Ownership
+from ds01.ownership.sync import OwnershipSync, OwnerStore
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
-SPEC = contract_only_spec("ownership", ownership_pb2, ownership_pb2_grpc, "OwnershipService")
+OWNERSHIP_SERVICE = ownership_pb2.DESCRIPTOR.services_by_name["OwnershipService"].full_name
+_SOURCES = {
+    DS01_LABEL: ownership_pb2.OWNER_SOURCE_DS01_LABEL,
+    MLC_LABEL: ownership_pb2.OWNER_SOURCE_MLC_LABEL,
+    DEVCONTAINER: ownership_pb2.OWNER_SOURCE_DEVCONTAINER,
+    NONE: ownership_pb2.OWNER_SOURCE_NONE,
+}
+
+
+def owner_message(ownership: Ownership) -> ownership_pb2.ContainerOwner:
+    return ownership_pb2.ContainerOwner(
+        container_id=ownership.container_id,
+        name=ownership.name,
+        owner=ownership.owner,
+        source=_SOURCES[ownership.source],
+        ds01_managed=ownership.managed,
+    )
+
+
+class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
+    def __init__(self, store: OwnerStore) -> None:
+        self.store = store
+
+    async def GetOwner(
+        self, request: ownership_pb2.GetOwnerRequest, context: grpc.aio.ServicerContext
+    ) -> ownership_pb2.GetOwnerResponse:
+        principal = caller()
+        found = await self.store.resolve(request.container)
+        # Someone else's container looks the same as no container to a user.
+        if found is None or not (_privileged(principal) or found.owner == principal.name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container}")
+        return ownership_pb2.GetOwnerResponse(owner=owner_message(found))
+
+    async def ListOwners(
+        self, request: ownership_pb2.ListOwnersRequest, context: grpc.aio.ServicerContext
+    ) -> ownership_pb2.ListOwnersResponse:
+        principal = caller()
+        owner = request.owner or ("" if _privileged(principal) else principal.name)
+        if owner != principal.name and not _privileged(principal):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "only admins may list other users' containers"
+            )
+        owners = [o for o in await self.store.all() if not owner or o.owner == owner]
+        return ownership_pb2.ListOwnersResponse(owners=[owner_message(o) for o in owners])
+
+    async def WatchOwners(
+        self, request: ownership_pb2.WatchOwnersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
+        if not _privileged(caller()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
+        watch = await self.store.client.watch_prefix(self.store.prefix.encode(), prev_kv=True)
+        try:
+            async for event in watch:
+                if event.kind == "PUT":
+                    ownership = Ownership.decode(event.kv.value)
+                    kind = ownership_pb2.OWNER_EVENT_TYPE_SET
+                elif event.prev_kv is not None:
+                    ownership = Ownership.decode(event.prev_kv.value)
+                    kind = ownership_pb2.OWNER_EVENT_TYPE_REMOVED
+                else:
+                    continue
+                yield ownership_pb2.WatchOwnersResponse(type=kind, owner=owner_message(ownership))
+        finally:
+            await watch.cancel()
+
+
+def _privileged(principal: Principal) -> bool:
+    return principal.is_admin or principal.is_service
+
+
+async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
+    config = runtime.config
+    etcd = connect(config.etcd_endpoints)
+    store = OwnerStore(etcd, config.node)
+    docker_host = DockerHost(config.docker_host)
+    ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(store), server)
+    runtime.run_in_background(OwnershipSync(docker_host, store).run(), "ownership-sync")
+    enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
+    await enrollment.start()
+
+    async def close() -> None:
+        await enrollment.stop()
+        await docker_host.close()
+        with contextlib.suppress(Exception):
+            await etcd.close()
+
+    runtime.on_stop.append(close)
+
+
+SPEC = ServiceSpec(name="ownership", grpc_services=(OWNERSHIP_SERVICE,), register=register)

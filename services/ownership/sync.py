@@ -1,0 +1,123 @@
+"""The container -> owner map in etcd, kept from Docker's event stream.
+
+A full resync runs at start and each time the event stream is re-opened (a dockerd
+restart), then every create, rename and destroy updates one key: ownership is known as
+soon as Docker announces the container, with no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import aetcd
+
+from ds01.containers.adapters import DockerHost
+from ds01.ownership.owners import Ownership, owner_of
+
+log = logging.getLogger(__name__)
+
+OWNERS = "/ds01/v1/owners/"
+
+
+class OwnerStore:
+    def __init__(self, client: aetcd.Client, node: str) -> None:
+        self.client = client
+        self.prefix = f"{OWNERS}{node}/"
+
+    async def put(self, ownership: Ownership) -> None:
+        await self.client.put(f"{self.prefix}{ownership.container_id}".encode(), ownership.encode())
+
+    async def delete(self, container_id: str) -> None:
+        await self.client.delete(f"{self.prefix}{container_id}".encode())
+
+    async def all(self) -> list[Ownership]:
+        found = await self.client.get_prefix(self.prefix.encode())
+        return [Ownership.decode(kv.value) for kv in found]
+
+    async def resolve(self, reference: str) -> Ownership | None:
+        """As Docker resolves a reference: full id, name (with or without '/'), then a
+        unique id prefix."""
+        owners = await self.all()
+        name = reference.lstrip("/")
+        for ownership in owners:
+            if ownership.container_id == reference:
+                return ownership
+        for ownership in owners:
+            if ownership.name == name:
+                return ownership
+        matches = [o for o in owners if o.container_id.startswith(reference)]
+        return matches[0] if len(matches) == 1 and reference else None
+
+
+class OwnershipSync:
+    def __init__(self, docker: DockerHost, store: OwnerStore) -> None:
+        self.docker = docker
+        self.store = store
+        self.resyncs = 0
+
+    async def resync(self) -> None:
+        containers = await self.docker.run(
+            lambda: self.docker.client.containers.list(all=True, sparse=True)
+        )
+        current = {
+            c.id: owner_of(c.id, _name(c.attrs), c.attrs.get("Labels") or {}) for c in containers
+        }
+        for ownership in await self.store.all():
+            if ownership.container_id not in current:
+                await self.store.delete(ownership.container_id)
+        for ownership in current.values():
+            await self.store.put(ownership)
+        self.resyncs += 1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        threading.Thread(target=self._pump, args=(loop, events), daemon=True).start()
+        while True:
+            event = await events.get()
+            try:
+                if event is None:  # the stream (re)opened: start from the truth
+                    await self.resync()
+                else:
+                    await self._apply(event)
+            except Exception:
+                log.exception("ownership update failed; resyncing")
+                with contextlib.suppress(Exception):
+                    await self.resync()
+
+    async def _apply(self, event: dict[str, Any]) -> None:
+        action = event.get("Action", "")
+        actor = event.get("Actor", {})
+        container_id = actor.get("ID") or event.get("id", "")
+        attributes = actor.get("Attributes", {})
+        if action == "destroy":
+            await self.store.delete(container_id)
+        elif action == "create" or action.startswith("rename"):
+            labels = {k: v for k, v in attributes.items() if k not in ("name", "image", "oldName")}
+            await self.store.put(owner_of(container_id, attributes.get("name", ""), labels))
+
+    def _pump(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> None:
+        while not loop.is_closed():
+            try:
+                stream = self.docker.client.events(
+                    decode=True, since=int(time.time()), filters={"type": "container"}
+                )
+                loop.call_soon_threadsafe(events.put_nowait, None)
+                for event in stream:
+                    if event.get("Action") in ("create", "destroy") or str(
+                        event.get("Action", "")
+                    ).startswith("rename"):
+                        loop.call_soon_threadsafe(events.put_nowait, event)
+            except Exception as err:
+                log.info("Docker event stream interrupted (%s); reconnecting", err)
+            time.sleep(0.5)
+
+
+def _name(attrs: dict[str, Any]) -> str:
+    names = attrs.get("Names") or [attrs.get("Name", "")]
+    return (names[0] or "").lstrip("/")

@@ -1,0 +1,209 @@
+"""Ownership from the Docker event stream, and enrollment by kernel-vouched uid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from cryptography import x509
+
+from ds01.client import ClientIdentity, Ds01Client
+from ds01.core.config import Config, OwnershipConfig
+from ds01.core.identity import Roles
+from ds01.core.pki import SERVICES, Pki, issue_client_cert
+from ds01.core.processes import free_port
+from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.ownership.owners import DEVCONTAINER, NONE, owner_of
+from ds01.ownership.server import SPEC
+from ds01.v1 import ownership_pb2, ownership_pb2_grpc
+from tests.allocator_env import wipe
+
+
+def test_owner_comes_from_ds01_then_mlc_then_devcontainer_labels():
+    exists = {"carol"}.__contains__
+    assert (
+        owner_of("1", "/a", {"ds01.user": "alice", "aime.mlc.USER": "x"}, exists).owner == "alice"
+    )
+    assert owner_of("1", "a", {"aime.mlc.USER": "bob"}, exists).owner == "bob"
+    dev = owner_of("1", "a", {"devcontainer.local_folder": "/home/carol/proj"}, exists)
+    assert (dev.owner, dev.source) == ("carol", DEVCONTAINER)
+    for folder in ("/home/nobody/proj", "/home/carol/../root/x", "/srv/carol/proj"):
+        orphan = owner_of("1", "a", {"devcontainer.local_folder": folder}, exists)
+        assert (orphan.owner, orphan.source) == ("", NONE)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ownership(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[tuple[Config, RunningService]]:
+    await wipe(etcd_endpoint)
+    run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
+    run_dir.chmod(0o755)  # like /run/ds01: every local user may reach the socket
+    config = Config(
+        node="n1",
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        etcd_endpoints=(etcd_endpoint,),
+        docker_host=f"unix://{docker_socket}",
+        ownership=OwnershipConfig(enroll_socket=run_dir / "enroll.sock"),
+    )
+    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    await asyncio.sleep(0.5)  # the first resync
+    yield config, service
+    await service.stop(grace=0)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _client(config: Config, pki: Pki, user: str) -> Ds01Client:
+    if not pki.client(user).cert.is_file():
+        issue_client_cert(pki, user)
+    return Ds01Client(config, ClientIdentity(pki.ca_cert, pki.client(user)))
+
+
+async def _get_owner(client: Ds01Client, reference: str) -> ownership_pb2.ContainerOwner:
+    request = ownership_pb2.GetOwnerRequest(container=reference)
+    stub = ownership_pb2_grpc.OwnershipServiceStub
+    return (await client.unary("ownership", stub, "GetOwner", request)).owner
+
+
+def _docker(socket: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["docker", "-H", f"unix://{socket}", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def test_a_container_made_directly_against_docker_is_owned_at_once(
+    ownership, pki, docker_socket, test_image
+):
+    config, _ = ownership
+    async with _client(config, pki, "root") as admin, _client(config, pki, "alice") as alice:
+        started = time.monotonic()
+        container_id = await asyncio.to_thread(
+            _docker,
+            docker_socket,
+            "create",
+            "--name",
+            "direct",
+            "--network=none",
+            "--label",
+            "ds01.user=alice",
+            test_image,
+            "true",
+        )
+        for _ in range(100):
+            try:
+                owner = await _get_owner(admin, "direct")
+                break
+            except Exception:
+                await asyncio.sleep(0.02)
+        print(f"owner known {time.monotonic() - started:.3f}s after docker create returned")
+        assert (owner.owner, owner.container_id) == ("alice", container_id)
+        # References resolve as Docker resolves them: full id, prefix, name, '/name'.
+        for reference in (container_id, container_id[:8], "direct", "/direct"):
+            assert (await _get_owner(alice, reference)).owner == "alice"
+        await asyncio.to_thread(_docker, docker_socket, "rename", "direct", "renamed")
+        await asyncio.sleep(0.5)
+        assert (await _get_owner(alice, "renamed")).container_id == container_id
+        await asyncio.to_thread(_docker, docker_socket, "rm", "renamed")
+        await asyncio.sleep(0.5)
+        with pytest.raises(Exception) as gone:
+            await _get_owner(admin, container_id)
+    assert getattr(gone.value, "code", None) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_unlabelled_container_has_no_owner_and_is_hidden_from_users(
+    ownership, pki, docker_socket, test_image
+):
+    config, _ = ownership
+    await asyncio.to_thread(
+        _docker, docker_socket, "create", "--name", "nolabel", "--network=none", test_image, "true"
+    )
+    await asyncio.sleep(0.5)
+    try:
+        async with _client(config, pki, "root") as admin, _client(config, pki, "bob") as bob:
+            owner = await _get_owner(admin, "nolabel")
+            assert (owner.owner, owner.source) == ("", ownership_pb2.OWNER_SOURCE_NONE)
+            with pytest.raises(Exception) as hidden:
+                await _get_owner(bob, "nolabel")
+        assert hidden.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await asyncio.to_thread(_docker, docker_socket, "rm", "nolabel")
+
+
+# What a user's process sends, with nothing but the standard library: the test's own
+# CSR claims to be alice; the kernel says the caller is ds01bob.
+ASK = """
+import json, socket, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(sys.argv[1])
+    s.sendall(json.dumps({"csr": sys.stdin.read()}).encode() + b"\\n")
+    print(s.makefile("rb").readline().decode())
+"""
+
+
+def _csr_claiming(user: str) -> str:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_enrollment_gives_a_local_user_a_certificate_for_that_user_only(
+    ownership, unix_users
+):
+    config, _ = ownership
+    socket_path = config.ownership.enroll_socket
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o666
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["runuser", "-u", "ds01bob", "--", "/usr/bin/python3", "-c", ASK, str(socket_path)],
+        input=_csr_claiming("alice"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    assert cert.subject.rfc4514_string() == "CN=ds01bob"  # not the alice it claimed
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime.total_seconds() <= 25 * 3600  # short-lived
+
+
+async def test_the_client_enrolls_by_itself_and_keeps_its_files_private(
+    ownership, pki, tmp_path, monkeypatch
+):
+    """No certificate yet: the client library enrolls on first use, then is served."""
+    from ds01.client import find_identity
+
+    config, _ = ownership
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("DS01_CERT", raising=False)
+    monkeypatch.setattr("getpass.getuser", lambda: "nobody-without-cert")
+    identity = await asyncio.to_thread(find_identity, config)
+    assert identity.cert is not None
+    for path in (identity.cert.cert, identity.cert.key, identity.ca_cert):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    async with Ds01Client(config, identity) as client:
+        me = await client.whoami("ownership")
+    assert me.name == "root"  # the kernel's uid for this test process
