@@ -278,3 +278,76 @@ async def test_the_cli_runs_lists_stops_and_removes(env: AllocatorEnv, test_imag
     assert denied.returncode == 1 and "belongs to ds01bob [PERMISSION_DENIED]" in denied.stderr
     removed = await env.cli("ds01bob", "container", "remove", "web")
     assert removed.stdout.strip() == "removed web"
+
+
+async def test_nothing_in_the_container_acts_as_root_on_the_users_files(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("safe", test_image, start=True)
+        name = "safe._.ds01alice"
+        # A plain `docker exec` is the user, not root.
+        uid = await asyncio.to_thread(docker_exec, docker_socket, name, "id", "-u")
+        assert uid.strip() == str(USERS["ds01alice"])
+        # Even an exec as uid 0 has no capabilities: the user's workspace is out of reach,
+        # so no root-owned or setuid file can be planted in the home.
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "docker",
+                "-H",
+                f"unix://{docker_socket}",
+                "exec",
+                "-u",
+                "0",
+                name,
+                "sh",
+                "-c",
+                "touch /workspace/rootsh && chmod 4755 /workspace/rootsh",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert not Path("/home/ds01alice/workspace/safe/rootsh").exists()
+        await alice.remove_container("safe")
+
+
+async def test_a_workspace_turned_into_a_symlink_after_create_is_not_mounted(
+    env: AllocatorEnv, test_image: str
+):
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("swap", test_image)
+        workspace = Path("/home/ds01alice/workspace/swap")
+        workspace.rmdir()
+        workspace.symlink_to("/etc")  # what a user could do between create and start
+        try:
+            with pytest.raises(Ds01Error) as refused:
+                await alice.start_container("swap")
+        finally:
+            workspace.unlink()
+            await alice.remove_container("swap")
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "leads outside ds01alice's home" in refused.value.message
+
+
+async def test_parallel_creates_of_one_user_respect_the_count_and_the_name(
+    env: AllocatorEnv, test_image: str
+):
+    async with env.client("ds01bob") as bob:
+        results = await asyncio.gather(
+            *(bob.create_container(f"p{i}", test_image) for i in range(4)),
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(r, Exception) for r in results) == 2  # max_containers: 2
+        for container in await bob.list_containers():
+            await bob.remove_container(container.name)
+        twins = await asyncio.gather(
+            *(bob.create_container("twin", test_image, gpus=1) for _ in range(2)),
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(r, Exception) for r in twins) == 1
+        slots = {a.container: a.state for a in (await bob.gpu_status()).allocations}
+        assert slots.get("twin._.ds01bob") == common_pb2.SLOT_STATE_ALLOCATED  # kept
+        await bob.remove_container("twin")

@@ -280,3 +280,23 @@ async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_i
         await admin.release(name)  # its allocation vanished, its GPUs did not
     await reconciler.sweep()
     assert reconciler.unallocated == {name}
+
+
+async def test_a_container_that_exits_by_itself_gets_its_gpu_hold_and_its_runtime_counted(
+    world, test_image, docker_socket
+):
+    env, reconciler = world
+    name = await _create(reconciler, test_image, "selfexit")
+    await asyncio.sleep(1.1)
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        client.containers.get(name).stop(timeout=1)  # not through ds01
+    finally:
+        client.close()
+    await reconciler.sweep()
+    assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
+    [record] = await reconciler.lifecycle.metadata.all()
+    assert record.runtime_before >= 1.0  # the run counts toward max_runtime
+    await reconciler.sweep()
+    [again] = await reconciler.lifecycle.metadata.all()
+    assert again.runtime_before == record.runtime_before  # counted once

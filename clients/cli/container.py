@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import click
 from google.protobuf import json_format
@@ -56,7 +57,13 @@ def _create(start: bool):
         created = call(
             settings,
             lambda client: client.create_container(
-                name, image, gpus, workspace, data_dirs, start, container_type
+                name,
+                image,
+                gpus,
+                os.path.abspath(workspace) if workspace else "",
+                tuple(os.path.abspath(d) for d in data_dirs),
+                start,
+                container_type,
             ),
         )
         _print(settings, output, created)

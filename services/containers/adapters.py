@@ -95,6 +95,13 @@ class DockerHost:
     async def start(self, container: Any) -> None:
         await self.run(container.start)
 
+    async def exec_as_root(self, container: Any, script: str) -> None:
+        """Run ``script`` with sh as uid 0 in a running container; raise if it fails."""
+        result = await self.run(lambda: container.exec_run(["sh", "-c", script], user="0"))
+        if result.exit_code != 0:
+            output = result.output.decode(errors="replace").strip()
+            raise DockerUnavailable(f"setting up the user failed ({result.exit_code}): {output}")
+
     async def stop(self, container: Any, grace: int) -> None:
         await self.run(container.stop, timeout=grace)
 
@@ -121,7 +128,8 @@ class Metadata:
     workspace: str = ""
     data_dirs: list[str] = field(default_factory=list)
     limits: dict[str, Any] = field(default_factory=dict)
-    runtime_before: float = 0.0  # seconds run before the current start (for max_runtime)
+    runtime_before: float = 0.0  # seconds of finished runs (for max_runtime)
+    counted_start: str = ""  # Docker's StartedAt of the last run added to runtime_before
     container_type: str = ""  # container_types.<type> of the limits configuration
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
 

@@ -6,6 +6,7 @@ library, and to Docker, etcd and cgroups through the adapters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import enum
@@ -28,7 +29,14 @@ from ds01.containers.adapters import (
     NoAccount,
     host_account,
 )
-from ds01.containers.spec import Account, ContainerSpec, Limits, SpecError, docker_name
+from ds01.containers.spec import (
+    Account,
+    ContainerSpec,
+    Limits,
+    SpecError,
+    docker_name,
+    setup_script,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +110,16 @@ class Lifecycle:
     network_mode: str | None = None
     cgroups: CgroupfsSlices = field(default_factory=CgroupfsSlices)
     accounts: Callable[[str], Account] = host_account
+    # One create at a time per user: the container count and the name are checked, then
+    # used; two creates of one user must not both pass the check.
+    _creating: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def create(self, request: CreateRequest) -> Metadata:
+        lock = self._creating.setdefault(request.user, asyncio.Lock())
+        async with lock:
+            return await self._create(request)
+
+    async def _create(self, request: CreateRequest) -> Metadata:
         undo = Undo()
         step = "checking the request"
         try:
@@ -121,6 +137,7 @@ class Lifecycle:
             limits = await self.client.get_limits(request.user, request.container_type)
             args = await self.client.get_docker_args(request.user, request.container_type)
             await self._check_room(request.user, name, limits)
+            step = "checking the workspace and data directories"
             workspace, data_dirs, made = self._paths(account, request)
             if made is not None:
                 undo.add("the new workspace directory", lambda: _remove_dirs(made))
@@ -163,8 +180,11 @@ class Lifecycle:
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
             )
             step = "creating the Docker container"
-            container = await self.docker.create(spec.create_arguments())
-            undo.add("the Docker container", lambda: self.docker.remove(container))
+            # Shielded: if the caller goes away meanwhile, the create still completes in
+            # its thread, and the undo then removes what it made.
+            creating = asyncio.ensure_future(self.docker.create(spec.create_arguments()))
+            undo.add("the Docker container", lambda: _remove_once_created(self.docker, creating))
+            container = await asyncio.shield(creating)
             metadata = Metadata(
                 docker_name=name,
                 name=request.name,
@@ -184,7 +204,7 @@ class Lifecycle:
             undo.add("the metadata", lambda: self.metadata.delete(name))
             if request.start:
                 step = "starting the container"
-                await self.docker.start(container)
+                await self._start(container, account)
             return metadata
         except BaseException as err:
             left = await undo.run()
@@ -203,7 +223,7 @@ class Lifecycle:
                     f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
                     f"remove it (`ds01 container remove {metadata.name}`) and create it again",
                 )
-        await self.docker.start(container)
+        await self._start(container, self.accounts(metadata.user))
         if metadata.notice:
             metadata.notice = ""
             await self.metadata.put(metadata)
@@ -215,13 +235,11 @@ class Lifecycle:
 
     async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
         metadata, container = await self._own(user, privileged, name)
-        if await self.docker.status(container) == "running":
-            started = docker_time(container.attrs["State"].get("StartedAt"))
-            if started is not None:  # max_runtime counts across restarts
-                metadata.runtime_before += max(0.0, time.time() - started)
-            metadata.notice = ""
-            await self.metadata.put(metadata)
         await self.docker.stop(container, grace or DEFAULT_GRACE)
+        await self.docker.status(container)  # reload: FinishedAt is set now
+        count_runtime(metadata, container.attrs["State"])
+        metadata.notice = ""
+        await self.metadata.put(metadata)
         if metadata.gpu_slots:
             await self._allocator(self.client.mark_stopped(metadata.docker_name), "holding the GPU")
         return metadata
@@ -264,6 +282,19 @@ class Lifecycle:
             )
         return metadata, container
 
+    async def _start(self, container: Any, account: Account) -> None:
+        """Start, after checking again that every bind mount is inside the owner's home
+        (a path may have become a symlink since create), then name the user inside."""
+        for bind in container.attrs.get("HostConfig", {}).get("Binds") or []:
+            source = Path(bind.split(":", 1)[0])
+            if not source.resolve().is_relative_to(account.home.resolve()):
+                raise ContainerError(
+                    Code.DENIED,
+                    f"{source} now leads outside {account.user}'s home; not starting",
+                )
+        await self.docker.start(container)
+        await self.docker.exec_as_root(container, setup_script(account))
+
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         mine = [m for m in await self.metadata.all() if m.user == user]
         if any(m.docker_name == name for m in mine) or await self.docker.find(name):
@@ -284,11 +315,14 @@ class Lifecycle:
         workspace = Path(request.workspace or account.home / "workspace" / request.name)
         data = tuple(Path(d) for d in request.data_dirs)
         for path in (workspace, *data):
-            resolved = path.resolve()
-            if not resolved.is_relative_to(account.home.resolve()):
+            if not path.is_absolute():
+                raise ContainerError(Code.INVALID, f"{path}: give an absolute path")
+            if not path.resolve().is_relative_to(account.home.resolve()):
                 raise ContainerError(
                     Code.DENIED, f"{path} is outside {account.user}'s home {account.home}"
                 )
+        # Docker gets the resolved paths: no symlink left for it to follow.
+        data = tuple(d.resolve() for d in data)
         for path in data:
             if not path.is_dir():
                 raise ContainerError(Code.PRECONDITION, f"data directory {path} does not exist")
@@ -297,7 +331,7 @@ class Lifecycle:
             made = [p for p in (workspace, *workspace.parents) if not p.exists()]
             workspace.mkdir(parents=True, mode=0o750)
             _chown_tree(workspace, account)
-        return workspace, data, made
+        return workspace.resolve(), data, made
 
     async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
         """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
@@ -329,6 +363,28 @@ class Lifecycle:
         except Ds01Error as err:
             code = _FROM_GRPC.get(err.code, Code.UNAVAILABLE)
             raise ContainerError(code, f"{doing}: {err.message}") from err
+
+
+async def _remove_once_created(docker: DockerHost, creating: asyncio.Future[Any]) -> None:
+    try:
+        container = await creating
+    except Exception:
+        return  # nothing was created
+    await docker.remove(container)
+
+
+def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:
+    """Add a finished run to ``metadata.runtime_before``, once: max_runtime counts every
+    run, however the container stopped (ds01, docker stop, a crash, a dockerd restart)."""
+    started_text = state.get("StartedAt", "")
+    started, finished = docker_time(started_text), docker_time(state.get("FinishedAt"))
+    if state.get("Running") or started is None or finished is None or finished < started:
+        return False
+    if started_text == metadata.counted_start:
+        return False
+    metadata.runtime_before += finished - started
+    metadata.counted_start = started_text
+    return True
 
 
 async def _remove_dirs(made: list[Path]) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
 from ds01.containers.gpu_activity import NvmlActivity
-from ds01.containers.lifecycle import ContainerError, Lifecycle, docker_time
+from ds01.containers.lifecycle import ContainerError, Lifecycle, count_runtime, docker_time
+from ds01.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class _Activity:
     cpu: float
     net: float
     at: float
+    started: str  # Docker's StartedAt of the run sampled
     idle_since: float | None = None
     warned: bool = False
 
@@ -120,6 +122,7 @@ class Reconciler:
     activity: dict[str, _Activity] = field(default_factory=dict)
     sweeps: int = 0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
+    gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -179,15 +182,19 @@ class Reconciler:
             for name, container in containers.items()
             if container.labels.get("ds01.gpu.uuids") and held is not None and name not in held
         }
+        self.gpu_states = held or {}
         for name in sorted(self.unallocated):
             log.warning("%s carries GPUs but holds no allocation: check it", name)
         policies: dict[tuple[str, str], Policy] = {}
         for name, container in containers.items():
             record = records[name]
-            key = (record.user, record.container_type)
-            if key not in policies:
-                policies[key] = await self._policy(*key)
-            await self._apply(container, record, policies[key], now)
+            try:  # one broken container must not keep the policies from the others
+                key = (record.user, record.container_type)
+                if key not in policies:
+                    policies[key] = await self._policy(*key)
+                await self._apply(container, record, policies[key], now)
+            except Exception as err:
+                log.warning("cannot reconcile %s: %s", name, err)
         self.sweeps += 1
 
     async def _adopt(self, container: Any, now: float) -> Metadata:
@@ -217,9 +224,11 @@ class Reconciler:
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
 
-    async def _release_orphaned_allocations(self, known: set[str], now: float) -> set[str] | None:
-        """Release allocations whose container is gone; return the containers that hold
-        allocations (None if the allocator could not be asked)."""
+    async def _release_orphaned_allocations(
+        self, known: set[str], now: float
+    ) -> dict[str, int] | None:
+        """Release allocations whose container is gone; return the state of each
+        container's allocation (None if the allocator could not be asked)."""
         client = self.lifecycle.client
         try:
             status = await client.gpu_status(node=self.lifecycle.node)
@@ -237,7 +246,7 @@ class Reconciler:
                         allocation.slot.slot_id,
                         allocation.container,
                     )
-        return {a.container for a in status.allocations if a.container}
+        return {a.container: a.state for a in status.allocations if a.container}
 
     async def _policy(self, user: str, container_type: str) -> Policy:
         limits = await self.lifecycle.client.get_limits(user, container_type)
@@ -259,6 +268,9 @@ class Reconciler:
         docker = self.lifecycle.docker
         await docker.run(container.reload)
         state = container.attrs["State"]
+        if count_runtime(record, state):  # a run that ended, however it ended
+            await self.lifecycle.metadata.put(record)
+        await self._match_gpu_hold(container.status, record)
         observed = Observed(
             state=container.status,
             created_at=record.created_at,
@@ -266,7 +278,11 @@ class Reconciler:
             finished_at=docker_time(state.get("FinishedAt")),
             protected=container.labels.get("ds01.protected") == "true",
         )
-        activity = await self._sample(container, now) if container.status == "running" else None
+        activity = (
+            await self._sample(container, state.get("StartedAt", ""), now)
+            if container.status == "running"
+            else None
+        )
         idle_for = now - activity.idle_since if activity and activity.idle_since else 0.0
         action = decide(
             observed,
@@ -299,7 +315,17 @@ class Reconciler:
         except ContainerError as err:
             log.warning("could not act on %s (%s): %s", who, action.value, err.message)
 
-    async def _sample(self, container: Any, now: float) -> _Activity:
+    async def _match_gpu_hold(self, status: str, record: Metadata) -> None:
+        """A container that exited by itself gets its GPU hold; one started outside ds01
+        (docker start) ends it, as ds01's own stop and start do."""
+        allocation = self.gpu_states.get(record.docker_name)
+        client = self.lifecycle.client
+        if status in ("exited", "dead") and allocation == common_pb2.SLOT_STATE_ALLOCATED:
+            await client.mark_stopped(record.docker_name)
+        elif status == "running" and allocation == common_pb2.SLOT_STATE_HELD:
+            await client.clear_stopped(record.docker_name)
+
+    async def _sample(self, container: Any, started: str, now: float) -> _Activity:
         """CPU and network use since the last sweep, from Docker's stats."""
         stats = await self.lifecycle.docker.run(
             lambda: container.stats(stream=False, one_shot=True)
@@ -312,7 +338,9 @@ class Reconciler:
         uuids = container.labels.get("ds01.gpu.uuids", "").split()
         gpu_busy = await asyncio.to_thread(self.gpus.busy, uuids)
         last = self.activity.get(container.name)
-        current = _Activity(cpu=cpu, net=net, at=now)
+        if last is not None and last.started != started:
+            last = None  # a new run: usage from before it says nothing
+        current = _Activity(cpu=cpu, net=net, at=now, started=started)
         if last is not None and now > last.at:
             elapsed = now - last.at
             idle = (

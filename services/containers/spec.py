@@ -114,7 +114,12 @@ class ContainerSpec:
         arguments: dict[str, Any] = {
             "image": self.image,
             "name": self.docker_name,
-            "command": ["sh", "-c", setup_script(self.account)],
+            "command": ["sh", "-c", WAIT],
+            # The user's own uid, no capabilities, no setuid: nothing in the container may
+            # act as root, nor leave root-owned or setuid files in the user's home.
+            "user": f"{self.account.uid}:{self.account.gid}",
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
             "labels": self.labels(),
             "environment": {"DS01_USER": self.account.user, **self.gpu_environment},
             "working_dir": "/workspace",
@@ -144,16 +149,19 @@ class ContainerSpec:
         return {k: v for k, v in arguments.items() if v is not None}
 
 
+# The main process: waits, and ends at once on SIGTERM (a fast `docker stop`).
+WAIT = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
+
+
 def setup_script(account: Account) -> str:
     """POSIX sh that gives the host uid and gid names inside any image (busybox or
-    Debian), group first, then user; then waits, ending promptly on SIGTERM."""
+    Debian), group first, then user. Run by the service as root (``docker exec -u 0``)
+    at each start; it changes nothing when the names are there already."""
     group = shlex.quote(account.group)
     user = shlex.quote(account.user)
     uid, gid = account.uid, account.gid
     return (
         f"grep -q '^[^:]*:[^:]*:{gid}:' /etc/group || echo {group}:x:{gid}: >> /etc/group; "
         f"grep -q '^[^:]*:[^:]*:{uid}:' /etc/passwd || "
-        f"echo {user}:x:{uid}:{gid}::/workspace:/bin/sh >> /etc/passwd; "
-        "trap 'exit 0' TERM INT; "
-        "while :; do sleep 3600 & wait $!; done"
+        f"echo {user}:x:{uid}:{gid}::/workspace:/bin/sh >> /etc/passwd"
     )
