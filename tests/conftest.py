@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
-from tests.allocator_env import AllocatorEnv, make_env
+from tests.allocator_env import AllocatorEnv, make_env, wipe
 from tests.harness import (
     GID,
     GROUP,
@@ -75,7 +78,9 @@ def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str) -> Config:
         etcd_endpoints=(etcd_endpoint,),
         limits_file=REPO / "config" / "resource-limits.yaml",
         inventory=InventoryConfig(source="declared", file=REPO / "config" / "inventory.yaml"),
-        ownership=OwnershipConfig(enroll_socket=state_dir / "enroll.sock"),
+        ownership=OwnershipConfig(
+            enroll_socket=state_dir / "enroll.sock", proxy_socket=state_dir / "docker.sock"
+        ),
     )
 
 
@@ -112,6 +117,34 @@ def unix_users() -> Iterator[dict[str, int]]:
     for user in USERS:
         subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
     subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ownership(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[tuple[Config, RunningService]]:
+    await wipe(etcd_endpoint)
+    run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
+    run_dir.chmod(0o755)  # like /run/ds01: every local user may reach the socket
+    config = Config(
+        node="n1",
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        etcd_endpoints=(etcd_endpoint,),
+        docker_host=f"unix://{docker_socket}",
+        limits_file=REPO / "config" / "resource-limits.yaml",
+        ownership=OwnershipConfig(
+            enroll_socket=run_dir / "enroll.sock", proxy_socket=run_dir / "docker.sock"
+        ),
+    )
+    context = ServiceContext(config=config, roles=Roles())
+    limits = await start_service(service_spec("limits"), context)
+    service = await start_service(service_spec("ownership"), context)
+    await asyncio.sleep(0.5)  # the first resync
+    yield config, service
+    await service.stop(grace=0)
+    await limits.stop(grace=0)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 _skipped: list[str] = []

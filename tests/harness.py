@@ -166,7 +166,10 @@ def write_config_file(config: Config, path: Path) -> Path:
                     "source": config.inventory.source,
                     "file": str(config.inventory.file),
                 },
-                "ownership": {"enroll_socket": str(config.ownership.enroll_socket)},
+                "ownership": {
+                    "enroll_socket": str(config.ownership.enroll_socket),
+                    "proxy_socket": str(config.ownership.proxy_socket),
+                },
             }
         )
     )

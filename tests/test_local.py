@@ -65,7 +65,10 @@ def local_config() -> Iterator[Path]:
                     "limits_file": str(REPO / "config" / "resource-limits.yaml"),
                     "inventory": {"file": str(REPO / "config" / "inventory.yaml")},
                     "docker": {"host": f"unix://{state}/docker/docker.sock"},
-                    "ownership": {"enroll_socket": f"{state}/enroll.sock"},
+                    "ownership": {
+                        "enroll_socket": f"{state}/enroll.sock",
+                        "proxy_socket": f"{state}/proxy.sock",
+                    },
                 }
             )
         )

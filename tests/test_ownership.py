@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 from cryptography import x509
 
 from ds01.client import ClientIdentity, Ds01Client
-from ds01.core.config import Config, OwnershipConfig
-from ds01.core.identity import Roles
-from ds01.core.pki import SERVICES, Pki, issue_client_cert
-from ds01.core.processes import free_port
-from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.core.config import Config
+from ds01.core.pki import Pki, issue_client_cert
 from ds01.ownership.owners import DEVCONTAINER, NONE, owner_of
-from ds01.ownership.server import SPEC
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
-from tests.allocator_env import wipe
 
 
 def test_owner_comes_from_ds01_then_mlc_then_devcontainer_labels():
@@ -40,28 +31,6 @@ def test_owner_comes_from_ds01_then_mlc_then_devcontainer_labels():
     for folder in ("/home/nobody/proj", "/home/carol/../root/x", "/srv/carol/proj"):
         orphan = owner_of("1", "a", {"devcontainer.local_folder": folder}, exists)
         assert (orphan.owner, orphan.source) == ("", NONE)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def ownership(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
-) -> AsyncIterator[tuple[Config, RunningService]]:
-    await wipe(etcd_endpoint)
-    run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
-    run_dir.chmod(0o755)  # like /run/ds01: every local user may reach the socket
-    config = Config(
-        node="n1",
-        state_dir=state_dir,
-        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
-        etcd_endpoints=(etcd_endpoint,),
-        docker_host=f"unix://{docker_socket}",
-        ownership=OwnershipConfig(enroll_socket=run_dir / "enroll.sock"),
-    )
-    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
-    await asyncio.sleep(0.5)  # the first resync
-    yield config, service
-    await service.stop(grace=0)
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _client(config: Config, pki: Pki, user: str) -> Ds01Client:

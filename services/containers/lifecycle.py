@@ -160,7 +160,7 @@ class Lifecycle:
                 image=request.image,
                 account=account,
                 limits=Limits(
-                    cpus=args.cpus if args.HasField("cpus") else None,
+                    cpus=host_cpus(args.cpus) if args.HasField("cpus") else None,
                     memory=args.memory_bytes if args.HasField("memory_bytes") else None,
                     memory_swap=(
                         args.memory_swap_bytes if args.HasField("memory_swap_bytes") else None
@@ -336,10 +336,9 @@ class Lifecycle:
     async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
         """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
         otherwise."""
-        if await self.docker.cgroup_driver() == "systemd":
-            return slice_name
-        group, user = slice_name.removesuffix(".slice").removeprefix("ds01-").split("-", 1)
-        parent = f"/ds01/{group}/{user}"
+        parent = cgroup_parent_for(slice_name, await self.docker.cgroup_driver())
+        if parent == slice_name:
+            return parent
         aggregate = {
             key: getattr(limits.aggregate, field)
             for key, field in (("memory", "memory_bytes"), ("cpus", "cpus"), ("pids", "pids"))
@@ -363,6 +362,19 @@ class Lifecycle:
         except Ds01Error as err:
             code = _FROM_GRPC.get(err.code, Code.UNAVAILABLE)
             raise ContainerError(code, f"{doing}: {err.message}") from err
+
+
+def host_cpus(cpus: float) -> float:
+    """A CPU limit Docker accepts: no more than the host has."""
+    return min(cpus, float(len(os.sched_getaffinity(0))))
+
+
+def cgroup_parent_for(slice_name: str, driver: str) -> str:
+    """The slice itself for Docker's systemd driver; ``/ds01/<group>/<user>`` for cgroupfs."""
+    if driver == "systemd":
+        return slice_name
+    group, user = slice_name.removesuffix(".slice").removeprefix("ds01-").split("-", 1)
+    return f"/ds01/{group}/{user}"
 
 
 async def _remove_once_created(docker: DockerHost, creating: asyncio.Future[Any]) -> None:

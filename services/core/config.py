@@ -55,6 +55,8 @@ class ContainersConfig:
 class OwnershipConfig:
     # Where local users get their client certificate (any user may connect).
     enroll_socket: Path = Path("/run/ds01/enroll.sock")
+    # The filtering Docker socket users' docker CLI, VS Code and compose talk to.
+    proxy_socket: Path = Path("/run/ds01/docker.sock")
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def _read_containers(reader: _Reader) -> ContainersConfig:
 
 def _read_ownership(reader: _Reader, base: Path) -> OwnershipConfig:
     ownership = OwnershipConfig(
-        enroll_socket=reader.path("enroll_socket", OwnershipConfig.enroll_socket, base)
+        enroll_socket=reader.path("enroll_socket", OwnershipConfig.enroll_socket, base),
+        proxy_socket=reader.path("proxy_socket", OwnershipConfig.proxy_socket, base),
     )
     reader.reject_unknown()
     return ownership

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from ds01.allocator.etcd_state import connect
+from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import DockerHost
+from ds01.containers.lifecycle import cgroup_parent_for, host_cpus
 from ds01.core.identity import Principal, caller
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.owners import DEVCONTAINER, DS01_LABEL, MLC_LABEL, NONE, Ownership
+from ds01.ownership.policy import UserCaps
+from ds01.ownership.proxy import DockerProxy
 from ds01.ownership.sync import OwnershipSync, OwnerStore
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
@@ -95,8 +100,42 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.run_in_background(OwnershipSync(docker_host, store).run(), "ownership-sync")
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
     await enrollment.start()
+    identity = ClientIdentity(config.pki.ca_cert, config.pki.service("ownership"))
+    client = Ds01Client(config, identity)
+
+    async def is_admin(user: str) -> bool:
+        try:
+            return (await client.get_limits(user)).admin
+        except Ds01Error:
+            return False  # fail closed: not known to be an admin
+
+    async def settings(user: str) -> tuple[str, UserCaps]:
+        args = await client.get_docker_args(user)
+
+        def field(name: str) -> int | None:
+            return int(getattr(args, name)) if args.HasField(name) else None
+
+        caps = UserCaps(
+            nano_cpus=int(host_cpus(args.cpus) * 1e9) if args.HasField("cpus") else None,
+            memory=field("memory_bytes"),
+            memory_swap=field("memory_swap_bytes"),
+            pids=field("pids_limit"),
+            shm_size=field("shm_size_bytes"),
+        )
+        return cgroup_parent_for(args.cgroup_parent, await docker_host.cgroup_driver()), caps
+
+    proxy = DockerProxy(
+        config.ownership.proxy_socket,
+        Path(config.docker_host.removeprefix("unix://")),
+        store,
+        is_admin,
+        settings,
+    )
+    await proxy.start()
 
     async def close() -> None:
+        await proxy.stop()
+        await client.close()
         await enrollment.stop()
         await docker_host.close()
         with contextlib.suppress(Exception):

@@ -1,0 +1,194 @@
+"""What the Docker socket proxy lets a user do: decisions only, free of sockets and HTTP.
+
+Fails closed: a container without an owner is an admin's; a create request that asks
+for anything that escapes the container or reaches another user's things is refused.
+JSON keys are matched case-insensitively, as Docker's own decoder matches them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import unquote
+
+# Container operations that name a container: /containers/{ref}/{op} (and DELETE /containers/{ref})
+_CONTAINER = re.compile(r"^/containers/(?P<ref>[^/]+)(?:/(?P<op>.*))?$")
+_EXEC = re.compile(r"^/exec/(?P<id>[^/]+)/(?P<op>.*)$")
+_VERSION = re.compile(r"^/v\d+(?:\.\d+)?(?=/)")
+# Endpoints that reach across users or the host: admins only.
+_ADMIN_ONLY = (
+    "/plugins",
+    "/swarm",
+    "/secrets",
+    "/configs",
+    "/services",
+    "/nodes",
+    "/tasks",
+    "/session",
+    "/grpc",
+    "/system/df",
+    "/containers/prune",
+    "/volumes/prune",
+    "/images/prune",
+    "/networks/prune",
+    "/build/prune",
+)
+_HOST_MODES = ("host",)
+
+
+class Refused(Exception):
+    """Answered with 403 and this message."""
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str  # without the API version prefix, URL-decoded
+    container: str | None  # the container reference it names, if any
+    exec_id: str | None
+
+
+def route(target: str) -> Route:
+    path = unquote(target.split("?", 1)[0])
+    path = _VERSION.sub("", path) or "/"
+    if path in ("/containers/json", "/containers/create") or path.startswith("/containers/prune"):
+        return Route(path, None, None)
+    match = _CONTAINER.match(path)
+    if match:
+        return Route(path, match["ref"], None)
+    match = _EXEC.match(path)
+    if match:
+        return Route(path, None, match["id"])
+    return Route(path, None, None)
+
+
+def admin_only(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in _ADMIN_ONLY)
+
+
+def denial(owner: str) -> str:
+    if not owner:
+        return "Permission denied: container has no owner"
+    return f"Permission denied: container owned by {owner}"
+
+
+def _get(mapping: Any, key: str) -> Any:
+    """A key as Docker's decoder finds it: case-insensitively."""
+    if not isinstance(mapping, dict):
+        return None
+    for name, value in mapping.items():
+        if name.lower() == key.lower():
+            return value
+    return None
+
+
+def _set(mapping: dict[str, Any], key: str, value: Any) -> None:
+    for name in list(mapping):
+        if name.lower() == key.lower():
+            del mapping[name]
+    mapping[key] = value
+
+
+@dataclass(frozen=True)
+class UserCaps:
+    """The user's per-container limits (None: unlimited)."""
+
+    nano_cpus: int | None = None
+    memory: int | None = None
+    memory_swap: int | None = None
+    pids: int | None = None
+    shm_size: int | None = None
+
+
+@dataclass(frozen=True)
+class CreateContext:
+    user: str
+    home: PurePosixPath
+    cgroup_parent: str
+    owner_of: dict[str, str]  # container id and name -> owner, for namespace joins
+    caps: UserCaps = UserCaps()
+
+
+def check_create(body: dict[str, Any], context: CreateContext) -> dict[str, Any]:
+    """Refuse what escapes or crosses users; force ownership labels and the cgroup parent.
+
+    Returns the body to send on.
+    """
+    host = _get(body, "HostConfig") or {}
+    if not isinstance(host, dict):
+        raise Refused("HostConfig must be an object")
+    if _get(host, "Privileged"):
+        raise Refused("privileged containers are not allowed")
+    if _get(host, "CapAdd"):
+        raise Refused("adding capabilities is not allowed")
+    if _get(host, "Devices") or _get(host, "DeviceCgroupRules"):
+        raise Refused("host devices are not allowed")
+    if _get(host, "DeviceRequests"):
+        raise Refused("GPUs are given by ds01 (ds01 container create --gpus), not requested")
+    for key in ("PidMode", "IpcMode", "NetworkMode", "UTSMode", "UsernsMode", "CgroupnsMode"):
+        mode = str(_get(host, key) or "")
+        if mode in _HOST_MODES:
+            raise Refused(f"{key}=host is not allowed")
+        if mode.startswith("container:"):
+            other = mode.split(":", 1)[1]
+            if context.owner_of.get(other, "") != context.user:
+                raise Refused(f"{key} may only join your own containers")
+    endpoints = _get(_get(body, "NetworkingConfig") or {}, "EndpointsConfig") or {}
+    if isinstance(endpoints, dict) and any(str(n) in _HOST_MODES for n in endpoints):
+        raise Refused("NetworkMode=host is not allowed")
+    for source in _get(host, "VolumesFrom") or []:
+        other = str(source).split(":", 1)[0]
+        if context.owner_of.get(other, "") != context.user:
+            raise Refused("VolumesFrom may only name your own containers")
+    for bind in _get(host, "Binds") or []:
+        _check_source(str(bind).split(":", 1)[0], context)
+    for mount in _get(host, "Mounts") or []:
+        kind = str(_get(mount, "Type") or "volume")
+        if kind == "bind":
+            _check_source(str(_get(mount, "Source") or ""), context)
+        elif kind not in ("volume", "tmpfs"):
+            raise Refused(f"mounts of type {kind} are not allowed")
+    for entry in _get(body, "Env") or []:
+        if str(entry).split("=", 1)[0] in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+            raise Refused("GPU visibility is set by ds01, not by the request")
+    labels = _get(body, "Labels") or {}
+    if not isinstance(labels, dict):
+        labels = {}
+    # Labels ds01 trusts are ds01's to set: whatever the user sent is replaced.
+    labels = {k: v for k, v in labels.items() if not k.startswith(("ds01.", "aime.mlc"))}
+    labels.update({"ds01.user": context.user, "ds01.managed": "true"})
+    _set(body, "Labels", labels)
+    _set(host, "CgroupParent", context.cgroup_parent)
+    _clamp(host, context.caps)
+    _set(body, "HostConfig", host)
+    return body
+
+
+def _clamp(host: dict[str, Any], caps: UserCaps) -> None:
+    """No more than the user's limits: an absent or larger request gets the limit."""
+    for key, cap in (
+        ("NanoCpus", caps.nano_cpus),
+        ("Memory", caps.memory),
+        ("MemorySwap", caps.memory_swap),
+        ("PidsLimit", caps.pids),
+        ("ShmSize", caps.shm_size),
+    ):
+        if cap is None:
+            continue
+        asked = _get(host, key)
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0 or asked > cap:
+            _set(host, key, cap)
+    if _get(host, "CpuQuota") or _get(host, "CpuPeriod"):
+        _set(host, "CpuQuota", 0)  # NanoCpus carries the CPU limit
+        _set(host, "CpuPeriod", 0)
+
+
+def _check_source(source: str, context: CreateContext) -> None:
+    if not source.startswith("/"):
+        return  # a named volume
+    path = PurePosixPath(os.path.realpath(source))  # symlinks resolved, as Docker will
+    home = PurePosixPath(os.path.realpath(context.home))
+    if not (path == home or home in path.parents):
+        raise Refused(f"bind mounts must lie in your home {context.home}, not {source}")

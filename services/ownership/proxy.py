@@ -1,0 +1,343 @@
+"""The Docker socket filtering proxy: users talk to it instead of the real daemon.
+
+Each connection's user is the uid the kernel reports (SO_PEERCRED). Requests are
+parsed with h11 (keep-alive, pipelining, chunked and fixed bodies), checked by
+``ownership.policy``, and relayed to the real socket; responses stream back, lists
+and events are filtered to the caller's containers, and hijacked connections (attach,
+exec, ``run -it``) become a raw two-way relay once Docker switches protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+from collections.abc import Awaitable, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import h11
+
+from ds01.client import Ds01Error
+from ds01.ownership.enroll import peer_uid
+from ds01.ownership.policy import (
+    CreateContext,
+    Refused,
+    UserCaps,
+    admin_only,
+    check_create,
+    denial,
+    route,
+)
+from ds01.ownership.sync import OwnerStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = 65536
+MAX_BODY = 16 * 1024 * 1024
+
+
+class DockerProxy:
+    def __init__(
+        self,
+        listen: Path,
+        upstream: Path,
+        store: OwnerStore,
+        is_admin: Callable[[str], Awaitable[bool]],
+        settings: Callable[[str], Awaitable[tuple[str, UserCaps]]],
+    ) -> None:
+        self.listen = listen
+        self.upstream = upstream
+        self.store = store
+        self.is_admin = is_admin
+        self.settings = settings  # user -> (cgroup parent, per-container limits)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.listen.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.listen.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        os.chmod(self.listen, 0o666)
+        log.info("Docker proxy on %s -> %s", self.listen, self.upstream)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.listen.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = peer_uid(writer.get_extra_info("socket"))
+            user = pwd.getpwuid(uid).pw_name
+        except (KeyError, OSError):
+            writer.close()
+            return
+        admin = uid == 0 or await self.is_admin(user)
+        session = _Session(self, user, admin, reader, writer)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("proxy connection of %s failed", user)
+        finally:
+            writer.close()
+
+
+class _Session:
+    """One client connection: its requests, one upstream connection, in order."""
+
+    def __init__(
+        self,
+        proxy: DockerProxy,
+        user: str,
+        admin: bool,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.proxy = proxy
+        self.user = user
+        self.admin = admin
+        self.reader = reader
+        self.writer = writer
+        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+        self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_BODY)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request, body = await self._read_request()
+                if request is None:
+                    return
+                hijacked = await self._handle(request, body)
+                if hijacked or self.client.our_state is h11.MUST_CLOSE:
+                    return
+                self.client.start_next_cycle()
+                self.upstream.start_next_cycle()
+        finally:
+            if self.up_writer is not None:
+                self.up_writer.close()
+
+    async def _read_request(self) -> tuple[h11.Request | None, bytes]:
+        request, body = None, bytearray()
+        while True:
+            event = self.client.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.reader.read(CHUNK)
+                self.client.receive_data(data)
+                if not data and request is None:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _handle(self, request: h11.Request, body: bytes) -> bool:
+        target = request.target.decode()
+        method = request.method.decode()
+        where = route(target)
+        try:
+            if not self.admin:
+                body = await self._authorize(method, where.path, where, body)
+        except Refused as refused:
+            await self._answer(403, {"message": str(refused)})
+            return False
+        headers = [(k, v) for k, v in request.headers if k.lower() not in (b"content-length",)]
+        if body or method in ("POST", "PUT"):
+            headers.append((b"content-length", str(len(body)).encode()))
+        upgrade = any(k.lower() == b"upgrade" for k, _ in request.headers)
+        await self._send_upstream(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            await self._send_upstream(h11.Data(data=body))
+        await self._send_upstream(h11.EndOfMessage())
+        filter_list = method == "GET" and where.path == "/containers/json" and not self.admin
+        filter_events = method == "GET" and where.path == "/events" and not self.admin
+        return await self._relay_response(upgrade, filter_list, filter_events)
+
+    async def _authorize(self, method: str, path: str, where: Any, body: bytes) -> bytes:
+        if admin_only(path):
+            raise Refused("Permission denied: admins only")
+        if where.exec_id:
+            container = await self._exec_container(where.exec_id)
+            await self._check_owner(container)
+        elif where.container:
+            await self._check_owner(where.container)
+        if method == "POST" and path == "/containers/create":
+            try:
+                return await self._checked_create(body)
+            except Ds01Error as err:  # without the user's limits, nothing is created
+                raise Refused(f"cannot read your limits: {err.message}") from err
+        return body
+
+    async def _check_owner(self, reference: str) -> None:
+        found = await self.proxy.store.resolve(reference)
+        if found is None:
+            return  # Docker answers "No such container", as it would to anyone
+        if found.owner != self.user:
+            raise Refused(denial(found.owner))
+
+    async def _exec_container(self, exec_id: str) -> str:
+        """Which container an exec belongs to, asked of the real daemon."""
+        reader, writer = await asyncio.open_unix_connection(str(self.proxy.upstream))
+        try:
+            writer.write(f"GET /exec/{exec_id}/json HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        try:
+            return json.loads(raw.split(b"\r\n\r\n", 1)[1]).get("ContainerID", "")
+        except (IndexError, ValueError):
+            return ""
+
+    async def _checked_create(self, body: bytes) -> bytes:
+        try:
+            spec = json.loads(body or b"{}")
+        except ValueError as err:
+            raise Refused(f"the create request is not JSON: {err}") from err
+        if not isinstance(spec, dict):
+            raise Refused("the create request must be a JSON object")
+        owners = {}
+        for ownership in await self.proxy.store.all():
+            owners[ownership.container_id] = ownership.owner
+            owners[ownership.name] = ownership.owner
+        home = PurePosixPath(pwd.getpwnam(self.user).pw_dir)
+        parent, caps = await self.proxy.settings(self.user)
+        context = CreateContext(self.user, home, parent, owners, caps)
+        return json.dumps(check_create(spec, context)).encode()
+
+    async def _send_upstream(self, event: Any) -> None:
+        if self.up_writer is None:
+            self.up_reader, self.up_writer = await asyncio.open_unix_connection(
+                str(self.proxy.upstream)
+            )
+        data = self.upstream.send(event)
+        if data:
+            self.up_writer.write(data)
+            await self.up_writer.drain()
+
+    async def _upstream_event(self) -> Any:
+        while True:
+            event = self.upstream.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            assert self.up_reader is not None
+            self.upstream.receive_data(await self.up_reader.read(CHUNK))
+
+    async def _relay_response(self, upgrade: bool, filter_list: bool, filter_events: bool) -> bool:
+        response = await self._upstream_event()
+        while isinstance(response, h11.InformationalResponse) and response.status_code != 101:
+            response = await self._upstream_event()
+        if response.status_code == 101 or (upgrade and response.status_code == 200):
+            return await self._hijack(response)
+        if filter_list:
+            body = bytearray()
+            while not isinstance(event := await self._upstream_event(), h11.EndOfMessage):
+                if isinstance(event, h11.Data):
+                    body += event.data
+            await self._answer(response.status_code, await self._own_only(bytes(body)), response)
+            return False
+        await self._send_client(response)
+        pending = b""
+        while True:
+            event = await self._upstream_event()
+            if isinstance(event, h11.Data):
+                data = event.data
+                if filter_events:
+                    data, pending = await self._own_events(pending + data)
+                if data:
+                    await self._send_client(h11.Data(data=data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_client(event)
+                return False
+            else:
+                return True  # the daemon closed: so do we
+
+    async def _hijack(self, response: Any) -> bool:
+        """Docker switched protocols: relay raw bytes both ways until either side closes."""
+        head = f"HTTP/1.1 {response.status_code} {response.reason.decode()}\r\n".encode()
+        head += b"".join(k + b": " + v + b"\r\n" for k, v in response.headers) + b"\r\n"
+        self.writer.write(head)
+        leftover_up, _ = self.upstream.trailing_data
+        leftover_client, _ = self.client.trailing_data
+        self.writer.write(leftover_up)
+        await self.writer.drain()
+        assert self.up_writer is not None and self.up_reader is not None
+        if leftover_client:
+            self.up_writer.write(leftover_client)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(CHUNK):
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                with contextlib.suppress(OSError):
+                    if sink.can_write_eof():
+                        sink.write_eof()
+
+        await asyncio.gather(
+            pipe(self.reader, self.up_writer),
+            pipe(self.up_reader, self.writer),
+            return_exceptions=True,
+        )
+        return True
+
+    async def _own_only(self, body: bytes) -> bytes:
+        try:
+            listed = json.loads(body)
+        except ValueError:
+            return body
+        owners = {o.container_id: o.owner for o in await self.proxy.store.all()}
+        return json.dumps([c for c in listed if owners.get(c.get("Id")) == self.user]).encode()
+
+    async def _own_events(self, data: bytes) -> tuple[bytes, bytes]:
+        """Keep the events that name the caller's containers (or no container)."""
+        lines = data.split(b"\n")
+        pending = lines.pop()
+        owners = {o.container_id: o.owner for o in await self.proxy.store.all()}
+        kept = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("Type") == "container":
+                container = (event.get("Actor") or {}).get("ID", "")
+                labels = (event.get("Actor") or {}).get("Attributes") or {}
+                owner = owners.get(container) or labels.get("ds01.user", "")
+                if owner != self.user:
+                    continue
+            kept.append(line + b"\n")
+        return b"".join(kept), pending
+
+    async def _answer(self, status: int, payload: Any, like: Any = None) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = [
+            (k, v)
+            for k, v in (like.headers if like is not None else [])
+            if k.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        length = str(len(body)).encode()
+        headers += [(b"content-type", b"application/json"), (b"content-length", length)]
+        if like is None:
+            headers.append((b"api-version", b"1.41"))
+        await self._send_client(h11.Response(status_code=status, headers=headers))
+        await self._send_client(h11.Data(data=body))
+        await self._send_client(h11.EndOfMessage())
+
+    async def _send_client(self, event: Any) -> None:
+        data = self.client.send(event)
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()

@@ -1,0 +1,322 @@
+"""The Docker socket proxy, used as users use it: the real docker CLI, run as real Unix
+users (runuser), against a real dockerd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("unix_users")
+
+
+async def docker_as(
+    user: str, config, *args: str, stdin: str | None = None, tty: bool = False
+) -> subprocess.CompletedProcess[str]:
+    socket = config.ownership.proxy_socket
+    command = ["docker", "-H", f"unix://{socket}", *args]
+    if tty:  # a real terminal, as `docker run -it` needs
+        command = ["script", "-qec", " ".join(command), "/dev/null"]
+    argv = ["runuser", "-u", user, "--", *command]
+    env = {**os.environ, "HOME": f"/home/{user}", "DOCKER_CONFIG": f"/home/{user}/.docker"}
+    return await asyncio.to_thread(
+        subprocess.run, argv, input=stdin, capture_output=True, text=True, timeout=90, env=env
+    )
+
+
+def _real(docker_socket: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["docker", "-H", f"unix://{docker_socket}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def test_users_see_and_touch_only_their_own_containers(ownership, test_image):
+    config, _ = ownership
+    run = await docker_as(
+        "ds01alice",
+        config,
+        "run",
+        "-d",
+        "--name",
+        "alices",
+        "--network=none",
+        test_image,
+        "sh",
+        "-c",
+        "echo one; sleep 600",
+    )
+    assert run.returncode == 0, run.stderr
+    container_id = run.stdout.strip()
+    try:
+        mine = await docker_as("ds01alice", config, "ps", "-a", "--format", "{{.Names}}")
+        theirs = await docker_as("ds01bob", config, "ps", "-a", "--format", "{{.Names}}")
+        assert "alices" in mine.stdout.split()
+        assert "alices" not in theirs.stdout.split()
+        for reference in ("alices", container_id[:10], container_id):
+            for action in (["inspect"], ["logs"], ["stop"], ["rm", "-f"], ["exec"], ["cp"]):
+                args = [*action, reference]
+                if action == ["exec"]:
+                    args.append("true")
+                if action == ["cp"]:
+                    args = ["cp", f"{reference}:/etc/passwd", "/tmp/x"]
+                denied = await docker_as("ds01bob", config, *args)
+                assert denied.returncode != 0, args
+                assert "Permission denied: container owned by ds01alice" in denied.stderr, args
+        labels = await docker_as(
+            "ds01alice", config, "inspect", "-f", '{{index .Config.Labels "ds01.user"}}', "alices"
+        )
+        assert labels.stdout.strip() == "ds01alice"
+        logs = await docker_as("ds01alice", config, "logs", "alices")
+        assert logs.stdout.strip() == "one"
+    finally:
+        await docker_as("ds01alice", config, "rm", "-f", "alices")
+
+
+async def test_interactive_exec_run_and_follow_logs_work_through_the_proxy(
+    ownership,
+    test_image,
+):
+    config, _ = ownership
+    await docker_as(
+        "ds01alice",
+        config,
+        "run",
+        "-d",
+        "--name",
+        "live",
+        "--network=none",
+        test_image,
+        "sleep",
+        "600",
+    )
+    try:
+        echoed = await docker_as("ds01alice", config, "exec", "-i", "live", "cat", stdin="hello\n")
+        assert echoed.returncode == 0, echoed.stderr
+        assert echoed.stdout == "hello\n"
+        tty = await docker_as(
+            "ds01alice",
+            config,
+            "run",
+            "-it",
+            "--rm",
+            "--network=none",
+            test_image,
+            "echo",
+            "from-a-tty",
+            tty=True,
+        )
+        assert "from-a-tty" in tty.stdout, tty.stderr + tty.stdout
+        await docker_as(
+            "ds01alice",
+            config,
+            "run",
+            "-d",
+            "--name",
+            "talk",
+            "--network=none",
+            test_image,
+            "sh",
+            "-c",
+            "echo first; sleep 1; echo second",
+        )
+        followed = await docker_as("ds01alice", config, "logs", "-f", "talk")
+        assert followed.stdout.split() == ["first", "second"]
+    finally:
+        await docker_as("ds01alice", config, "rm", "-f", "live", "talk")
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--privileged"], "privileged containers are not allowed"),
+        (["--cap-add", "SYS_ADMIN"], "adding capabilities is not allowed"),
+        (["--device", "/dev/null"], "host devices are not allowed"),
+        (["--pid", "host"], "PidMode=host is not allowed"),
+        (["--ipc", "host"], "IpcMode=host is not allowed"),
+        (["--network", "host"], "NetworkMode=host is not allowed"),
+        (["--uts", "host"], "UTSMode=host is not allowed"),
+        (["-v", "/etc:/host-etc"], "bind mounts must lie in your home"),
+        (["--mount", "type=bind,source=/root,target=/r"], "bind mounts must lie in your home"),
+        (["-e", "NVIDIA_VISIBLE_DEVICES=all"], "GPU visibility is set by ds01"),
+        (["--gpus", "all"], "GPUs are given by ds01"),
+    ],
+)
+async def test_escaping_create_options_are_refused(
+    ownership,
+    test_image,
+    options,
+    reason,
+):
+    config, _ = ownership
+    network = [] if "--network" in options else ["--network=none"]
+    refused = await docker_as("ds01bob", config, "create", *network, *options, test_image, "true")
+    assert refused.returncode != 0
+    assert reason in refused.stderr
+
+
+async def test_owner_labels_sent_by_the_user_are_overwritten(ownership, test_image):
+    config, _ = ownership
+    made = await docker_as(
+        "ds01bob",
+        config,
+        "create",
+        "--name",
+        "sneaky",
+        "--network=none",
+        "--label",
+        "ds01.user=ds01alice",
+        "--label",
+        "ds01.protected=true",
+        test_image,
+        "true",
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        labels = await docker_as(
+            "ds01bob", config, "inspect", "-f", "{{json .Config.Labels}}", "sneaky"
+        )
+        assert '"ds01.user":"ds01bob"' in labels.stdout
+        assert "ds01.protected" not in labels.stdout
+    finally:
+        await docker_as("ds01bob", config, "rm", "sneaky")
+
+
+async def test_an_unlabelled_container_is_denied_to_users_and_visible_to_root(
+    ownership,
+    test_image,
+    docker_socket,
+):
+    config, _ = ownership
+    await asyncio.to_thread(
+        _real, docker_socket, "create", "--name", "orphan", "--network=none", test_image, "true"
+    )
+    try:
+        await asyncio.sleep(0.5)
+        denied = await docker_as("ds01alice", config, "inspect", "orphan")
+        assert "Permission denied: container has no owner" in denied.stderr
+        as_root = await docker_as("root", config, "ps", "-a", "--format", "{{.Names}}")
+        assert "orphan" in as_root.stdout.split()
+    finally:
+        await asyncio.to_thread(_real, docker_socket, "rm", "orphan")
+
+
+async def test_cross_user_endpoints_are_admins_only(ownership):
+    config, _ = ownership
+    refused = await docker_as("ds01bob", config, "container", "prune", "-f")
+    assert "Permission denied: admins only" in refused.stderr
+
+
+async def test_limits_are_clamped_and_the_cgroup_parent_forced(ownership, test_image):
+    """config/resource-limits.yaml: students get 8 CPUs, 32g and 4096 pids."""
+    config, _ = ownership
+    made = await docker_as(
+        "ds01bob",
+        config,
+        "create",
+        "--name",
+        "greedy",
+        "--network=none",
+        "--cpus",
+        "64",
+        "--pids-limit",
+        "100000",
+        "--cgroup-parent",
+        "/",
+        test_image,
+        "true",
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        host = await docker_as(
+            "ds01bob",
+            config,
+            "inspect",
+            "-f",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}} "
+            "{{.HostConfig.CgroupParent}}",
+            "greedy",
+        )
+        cpus = min(8, len(os.sched_getaffinity(0)))  # and never more than the host has
+        assert host.stdout.split() == [
+            str(cpus * 10**9),
+            str(32 * 1024**3),
+            "4096",
+            "/ds01/students/ds01bob",
+        ]
+    finally:
+        await docker_as("ds01bob", config, "rm", "greedy")
+
+
+async def test_another_users_exec_id_is_refused(ownership, test_image):
+    config, _ = ownership
+    socket = str(config.ownership.proxy_socket)
+    await docker_as(
+        "ds01alice",
+        config,
+        "run",
+        "-d",
+        "--name",
+        "execd",
+        "--network=none",
+        test_image,
+        "sleep",
+        "600",
+    )
+    try:
+        created = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "runuser",
+                "-u",
+                "ds01alice",
+                "--",
+                "curl",
+                "-s",
+                "--unix-socket",
+                socket,
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{"Cmd": ["true"]}',
+                "http://docker/containers/execd/exec",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        exec_id = json.loads(created.stdout)["Id"]
+        started = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "runuser",
+                "-u",
+                "ds01bob",
+                "--",
+                "curl",
+                "-s",
+                "--unix-socket",
+                socket,
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{"Detach": true}',
+                f"http://docker/exec/{exec_id}/start",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert json.loads(started.stdout) == {
+            "message": "Permission denied: container owned by ds01alice"
+        }
+    finally:
+        await docker_as("ds01alice", config, "rm", "-f", "execd")
