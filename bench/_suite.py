@@ -38,6 +38,7 @@ def suite(
     """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench."""
     with tempfile.TemporaryDirectory(prefix="ds01-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
+        root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
         daemons: list[ManagedProcess] = []
         etcd_port = free_port()
         if etcd:
@@ -63,6 +64,10 @@ def suite(
                     "limits_file": "resource-limits.yaml",
                     "inventory": {"source": "declared", "file": "inventory.yaml"},
                     "containers": {"network_mode": "none"},
+                    "ownership": {
+                        "enroll_socket": str(root / "run" / "enroll.sock"),
+                        "proxy_socket": str(root / "run" / "docker.sock"),
+                    },
                     "docker": {"host": f"unix://{socket}" if socket else "unix:///none"},
                     "log_level": "warning",
                 }

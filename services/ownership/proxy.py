@@ -18,11 +18,13 @@ import pwd
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import h11
 
 from ds01.client import Ds01Error
 from ds01.ownership.enroll import peer_uid
+from ds01.ownership.owners import owner_of
 from ds01.ownership.policy import (
     CreateContext,
     Refused,
@@ -32,7 +34,7 @@ from ds01.ownership.policy import (
     denial,
     route,
 )
-from ds01.ownership.sync import OwnerStore
+from ds01.ownership.sync import OwnershipSync
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,13 @@ class DockerProxy:
         self,
         listen: Path,
         upstream: Path,
-        store: OwnerStore,
+        owners: OwnershipSync,
         is_admin: Callable[[str], Awaitable[bool]],
         settings: Callable[[str], Awaitable[tuple[str, UserCaps]]],
     ) -> None:
         self.listen = listen
         self.upstream = upstream
-        self.store = store
+        self.owners = owners
         self.is_admin = is_admin
         self.settings = settings  # user -> (cgroup parent, per-container limits)
         self._server: asyncio.AbstractServer | None = None
@@ -180,25 +182,38 @@ class _Session:
         return body
 
     async def _check_owner(self, reference: str) -> None:
-        found = await self.proxy.store.resolve(reference)
-        if found is None:
-            return  # Docker answers "No such container", as it would to anyone
+        found = self.proxy.owners.lookup(reference)
+        if found is None:  # not announced yet: ask the daemon, never let it through unchecked
+            inspected = await self._upstream_json(f"/containers/{quote(reference)}/json")
+            if inspected is None:
+                return  # Docker answers "No such container", as it would to anyone
+            labels = (inspected.get("Config") or {}).get("Labels") or {}
+            found = owner_of(inspected.get("Id", ""), inspected.get("Name", ""), labels)
         if found.owner != self.user:
             raise Refused(denial(found.owner))
 
     async def _exec_container(self, exec_id: str) -> str:
         """Which container an exec belongs to, asked of the real daemon."""
+        found = await self._upstream_json(f"/exec/{quote(exec_id)}/json")
+        return (found or {}).get("ContainerID", "")
+
+    async def _upstream_json(self, target: str) -> dict[str, Any] | None:
+        """GET ``target`` from the real daemon on a connection of its own; None unless 200."""
         reader, writer = await asyncio.open_unix_connection(str(self.proxy.upstream))
         try:
-            writer.write(f"GET /exec/{exec_id}/json HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            writer.write(f"GET {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
             await writer.drain()
             raw = await reader.read()
         finally:
             writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
+            return None
         try:
-            return json.loads(raw.split(b"\r\n\r\n", 1)[1]).get("ContainerID", "")
-        except (IndexError, ValueError):
-            return ""
+            found = json.loads(body)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     async def _checked_create(self, body: bytes) -> bytes:
         try:
@@ -208,7 +223,7 @@ class _Session:
         if not isinstance(spec, dict):
             raise Refused("the create request must be a JSON object")
         owners = {}
-        for ownership in await self.proxy.store.all():
+        for ownership in self.proxy.owners.known.values():
             owners[ownership.container_id] = ownership.owner
             owners[ownership.name] = ownership.owner
         home = PurePosixPath(pwd.getpwnam(self.user).pw_dir)
@@ -294,18 +309,22 @@ class _Session:
         return True
 
     async def _own_only(self, body: bytes) -> bytes:
+        """The list entries carry their labels: the owner follows from them directly."""
         try:
             listed = json.loads(body)
         except ValueError:
             return body
-        owners = {o.container_id: o.owner for o in await self.proxy.store.all()}
-        return json.dumps([c for c in listed if owners.get(c.get("Id")) == self.user]).encode()
+        mine = [
+            c
+            for c in listed
+            if owner_of(c.get("Id", ""), "", c.get("Labels") or {}).owner == self.user
+        ]
+        return json.dumps(mine).encode()
 
     async def _own_events(self, data: bytes) -> tuple[bytes, bytes]:
         """Keep the events that name the caller's containers (or no container)."""
         lines = data.split(b"\n")
         pending = lines.pop()
-        owners = {o.container_id: o.owner for o in await self.proxy.store.all()}
         kept = []
         for line in lines:
             try:
@@ -313,9 +332,10 @@ class _Session:
             except ValueError:
                 continue
             if event.get("Type") == "container":
-                container = (event.get("Actor") or {}).get("ID", "")
-                labels = (event.get("Actor") or {}).get("Attributes") or {}
-                owner = owners.get(container) or labels.get("ds01.user", "")
+                actor = event.get("Actor") or {}
+                known = self.proxy.owners.lookup(actor.get("ID", ""))
+                labels = actor.get("Attributes") or {}
+                owner = known.owner if known else owner_of("", "", labels).owner
                 if owner != self.user:
                     continue
             kept.append(line + b"\n")

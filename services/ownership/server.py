@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -97,17 +98,25 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     store = OwnerStore(etcd, config.node)
     docker_host = DockerHost(config.docker_host)
     ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(store), server)
-    runtime.run_in_background(OwnershipSync(docker_host, store).run(), "ownership-sync")
+    sync = OwnershipSync(docker_host, store)
+    runtime.run_in_background(sync.run(), "ownership-sync")
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
     await enrollment.start()
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("ownership"))
     client = Ds01Client(config, identity)
 
+    admins: dict[str, tuple[float, bool]] = {}
+
     async def is_admin(user: str) -> bool:
+        cached = admins.get(user)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
         try:
-            return (await client.get_limits(user)).admin
+            admin = (await client.get_limits(user)).admin
         except Ds01Error:
             return False  # fail closed: not known to be an admin
+        admins[user] = (time.monotonic() + 10, admin)  # roles change rarely; 10 s is soon
+        return admin
 
     async def settings(user: str) -> tuple[str, UserCaps]:
         args = await client.get_docker_args(user)
@@ -127,7 +136,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     proxy = DockerProxy(
         config.ownership.proxy_socket,
         Path(config.docker_host.removeprefix("unix://")),
-        store,
+        sync,
         is_admin,
         settings,
     )

@@ -59,6 +59,19 @@ class OwnershipSync:
         self.docker = docker
         self.store = store
         self.resyncs = 0
+        self.known: dict[str, Ownership] = {}  # container id -> ownership, in memory too
+
+    def lookup(self, reference: str) -> Ownership | None:
+        """As Docker resolves a reference: full id, name (with or without '/'), then a
+        unique id prefix. None if not known (yet)."""
+        if reference in self.known:
+            return self.known[reference]
+        name = reference.lstrip("/")
+        for ownership in self.known.values():
+            if ownership.name == name:
+                return ownership
+        matches = [o for i, o in self.known.items() if reference and i.startswith(reference)]
+        return matches[0] if len(matches) == 1 else None
 
     async def resync(self) -> None:
         containers = await self.docker.run(
@@ -72,6 +85,7 @@ class OwnershipSync:
                 await self.store.delete(ownership.container_id)
         for ownership in current.values():
             await self.store.put(ownership)
+        self.known = current
         self.resyncs += 1
 
     async def run(self) -> None:
@@ -96,10 +110,13 @@ class OwnershipSync:
         container_id = actor.get("ID") or event.get("id", "")
         attributes = actor.get("Attributes", {})
         if action == "destroy":
+            self.known.pop(container_id, None)
             await self.store.delete(container_id)
         elif action == "create" or action.startswith("rename"):
             labels = {k: v for k, v in attributes.items() if k not in ("name", "image", "oldName")}
-            await self.store.put(owner_of(container_id, attributes.get("name", ""), labels))
+            ownership = owner_of(container_id, attributes.get("name", ""), labels)
+            self.known[container_id] = ownership
+            await self.store.put(ownership)
 
     def _pump(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> None:
         while not loop.is_closed():
