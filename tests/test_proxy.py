@@ -320,3 +320,35 @@ async def test_another_users_exec_id_is_refused(ownership, test_image):
         }
     finally:
         await docker_as("ds01alice", config, "rm", "-f", "execd")
+
+
+async def test_nothing_runs_as_root_over_the_users_home(ownership, test_image, unix_users):
+    """With the home mounted, the container runs as its owner; exec as root and copying
+    into containers (which would write as root) are refused."""
+    config, _ = ownership
+    made = await docker_as(
+        "ds01bob",
+        config,
+        "run",
+        "-d",
+        "--name",
+        "homely",
+        "--network=none",
+        "-u",
+        "0",
+        "-v",
+        "/home/ds01bob:/home/ds01bob",
+        test_image,
+        "sleep",
+        "600",
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        who = await docker_as("ds01bob", config, "exec", "homely", "id", "-u")
+        assert who.stdout.strip() == str(unix_users["ds01bob"])
+        as_root = await docker_as("ds01bob", config, "exec", "-u", "0", "homely", "id")
+        assert "exec as root is for admins" in as_root.stderr
+        copied = await docker_as("ds01bob", config, "cp", "/etc/hostname", "homely:/tmp/x")
+        assert "copy into containers is for admins" in copied.stderr
+    finally:
+        await docker_as("ds01bob", config, "rm", "-f", "homely")

@@ -109,6 +109,8 @@ class CreateContext:
     cgroup_parent: str
     owner_of: dict[str, str]  # container id and name -> owner, for namespace joins
     caps: UserCaps = UserCaps()
+    uid: int = -1
+    gid: int = -1
 
 
 def check_create(body: dict[str, Any], context: CreateContext) -> dict[str, Any]:
@@ -142,14 +144,24 @@ def check_create(body: dict[str, Any], context: CreateContext) -> dict[str, Any]
         other = str(source).split(":", 1)[0]
         if context.owner_of.get(other, "") != context.user:
             raise Refused("VolumesFrom may only name your own containers")
+    binds = False
     for bind in _get(host, "Binds") or []:
-        _check_source(str(bind).split(":", 1)[0], context)
+        source = str(bind).split(":", 1)[0]
+        _check_source(source, context)
+        binds = binds or source.startswith("/")
     for mount in _get(host, "Mounts") or []:
         kind = str(_get(mount, "Type") or "volume")
         if kind == "bind":
             _check_source(str(_get(mount, "Source") or ""), context)
+            binds = True
+        elif kind == "volume" and _get(_get(mount, "VolumeOptions") or {}, "DriverConfig"):
+            raise Refused("volumes with driver options are not allowed (they can bind host paths)")
         elif kind not in ("volume", "tmpfs"):
             raise Refused(f"mounts of type {kind} are not allowed")
+    if binds:
+        # A process that is root inside could leave root-owned or setuid files in the
+        # home: with the home mounted, the container runs as its owner.
+        _set(body, "User", f"{context.uid}:{context.gid}")
     for entry in _get(body, "Env") or []:
         if str(entry).split("=", 1)[0] in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
             raise Refused("GPU visibility is set by ds01, not by the request")
@@ -192,3 +204,12 @@ def _check_source(source: str, context: CreateContext) -> None:
     home = PurePosixPath(os.path.realpath(context.home))
     if not (path == home or home in path.parents):
         raise Refused(f"bind mounts must lie in your home {context.home}, not {source}")
+
+
+def check_exec(body: dict[str, Any]) -> None:
+    """Users exec as themselves or the image's user, never as root."""
+    user = str(_get(body, "User") or "")
+    if user.split(":", 1)[0] in ("0", "root"):
+        raise Refused("Permission denied: exec as root is for admins")
+    if _get(body, "Privileged"):
+        raise Refused("Permission denied: privileged exec is for admins")

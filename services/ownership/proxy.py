@@ -31,6 +31,7 @@ from ds01.ownership.policy import (
     UserCaps,
     admin_only,
     check_create,
+    check_exec,
     denial,
     route,
 )
@@ -174,6 +175,16 @@ class _Session:
             await self._check_owner(container)
         elif where.container:
             await self._check_owner(where.container)
+        if method == "PUT" and path.endswith("/archive"):
+            raise Refused(
+                "Permission denied: copy into containers is for admins; put files in your "
+                "workspace instead"
+            )
+        if method == "POST" and where.container and path.endswith("/exec"):
+            try:
+                check_exec(json.loads(body or b"{}"))
+            except (ValueError, AttributeError) as err:
+                raise Refused(f"the exec request is not a JSON object: {err}") from err
         if method == "POST" and path == "/containers/create":
             try:
                 return await self._checked_create(body)
@@ -226,9 +237,17 @@ class _Session:
         for ownership in self.proxy.owners.known.values():
             owners[ownership.container_id] = ownership.owner
             owners[ownership.name] = ownership.owner
-        home = PurePosixPath(pwd.getpwnam(self.user).pw_dir)
+        account = pwd.getpwnam(self.user)
         parent, caps = await self.proxy.settings(self.user)
-        context = CreateContext(self.user, home, parent, owners, caps)
+        context = CreateContext(
+            self.user,
+            PurePosixPath(account.pw_dir),
+            parent,
+            owners,
+            caps,
+            account.pw_uid,
+            account.pw_gid,
+        )
         return json.dumps(check_create(spec, context)).encode()
 
     async def _send_upstream(self, event: Any) -> None:
