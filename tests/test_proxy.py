@@ -209,10 +209,25 @@ async def test_an_unlabelled_container_is_denied_to_users_and_visible_to_root(
         await asyncio.to_thread(_real, docker_socket, "rm", "orphan")
 
 
-async def test_cross_user_endpoints_are_admins_only(ownership):
+async def test_cross_user_endpoints_are_admins_only_and_prune_is_scoped(ownership, test_image):
     config, _ = ownership
-    refused = await docker_as("ds01bob", config, "container", "prune", "-f")
-    assert "Permission denied: admins only" in refused.stderr
+    for args in (["swarm", "init"], ["plugin", "ls"], ["system", "df"], ["volume", "prune", "-f"]):
+        refused = await docker_as("ds01bob", config, *args)
+        assert "Permission denied: admins only" in refused.stderr, args
+    for user, name in (("ds01alice", "keepme"), ("ds01bob", "dropme")):
+        made = await docker_as(
+            user, config, "create", "--name", name, "--network=none", test_image, "true"
+        )
+        assert made.returncode == 0, made.stderr
+    try:
+        pruned = await docker_as("ds01bob", config, "container", "prune", "-f")
+        assert pruned.returncode == 0, pruned.stderr
+        alices = await docker_as("ds01alice", config, "ps", "-a", "--format", "{{.Names}}")
+        bobs = await docker_as("ds01bob", config, "ps", "-a", "--format", "{{.Names}}")
+        assert "keepme" in alices.stdout.split() and "dropme" not in bobs.stdout.split()
+    finally:
+        await docker_as("ds01alice", config, "rm", "-f", "keepme")
+        await docker_as("ds01bob", config, "rm", "-f", "dropme")
 
 
 async def test_limits_are_clamped_and_the_cgroup_parent_forced(ownership, test_image):

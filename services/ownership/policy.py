@@ -30,7 +30,6 @@ _ADMIN_ONLY = (
     "/session",
     "/grpc",
     "/system/df",
-    "/containers/prune",
     "/volumes/prune",
     "/images/prune",
     "/networks/prune",
@@ -53,7 +52,7 @@ class Route:
 def route(target: str) -> Route:
     path = unquote(target.split("?", 1)[0])
     path = _VERSION.sub("", path) or "/"
-    if path in ("/containers/json", "/containers/create") or path.startswith("/containers/prune"):
+    if path in ("/containers/json", "/containers/create", "/containers/prune"):
         return Route(path, None, None)
     match = _CONTAINER.match(path)
     if match:

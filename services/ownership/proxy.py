@@ -155,6 +155,9 @@ class _Session:
         except Refused as refused:
             await self._answer(403, {"message": str(refused)})
             return False
+        if not self.admin and method == "POST" and where.path == "/containers/prune":
+            await self._answer(200, await self._prune_own())
+            return False
         headers = [(k, v) for k, v in request.headers if k.lower() not in (b"content-length",)]
         if body or method in ("POST", "PUT"):
             headers.append((b"content-length", str(len(body)).encode()))
@@ -163,9 +166,14 @@ class _Session:
         if body:
             await self._send_upstream(h11.Data(data=body))
         await self._send_upstream(h11.EndOfMessage())
-        filter_list = method == "GET" and where.path == "/containers/json" and not self.admin
+        rewrite = None
+        if method == "GET" and not self.admin:
+            if where.path == "/containers/json":
+                rewrite = self._own_only
+            elif where.path.startswith("/networks"):
+                rewrite = self._own_network_members
         filter_events = method == "GET" and where.path == "/events" and not self.admin
-        return await self._relay_response(upgrade, filter_list, filter_events)
+        return await self._relay_response(upgrade, rewrite, filter_events)
 
     async def _authorize(self, method: str, path: str, where: Any, body: bytes) -> bytes:
         if admin_only(path):
@@ -208,23 +216,39 @@ class _Session:
         found = await self._upstream_json(f"/exec/{quote(exec_id)}/json")
         return (found or {}).get("ContainerID", "")
 
-    async def _upstream_json(self, target: str) -> dict[str, Any] | None:
-        """GET ``target`` from the real daemon on a connection of its own; None unless 200."""
+    async def _upstream_call(self, method: str, target: str) -> tuple[int, Any]:
+        """One request to the real daemon on a connection of its own: (status, JSON)."""
         reader, writer = await asyncio.open_unix_connection(str(self.proxy.upstream))
         try:
-            writer.write(f"GET {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            writer.write(f"{method} {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
             await writer.drain()
             raw = await reader.read()
         finally:
             writer.close()
         head, _, body = raw.partition(b"\r\n\r\n")
-        if b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
-            return None
         try:
-            found = json.loads(body)
-        except ValueError:
-            return None
-        return found if isinstance(found, dict) else None
+            status = int(head.split(b" ", 2)[1])
+            return status, json.loads(body) if body.strip() else None
+        except (IndexError, ValueError):
+            return 502, None
+
+    async def _upstream_json(self, target: str) -> dict[str, Any] | None:
+        """GET ``target`` from the real daemon; None unless 200 with a JSON object."""
+        status, found = await self._upstream_call("GET", target)
+        return found if status == 200 and isinstance(found, dict) else None
+
+    async def _prune_own(self) -> dict[str, Any]:
+        """`docker container prune`, scoped to the caller's stopped containers."""
+        filters = quote(json.dumps({"status": ["exited", "created", "dead"]}))
+        _, listed = await self._upstream_call("GET", f"/containers/json?all=1&filters={filters}")
+        deleted = []
+        for container in listed or []:
+            labels = container.get("Labels") or {}
+            if owner_of(container.get("Id", ""), "", labels).owner == self.user:
+                status, _ = await self._upstream_call("DELETE", f"/containers/{container['Id']}")
+                if status == 204:
+                    deleted.append(container["Id"])
+        return {"ContainersDeleted": deleted, "SpaceReclaimed": 0}
 
     async def _checked_create(self, body: bytes) -> bytes:
         try:
@@ -268,18 +292,23 @@ class _Session:
             assert self.up_reader is not None
             self.upstream.receive_data(await self.up_reader.read(CHUNK))
 
-    async def _relay_response(self, upgrade: bool, filter_list: bool, filter_events: bool) -> bool:
+    async def _relay_response(
+        self,
+        upgrade: bool,
+        rewrite: Callable[[bytes], Awaitable[bytes]] | None,
+        filter_events: bool,
+    ) -> bool:
         response = await self._upstream_event()
         while isinstance(response, h11.InformationalResponse) and response.status_code != 101:
             response = await self._upstream_event()
         if response.status_code == 101 or (upgrade and response.status_code == 200):
             return await self._hijack(response)
-        if filter_list:
+        if rewrite is not None:
             body = bytearray()
             while not isinstance(event := await self._upstream_event(), h11.EndOfMessage):
                 if isinstance(event, h11.Data):
                     body += event.data
-            await self._answer(response.status_code, await self._own_only(bytes(body)), response)
+            await self._answer(response.status_code, await rewrite(bytes(body)), response)
             return False
         await self._send_client(response)
         pending = b""
@@ -339,6 +368,22 @@ class _Session:
             if owner_of(c.get("Id", ""), "", c.get("Labels") or {}).owner == self.user
         ]
         return json.dumps(mine).encode()
+
+    async def _own_network_members(self, body: bytes) -> bytes:
+        """Networks list their containers: keep only the caller's."""
+        try:
+            found = json.loads(body)
+        except ValueError:
+            return body
+        for network in found if isinstance(found, list) else [found]:
+            members = network.get("Containers") if isinstance(network, dict) else None
+            if isinstance(members, dict):
+                network["Containers"] = {
+                    cid: info
+                    for cid, info in members.items()
+                    if (known := self.proxy.owners.lookup(cid)) and known.owner == self.user
+                }
+        return json.dumps(found).encode()
 
     async def _own_events(self, data: bytes) -> tuple[bytes, bytes]:
         """Keep the events that name the caller's containers (or no container)."""
