@@ -17,7 +17,7 @@ from urllib.parse import unquote
 # Container operations that name a container: /containers/{ref}/{op} (and DELETE /containers/{ref})
 _CONTAINER = re.compile(r"^/containers/(?P<ref>[^/]+)(?:/(?P<op>.*))?$")
 _EXEC = re.compile(r"^/exec/(?P<id>[^/]+)/(?P<op>.*)$")
-_VERSION = re.compile(r"^/v\d+(?:\.\d+)?(?=/)")
+_VERSION = re.compile(r"^/v[0-9.]+(?=/)")  # as Docker's router: /v{version:[0-9.]+}
 # Endpoints that reach across users or the host: admins only.
 _ADMIN_ONLY = (
     "/plugins",
@@ -117,9 +117,20 @@ def check_create(body: dict[str, Any], context: CreateContext) -> dict[str, Any]
 
     Returns the body to send on.
     """
+    refuse_case_twins(body)
     host = _get(body, "HostConfig") or {}
     if not isinstance(host, dict):
         raise Refused("HostConfig must be an object")
+    for key in ("MaskedPaths", "ReadonlyPaths", "Sysctls"):
+        if _get(host, key) is not None:
+            raise Refused(f"{key} is for admins")
+    for option in _get(host, "SecurityOpt") or []:
+        if str(option).replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
+            raise Refused(f"security option {option!r} is for admins")
+    if str(_get(host, "Runtime") or "runc") != "runc":
+        raise Refused("another container runtime is for admins")
+    if str(_get(host, "CgroupnsMode") or "private") != "private":
+        raise Refused("CgroupnsMode=host is not allowed")
     if _get(host, "Privileged"):
         raise Refused("privileged containers are not allowed")
     if _get(host, "CapAdd"):
@@ -164,6 +175,9 @@ def check_create(body: dict[str, Any], context: CreateContext) -> dict[str, Any]
     for entry in _get(body, "Env") or []:
         if str(entry).split("=", 1)[0] in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
             raise Refused("GPU visibility is set by ds01, not by the request")
+    # The image may say NVIDIA_VISIBLE_DEVICES=all: GPUs come only through ds01.
+    env = [e for e in _get(body, "Env") or [] if isinstance(e, str)]
+    _set(body, "Env", [*env, "NVIDIA_VISIBLE_DEVICES=void", "CUDA_VISIBLE_DEVICES="])
     labels = _get(body, "Labels") or {}
     if not isinstance(labels, dict):
         labels = {}
@@ -205,8 +219,31 @@ def _check_source(source: str, context: CreateContext) -> None:
         raise Refused(f"bind mounts must lie in your home {context.home}, not {source}")
 
 
+def refuse_case_twins(value: Any) -> None:
+    """Docker's decoder lets the last of two keys that differ only in case win, so a
+    check that reads the first could be fooled: refuse such objects, at any depth."""
+    if isinstance(value, dict):
+        seen: set[str] = set()
+        for key, item in value.items():
+            if str(key).lower() in seen:
+                raise Refused(f"the key {key!r} appears twice (in different case)")
+            seen.add(str(key).lower())
+            refuse_case_twins(item)
+    elif isinstance(value, list):
+        for item in value:
+            refuse_case_twins(item)
+
+
+def check_volume_create(body: dict[str, Any]) -> None:
+    """A local volume with driver options can bind any host path."""
+    refuse_case_twins(body)
+    if _get(body, "DriverOpts") or str(_get(body, "Driver") or "local") != "local":
+        raise Refused("volumes with driver options or other drivers are for admins")
+
+
 def check_exec(body: dict[str, Any]) -> None:
     """Users exec as themselves or the image's user, never as root."""
+    refuse_case_twins(body)
     user = str(_get(body, "User") or "")
     if user.split(":", 1)[0] in ("0", "root"):
         raise Refused("Permission denied: exec as root is for admins")

@@ -18,7 +18,7 @@ import pwd
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import h11
 
@@ -32,7 +32,9 @@ from ds01.ownership.policy import (
     admin_only,
     check_create,
     check_exec,
+    check_volume_create,
     denial,
+    refuse_case_twins,
     route,
 )
 from ds01.ownership.sync import OwnershipSync
@@ -40,7 +42,8 @@ from ds01.ownership.sync import OwnershipSync
 log = logging.getLogger(__name__)
 
 CHUNK = 65536
-MAX_BODY = 16 * 1024 * 1024
+MAX_HEAD = 1024 * 1024
+MAX_BODY = 256 * 1024 * 1024
 
 
 class DockerProxy:
@@ -106,10 +109,10 @@ class _Session:
         self.admin = admin
         self.reader = reader
         self.writer = writer
-        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
-        self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_BODY)
+        self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
     async def run(self) -> None:
         try:
@@ -140,6 +143,8 @@ class _Session:
                 request = event
             elif isinstance(event, h11.Data):
                 body += event.data
+                if len(body) > MAX_BODY:  # never hold an endless upload in memory
+                    raise h11.RemoteProtocolError("request body too large", 413)
             elif isinstance(event, h11.EndOfMessage):
                 return request, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
@@ -151,7 +156,7 @@ class _Session:
         where = route(target)
         try:
             if not self.admin:
-                body = await self._authorize(method, where.path, where, body)
+                body = await self._authorize(method, where.path, where, body, target)
         except Refused as refused:
             await self._answer(403, {"message": str(refused)})
             return False
@@ -161,7 +166,12 @@ class _Session:
         headers = [(k, v) for k, v in request.headers if k.lower() not in (b"content-length",)]
         if body or method in ("POST", "PUT"):
             headers.append((b"content-length", str(len(body)).encode()))
-        upgrade = any(k.lower() == b"upgrade" for k, _ in request.headers)
+        # Only attach and exec start may switch protocols: anything else asking to
+        # upgrade would become an unchecked pipe to the daemon.
+        hijackable = where.path.endswith(("/attach", "/start")) and (
+            where.container is not None or where.exec_id is not None
+        )
+        upgrade = hijackable and any(k.lower() == b"upgrade" for k, _ in request.headers)
         await self._send_upstream(h11.Request(method=method, target=target, headers=headers))
         if body:
             await self._send_upstream(h11.Data(data=body))
@@ -175,7 +185,9 @@ class _Session:
         filter_events = method == "GET" and where.path == "/events" and not self.admin
         return await self._relay_response(upgrade, rewrite, filter_events)
 
-    async def _authorize(self, method: str, path: str, where: Any, body: bytes) -> bytes:
+    async def _authorize(
+        self, method: str, path: str, where: Any, body: bytes, target: str
+    ) -> bytes:
         if admin_only(path):
             raise Refused("Permission denied: admins only")
         if where.exec_id:
@@ -183,6 +195,20 @@ class _Session:
             await self._check_owner(container)
         elif where.container:
             await self._check_owner(where.container)
+            if method == "POST" and path.endswith(("/start", "/restart", "/unpause")):
+                await self._check_mount_sources(where.container)
+        if path == "/commit":
+            await self._check_owner(parse_qs(urlsplit(target).query).get("container", [""])[0])
+        if (
+            method == "POST"
+            and path.startswith("/networks/")
+            and path.endswith(("/connect", "/disconnect"))
+        ):
+            request = _json_object(body)
+            refuse_case_twins(request)
+            await self._check_owner(str(request.get("Container") or ""))
+        if method == "POST" and path == "/volumes/create":
+            check_volume_create(_json_object(body))
         if method == "PUT" and path.endswith("/archive"):
             raise Refused(
                 "Permission denied: copy into containers is for admins; put files in your "
@@ -210,6 +236,21 @@ class _Session:
             found = owner_of(inspected.get("Id", ""), inspected.get("Name", ""), labels)
         if found.owner != self.user:
             raise Refused(denial(found.owner))
+
+    async def _check_mount_sources(self, reference: str) -> None:
+        """Docker mounts at start: a bind source that became a symlink out of the home
+        since create must not be mounted."""
+        inspected = await self._upstream_json(f"/containers/{quote(reference)}/json") or {}
+        host = inspected.get("HostConfig") or {}
+        sources = [str(b).split(":", 1)[0] for b in host.get("Binds") or []]
+        sources += [
+            m.get("Source", "") for m in host.get("Mounts") or [] if m.get("Type") == "bind"
+        ]
+        home = os.path.realpath(pwd.getpwnam(self.user).pw_dir)
+        for source in sources:
+            real = os.path.realpath(source)
+            if source.startswith("/") and not (real == home or real.startswith(home + "/")):
+                raise Refused(f"{source} now leads outside your home; not starting")
 
     async def _exec_container(self, exec_id: str) -> str:
         """Which container an exec belongs to, asked of the real daemon."""
@@ -301,8 +342,10 @@ class _Session:
         response = await self._upstream_event()
         while isinstance(response, h11.InformationalResponse) and response.status_code != 101:
             response = await self._upstream_event()
-        if response.status_code == 101 or (upgrade and response.status_code == 200):
+        if upgrade and response.status_code in (101, 200):
             return await self._hijack(response)
+        if response.status_code == 101:  # never asked for: refuse to relay raw bytes
+            return True
         if rewrite is not None:
             body = bytearray()
             while not isinstance(event := await self._upstream_event(), h11.EndOfMessage):
@@ -425,3 +468,13 @@ class _Session:
         if data:
             self.writer.write(data)
             await self.writer.drain()
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        found = json.loads(body or b"{}")
+    except ValueError as err:
+        raise Refused(f"the request body is not JSON: {err}") from err
+    if not isinstance(found, dict):
+        raise Refused("the request body must be a JSON object")
+    return found
