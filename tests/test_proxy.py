@@ -457,3 +457,34 @@ async def test_hostile_requests_are_refused(ownership, test_image):
         await docker_as("ds01alice", config, "rm", "-f", "target")
     listed = await docker_as("root", config, "ps", "-a", "--format", "{{.Names}} {{.Labels}}")
     assert "ds01.user=ds01bob" not in listed.stdout  # nothing of bob's was created
+
+
+async def test_named_volumes_belong_to_their_creator(ownership, test_image):
+    config, _ = ownership
+    made = await docker_as("ds01alice", config, "volume", "create", "alicedata")
+    assert made.returncode == 0, made.stderr
+    try:
+        listed = await docker_as("ds01bob", config, "volume", "ls", "-q")
+        assert "alicedata" not in listed.stdout.split()
+        mounted = await docker_as(
+            "ds01bob", config, "create", "--network=none", "-v", "alicedata:/d", test_image, "true"
+        )
+        assert "Permission denied: volume owned by ds01alice" in mounted.stderr
+        removed = await docker_as("ds01bob", config, "volume", "rm", "alicedata")
+        assert "Permission denied: volume owned by ds01alice" in removed.stderr
+        own = await docker_as(
+            "ds01bob",
+            config,
+            "run",
+            "--rm",
+            "--network=none",
+            "-v",
+            "bobdata:/d",
+            test_image,
+            "true",
+        )
+        assert own.returncode == 0, own.stderr
+        mine = await docker_as("ds01bob", config, "volume", "ls", "-q")
+        assert "bobdata" in mine.stdout.split()  # created for bob, so still his
+    finally:
+        await docker_as("root", config, "volume", "rm", "-f", "alicedata", "bobdata")

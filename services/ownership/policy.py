@@ -17,6 +17,7 @@ from urllib.parse import unquote
 # Container operations that name a container: /containers/{ref}/{op} (and DELETE /containers/{ref})
 _CONTAINER = re.compile(r"^/containers/(?P<ref>[^/]+)(?:/(?P<op>.*))?$")
 _EXEC = re.compile(r"^/exec/(?P<id>[^/]+)/(?P<op>.*)$")
+VOLUME = re.compile(r"^/volumes/(?P<name>[^/]+)$")
 _VERSION = re.compile(r"^/v[0-9.]+(?=/)")  # as Docker's router: /v{version:[0-9.]+}
 # Endpoints that reach across users or the host: admins only.
 _ADMIN_ONLY = (
@@ -234,11 +235,26 @@ def refuse_case_twins(value: Any) -> None:
             refuse_case_twins(item)
 
 
-def check_volume_create(body: dict[str, Any]) -> None:
-    """A local volume with driver options can bind any host path."""
+def check_volume_create(body: dict[str, Any], user: str) -> dict[str, Any]:
+    """A local volume with driver options can bind any host path; a volume is its
+    creator's (labelled like containers). Returns the body to send on."""
     refuse_case_twins(body)
     if _get(body, "DriverOpts") or str(_get(body, "Driver") or "local") != "local":
         raise Refused("volumes with driver options or other drivers are for admins")
+    labels = _get(body, "Labels") or {}
+    labels = {k: v for k, v in labels.items() if not k.startswith("ds01.")}
+    _set(body, "Labels", {**labels, "ds01.user": user})
+    return body
+
+
+def named_volumes(body: dict[str, Any]) -> list[str]:
+    """The named volumes a create request mounts (bind sources are paths)."""
+    host = _get(body, "HostConfig") or {}
+    names = [str(b).split(":", 1)[0] for b in _get(host, "Binds") or []]
+    for mount in _get(host, "Mounts") or []:
+        if str(_get(mount, "Type") or "volume") == "volume":
+            names.append(str(_get(mount, "Source") or ""))
+    return [n for n in names if n and not n.startswith("/")]
 
 
 def check_exec(body: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from ds01.client import Ds01Error
 from ds01.ownership.enroll import peer_uid
 from ds01.ownership.owners import owner_of
 from ds01.ownership.policy import (
+    VOLUME,
     CreateContext,
     Refused,
     UserCaps,
@@ -34,6 +35,7 @@ from ds01.ownership.policy import (
     check_exec,
     check_volume_create,
     denial,
+    named_volumes,
     refuse_case_twins,
     route,
 )
@@ -182,6 +184,8 @@ class _Session:
                 rewrite = self._own_only
             elif where.path.startswith("/networks"):
                 rewrite = self._own_network_members
+            elif where.path == "/volumes":
+                rewrite = self._own_volumes
         filter_events = method == "GET" and where.path == "/events" and not self.admin
         return await self._relay_response(upgrade, rewrite, filter_events)
 
@@ -208,7 +212,10 @@ class _Session:
             refuse_case_twins(request)
             await self._check_owner(str(request.get("Container") or ""))
         if method == "POST" and path == "/volumes/create":
-            check_volume_create(_json_object(body))
+            return json.dumps(check_volume_create(_json_object(body), self.user)).encode()
+        volume = VOLUME.match(path)
+        if volume and volume["name"] not in ("create", "prune"):
+            await self._check_volume(volume["name"], create=False)
         if method == "PUT" and path.endswith("/archive"):
             raise Refused(
                 "Permission denied: copy into containers is for admins; put files in your "
@@ -257,11 +264,17 @@ class _Session:
         found = await self._upstream_json(f"/exec/{quote(exec_id)}/json")
         return (found or {}).get("ContainerID", "")
 
-    async def _upstream_call(self, method: str, target: str) -> tuple[int, Any]:
+    async def _upstream_send(self, method: str, target: str, body: str) -> tuple[int, Any]:
+        return await self._upstream_call(method, target, body)
+
+    async def _upstream_call(self, method: str, target: str, body: str = "") -> tuple[int, Any]:
         """One request to the real daemon on a connection of its own: (status, JSON)."""
         reader, writer = await asyncio.open_unix_connection(str(self.proxy.upstream))
         try:
-            writer.write(f"{method} {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            head = f"{method} {target} HTTP/1.0\r\nHost: docker\r\n"
+            if body:
+                head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            writer.write(f"{head}\r\n{body}".encode())
             await writer.drain()
             raw = await reader.read()
         finally:
@@ -313,7 +326,28 @@ class _Session:
             account.pw_uid,
             account.pw_gid,
         )
-        return json.dumps(check_create(spec, context)).encode()
+        checked = check_create(spec, context)
+        for name in named_volumes(checked):
+            await self._check_volume(name, create=True)
+        return json.dumps(checked).encode()
+
+    async def _check_volume(self, name: str, create: bool) -> None:
+        """Named volumes are their creator's; one that does not exist yet is made the
+        caller's now, rather than by Docker without an owner."""
+        status, found = await self._upstream_call("GET", f"/volumes/{quote(name)}")
+        if status == 404 and create:
+            made = json.dumps({"Name": name, "Labels": {"ds01.user": self.user}})
+            await self._upstream_send("POST", "/volumes/create", made)
+            return
+        if status != 200 or not isinstance(found, dict):
+            return  # Docker answers for itself (no such volume)
+        owner = (found.get("Labels") or {}).get("ds01.user", "")
+        if owner != self.user:
+            raise Refused(
+                f"Permission denied: volume owned by {owner}"
+                if owner
+                else "Permission denied: volume has no owner"
+            )
 
     async def _send_upstream(self, event: Any) -> None:
         if self.up_writer is None:
@@ -411,6 +445,17 @@ class _Session:
             if owner_of(c.get("Id", ""), "", c.get("Labels") or {}).owner == self.user
         ]
         return json.dumps(mine).encode()
+
+    async def _own_volumes(self, body: bytes) -> bytes:
+        try:
+            found = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(found, dict) and isinstance(found.get("Volumes"), list):
+            found["Volumes"] = [
+                v for v in found["Volumes"] if (v.get("Labels") or {}).get("ds01.user") == self.user
+            ]
+        return json.dumps(found).encode()
 
     async def _own_network_members(self, body: bytes) -> bytes:
         """Networks list their containers: keep only the caller's."""
