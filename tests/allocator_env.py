@@ -11,6 +11,8 @@ from pathlib import Path
 import aetcd
 
 from ds01.client import ClientIdentity, Ds01Client
+from ds01.containers.adapters import DockerHost, MetadataStore
+from ds01.containers.lifecycle import Lifecycle
 from ds01.core.config import AllocatorConfig, Config, ContainersConfig, InventoryConfig
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
@@ -167,3 +169,14 @@ async def make_env(
         await env.stop()
         raise
     return env
+
+
+def make_lifecycle(env: AllocatorEnv, docker_socket: Path, etcd: aetcd.Client) -> Lifecycle:
+    """The containers domain on the real Docker and etcd, with the env's services."""
+    return Lifecycle(
+        node="n1",
+        docker=DockerHost(f"unix://{docker_socket}"),
+        metadata=MetadataStore(etcd, "n1"),
+        client=env.service_client("containers"),
+        network_mode="none",
+    )

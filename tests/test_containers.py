@@ -16,11 +16,10 @@ import pytest_asyncio
 
 from ds01.allocator.etcd_state import connect
 from ds01.client import Ds01Error
-from ds01.containers.adapters import DockerHost, MetadataStore
-from ds01.containers.lifecycle import ContainerError, CreateRequest, Lifecycle
+from ds01.containers.lifecycle import ContainerError, CreateRequest
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2, containers_pb2
-from tests.allocator_env import AllocatorEnv, make_env
+from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
 from tests.harness import GID, GROUP, USERS
 
 MiB = 1024 * 1024
@@ -226,13 +225,7 @@ async def test_a_failure_at_any_create_step_leaves_nothing_behind(
     """The domain, driven directly on the real Docker, etcd and services, with one step
     made to fail."""
     etcd = connect((etcd_endpoint,))
-    lifecycle = Lifecycle(
-        node="n1",
-        docker=DockerHost(f"unix://{docker_socket}"),
-        metadata=MetadataStore(etcd, "n1"),
-        client=env.service_client("containers"),
-        network_mode="none",
-    )
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
     target, method = {
         "allocate": (lifecycle.client, "allocate"),
         "cgroup": (lifecycle.cgroups, "ensure"),

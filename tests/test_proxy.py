@@ -28,6 +28,16 @@ async def docker_as(
     )
 
 
+async def curl_as(user: str, socket: str, data: str, path: str) -> str:
+    """POST ``data`` to the proxy as ``user`` with curl: raw API calls the CLI never makes."""
+    argv = ["runuser", "-u", user, "--", "curl", "-s", "--unix-socket", socket]
+    argv += ["-H", "Content-Type: application/json", "-d", data, f"http://docker/{path}"]
+    result = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=30
+    )
+    return result.stdout
+
+
 def _real(docker_socket: Path, *args: str) -> str:
     result = subprocess.run(
         ["docker", "-H", f"unix://{docker_socket}", *args],
@@ -287,52 +297,10 @@ async def test_another_users_exec_id_is_refused(ownership, test_image):
         "600",
     )
     try:
-        created = await asyncio.to_thread(
-            subprocess.run,
-            [
-                "runuser",
-                "-u",
-                "ds01alice",
-                "--",
-                "curl",
-                "-s",
-                "--unix-socket",
-                socket,
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                '{"Cmd": ["true"]}',
-                "http://docker/containers/execd/exec",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        exec_id = json.loads(created.stdout)["Id"]
-        started = await asyncio.to_thread(
-            subprocess.run,
-            [
-                "runuser",
-                "-u",
-                "ds01bob",
-                "--",
-                "curl",
-                "-s",
-                "--unix-socket",
-                socket,
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                '{"Detach": true}',
-                f"http://docker/exec/{exec_id}/start",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert json.loads(started.stdout) == {
-            "message": "Permission denied: container owned by ds01alice"
-        }
+        created = await curl_as("ds01alice", socket, '{"Cmd": ["true"]}', "containers/execd/exec")
+        exec_id = json.loads(created)["Id"]
+        started = await curl_as("ds01bob", socket, '{"Detach": true}', f"exec/{exec_id}/start")
+        assert json.loads(started) == {"message": "Permission denied: container owned by ds01alice"}
     finally:
         await docker_as("ds01alice", config, "rm", "-f", "execd")
 

@@ -20,12 +20,11 @@ import pytest
 import pytest_asyncio
 
 from ds01.allocator.etcd_state import connect
-from ds01.containers.adapters import DockerHost, MetadataStore
-from ds01.containers.lifecycle import CreateRequest, Lifecycle
+from ds01.containers.lifecycle import CreateRequest
 from ds01.containers.reconcile import SETTLE_SECONDS, Action, Observed, Policy, Reconciler, decide
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2
-from tests.allocator_env import AllocatorEnv, make_env
+from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
 
 LIMITS = textwrap.dedent(
     """\
@@ -90,13 +89,7 @@ async def world(
 ) -> AsyncIterator[tuple[AllocatorEnv, Reconciler]]:
     env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, limits=LIMITS)
     etcd = connect((etcd_endpoint,))
-    lifecycle = Lifecycle(
-        node="n1",
-        docker=DockerHost(f"unix://{docker_socket}"),
-        metadata=MetadataStore(etcd, "n1"),
-        client=env.service_client("containers"),
-        network_mode="none",
-    )
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
     yield env, Reconciler(lifecycle)
     for record in await lifecycle.metadata.all():
         await lifecycle.remove(record.user, True, record.docker_name)
@@ -229,13 +222,7 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
     root = Path(tempfile.mkdtemp(prefix="ds01-restart-", dir="/tmp"))
     daemon = start_dockerd(root)
     etcd = connect((etcd_endpoint,))
-    lifecycle = Lifecycle(
-        node="n1",
-        docker=DockerHost(f"unix://{root / 'docker.sock'}"),
-        metadata=MetadataStore(etcd, "n1"),
-        client=env.service_client("containers"),
-        network_mode="none",
-    )
+    lifecycle = make_lifecycle(env, root / "docker.sock", etcd)
     reconciler = Reconciler(lifecycle, interval=3600)  # only events can wake it
     task = None
     try:
