@@ -19,6 +19,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from ds01.core.records import JsonRecord
+
 ROOT = "/ds01/v1/"
 NODES = ROOT + "nodes/"
 SLOTS = ROOT + "slots/"
@@ -44,7 +46,7 @@ def _slot_order(slot_id: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SlotRecord:
+class SlotRecord(JsonRecord):
     node: str
     slot_id: str
     uuid: str
@@ -64,13 +66,6 @@ class SlotRecord:
     @property
     def order(self) -> tuple[str, tuple[int, ...]]:
         return (self.node, _slot_order(self.slot_id))
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> SlotRecord:
-        return cls(**json.loads(data))
 
 
 @dataclass(frozen=True)
@@ -104,30 +99,16 @@ class Holder:
 
 
 @dataclass(frozen=True)
-class NodeRecord:
+class NodeRecord(JsonRecord):
     node: str
     inventory_source: str
     simulated: bool
     registered_at: float
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> NodeRecord:
-        return cls(**json.loads(data))
-
 
 @dataclass(frozen=True)
-class ReleaseMark:
+class ReleaseMark(JsonRecord):
     container: str
     user: str
     by: str  # who released it: a user, an admin or svc:<service>
     reason: str = "released"
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> ReleaseMark:
-        return cls(**json.loads(data))

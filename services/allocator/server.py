@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2
 
 from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
@@ -43,6 +42,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.identity import caller
+from ds01.core.messages import timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
@@ -247,7 +247,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
         principal = caller()
-        privileged = principal.is_service or principal.is_admin
+        privileged = principal.privileged
         if not privileged:
             privileged = await self._run(context, self.limits.is_admin(principal.name))
         return Actor(principal.name, privileged)
@@ -267,14 +267,6 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(err, Ds01Error):
         return grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
     return None
-
-
-def _timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
-    if epoch is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(epoch * 1e9))
-    return stamp
 
 
 def slot_message(slot: SlotRecord) -> common_pb2.GpuSlot:
@@ -312,9 +304,9 @@ def holding_message(
         state=state,
         user=holder.user,
         container=holder.container,
-        since=_timestamp(holder.since),
-        stopped_at=_timestamp(holder.stopped_at),
-        hold_until=_timestamp(holder.hold_until),
+        since=timestamp(holder.since),
+        stopped_at=timestamp(holder.stopped_at),
+        hold_until=timestamp(holder.hold_until),
         priority=holder.priority,
     )
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import grp
-import json
 import logging
 import pwd
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import docker
 import docker.errors
 
 from ds01.containers.spec import Account
+from ds01.core.records import JsonRecord
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DockerHost:
 
 
 @dataclass
-class Metadata:
+class Metadata(JsonRecord):
     """What ds01 remembers of a container, beside Docker's own record."""
 
     docker_name: str
@@ -132,13 +132,6 @@ class Metadata:
     counted_start: str = ""  # Docker's StartedAt of the last run added to runtime_before
     container_type: str = ""  # container_types.<type> of the limits configuration
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Metadata:
-        return cls(**json.loads(data))
 
 
 class MetadataStore:

@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import docker.errors
 import grpc
-from google.protobuf import timestamp_pb2
 
 from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
@@ -16,6 +15,7 @@ from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, Me
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.containers.reconcile import Reconciler
 from ds01.core.identity import caller
+from ds01.core.messages import timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import containers_pb2, containers_pb2_grpc
 
@@ -150,7 +150,7 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
         data_dirs=metadata.data_dirs,
         notice=metadata.notice,
         container_type=metadata.container_type,
-        created_at=_timestamp(metadata.created_at),
+        created_at=timestamp(metadata.created_at),
         state=containers_pb2.CONTAINER_STATE_GONE,
     )
     for slot in metadata.gpu_slots:
@@ -160,12 +160,6 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
     if status is not None:
         message.state = _STATES.get(status, containers_pb2.CONTAINER_STATE_STOPPED)
     return message
-
-
-def _timestamp(epoch: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(epoch * 1e9))
-    return stamp
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:

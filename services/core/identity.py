@@ -41,9 +41,14 @@ class Principal:
     def is_admin(self) -> bool:
         return self.kind == common_pb2.PRINCIPAL_KIND_ADMIN
 
+    @property
+    def privileged(self) -> bool:
+        """Admins and the suite's services may act on anyone's things."""
+        return self.is_service or self.is_admin
+
     def may_act_for(self, user: str) -> bool:
         """Users act only for themselves; admins and services for anyone."""
-        return self.is_service or self.is_admin or self.name == user
+        return self.privileged or self.name == user
 
 
 @dataclass

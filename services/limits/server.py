@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
-from ds01.core.identity import Principal, caller
+from ds01.core.identity import caller
 from ds01.core.pki import PkiError, validate_user_name
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.limits.config import LimitsConfig, LimitsConfigError, parse_sources, read_sources
@@ -79,7 +79,7 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         self, request: limits_pb2.ListGroupsRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.ListGroupsResponse:
         config = await self._config(context)
-        privileged = _privileged(caller())
+        privileged = caller().privileged
         default_priority = config.defaults.get("priority", 0)
         return limits_pb2.ListGroupsResponse(
             groups=[
@@ -96,7 +96,7 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
     async def ValidateConfig(
         self, request: limits_pb2.ValidateConfigRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.ValidateConfigResponse:
-        if not _privileged(caller()):
+        if not caller().privileged:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only admins may check the limits configuration",
@@ -124,7 +124,7 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
     ) -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
         principal = caller()
         user = request.user
-        if user or not _privileged(principal):
+        if user or not principal.privileged:
             user = await self._subject(user, context)
         with self.store.subscribe() as changes:
             last = resolve(self.store.config, user) if user and self.store.config else None
@@ -182,10 +182,6 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
                 "admins anyone's",
             )
         return user
-
-
-def _privileged(principal: Principal) -> bool:
-    return principal.is_admin or principal.is_service
 
 
 def _check_text(store: LimitsStore, text: str, file_name: str) -> list[Issue]:

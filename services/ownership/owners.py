@@ -8,11 +8,12 @@ admins may touch it: the seed's fail-open was a hole.
 
 from __future__ import annotations
 
-import json
 import pwd
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from ds01.core.records import JsonRecord
 
 DS01_LABEL = "ds01_label"
 MLC_LABEL = "mlc_label"
@@ -21,19 +22,12 @@ NONE = "none"
 
 
 @dataclass(frozen=True)
-class Ownership:
+class Ownership(JsonRecord):
     container_id: str
     name: str
     owner: str  # empty when nobody owns it
     source: str
     managed: bool
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Ownership:
-        return cls(**json.loads(data))
 
 
 def user_exists(user: str) -> bool:

@@ -13,7 +13,7 @@ from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import DockerHost
 from ds01.containers.lifecycle import cgroup_parent_for, host_cpus
-from ds01.core.identity import Principal, caller
+from ds01.core.identity import caller
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.owners import DEVCONTAINER, DS01_LABEL, MLC_LABEL, NONE, Ownership
@@ -51,7 +51,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
         principal = caller()
         found = await self.store.resolve(request.container)
         # Someone else's container looks the same as no container to a user.
-        if found is None or not (_privileged(principal) or found.owner == principal.name):
+        if found is None or not (principal.privileged or found.owner == principal.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container}")
         return ownership_pb2.GetOwnerResponse(owner=owner_message(found))
 
@@ -59,8 +59,8 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
         self, request: ownership_pb2.ListOwnersRequest, context: grpc.aio.ServicerContext
     ) -> ownership_pb2.ListOwnersResponse:
         principal = caller()
-        owner = request.owner or ("" if _privileged(principal) else principal.name)
-        if owner != principal.name and not _privileged(principal):
+        owner = request.owner or ("" if principal.privileged else principal.name)
+        if owner != principal.name and not principal.privileged:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "only admins may list other users' containers"
             )
@@ -70,7 +70,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
     async def WatchOwners(
         self, request: ownership_pb2.WatchOwnersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
-        if not _privileged(caller()):
+        if not caller().privileged:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
         watch = await self.store.client.watch_prefix(self.store.prefix.encode(), prev_kv=True)
         try:
@@ -86,10 +86,6 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
                 yield ownership_pb2.WatchOwnersResponse(type=kind, owner=owner_message(ownership))
         finally:
             await watch.cancel()
-
-
-def _privileged(principal: Principal) -> bool:
-    return principal.is_admin or principal.is_service
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
