@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TypeVar
 
 import grpc
@@ -383,18 +383,7 @@ async def _keep_node_registered(node: str, runtime: ServiceRuntime, etcd: object
     while True:
         try:
             inventory = await asyncio.to_thread(load_inventory, runtime.config)
-            slots = [
-                SlotRecord(
-                    node,
-                    s.slot_id,
-                    s.uuid,
-                    s.product,
-                    s.mig_profile,
-                    s.memory_bytes,
-                    s.gpu_equivalents,
-                )
-                for s in inventory.slots()
-            ]
+            slots = [SlotRecord(node=node, **asdict(s)) for s in inventory.slots()]
             record = NodeRecord(node, inventory.source, inventory.simulated, time.time())
             registration = NodeRegistration(etcd, record, slots)  # type: ignore[arg-type]
             await registration.register()
