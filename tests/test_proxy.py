@@ -330,9 +330,9 @@ async def test_nothing_runs_as_root_over_the_users_home(ownership, test_image, u
         who = await docker_as("ds01bob", config, "exec", "homely", "id", "-u")
         assert who.stdout.strip() == str(unix_users["ds01bob"])
         as_root = await docker_as("ds01bob", config, "exec", "-u", "0", "homely", "id")
-        assert "exec as root is for admins" in as_root.stderr
+        assert "exec as '0' is for admins" in as_root.stderr
         copied = await docker_as("ds01bob", config, "cp", "/etc/hostname", "homely:/tmp/x")
-        assert "copy into containers is for admins" in copied.stderr
+        assert "Permission denied: admins only" in copied.stderr
     finally:
         await docker_as("ds01bob", config, "rm", "-f", "homely")
 
@@ -372,7 +372,7 @@ async def test_hostile_requests_are_refused(ownership, test_image):
     privileged = {"Image": test_image, "HostConfig": {"Privileged": True}}
     upgrade_then_create = (
         "GET /version HTTP/1.1\r\nHost: d\r\nUpgrade: tcp\r\nConnection: Upgrade\r\n\r\n"
-        + _post("/v1.41/containers/create", privileged).replace("Connection: close\r\n", "")
+        + _post("/v1.41/containers/create", privileged)
     )
     requests = [
         upgrade_then_create,

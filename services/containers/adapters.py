@@ -89,6 +89,13 @@ class DockerHost:
         except docker.errors.NotFound:
             return None
 
+    async def names_labelled(self, label: str, value: str) -> list[str]:
+        """The names of every container, running or not, whose ``label`` is ``value``."""
+        found = await self.run(
+            lambda: self.client.containers.list(all=True, filters={"label": f"{label}={value}"})
+        )
+        return [container.name for container in found]
+
     async def create(self, arguments: dict[str, Any]) -> Any:
         return await self.run(lambda: self.client.containers.create(**arguments))
 

@@ -37,6 +37,7 @@ from ds01.containers.spec import (
     docker_name,
     setup_script,
 )
+from ds01.core.naming import OWNER_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -296,11 +297,13 @@ class Lifecycle:
         await self.docker.exec_as_root(container, setup_script(account))
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
-        mine = [m for m in await self.metadata.all() if m.user == user]
-        if any(m.docker_name == name for m in mine) or await self.docker.find(name):
+        recorded = {m.docker_name for m in await self.metadata.all() if m.user == user}
+        if name in recorded or await self.docker.find(name):
             raise ContainerError(Code.EXISTS, f"{name} exists already")
         if limits.HasField("max_containers_per_user"):
             allowed = limits.max_containers_per_user
+            # Containers made through the Docker gateway count too: they carry the label.
+            mine = recorded | set(await self.docker.names_labelled(OWNER_LABEL, user))
             if len(mine) >= allowed:
                 raise ContainerError(
                     Code.EXHAUSTED,
@@ -339,11 +342,7 @@ class Lifecycle:
         parent = cgroup_parent_for(slice_name, await self.docker.cgroup_driver())
         if parent == slice_name:
             return parent
-        aggregate = {
-            key: getattr(limits.aggregate, field)
-            for key, field in (("memory", "memory_bytes"), ("cpus", "cpus"), ("pids", "pids"))
-            if limits.aggregate.HasField(field)
-        }
+        aggregate = aggregate_of(limits)
         if aggregate:
             self.cgroups.ensure(parent, aggregate)
         return parent
@@ -367,6 +366,15 @@ class Lifecycle:
 def host_cpus(cpus: float) -> float:
     """A CPU limit Docker accepts: no more than the host has."""
     return min(cpus, float(len(os.sched_getaffinity(0))))
+
+
+def aggregate_of(limits: Any) -> dict[str, float | int]:
+    """The user's aggregate limits (a GetLimits answer) as CgroupfsSlices writes them."""
+    return {
+        key: getattr(limits.aggregate, field)
+        for key, field in (("memory", "memory_bytes"), ("cpus", "cpus"), ("pids", "pids"))
+        if limits.aggregate.HasField(field)
+    }
 
 
 def cgroup_parent_for(slice_name: str, driver: str) -> str:

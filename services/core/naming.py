@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 SEPARATOR = "._."
+OWNER_LABEL = "ds01.user"  # on every container, volume, network and image a user owns
 
 
 def docker_user(user: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -11,14 +12,16 @@ import grpc
 
 from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.containers.adapters import DockerHost
-from ds01.containers.lifecycle import cgroup_parent_for, host_cpus
+from ds01.containers.adapters import CgroupfsSlices, DockerHost
+from ds01.containers.lifecycle import aggregate_of, cgroup_parent_for, host_cpus
 from ds01.core.identity import caller
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
+from ds01.ownership.gateway.admission import Gateway, UserSettings
+from ds01.ownership.gateway.daemon import Daemon
+from ds01.ownership.gateway.policy import Caps
+from ds01.ownership.gateway.relay import DockerGateway
 from ds01.ownership.owners import DEVCONTAINER, DS01_LABEL, MLC_LABEL, NONE, Ownership
-from ds01.ownership.policy import UserCaps
-from ds01.ownership.proxy import DockerProxy
 from ds01.ownership.sync import OwnershipSync, OwnerStore
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
@@ -93,6 +96,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     etcd = connect(config.etcd_endpoints)
     store = OwnerStore(etcd, config.node)
     docker_host = DockerHost(config.docker_host)
+    docker_socket = Path(config.docker_host.removeprefix("unix://"))
     ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(store), server)
     sync = OwnershipSync(docker_host, store)
     runtime.run_in_background(sync.run(), "ownership-sync")
@@ -114,28 +118,40 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         admins[user] = (time.monotonic() + 10, admin)  # roles change rarely; 10 s is soon
         return admin
 
-    async def settings(user: str) -> tuple[str, UserCaps]:
+    driver: list[str] = []  # Docker's cgroup driver, asked once
+    cgroups = CgroupfsSlices()
+
+    async def settings(user: str) -> UserSettings:
+        limits = await client.get_limits(user)
         args = await client.get_docker_args(user)
 
         def field(name: str) -> int | None:
             return int(getattr(args, name)) if args.HasField(name) else None
 
-        caps = UserCaps(
+        caps = Caps(
             nano_cpus=int(host_cpus(args.cpus) * 1e9) if args.HasField("cpus") else None,
             memory=field("memory_bytes"),
             memory_swap=field("memory_swap_bytes"),
             pids=field("pids_limit"),
             shm_size=field("shm_size_bytes"),
         )
-        return cgroup_parent_for(args.cgroup_parent, await docker_host.cgroup_driver()), caps
+        if not driver:
+            driver.append(await docker_host.cgroup_driver())
+        parent = cgroup_parent_for(args.cgroup_parent, driver[0])
+        aggregate = aggregate_of(limits)
+        if parent != args.cgroup_parent and aggregate:  # cgroupfs: ds01 writes the limits
+            await asyncio.to_thread(cgroups.ensure, parent, aggregate)
+        most = (
+            limits.max_containers_per_user if limits.HasField("max_containers_per_user") else None
+        )
+        return UserSettings(parent, caps, most)
 
-    proxy = DockerProxy(
-        config.ownership.proxy_socket,
-        Path(config.docker_host.removeprefix("unix://")),
-        sync,
-        is_admin,
-        settings,
-    )
+    async def container_owner(container_id: str) -> str | None:
+        known = sync.known.get(container_id)  # by full id only: an id never changes owner
+        return known.owner if known else None
+
+    gateway = Gateway(Daemon(docker_socket), settings, container_owner)
+    proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
     await proxy.start()
 
     async def close() -> None:

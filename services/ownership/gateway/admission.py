@@ -1,0 +1,801 @@
+"""The admission chain for one request of a non-admin: route, resolve, decode, decide,
+and what to forward (or answer) -- with the check of Docker's view that follows.
+
+Every handler returns a ``Forward`` built only from values the gateway validated (the
+canonical path with full ids, a re-encoded query and body, its own headers), or an
+``Answer``. Nothing of the caller's request bytes reaches the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import pwd
+import re
+import tarfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from ds01.ownership.gateway import filters, policy, verify
+from ds01.ownership.gateway.daemon import Daemon
+from ds01.ownership.gateway.images import (
+    OWNER_LABEL,
+    Access,
+    access,
+    is_id,
+    namespace_owner,
+    parse_name,
+    require_writable,
+)
+from ds01.ownership.gateway.policy import Caller, Caps, Found, Refused, Resolved, denial
+from ds01.ownership.gateway.routes import TAR, Match, Route
+from ds01.ownership.gateway.strict import (
+    BadRequest,
+    decode_json,
+    encode_json,
+    encode_query,
+    go_bool,
+    parse_query,
+)
+from ds01.ownership.owners import owner_of, user_exists
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+Rewrite = Callable[[int, bytes], Awaitable[tuple[int, bytes]]]
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """What the limits say of a user, for containers made through the gateway."""
+
+    cgroup_parent: str
+    caps: Caps
+    max_containers: int | None = None
+
+
+@dataclass
+class Forward:
+    method: str
+    target: str
+    body: bytes = b""
+    content_type: str | None = None
+    hijack: bool = False  # attach or exec start: may become a raw stream (101, or no length)
+    upgrade: bool = False  # ask Docker to switch protocols (the client asked)
+    rewrite: Rewrite | None = None  # the whole answer, checked and filtered
+    stream_filter: Callable[[bytes], Awaitable[bytes]] | None = None
+    finish: Callable[[bytes], Awaitable[bytes | None]] | None = None  # after a stream
+
+
+@dataclass
+class Answer:
+    status: int
+    payload: Any
+
+
+Decision = Forward | Answer
+
+
+class NotFound(Exception):
+    """Answered 404 with Docker's own wording."""
+
+
+@dataclass
+class Gateway:
+    """What every request's admission shares."""
+
+    daemon: Daemon
+    settings: Callable[[str], Awaitable[UserSettings]]
+    container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
+    creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def caller(self, user: str) -> Caller:
+        account = pwd.getpwnam(user)
+        groups = frozenset(os.getgrouplist(user, account.pw_gid))
+        home = PurePosixPath(os.path.realpath(account.pw_dir))
+        return Caller(user, account.pw_uid, account.pw_gid, groups, home)
+
+
+class Admission:
+    """One request of one non-admin caller."""
+
+    def __init__(self, gateway: Gateway, caller: Caller, found: Match, upgrade: bool) -> None:
+        self.gateway = gateway
+        self.daemon = gateway.daemon
+        self.caller = caller
+        self.match = found
+        self.route: Route = found.route
+        self.upgrade = upgrade
+        self.query = parse_query(found.query, self.route.query, self.route.repeat)
+
+    async def decide(self, body: bytes) -> Decision:
+        handler = getattr(self, f"_{self.route.action}")
+        try:
+            return await handler(body)
+        except NotFound as missing:
+            return Answer(404, {"message": str(missing)})
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _json(self, body: bytes) -> Any:
+        schema = self.route.body
+        assert schema is not None and schema != TAR
+        return decode_json(body, schema, "the request body")  # type: ignore[arg-type]
+
+    def _target(self, path: str, query: dict[str, list[str]] | None = None) -> str:
+        query = self.query if query is None else query
+        encoded = encode_query(query)
+        return f"{self.match.prefix()}{path}" + (f"?{encoded}" if encoded else "")
+
+    def _forward(self, path: str, body: Any = None, **extra: Any) -> Forward:
+        """The request, rebuilt: canonical path, re-encoded query and body."""
+        data = b"" if body is None else encode_json(body)
+        content_type = JSON if body is not None else None
+        return Forward(self.route.method, self._target(path), data, content_type, **extra)
+
+    def _path(self, **ids: str) -> str:
+        """The route's pattern with each reference replaced by the resolved id."""
+        path = self.route.pattern
+        for name, value in ids.items():
+            path = path.replace(f"{{{name}}}", quote(value, safe="/:@"))
+        return path
+
+    async def _own_container(self, reference: str) -> dict[str, Any]:
+        if "/" in reference:
+            raise Refused("container references may not contain '/'")
+        found = await self.daemon.container(reference)
+        if found is None:
+            raise NotFound(f"No such container: {reference}")
+        owner = owner_of(found.get("Id", ""), "", (found.get("Config") or {}).get("Labels") or {})
+        if owner.owner != self.caller.user:
+            raise Refused(denial("container", owner.owner))
+        return found
+
+    async def _settings(self) -> Caller:
+        settings = await self.gateway.settings(self.caller.user)
+        self.settings = settings
+        return policy.Caller(
+            self.caller.user,
+            self.caller.uid,
+            self.caller.gid,
+            self.caller.groups,
+            self.caller.home,
+            settings.cgroup_parent,
+            settings.caps,
+        )
+
+    # --- the daemon ----------------------------------------------------------------
+
+    async def _pass(self, body: bytes) -> Decision:
+        value = self._json(body) if self.route.body is not None else None
+        return self._forward(self.match.route.pattern, value)
+
+    async def _events(self, body: bytes) -> Decision:
+        async def volume_owner(name: str) -> str | None:
+            found = await self.daemon.volume(name)
+            return None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
+
+        async def network_owner(ref: str) -> str | None:
+            found = await self.daemon.network(ref)
+            return None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
+
+        events = filters.EventFilter(self.caller.user, volume_owner, network_owner)
+        return self._forward("/events", stream_filter=events.feed)
+
+    # --- containers ------------------------------------------------------------------
+
+    async def _container_list(self, body: bytes) -> Decision:
+        user = self.caller.user
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            return status, filters.containers(data, user) if status == 200 else data
+
+        return self._forward("/containers/json", rewrite=rewrite)
+
+    async def _container(self, body: bytes) -> Decision:
+        found = await self._own_container(self.match.params["container"])
+        return self._forward(self._path(container=found["Id"]))
+
+    async def _container_inspect(self, body: bytes) -> Decision:
+        found = await self._own_container(self.match.params["container"])
+        if not self.query:  # the inspect the gateway just made is Docker's answer
+            return Answer(200, found)
+        return self._forward(self._path(container=found["Id"]))
+
+    async def _container_start(self, body: bytes) -> Decision:
+        """Docker mounts at start: a bind source that became a symlink out of the home
+        since create must not be mounted."""
+        found = await self._own_container(self.match.params["container"])
+        for mount in found.get("Mounts") or []:
+            source = mount.get("Source") or ""
+            if mount.get("Type") == "bind" and not _inside(source, self.caller.home):
+                raise Refused(f"{source} now leads outside your home; not starting")
+        return self._forward(self._path(container=found["Id"]))
+
+    async def _container_update(self, body: bytes) -> Decision:
+        found = await self._own_container(self.match.params["container"])
+        caller = await self._settings()
+        return self._forward(
+            self._path(container=found["Id"]), policy.admit_update(self._json(body), caller)
+        )
+
+    async def _container_prune(self, body: bytes) -> Decision:
+        """`docker container prune`, scoped to the caller's stopped containers."""
+        wanted = json.dumps({"status": ["exited", "created", "dead"]})
+        listed = await self.daemon.get(f"/containers/json?all=1&filters={quote(wanted)}") or []
+        deleted = []
+        for container in listed:
+            if filters.container_owner(container.get("Labels")) != self.caller.user:
+                continue
+            if await self.daemon.delete(f"/containers/{container['Id']}") == 204:
+                deleted.append(container["Id"])
+        return Answer(200, {"ContainersDeleted": deleted, "SpaceReclaimed": 0})
+
+    async def _container_create(self, body: bytes) -> Decision:
+        request = self._json(body) or {}
+        caller = await self._settings()
+        lock = self.gateway.creating.setdefault(caller.user, asyncio.Lock())
+        await lock.acquire()  # one create at a time per user: the count stays true
+        released = False
+        try:
+            await self._check_room()
+            resolved, made_volumes = await self._resolve_create(request, caller)
+            admitted = policy.admit_create(request, caller, resolved)
+        except BaseException:
+            lock.release()
+            raise
+        own_containers = {f.id for f in resolved.containers.values() if f.owner == caller.user}
+        own_volumes = set(resolved.volumes) | made_volumes
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            nonlocal released
+            try:
+                if status != 201:
+                    await self._remove_volumes(made_volumes)
+                    return status, data
+                container_id = str((json.loads(data) or {}).get("Id", ""))
+                inspect = await self.daemon.container(container_id) or {}
+                wrong = verify.container_violations(inspect, caller, own_containers, own_volumes)
+                if wrong or not inspect:
+                    await self.daemon.delete(f"/containers/{container_id}?force=1&v=1")
+                    await self._remove_volumes(made_volumes)
+                    log.warning("%s: Docker's view broke the policy: %s", caller.user, wrong)
+                    return 403, _message(
+                        "Permission denied: Docker read the request differently from ds01 "
+                        f"({'; '.join(wrong) or 'no container'}); nothing was created"
+                    )
+                return status, data
+            finally:
+                if not released:
+                    released = True
+                    lock.release()
+
+        return self._forward("/containers/create", admitted, rewrite=rewrite)
+
+    async def _check_room(self) -> None:
+        most = self.settings.max_containers
+        if most is None:
+            return
+        wanted = json.dumps({"label": [f"{OWNER_LABEL}={self.caller.user}"]})
+        listed = await self.daemon.get(f"/containers/json?all=1&filters={quote(wanted)}") or []
+        if len(listed) >= most:
+            raise Refused(
+                f"{self.caller.user} has {len(listed)} of {most} containers: remove one first"
+            )
+
+    async def _resolve_create(
+        self, request: dict[str, Any], caller: Caller
+    ) -> tuple[Resolved, set[str]]:
+        named = policy.named_in_create(request)
+        resolved = Resolved()
+        for reference in named.containers:
+            found = await self.daemon.container(reference) if "/" not in reference else None
+            if found is None:
+                raise NotFound(f"No such container: {reference}")
+            labels = (found.get("Config") or {}).get("Labels") or {}
+            resolved.containers[reference] = Found(found["Id"], owner_of("", "", labels).owner)
+        for reference in named.networks:
+            resolved.networks[reference] = await self._network_found(reference)
+        made: set[str] = set()
+        for name in named.volumes:
+            volume = await self.daemon.volume(name)
+            if volume is None:
+                await self._make_volume(name)  # the caller's now, not Docker's unowned
+                made.add(name)
+                resolved.volumes[name] = Found(name, caller.user)
+            else:
+                owner = (volume.get("Labels") or {}).get(OWNER_LABEL, "")
+                resolved.volumes[name] = Found(name, owner)
+        for path in named.paths:
+            resolved.paths[path] = os.path.realpath(path)
+        if named.image:
+            resolved.image = await self._image_found(named.image)
+        return resolved, made
+
+    async def _make_volume(self, name: str) -> None:
+        made = {"Name": name, "Driver": "local", "Labels": {OWNER_LABEL: self.caller.user}}
+        reply = await self.daemon.call("POST", "/volumes/create", encode_json(made), JSON)
+        if reply.status != 201:
+            raise BadRequest(f"volume {name}: {(reply.json() or {}).get('message', reply.status)}")
+
+    async def _remove_volumes(self, names: set[str]) -> None:
+        for name in names:
+            await self.daemon.delete(f"/volumes/{quote(name, safe='')}")
+
+    # --- exec and attach -------------------------------------------------------------
+
+    async def _exec_create(self, body: bytes) -> Decision:
+        found = await self._own_container(self.match.params["container"])
+        caller = self.caller
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 201:
+                return status, data
+            made = await self.daemon.exec(str((json.loads(data) or {}).get("Id", ""))) or {}
+            wrong = verify.exec_violations(made, caller)
+            if wrong:
+                return 403, _message(f"Permission denied: {'; '.join(wrong)}")
+            return status, data
+
+        admitted = policy.admit_exec(self._json(body), caller)
+        return self._forward(self._path(container=found["Id"]), admitted, rewrite=rewrite)
+
+    async def _own_exec(self) -> dict[str, Any]:
+        reference = self.match.params["exec"]
+        found = await self.daemon.exec(reference) if "/" not in reference else None
+        if found is None:
+            raise NotFound(f"No such exec instance: {reference}")
+        await self._own_container(str(found.get("ContainerID", "")))
+        return found
+
+    async def _exec(self, body: bytes) -> Decision:
+        found = await self._own_exec()
+        return self._forward(self._path(exec=found["ID"]))
+
+    async def _exec_start(self, body: bytes) -> Decision:
+        """Checked again just before it runs: Docker's own record of the exec."""
+        found = await self._own_exec()
+        wrong = verify.exec_violations(found, self.caller)
+        if wrong:
+            raise Refused(f"Permission denied: {'; '.join(wrong)}")
+        request = self._json(body) or {}
+        hijack = not request.get("Detach")
+        return self._forward(
+            self._path(exec=found["ID"]), request, hijack=hijack, upgrade=hijack and self.upgrade
+        )
+
+    async def _attach(self, body: bytes) -> Decision:
+        found = await self._own_container(self.match.params["container"])
+        return self._forward(self._path(container=found["Id"]), hijack=True, upgrade=self.upgrade)
+
+    # --- images ----------------------------------------------------------------------
+
+    async def _image_found(self, reference: str) -> Found:
+        if not is_id(reference):
+            parse_name(reference)  # refused unless a valid name
+        found = await self.daemon.image(reference)
+        if found is None:
+            raise NotFound(f"No such image: {reference}")
+        tags = found.get("RepoTags") or []
+        labels = (found.get("Config") or {}).get("Labels") or {}
+        kind = access(self.caller.user, tags, labels, user_exists)
+        owner = self.caller.user if kind is Access.OWN else labels.get(OWNER_LABEL, "")
+        if kind is Access.PRIVATE and not owner:
+            owner = next((t.split("/", 1)[0].removeprefix("ds01-") for t in tags if "/" in t), "")
+        return Found(found["Id"], owner, shared=kind is Access.SHARED)
+
+    async def _visible_image(self, reference: str) -> Found:
+        found = await self._image_found(reference)
+        policy.require_own_or_shared("image", found, self.caller)
+        return found
+
+    async def _image_list(self, body: bytes) -> Decision:
+        user = self.caller.user
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            return status, filters.images(data, user) if status == 200 else data
+
+        return self._forward("/images/json", rewrite=rewrite)
+
+    async def _image_read(self, body: bytes) -> Decision:
+        reference = self.match.params["image"]
+        found = await self._visible_image(reference)
+        if self.route.pattern.endswith("/get") and not is_id(reference):
+            return self._forward(self._path(image=parse_name(reference).tagged()))
+        return self._forward(self._path(image=found.id))
+
+    async def _images_save(self, body: bytes) -> Decision:
+        names = []
+        for reference in self.query.get("names", []):
+            await self._visible_image(reference)
+            names.append(reference if is_id(reference) else parse_name(reference).tagged())
+        self.query["names"] = names
+        return self._forward("/images/get")
+
+    async def _image_tag(self, body: bytes) -> Decision:
+        source = await self._visible_image(self.match.params["image"])
+        repo = _one(self.query, "repo")
+        tag = _one(self.query, "tag") or "latest"
+        name = require_writable(f"{repo}:{tag}", self.caller.user)
+        self.query = {"repo": [name.repository], "tag": [tag]}
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 201:
+                return status, data
+            made = await self.daemon.image(str(name)) or {}
+            if made.get("Id") != source.id:
+                await self.daemon.delete(f"/images/{quote(str(name), safe='/:')}")
+                return 403, _message("Permission denied: Docker tagged something else; undone")
+            return status, data
+
+        return self._forward(self._path(image=source.id), rewrite=rewrite)
+
+    async def _image_delete(self, body: bytes) -> Decision:
+        reference = self.match.params["image"]
+        if is_id(reference):
+            found = await self.daemon.image(reference)
+            if found is None:
+                raise NotFound(f"No such image: {reference}")
+            for tag in found.get("RepoTags") or []:
+                require_writable(tag, self.caller.user)
+            labels = (found.get("Config") or {}).get("Labels") or {}
+            if not found.get("RepoTags") and labels.get(OWNER_LABEL) != self.caller.user:
+                raise Refused(denial("image", labels.get(OWNER_LABEL, "")))
+            return self._forward(self._path(image=found["Id"]))
+        name = require_writable(reference, self.caller.user)
+        return self._forward(self._path(image=name.tagged()))
+
+    async def _image_create(self, body: bytes) -> Decision:
+        """Pull a shared image; import only into one's own namespace, and only from the
+        request body (a URL would be fetched by the daemon)."""
+        if _one(self.query, "fromSrc"):
+            return await self._import(body)
+        if body:
+            raise BadRequest("a pull carries no body")
+        image = _one(self.query, "fromImage")
+        name = parse_name(image + (f":{_one(self.query, 'tag')}" if self.query.get("tag") else ""))
+        owner = namespace_owner(name, user_exists)
+        if owner not in (None, self.caller.user):
+            raise Refused(f"Permission denied: {name.repository} is {owner}'s namespace")
+        return self._forward("/images/create")
+
+    async def _import(self, body: bytes) -> Decision:
+        if _one(self.query, "fromSrc") != "-":
+            raise Refused("import reads the archive from the request only, not from a URL")
+        repo = _one(self.query, "repo")
+        name = require_writable(f"{repo}:{_one(self.query, 'tag') or 'latest'}", self.caller.user)
+        changes = policy.admit_changes(self.query.get("changes", []))
+        self.query["changes"] = [*changes, f'LABEL {OWNER_LABEL}="{self.caller.user}"']
+        self.query["repo"] = [name.repository]
+        forward = self._forward("/images/create")
+        forward.body, forward.content_type = body, "application/x-tar"
+        forward.finish = self._check_made_images
+        return forward
+
+    async def _image_load(self, body: bytes) -> Decision:
+        for name in _archive_names(body):
+            require_writable(name, self.caller.user)
+        forward = self._forward("/images/load")
+        forward.body, forward.content_type = body, "application/x-tar"
+        forward.finish = self._check_made_images
+        return forward
+
+    async def _check_made_images(self, output: bytes) -> bytes | None:
+        """After a build, load or import: every name Docker reports making must be the
+        caller's to write; anything else is removed again."""
+        wrong = []
+        for line in output.splitlines():
+            message = json.loads(line) if line.strip().startswith(b"{") else {}
+            stream = str(message.get("stream") or message.get("status") or "")
+            for made in re.findall(r"(?:Loaded image|Successfully tagged):? (\S+)", stream):
+                try:
+                    require_writable(made, self.caller.user)
+                except (PermissionError, BadRequest):
+                    wrong.append(made)
+                    await self.daemon.delete(f"/images/{quote(made, safe='/:')}")
+        if not wrong:
+            return None
+        text = f"Permission denied: removed {', '.join(wrong)}: not in your namespace"
+        return json.dumps({"errorDetail": {"message": text}, "error": text}).encode() + b"\n"
+
+    async def _commit(self, body: bytes) -> Decision:
+        found = await self._own_container(_one(self.query, "container"))
+        self.query["container"] = [found["Id"]]
+        repo = _one(self.query, "repo")
+        if repo:
+            name = require_writable(
+                f"{repo}:{_one(self.query, 'tag') or 'latest'}", self.caller.user
+            )
+            self.query["repo"] = [name.repository]
+        changes = policy.admit_changes(self.query.get("changes", []))
+        self.query["changes"] = [*changes, f'LABEL {OWNER_LABEL}="{self.caller.user}"']
+        config = self._json(body)
+        if config is not None:
+            config["Labels"] = policy.own_labels(config.get("Labels"), self.caller.user)
+            config.pop("User", None)
+        user = self.caller.user
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 201:
+                return status, data
+            image_id = str((json.loads(data) or {}).get("Id", ""))
+            made = await self.daemon.image(image_id) or {}
+            labels = (made.get("Config") or {}).get("Labels") or {}
+            tags = made.get("RepoTags") or []
+            if labels.get(OWNER_LABEL) != user or any(
+                access(user, [t], {}, user_exists) is not Access.OWN for t in tags
+            ):
+                await self.daemon.delete(f"/images/{image_id}?force=1")
+                return 403, _message("Permission denied: the committed image was not yours")
+            return status, data
+
+        return self._forward("/commit", config, rewrite=rewrite)
+
+    async def _build(self, body: bytes) -> Decision:
+        caller = await self._settings()
+        query = self.query
+        for key in ("remote", "session", "outputs", "cachefrom", "squash"):
+            if go_bool(_one(query, key)) or (key != "squash" and _one(query, key)):
+                raise Refused(f"build option {key} is for admins")
+        if _one(query, "version") not in ("", "1"):
+            raise Refused("BuildKit builds are for admins; build with DOCKER_BUILDKIT=0")
+        if go_bool(_one(query, "pull")):
+            raise Refused("build --pull is for admins: it rewrites shared base images")
+        if _one(query, "networkmode") not in ("", "default", "none"):
+            raise Refused("builds run on the default network or none")
+        if _one(query, "isolation") not in ("", "default"):
+            raise Refused("another isolation is for admins")
+        query["t"] = [require_writable(t, caller.user).tagged() for t in query.get("t", [])]
+        labels = _json_param(query, "labels", dict) or {}
+        query["labels"] = [json.dumps(policy.own_labels(labels, caller.user))]
+        ulimits = _json_param(query, "ulimits", list) or []
+        query["ulimits"] = [json.dumps([policy.admit_ulimit(u, caller.caps) for u in ulimits])]
+        query["cgroupparent"] = [caller.cgroup_parent]
+        _clamp_build(query, caller.caps)
+        for base in _dockerfile_bases(body, _one(query, "dockerfile") or "Dockerfile"):
+            await self._visible_image(base)
+        forward = self._forward("/build")
+        forward.body, forward.content_type = body, "application/x-tar"
+        forward.finish = self._check_made_images
+        return forward
+
+    # --- volumes and networks --------------------------------------------------------
+
+    async def _volume_list(self, body: bytes) -> Decision:
+        user = self.caller.user
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            return status, filters.volumes(data, user) if status == 200 else data
+
+        return self._forward("/volumes", rewrite=rewrite)
+
+    async def _volume(self, body: bytes) -> Decision:
+        name = self.match.params["volume"]
+        found = await self.daemon.volume(name)
+        if found is None:
+            raise NotFound(f"get {name}: no such volume")
+        owner = (found.get("Labels") or {}).get(OWNER_LABEL, "")
+        if owner != self.caller.user:
+            raise Refused(denial("volume", owner))
+        return self._forward(self._path(volume=found["Name"]))
+
+    async def _volume_create(self, body: bytes) -> Decision:
+        request = policy.admit_volume_create(self._json(body), self.caller)
+        name = request.get("Name") or ""
+        if name:
+            existing = await self.daemon.volume(name)
+            if existing is not None:
+                owner = (existing.get("Labels") or {}).get(OWNER_LABEL, "")
+                if owner != self.caller.user:
+                    raise Refused(denial("volume", owner))
+        caller = self.caller
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            made = json.loads(data) if status == 201 else None
+            if isinstance(made, dict):
+                wrong = verify.volume_violations(made, caller)
+                if wrong:
+                    if (made.get("Labels") or {}).get(OWNER_LABEL) == caller.user:
+                        await self.daemon.delete(f"/volumes/{quote(made['Name'], safe='')}")
+                    return 403, _message(f"Permission denied: {'; '.join(wrong)}")
+            return status, data
+
+        return self._forward("/volumes/create", request, rewrite=rewrite)
+
+    async def _network_found(self, reference: str) -> Found:
+        found = await self.daemon.network(reference) if "/" not in reference else None
+        if found is None:
+            raise NotFound(f"network {reference} not found")
+        owner = (found.get("Labels") or {}).get(OWNER_LABEL, "")
+        shared = not owner and found.get("Name") in filters.PREDEFINED_NETWORKS - {"host"}
+        return Found(found["Id"], owner, shared=shared)
+
+    async def _network_list(self, body: bytes) -> Decision:
+        user, owner = self.caller.user, self.gateway.container_owner
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            return status, await filters.networks(data, user, owner) if status == 200 else data
+
+        return self._forward("/networks", rewrite=rewrite)
+
+    async def _network_read(self, body: bytes) -> Decision:
+        found = await self._network_found(self.match.params["network"])
+        if not (found.shared or found.owner == self.caller.user):
+            raise Refused(denial("network", found.owner))
+        user, owner = self.caller.user, self.gateway.container_owner
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            return status, await filters.networks(data, user, owner) if status == 200 else data
+
+        return self._forward(self._path(network=found.id), rewrite=rewrite)
+
+    async def _network(self, body: bytes) -> Decision:
+        found = await self._network_found(self.match.params["network"])
+        policy.require_own("network", found, self.caller)
+        return self._forward(self._path(network=found.id))
+
+    async def _network_create(self, body: bytes) -> Decision:
+        request = policy.admit_network_create(self._json(body), self.caller)
+        caller = self.caller
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 201:
+                return status, data
+            network_id = str((json.loads(data) or {}).get("Id", ""))
+            made = await self.daemon.network(network_id) or {}
+            wrong = verify.network_violations(made, caller)
+            if wrong:
+                await self.daemon.delete(f"/networks/{network_id}")
+                return 403, _message(f"Permission denied: {'; '.join(wrong)}; removed")
+            return status, data
+
+        return self._forward("/networks/create", request, rewrite=rewrite)
+
+    async def _network_connect(self, body: bytes) -> Decision:
+        found = await self._network_found(self.match.params["network"])
+        if not (found.shared or found.owner == self.caller.user):
+            raise Refused(denial("network", found.owner))
+        request = self._json(body) or {}
+        container = await self._own_container(request.get("Container") or "")
+        request["Container"] = container["Id"]
+        if request.get("EndpointConfig") is not None:
+            request["EndpointConfig"] = policy.admit_endpoint(request["EndpointConfig"])
+        return self._forward(self._path(network=found.id), request)
+
+
+def _inside(source: str, home: PurePosixPath) -> bool:
+    real = PurePosixPath(os.path.realpath(source))
+    return real == home or home in real.parents
+
+
+def _message(text: str) -> bytes:
+    return json.dumps({"message": text}).encode()
+
+
+def _one(query: dict[str, list[str]], key: str) -> str:
+    return (query.get(key) or [""])[0]
+
+
+def _json_param(query: dict[str, list[str]], key: str, kind: type) -> Any:
+    text = _one(query, key)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise BadRequest(f"the query parameter {key} is not JSON") from None
+    if value is not None and not isinstance(value, kind):
+        raise BadRequest(f"the query parameter {key} must be a JSON {kind.__name__}")
+    return value
+
+
+def _clamp_build(query: dict[str, list[str]], caps: Caps) -> None:
+    """A build's containers stay within the user's per-container limits."""
+
+    def number(key: str) -> int:
+        text = _one(query, key) or "0"
+        if not re.fullmatch(r"-?[0-9]{1,19}", text):
+            raise BadRequest(f"the query parameter {key} must be a number")
+        return int(text)
+
+    for key, cap in (
+        ("memory", caps.memory),
+        ("memswap", caps.memory_swap),
+        ("shmsize", caps.shm_size),
+    ):
+        if cap is not None and not 0 < number(key) <= cap:
+            query[key] = [str(cap)]
+    if not 0 <= number("cpushares") <= policy.CPU_SHARES:
+        query["cpushares"] = [str(policy.CPU_SHARES)]
+    if caps.nano_cpus is not None:
+        query["cpuperiod"] = ["100000"]
+        query["cpuquota"] = [str(caps.nano_cpus * 100000 // 10**9)]
+
+
+_FROM = re.compile(r"^\s*FROM\s+(?P<args>.+)$", re.IGNORECASE)
+_COPY_FROM = re.compile(r"--from=(?P<ref>\S+)", re.IGNORECASE)
+
+
+def _dockerfile_bases(context: bytes, dockerfile: str) -> list[str]:
+    """The images a classic build starts from or copies from: each must be one the caller
+    may read. Variables in them are refused (their value could name anything)."""
+    text = _read_member(context, dockerfile)
+    text = re.sub(r"\\\r?\n", "", text)  # continuation lines, as the builder joins them
+    if re.search(r"^\s*#\s*escape\s*=", text, re.IGNORECASE | re.MULTILINE):
+        raise Refused("the escape directive is not supported by the gateway")
+    stages: set[str] = set()
+    bases: list[str] = []
+    for line in text.splitlines():
+        found = _FROM.match(line)
+        if found:
+            words = [w for w in found["args"].split() if not w.startswith("--")]
+            if not words or "$" in found["args"]:
+                raise Refused(f"FROM with variables is not supported by the gateway: {line!r}")
+            if words[0].lower() not in stages and words[0].lower() != "scratch":
+                bases.append(words[0])
+            if len(words) >= 3 and words[1].lower() == "as":
+                stages.add(words[2].lower())
+        for copied in _COPY_FROM.finditer(line):
+            ref = copied["ref"].strip("\"'")
+            if "$" in ref:
+                raise Refused(f"--from with variables is not supported by the gateway: {line!r}")
+            if ref.lower() not in stages and not ref.isdigit():
+                bases.append(ref)
+    return bases
+
+
+def _read_member(archive: bytes, name: str) -> str:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            wanted = PurePosixPath(name)
+            for member in tar:
+                if PurePosixPath(member.name.removeprefix("./")) == wanted:
+                    if not member.isfile():
+                        raise Refused(f"{name} in the build context is not a regular file")
+                    extracted = tar.extractfile(member)
+                    return extracted.read().decode("utf-8", "replace") if extracted else ""
+    except tarfile.TarError as err:
+        raise BadRequest(f"the build context is not a tar archive: {err}") from None
+    raise BadRequest(f"no {name} in the build context")
+
+
+def _archive_names(archive: bytes) -> list[str]:
+    """Every image name an image archive asks Docker to tag."""
+    names: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            for member in tar:
+                path = member.name.removeprefix("./")
+                if path not in ("manifest.json", "repositories", "index.json"):
+                    continue
+                extracted = tar.extractfile(member)
+                data = json.loads(extracted.read()) if extracted else None
+                if path == "manifest.json":
+                    for entry in data or []:
+                        names += entry.get("RepoTags") or []
+                elif path == "repositories":
+                    names += [
+                        f"{repo}:{tag}" for repo, tags in (data or {}).items() for tag in tags
+                    ]
+                else:
+                    for manifest in (data or {}).get("manifests") or []:
+                        notes = manifest.get("annotations") or {}
+                        names += [
+                            notes[k]
+                            for k in (
+                                "io.containerd.image.name",
+                                "org.opencontainers.image.ref.name",
+                            )
+                            if k in notes and ("/" in notes[k] or ":" in notes[k])
+                        ]
+    except (tarfile.TarError, ValueError, AttributeError) as err:
+        raise BadRequest(f"the image archive cannot be read: {err}") from None
+    if not names:
+        raise Refused("name the images you load (docker save NAME): unnamed images have no owner")
+    return names

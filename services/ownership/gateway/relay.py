@@ -1,0 +1,362 @@
+"""The gateway's socket: HTTP framing with h11, one upstream connection per client
+connection, streams relayed as they come, and a hijack only on Docker's 101.
+
+The relay knows nothing of policy: it hands each request to ``admission`` and carries
+out the decision. Requests of root and the configuration's admins pass unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from ds01.client import Ds01Error
+from ds01.ownership.enroll import peer_uid
+from ds01.ownership.gateway.admission import Admission, Answer, Forward, Gateway
+from ds01.ownership.gateway.policy import Caller, Refused
+from ds01.ownership.gateway.routes import HIJACKING, TAR, match
+from ds01.ownership.gateway.strict import BadRequest
+
+log = logging.getLogger(__name__)
+
+CHUNK = 65536
+MAX_HEAD = 1024 * 1024
+MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this large too
+MAX_JSON = 4 * 1024 * 1024
+MAX_KEPT = 16 * 1024 * 1024  # stream output kept for the check after a build or load
+_REFUSED_TYPES = ("application/x-www-form-urlencoded", "multipart/")
+_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te"})
+
+
+class DockerGateway:
+    def __init__(
+        self,
+        listen: Path,
+        upstream: Path,
+        gateway: Gateway,
+        is_admin: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        self.listen = listen
+        self.upstream = upstream
+        self.gateway = gateway
+        self.is_admin = is_admin
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.listen.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.listen.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        os.chmod(self.listen, 0o666)
+        log.info("Docker gateway on %s -> %s", self.listen, self.upstream)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.listen.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = peer_uid(writer.get_extra_info("socket"))
+            user = pwd.getpwuid(uid).pw_name
+        except (KeyError, OSError):
+            writer.close()
+            return
+        admin = uid == 0 or await self.is_admin(user)
+        caller = None if admin else self.gateway.caller(user)
+        session = _Session(self, caller, reader, writer)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("gateway connection of %s failed", user)
+        finally:
+            writer.close()
+
+
+class _Session:
+    """One client connection: its requests in order, over one upstream connection."""
+
+    def __init__(
+        self,
+        gateway: DockerGateway,
+        caller: Caller | None,  # None: an admin, whose requests pass unchanged
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.gateway = gateway
+        self.caller = caller
+        self.reader = reader
+        self.writer = writer
+        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    request, body = await self._read_request()
+                except h11.RemoteProtocolError as err:
+                    with contextlib.suppress(h11.LocalProtocolError):
+                        await self._answer(err.error_status_hint, {"message": str(err)})
+                    return
+                if request is None:
+                    return
+                done = await self._handle(request, body)
+                if done or self.client.our_state is h11.MUST_CLOSE:
+                    return
+                self.client.start_next_cycle()
+                self._next_upstream_cycle()
+        finally:
+            if self.up_writer is not None:
+                self.up_writer.close()
+
+    def _next_upstream_cycle(self) -> None:
+        """Keep the upstream connection for the next request where Docker allows it."""
+        states = (self.upstream.our_state, self.upstream.their_state)
+        if states == (h11.DONE, h11.DONE):
+            self.upstream.start_next_cycle()
+        elif states != (h11.IDLE, h11.IDLE):  # not reusable: the next request opens anew
+            if self.up_writer is not None:
+                self.up_writer.close()
+            self.up_reader = self.up_writer = None
+            self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    async def _read_request(self) -> tuple[h11.Request | None, bytes]:
+        request, body = None, bytearray()
+        while True:
+            event = self.client.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.reader.read(CHUNK)
+                self.client.receive_data(data)
+                if not data and request is None:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:  # never hold an endless upload in memory
+                    raise h11.RemoteProtocolError("request body too large", 413)
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _handle(self, request: h11.Request, body: bytes) -> bool:
+        """Carry out one request; True when the connection must end after it."""
+        if self.caller is None:
+            return await self._pass_through(request, body)
+        try:
+            decision = await self._admit(request, body)
+        except Refused as refused:
+            decision = Answer(403, {"message": str(refused)})
+        except PermissionError as refused:
+            decision = Answer(403, {"message": str(refused)})
+        except BadRequest as bad:
+            decision = Answer(400, {"message": str(bad)})
+        except Ds01Error as err:  # without the user's limits, nothing is made
+            decision = Answer(503, {"message": f"cannot read your limits: {err.message}"})
+        if isinstance(decision, Answer):
+            await self._answer(decision.status, decision.payload)
+            return False
+        return await self._forward(decision)
+
+    async def _admit(self, request: h11.Request, body: bytes) -> Answer | Forward:
+        assert self.caller is not None
+        headers = {k.lower(): v.decode("latin-1") for k, v in request.headers}
+        kind = headers.get(b"content-type", "").lower()
+        if any(kind.startswith(t) for t in _REFUSED_TYPES):
+            raise BadRequest(f"request bodies of type {kind} are refused; send JSON")
+        if headers.get(b"content-encoding", "identity").lower() != "identity":
+            raise BadRequest("compressed request bodies are refused")
+        found = match(request.method.decode("ascii", "replace"), request.target.decode("latin-1"))
+        if found is None:
+            raise Refused("Permission denied: admins only")
+        if found.route.body is None and body:
+            raise BadRequest("this request carries no body")
+        if found.route.body not in (None, TAR) and len(body) > MAX_JSON:
+            raise BadRequest("the JSON body is too large")
+        upgrade = found.route.action in HIJACKING and b"upgrade" in headers
+        admission = Admission(self.gateway.gateway, self.caller, found, upgrade)
+        return await admission.decide(body)
+
+    async def _pass_through(self, request: h11.Request, body: bytes) -> bool:
+        headers = [(k, v) for k, v in request.headers if k.lower() != b"content-length"]
+        if body or request.method in (b"POST", b"PUT"):
+            headers.append((b"content-length", str(len(body)).encode()))
+        upgrade = any(k.lower() == b"upgrade" for k, _ in request.headers)
+        await self._send_request(
+            h11.Request(method=request.method, target=request.target, headers=headers), body
+        )
+        return await self._relay(Forward("", "", hijack=upgrade, upgrade=upgrade))
+
+    async def _forward(self, forward: Forward) -> bool:
+        headers = [(b"host", b"docker")]
+        if forward.content_type:
+            headers.append((b"content-type", forward.content_type.encode()))
+        if forward.body or forward.method in ("POST", "PUT"):
+            headers.append((b"content-length", str(len(forward.body)).encode()))
+        if forward.upgrade:
+            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"tcp")]
+        request = h11.Request(method=forward.method, target=forward.target, headers=headers)
+        await self._send_request(request, forward.body)
+        return await self._relay(forward)
+
+    async def _send_request(self, request: h11.Request, body: bytes) -> None:
+        await self._send_upstream(request)
+        if body:
+            await self._send_upstream(h11.Data(data=body))
+        await self._send_upstream(h11.EndOfMessage())
+
+    async def _relay(self, forward: Forward) -> bool:
+        response = await self._upstream_event()
+        while isinstance(response, h11.InformationalResponse) and response.status_code != 101:
+            response = await self._upstream_event()
+        if not isinstance(response, h11.Response | h11.InformationalResponse):
+            return True  # the daemon closed
+        if response.status_code == 101:
+            if forward.hijack:
+                await self._hijack(response)
+            return True  # never asked for: refuse to relay raw bytes
+        if forward.rewrite is not None:
+            data = await self._whole_body()
+            status, data = await forward.rewrite(response.status_code, data)
+            await self._answer(status, data, response)
+            return False
+        if forward.hijack and _close_delimited(response):
+            await self._stream_until_close(response)
+            return True
+        await self._send_client(response)
+        kept = bytearray()
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in response.headers)
+        while True:
+            event = await self._upstream_event()
+            if isinstance(event, h11.Data):
+                data = event.data
+                if forward.finish is not None and len(kept) < MAX_KEPT:
+                    kept += data
+                if forward.stream_filter is not None:
+                    data = await forward.stream_filter(data)
+                if data:
+                    await self._send_client(h11.Data(data=data))
+            elif isinstance(event, h11.EndOfMessage):
+                if forward.finish is not None:
+                    trailer = await forward.finish(bytes(kept))
+                    if trailer and chunked:
+                        await self._send_client(h11.Data(data=trailer))
+                await self._send_client(event)
+                return False
+            else:
+                return True
+
+    async def _whole_body(self) -> bytes:
+        body = bytearray()
+        while not isinstance(event := await self._upstream_event(), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.ConnectionClosed):
+                break
+        return bytes(body)
+
+    async def _hijack(self, response: Any) -> None:
+        """Docker switched protocols: from now on this connection carries the stream and
+        nothing else, raw both ways until either side closes."""
+        self.writer.write(_head(response))
+        leftover_up, _ = self.upstream.trailing_data
+        leftover_client, _ = self.client.trailing_data
+        self.writer.write(leftover_up)
+        await self.writer.drain()
+        assert self.up_writer is not None and self.up_reader is not None
+        if leftover_client:
+            self.up_writer.write(leftover_client)
+        await asyncio.gather(
+            _pipe(self.reader, self.up_writer),
+            _pipe(self.up_reader, self.writer),
+            return_exceptions=True,
+        )
+
+    async def _stream_until_close(self, response: Any) -> None:
+        """An answer without length (a raw stream without an upgrade): the daemon's bytes
+        until it closes, and nothing more from the client."""
+        self.writer.write(_head(response))
+        leftover_up, _ = self.upstream.trailing_data
+        self.writer.write(leftover_up)
+        await self.writer.drain()
+        assert self.up_reader is not None
+        await _pipe(self.up_reader, self.writer)
+
+    async def _send_upstream(self, event: Any) -> None:
+        if self.up_writer is None:
+            self.up_reader, self.up_writer = await asyncio.open_unix_connection(
+                str(self.gateway.upstream)
+            )
+        data = self.upstream.send(event)
+        if data:
+            self.up_writer.write(data)
+            await self.up_writer.drain()
+
+    async def _upstream_event(self) -> Any:
+        while True:
+            event = self.upstream.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            assert self.up_reader is not None
+            self.upstream.receive_data(await self.up_reader.read(CHUNK))
+
+    async def _answer(self, status: int, payload: Any, like: Any = None) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = [
+            (k, v)
+            for k, v in (like.headers if like is not None else [])
+            if k.lower() not in (b"content-length", b"content-type", *_HOP)
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await self._send_client(h11.Response(status_code=status, headers=headers))
+        await self._send_client(h11.Data(data=body))
+        await self._send_client(h11.EndOfMessage())
+
+    async def _send_client(self, event: Any) -> None:
+        data = self.client.send(event)
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+
+def _close_delimited(response: Any) -> bool:
+    names = {k.lower() for k, _ in response.headers}
+    return (
+        response.status_code == 200
+        and b"content-length" not in names
+        and b"transfer-encoding" not in names
+    )
+
+
+def _head(response: Any) -> bytes:
+    head = f"HTTP/1.1 {response.status_code} {response.reason.decode()}\r\n".encode()
+    return head + b"".join(k + b": " + v + b"\r\n" for k, v in response.headers) + b"\r\n"
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(CHUNK):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        with contextlib.suppress(OSError):
+            if sink.can_write_eof():
+                sink.write_eof()
