@@ -378,7 +378,9 @@ class Admission:
 
     async def _image_found(self, reference: str) -> Found:
         if not is_id(reference):
-            parse_name(reference)  # refused unless a valid name
+            named = namespace_owner(parse_name(reference), user_exists)
+            if named not in (None, self.caller.user):  # another user's name, whatever it holds
+                return Found("", named)
         found = await self.daemon.image(reference)
         if found is None:
             raise NotFound(f"No such image: {reference}")

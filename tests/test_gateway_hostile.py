@@ -1,0 +1,660 @@
+"""The gateway against a hostile local user: raw requests on the socket, class by class,
+several variants each. Every refused request must leave the victim's things untouched and
+must make nothing of the attacker's; every accepted one must make only what the policy
+allows, as Docker itself reports it (checked as root on the real daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.gateway_audit import audit_daemon
+from tests.gateway_raw import raw_as, request
+
+pytestmark = pytest.mark.usefixtures("unix_users")
+
+ALICE, BOB = "ds01alice", "ds01bob"
+
+
+def _root(docker_socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", "-H", f"unix://{docker_socket}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class World:
+    def __init__(self, socket: str, docker_socket: Path, image: str, victim: str) -> None:
+        self.socket = socket
+        self.docker_socket = docker_socket
+        self.image = image
+        self.victim = victim  # alice's container id
+
+    async def bob(self, *connections: str) -> list[list]:
+        return await raw_as(BOB, self.socket, list(connections))
+
+    async def alice(self, *connections: str) -> list[list]:
+        return await raw_as(ALICE, self.socket, list(connections))
+
+    def root(self, *args: str) -> str:
+        result = _root(self.docker_socket, *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def bobs_containers(self) -> list[str]:
+        return self.root("ps", "-aq", "--filter", f"label=ds01.user={BOB}").split()
+
+    async def create_as_bob(self, body: dict) -> list:
+        """Send a create for bob; return the answers."""
+        (answers,) = await self.bob(
+            request("POST", "/v1.41/containers/create", {"Image": self.image, **body})
+        )
+        return answers
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def world(ownership, test_image, docker_socket) -> AsyncIterator[World]:
+    config, _ = ownership
+    socket = str(config.ownership.proxy_socket)
+    (made,) = await raw_as(
+        ALICE,
+        socket,
+        [
+            request(
+                "POST",
+                "/containers/create?name=victim",
+                {
+                    "Image": test_image,
+                    "Cmd": ["sleep", "600"],
+                    "HostConfig": {"NetworkMode": "none"},
+                },
+            )
+        ],
+    )
+    assert made[0].status == 201, made[0].body
+    victim = made[0].json()["Id"]
+    world = World(socket, docker_socket, test_image, victim)
+    world.root("start", victim)
+    world.root("volume", "create", "--label", f"ds01.user={ALICE}", "alicevol")
+    world.root("tag", test_image, f"{ALICE}/private:1")
+    world.root("network", "create", "--config-only", "--label", f"ds01.user={ALICE}", "alicenet")
+    yield world
+    for container in world.root("ps", "-aq", "--filter", "label=ds01.user").split():
+        world.root("rm", "-f", container)
+    _root(docker_socket, "volume", "rm", "-f", "alicevol", "bobvol")
+    _root(docker_socket, "rmi", f"{ALICE}/private:1")
+    _root(docker_socket, "network", "rm", "alicenet")
+    for image in world.root("images", "--format", "{{.Repository}}:{{.Tag}}").split():
+        if image.startswith((f"{BOB}/", f"ds01-{BOB}/")):
+            _root(docker_socket, "rmi", "-f", image)
+
+
+def _statuses(answers: list) -> list[int]:
+    return [a.status for a in answers]
+
+
+async def assert_victim_untouched(world: World) -> None:
+    state = json.loads(world.root("inspect", world.victim))[0]
+    assert state["State"]["Running"], "alice's container was stopped"
+    assert world.root("volume", "inspect", "-f", "{{.Name}}", "alicevol") == "alicevol"
+    assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1")
+
+
+# --- 1. parse differentials -----------------------------------------------------------
+
+FOLDED_CREATES = [
+    {"HoſtConfig": {"Privileged": True}},
+    {"hostconfig": {"Privileged": True}},
+    {"HOSTCONFIG": {"CapAdd": ["ALL"]}},
+    {"HostConfig": {"privileged": True}},
+    {"HostConfig": {"PRIVILEGED": True}},
+    {"HostConfig": {"CapAdd": None, "capAdd": ["SYS_ADMIN"]}},
+    {"HostConfig": {"Binds": None, "BindS": ["/:/host"]}},
+    {"HostConfig": {"Binds": None, "Bindſ": ["/:/host"]}},
+    {"HostConfig": {"PidMode": "", "PIDMode": "host"}},
+    {"HostConfig": {"Devices": [{"PathOnHoſt": "/dev/sda", "PathInContainer": "/dev/x"}]}},
+    {"HostConfig": {"SecurityOpt": None, "SecurityOpT": ["seccomp=unconfined"]}},
+    {"HostConfig": {"Privileged": False, "Privileged ": True}},
+    {"Labelſ": {"ds01.user": ALICE}},
+    {"uſer": "0"},
+    {"HostConfig": {"Mounts": [{"Type": "bind", "Source": "/home", "Target": "/h", "type": "x"}]}},
+    {"HostConfig": {"KernelMemoryTCP": 0, "KernelMemoryTcp": 1}},
+]
+
+
+@pytest.mark.parametrize("ascii_escapes", [True, False])
+async def test_key_spellings_docker_would_fold_are_refused(world, ascii_escapes):
+    connections = []
+    for body in FOLDED_CREATES:
+        text = json.dumps({"Image": world.image, **body}, ensure_ascii=ascii_escapes)
+        connections.append(
+            request(
+                "POST",
+                "/v1.41/containers/create",
+                raw_body=text.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+        )
+    duplicate = (
+        f'{{"Image": "{world.image}", "HostConfig": {{"Privileged": false, "Privileged": true}}}}'
+    )
+    connections.append(request("POST", "/containers/create", raw_body=duplicate))
+    results = await world.bob(*connections)
+    for body, (answer,) in zip([*FOLDED_CREATES, "duplicate"], results, strict=True):
+        assert answer.status == 400, (body, answer)
+        assert (
+            "unknown field" in answer.body
+            or "not plain ASCII" in answer.body
+            or "twice" in (answer.body)
+        )
+    assert world.bobs_containers() == []
+    await assert_victim_untouched(world)
+
+
+async def test_exec_user_and_volume_options_in_folded_spellings_are_refused(world):
+    (mine,) = await world.bob(
+        request(
+            "POST", "/containers/create?name=bobs", {"Image": world.image, "Cmd": ["sleep", "60"]}
+        )
+    )
+    world.root("start", mine[0].json()["Id"])
+    results = await world.bob(
+        request("POST", "/containers/bobs/exec", raw_body='{"Cmd":["id"],"uſer":"0"}'),
+        request("POST", "/containers/bobs/exec", raw_body='{"Cmd":["id"],"USER":"0"}'),
+        request("POST", "/containers/bobs/exec", raw_body='{"Cmd":["id"],"User":"x","User":"0"}'),
+        request("POST", "/containers/bobs/exec", raw_body='{"Cmd":["id"],"Privileged":true}'),
+        request("POST", "/containers/bobs/exec", raw_body='{"Cmd":["id"],"privileged":true}'),
+        request(
+            "POST",
+            "/volumes/create",
+            raw_body='{"Name":"bobvol","DriverOptſ":{"type":"none","o":"bind","device":"/"}}'.encode(),
+        ),
+        request(
+            "POST",
+            "/volumes/create",
+            raw_body='{"Name":"bobvol","driverOpts":{"type":"none","o":"bind","device":"/"}}',
+        ),
+        request(
+            "POST",
+            "/networks/none/connect",
+            raw_body=json.dumps({"container": world.victim}),
+        ),
+        request("POST", "/networks/none/connect", raw_body=json.dumps({"Container": world.victim})),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses[:5] == [400, 400, 400, 403, 400], results
+    assert statuses[5:7] == [400, 400]
+    assert statuses[7] == 400 and statuses[8] == 403
+    assert "volume" not in world.root("volume", "ls", "-q", "--filter", "name=bobvol")
+    await assert_victim_untouched(world)
+
+
+async def test_queries_and_bodies_go_would_read_differently_are_refused(world):
+    victim = world.victim
+    results = await world.bob(
+        request("POST", f"/commit?container=bobs&repo={BOB}/x#&container={victim}", {}),
+        request("POST", f"/commit?container=bobs;container={victim}&repo={BOB}/x", {}),
+        request("POST", f"/commit?container=bobs&container={victim}&repo={BOB}/x", {}),
+        request("POST", f"/commit?container=bobs&%63ontainer={victim}&repo={BOB}/x", {}),
+        request("POST", f"/commit?Container={victim}&repo={BOB}/x", {}),
+        request(
+            "POST",
+            f"/commit?repo={BOB}/x",
+            raw_body=f"container={victim}",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        request(
+            "POST",
+            f"/commit?repo={BOB}/x",
+            raw_body=(
+                f'--b\r\nContent-Disposition: form-data; name="container"\r\n\r\n{victim}\r\n--b--'
+            ),
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        ),
+        request(
+            "POST",
+            "/containers/create",
+            raw_body=b"\x1f\x8b\x08\x00",
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ),
+        request("POST", f"/commit?container={victim}&repo={BOB}/x", {}),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses[:8] == [400] * 8, results
+    assert statuses[8] == 403 and "owned by ds01alice" in results[8][0].body
+    assert not [i for i in world.root("images", "-q", f"{BOB}/x").split() if i]
+    await assert_victim_untouched(world)
+
+
+# --- 2. route differentials -----------------------------------------------------------
+
+
+async def test_paths_that_reach_past_an_own_container_are_for_admins(world):
+    (mine,) = await world.bob(
+        request(
+            "POST", "/containers/create?name=bobs", {"Image": world.image, "Cmd": ["sleep", "60"]}
+        )
+    )
+    assert mine[0].status == 201
+    alias = "victim"
+    connections = [
+        request(method, target)
+        for method, target in [
+            ("GET", f"/containers/bobs/{alias}/json"),
+            ("GET", f"/v1.41/containers/bobs/{alias}/json"),
+            ("GET", f"/containers/bobs%2F{alias}/json"),
+            ("GET", f"/containers/bobs%2f{alias}/archive?path=/"),
+            ("GET", f"/containers/bobs/{alias}/export"),
+            ("POST", f"/containers/bobs/{alias}/stop"),
+            ("POST", f"/containers/bobs/{alias}/kill"),
+            ("POST", f"/containers/bobs/{alias}/pause"),
+            ("POST", f"/containers/bobs/{alias}/start"),
+            ("POST", f"/containers/bobs/{alias}/attach?stream=1&stdout=1"),
+            ("DELETE", f"/containers/bobs/{alias}?force=1"),
+            ("DELETE", f"/containers/bobs%2F{alias}?force=1"),
+            ("GET", f"//containers/{alias}/json"),
+            ("GET", f"/containers/./{alias}/json"),
+            ("GET", f"/containers/bobs/../{alias}/json"),
+            ("GET", f"/containers/{alias}/json"),
+            ("POST", f"/containers/{alias}/stop"),
+            ("DELETE", f"/containers/{alias}?force=1"),
+            ("GET", f"/containers/{world.victim[:12]}/logs?stdout=1"),
+            ("POST", f"/containers/{alias}/update"),
+            ("POST", f"/containers/{alias}/rename?name=mine"),
+            ("POST", "/containers/bobs/rename?name=victim"),
+        ]
+    ]
+    results = await world.bob(*connections)
+    statuses = [answers[0].status for answers in results]
+    assert all(status in (400, 403, 409) for status in statuses), list(
+        zip(connections, results, strict=True)
+    )
+    assert statuses[-1] == 409  # the name is alice's: Docker says so, nothing renamed
+    await assert_victim_untouched(world)
+
+
+async def test_exec_ids_are_resolved_to_their_container(world):
+    (made,) = await world.alice(
+        request("POST", f"/containers/{world.victim}/exec", {"Cmd": ["id"]})
+    )
+    assert made[0].status == 201, made
+    made = made[0].json()
+    exec_id = made["Id"]
+    results = await world.bob(
+        request("POST", f"/exec/{exec_id}/start", {"Detach": True}),
+        request("POST", f"/exec/{exec_id[:12]}/start", {"Detach": True}),
+        request("GET", f"/exec/{exec_id}/json"),
+        request("POST", f"/exec/{exec_id}/resize?h=1&w=1"),
+        request("POST", f"/exec/x%2F..%2F{exec_id}/start", {"Detach": True}),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses[0] == statuses[2] == statuses[3] == 403, results
+    assert statuses[1] in (403, 404) and statuses[4] in (403, 404)  # Docker wants full ids
+
+
+# --- 3. connection takeover -----------------------------------------------------------
+
+
+async def test_a_detached_exec_start_with_upgrade_does_not_open_the_connection(world):
+    (mine,) = await world.bob(
+        request(
+            "POST", "/containers/create?name=bobs", {"Image": world.image, "Cmd": ["sleep", "60"]}
+        )
+    )
+    world.root("start", mine[0].json()["Id"])
+    (made,) = await world.bob(request("POST", "/containers/bobs/exec", {"Cmd": ["true"]}))
+    exec_id = made[0].json()["Id"]
+    privileged = {"Image": world.image, "HostConfig": {"Privileged": True}}
+    upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}
+    pipelined = [
+        request("POST", f"/exec/{exec_id}/start", {"Detach": True}, headers=upgrade, close=False)
+        + request("POST", "/containers/create?name=evil", privileged),
+        request("GET", "/version", headers=upgrade, close=False)
+        + request("POST", "/containers/create?name=evil2", privileged),
+        request("GET", "/_ping", headers={"Upgrade": "h2c", "Connection": "Upgrade"}, close=False)
+        + request("POST", "/containers/create?name=evil3", privileged),
+    ]
+    results = await world.bob(*pipelined)
+    for answers in results:
+        assert len(answers) == 2, answers
+        assert answers[0].status in (200, 204), answers
+        assert answers[1].status == 403 and "privileged" in answers[1].body
+    assert "evil" not in world.root("ps", "-a", "--format", "{{.Names}}")
+
+
+# --- 4. root by other spellings, and fields never looked at -----------------------------
+
+EXEC_USERS = [
+    "0",
+    "00",
+    "+0",
+    "-0",
+    "root",
+    "0:0",
+    "0:35002",
+    " 0",
+    "4294967296",
+    "nobody",
+    "65534",
+]
+
+
+async def test_exec_as_anyone_but_the_owner_is_refused(world, unix_users):
+    (mine,) = await world.bob(
+        request(
+            "POST", "/containers/create?name=bobs", {"Image": world.image, "Cmd": ["sleep", "60"]}
+        )
+    )
+    world.root("start", mine[0].json()["Id"])
+    results = await world.bob(
+        *[request("POST", "/containers/bobs/exec", {"Cmd": ["id"], "User": u}) for u in EXEC_USERS]
+    )
+    for user, (answer,) in zip(EXEC_USERS, results, strict=True):
+        assert answer.status == 403, (user, answer)
+    ok = await world.bob(
+        request("POST", "/containers/bobs/exec", {"Cmd": ["id"], "User": f"00{unix_users[BOB]}"})
+    )
+    exec_id = ok[0][0].json()["Id"]
+    recorded = json.loads(world.root("inspect", "--type", "container", "bobs"))[0]
+    assert recorded["Config"]["User"] == f"{unix_users[BOB]}:35000"
+    process = json.loads(
+        subprocess.run(
+            [
+                "curl",
+                "-s",
+                "--unix-socket",
+                str(world.docker_socket),
+                f"http://d/exec/{exec_id}/json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["ProcessConfig"]
+    assert process["user"] == f"{unix_users[BOB]}:35000" and not process["privileged"]
+
+
+CREATE_VARIANTS = [
+    ({"GroupAdd": ["0"]}, "GroupAdd"),
+    ({"GroupAdd": ["root"]}, "GroupAdd"),
+    ({"GroupAdd": ["docker"]}, "GroupAdd"),
+    ({"Ulimits": [{"Name": "nofile", "Soft": 1, "Hard": 1 << 40}]}, "ulimit"),
+    ({"Ulimits": [{"Name": "rtprio", "Soft": 99, "Hard": 99}]}, "ulimit"),
+    ({"OomScoreAdj": -1000}, "OomScoreAdj"),
+    ({"OomKillDisable": True}, "OomKillDisable"),
+    ({"PortBindings": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}}, "127.0.0.1"),
+    ({"PortBindings": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "80"}]}}, "1024"),
+    ({"PublishAllPorts": True}, "PublishAllPorts"),
+    ({"Tmpfs": {"/t": "suid,dev"}}, "tmpfs"),
+    ({"Links": ["victim:alias"]}, "Links"),
+    ({"PidMode": "container:victim"}, "your own"),
+    ({"IpcMode": "container:victim"}, "your own"),
+    ({"NetworkMode": "container:victim"}, "your own"),
+    ({"VolumesFrom": ["victim"]}, "your own"),
+    ({"Binds": ["alicevol:/x"]}, "owned by ds01alice"),
+    ({"Mounts": [{"Type": "volume", "Source": "alicevol", "Target": "/x"}]}, "ds01alice"),
+    ({"Binds": ["/home/ds01bob/../../etc:/x"]}, "home"),
+    ({"Binds": ["/:/host"]}, "home"),
+    ({"Mounts": [{"Type": "bind", "Source": "/var/run", "Target": "/x"}]}, "home"),
+    ({"NetworkMode": "alicenet"}, "network owned by ds01alice"),
+    ({"Privileged": True}, "privileged"),
+    ({"CapAdd": ["SYS_ADMIN"]}, "capabilities"),
+    ({"Devices": [{"PathOnHost": "/dev/mem", "PathInContainer": "/dev/mem"}]}, "devices"),
+    ({"SecurityOpt": ["seccomp=unconfined"]}, "security option"),
+    ({"SecurityOpt": ["apparmor:unconfined"]}, "security option"),
+    ({"Sysctls": {"net.ipv4.ip_forward": "1"}}, "Sysctls"),
+    ({"UsernsMode": "host"}, "UsernsMode"),
+    ({"CgroupnsMode": "host"}, "CgroupnsMode"),
+    ({"Runtime": "runc-custom"}, "runtime"),
+    ({"MaskedPaths": []}, "MaskedPaths"),
+    ({"DeviceRequests": [{"Driver": "nvidia", "Count": -1}]}, "GPUs"),
+]
+
+
+async def test_create_fields_that_reach_the_host_or_other_users_are_refused(world):
+    results = await world.bob(
+        *[
+            request("POST", "/containers/create", {"Image": world.image, "HostConfig": host})
+            for host, _ in CREATE_VARIANTS
+        ],
+        request("POST", "/containers/create", {"Image": f"{ALICE}/private:1"}),
+        request(
+            "POST",
+            "/containers/create",
+            {"Image": world.image, "Env": ["NVIDIA_VISIBLE_DEVICES=all"]},
+        ),
+        request(
+            "POST",
+            "/containers/create",
+            {"Image": world.image, "NetworkingConfig": {"EndpointsConfig": {"alicenet": {}}}},
+        ),
+    )
+    reasons = [r for _, r in CREATE_VARIANTS] + ["image owned by", "GPU", "network owned by"]
+    for reason, (answer,) in zip(reasons, results, strict=True):
+        assert answer.status in (403, 404), (reason, answer)
+        assert reason in answer.body or answer.status == 404, (reason, answer)
+    assert world.bobs_containers() == []
+    await assert_victim_untouched(world)
+
+
+async def test_accepted_creates_are_made_as_the_policy_says(world, unix_users):
+    """What is allowed is forced into shape; Docker's own record shows the shape."""
+    body = {
+        "Image": world.image,
+        "User": "0",
+        "Cmd": ["true"],
+        "HostConfig": {
+            "NetworkMode": "none",
+            "CpuShares": 262144,
+            "NanoCpus": 10**12,
+            "CgroupParent": "/",
+            "Tmpfs": {"/scratch": "exec"},
+            "LogConfig": {"Type": "none"},
+            "OomScoreAdj": 500,
+            "Ulimits": [{"Name": "nofile", "Soft": 1024, "Hard": 4096}],
+            "GroupAdd": ["35000"],
+            "Binds": [f"/home/{BOB}:/home/{BOB}"],
+        },
+    }
+    (answers,) = await world.bob(request("POST", "/containers/create?name=shaped", body))
+    assert answers[0].status == 201, answers
+    made = json.loads(world.root("inspect", "shaped"))[0]
+    host = made["HostConfig"]
+    assert made["Config"]["User"] == f"{unix_users[BOB]}:35000"
+    assert host["CpuShares"] == 1024 and host["CgroupParent"] == "/ds01/students/ds01bob"
+    assert host["LogConfig"]["Type"] == "json-file"
+    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
+    assert set(host["Tmpfs"]["/scratch"].split(",")) >= {"nosuid", "nodev", "exec"}
+    assert host["CgroupnsMode"] == "private"
+    # and it runs as bob, whatever the image says
+    world.root("start", "shaped")
+    world.root("wait", "shaped")
+
+
+# --- 4b. images, builds, volumes, networks ----------------------------------------------
+
+
+async def test_images_of_other_users_and_shared_images_cannot_be_rewritten(world):
+    image = world.image
+    results = await world.bob(
+        request("POST", f"/images/{image}/tag?repo={ALICE}/private&tag=1"),
+        request("POST", f"/images/{image}/tag?repo=ds01-test/busybox&tag=latest"),
+        request("POST", f"/images/{image}/tag?repo=ubuntu&tag=22.04"),
+        request("POST", f"/images/{ALICE}/private:1/tag?repo={BOB}/stolen&tag=1"),
+        request("DELETE", f"/images/{ALICE}/private:1"),
+        request("DELETE", f"/images/{image}"),
+        request("DELETE", f"/images/{image}?force=1"),
+        request("GET", f"/images/{ALICE}/private:1/json"),
+        request("GET", f"/images/{ALICE}/private:1/get"),
+        request("GET", f"/images/get?names={ALICE}/private:1"),
+        request("GET", f"/images/{ALICE}/private:1/history"),
+        request("POST", f"/images/create?fromImage={ALICE}/private&tag=1"),
+        request("POST", f"/images/create?fromSrc=http://127.0.0.1:1/x.tar&repo={BOB}/x"),
+        request("POST", f"/images/create?fromSrc=-&repo={ALICE}/x", raw_body=b""),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [403] * 14, results
+    (own,) = await world.bob(request("POST", f"/images/{image}/tag?repo={BOB}/mine&tag=1"))
+    assert own[0].status == 201
+    listed = await world.bob(request("GET", "/images/json"))
+    tags = [t for i in listed[0][0].json() for t in i["RepoTags"]]
+    assert f"{BOB}/mine:1" in tags and image in tags and f"{ALICE}/private:1" not in tags
+    (gone,) = await world.bob(request("DELETE", f"/images/{BOB}/mine:1"))
+    assert gone[0].status == 200
+    await assert_victim_untouched(world)
+    assert world.root("image", "inspect", "-f", "{{.Id}}", image)
+
+
+def _context(dockerfile: str) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = dockerfile.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+async def test_classic_builds_stay_in_the_callers_namespace_network_and_cgroup(world):
+    image = world.image
+    plain = _context(f"FROM {image}\nRUN id\n")
+
+    def build(query: str, context: bytes = plain) -> str:
+        return request(
+            "POST",
+            f"/build?{query}",
+            raw_body=context,
+            headers={"Content-Type": "application/x-tar"},
+        )
+
+    results = await world.bob(
+        build(f"t={ALICE}/private:1"),
+        build("t=ds01-test/busybox:latest"),
+        build(f"t={BOB}/x&networkmode=host"),
+        build(f"t={BOB}/x&networkmode=container:{world.victim}"),
+        build(f"t={BOB}/x&version=2"),
+        build(f"t={BOB}/x&remote=http://127.0.0.1:1/ctx.tar"),
+        build(f"t={BOB}/x&pull=1"),
+        build(f"t={BOB}/x", _context(f"FROM {ALICE}/private:1\n")),
+        build(f"t={BOB}/x", _context(f"FROM {image}\nCOPY --from={ALICE}/private:1 / /x\n")),
+        build(f"t={BOB}/x", _context(f"ARG B={ALICE}/private:1\nFROM $B\n")),
+        build(f"t={BOB}/x", _context(f"FROM \\\n {ALICE}/private:1\n")),
+        build(f"t={BOB}/x&t={ALICE}/y"),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [403] * 12, results
+    (ok,) = await world.bob(
+        build(f"t={BOB}/built:1&cgroupparent=/&memory=0&labels=" + '{"ds01.user":"ds01alice"}')
+    )
+    assert ok[0].status == 200 and "Successfully tagged" in ok[0].body, ok
+    labels = json.loads(
+        world.root("image", "inspect", "-f", "{{json .Config.Labels}}", f"{BOB}/built:1")
+    )
+    assert labels["ds01.user"] == BOB
+    await assert_victim_untouched(world)
+
+
+async def test_volumes_and_networks_belong_to_their_creator(world):
+    results = await world.bob(
+        request("POST", "/volumes/create", {"Name": "alicevol"}),
+        request("GET", "/volumes/alicevol"),
+        request("DELETE", "/volumes/alicevol?force=1"),
+        request(
+            "POST",
+            "/volumes/create",
+            {"Name": "bobvol", "DriverOpts": {"type": "proc", "device": "proc"}},
+        ),
+        request(
+            "POST",
+            "/volumes/create",
+            {
+                "Name": "bobvol",
+                "Driver": "local",
+                "DriverOpts": {"type": "overlay", "o": "lowerdir=/"},
+            },
+        ),
+        request("GET", "/networks/alicenet"),
+        request("DELETE", "/networks/alicenet"),
+        request("POST", "/networks/alicenet/connect", {"Container": "bobs"}),
+        request(
+            "POST",
+            "/networks/create",
+            {"Name": "mac", "Driver": "macvlan", "Options": {"parent": "lo"}},
+        ),
+        request(
+            "POST",
+            "/networks/create",
+            {"Name": "br", "Options": {"com.docker.network.bridge.name": "lo"}},
+        ),
+        request(
+            "POST",
+            "/networks/create",
+            {"Name": "br", "IPAM": {"Config": [{"Subnet": "127.0.0.0/8"}]}},
+        ),
+        request("POST", "/networks/create", {"Name": "cfg", "ConfigOnly": True}),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [403] * 12, results
+    (made,) = await world.bob(
+        request("POST", "/volumes/create", {"Name": "bobvol", "Labels": {"ds01.user": ALICE}})
+    )
+    assert made[0].status == 201 and made[0].json()["Labels"]["ds01.user"] == BOB
+    listed = await world.bob(request("GET", "/volumes"), request("GET", "/networks"))
+    names = [v["Name"] for v in listed[0][0].json()["Volumes"]]
+    assert names == ["bobvol"]
+    networks = [n["Name"] for n in listed[1][0].json()]
+    assert "alicenet" not in networks and "none" in networks
+    await assert_victim_untouched(world)
+
+
+# --- 5. accounting, 6. leaks ------------------------------------------------------------
+
+
+async def test_gateway_creates_count_against_max_containers(world):
+    """config/resource-limits.yaml: students may have 2 containers."""
+    body = {"Image": world.image, "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}}
+    results = await world.bob(
+        *[request("POST", f"/containers/create?name=c{i}", body) for i in range(3)]
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [201, 201, 403], results
+    assert "2 of 2 containers" in results[2][0].body
+
+
+async def test_event_streams_and_listings_show_only_the_callers_things(world):
+    (mine,) = await world.bob(
+        request("POST", "/containers/create?name=bobs", {"Image": world.image, "Cmd": ["true"]})
+    )
+    assert mine[0].status == 201
+    world.root("volume", "create", "--label", f"ds01.user={ALICE}", "alicevol2")
+    world.root("tag", world.image, f"{ALICE}/other:1")
+    world.root("rmi", f"{ALICE}/other:1")
+    world.root("volume", "rm", "alicevol2")
+    await asyncio.sleep(1.1)
+    (events,) = await world.bob(request("GET", f"/events?since=0&until={int(time.time())}"))
+    assert events[0].status == 200
+    lines = [json.loads(line) for line in events[0].body.splitlines() if line.strip()]
+    assert lines, "bob sees his own create"
+    for event in lines:
+        text = json.dumps(event)
+        assert ALICE not in text and "victim" not in text and world.victim not in text, event
+    kinds = {event["Type"] for event in lines}
+    assert kinds <= {"container", "image", "volume", "network"}
+    assert any(e["Type"] == "container" and e["Action"] == "create" for e in lines)
+
+
+async def test_the_daemon_holds_nothing_that_breaks_the_policy(world):
+    """Run after the hostile requests of this module's world: as root, on the daemon."""
+    assert audit_daemon(world.docker_socket) == []
