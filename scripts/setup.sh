@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ds01 needs on a fresh Debian machine, and nothing that is already there:
-#   Debian packages: etcd-server, docker.io, busybox-static (offline test image), python3-venv
+#   Debian packages: etcd-server, docker.io, busybox-static (offline test image), python3-venv,
+#     docker-compose and curl (clients the gateway tests drive), nodejs/npm when missing
+#   npm: the Dev Containers CLI (what VS Code runs underneath), pinned
 #   the Python project, editable, in .venv (versions pinned by constraints.txt)
 # Safe to run again; a second run takes a second.
 set -euo pipefail
@@ -11,6 +13,9 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 [ -x /bin/busybox ] && ! head -c 4096 /bin/busybox | grep -q ld-linux || need_apt+=(busybox-static)
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup: missing Debian packages ${need_apt[*]}; run as root to install them" >&2
@@ -21,6 +26,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     # The package scripts may try to start system daemons; ds01 starts its own.
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+DEVCONTAINERS_CLI=0.89.0
+if [ "$(devcontainer --version 2>/dev/null)" != "$DEVCONTAINERS_CLI" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: the Dev Containers CLI $DEVCONTAINERS_CLI is missing; run as root" >&2
+        exit 1
+    fi
+    echo "setup: installing @devcontainers/cli@$DEVCONTAINERS_CLI"
+    npm install -g --silent --no-fund --no-audit "@devcontainers/cli@$DEVCONTAINERS_CLI" >/dev/null
 fi
 
 stamp=.venv/.ds01-installed

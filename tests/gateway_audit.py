@@ -38,8 +38,12 @@ def container_problems(attrs: dict[str, Any], client: docker.DockerClient) -> li
         problems.append(f"{name}: runs as {config.get('User')!r}, not {owner}")
     if host.get("Privileged") or host.get("CapAdd") or host.get("Devices"):
         problems.append(f"{name}: privileged, capabilities or devices")
-    if host.get("DeviceRequests") or host.get("Sysctls") or host.get("Links"):
-        problems.append(f"{name}: device requests, sysctls or links")
+    if host.get("DeviceRequests") or host.get("Sysctls"):
+        problems.append(f"{name}: device requests or sysctls")
+    for link in host.get("Links") or []:
+        target = client.api.inspect_container(link.split(":", 1)[0].lstrip("/"))
+        if (target["Config"].get("Labels") or {}).get("ds01.user") != owner:
+            problems.append(f"{name}: links another user's container")
     for key in HOST_MODES:
         if host.get(key) == "host":
             problems.append(f"{name}: {key}=host")

@@ -138,6 +138,7 @@ def build_test_image(docker_socket: Path, tag: str = TEST_IMAGE) -> str:
             for name, text in (
                 ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
                 ("etc/group", "root:x:0:\n"),
+                ("etc/os-release", 'ID=busybox\nNAME="BusyBox"\nVERSION_ID="1"\n'),
             ):
                 data = text.encode()
                 info = tarfile.TarInfo(name)

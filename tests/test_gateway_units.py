@@ -287,6 +287,7 @@ def resolved(**extra: object) -> Resolved:
         ({"OomScoreAdj": -1000}, "OomScoreAdj"),
         ({"OomKillDisable": True}, "OomKillDisable"),
         ({"Links": ["theirs:alias"]}, "Links"),
+        ({"Links": ["mine:a/b"]}, "alias"),
         ({"PortBindings": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}}, "127.0.0.1"),
         ({"PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": "80"}]}}, "1024"),
         ({"PortBindings": {"80/tcp": [{"HostIp": "::", "HostPort": "8080"}]}}, "127.0.0.1"),
@@ -329,7 +330,7 @@ def test_create_refusals(host, reason):
         ({"NetworkingConfig": {"EndpointsConfig": {"host": {}}}}, "host"),
         (
             {"NetworkingConfig": {"EndpointsConfig": {"bobnet": {"Links": ["theirs"]}}}},
-            "Links",
+            "endpoint Links",
         ),
         (
             {"NetworkingConfig": {"EndpointsConfig": {"bobnet": {"DriverOpts": {"a": "b"}}}}},

@@ -121,7 +121,18 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     driver: list[str] = []  # Docker's cgroup driver, asked once
     cgroups = CgroupfsSlices()
 
+    known: dict[str, tuple[float, UserSettings]] = {}
+
     async def settings(user: str) -> UserSettings:
+        """A user's limits for gateway creates, asked again after 5 s (they change rarely)."""
+        cached = known.get(user)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        found = await read_settings(user)
+        known[user] = (time.monotonic() + 5, found)
+        return found
+
+    async def read_settings(user: str) -> UserSettings:
         limits = await client.get_limits(user)
         args = await client.get_docker_args(user)
 

@@ -16,6 +16,7 @@ import os
 import pwd
 import re
 import tarfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -48,6 +49,7 @@ from ds01.ownership.owners import owner_of, user_exists
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+ACCOUNT_TTL = 5.0
 Rewrite = Callable[[int, bytes], Awaitable[tuple[int, bytes]]]
 
 
@@ -94,12 +96,19 @@ class Gateway:
     settings: Callable[[str], Awaitable[UserSettings]]
     container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
     creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    accounts: dict[int, tuple[float, Caller]] = field(default_factory=dict)
 
-    def caller(self, user: str) -> Caller:
-        account = pwd.getpwnam(user)
-        groups = frozenset(os.getgrouplist(user, account.pw_gid))
+    def caller(self, uid: int) -> Caller:
+        """The account behind a uid (looked up again after a few seconds: groups change)."""
+        cached = self.accounts.get(uid)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        account = pwd.getpwuid(uid)
+        groups = frozenset(os.getgrouplist(account.pw_name, account.pw_gid))
         home = PurePosixPath(os.path.realpath(account.pw_dir))
-        return Caller(user, account.pw_uid, account.pw_gid, groups, home)
+        found = Caller(account.pw_name, uid, account.pw_gid, groups, home)
+        self.accounts[uid] = (time.monotonic() + ACCOUNT_TTL, found)
+        return found
 
 
 class Admission:
@@ -147,15 +156,20 @@ class Admission:
         return path
 
     async def _own_container(self, reference: str) -> dict[str, Any]:
-        if "/" in reference:
-            raise Refused("container references may not contain '/'")
-        found = await self.daemon.container(reference)
-        if found is None:
+        found, _ = await self._own_container_raw(reference)
+        return found
+
+    async def _own_container_raw(self, reference: str) -> tuple[dict[str, Any], bytes]:
+        """The caller's container as Docker resolves ``reference`` now, with the inspect's
+        own bytes."""
+        reply = await self.daemon.call("GET", f"/containers/{quote(reference, safe='')}/json")
+        found = reply.json() if reply.status == 200 and "/" not in reference else None
+        if not isinstance(found, dict):
             raise NotFound(f"No such container: {reference}")
         owner = owner_of(found.get("Id", ""), "", (found.get("Config") or {}).get("Labels") or {})
         if owner.owner != self.caller.user:
             raise Refused(denial("container", owner.owner))
-        return found
+        return found, reply.body
 
     async def _settings(self) -> Caller:
         settings = await self.gateway.settings(self.caller.user)
@@ -202,10 +216,16 @@ class Admission:
         found = await self._own_container(self.match.params["container"])
         return self._forward(self._path(container=found["Id"]))
 
+    async def _container_delete(self, body: bytes) -> Decision:
+        if go_bool(_one(self.query, "link")):  # removes a link name, which may be anyone's
+            raise Refused("removing links is for admins")
+        self.query.pop("link", None)
+        return await self._container(body)
+
     async def _container_inspect(self, body: bytes) -> Decision:
-        found = await self._own_container(self.match.params["container"])
+        found, raw = await self._own_container_raw(self.match.params["container"])
         if not self.query:  # the inspect the gateway just made is Docker's answer
-            return Answer(200, found)
+            return Answer(200, raw)
         return self._forward(self._path(container=found["Id"]))
 
     async def _container_start(self, body: bytes) -> Decision:
@@ -250,7 +270,12 @@ class Admission:
         except BaseException:
             lock.release()
             raise
-        own_containers = {f.id for f in resolved.containers.values() if f.owner == caller.user}
+        own_containers = {
+            key
+            for found in resolved.containers.values()
+            if found.owner == caller.user
+            for key in (found.id, found.name.lstrip("/"))
+        }
         own_volumes = set(resolved.volumes) | made_volumes
 
         async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
@@ -299,7 +324,8 @@ class Admission:
             if found is None:
                 raise NotFound(f"No such container: {reference}")
             labels = (found.get("Config") or {}).get("Labels") or {}
-            resolved.containers[reference] = Found(found["Id"], owner_of("", "", labels).owner)
+            owner = owner_of("", "", labels).owner
+            resolved.containers[reference] = Found(found["Id"], owner, name=found["Name"])
         for reference in named.networks:
             resolved.networks[reference] = await self._network_found(reference)
         made: set[str] = set()

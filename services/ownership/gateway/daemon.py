@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import h11
-
 CHUNK = 65536
 MAX_REPLY = 64 * 1024 * 1024
 
@@ -39,37 +37,30 @@ class Daemon:
     async def call(
         self, method: str, target: str, body: bytes = b"", content_type: str | None = None
     ) -> Reply:
-        """One request on a connection of its own; the whole answer."""
-        reader, writer = await asyncio.open_unix_connection(str(self.socket))
-        connection = h11.Connection(h11.CLIENT)
-        headers = [("host", "docker"), ("connection", "close")]
+        """One HTTP/1.0 request on a connection of its own: Docker answers with a length or
+        until it closes, never chunked, so the whole answer is what it sent."""
+        reader, writer = await asyncio.open_unix_connection(str(self.socket), limit=CHUNK)
+        head = f"{method} {target} HTTP/1.0\r\nHost: docker\r\n"
         if content_type:
-            headers.append(("content-type", content_type))
+            head += f"Content-Type: {content_type}\r\n"
         if body or method in ("POST", "PUT"):
-            headers.append(("content-length", str(len(body))))
+            head += f"Content-Length: {len(body)}\r\n"
         try:
-            writer.write(
-                connection.send(h11.Request(method=method, target=target, headers=headers))
-            )
-            if body:
-                writer.write(connection.send(h11.Data(data=body)))
-            writer.write(connection.send(h11.EndOfMessage()))
-            await writer.drain()
-            status, data = 0, bytearray()
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await reader.read(CHUNK))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    data += event.data
-                    if len(data) > MAX_REPLY:
-                        raise h11.RemoteProtocolError("the daemon's answer is too large")
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    return Reply(status, bytes(data))
+            writer.write(head.encode("latin-1") + b"\r\n" + body)
+            chunks, size = [], 0
+            while chunk := await reader.read(MAX_REPLY):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY:
+                    raise ValueError("the daemon's answer is too large")
         finally:
             writer.close()
+        head_bytes, _, answer = b"".join(chunks).partition(b"\r\n\r\n")
+        try:
+            status = int(head_bytes.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            return Reply(502, b"")
+        return Reply(status, answer)
 
     async def get(self, target: str) -> Any | None:
         """GET ``target``: the JSON answer, or None unless Docker answered 200."""

@@ -64,6 +64,7 @@ class Found:
     id: str
     owner: str
     shared: bool = False  # a predefined network everyone may use
+    name: str = ""
 
 
 @dataclass
@@ -130,6 +131,8 @@ def named_in_create(body: dict[str, Any]) -> Named:
             named.containers.add(target)
     for source in host.get("VolumesFrom") or []:
         named.containers.add(source.split(":", 1)[0])
+    for link in host.get("Links") or []:
+        named.containers.add(link.split(":", 1)[0].lstrip("/"))
     network = host.get("NetworkMode") or ""
     if network and _mode_target(network) is None and network not in ("host", *SHARED_NETWORKS):
         named.networks.add(network)
@@ -159,6 +162,7 @@ def admit_create(body: dict[str, Any], caller: Caller, resolved: Resolved) -> di
     host["VolumesFrom"] = [
         _volumes_from(s, caller, resolved) for s in host.get("VolumesFrom") or []
     ]
+    host["Links"] = [_link(link, caller, resolved) for link in host.get("Links") or []]
     host["GroupAdd"] = _group_add(host.get("GroupAdd") or [], caller)
     host["PortBindings"] = _ports(host.get("PortBindings") or {})
     host["Tmpfs"] = {p: _tmpfs(o, caller.caps) for p, o in (host.get("Tmpfs") or {}).items()}
@@ -197,8 +201,6 @@ def _refuse_escapes(host: dict[str, Any]) -> None:
         raise Refused("host devices are not allowed")
     if host.get("DeviceRequests"):
         raise Refused("GPUs are given by ds01 (ds01 container create --gpus), not requested")
-    if host.get("Links"):
-        raise Refused("Links are not allowed: they reach other containers by name")
     if host.get("PublishAllPorts"):
         raise Refused("PublishAllPorts would publish on every host address; publish on 127.0.0.1")
     if host.get("OomKillDisable"):
@@ -291,7 +293,7 @@ def admit_endpoint(settings: dict[str, Any] | None) -> dict[str, Any] | None:
     if settings is None:
         return None
     if settings.get("Links"):
-        raise Refused("Links are not allowed: they reach other containers by name")
+        raise Refused("endpoint Links are for admins; name your own containers in HostConfig")
     if settings.get("DriverOpts"):
         raise Refused("network driver options are for admins")
     return settings
@@ -359,6 +361,19 @@ def _admit_mount(mount: dict[str, Any], caller: Caller, resolved: Resolved) -> d
     else:
         raise Refused(f"mounts of type {kind} are not allowed")
     return mount
+
+
+def _link(spec: str, caller: Caller, resolved: Resolved) -> str:
+    """A legacy link (compose's one-off `run` sends them): only to one's own containers,
+    by the id Docker resolved, under an alias without a path."""
+    name, _, alias = spec.partition(":")
+    alias = alias or name.lstrip("/")
+    if "/" in alias or not alias:
+        raise Refused(f"link alias {alias!r} may not contain '/'")
+    found = resolved.containers[name.lstrip("/")]
+    if found.owner != caller.user:
+        raise Refused("Links may only name your own containers")
+    return f"{found.id}:{alias}"
 
 
 def _volumes_from(spec: str, caller: Caller, resolved: Resolved) -> str:
@@ -531,10 +546,9 @@ def admit_exec(body: dict[str, Any] | None, caller: Caller) -> dict[str, Any]:
             )
         if gid and (not gid.isdigit() or int(gid) not in caller.groups):
             raise Refused(f"Permission denied: group {gid!r} is not one of yours")
+    # GPU variables in an exec's environment reach no device: the devices were chosen
+    # when the container was made. Clients pass the container's own environment back.
     body["User"] = _numeric(asked) if ":" in asked else caller.user_spec
-    for entry in body.get("Env") or []:
-        if entry.split("=", 1)[0] in _GPU_ENV:
-            raise Refused("GPU visibility is set by ds01, not by the request")
     return body
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pwd
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ class DockerGateway:
             writer.close()
             return
         admin = uid == 0 or await self.is_admin(user)
-        caller = None if admin else self.gateway.caller(user)
+        caller = None if admin else self.gateway.caller(uid)
         session = _Session(self, caller, reader, writer)
         try:
             await session.run()
@@ -181,8 +182,13 @@ class _Session:
             raise BadRequest(f"request bodies of type {kind} are refused; send JSON")
         if headers.get(b"content-encoding", "identity").lower() != "identity":
             raise BadRequest("compressed request bodies are refused")
-        found = match(request.method.decode("ascii", "replace"), request.target.decode("latin-1"))
+        method, target = request.method.decode("ascii", "replace"), request.target.decode("latin-1")
+        found = match(method, target)
         if found is None:
+            if method == "GET" and re.match(r"^(/v[0-9.]+)?/containers/.+/.+/json$", target):
+                # `docker inspect NAME/WITH:SLASH` asks for a container first, as Docker
+                # would answer (a name cannot hold '/'): then the CLI tries images.
+                return Answer(404, {"message": "No such container"})
             raise Refused("Permission denied: admins only")
         if found.route.body is None and body:
             raise BadRequest("this request carries no body")

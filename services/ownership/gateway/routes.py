@@ -87,7 +87,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/events", "events", ("since", "until", "filters")),
     Route("POST", "/auth", "pass", body=fields.AUTH),
     # Containers.
-    Route("GET", "/containers/json", "container_list", ("all", "limit", "size", *_FILTERS)),
+    Route("GET", "/containers/json", "container_list",
+          ("all", "limit", "size", "trunc_cmd", "before", "since", *_FILTERS)),
     Route("POST", "/containers/create", "container_create", ("name", "platform"),
           body=fields.CONTAINER_CREATE),
     Route("POST", "/containers/prune", "container_prune", _FILTERS),
@@ -109,7 +110,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/containers/{container}/unpause", "container_start"),
     Route("POST", "/containers/{container}/attach", "attach", _ATTACH),
     Route("POST", "/containers/{container}/wait", "container", ("condition",)),
-    Route("DELETE", "/containers/{container}", "container", ("v", "force")),
+    Route("DELETE", "/containers/{container}", "container_delete", ("v", "force", "link")),
     Route("HEAD", "/containers/{container}/archive", "container", ("path",)),
     Route("GET", "/containers/{container}/archive", "container", ("path",)),
     Route("POST", "/containers/{container}/exec", "exec_create", body=fields.EXEC_CREATE),

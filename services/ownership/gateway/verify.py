@@ -44,8 +44,10 @@ def container_violations(
     expect(not host.get("Privileged"), "privileged")
     expect(not host.get("CapAdd"), "added capabilities")
     expect("ALL" in (host.get("CapDrop") or []), "capabilities not dropped")
-    for key in ("Devices", "DeviceRequests", "DeviceCgroupRules", "Links", "Sysctls"):
+    for key in ("Devices", "DeviceRequests", "DeviceCgroupRules", "Sysctls"):
         expect(not host.get(key), key)
+    for link in host.get("Links") or []:  # "/<target name>:/<this name>/<alias>"
+        expect(link.split(":", 1)[0].lstrip("/") in own_containers, f"link {link}")
     expect(host.get("SecurityOpt") == [NO_NEW_PRIVILEGES], f"SecurityOpt {host.get('SecurityOpt')}")
     expect((host.get("Runtime") or "runc") == "runc", "runtime")
     expect(host.get("MaskedPaths") != [], "MaskedPaths cleared")
