@@ -19,6 +19,7 @@ from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from tests.allocator_env import AllocatorEnv, make_env, wipe
+from tests.gateway_audit import audit_daemon
 from tests.harness import (
     GID,
     GROUP,
@@ -145,6 +146,15 @@ async def ownership(
     await service.stop(grace=0)
     await limits.stop(grace=0)
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon_audit(docker_socket: Path) -> Iterator[None]:
+    """At the end of the suite, checked as root on the daemon itself: nothing a user owns
+    breaks the gateway's policy, whichever test made it."""
+    yield
+    problems = audit_daemon(docker_socket)
+    assert not problems, "the daemon holds objects that break the policy:\n" + "\n".join(problems)
 
 
 _skipped: list[str] = []

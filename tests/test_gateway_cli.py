@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("unix_users")
+pytestmark = pytest.mark.usefixtures("unix_users", "daemon_audit")
 
 
 async def docker_as(

@@ -16,7 +16,7 @@ import pytest
 from tests.gateway_audit import audit_daemon
 from tests.harness import require_binary
 
-pytestmark = pytest.mark.usefixtures("unix_users")
+pytestmark = pytest.mark.usefixtures("unix_users", "daemon_audit")
 
 BOB = "ds01bob"
 

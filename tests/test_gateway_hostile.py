@@ -18,7 +18,7 @@ import pytest_asyncio
 from tests.gateway_audit import audit_daemon
 from tests.gateway_raw import raw_as, request
 
-pytestmark = pytest.mark.usefixtures("unix_users")
+pytestmark = pytest.mark.usefixtures("unix_users", "daemon_audit")
 
 ALICE, BOB = "ds01alice", "ds01bob"
 
