@@ -120,9 +120,20 @@ def unix_users() -> Iterator[dict[str, int]]:
     subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
 
 
+@pytest.fixture
+def limits_file() -> Path:
+    """The limits the ownership fixture serves (a test may override this fixture)."""
+    return REPO / "config" / "resource-limits.yaml"
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def ownership(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+    tmp_path: Path,
+    pki: Pki,
+    state_dir: Path,
+    etcd_endpoint: str,
+    docker_socket: Path,
+    limits_file: Path,
 ) -> AsyncIterator[tuple[Config, RunningService]]:
     await wipe(etcd_endpoint)
     run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
@@ -133,7 +144,7 @@ async def ownership(
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
         etcd_endpoints=(etcd_endpoint,),
         docker_host=f"unix://{docker_socket}",
-        limits_file=REPO / "config" / "resource-limits.yaml",
+        limits_file=limits_file,
         ownership=OwnershipConfig(
             enroll_socket=run_dir / "enroll.sock", proxy_socket=run_dir / "docker.sock"
         ),

@@ -366,3 +366,40 @@ async def test_named_volumes_belong_to_their_creator(ownership, test_image):
         assert "bobdata" in mine.stdout.split()  # created for bob, so still his
     finally:
         await docker_as("root", config, "volume", "rm", "-f", "alicedata", "bobdata")
+
+
+class TestAggregateLimits:
+    """With an aggregate cap on all of a student's containers."""
+
+    @pytest.fixture
+    def limits_file(self, tmp_path: Path) -> Path:
+        """The shipped limits, with an aggregate cap on all of a student's containers."""
+        text = (Path(__file__).parent.parent / "config" / "resource-limits.yaml").read_text()
+        text = text.replace(
+            "  students:\n    priority: 10\n",
+            "  students:\n    priority: 10\n"
+            "    aggregate: {memory_max: 3g, max_cpus: 2, tasks_max: 700}\n",
+        )
+        (tmp_path / "resource-limits.yaml").write_text(text)
+        return tmp_path / "resource-limits.yaml"
+
+    async def test_gateway_creates_get_the_users_aggregate_cgroup_limits(
+        self, ownership, test_image
+    ):
+        """The per-user cgroup holds the sum of all the user's containers, however made."""
+        config, _ = ownership
+        made = await docker_as(
+            "ds01bob", config, "run", "-d", "--name", "capped", "--network=none", test_image,
+            "sleep", "60",
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        try:
+            unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+            root = Path("/sys/fs/cgroup")
+            memory = root / ("" if unified else "memory") / "ds01/students/ds01bob"
+            pids = root / ("" if unified else "pids") / "ds01/students/ds01bob"
+            limit = (memory / ("memory.max" if unified else "memory.limit_in_bytes")).read_text()
+            assert int(limit) == 3 * 1024**3
+            assert (pids / "pids.max").read_text().strip() == "700"
+        finally:
+            await docker_as("ds01bob", config, "rm", "-f", "capped")
