@@ -95,6 +95,28 @@ def measure(socket_path: str, container: str, image: str, count: int, user: str 
     return json.loads(out.stdout)
 
 
+# The floor of any relay written in Python on this machine: accept, connect upstream,
+# copy bytes both ways, no parsing and no policy. Measured in the same run.
+BARE_RELAY = r"""
+import asyncio, os, sys
+upstream, listen = sys.argv[1], sys.argv[2]
+async def serve(reader, writer):
+    up_reader, up_writer = await asyncio.open_unix_connection(upstream)
+    async def pipe(source, sink):
+        while data := await source.read(65536):
+            sink.write(data); await sink.drain()
+        if sink.can_write_eof(): sink.write_eof()
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    writer.close(); up_writer.close()
+async def main():
+    await asyncio.start_unix_server(serve, path=listen)
+    os.chmod(listen, 0o666)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
 def cli_ps(socket_path: str, runs: int) -> float:
     """The median time of the real `docker ps -a` (CLI start-up included), as root."""
     samples = []
@@ -137,6 +159,18 @@ def main() -> None:
             direct = measure(direct_socket, "talker", image, args.requests, None)
             through = measure(proxy, "talker", image, args.requests, "nobody")
             as_admin = measure(proxy, "talker", image, args.requests, None)
+            bare_socket = str(running.root / "bare.sock")
+            bare = subprocess.Popen(
+                [sys.executable, "-c", BARE_RELAY, direct_socket, bare_socket],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
+                floor = measure(bare_socket, "talker", image, args.requests, None)
+            finally:
+                bare.terminate()
+                bare.wait()
             talker.remove(force=True)
         finally:
             client.close()
@@ -148,7 +182,8 @@ def main() -> None:
         print(
             f"  {label:<42} direct {direct[key] * 1e3:6.2f} ms   gateway (user) "
             f"{through[key] * 1e3:6.2f} ms = {through[key] / direct[key]:.2f}x   "
-            f"gateway (root) {as_admin[key] / direct[key]:.2f}x   (target {target})"
+            f"gateway (root) {as_admin[key] / direct[key]:.2f}x   bare Python relay "
+            f"{floor[key] / direct[key]:.2f}x   (target {target})"
         )
     print(
         f"  the docker CLI itself, `docker ps -a`: direct {cli_direct * 1e3:.1f} ms, "

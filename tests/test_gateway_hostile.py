@@ -418,6 +418,11 @@ CREATE_VARIANTS = [
     ({"Runtime": "runc-custom"}, "runtime"),
     ({"MaskedPaths": []}, "MaskedPaths"),
     ({"DeviceRequests": [{"Driver": "nvidia", "Count": -1}]}, "GPUs"),
+    ({"Binds": ["leftover:/x"], "Privileged": True}, "privileged"),
+    (
+        {"Mounts": [{"Type": "volume", "Source": "leftover", "Target": "/x"}], "PidMode": "host"},
+        "PidMode",
+    ),
 ]
 
 
@@ -444,6 +449,7 @@ async def test_create_fields_that_reach_the_host_or_other_users_are_refused(worl
         assert answer.status in (403, 404), (reason, answer)
         assert reason in answer.body or answer.status == 404, (reason, answer)
     assert world.bobs_containers() == []
+    assert world.root("volume", "ls", "-q", "--filter", "name=leftover") == ""  # none half-made
     await assert_victim_untouched(world)
 
 

@@ -264,9 +264,9 @@ class Admission:
         await lock.acquire()  # one create at a time per user: the count stays true
         released = False
         try:
-            await self._check_room()
-            resolved, made_volumes = await self._resolve_create(request, caller)
+            resolved, made_volumes = await self._resolve_create(request)
             admitted = policy.admit_create(request, caller, resolved)
+            await self._make_volumes(made_volumes)
         except BaseException:
             lock.release()
             raise
@@ -314,35 +314,51 @@ class Admission:
                 f"{self.caller.user} has {len(listed)} of {most} containers: remove one first"
             )
 
-    async def _resolve_create(
-        self, request: dict[str, Any], caller: Caller
-    ) -> tuple[Resolved, set[str]]:
+    async def _resolve_create(self, request: dict[str, Any]) -> tuple[Resolved, set[str]]:
+        """Docker's answer for every object the request names, asked all at once; and the
+        named volumes that do not exist yet (made for the caller once the policy allows)."""
         named = policy.named_in_create(request)
-        resolved = Resolved()
-        for reference in named.containers:
+        resolved = Resolved(paths={path: os.path.realpath(path) for path in named.paths})
+
+        async def container(reference: str) -> None:
             found = await self.daemon.container(reference) if "/" not in reference else None
             if found is None:
                 raise NotFound(f"No such container: {reference}")
             labels = (found.get("Config") or {}).get("Labels") or {}
             owner = owner_of("", "", labels).owner
             resolved.containers[reference] = Found(found["Id"], owner, name=found["Name"])
-        for reference in named.networks:
+
+        async def network(reference: str) -> None:
             resolved.networks[reference] = await self._network_found(reference)
+
+        async def volume(name: str) -> None:
+            found = await self.daemon.volume(name)
+            owner = None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
+            resolved.volumes[name] = None if owner is None else Found(name, owner)
+
+        async def image(reference: str) -> None:
+            resolved.image = await self._image_found(reference)
+
+        await asyncio.gather(
+            self._check_room(),
+            *map(container, named.containers),
+            *map(network, named.networks),
+            *map(volume, named.volumes),
+            *([image(named.image)] if named.image else []),
+        )
+        missing = {name for name, found in resolved.volumes.items() if found is None}
+        return resolved, missing
+
+    async def _make_volumes(self, names: set[str]) -> None:
+        """The caller's now, rather than Docker's without an owner; all or none."""
         made: set[str] = set()
-        for name in named.volumes:
-            volume = await self.daemon.volume(name)
-            if volume is None:
-                await self._make_volume(name)  # the caller's now, not Docker's unowned
+        try:
+            for name in sorted(names):
+                await self._make_volume(name)
                 made.add(name)
-                resolved.volumes[name] = Found(name, caller.user)
-            else:
-                owner = (volume.get("Labels") or {}).get(OWNER_LABEL, "")
-                resolved.volumes[name] = Found(name, owner)
-        for path in named.paths:
-            resolved.paths[path] = os.path.realpath(path)
-        if named.image:
-            resolved.image = await self._image_found(named.image)
-        return resolved, made
+        except BaseException:
+            await self._remove_volumes(made)
+            raise
 
     async def _make_volume(self, name: str) -> None:
         made = {"Name": name, "Driver": "local", "Labels": {OWNER_LABEL: self.caller.user}}

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from ds01.ownership.gateway.strict import BadRequest
 
 log = logging.getLogger(__name__)
 
-CHUNK = 65536
+CHUNK = 256 * 1024
 MAX_HEAD = 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this large too
 MAX_JSON = 4 * 1024 * 1024
@@ -69,13 +68,13 @@ class DockerGateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
-            user = pwd.getpwuid(uid).pw_name
+            account = self.gateway.caller(uid)  # no account, no access
         except (KeyError, OSError):
             writer.close()
             return
+        user = account.user
         admin = uid == 0 or await self.is_admin(user)
-        caller = None if admin else self.gateway.caller(uid)
-        session = _Session(self, caller, reader, writer)
+        session = _Session(self, None if admin else account, reader, writer)
         try:
             await session.run()
         except Exception:
