@@ -9,6 +9,7 @@ canonical path with full ids, a re-encoded query and body, its own headers), or 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import logging
@@ -148,6 +149,24 @@ class Admission:
         content_type = JSON if body is not None else None
         return Forward(self.route.method, self._target(path), data, content_type, **extra)
 
+    def _listing(self, path: str, keep: Callable[[bytes], bytes | Awaitable[bytes]]) -> Forward:
+        """Forward, then cut Docker's answer down to what ``keep`` leaves of it."""
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 200:
+                return status, data
+            kept = keep(data)
+            return status, await kept if inspect.isawaitable(kept) else kept
+
+        return self._forward(path, rewrite=rewrite)
+
+    def _forward_archive(self, path: str, archive: bytes) -> Forward:
+        """A tar body as Docker expects it; what it made is checked when it is done."""
+        forward = self._forward(path)
+        forward.body, forward.content_type = archive, "application/x-tar"
+        forward.finish = self._check_made_images
+        return forward
+
     def _path(self, **ids: str) -> str:
         """The route's pattern with each reference replaced by the resolved id."""
         path = self.route.pattern
@@ -206,11 +225,7 @@ class Admission:
 
     async def _container_list(self, body: bytes) -> Decision:
         user = self.caller.user
-
-        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            return status, filters.containers(data, user) if status == 200 else data
-
-        return self._forward("/containers/json", rewrite=rewrite)
+        return self._listing("/containers/json", lambda data: filters.containers(data, user))
 
     async def _container(self, body: bytes) -> Decision:
         found = await self._own_container(self.match.params["container"])
@@ -285,9 +300,9 @@ class Admission:
                     await self._remove_volumes(made_volumes)
                     return status, data
                 container_id = str((json.loads(data) or {}).get("Id", ""))
-                inspect = await self.daemon.container(container_id) or {}
-                wrong = verify.container_violations(inspect, caller, own_containers, own_volumes)
-                if wrong or not inspect:
+                made = await self.daemon.container(container_id) or {}
+                wrong = verify.container_violations(made, caller, own_containers, own_volumes)
+                if wrong or not made:
                     await self.daemon.delete(f"/containers/{container_id}?force=1&v=1")
                     await self._remove_volumes(made_volumes)
                     log.warning("%s: Docker's view broke the policy: %s", caller.user, wrong)
@@ -441,11 +456,7 @@ class Admission:
 
     async def _image_list(self, body: bytes) -> Decision:
         user = self.caller.user
-
-        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            return status, filters.images(data, user) if status == 200 else data
-
-        return self._forward("/images/json", rewrite=rewrite)
+        return self._listing("/images/json", lambda data: filters.images(data, user))
 
     async def _image_read(self, body: bytes) -> Decision:
         reference = self.match.params["image"]
@@ -517,18 +528,12 @@ class Admission:
         changes = policy.admit_changes(self.query.get("changes", []))
         self.query["changes"] = [*changes, f'LABEL {OWNER_LABEL}="{self.caller.user}"']
         self.query["repo"] = [name.repository]
-        forward = self._forward("/images/create")
-        forward.body, forward.content_type = body, "application/x-tar"
-        forward.finish = self._check_made_images
-        return forward
+        return self._forward_archive("/images/create", body)
 
     async def _image_load(self, body: bytes) -> Decision:
         for name in _archive_names(body):
             require_writable(name, self.caller.user)
-        forward = self._forward("/images/load")
-        forward.body, forward.content_type = body, "application/x-tar"
-        forward.finish = self._check_made_images
-        return forward
+        return self._forward_archive("/images/load", body)
 
     async def _check_made_images(self, output: bytes) -> bytes | None:
         """After a build, load or import: every name Docker reports making must be the
@@ -604,20 +609,13 @@ class Admission:
         _clamp_build(query, caller.caps)
         for base in _dockerfile_bases(body, _one(query, "dockerfile") or "Dockerfile"):
             await self._visible_image(base)
-        forward = self._forward("/build")
-        forward.body, forward.content_type = body, "application/x-tar"
-        forward.finish = self._check_made_images
-        return forward
+        return self._forward_archive("/build", body)
 
     # --- volumes and networks --------------------------------------------------------
 
     async def _volume_list(self, body: bytes) -> Decision:
         user = self.caller.user
-
-        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            return status, filters.volumes(data, user) if status == 200 else data
-
-        return self._forward("/volumes", rewrite=rewrite)
+        return self._listing("/volumes", lambda data: filters.volumes(data, user))
 
     async def _volume(self, body: bytes) -> Decision:
         name = self.match.params["volume"]
@@ -662,22 +660,15 @@ class Admission:
 
     async def _network_list(self, body: bytes) -> Decision:
         user, owner = self.caller.user, self.gateway.container_owner
-
-        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            return status, await filters.networks(data, user, owner) if status == 200 else data
-
-        return self._forward("/networks", rewrite=rewrite)
+        return self._listing("/networks", lambda data: filters.networks(data, user, owner))
 
     async def _network_read(self, body: bytes) -> Decision:
         found = await self._network_found(self.match.params["network"])
         if not (found.shared or found.owner == self.caller.user):
             raise Refused(denial("network", found.owner))
         user, owner = self.caller.user, self.gateway.container_owner
-
-        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            return status, await filters.networks(data, user, owner) if status == 200 else data
-
-        return self._forward(self._path(network=found.id), rewrite=rewrite)
+        path = self._path(network=found.id)
+        return self._listing(path, lambda data: filters.networks(data, user, owner))
 
     async def _network(self, body: bytes) -> Decision:
         found = await self._network_found(self.match.params["network"])
