@@ -101,6 +101,7 @@ class _Session:
         self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
+        self.head_only = False  # the request being answered is a HEAD
 
     async def run(self) -> None:
         try:
@@ -145,6 +146,9 @@ class _Session:
                 continue
             if isinstance(event, h11.Request):
                 request = event
+                self.head_only = event.method == b"HEAD"
+                if self.client.they_are_waiting_for_100_continue:
+                    await self._send_client(h11.InformationalResponse(status_code=100))
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:  # never hold an endless upload in memory
@@ -168,6 +172,10 @@ class _Session:
             decision = Answer(400, {"message": str(bad)})
         except Ds01Error as err:  # without the user's limits, nothing is made
             decision = Answer(503, {"message": f"cannot read your limits: {err.message}"})
+        except (OSError, ValueError, KeyError) as err:  # the daemon or a lookup failed
+            log.exception("admission failed")
+            message = f"the gateway could not check this request ({type(err).__name__}); "
+            decision = Answer(502, {"message": message + "nothing was forwarded"})
         if isinstance(decision, Answer):
             await self._answer(decision.status, decision.payload)
             return False
@@ -198,7 +206,8 @@ class _Session:
         return await admission.decide(body)
 
     async def _pass_through(self, request: h11.Request, body: bytes) -> bool:
-        headers = [(k, v) for k, v in request.headers if k.lower() != b"content-length"]
+        framing = (b"content-length", b"transfer-encoding")  # the body is whole now
+        headers = [(k, v) for k, v in request.headers if k.lower() not in framing]
         if body or request.method in (b"POST", b"PUT"):
             headers.append((b"content-length", str(len(body)).encode()))
         upgrade = any(k.lower() == b"upgrade" for k, _ in request.headers)
@@ -332,7 +341,8 @@ class _Session:
             (b"content-length", str(len(body)).encode()),
         ]
         await self._send_client(h11.Response(status_code=status, headers=headers))
-        await self._send_client(h11.Data(data=body))
+        if not self.head_only:  # a HEAD answer has the headers of a body, not the body
+            await self._send_client(h11.Data(data=body))
         await self._send_client(h11.EndOfMessage())
 
     async def _send_client(self, event: Any) -> None:
