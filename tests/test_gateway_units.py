@@ -211,7 +211,14 @@ def test_image_access_follows_tags_and_labels():
 
 
 def resolved(**extra: object) -> Resolved:
-    found = Resolved(paths={"/home/bob/w": "/home/bob/w", "/home/bob/link": "/etc", "/etc": "/etc"})
+    found = Resolved(
+        paths={
+            "/home/bob/w": "/home/bob/w",
+            "/home/bob/link": "/etc",
+            "/etc": "/etc",
+            "/home/bob/missing": "",
+        }
+    )
     found.containers = {
         "mine": Found("m" * 64, "bob"),
         "theirs": Found("t" * 64, "alice"),
@@ -246,6 +253,8 @@ def resolved(**extra: object) -> Resolved:
         ({"Binds": ["/home/bob/link:/x"]}, "home"),
         ({"Binds": ["alicevol:/x"]}, "volume owned by alice"),
         ({"Binds": ["/home/bob/w:/x:rshared"]}, "bind option"),
+        ({"Binds": ["/home/bob/w:/x:z"]}, "bind option"),
+        ({"Binds": ["/home/bob/missing:/x"]}, "does not exist"),
         ({"Mounts": [{"Type": "bind", "Source": "/etc", "Target": "/x"}]}, "home"),
         ({"Mounts": [{"Type": "volume", "Source": "alicevol", "Target": "/x"}]}, "alice"),
         ({"Mounts": [{"Type": "image", "Source": "img", "Target": "/x"}]}, "type image"),
@@ -366,7 +375,10 @@ def test_a_create_is_forwarded_with_ds01s_settings_and_resolved_references():
     host = out["HostConfig"]
     assert out["User"] == "2002:2000"
     assert out["Labels"] == {"keep": "me", "ds01.user": "bob", "ds01.managed": "true"}
-    assert host["Binds"] == ["/home/bob/w:/w:ro", "bobvol:/v"]
+    assert host["Binds"] == ["bobvol:/v"]  # a path becomes a mount: Docker never makes it
+    assert host["Mounts"] == [
+        {"Type": "bind", "Source": "/home/bob/w", "Target": "/w", "ReadOnly": True}
+    ]
     assert host["PidMode"] == "container:" + "m" * 64
     assert host["VolumesFrom"] == ["m" * 64 + ":ro"]
     assert host["NanoCpus"] == 8 * 10**9 and host["CpuShares"] == 1024

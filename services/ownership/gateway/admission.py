@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import json
 import logging
 import os
 import pwd
 import re
-import tarfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from ds01.ownership.gateway import filters, policy, verify
+from ds01.ownership.gateway import archives, filters, policy, verify
 from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.images import (
     OWNER_LABEL,
@@ -249,7 +247,11 @@ class Admission:
         found = await self._own_container(self.match.params["container"])
         for mount in found.get("Mounts") or []:
             source = mount.get("Source") or ""
-            if mount.get("Type") == "bind" and not _inside(source, self.caller.home):
+            if mount.get("Type") != "bind":
+                continue
+            if not _existing(source):
+                raise Refused(f"{source} does not exist (any more); not starting")
+            if not _inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
         return self._forward(self._path(container=found["Id"]))
 
@@ -333,7 +335,7 @@ class Admission:
         """Docker's answer for every object the request names, asked all at once; and the
         named volumes that do not exist yet (made for the caller once the policy allows)."""
         named = policy.named_in_create(request)
-        resolved = Resolved(paths={path: os.path.realpath(path) for path in named.paths})
+        resolved = Resolved(paths={path: _existing(path) for path in named.paths})
 
         async def container(reference: str) -> None:
             found = await self.daemon.container(reference) if "/" not in reference else None
@@ -443,11 +445,12 @@ class Admission:
             raise NotFound(f"No such image: {reference}")
         tags = found.get("RepoTags") or []
         labels = (found.get("Config") or {}).get("Labels") or {}
-        kind = access(self.caller.user, tags, labels, user_exists)
+        kind = access(self.caller.user, tags, labels, user_exists, unowned=Access.PRIVATE)
         owner = self.caller.user if kind is Access.OWN else labels.get(OWNER_LABEL, "")
         if kind is Access.PRIVATE and not owner:
             owner = next((t.split("/", 1)[0].removeprefix("ds01-") for t in tags if "/" in t), "")
-        return Found(found["Id"], owner, shared=kind is Access.SHARED)
+        onbuild = tuple((found.get("Config") or {}).get("OnBuild") or ())
+        return Found(found["Id"], owner, shared=kind is Access.SHARED, onbuild=onbuild)
 
     async def _visible_image(self, reference: str) -> Found:
         found = await self._image_found(reference)
@@ -463,6 +466,9 @@ class Admission:
         found = await self._visible_image(reference)
         if self.route.pattern.endswith("/get") and not is_id(reference):
             return self._forward(self._path(image=parse_name(reference).tagged()))
+        if self.route.pattern.endswith("/json"):  # other users' names of it stay hidden
+            user = self.caller.user
+            return self._listing(self._path(image=found.id), lambda d: filters.image(d, user))
         return self._forward(self._path(image=found.id))
 
     async def _images_save(self, body: bytes) -> Decision:
@@ -515,6 +521,8 @@ class Admission:
             raise BadRequest("a pull carries no body")
         image = _one(self.query, "fromImage")
         name = parse_name(image + (f":{_one(self.query, 'tag')}" if self.query.get("tag") else ""))
+        if name.domain is not None:  # the daemon would connect wherever the name says
+            raise Refused("pulls from registries other than Docker Hub are for admins")
         owner = namespace_owner(name, user_exists)
         if owner not in (None, self.caller.user):
             raise Refused(f"Permission denied: {name.repository} is {owner}'s namespace")
@@ -531,27 +539,60 @@ class Admission:
         return self._forward_archive("/images/create", body)
 
     async def _image_load(self, body: bytes) -> Decision:
-        for name in _archive_names(body):
+        for name in archives.image_names(body):
             require_writable(name, self.caller.user)
         return self._forward_archive("/images/load", body)
 
     async def _check_made_images(self, output: bytes) -> bytes | None:
-        """After a build, load or import: every name Docker reports making must be the
-        caller's to write; anything else is removed again."""
-        wrong = []
-        for line in output.splitlines():
-            message = json.loads(line) if line.strip().startswith(b"{") else {}
-            stream = str(message.get("stream") or message.get("status") or "")
-            for made in re.findall(r"(?:Loaded image|Successfully tagged):? (\S+)", stream):
-                try:
-                    require_writable(made, self.caller.user)
-                except (PermissionError, BadRequest):
+        """After a build, load or import, from Docker's own report: every name it tagged
+        must be the caller's to write (a name it took from someone is given back), and a
+        built image must carry the caller's label and stand only on images they may read.
+        Anything else is undone."""
+        wrong: list[str] = []
+        renamed: dict[str, str] = {}  # name -> the image it named before
+        for message in _messages(output):
+            found = _RENAMED.search(message)
+            if found:
+                renamed[found["name"]] = found["old"]
+            for made in _MADE.findall(message):
+                if not _writable(made, self.caller.user):
                     wrong.append(made)
-                    await self.daemon.delete(f"/images/{quote(made, safe='/:')}")
+                    await self._give_back(made, renamed.get(made))
+            built = _BUILT.search(message)
+            if built:
+                wrong += await self._check_built(built["id"])
         if not wrong:
             return None
-        text = f"Permission denied: removed {', '.join(wrong)}: not in your namespace"
+        text = f"Permission denied: undone: {', '.join(wrong)}"
+        log.warning("%s: %s", self.caller.user, text)
         return json.dumps({"errorDetail": {"message": text}, "error": text}).encode() + b"\n"
+
+    async def _give_back(self, name: str, previous: str | None) -> None:
+        """Remove ``name`` from what was made, and point it at its old image again."""
+        await self.daemon.delete(f"/images/{quote(name, safe='/:@')}?noprune=1")
+        if previous:
+            tagged = parse_name(name)
+            query = encode_query({"repo": [tagged.repository], "tag": [tagged.tag or "latest"]})
+            await self.daemon.call("POST", f"/images/{quote(previous, safe=':')}/tag?{query}")
+
+    async def _check_built(self, image_id: str) -> list[str]:
+        """The built image is the caller's, and no image under it is someone else's."""
+        made = await self.daemon.image(image_id) or {}
+        labels = (made.get("Config") or {}).get("Labels") or {}
+        wrong = [] if labels.get(OWNER_LABEL) == self.caller.user else [f"{image_id} (label)"]
+        parent, seen = made.get("Parent") or "", 0
+        while parent and seen < 1000 and not wrong:
+            above = await self.daemon.image(parent) or {}
+            tags = above.get("RepoTags") or []
+            above_labels = (above.get("Config") or {}).get("Labels") or {}
+            if access(self.caller.user, tags, above_labels, user_exists) is Access.PRIVATE:
+                wrong.append(f"{image_id} (stands on an image that is not yours)")
+            parent, seen = above.get("Parent") or "", seen + 1
+        if wrong:
+            for tag in made.get("RepoTags") or []:
+                await self.daemon.delete(f"/images/{quote(tag, safe='/:')}?noprune=1")
+            await self.daemon.delete(f"/images/{image_id}?force=1")
+        return wrong
 
     async def _commit(self, body: bytes) -> Decision:
         found = await self._own_container(_one(self.query, "container"))
@@ -607,9 +648,14 @@ class Admission:
         query["ulimits"] = [json.dumps([policy.admit_ulimit(u, caller.caps) for u in ulimits])]
         query["cgroupparent"] = [caller.cgroup_parent]
         _clamp_build(query, caller.caps)
-        for base in _dockerfile_bases(body, _one(query, "dockerfile") or "Dockerfile"):
-            await self._visible_image(base)
-        return self._forward_archive("/build", body)
+        dockerfile = archives.member_path(_one(query, "dockerfile") or "Dockerfile")
+        build = archives.build_context(body, dockerfile, caller.user)
+        query["dockerfile"] = [dockerfile]
+        for base in build.bases:
+            found = await self._visible_image(base)
+            if archives.onbuild_copies(found.onbuild):
+                raise Refused(f"{base} has ONBUILD triggers that copy from other images")
+        return self._forward_archive("/build", build.context)
 
     # --- volumes and networks --------------------------------------------------------
 
@@ -704,6 +750,12 @@ class Admission:
         return self._forward(self._path(network=found.id), request)
 
 
+def _existing(path: str) -> str:
+    """The real path, or "" where there is nothing (Docker would make it, as root)."""
+    real = os.path.realpath(path)
+    return real if os.path.lexists(real) else ""
+
+
 def _inside(source: str, home: PurePosixPath) -> bool:
     real = PurePosixPath(os.path.realpath(source))
     return real == home or home in real.parents
@@ -753,84 +805,29 @@ def _clamp_build(query: dict[str, list[str]], caps: Caps) -> None:
         query["cpuquota"] = [str(caps.nano_cpus * 100000 // 10**9)]
 
 
-_FROM = re.compile(r"^\s*FROM\s+(?P<args>.+)$", re.IGNORECASE)
-_COPY_FROM = re.compile(r"--from=(?P<ref>\S+)", re.IGNORECASE)
+_RENAMED = re.compile(
+    r"The image (?P<name>\S+) already exists, renaming the old one with ID (?P<old>\S+)"
+)
+_MADE = re.compile(r"(?:Loaded image: |Successfully tagged )(\S+)")
+_BUILT = re.compile(r"Successfully built (?P<id>[0-9a-f]{12,64})")
 
 
-def _dockerfile_bases(context: bytes, dockerfile: str) -> list[str]:
-    """The images a classic build starts from or copies from: each must be one the caller
-    may read. Variables in them are refused (their value could name anything)."""
-    text = _read_member(context, dockerfile)
-    text = re.sub(r"\\\r?\n", "", text)  # continuation lines, as the builder joins them
-    if re.search(r"^\s*#\s*escape\s*=", text, re.IGNORECASE | re.MULTILINE):
-        raise Refused("the escape directive is not supported by the gateway")
-    stages: set[str] = set()
-    bases: list[str] = []
-    for line in text.splitlines():
-        found = _FROM.match(line)
-        if found:
-            words = [w for w in found["args"].split() if not w.startswith("--")]
-            if not words or "$" in found["args"]:
-                raise Refused(f"FROM with variables is not supported by the gateway: {line!r}")
-            if words[0].lower() not in stages and words[0].lower() != "scratch":
-                bases.append(words[0])
-            if len(words) >= 3 and words[1].lower() == "as":
-                stages.add(words[2].lower())
-        for copied in _COPY_FROM.finditer(line):
-            ref = copied["ref"].strip("\"'")
-            if "$" in ref:
-                raise Refused(f"--from with variables is not supported by the gateway: {line!r}")
-            if ref.lower() not in stages and not ref.isdigit():
-                bases.append(ref)
-    return bases
+def _messages(output: bytes) -> list[str]:
+    """The text of each JSON progress message Docker streamed."""
+    found = []
+    for line in output.splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            found.append(str(message.get("stream") or message.get("status") or ""))
+    return found
 
 
-def _read_member(archive: bytes, name: str) -> str:
+def _writable(name: str, user: str) -> bool:
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            wanted = PurePosixPath(name)
-            for member in tar:
-                if PurePosixPath(member.name.removeprefix("./")) == wanted:
-                    if not member.isfile():
-                        raise Refused(f"{name} in the build context is not a regular file")
-                    extracted = tar.extractfile(member)
-                    return extracted.read().decode("utf-8", "replace") if extracted else ""
-    except tarfile.TarError as err:
-        raise BadRequest(f"the build context is not a tar archive: {err}") from None
-    raise BadRequest(f"no {name} in the build context")
-
-
-def _archive_names(archive: bytes) -> list[str]:
-    """Every image name an image archive asks Docker to tag."""
-    names: list[str] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            for member in tar:
-                path = member.name.removeprefix("./")
-                if path not in ("manifest.json", "repositories", "index.json"):
-                    continue
-                extracted = tar.extractfile(member)
-                data = json.loads(extracted.read()) if extracted else None
-                if path == "manifest.json":
-                    for entry in data or []:
-                        names += entry.get("RepoTags") or []
-                elif path == "repositories":
-                    names += [
-                        f"{repo}:{tag}" for repo, tags in (data or {}).items() for tag in tags
-                    ]
-                else:
-                    for manifest in (data or {}).get("manifests") or []:
-                        notes = manifest.get("annotations") or {}
-                        names += [
-                            notes[k]
-                            for k in (
-                                "io.containerd.image.name",
-                                "org.opencontainers.image.ref.name",
-                            )
-                            if k in notes and ("/" in notes[k] or ":" in notes[k])
-                        ]
-    except (tarfile.TarError, ValueError, AttributeError) as err:
-        raise BadRequest(f"the image archive cannot be read: {err}") from None
-    if not names:
-        raise Refused("name the images you load (docker save NAME): unnamed images have no owner")
-    return names
+        require_writable(name, user)
+    except (PermissionError, BadRequest):
+        return name.startswith("sha256:")  # an id is no name
+    return True

@@ -300,14 +300,3 @@ NETWORK_CREATE = Obj(
 )
 NETWORK_CONNECT = Obj({"Container": S, "EndpointConfig": ENDPOINT})
 NETWORK_DISCONNECT = Obj({"Container": S, "Force": B})
-AUTH = Obj(
-    {
-        "username": S,
-        "password": S,
-        "email": S,
-        "serveraddress": S,
-        "identitytoken": S,
-        "registrytoken": S,
-        "auth": S,
-    }
-)

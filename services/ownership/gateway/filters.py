@@ -44,17 +44,25 @@ def images(body: bytes, user: str) -> bytes:
         return b"[]"
     kept = []
     for image in listed:
-        tags = image.get("RepoTags") or []
-        if access(user, tags, image.get("Labels") or {}, user_exists) is Access.PRIVATE:
+        tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        labels = image.get("Labels") or {}
+        if access(user, tags, labels, user_exists, Access.PRIVATE) is Access.PRIVATE:
             continue
-        shown = visible_tags(user, tags, user_exists)
-        if tags and not shown:
-            continue
-        image["RepoTags"] = shown
-        digests = image.get("RepoDigests") or []
-        image["RepoDigests"] = visible_tags(user, digests, user_exists)
-        kept.append(image)
+        kept.append(_own_names(image, user))
     return json.dumps(kept).encode()
+
+
+def image(body: bytes, user: str) -> bytes:
+    """An image's inspect, without the names other users gave it."""
+    found = _load(body)
+    return json.dumps(_own_names(found, user)).encode() if isinstance(found, dict) else body
+
+
+def _own_names(image: dict[str, Any], user: str) -> dict[str, Any]:
+    for key in ("RepoTags", "RepoDigests"):
+        if isinstance(image.get(key), list):
+            image[key] = visible_tags(user, image[key], user_exists)
+    return image
 
 
 def volumes(body: bytes, user: str) -> bytes:

@@ -104,16 +104,23 @@ def require_writable(reference: str, user: str) -> ImageName:
 
 
 def access(
-    user: str, tags: list[str], labels: dict[str, str], exists: Callable[[str], bool]
+    user: str,
+    tags: list[str],
+    labels: dict[str, str],
+    exists: Callable[[str], bool],
+    unowned: Access = Access.SHARED,
 ) -> Access:
-    """What ``user`` may do with an image that carries these tags and labels."""
+    """What ``user`` may do with an image that carries these tags and labels.
+
+    ``unowned`` answers for an image with neither a name nor an owner label: an
+    intermediate image of somebody's build, say, which users are not shown."""
     label_owner = labels.get(OWNER_LABEL) or None
     owners = {namespace_owner(_lenient(t), exists) for t in tags}
     if label_owner == user or user in owners:
         return Access.OWN
     if label_owner is not None or (tags and None not in owners):
         return Access.PRIVATE
-    return Access.SHARED
+    return Access.SHARED if tags else unowned
 
 
 def visible_tags(user: str, tags: list[str], exists: Callable[[str], bool]) -> list[str]:

@@ -24,7 +24,7 @@ _GPU_ENV = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 _PORT = re.compile(r"^(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?$")
 _SIZE = re.compile(r"^(?P<n>[0-9]{1,19})(?P<unit>[kmg]?)$", re.IGNORECASE)
 _TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "nosuid", "nodev"})
-_BIND_MODES = frozenset({"ro", "rw", "z", "Z", "nocopy"})
+_BIND_MODES = frozenset({"ro", "rw", "nocopy"})
 
 
 class Refused(Exception):
@@ -63,8 +63,9 @@ class Found:
 
     id: str
     owner: str
-    shared: bool = False  # a predefined network everyone may use
+    shared: bool = False  # a shared image or a predefined network: everyone may use it
     name: str = ""
+    onbuild: tuple[str, ...] = ()  # an image's ONBUILD triggers
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Resolved:
     containers: dict[str, Found] = field(default_factory=dict)
     networks: dict[str, Found] = field(default_factory=dict)
     volumes: dict[str, Found | None] = field(default_factory=dict)  # None: not there yet
-    paths: dict[str, str] = field(default_factory=dict)  # bind source -> real path
+    paths: dict[str, str] = field(default_factory=dict)  # bind source -> real path ("": none)
     image: Found | None = None
 
 
@@ -157,8 +158,9 @@ def admit_create(body: dict[str, Any], caller: Caller, resolved: Resolved) -> di
     _refuse_escapes(host)
     _check_namespaces(host, caller, resolved)
     host["NetworkMode"] = _network_mode(host.get("NetworkMode") or "", caller, resolved)
-    host["Binds"] = [_admit_bind(spec, caller, resolved) for spec in host.get("Binds") or []]
-    host["Mounts"] = [_admit_mount(m, caller, resolved) for m in host.get("Mounts") or []]
+    mounts = [_admit_mount(m, caller, resolved) for m in host.get("Mounts") or []]
+    host["Binds"], path_mounts = _admit_binds(host.get("Binds") or [], caller, resolved)
+    host["Mounts"] = mounts + path_mounts
     host["VolumesFrom"] = [
         _volumes_from(s, caller, resolved) for s in host.get("VolumesFrom") or []
     ]
@@ -310,8 +312,10 @@ def _admit_source(source: str, caller: Caller, resolved: Resolved) -> str:
     if not source.startswith("/"):
         raise Refused(f"bind source {source!r} must be an absolute path")
     real = resolved.paths[source]
-    if not _inside_home(real, caller):
+    if real and not _inside_home(real, caller):
         raise Refused(f"bind mounts must lie in your home {caller.home}, not {source}")
+    if not real:
+        raise Refused(f"bind source {source} does not exist: make it first")
     return real
 
 
@@ -322,16 +326,28 @@ def _admit_volume(name: str, caller: Caller, resolved: Resolved) -> str:
     return name
 
 
-def _admit_bind(spec: str, caller: Caller, resolved: Resolved) -> str:
-    source, target, mode = _bind(spec)
-    for flag in filter(None, mode.split(",")):
-        if flag not in _BIND_MODES:
-            raise Refused(f"bind option {flag!r} is not allowed (use ro, rw, z or Z)")
-    if source.startswith("/"):
-        source = _admit_source(source, caller, resolved)
-    else:
-        source = _admit_volume(source, caller, resolved)
-    return f"{source}:{target}:{mode}" if mode else f"{source}:{target}"
+def _admit_binds(
+    binds: list[str], caller: Caller, resolved: Resolved
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Volume binds stay binds; a path bind becomes a bind mount, for which Docker never
+    creates a missing source (as root) the way it does for a ``-v`` path."""
+    volumes, mounts = [], []
+    for spec in binds:
+        source, target, mode = _bind(spec)
+        flags = set(filter(None, mode.split(",")))
+        if source.startswith("/"):
+            if flags - {"ro", "rw"}:
+                raise Refused(f"bind option {mode!r} is not allowed for a path (use ro or rw)")
+            real = _admit_source(source, caller, resolved)
+            mounts.append(
+                {"Type": "bind", "Source": real, "Target": target, "ReadOnly": "ro" in flags}
+            )
+        else:
+            if flags - _BIND_MODES:
+                raise Refused(f"bind option {mode!r} is not allowed (use ro, rw or nocopy)")
+            _admit_volume(source, caller, resolved)
+            volumes.append(spec)
+    return volumes, mounts
 
 
 def _admit_mount(mount: dict[str, Any], caller: Caller, resolved: Resolved) -> dict[str, Any]:

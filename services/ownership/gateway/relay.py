@@ -252,9 +252,24 @@ class _Session:
         if forward.hijack and _close_delimited(response):
             await self._stream_until_close(response)
             return True
-        await self._send_client(response)
         kept = bytearray()
         chunked = any(k.lower() == b"transfer-encoding" for k, _ in response.headers)
+        client_gone = False
+
+        async def send(event: Any) -> None:
+            """To the client while it listens; a check after the stream runs even when
+            the client hung up halfway (it must never skip the undo)."""
+            nonlocal client_gone
+            if client_gone:
+                return
+            try:
+                await self._send_client(event)
+            except (ConnectionError, OSError, h11.LocalProtocolError):
+                if forward.finish is None:
+                    raise
+                client_gone = True
+
+        await send(response)
         while True:
             event = await self._upstream_event()
             if isinstance(event, h11.Data):
@@ -264,15 +279,17 @@ class _Session:
                 if forward.stream_filter is not None:
                     data = await forward.stream_filter(data)
                 if data:
-                    await self._send_client(h11.Data(data=data))
+                    await send(h11.Data(data=data))
             elif isinstance(event, h11.EndOfMessage):
                 if forward.finish is not None:
                     trailer = await forward.finish(bytes(kept))
                     if trailer and chunked:
-                        await self._send_client(h11.Data(data=trailer))
-                await self._send_client(event)
-                return False
+                        await send(h11.Data(data=trailer))
+                await send(event)
+                return client_gone
             else:
+                if forward.finish is not None:
+                    await forward.finish(bytes(kept))
                 return True
 
     async def _whole_body(self) -> bytes:

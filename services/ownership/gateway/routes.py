@@ -85,7 +85,6 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/version", "pass"),
     Route("GET", "/info", "pass"),
     Route("GET", "/events", "events", ("since", "until", "filters")),
-    Route("POST", "/auth", "pass", body=fields.AUTH),
     # Containers.
     Route("GET", "/containers/json", "container_list",
           ("all", "limit", "size", "trunc_cmd", "before", "since", *_FILTERS)),
@@ -126,7 +125,6 @@ ROUTES: tuple[Route, ...] = (
           repeat=("changes",), body=TAR),
     Route("POST", "/images/load", "image_load", ("quiet", "platform"), body=TAR),
     Route("GET", "/images/get", "images_save", ("names", "platform"), repeat=("names",)),
-    Route("GET", "/images/search", "pass", ("term", "limit", "filters")),
     Route("POST", "/commit", "commit",
           ("container", "repo", "tag", "comment", "author", "pause", "changes"),
           repeat=("changes",), body=fields.CONTAINER_CONFIG),

@@ -42,16 +42,20 @@ def decode_json(body: bytes, schema: Schema, what: str) -> Any:
     """The body as a checked value: only ``schema``'s keys, each with its type.
 
     An empty body is ``None`` (Docker reads it as no body at all)."""
-    if not body.strip():
+    return check(json_value(body, what), schema, what)
+
+
+def json_value(data: bytes, what: str) -> Any:
+    """JSON without duplicate keys, non-ASCII keys or NaN; ``None`` when empty."""
+    if not data.strip():
         return None
     try:
-        text = body.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
+        text = data.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
     except BadRequest as err:
         raise BadRequest(f"{what}: {err}") from None
     except ValueError as err:
         raise BadRequest(f"{what} is not valid JSON: {err}") from None
-    return check(value, schema, what)
 
 
 def check(value: Any, schema: Schema, where: str) -> Any:
