@@ -665,3 +665,267 @@ async def test_event_streams_and_listings_show_only_the_callers_things(world):
 async def test_the_daemon_holds_nothing_that_breaks_the_policy(world):
     """Run after the hostile requests of this module's world: as root, on the daemon."""
     assert audit_daemon(world.docker_socket) == []
+
+
+# --- 7. images made from archives and builds (red-team round two) ----------------------
+
+
+def _tar(files: dict[str, bytes | str], links: dict[str, str] | None = None) -> bytes:
+    """A tar archive of ``files`` (and symlinks), members in the order given."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            raw = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _saved(world: World, image: str) -> bytes:
+    """``docker save`` of an image, as root: a real archive to doctor."""
+    result = subprocess.run(
+        ["docker", "-H", f"unix://{world.docker_socket}", "save", image],
+        capture_output=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def _doctored(archive: bytes, manifest: str | None = None, extra: dict | None = None) -> bytes:
+    """The archive with its manifest.json replaced (text as given) and members added."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive)) as source,
+        tarfile.open(fileobj=out, mode="w") as tar,
+    ):
+        for member in source:
+            data = source.extractfile(member).read() if member.isfile() else None
+            if member.name == "manifest.json" and manifest is not None:
+                data = manifest.encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+        for name, text in (extra or {}).items():
+            raw = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return out.getvalue()
+
+
+async def test_image_archives_cannot_name_other_users_or_shared_images(world):
+    world.root("tag", world.image, f"{BOB}/evil:1")
+    archive = _saved(world, f"{BOB}/evil:1")
+    world.root("rmi", f"{BOB}/evil:1")
+    import tarfile as tarmodule
+
+    with tarmodule.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        entry = json.loads(tar.extractfile("manifest.json").read())[0]
+    victim_before = world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1")
+
+    def manifest(**extra: object) -> str:
+        return json.dumps([{**entry, "RepoTags": [f"{BOB}/ok:1"], **extra}], ensure_ascii=False)
+
+    variants = [
+        _doctored(archive, manifest(repotags=[f"{ALICE}/private:1"])),
+        _doctored(archive, manifest(REPOTAGS=[f"{ALICE}/private:1"])),
+        _doctored(archive, manifest(**{"RepoTagſ": [world.image]})),  # not a kwarg: NFKC
+        _doctored(archive, manifest().replace('"RepoTags"', '"RepoTags": ["x/y:1"], "RepoTags"')),
+        _doctored(archive, json.dumps([{**entry, "RepoTags": [f"{ALICE}/private:1"]}])),
+        _doctored(archive, None, {"repositories": json.dumps({ALICE + "/private": {"1": "x"}})}),
+        _doctored(archive, None, {"./manifest.json": manifest(RepoTags=[world.image])}),
+        _doctored(
+            archive,
+            None,
+            {
+                "index.json": json.dumps(
+                    {"manifests": [{"ANNOTATIONS": {"io.containerd.image.name": world.image}}]}
+                )
+            },
+        ),
+        _tar(
+            {"other.json": manifest(RepoTags=[f"{ALICE}/private:1"])},
+            {"manifest.json": "other.json"},
+        ),
+    ]
+    results = await world.bob(
+        *[
+            request(
+                "POST",
+                "/images/load?quiet=1",
+                raw_body=v,
+                headers={"Content-Type": "application/x-tar"},
+            )
+            for v in variants
+        ]
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [400] * 4 + [403] * 5, results
+    assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1") == victim_before
+    (ok,) = await world.bob(
+        request("POST", "/images/load?quiet=1", raw_body=_doctored(archive, manifest()),
+                headers={"Content-Type": "application/x-tar"})
+    )  # fmt: skip
+    assert ok[0].status == 200 and f"Loaded image: {BOB}/ok:1" in ok[0].body, ok
+
+
+async def test_a_name_docker_took_from_someone_is_given_back(world, unix_users):
+    """The check after a load, on its own: should Docker ever tag a name the archive did
+    not show us, the name goes back to the image it named before, hang-up or not."""
+    from ds01.ownership.gateway.admission import Admission, Gateway
+    from ds01.ownership.gateway.daemon import Daemon
+    from ds01.ownership.gateway.routes import match
+
+    original = world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1")
+    world.root("tag", world.image, f"{BOB}/evil:1")
+    evil = world.root("image", "inspect", "-f", "{{.Id}}", f"{BOB}/evil:1")
+    world.root("commit", world.victim, f"{BOB}/evil:1")  # another image under bob's name
+    evil = world.root("image", "inspect", "-f", "{{.Id}}", f"{BOB}/evil:1")
+    world.root("tag", evil, f"{ALICE}/private:1")  # what a fooled load would leave behind
+    gateway = Gateway(Daemon(world.docker_socket), None, None)  # type: ignore[arg-type]
+    admission = Admission(
+        gateway, gateway.caller(unix_users[BOB]), match("POST", "/images/load"), False
+    )
+    renamed = f"The image {ALICE}/private:1 already exists, renaming the old one with ID "
+    report = (
+        json.dumps({"stream": f"{renamed}{original} to empty string\n"})
+        + "\n"
+        + json.dumps({"stream": f"Loaded image: {ALICE}/private:1\n"})
+        + "\n"
+    ).encode()
+    trailer = await admission._check_made_images(report)
+    assert trailer and b"Permission denied" in trailer
+    assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1") == original
+    world.root("rmi", "-f", f"{BOB}/evil:1")
+
+
+async def test_builds_cannot_hide_a_base_image_from_the_gateway(world):
+    secret = f"FROM {ALICE}/private:1\nRUN id\n"
+    contexts = [
+        _tar({"Dockerfile": "\ufeff" + secret}),
+        _tar({"Dockerfile": f"FROM {world.image}\n# comment \\\n{secret}"}),
+        _tar({"Dockerfile": f"FROM {world.image}\n", "./Dockerfile": secret}),
+        _tar({"Dockerfile": f"FROM {world.image}\n", "x/../Dockerfile": secret}),
+        _tar({"Dockerfile": secret.replace("\n", "\r\n")}),
+        _tar({"Dockerfile": f"from\t{ALICE}/private:1\n"}),
+        _tar({"Dockerfile": f"FROM \\\n\n {ALICE}/private:1\n"}),
+        _tar({"Dockerfile": f"FROM {world.image}\nCOPY --from={ALICE}/private:1 / /x\n"}),
+        _tar({"Dockerfile": f"FROM {world.image}\nonbuild COPY --from={ALICE}/private:1 / /x\n"}),
+        _tar({"Dockerfile": f"FROM {world.image}\nADD http://127.0.0.1:1/x /x\n"}),
+        _tar({"Dockerfile": f"FROM {world.image}\nLABEL ds01.user={ALICE}\n"}),
+        _tar({"Dockerfile": f"FROM {world.image}\nLABEL d\\s01.user={ALICE}\n"}),
+        _tar({"real": secret}, {"Dockerfile": "real"}),
+    ]
+    results = await world.bob(
+        *[
+            request(
+                "POST",
+                f"/build?t={BOB}/f1",
+                raw_body=c,
+                headers={"Content-Type": "application/x-tar"},
+            )
+            for c in contexts
+        ]
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [403] * len(contexts), results
+    assert world.root("images", "-q", f"{BOB}/f1") == ""
+
+
+def _image_labels(world: World, image: str) -> dict[str, str]:
+    found = world.root("image", "inspect", "-f", "{{json .Config.Labels}}", image)
+    return json.loads(found or "null") or {}
+
+
+async def test_builds_share_no_cache_and_leave_no_unowned_images(world):
+    """Each build is its owner's to its last intermediate image: another user's identical
+    build runs afresh, and sees none of the first one's images."""
+    dockerfile = f"FROM {world.image}\nRUN head -c 16 /dev/urandom | od -An -x > /key\n"
+    context = _tar({"Dockerfile": dockerfile})
+    build = request(
+        "POST",
+        f"/build?t={ALICE}/keyed:1",
+        raw_body=context,
+        headers={"Content-Type": "application/x-tar"},
+    )
+    (first,) = await world.alice(build)
+    assert first[0].status == 200 and "Successfully tagged" in first[0].body, first
+    (second,) = await world.bob(build.replace(f"t={ALICE}/", f"t={BOB}/"))
+    assert second[0].status == 200 and "Using cache" not in second[0].body, second
+    keys = [
+        world.root("run", "--rm", "--network", "none", image, "cat", "/key")
+        for image in (f"{ALICE}/keyed:1", f"{BOB}/keyed:1")
+    ]
+    assert keys[0] != keys[1]
+    everything = world.root("images", "-aq", "--no-trunc").split()
+    alices = [i for i in everything if _image_labels(world, i).get("ds01.user") == ALICE]
+    assert len(alices) >= 2  # the intermediate images are hers too
+    listed = await world.bob(request("GET", "/images/json?all=1"))
+    shown = {i["Id"] for i in listed[0][0].json()}
+    assert not shown & set(alices)
+    attempts = await world.bob(
+        *[request("GET", f"/images/{i}/json") for i in alices],
+        *[request("POST", f"/images/{i}/tag?repo={BOB}/stolen&tag=1") for i in alices],
+    )
+    assert {answers[0].status for answers in attempts} == {403}
+    world.root("rmi", f"{ALICE}/keyed:1", f"{BOB}/keyed:1")
+
+
+async def test_binds_never_make_root_owned_directories(world, unix_users):
+    missing = f"/home/{BOB}/not-there-yet"
+    hosts = [
+        {"Binds": [f"{missing}:/x"]},
+        {"Binds": [f"{missing}/deeper:/x"]},
+        {"Mounts": [{"Type": "bind", "Source": missing, "Target": "/x"}]},
+        {"Binds": [f"/home/{BOB}:/x:z"]},
+    ]
+    results = await world.bob(
+        *[
+            request("POST", "/containers/create", {"Image": world.image, "HostConfig": h})
+            for h in hosts
+        ]
+    )
+    assert [answers[0].status for answers in results] == [403, 403, 403, 403], results
+    assert not Path(missing).exists()
+    made = Path(f"/home/{BOB}/made")
+    made.mkdir(exist_ok=True)
+    (ok,) = await world.bob(
+        request("POST", "/containers/create?name=bound", {"Image": world.image, "Cmd": ["true"],
+                "HostConfig": {"Binds": [f"{made}:/x:ro"]}})
+    )  # fmt: skip
+    assert ok[0].status == 201, ok
+    host = json.loads(world.root("inspect", "bound"))[0]["HostConfig"]
+    assert not host.get("Binds") and host["Mounts"][0]["Source"] == str(made)
+    made.rmdir()
+    (started,) = await world.bob(request("POST", "/containers/bound/start"))
+    assert started[0].status == 403 and "does not exist" in started[0].body
+    assert not made.exists()  # nothing made it again, as root or otherwise
+
+
+async def test_names_other_users_gave_a_shared_image_stay_hidden(world):
+    world.root("tag", world.image, f"{ALICE}/alias:1")
+    try:
+        (found,) = await world.bob(request("GET", f"/images/{world.image}/json"))
+        assert found[0].status == 200
+        assert f"{ALICE}/alias:1" not in found[0].body and world.image in found[0].body
+    finally:
+        world.root("rmi", f"{ALICE}/alias:1")
+    results = await world.bob(
+        request(
+            "POST", "/auth", {"username": "u", "password": "p", "serveraddress": "127.0.0.1:1"}
+        ),
+        request("GET", "/images/search?term=x"),
+        request("POST", "/images/create?fromImage=127.0.0.1:1/x&tag=1"),
+        request("POST", "/images/create?fromImage=registry.example.org/x&tag=1"),
+    )
+    assert [answers[0].status for answers in results] == [403] * 4, results
