@@ -32,6 +32,8 @@ CHUNK = 256 * 1024
 MAX_HEAD = 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this large too
 MAX_JSON = 4 * 1024 * 1024
+UPLOADS_PER_USER = 2  # archives (build contexts, image loads) held in memory at once
+NO_BODY = 4096  # room for a stray "{}" on routes without a body; refused after reading
 MAX_KEPT = 16 * 1024 * 1024  # stream output kept for the check after a build or load
 _REFUSED_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te"})
@@ -49,6 +51,7 @@ class DockerGateway:
         self.upstream = upstream
         self.gateway = gateway
         self.is_admin = is_admin
+        self.uploads: dict[int, asyncio.Semaphore] = {}  # uid -> archives in flight
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -102,6 +105,7 @@ class _Session:
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.head_only = False  # the request being answered is a HEAD
+        self.uploading: asyncio.Semaphore | None = None  # held while an archive is in flight
 
     async def run(self) -> None:
         try:
@@ -115,13 +119,20 @@ class _Session:
                 if request is None:
                     return
                 done = await self._handle(request, body)
+                self._upload_done()
                 if done or self.client.our_state is h11.MUST_CLOSE:
                     return
                 self.client.start_next_cycle()
                 self._next_upstream_cycle()
         finally:
+            self._upload_done()
             if self.up_writer is not None:
                 self.up_writer.close()
+
+    def _upload_done(self) -> None:
+        if self.uploading is not None:
+            self.uploading.release()
+            self.uploading = None
 
     def _next_upstream_cycle(self) -> None:
         """Keep the upstream connection for the next request where Docker allows it."""
@@ -135,7 +146,7 @@ class _Session:
             self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
     async def _read_request(self) -> tuple[h11.Request | None, bytes]:
-        request, body = None, bytearray()
+        request, body, limit = None, bytearray(), 0
         while True:
             event = self.client.next_event()
             if event is h11.NEED_DATA:
@@ -147,16 +158,37 @@ class _Session:
             if isinstance(event, h11.Request):
                 request = event
                 self.head_only = event.method == b"HEAD"
+                limit = self._body_limit(event)
+                if limit == MAX_BODY and self.caller is not None:  # at most a few per user
+                    self.uploading = self.gateway.uploads.setdefault(
+                        self.caller.uid, asyncio.Semaphore(UPLOADS_PER_USER)
+                    )
+                    await self.uploading.acquire()
                 if self.client.they_are_waiting_for_100_continue:
                     await self._send_client(h11.InformationalResponse(status_code=100))
             elif isinstance(event, h11.Data):
                 body += event.data
-                if len(body) > MAX_BODY:  # never hold an endless upload in memory
-                    raise h11.RemoteProtocolError("request body too large", 413)
+                if len(body) > limit:  # never hold an endless upload in memory
+                    raise h11.RemoteProtocolError(f"request body larger than {limit} bytes", 413)
             elif isinstance(event, h11.EndOfMessage):
                 return request, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""
+
+    def _body_limit(self, request: h11.Request) -> int:
+        """How much body this request may bring, known from its head: an archive for a
+        build or a load, a small JSON object for the rest (admins: any archive size)."""
+        if self.caller is None:
+            return MAX_BODY
+        try:
+            found = match(
+                request.method.decode("ascii", "replace"), request.target.decode("latin-1")
+            )
+        except BadRequest:
+            return NO_BODY
+        if found is None or found.route.body is None:
+            return NO_BODY
+        return MAX_BODY if found.route.body == TAR else MAX_JSON
 
     async def _handle(self, request: h11.Request, body: bytes) -> bool:
         """Carry out one request; True when the connection must end after it."""
@@ -199,8 +231,8 @@ class _Session:
             raise Refused("Permission denied: admins only")
         if found.route.body is None and body:
             raise BadRequest("this request carries no body")
-        if found.route.body not in (None, TAR) and len(body) > MAX_JSON:
-            raise BadRequest("the JSON body is too large")
+        if found.route.body is None and body.strip():
+            raise BadRequest("this request carries no body")
         upgrade = found.route.action in HIJACKING and b"upgrade" in headers
         admission = Admission(self.gateway.gateway, self.caller, found, upgrade)
         return await admission.decide(body)
