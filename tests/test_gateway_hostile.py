@@ -929,3 +929,18 @@ async def test_names_other_users_gave_a_shared_image_stay_hidden(world):
         request("POST", "/images/create?fromImage=registry.example.org/x&tag=1"),
     )
     assert [answers[0].status for answers in results] == [403] * 4, results
+
+
+async def test_bodies_are_bounded_by_their_route(world):
+    """A route without a body takes none; a JSON route a small object; only archives may
+    be large. What does not fit is refused before it is held in memory."""
+    big_json = json.dumps({"Image": world.image, "Labels": {"x": "y" * (5 << 20)}})
+    results = await world.bob(
+        request("POST", "/containers/create", raw_body=big_json),
+        request("POST", f"/containers/{world.victim}/stop", raw_body="x" * 10000),
+        request("POST", "/containers/prune", raw_body='{"a": 1}'),
+        request("GET", "/containers/json", raw_body="{}"),
+    )
+    statuses = [answers[0].status for answers in results]
+    assert statuses == [413, 413, 400, 400], results
+    await assert_victim_untouched(world)
