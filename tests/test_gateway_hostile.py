@@ -271,6 +271,9 @@ async def test_paths_that_reach_past_an_own_container_are_for_admins(world):
             ("POST", f"/containers/{alias}/update"),
             ("POST", f"/containers/{alias}/rename?name=mine"),
             ("POST", "/containers/bobs/rename?name=victim"),
+            ("POST", f"/containers/bobs/rename?name=proj._.{ALICE}"),
+            ("POST", f"/containers/create?name=proj._.{ALICE}"),
+            ("POST", f"/containers/create?name=/proj._.{ALICE}"),
         ]
     ]
     results = await world.bob(*connections)
@@ -278,7 +281,8 @@ async def test_paths_that_reach_past_an_own_container_are_for_admins(world):
     assert all(status in (400, 403, 404, 409) for status in statuses), list(
         zip(connections, results, strict=True)
     )
-    assert statuses[-1] == 409  # the name is alice's: Docker says so, nothing renamed
+    assert statuses[-4] == 409  # the name is alice's: Docker says so, nothing renamed
+    assert statuses[-3:] == [403, 403, 403]  # names in alice's convention are hers
     await assert_victim_untouched(world)
 
 

@@ -531,3 +531,16 @@ def test_dockers_view_of_user_and_mounts_is_checked():
     assert not verify.exec_violations({"ProcessConfig": {"user": "2002:2000"}}, BOB)
     assert verify.volume_violations({"Driver": "local", "Options": {"device": "/"}}, BOB)
     assert verify.network_violations({"Driver": "macvlan", "Labels": {"ds01.user": "bob"}}, BOB)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("proj._.bob", True), ("plain", True), ("", True), ("proj._.alice", False),
+     ("/proj._.alice", False), ("a._.bob._.alice", False), ("proj._.bobby", False)],
+)  # fmt: skip
+def test_names_in_another_users_convention_are_theirs(name, ok):
+    if ok:
+        assert policy.admit_name(name, BOB) == name
+    else:
+        with pytest.raises(Refused, match="that user's"):
+            policy.admit_name(name, BOB)

@@ -229,6 +229,10 @@ class Admission:
         found = await self._own_container(self.match.params["container"])
         return self._forward(self._path(container=found["Id"]))
 
+    async def _container_rename(self, body: bytes) -> Decision:
+        policy.admit_name(_one(self.query, "name"), self.caller)
+        return await self._container(body)
+
     async def _container_delete(self, body: bytes) -> Decision:
         if go_bool(_one(self.query, "link")):  # removes a link name, which may be anyone's
             raise Refused("removing links is for admins")
@@ -275,6 +279,7 @@ class Admission:
         return Answer(200, {"ContainersDeleted": deleted, "SpaceReclaimed": 0})
 
     async def _container_create(self, body: bytes) -> Decision:
+        policy.admit_name(_one(self.query, "name"), self.caller)
         request = self._json(body) or {}
         caller = await self._settings()
         lock = self.gateway.creating.setdefault(caller.user, asyncio.Lock())

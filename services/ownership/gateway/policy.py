@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from ds01.core.naming import SEPARATOR, belongs_to, docker_user
 from ds01.ownership.gateway.images import OWNER_LABEL
 
 MANAGED_LABEL = "ds01.managed"
@@ -88,6 +89,15 @@ class Named:
     volumes: set[str] = field(default_factory=set)
     paths: set[str] = field(default_factory=set)
     image: str = ""
+
+
+def admit_name(name: str, caller: Caller) -> str:
+    """A container name in the ``<name>._.<user>`` convention is that user's alone: a name
+    ending in someone else's would block their `ds01 container create` and fool `mlc`."""
+    if SEPARATOR in name.lstrip("/") and not belongs_to(name.lstrip("/"), caller.user):
+        raise Refused(f"names ending in {SEPARATOR}<user> are that user's; use {SEPARATOR}"
+                      f"{docker_user(caller.user)} or no {SEPARATOR!r}")  # fmt: skip
+    return name
 
 
 def denial(kind: str, owner: str) -> str:

@@ -104,7 +104,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/containers/{container}/kill", "container", ("signal",)),
     Route("POST", "/containers/{container}/update", "container_update",
           body=fields.CONTAINER_UPDATE),
-    Route("POST", "/containers/{container}/rename", "container", ("name",)),
+    Route("POST", "/containers/{container}/rename", "container_rename", ("name",)),
     Route("POST", "/containers/{container}/pause", "container"),
     Route("POST", "/containers/{container}/unpause", "container_start"),
     Route("POST", "/containers/{container}/attach", "attach", _ATTACH),
