@@ -72,6 +72,7 @@ class Forward:
     rewrite: Rewrite | None = None  # the whole answer, checked and filtered
     stream_filter: Callable[[bytes], Awaitable[bytes]] | None = None
     finish: Callable[[bytes], Awaitable[bytes | None]] | None = None  # after a stream
+    cleanup: Callable[[], Awaitable[None]] | None = None  # always, once the forward ended
 
 
 @dataclass
@@ -284,7 +285,6 @@ class Admission:
         caller = await self._settings()
         lock = self.gateway.creating.setdefault(caller.user, asyncio.Lock())
         await lock.acquire()  # one create at a time per user: the count stays true
-        released = False
         try:
             resolved, made_volumes = await self._resolve_create(request)
             admitted = policy.admit_create(request, caller, resolved)
@@ -299,31 +299,35 @@ class Admission:
             for key in (found.id, found.name.lstrip("/"))
         }
         own_volumes = set(resolved.volumes) | made_volumes
+        kept = False  # a container was made and passed the check
 
         async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
-            nonlocal released
-            try:
-                if status != 201:
-                    await self._remove_volumes(made_volumes)
-                    return status, data
-                container_id = str((json.loads(data) or {}).get("Id", ""))
-                made = await self.daemon.container(container_id) or {}
-                wrong = verify.container_violations(made, caller, own_containers, own_volumes)
-                if wrong or not made:
-                    await self.daemon.delete(f"/containers/{container_id}?force=1&v=1")
-                    await self._remove_volumes(made_volumes)
-                    log.warning("%s: Docker's view broke the policy: %s", caller.user, wrong)
-                    return 403, _message(
-                        "Permission denied: Docker read the request differently from ds01 "
-                        f"({'; '.join(wrong) or 'no container'}); nothing was created"
-                    )
+            nonlocal kept
+            if status != 201:
                 return status, data
-            finally:
-                if not released:
-                    released = True
-                    lock.release()
+            container_id = str((json.loads(data) or {}).get("Id", ""))
+            made = await self.daemon.container(container_id) or {}
+            wrong = verify.container_violations(made, caller, own_containers, own_volumes)
+            if wrong or not made:
+                await self.daemon.delete(f"/containers/{container_id}?force=1&v=1")
+                log.warning("%s: Docker's view broke the policy: %s", caller.user, wrong)
+                return 403, _message(
+                    "Permission denied: Docker read the request differently from ds01 "
+                    f"({'; '.join(wrong) or 'no container'}); nothing was created"
+                )
+            kept = True
+            return status, data
 
-        return self._forward("/containers/create", admitted, rewrite=rewrite)
+        async def cleanup() -> None:
+            """However the forward ended: volumes made for a create that did not stand are
+            removed, and the user's next create may go."""
+            try:
+                if not kept:
+                    await self._remove_volumes(made_volumes)
+            finally:
+                lock.release()
+
+        return self._forward("/containers/create", admitted, rewrite=rewrite, cleanup=cleanup)
 
     async def _check_room(self) -> None:
         most = self.settings.max_containers

@@ -259,8 +259,12 @@ class _Session:
         if forward.upgrade:
             headers += [(b"connection", b"Upgrade"), (b"upgrade", b"tcp")]
         request = h11.Request(method=forward.method, target=forward.target, headers=headers)
-        await self._send_request(request, forward.body)
-        return await self._relay(forward)
+        try:
+            await self._send_request(request, forward.body)
+            return await self._relay(forward)
+        finally:
+            if forward.cleanup is not None:
+                await forward.cleanup()
 
     async def _send_request(self, request: h11.Request, body: bytes) -> None:
         await self._send_upstream(request)
