@@ -170,3 +170,58 @@ async def test_generated_paths_never_reach_another_users_container(
         ).stdout
     )[0]["State"]  # fmt: skip
     assert state["Running"] and not state["Paused"]
+
+
+COMMIT_PIECES = [
+    "container=victim", "%63ontainer=victim", "container=mine%23", "Container=victim",
+    "container=mine;container=victim", "repo=ds01bob/snap", "repo=ds01alice/snap", "tag=1",
+    "changes=ENV+A%3D1", "changes=LABEL+ds01.user%3Dds01alice", "pause=0", "x=1", "#", "",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    queries=st.lists(st.lists(st.sampled_from(COMMIT_PIECES), max_size=5), min_size=15, max_size=15)
+)
+async def test_generated_commit_queries_commit_only_the_callers_container(
+    ownership, test_image, docker_socket, victim, queries
+):
+    config, _ = ownership
+    root = ["docker", "-H", f"unix://{docker_socket}"]
+
+    def images() -> set[str]:
+        listed = subprocess.run(
+            [*root, "images", "-aq", "--no-trunc"], capture_output=True, text=True
+        )
+        return set(listed.stdout.split())
+
+    made = subprocess.run(
+        [*root, "create", "--name", "mine", "--network", "none", "--label", f"ds01.user={BOB}",
+         "--user", "35002:35000", test_image, "true"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    mine = made.stdout.strip()
+    before = images()
+    try:
+        await raw_as(
+            BOB,
+            str(config.ownership.proxy_socket),
+            [request("POST", "/commit?" + "&".join(["container=mine", *q])) for q in queries],
+        )
+        for image in images() - before:
+            found = json.loads(
+                subprocess.run(
+                    [*root, "image", "inspect", image], capture_output=True, text=True
+                ).stdout
+            )[0]
+            assert found["Container"] == mine, found["Container"]
+            assert found["Config"]["Labels"]["ds01.user"] == BOB
+            assert all(tag.startswith(f"{BOB}/") for tag in found["RepoTags"] or [])
+    finally:
+        subprocess.run([*root, "rm", "-f", "mine"], capture_output=True)
+        for image in images() - before:
+            subprocess.run([*root, "rmi", "-f", image], capture_output=True)

@@ -15,7 +15,7 @@ from ds01.ownership.gateway import fields, policy, verify
 from ds01.ownership.gateway.images import Access, access, parse_name, require_writable
 from ds01.ownership.gateway.policy import Caller, Caps, Found, Refused, Resolved
 from ds01.ownership.gateway.routes import match
-from ds01.ownership.gateway.strict import BadRequest, decode_json, parse_query
+from ds01.ownership.gateway.strict import BadRequest, decode_json, encode_query, parse_query
 
 BOB = Caller(
     "bob",
@@ -544,3 +544,26 @@ def test_names_in_another_users_convention_are_theirs(name, ok):
     else:
         with pytest.raises(Refused, match="that user's"):
             policy.admit_name(name, BOB)
+
+
+QUERY_PIECES = [
+    "container=mine", "container=theirs", "repo=bob/x", "tag=1", "%63ontainer=theirs",
+    "container=a%3Bcontainer%3Dtheirs", "Container=theirs", "container", "=x", ";", "#", "+",
+    "%", "%2", "%zz", "changes=ENV+A%3D1", "changes=CMD+id", "x=y", "&",
+]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(QUERY_PIECES), max_size=6))
+@settings(max_examples=400, deadline=None)
+def test_generated_queries_are_refused_or_read_once_and_reencoded_the_same(pieces):
+    raw = "&".join(pieces)
+    allowed = ("container", "repo", "tag", "changes")
+    try:
+        parsed = parse_query(raw, allowed, repeatable=("changes",))
+    except BadRequest:
+        return
+    assert set(parsed) <= set(allowed)
+    assert all(len(v) == 1 for k, v in parsed.items() if k != "changes")
+    encoded = encode_query(parsed)
+    assert ";" not in encoded and "#" not in encoded
+    assert parse_query(encoded, allowed, repeatable=("changes",)) == parsed
