@@ -27,6 +27,7 @@ from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.images import (
     OWNER_LABEL,
     Access,
+    ImageName,
     access,
     is_id,
     namespace_owner,
@@ -363,7 +364,7 @@ class Admission:
             resolved.volumes[name] = None if owner is None else Found(name, owner)
 
         async def image(reference: str) -> None:
-            resolved.image = await self._image_found(reference)
+            resolved.image = await self._visible_image(reference)
 
         await asyncio.gather(
             self._check_room(),
@@ -462,8 +463,11 @@ class Admission:
         return Found(found["Id"], owner, shared=kind is Access.SHARED, onbuild=onbuild)
 
     async def _visible_image(self, reference: str) -> Found:
+        """An image the caller may read. Another user's looks like no image at all: its
+        name, or an id prefix, must not tell what others have."""
         found = await self._image_found(reference)
-        policy.require_own_or_shared("image", found, self.caller)
+        if not (found.shared or found.owner == self.caller.user):
+            raise NotFound(f"No such image: {reference}")
         return found
 
     async def _image_list(self, body: bytes) -> Decision:
@@ -540,17 +544,27 @@ class Admission:
     async def _import(self, body: bytes) -> Decision:
         if _one(self.query, "fromSrc") != "-":
             raise Refused("import reads the archive from the request only, not from a URL")
-        repo = _one(self.query, "repo")
-        name = require_writable(f"{repo}:{_one(self.query, 'tag') or 'latest'}", self.caller.user)
+        name = self._target_name()
         changes = policy.admit_changes(self.query.get("changes", []))
         self.query["changes"] = [*changes, f'LABEL {OWNER_LABEL}="{self.caller.user}"']
-        self.query["repo"] = [name.repository]
+        self.query["repo"], self.query["tag"] = [name.repository], [name.tag or "latest"]
         return self._forward_archive("/images/create", body)
 
     async def _image_load(self, body: bytes) -> Decision:
         for name in archives.image_names(body):
             require_writable(name, self.caller.user)
         return self._forward_archive("/images/load", body)
+
+    def _target_name(self) -> ImageName:
+        """The name a commit or import writes: ``repo`` (which may carry the tag) and
+        ``tag``, as Docker joins them; the caller's to write or refused."""
+        repo, tag = _one(self.query, "repo"), _one(self.query, "tag")
+        name = require_writable(repo, self.caller.user)
+        if tag and name.tag:
+            raise BadRequest("give the tag in repo or in tag, not in both")
+        return require_writable(
+            f"{name.repository}:{tag or name.tag or 'latest'}", self.caller.user
+        )
 
     async def _check_made_images(self, output: bytes) -> bytes | None:
         """After a build, load or import, from Docker's own report: every name it tagged
@@ -564,7 +578,7 @@ class Admission:
             if found:
                 renamed[found["name"]] = found["old"]
             for made in _MADE.findall(message):
-                if not _writable(made, self.caller.user):
+                if not _writable(made, self.caller.user) or not await self._labelled_theirs(made):
                     wrong.append(made)
                     await self._give_back(made, renamed.get(made))
             built = _BUILT.search(message)
@@ -575,6 +589,12 @@ class Admission:
         text = f"Permission denied: undone: {', '.join(wrong)}"
         log.warning("%s: %s", self.caller.user, text)
         return json.dumps({"errorDetail": {"message": text}, "error": text}).encode() + b"\n"
+
+    async def _labelled_theirs(self, name: str) -> bool:
+        """An image made for the caller carries no other user's owner label."""
+        found = await self.daemon.image(name) or {}
+        owner = ((found.get("Config") or {}).get("Labels") or {}).get(OWNER_LABEL)
+        return owner in (None, self.caller.user)
 
     async def _give_back(self, name: str, previous: str | None) -> None:
         """Remove ``name`` from what was made, and point it at its old image again."""
@@ -606,12 +626,9 @@ class Admission:
     async def _commit(self, body: bytes) -> Decision:
         found = await self._own_container(_one(self.query, "container"))
         self.query["container"] = [found["Id"]]
-        repo = _one(self.query, "repo")
-        if repo:
-            name = require_writable(
-                f"{repo}:{_one(self.query, 'tag') or 'latest'}", self.caller.user
-            )
-            self.query["repo"] = [name.repository]
+        if _one(self.query, "repo"):
+            name = self._target_name()
+            self.query["repo"], self.query["tag"] = [name.repository], [name.tag or "latest"]
         changes = policy.admit_changes(self.query.get("changes", []))
         self.query["changes"] = [*changes, f'LABEL {OWNER_LABEL}="{self.caller.user}"']
         config = self._json(body)

@@ -14,6 +14,7 @@ import io
 import posixpath
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +43,24 @@ def member_path(name: str) -> str:
     return posixpath.normpath("/" + name).lstrip("/")
 
 
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
 def _open(archive: bytes, what: str) -> tarfile.TarFile:
+    """A plain tar: a compressed one could unpack to far more than was sent."""
+    if archive.startswith(_COMPRESSED):
+        raise BadRequest(f"compressed {what}s are refused; send a plain tar")
     try:
-        return tarfile.open(fileobj=io.BytesIO(archive), mode="r:*")
+        return tarfile.open(fileobj=io.BytesIO(archive), mode="r:")
     except tarfile.TarError as err:
         raise BadRequest(f"the {what} is not a tar archive: {err}") from None
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    for member in tar:
+        if member.issparse():  # holes unpack to data that was never sent
+            raise BadRequest(f"sparse archive members are refused ({member.name})")
+        yield member
 
 
 def image_names(archive: bytes) -> list[str]:
@@ -55,7 +69,7 @@ def image_names(archive: bytes) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     with _open(archive, "image archive") as tar:
-        for member in tar:
+        for member in _members(tar):
             path = member_path(member.name)
             if path not in _METADATA:
                 continue
@@ -169,25 +183,23 @@ def build_context(archive: bytes, dockerfile: str, user: str) -> Build:
     wanted = member_path(dockerfile)
     if not wanted or wanted.startswith("../") or wanted == "..":
         raise Refused("the Dockerfile must lie inside the build context")
-    kept: list[tuple[tarfile.TarInfo, bytes | None]] = []
     text = None
-    with _open(archive, "build context") as tar:
-        for member in tar:
+    output = io.BytesIO()
+    with (
+        _open(archive, "build context") as tar,
+        tarfile.open(fileobj=output, mode="w", format=tarfile.PAX_FORMAT) as packed,
+    ):
+        for member in _members(tar):  # streamed across: never more than the archive sent
             if member_path(member.name) == wanted:
                 if text is not None or not member.isfile():
                     raise Refused(f"{dockerfile} appears twice or is not a regular file")
                 extracted = tar.extractfile(member)
                 text = (extracted.read() if extracted else b"").decode("utf-8", "replace")
                 continue
-            extracted = tar.extractfile(member) if member.isfile() else None
-            kept.append((member, extracted.read() if extracted else None))
-    if text is None:
-        raise BadRequest(f"no {dockerfile} in the build context")
-    rendered, bases = render(instructions(text), user)
-    output = io.BytesIO()
-    with tarfile.open(fileobj=output, mode="w", format=tarfile.PAX_FORMAT) as packed:
-        for member, data in kept:
-            packed.addfile(member, io.BytesIO(data) if data is not None else None)
+            packed.addfile(member, tar.extractfile(member) if member.isfile() else None)
+        if text is None:
+            raise BadRequest(f"no {dockerfile} in the build context")
+        rendered, bases = render(instructions(text), user)
         info = tarfile.TarInfo(wanted)
         body = rendered.encode()
         info.size, info.mode = len(body), 0o644
@@ -198,7 +210,9 @@ def build_context(archive: bytes, dockerfile: str, user: str) -> Build:
 def render(steps: list[tuple[str, str]], user: str) -> tuple[str, list[str]]:
     """The Dockerfile to forward, and the images it names."""
     out: list[str] = []
-    stages: set[str] = set()
+    stages: set[str] = set()  # stages already complete: only those can be copied from
+    current: str | None = None
+    count = 0
     bases: list[str] = []
     for word, args in steps:
         names_image = word == "FROM" or (
@@ -207,13 +221,18 @@ def render(steps: list[tuple[str, str]], user: str) -> tuple[str, list[str]]:
         if "$" in args and names_image:
             raise Refused(f"{word} with variables is not supported by the gateway: {args!r}")
         if word == "FROM":
+            if current is not None:
+                stages.add(current)  # the previous stage is complete now
             words = [w for w in args.split() if not w.startswith("--")]
             if not words:
                 raise Refused("FROM names no image")
             if words[0].lower() not in stages and words[0].lower() != "scratch":
                 bases.append(words[0])
-            if len(words) >= 3 and words[1].lower() == "as":
-                stages.add(words[2].lower())
+            current = words[2].lower() if len(words) >= 3 and words[1].lower() == "as" else None
+            stages.add(str(count))
+            count += 1
+            if current is None:
+                current = f"#{count}"  # unnamed: copied from by its index only
             out += [f"FROM {args}", f'LABEL ds01.user="{user}"']
             continue
         if word == "ONBUILD" and _FROM_FLAG.search(args):
@@ -225,9 +244,12 @@ def render(steps: list[tuple[str, str]], user: str) -> tuple[str, list[str]]:
         ):
             raise Refused("ds01 and MLC labels are ds01's to set (and LABEL takes no \\ or $)")
         for copied in _FROM_FLAG.finditer(args):
-            ref = copied["ref"].strip("\"'")
-            if ref.lower() not in stages and not ref.isdigit():
-                bases.append(ref)
+            ref = copied["ref"].strip("\"'").lower()
+            if ref == current or (ref.isdigit() and int(ref) >= count - 1):
+                # Docker knows only completed stages: it would look this name up as an image
+                raise Refused(f"--from={ref} names a stage that is not complete yet")
+            if ref not in stages:
+                bases.append(copied["ref"].strip("\"'"))
         out.append(f"{word} {args}".rstrip())
     if not any(word == "FROM" for word, _ in steps):
         raise Refused("the Dockerfile has no FROM")

@@ -116,6 +116,8 @@ def access(
     intermediate image of somebody's build, say, which users are not shown."""
     label_owner = labels.get(OWNER_LABEL) or None
     owners = {namespace_owner(_lenient(t), exists) for t in tags}
+    if owners - {None}:  # a namespace says whose it is; a label inside an image could lie
+        label_owner = None
     if label_owner == user or user in owners:
         return Access.OWN
     if label_owner is not None or (tags and None not in owners):
