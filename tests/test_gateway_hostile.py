@@ -1037,3 +1037,36 @@ async def test_import_takes_the_tag_from_repo_or_tag(world):
         labels = _image_labels(world, f"{BOB}/im:{tag}")
         assert labels["ds01.user"] == BOB
         world.root("rmi", f"{BOB}/im:{tag}")
+
+
+# Holds 128 idle connections open as one user, then tries one more; stdlib only.
+_HOG = r"""
+import socket, sys, time
+path = sys.argv[1]
+held = []
+for _ in range(128):
+    s = socket.socket(socket.AF_UNIX); s.connect(path); held.append(s)
+time.sleep(0.5)
+extra = socket.socket(socket.AF_UNIX); extra.connect(path); extra.settimeout(10)
+print(extra.recv(200).split(b"\r\n")[0].decode(), flush=True)
+sys.stdin.readline()  # hold them until told
+"""
+
+
+async def test_one_user_cannot_take_every_connection(world):
+    hog = await asyncio.create_subprocess_exec(
+        "runuser", "-u", BOB, "--", "/usr/bin/python3", "-c", _HOG, world.socket,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert hog.stdout is not None
+        line = await asyncio.wait_for(hog.stdout.readline(), 30)
+        assert line.decode().strip() == "HTTP/1.1 429 Too Many Requests"
+        (answers,) = await world.alice(request("GET", "/_ping"))
+        assert answers[0].status == 200  # everyone else is still served
+    finally:
+        assert hog.stdin is not None
+        hog.stdin.write(b"\n")
+        await hog.wait()
+    (answers,) = await world.bob(request("GET", "/_ping"))
+    assert answers[0].status == 200  # and the user's own slots come back

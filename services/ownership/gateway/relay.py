@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import resource
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ CHUNK = 256 * 1024
 MAX_HEAD = 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this large too
 MAX_JSON = 4 * 1024 * 1024
+CONNECTIONS_PER_USER = 128
+IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
+BODY_TIMEOUT = 60.0  # seconds a request may pause while it is being sent
+_TOO_MANY = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: 75\r\n\r\n"
+    b'{"message": "too many connections of yours are open; close some and retry"}'
+)
 UPLOADS_PER_USER = 2  # archives (build contexts, image loads) held in memory at once
 NO_BODY = 4096  # room for a stray "{}" on routes without a body; refused after reading
 MAX_KEPT = 16 * 1024 * 1024  # stream output kept for the check after a build or load
@@ -52,9 +61,13 @@ class DockerGateway:
         self.gateway = gateway
         self.is_admin = is_admin
         self.uploads: dict[int, asyncio.Semaphore] = {}  # uid -> archives in flight
+        self.connections: dict[int, int] = {}  # uid -> connections open
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # every connection is a descriptor: take all the system allows
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.listen.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.listen.unlink()
@@ -77,6 +90,12 @@ class DockerGateway:
             return
         user = account.user
         admin = uid == 0 or await self.is_admin(user)
+        open_now = self.connections.get(uid, 0)
+        if not admin and open_now >= CONNECTIONS_PER_USER:  # one user cannot starve the rest
+            writer.write(_TOO_MANY)
+            writer.close()
+            return
+        self.connections[uid] = open_now + 1
         session = _Session(self, None if admin else account, reader, writer)
         try:
             await session.run()
@@ -85,6 +104,7 @@ class DockerGateway:
         except Exception:
             log.exception("gateway connection of %s failed", user)
         finally:
+            self.connections[uid] -= 1
             writer.close()
 
 
@@ -152,7 +172,14 @@ class _Session:
         while True:
             event = self.client.next_event()
             if event is h11.NEED_DATA:
-                data = await self.reader.read(CHUNK)
+                # an idle connection is closed after a while; a request must keep coming
+                wait = IDLE_TIMEOUT if request is None else BODY_TIMEOUT
+                try:
+                    data = await asyncio.wait_for(self.reader.read(CHUNK), wait)
+                except TimeoutError:
+                    if request is not None:
+                        raise h11.RemoteProtocolError("the request stopped coming", 408) from None
+                    return None, b""
                 self.client.receive_data(data)
                 if not data and request is None:
                     return None, b""
