@@ -18,6 +18,7 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.ownership.gateway.pins import Pins
 from tests.allocator_env import AllocatorEnv, make_env, wipe
 from tests.gateway_audit import audit_daemon
 from tests.harness import (
@@ -93,6 +94,7 @@ async def suite(suite_config: Config) -> AsyncIterator[dict[str, RunningService]
     yield running
     for service in running.values():
         await service.stop(grace=0)
+    Pins(suite_config.state_dir / "pins").release_all()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -156,6 +158,7 @@ async def ownership(
     yield config, service
     await service.stop(grace=0)
     await limits.stop(grace=0)
+    Pins(state_dir / "pins").release_all()  # no mount of a user's directory outlives a test
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

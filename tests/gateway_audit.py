@@ -22,7 +22,33 @@ def _account(user: str) -> pwd.struct_passwd | None:
 
 def _inside(path: str, home: str) -> bool:
     real, home = os.path.realpath(path), os.path.realpath(home)
-    return real == home or real.startswith(home + "/")
+    return os.path.commonpath([real, home]) == home
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(device, root within the filesystem, mount point) of every mount, from the kernel."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        found.append((fields[2], fields[3], fields[4]))
+    return found
+
+
+def _pinned_inside(pin: str, home: str) -> bool:
+    """Whether ``pin`` is a bind mount, as the kernel reports it, of a place in ``home``:
+    its root within the filesystem is where ``home`` lies within the same filesystem."""
+    mounts = _mounts()
+    entry = next((m for m in reversed(mounts) if m[2] == pin), None)
+    if entry is None:
+        return False  # not mounted: Docker would find an empty root-owned directory
+    device, root, _ = entry
+    home = os.path.realpath(home)
+    holders = [m for m in mounts if m[0] == device and _inside(home, m[2]) and m[2] != pin]
+    if not holders:
+        return False
+    _, fs_root, point = max(holders, key=lambda m: len(m[2]))
+    home_in_fs = os.path.normpath(os.path.join(fs_root, os.path.relpath(home, point)))
+    return os.path.commonpath([root, home_in_fs]) == home_in_fs
 
 
 def container_problems(attrs: dict[str, Any], client: docker.DockerClient) -> list[str]:
@@ -56,8 +82,10 @@ def container_problems(attrs: dict[str, Any], client: docker.DockerClient) -> li
         if not option.startswith("no-new-privileges"):
             problems.append(f"{name}: security option {option}")
     for mount in attrs.get("Mounts") or []:
-        if mount["Type"] == "bind" and not _inside(mount["Source"], account.pw_dir):
-            problems.append(f"{name}: binds {mount['Source']}")
+        source = mount.get("Source") or ""
+        home = account.pw_dir
+        if mount["Type"] == "bind" and not (_inside(source, home) or _pinned_inside(source, home)):
+            problems.append(f"{name}: binds {source}")
         if mount["Type"] == "volume":
             volume = client.api.inspect_volume(mount["Name"])
             labels = volume.get("Labels") or {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -905,17 +906,31 @@ async def test_binds_never_make_root_owned_directories(world, unix_users):
     assert not Path(missing).exists()
     made = Path(f"/home/{BOB}/made")
     made.mkdir(exist_ok=True)
+    (made / "mine.txt").write_text("mine\n")
     (ok,) = await world.bob(
-        request("POST", "/containers/create?name=bound", {"Image": world.image, "Cmd": ["true"],
-                "HostConfig": {"Binds": [f"{made}:/x:ro"]}})
+        request("POST", "/containers/create?name=bound", {"Image": world.image,
+                "Cmd": ["ls", "/x"], "HostConfig": {"Binds": [f"{made}:/x:ro"],
+                "RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 3}}})
     )  # fmt: skip
     assert ok[0].status == 201, ok
     host = json.loads(world.root("inspect", "bound"))[0]["HostConfig"]
-    assert not host.get("Binds") and host["Mounts"][0]["Source"] == str(made)
-    made.rmdir()
-    (started,) = await world.bob(request("POST", "/containers/bound/start"))
-    assert started[0].status == 403 and "does not exist" in started[0].body
-    assert not made.exists()  # nothing made it again, as root or otherwise
+    pin = host["Mounts"][0]["Source"]
+    assert not host.get("Binds") and pin != str(made)  # Docker got the gateway's pin
+    # The user swaps the checked directory for a symlink to somewhere else entirely.
+    made.rename(made.with_name("made.old"))
+    made.symlink_to("/etc")
+    try:
+        (started,) = await world.bob(request("POST", "/containers/bound/start"))
+        assert started[0].status == 204, started
+        world.root("wait", "bound")
+        assert world.root("logs", "bound") == "mine.txt"  # the directory checked, not /etc
+        # After a reboot the pin is gone: it is walked again from the home, and refused.
+        subprocess.run(["umount", pin], check=True)
+        (again,) = await world.bob(request("POST", "/containers/bound/start"))
+        assert again[0].status == 403 and "symlink" in again[0].body, again
+    finally:
+        made.unlink()
+        shutil.rmtree(made.with_name("made.old"))
 
 
 async def test_names_other_users_gave_a_shared_image_stay_hidden(world):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
 
@@ -19,12 +22,14 @@ from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.gateway.admission import Gateway, UserSettings
 from ds01.ownership.gateway.daemon import Daemon
+from ds01.ownership.gateway.pins import PINS_LABEL, Pins
 from ds01.ownership.gateway.policy import Caps
 from ds01.ownership.gateway.relay import DockerGateway
 from ds01.ownership.owners import DEVCONTAINER, DS01_LABEL, MLC_LABEL, NONE, Ownership
 from ds01.ownership.sync import OwnershipSync, OwnerStore
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
+log = logging.getLogger(__name__)
 OWNERSHIP_SERVICE = ownership_pb2.DESCRIPTOR.services_by_name["OwnershipService"].full_name
 _SOURCES = {
     DS01_LABEL: ownership_pb2.OWNER_SOURCE_DS01_LABEL,
@@ -161,7 +166,11 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         known = sync.known.get(container_id)  # by full id only: an id never changes owner
         return known.owner if known else None
 
-    gateway = Gateway(Daemon(docker_socket), settings, container_owner)
+    daemon = Daemon(docker_socket)
+    pins = Pins(config.state_dir / "pins")
+    pins.prepare()
+    runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
+    gateway = Gateway(daemon, settings, container_owner, pins)
     proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
     await proxy.start()
 
@@ -174,6 +183,24 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             await etcd.close()
 
     runtime.on_stop.append(close)
+
+
+async def sweep_pins(daemon: Daemon, pins: Pins, every: float = 60.0) -> None:
+    """Unpin the bind sources of containers that are gone: at start, then every minute."""
+    wanted = json.dumps({"label": [PINS_LABEL]})
+    while True:
+        try:
+            listed = await daemon.get(f"/containers/json?all=1&filters={quote(wanted)}")
+            if listed is not None:  # never sweep on a daemon that did not answer
+                in_use = {
+                    token
+                    for container in listed
+                    for token in (container.get("Labels") or {}).get(PINS_LABEL, "").split()
+                }
+                await asyncio.to_thread(pins.sweep, in_use)
+        except OSError as err:
+            log.info("pin sweep skipped: %s", err)
+        await asyncio.sleep(every)
 
 
 SPEC = ServiceSpec(name="ownership", grpc_services=(OWNERSHIP_SERVICE,), register=register)

@@ -34,6 +34,7 @@ from ds01.ownership.gateway.images import (
     parse_name,
     require_writable,
 )
+from ds01.ownership.gateway.pins import PINS_LABEL, Pins
 from ds01.ownership.gateway.policy import Caller, Caps, Found, Refused, Resolved, denial
 from ds01.ownership.gateway.routes import TAR, Match, Route
 from ds01.ownership.gateway.strict import (
@@ -96,6 +97,7 @@ class Gateway:
     daemon: Daemon
     settings: Callable[[str], Awaitable[UserSettings]]
     container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
+    pins: Pins | None = None  # where bind sources are pinned (None: forwarded as paths)
     creating: dict[str, asyncio.Lock] = field(default_factory=dict)
     accounts: dict[int, tuple[float, Caller]] = field(default_factory=dict)
 
@@ -251,9 +253,13 @@ class Admission:
         """Docker mounts at start: a bind source that became a symlink out of the home
         since create must not be mounted."""
         found = await self._own_container(self.match.params["container"])
+        pins = self.gateway.pins
         for mount in found.get("Mounts") or []:
             source = mount.get("Source") or ""
             if mount.get("Type") != "bind":
+                continue
+            if pins is not None and pins.owns(source):
+                await asyncio.to_thread(pins.repin, source)  # after a reboot: walked afresh
                 continue
             if not _existing(source):
                 raise Refused(f"{source} does not exist (any more); not starting")
@@ -286,11 +292,14 @@ class Admission:
         caller = await self._settings()
         lock = self.gateway.creating.setdefault(caller.user, asyncio.Lock())
         await lock.acquire()  # one create at a time per user: the count stays true
+        tokens: list[str] = []
         try:
             resolved, made_volumes = await self._resolve_create(request)
             admitted = policy.admit_create(request, caller, resolved)
+            pinned = await self._pin_binds(admitted, tokens)
             await self._make_volumes(made_volumes)
         except BaseException:
+            self._unpin(tokens)
             lock.release()
             raise
         own_containers = {
@@ -308,7 +317,7 @@ class Admission:
                 return status, data
             container_id = str((json.loads(data) or {}).get("Id", ""))
             made = await self.daemon.container(container_id) or {}
-            wrong = verify.container_violations(made, caller, own_containers, own_volumes)
+            wrong = verify.container_violations(made, caller, own_containers, own_volumes, pinned)
             if wrong or not made:
                 await self.daemon.delete(f"/containers/{container_id}?force=1&v=1")
                 log.warning("%s: Docker's view broke the policy: %s", caller.user, wrong)
@@ -324,11 +333,36 @@ class Admission:
             removed, and the user's next create may go."""
             try:
                 if not kept:
+                    self._unpin(tokens)
                     await self._remove_volumes(made_volumes)
             finally:
                 lock.release()
 
         return self._forward("/containers/create", admitted, rewrite=rewrite, cleanup=cleanup)
+
+    async def _pin_binds(self, admitted: dict[str, Any], tokens: list[str]) -> frozenset[str]:
+        """Every bind source of the create, pinned: Docker gets a root-owned path that shows
+        exactly the directory checked, whatever becomes of the user's path later."""
+        pins = self.gateway.pins
+        if pins is None:
+            return frozenset()
+        pinned = []
+        for mount in admitted["HostConfig"].get("Mounts") or []:
+            if mount.get("Type") == "bind":
+                path = await asyncio.to_thread(
+                    pins.pin, self.caller.home, mount["Source"], self.caller.uid
+                )
+                tokens.append(PurePosixPath(path).name)
+                mount["Source"] = path
+                pinned.append(path)
+        if tokens:
+            admitted["Labels"][PINS_LABEL] = " ".join(tokens)
+        return frozenset(pinned)
+
+    def _unpin(self, tokens: list[str]) -> None:
+        for token in tokens:
+            assert self.gateway.pins is not None
+            self.gateway.pins.unpin(token)
 
     async def _check_room(self) -> None:
         most = self.settings.max_containers

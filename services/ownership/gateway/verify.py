@@ -25,7 +25,11 @@ _ALLOWED_IPC = ("", "private", "shareable", "none")
 
 
 def container_violations(
-    inspect: dict[str, Any], caller: Caller, own_containers: set[str], own_volumes: set[str]
+    inspect: dict[str, Any],
+    caller: Caller,
+    own_containers: set[str],
+    own_volumes: set[str],
+    pinned: frozenset[str] = frozenset(),
 ) -> list[str]:
     """How Docker's container breaks the policy (empty: it does not)."""
     config = inspect.get("Config") or {}
@@ -98,7 +102,8 @@ def container_violations(
     for mount in inspect.get("Mounts") or []:
         kind = mount.get("Type")
         if kind == "bind":
-            expect(_in_home(mount.get("Source") or "", caller), f"bind {mount.get('Source')}")
+            source = mount.get("Source") or ""
+            expect(source in pinned or _in_home(source, caller), f"bind {source}")
         elif kind == "volume":
             name = mount.get("Name") or ""
             anonymous = len(name) == 64 and all(c in "0123456789abcdef" for c in name)
