@@ -1085,3 +1085,23 @@ async def test_one_user_cannot_take_every_connection(world):
         await hog.wait()
     (answers,) = await world.bob(request("GET", "/_ping"))
     assert answers[0].status == 200  # and the user's own slots come back
+
+
+async def test_images_are_removed_by_id_only_by_their_owner(world):
+    world.root("commit", world.victim, f"{ALICE}/byid:1")
+    theirs = world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/byid:1")
+    shared = world.root("image", "inspect", "-f", "{{.Id}}", world.image)
+    (made,) = await world.bob(request("POST", f"/images/{world.image}/tag?repo={BOB}/own&tag=1"))
+    assert made[0].status == 201
+    world.root("commit", world.victim, f"{BOB}/byid:1")  # an image of bob's alone
+    own = world.root("image", "inspect", "-f", "{{.Id}}", f"{BOB}/byid:1")
+    results = await world.bob(
+        request("DELETE", f"/images/{theirs}?force=1"),
+        request("DELETE", f"/images/{theirs[7:19]}?force=1"),
+        request("DELETE", f"/images/{shared}?force=1"),
+        request("DELETE", f"/images/{own}"),
+    )
+    assert [answers[0].status for answers in results] == [404, 404, 403, 200], results
+    assert "ds01alice" not in results[0][0].body + results[1][0].body  # no names told
+    assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/byid:1") == theirs
+    world.root("rmi", f"{ALICE}/byid:1", f"{BOB}/own:1")

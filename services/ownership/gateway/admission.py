@@ -547,15 +547,13 @@ class Admission:
     async def _image_delete(self, body: bytes) -> Decision:
         reference = self.match.params["image"]
         if is_id(reference):
-            found = await self.daemon.image(reference)
-            if found is None:
-                raise NotFound(f"No such image: {reference}")
-            for tag in found.get("RepoTags") or []:
-                require_writable(tag, self.caller.user)
-            labels = (found.get("Config") or {}).get("Labels") or {}
-            if not found.get("RepoTags") and labels.get(OWNER_LABEL) != self.caller.user:
-                raise Refused(denial("image", labels.get(OWNER_LABEL, "")))
-            return self._forward(self._path(image=found["Id"]))
+            visible = await self._visible_image(reference)  # another's: as if none
+            found = await self.daemon.image(visible.id) or {}
+            if visible.owner != self.caller.user or not all(
+                _writable(tag, self.caller.user) for tag in found.get("RepoTags") or []
+            ):
+                raise Refused("Permission denied: remove a shared image's name, not the image")
+            return self._forward(self._path(image=visible.id))
         name = require_writable(reference, self.caller.user)
         return self._forward(self._path(image=name.tagged()))
 
