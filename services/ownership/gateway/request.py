@@ -1,0 +1,201 @@
+"""What every admission step shares: the gateway's context, the request as read, and the
+lookups that resolve a reference through the daemon, afresh for each request."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pwd
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from ds01.ownership.gateway import filters, policy
+from ds01.ownership.gateway.daemon import Daemon
+from ds01.ownership.gateway.decisions import (
+    JSON,
+    Answer,
+    Decision,
+    Forward,
+    NotFound,
+    UserSettings,
+)
+from ds01.ownership.gateway.images import (
+    OWNER_LABEL,
+    Access,
+    access,
+    is_id,
+    namespace_owner,
+    parse_name,
+)
+from ds01.ownership.gateway.pins import Pins
+from ds01.ownership.gateway.policy import Caller, Found, Refused, denial
+from ds01.ownership.gateway.routes import TAR, Match, Route
+from ds01.ownership.gateway.strict import decode_json, encode_json, encode_query, parse_query
+from ds01.ownership.owners import owner_of, user_exists
+
+ACCOUNT_TTL = 5.0
+
+
+@dataclass
+class Gateway:
+    """What every request's admission shares."""
+
+    daemon: Daemon
+    settings: Callable[[str], Awaitable[UserSettings]]
+    container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
+    pins: Pins | None = None  # where bind sources are pinned (None: forwarded as paths)
+    creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    accounts: dict[int, tuple[float, Caller]] = field(default_factory=dict)
+
+    def caller(self, uid: int) -> Caller:
+        """The account behind a uid (looked up again after a few seconds: groups change)."""
+        cached = self.accounts.get(uid)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        account = pwd.getpwuid(uid)
+        groups = frozenset(os.getgrouplist(account.pw_name, account.pw_gid))
+        home = PurePosixPath(os.path.realpath(account.pw_dir))
+        found = Caller(account.pw_name, uid, account.pw_gid, groups, home)
+        self.accounts[uid] = (time.monotonic() + ACCOUNT_TTL, found)
+        return found
+
+
+class Request:
+    """One request of one non-admin caller: what every admission step shares."""
+
+    def __init__(self, gateway: Gateway, caller: Caller, found: Match, upgrade: bool) -> None:
+        self.gateway = gateway
+        self.daemon = gateway.daemon
+        self.caller = caller
+        self.match = found
+        self.route: Route = found.route
+        self.upgrade = upgrade
+        self.query = parse_query(found.query, self.route.query, self.route.repeat)
+
+    async def decide(self, body: bytes) -> Decision:
+        handler = getattr(self, f"_{self.route.action}")
+        try:
+            return await handler(body)
+        except NotFound as missing:
+            return Answer(404, {"message": str(missing)})
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _json(self, body: bytes) -> Any:
+        schema = self.route.body
+        assert schema is not None and schema != TAR
+        return decode_json(body, schema, "the request body")  # type: ignore[arg-type]
+
+    def _target(self, path: str, query: dict[str, list[str]] | None = None) -> str:
+        query = self.query if query is None else query
+        encoded = encode_query(query)
+        return f"{self.match.prefix()}{path}" + (f"?{encoded}" if encoded else "")
+
+    def _forward(self, path: str, body: Any = None, **extra: Any) -> Forward:
+        """The request, rebuilt: canonical path, re-encoded query and body."""
+        data = b"" if body is None else encode_json(body)
+        content_type = JSON if body is not None else None
+        return Forward(self.route.method, self._target(path), data, content_type, **extra)
+
+    def _listing(self, path: str, keep: Callable[[bytes], bytes | Awaitable[bytes]]) -> Forward:
+        """Forward, then cut Docker's answer down to what ``keep`` leaves of it."""
+
+        async def rewrite(status: int, data: bytes) -> tuple[int, bytes]:
+            if status != 200:
+                return status, data
+            kept = keep(data)
+            return status, await kept if inspect.isawaitable(kept) else kept
+
+        return self._forward(path, rewrite=rewrite)
+
+    def _forward_archive(self, path: str, archive: bytes) -> Forward:
+        """A tar body as Docker expects it; what it made is checked when it is done."""
+        forward = self._forward(path)
+        forward.body, forward.content_type = archive, "application/x-tar"
+        forward.finish = self._check_made_images
+        return forward
+
+    def _path(self, **ids: str) -> str:
+        """The route's pattern with each reference replaced by the resolved id."""
+        path = self.route.pattern
+        for name, value in ids.items():
+            path = path.replace(f"{{{name}}}", quote(value, safe="/:@"))
+        return path
+
+    async def _own_container(self, reference: str) -> dict[str, Any]:
+        found, _ = await self._own_container_raw(reference)
+        return found
+
+    async def _own_container_raw(self, reference: str) -> tuple[dict[str, Any], bytes]:
+        """The caller's container as Docker resolves ``reference`` now, with the inspect's
+        own bytes."""
+        reply = await self.daemon.call("GET", f"/containers/{quote(reference, safe='')}/json")
+        found = reply.json() if reply.status == 200 and "/" not in reference else None
+        if not isinstance(found, dict):
+            raise NotFound(f"No such container: {reference}")
+        owner = owner_of(found.get("Id", ""), "", (found.get("Config") or {}).get("Labels") or {})
+        if owner.owner != self.caller.user:
+            raise Refused(denial("container", owner.owner))
+        return found, reply.body
+
+    async def _settings(self) -> Caller:
+        settings = await self.gateway.settings(self.caller.user)
+        self.settings = settings
+        return policy.Caller(
+            self.caller.user,
+            self.caller.uid,
+            self.caller.gid,
+            self.caller.groups,
+            self.caller.home,
+            settings.cgroup_parent,
+            settings.caps,
+        )
+
+    async def _image_found(self, reference: str) -> Found:
+        if not is_id(reference):
+            named = namespace_owner(parse_name(reference), user_exists)
+            if named not in (None, self.caller.user):  # another user's name, whatever it holds
+                return Found("", named)
+        found = await self.daemon.image(reference)
+        if found is None:
+            raise NotFound(f"No such image: {reference}")
+        tags = found.get("RepoTags") or []
+        labels = (found.get("Config") or {}).get("Labels") or {}
+        kind = access(self.caller.user, tags, labels, user_exists, unowned=Access.PRIVATE)
+        owner = self.caller.user if kind is Access.OWN else labels.get(OWNER_LABEL, "")
+        if kind is Access.PRIVATE and not owner:
+            owner = next((t.split("/", 1)[0].removeprefix("ds01-") for t in tags if "/" in t), "")
+        onbuild = tuple((found.get("Config") or {}).get("OnBuild") or ())
+        return Found(found["Id"], owner, shared=kind is Access.SHARED, onbuild=onbuild)
+
+    async def _visible_image(self, reference: str) -> Found:
+        """An image the caller may read. Another user's looks like no image at all: its
+        name, or an id prefix, must not tell what others have."""
+        found = await self._image_found(reference)
+        if not (found.shared or found.owner == self.caller.user):
+            raise NotFound(f"No such image: {reference}")
+        return found
+
+    async def _network_found(self, reference: str) -> Found:
+        found = await self.daemon.network(reference) if "/" not in reference else None
+        if found is None:
+            raise NotFound(f"network {reference} not found")
+        owner = (found.get("Labels") or {}).get(OWNER_LABEL, "")
+        shared = not owner and found.get("Name") in filters.PREDEFINED_NETWORKS - {"host"}
+        return Found(found["Id"], owner, shared=shared)
+
+
+def existing(path: str) -> str:
+    """The real path, or "" where there is nothing (Docker would make it, as root)."""
+    real = os.path.realpath(path)
+    return real if os.path.lexists(real) else ""
+
+
+def inside(source: str, home: PurePosixPath) -> bool:
+    real = PurePosixPath(os.path.realpath(source))
+    return real == home or home in real.parents
