@@ -1105,3 +1105,60 @@ async def test_images_are_removed_by_id_only_by_their_owner(world):
     assert "ds01alice" not in results[0][0].body + results[1][0].body  # no names told
     assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/byid:1") == theirs
     world.root("rmi", f"{ALICE}/byid:1", f"{BOB}/own:1")
+
+
+def _pin_mounts() -> list[str]:
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if "/pins/" in line.split()[4]
+    ]
+
+
+async def test_pins_go_with_their_container_and_are_counted(world, monkeypatch):
+    from ds01.ownership.gateway import pins as pins_module
+
+    source = Path(f"/home/{BOB}/pinned")
+    source.mkdir(exist_ok=True)
+    shutil.chown(source, BOB)
+    body = {"Image": world.image, "Cmd": ["true"], "HostConfig": {"Binds": [f"{source}:/x"]}}
+    before = set(_pin_mounts())
+    (made,) = await world.bob(request("POST", "/containers/create?name=pinned", body))
+    assert made[0].status == 201
+    pin = json.loads(world.root("inspect", "pinned"))[0]["Mounts"][0]["Source"]
+    assert pin in _pin_mounts()
+    (gone,) = await world.bob(request("DELETE", "/containers/pinned"))
+    assert gone[0].status == 204
+    for _ in range(50):  # the destroy event unpins it
+        if pin not in _pin_mounts():
+            break
+        await asyncio.sleep(0.1)
+    assert pin not in _pin_mounts() and not Path(pin).exists()
+    many = {**body, "HostConfig": {"Binds": [f"{source}:/x{i}" for i in range(33)]}}
+    monkeypatch.setattr(pins_module, "PINS_PER_USER", 3)
+    four = {**body, "HostConfig": {"Binds": [f"{source}:/x{i}" for i in range(4)]}}
+    results = await world.bob(
+        request("POST", "/containers/create", many), request("POST", "/containers/create", four)
+    )
+    assert [answers[0].status for answers in results] == [403, 403], results
+    assert "at most 32 mounts" in results[0][0].body and "bind mounts in use" in results[1][0].body
+    assert set(_pin_mounts()) == before  # nothing pinned for a refused create
+    source.rmdir()
+
+
+async def test_enrollment_takes_a_few_connections_per_user(world, ownership):
+    config, _ = ownership
+    enroll = str(config.ownership.enroll_socket)
+    hog = r"""
+import socket, sys
+held = [socket.socket(socket.AF_UNIX) for _ in range(4)]
+for s in held: s.connect(sys.argv[1])
+extra = socket.socket(socket.AF_UNIX); extra.connect(sys.argv[1]); extra.settimeout(5)
+print("closed" if extra.recv(10) == b"" else "open", flush=True)
+"""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["runuser", "-u", BOB, "--", "/usr/bin/python3", "-c", hog, enroll],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.stdout.strip() == "closed", result.stderr

@@ -567,3 +567,13 @@ def test_generated_queries_are_refused_or_read_once_and_reencoded_the_same(piece
     encoded = encode_query(parsed)
     assert ";" not in encoded and "#" not in encoded
     assert parse_query(encoded, allowed, repeatable=("changes",)) == parsed
+
+
+def test_a_path_that_cannot_be_resolved_is_no_bind_source(tmp_path):
+    from ds01.ownership.gateway.request import existing, inside
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert existing(str(loop)) == "" and existing(str(tmp_path / "missing")) == ""
+    assert not inside(str(loop), PurePosixPath(tmp_path))
+    assert existing(str(tmp_path)) == str(tmp_path)

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ds01.core.pki import Pki, load_ca, validate_user_name
+from ds01.ownership.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,14 @@ def sign_csr(pki: Pki, csr_pem: bytes, user: str, hours: float = CERT_HOURS) -> 
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+ENROLLMENTS_PER_USER = 4
+
+
 class EnrollmentServer:
     def __init__(self, pki: Pki, path: Path) -> None:
         self.pki = pki
         self.path = path
+        self.slots = Slots(ENROLLMENTS_PER_USER)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -84,6 +89,21 @@ class EnrollmentServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        if not self.slots.take(uid):  # a few at a time per user: enrolling takes one
+            writer.close()
+            return
+        try:
+            await self._enroll(uid, reader, writer)
+        finally:
+            self.slots.give(uid)
+
+    async def _enroll(
+        self, uid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
             line = await asyncio.wait_for(reader.readline(), 10)
             if len(line) > MAX_REQUEST:
                 raise ValueError("request too large")

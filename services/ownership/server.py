@@ -103,7 +103,15 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     docker_host = DockerHost(config.docker_host)
     docker_socket = Path(config.docker_host.removeprefix("unix://"))
     ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(store), server)
-    sync = OwnershipSync(docker_host, store)
+    pins = Pins(config.state_dir / "pins")
+    pins.prepare()
+
+    async def unpin(labels: dict[str, str]) -> None:
+        """A removed container's pins go at once (the sweep is for what was missed)."""
+        for token in labels.get(PINS_LABEL, "").split():
+            await asyncio.to_thread(pins.unpin, token)
+
+    sync = OwnershipSync(docker_host, store, on_destroy=unpin)
     runtime.run_in_background(sync.run(), "ownership-sync")
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
     await enrollment.start()
@@ -167,8 +175,6 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         return known.owner if known else None
 
     daemon = Daemon(docker_socket)
-    pins = Pins(config.state_dir / "pins")
-    pins.prepare()
     runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
     gateway = Gateway(daemon, settings, container_owner, pins)
     proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
@@ -185,8 +191,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.on_stop.append(close)
 
 
-async def sweep_pins(daemon: Daemon, pins: Pins, every: float = 60.0) -> None:
-    """Unpin the bind sources of containers that are gone: at start, then every minute."""
+async def sweep_pins(daemon: Daemon, pins: Pins, every: float = 30.0) -> None:
+    """Unpin the bind sources of containers that are gone: at start, then every 30 s."""
     wanted = json.dumps({"label": [PINS_LABEL]})
     while True:
         try:

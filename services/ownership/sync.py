@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -55,7 +56,13 @@ class OwnerStore:
 
 
 class OwnershipSync:
-    def __init__(self, docker: DockerHost, store: OwnerStore) -> None:
+    def __init__(
+        self,
+        docker: DockerHost,
+        store: OwnerStore,
+        on_destroy: Callable[[dict[str, str]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.on_destroy = on_destroy  # told a removed container's labels
         self.docker = docker
         self.store = store
         self.resyncs = 0
@@ -112,6 +119,8 @@ class OwnershipSync:
         if action == "destroy":
             self.known.pop(container_id, None)
             await self.store.delete(container_id)
+            if self.on_destroy is not None:
+                await self.on_destroy(attributes)
         elif action == "create" or action.startswith("rename"):
             labels = {k: v for k, v in attributes.items() if k not in ("name", "image", "oldName")}
             ownership = owner_of(container_id, attributes.get("name", ""), labels)

@@ -169,12 +169,15 @@ class Admission(ImageRoutes, StorageRoutes):
             return status, data
 
         async def cleanup() -> None:
-            """However the forward ended: volumes made for a create that did not stand are
-            removed, and the user's next create may go."""
+            """However the forward ended: volumes and pins made for a create that did not
+            stand are removed, and the user's next create may go."""
             try:
                 if not kept:
                     self._unpin(tokens)
                     await self._remove_volumes(made_volumes)
+                elif self.gateway.pins is not None:
+                    for token in tokens:
+                        self.gateway.pins.done(token)
             finally:
                 lock.release()
 

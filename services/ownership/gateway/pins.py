@@ -29,24 +29,40 @@ log = logging.getLogger(__name__)
 PINS_LABEL = "ds01.pins"  # the tokens of a container's pinned bind sources, space separated
 _MS_BIND = 4096
 _MNT_DETACH = 2
-_FRESH = 300.0  # seconds a pin without a container is kept: its create may be under way
+_FRESH = 30.0  # seconds a pin without a container is kept: another process's create
+PINS_PER_USER = 256  # live pins of one user: each is a mount in the host's table
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Pins:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.pending: set[str] = set()  # pinned for a create that has not finished
+        self.owners: dict[str, int] = {}  # token -> uid, for the per-user count
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)  # root's only: nobody browses other users' pins
+        for record in self.root.glob("*.json"):
+            try:
+                self.owners[record.stem] = int(json.loads(record.read_text())["uid"])
+            except (OSError, ValueError, KeyError):
+                continue
+
+    def done(self, token: str) -> None:
+        """Its create has finished: from now on its container's label keeps it."""
+        self.pending.discard(token)
 
     def owns(self, path: str) -> bool:
         return PurePosixPath(path).parent == PurePosixPath(self.root)
 
     def pin(self, home: PurePosixPath, source: str, uid: int) -> str:
         """Pin ``source`` (a real path inside ``home``); the path to hand Docker."""
+        if sum(1 for owner in self.owners.values() if owner == uid) >= PINS_PER_USER:
+            raise Refused(f"you have {PINS_PER_USER} bind mounts in use: remove containers first")
         token = secrets.token_hex(16)
+        self.pending.add(token)
+        self.owners[token] = uid
         record = {"source": source, "home": str(home), "uid": uid}
         (self.root / f"{token}.json").write_text(json.dumps(record))
         try:
@@ -69,6 +85,8 @@ class Pins:
         self._mount(token, record)
 
     def unpin(self, token: str) -> None:
+        self.pending.discard(token)
+        self.owners.pop(token, None)
         target = self.root / token
         if _libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
             code = ctypes.get_errno()
@@ -88,7 +106,9 @@ class Pins:
         gone = 0
         for record in self.root.glob("*.json"):
             token = record.stem
-            if token in in_use or time.time() - record.stat().st_mtime < _FRESH:
+            if token in in_use or token in self.pending:
+                continue
+            if time.time() - record.stat().st_mtime < _FRESH:
                 continue
             self.unpin(token)
             gone += 1

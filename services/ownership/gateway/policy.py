@@ -17,6 +17,7 @@ from ds01.ownership.gateway.images import OWNER_LABEL
 
 MANAGED_LABEL = "ds01.managed"
 LOG_DRIVER = "json-file"
+MAX_MOUNTS = 32  # each bind is a mount on the host: a table every user shares
 CPU_SHARES = 1024  # Docker's default weight: nobody gets more than an equal share
 MAX_NOFILE = 1 << 20
 NO_NEW_PRIVILEGES = "no-new-privileges"
@@ -168,6 +169,8 @@ def admit_create(body: dict[str, Any], caller: Caller, resolved: Resolved) -> di
     _refuse_escapes(host)
     _check_namespaces(host, caller, resolved)
     host["NetworkMode"] = _network_mode(host.get("NetworkMode") or "", caller, resolved)
+    if len(host.get("Mounts") or []) + len(host.get("Binds") or []) > MAX_MOUNTS:
+        raise Refused(f"at most {MAX_MOUNTS} mounts per container")
     mounts = [_admit_mount(m, caller, resolved) for m in host.get("Mounts") or []]
     host["Binds"], path_mounts = _admit_binds(host.get("Binds") or [], caller, resolved)
     host["Mounts"] = mounts + path_mounts

@@ -26,6 +26,7 @@ from ds01.ownership.gateway.admission import Admission, Answer, Forward, Gateway
 from ds01.ownership.gateway.policy import Caller, Refused
 from ds01.ownership.gateway.routes import HIJACKING, TAR, match
 from ds01.ownership.gateway.strict import BadRequest
+from ds01.ownership.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class DockerGateway:
         self.gateway = gateway
         self.is_admin = is_admin
         self.uploads: dict[int, asyncio.Semaphore] = {}  # uid -> archives in flight
-        self.connections: dict[int, int] = {}  # uid -> connections open
+        self.slots = Slots(CONNECTIONS_PER_USER)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -90,12 +91,10 @@ class DockerGateway:
             return
         user = account.user
         admin = uid == 0 or await self.is_admin(user)
-        open_now = self.connections.get(uid, 0)
-        if not admin and open_now >= CONNECTIONS_PER_USER:  # one user cannot starve the rest
+        if not admin and not self.slots.take(uid):  # one user cannot starve the rest
             writer.write(_TOO_MANY)
             writer.close()
             return
-        self.connections[uid] = open_now + 1
         session = _Session(self, None if admin else account, reader, writer)
         try:
             await session.run()
@@ -104,7 +103,8 @@ class DockerGateway:
         except Exception:
             log.exception("gateway connection of %s failed", user)
         finally:
-            self.connections[uid] -= 1
+            if not admin:
+                self.slots.give(uid)
             writer.close()
 
 
@@ -234,7 +234,7 @@ class _Session:
         except Ds01Error as err:  # without the user's limits, nothing is made
             decision = Answer(503, {"message": f"cannot read your limits: {err.message}"})
         except (OSError, ValueError, KeyError) as err:  # the daemon or a lookup failed
-            log.exception("admission failed")
+            log.warning("admission of a request of %s failed: %r", self.caller.user, err)
             message = f"the gateway could not check this request ({type(err).__name__}); "
             decision = Answer(502, {"message": message + "nothing was forwarded"})
         if isinstance(decision, Answer):

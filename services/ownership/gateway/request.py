@@ -191,11 +191,15 @@ class Request:
 
 
 def existing(path: str) -> str:
-    """The real path, or "" where there is nothing (Docker would make it, as root)."""
-    real = os.path.realpath(path)
+    """The real path, or "" where there is nothing (Docker would make it, as root) or it
+    cannot be resolved (a symlink loop, a path swapped while it was read)."""
+    try:
+        real = os.path.realpath(path, strict=True)
+    except (OSError, ValueError):
+        return ""
     return real if os.path.lexists(real) else ""
 
 
 def inside(source: str, home: PurePosixPath) -> bool:
-    real = PurePosixPath(os.path.realpath(source))
-    return real == home or home in real.parents
+    real = existing(source)
+    return bool(real) and (PurePosixPath(real) == home or home in PurePosixPath(real).parents)
