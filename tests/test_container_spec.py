@@ -48,3 +48,17 @@ def test_labels_never_hold_a_comma():
     assert spec().labels()["aime.mlc.GPUS"] == "n1/2:1 n1/2:2"
     with pytest.raises(SpecError, match="comma"):
         spec(image="img:1,2").labels()
+
+
+def test_names_are_added_group_first_once_and_only_where_missing():
+    from ds01.containers.spec import named_accounts
+
+    passwd, group = named_accounts("root:x:0:0:root:/root:/bin/sh", "root:x:0:\n", ALICE)
+    assert group == "root:x:0:\nlab:x:5025:\n"
+    assert passwd.endswith("\nh.baker@uni.org:x:5001:5025::/workspace:/bin/sh\n")
+    assert named_accounts(passwd, group, ALICE) == (passwd, group)  # nothing twice
+    taken = named_accounts("other:x:5001:1::/:/bin/sh\n", "g:x:5025:\n", ALICE)
+    assert taken == ("other:x:5001:1::/:/bin/sh\n", "g:x:5025:\n")  # the image's names stay
+    odd = Account("a:b\nc", 7, 8, "g:1", Path("/home/x"))
+    passwd, group = named_accounts("", "", odd)
+    assert passwd == "a_b_c:x:7:8::/workspace:/bin/sh\n" and group == "g_1:x:8:\n"

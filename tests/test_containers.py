@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import subprocess
+import tarfile
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -344,3 +346,58 @@ async def test_parallel_creates_of_one_user_respect_the_count_and_the_name(
         slots = {a.container: a.state for a in (await bob.gpu_status()).allocations}
         assert slots.get("twin._.ds01bob") == common_pb2.SLOT_STATE_ALLOCATED  # kept
         await bob.remove_container("twin")
+
+
+HOSTILE_SH = (  # leaves a mark of whoever ran it; run as root, a setuid root shell
+    "#!/bin/busybox sh\n"
+    "me=$(/bin/busybox id -u)\n"
+    "/bin/busybox touch /workspace/drop/ran-as-$me 2>/dev/null\n"
+    'if [ "$me" = 0 ]; then /bin/busybox cp /bin/busybox /workspace/drop/rootshell; '
+    "/bin/busybox chmod 4755 /workspace/drop/rootshell; fi\n"
+    'exec /bin/busybox sh "$@"\n'
+)
+
+
+async def test_no_program_of_the_image_runs_as_root_and_names_outlive_a_restart(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
+):
+    """An image whose /bin/sh plants a setuid copy of itself in /workspace: run by ds01,
+    it runs only as the user (the names are written with the archive API, not by a shell
+    as root), and a start by anyone else (`mlc start`) still finds the user named."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:  # the test image, with /bin/sh replaced by the script above
+        maker = client.containers.create(test_image, "true", network_mode="none")
+        script = io.BytesIO()
+        with tarfile.open(fileobj=script, mode="w") as tar:
+            info = tarfile.TarInfo("sh")
+            info.size, info.mode = len(HOSTILE_SH), 0o755
+            tar.addfile(info, io.BytesIO(HOSTILE_SH.encode()))
+        assert maker.put_archive("/bin", script.getvalue())
+        maker.commit("ds01-test/hostile")
+        maker.remove()
+    finally:
+        client.close()
+    workspace = Path("/home/ds01alice/workspace/evil")
+    drop = workspace / "drop"  # the user's own: writable by anyone, root without capabilities too
+    drop.mkdir(parents=True, exist_ok=True)
+    for path in (workspace.parent, workspace, drop):
+        shutil.chown(path, "ds01alice", GROUP)
+    drop.chmod(0o777)
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("evil", "ds01-test/hostile", start=True)
+        await asyncio.sleep(1)
+        ran = sorted(p.name for p in drop.glob("ran-as-*"))
+        assert ran == [f"ran-as-{unix_users['ds01alice']}"]  # the image's code ran: as alice
+        assert not (drop / "rootshell").exists()
+        for path in Path("/home/ds01alice").rglob("*"):
+            assert path.lstat().st_uid != 0, f"{path} is root's"
+        await alice.stop_container("evil")
+        subprocess.run(  # as `mlc start` would: straight to Docker, no ds01 in between
+            ["docker", "-H", f"unix://{docker_socket}", "start", "evil._.ds01alice"], check=True
+        )
+        who = await asyncio.to_thread(
+            docker_exec, docker_socket, "evil._.ds01alice", "whoami",
+            user=f"{unix_users['ds01alice']}:{GID}",
+        )  # fmt: skip
+        assert who.strip() == "ds01alice"
+        await alice.remove_container("evil")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import io
 import logging
 import pwd
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import aetcd
 import docker
 import docker.errors
 
-from ds01.containers.spec import Account
+from ds01.containers.spec import Account, named_accounts
 from ds01.core.records import JsonRecord
 
 log = logging.getLogger(__name__)
@@ -102,12 +104,23 @@ class DockerHost:
     async def start(self, container: Any) -> None:
         await self.run(container.start)
 
-    async def exec_as_root(self, container: Any, script: str) -> None:
-        """Run ``script`` with sh as uid 0 in a running container; raise if it fails."""
-        result = await self.run(lambda: container.exec_run(["sh", "-c", script], user="0"))
-        if result.exit_code != 0:
-            output = result.output.decode(errors="replace").strip()
-            raise DockerUnavailable(f"setting up the user failed ({result.exit_code}): {output}")
+    async def name_account(self, container: Any, account: Account) -> None:
+        """Give the host uid and gid names inside the container by rewriting /etc/passwd
+        and /etc/group through Docker's archive API: nothing of the image runs, as root or
+        otherwise, and the names stay in the container for every later start (``mlc
+        start`` included)."""
+        passwd = await self.run(_read_file, container, "/etc/passwd")
+        group = await self.run(_read_file, container, "/etc/group")
+        if passwd is None or group is None:
+            log.warning(
+                "%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", container.name
+            )
+            return
+        named = named_accounts(passwd, group, account)
+        if named != (passwd, group):
+            archive = _archive({"passwd": named[0], "group": named[1]})
+            if not await self.run(container.put_archive, "/etc", archive):
+                raise DockerUnavailable("Docker refused to write /etc/passwd and /etc/group")
 
     async def stop(self, container: Any, grace: int) -> None:
         await self.run(container.stop, timeout=grace)
@@ -197,3 +210,31 @@ class CgroupfsSlices:
             directory = self.root / relative if unified else self.root / controller / relative
             directory.mkdir(parents=True, exist_ok=True)
             (directory / name).write_text(value)
+
+
+def _read_file(container: Any, path: str) -> str | None:
+    """A regular file of the container, through the archive API ("" if there is none;
+    None if it is something else: a symlink would lead the write elsewhere)."""
+    try:
+        stream, _ = container.get_archive(path)
+    except docker.errors.NotFound:
+        return ""
+    data = b"".join(stream)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.next()
+        if member is None or not member.isfile():
+            return None
+        extracted = tar.extractfile(member)
+        return extracted.read().decode("utf-8", "replace") if extracted else ""
+
+
+def _archive(files: dict[str, str]) -> bytes:
+    """Files owned by root, mode 0644, as a tar for put_archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid = len(data), 0o644, 0, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

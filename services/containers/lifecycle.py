@@ -35,7 +35,6 @@ from ds01.containers.spec import (
     Limits,
     SpecError,
     docker_name,
-    setup_script,
 )
 from ds01.core.naming import OWNER_LABEL
 
@@ -200,6 +199,8 @@ class Lifecycle:
                 limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
                 container_type=request.container_type,
             )
+            step = "naming the user inside the container"
+            await self.docker.name_account(container, account)
             step = "recording the container's metadata"
             await self.metadata.put(metadata)
             undo.add("the metadata", lambda: self.metadata.delete(name))
@@ -285,7 +286,7 @@ class Lifecycle:
 
     async def _start(self, container: Any, account: Account) -> None:
         """Start, after checking again that every bind mount is inside the owner's home
-        (a path may have become a symlink since create), then name the user inside."""
+        (a path may have become a symlink since create)."""
         for bind in container.attrs.get("HostConfig", {}).get("Binds") or []:
             source = Path(bind.split(":", 1)[0])
             if not source.resolve().is_relative_to(account.home.resolve()):
@@ -293,8 +294,8 @@ class Lifecycle:
                     Code.DENIED,
                     f"{source} now leads outside {account.user}'s home; not starting",
                 )
+        await self.docker.name_account(container, account)  # containers made before: once
         await self.docker.start(container)
-        await self.docker.exec_as_root(container, setup_script(account))
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         recorded = {m.docker_name for m in await self.metadata.all() if m.user == user}

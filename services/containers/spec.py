@@ -8,7 +8,6 @@ so that MLC's own ``mlc list`` and ``mlc open`` see and open ds01 containers.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,15 +152,28 @@ class ContainerSpec:
 WAIT = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 
 
-def setup_script(account: Account) -> str:
-    """POSIX sh that gives the host uid and gid names inside any image (busybox or
-    Debian), group first, then user. Run by the service as root (``docker exec -u 0``)
-    at each start; it changes nothing when the names are there already."""
-    group = shlex.quote(account.group)
-    user = shlex.quote(account.user)
-    uid, gid = account.uid, account.gid
-    return (
-        f"grep -q '^[^:]*:[^:]*:{gid}:' /etc/group || echo {group}:x:{gid}: >> /etc/group; "
-        f"grep -q '^[^:]*:[^:]*:{uid}:' /etc/passwd || "
-        f"echo {user}:x:{uid}:{gid}::/workspace:/bin/sh >> /etc/passwd"
-    )
+def named_accounts(passwd: str, group: str, account: Account) -> tuple[str, str]:
+    """/etc/passwd and /etc/group of an image with the host uid and gid given names, group
+    first, as the files are (any image: busybox or Debian); unchanged where a name for the
+    number is there already. The service writes them with Docker's archive API, so no
+    program of the image ever runs as root for it."""
+    if not any(_field(line, 2) == str(account.gid) for line in group.splitlines()):
+        group = _line_added(group, f"{_name(account.group)}:x:{account.gid}:")
+    if not any(_field(line, 2) == str(account.uid) for line in passwd.splitlines()):
+        entry = f"{_name(account.user)}:x:{account.uid}:{account.gid}::/workspace:/bin/sh"
+        passwd = _line_added(passwd, entry)
+    return passwd, group
+
+
+def _field(line: str, index: int) -> str:
+    fields = line.split(":")
+    return fields[index] if len(fields) > index else ""
+
+
+def _name(name: str) -> str:
+    """A name as passwd and group files can hold it: no ':' and no line breaks."""
+    return "".join(c if c.isprintable() and c not in ":," else "_" for c in name)
+
+
+def _line_added(text: str, line: str) -> str:
+    return text + ("" if not text or text.endswith("\n") else "\n") + line + "\n"
