@@ -31,6 +31,7 @@ from ds01.ownership.slots import Slots
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+BUFFER = 1024 * 1024  # what a stream reader holds before it pauses its socket: streams flow
 MAX_HEAD = 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this large too
 MAX_JSON = 4 * 1024 * 1024
@@ -72,7 +73,9 @@ class DockerGateway:
         self.listen.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.listen.unlink()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.listen), limit=BUFFER
+        )
         os.chmod(self.listen, 0o666)
         log.info("Docker gateway on %s -> %s", self.listen, self.upstream)
 
@@ -396,7 +399,7 @@ class _Session:
     async def _send_upstream(self, event: Any) -> None:
         if self.up_writer is None:
             self.up_reader, self.up_writer = await asyncio.open_unix_connection(
-                str(self.gateway.upstream)
+                str(self.gateway.upstream), limit=BUFFER
             )
         data = self.upstream.send(event)
         if data:
