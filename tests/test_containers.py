@@ -401,3 +401,33 @@ async def test_no_program_of_the_image_runs_as_root_and_names_outlive_a_restart(
         )  # fmt: skip
         assert who.strip() == "ds01alice"
         await alice.remove_container("evil")
+
+
+async def test_an_image_without_etc_still_gets_its_user_named(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
+):
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:  # the test image without /etc at all
+        maker = client.containers.create(test_image, "true", network_mode="none")
+        exported = b"".join(maker.export())
+        maker.remove()
+        kept = io.BytesIO()
+        with (
+            tarfile.open(fileobj=io.BytesIO(exported)) as source,
+            tarfile.open(fileobj=kept, mode="w") as tar,
+        ):
+            for member in source:
+                if member.name.lstrip("./").startswith("etc"):
+                    continue
+                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+        client.api.import_image_from_data(kept.getvalue(), repository="ds01-test/noetc", tag="1")
+    finally:
+        client.close()
+    async with env.client("ds01alice") as alice:
+        await alice.create_container("bare", "ds01-test/noetc:1", start=True)
+        who = await asyncio.to_thread(
+            docker_exec, docker_socket, "bare._.ds01alice", "whoami",
+            user=f"{unix_users['ds01alice']}:{GID}",
+        )  # fmt: skip
+        assert who.strip() == "ds01alice"
+        await alice.remove_container("bare")

@@ -117,9 +117,9 @@ class DockerHost:
             )
             return
         named = named_accounts(passwd, group, account)
-        if named != (passwd, group):
-            archive = _archive({"passwd": named[0], "group": named[1]})
-            if not await self.run(container.put_archive, "/etc", archive):
+        if named != (passwd, group):  # under / so that an image without /etc gets one too
+            archive = _archive({"etc/passwd": named[0], "etc/group": named[1]})
+            if not await self.run(container.put_archive, "/", archive):
                 raise DockerUnavailable("Docker refused to write /etc/passwd and /etc/group")
 
     async def stop(self, container: Any, grace: int) -> None:
@@ -232,6 +232,10 @@ def _archive(files: dict[str, str]) -> bytes:
     """Files owned by root, mode 0644, as a tar for put_archive."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for directory in sorted({name.rsplit("/", 1)[0] for name in files if "/" in name}):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
         for name, text in files.items():
             data = text.encode()
             info = tarfile.TarInfo(name)
