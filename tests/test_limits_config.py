@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ds01.limits import resolve as resolve_module
 from ds01.limits.config import LimitsConfigError, SourceFiles, load_limits, parse_sources
 from ds01.limits.resolve import (
     DEFAULT,
@@ -377,3 +379,22 @@ def test_a_container_type_applies_between_group_and_override(config_path: Path):
     assert resolve(config, "alice", "batch").value("max_cpus") == 12  # the override wins
     with pytest.raises(ValueError, match="unknown container type 'gpu'; configured: batch"):
         resolve(config, "carol", "gpu")
+
+
+def test_an_account_named_like_the_admin_group_is_no_admin():
+    """Admins are who the configuration names: a primary group of the admin group's name
+    (a user-private group) is not membership; a supplementary member is an admin."""
+    group, lookalike, member = "ds01adm", "ds01adm", "ds01admmember"
+    subprocess.run(["useradd", "-U", "-M", lookalike], check=True, capture_output=True)
+    subprocess.run(["useradd", "-M", member], check=True, capture_output=True)
+    try:
+        config = parse(f"access_control: {{admin_group: {group}}}\n")
+        assert not is_admin(config, lookalike)  # its primary group has the name: not enough
+        assert not is_admin(config, member)
+        subprocess.run(["usermod", "-aG", group, member], check=True, capture_output=True)
+        resolve_module._cached_unix_group.cache_clear()  # NSS answers are kept a minute
+        assert is_admin(config, member)
+    finally:
+        subprocess.run(["userdel", member], capture_output=True)
+        subprocess.run(["userdel", lookalike], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)

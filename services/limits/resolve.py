@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import grp
-import pwd
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -156,7 +155,10 @@ def _settle_shared_memory(settings: dict[str, Setting], layers: list[tuple[str, 
 
 def is_admin(config: LimitsConfig, user: str) -> bool:
     """root, access_control.admin_users, and members of the admin group: the ds01 group
-    of that name in the configuration, or the Linux group of that name."""
+    of that name in the configuration, or supplementary members of the Linux group of that
+    name. A primary group does not count: an account named like the admin group gets a
+    user-private group of that very name. Every service asks this one function (through
+    the limits service)."""
     if user == "root" or user in config.admin_users:
         return True
     group = config.admin_group
@@ -179,9 +181,4 @@ def _in_unix_group(user: str, group: str) -> bool:
         entry = grp.getgrnam(group)
     except KeyError:
         return False
-    if user in entry.gr_mem:
-        return True
-    try:
-        return pwd.getpwnam(user).pw_gid == entry.gr_gid
-    except KeyError:
-        return False
+    return user in entry.gr_mem
