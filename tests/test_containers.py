@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest_asyncio
 from ds01.allocator.etcd_state import connect
 from ds01.client import Ds01Error
 from ds01.containers.lifecycle import ContainerError, CreateRequest
+from ds01.core.config import OwnershipConfig
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2, containers_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
@@ -431,3 +434,57 @@ async def test_an_image_without_etc_still_gets_its_user_named(
         )  # fmt: skip
         assert who.strip() == "ds01alice"
         await alice.remove_container("bare")
+
+
+async def test_a_slot_belongs_to_one_container(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
+):
+    """While a container exists, its user cannot free the GPU under it; once an admin
+    does, the container starts neither through ds01 nor through the Docker gateway, and the
+    next container to get the slot is the only one with it."""
+    run = Path(tempfile.mkdtemp(prefix="ds01-gpu-", dir="/tmp"))
+    run.chmod(0o755)
+    env.config = dataclasses.replace(
+        env.config,
+        ownership=OwnershipConfig(
+            enroll_socket=run / "enroll.sock", proxy_socket=run / "docker.sock"
+        ),
+    )
+    await env.start("ownership")
+    try:
+        async with env.client("ds01alice") as alice, env.client("root") as admin:
+            made = await alice.create_container("gpu1", test_image, gpus=1, start=True)
+            slot = made.gpus[0].slot.slot_id
+            with pytest.raises(Ds01Error) as refused:
+                await alice.release("gpu1._.ds01alice")
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "ds01 container remove gpu1" in refused.value.message
+            await alice.stop_container("gpu1")
+            assert await admin.release("gpu1._.ds01alice")  # an admin may
+            with pytest.raises(Ds01Error) as again:
+                await alice.start_container("gpu1")
+            assert again.value.code in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND,
+            )
+            gateway = f"unix://{run / 'docker.sock'}"
+            started = await asyncio.to_thread(
+                subprocess.run,
+                ["runuser", "-u", "ds01alice", "--", "docker", "-H", gateway,
+                 "start", "gpu1._.ds01alice"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert started.returncode != 0 and "no longer its own" in started.stderr, started
+            other = await alice.create_container("gpu2", test_image, gpus=1, start=True)
+            assert other.gpus[0].slot.slot_id == slot
+            holders = [
+                a.container
+                for a in (await admin.gpu_status()).allocations
+                if a.slot.slot_id == slot and a.container
+            ]
+            assert holders == ["gpu2._.ds01alice"]
+            await alice.remove_container("gpu2")
+            await alice.remove_container("gpu1")
+    finally:
+        await env.stop("ownership")
+        shutil.rmtree(run, ignore_errors=True)

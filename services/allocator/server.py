@@ -38,9 +38,11 @@ from ds01.allocator.service import (
     Granted,
     NotFound,
     NotPermitted,
+    StillInUse,
     environment,
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.containers.adapters import METADATA
 from ds01.core.identity import caller
 from ds01.core.messages import timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
@@ -264,6 +266,8 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.PERMISSION_DENIED, str(err)
     if isinstance(err, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(err)
+    if isinstance(err, StillInUse):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     if isinstance(err, Ds01Error):
         return grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
     return None
@@ -343,7 +347,18 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
     limits = RemoteLimits(Ds01Client(config, identity))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
-    allocator = Allocator(state, limits, strategy=Strategy(config.allocator.strategy))
+
+    async def container_exists(name: str) -> bool:
+        """Whether the containers service has a record of ``name`` on any node."""
+        found = await etcd.get_prefix(METADATA.encode(), keys_only=True)
+        return any(kv.key.decode().endswith(f"/{name}") for kv in found)
+
+    allocator = Allocator(
+        state,
+        limits,
+        strategy=Strategy(config.allocator.strategy),
+        container_exists=container_exists,
+    )
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
     )

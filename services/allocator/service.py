@@ -44,6 +44,10 @@ class NotFound(Exception):
     """No such container or slot."""
 
 
+class StillInUse(Exception):
+    """The container still exists, with the slot in its environment."""
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who asks: a user acts on their own containers; services and admins on any."""
@@ -70,7 +74,9 @@ class Allocator:
         state: EtcdState,
         limits: LimitsSource,
         strategy: Strategy = Strategy.LEAST_ALLOCATED,
+        container_exists: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        self.container_exists = container_exists  # a recorded container of that name
         self.state = state
         self.limits = limits
         self.strategy = strategy
@@ -200,6 +206,17 @@ class Allocator:
             await self.state.dequeue_waiter(key, lease)
 
     async def release(self, container: str, actor: Actor) -> list[str]:
+        """A slot belongs to one container: while that container exists it keeps the GPU
+        in its environment, so only admins and the services may free the slot under it."""
+        exists = self.container_exists
+        if not actor.privileged and exists is not None and await exists(container):
+            name = container.rsplit("._.", 1)[0]
+            raise StillInUse(
+                f"{container} still exists and has this GPU in its environment: remove it "
+                f"(`ds01 container remove {name}`) to free the GPU, or stop it "
+                f"(`ds01 container stop {name}`) to hold it only for a while"
+            )
+
         async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
             mark = ReleaseMark(container=container, user=held[0][1].user, by=actor.name)
             return await self.state.release(held, mark)

@@ -176,7 +176,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
 
     daemon = Daemon(docker_socket)
     runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
-    gateway = Gateway(daemon, settings, container_owner, pins)
+    gateway = Gateway(daemon, settings, container_owner, pins, AllocatorGpus(client))
     proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
     await proxy.start()
 
@@ -189,6 +189,30 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             await etcd.close()
 
     runtime.on_stop.append(close)
+
+
+class AllocatorGpus:
+    """The allocator, asked with the ownership service's own certificate."""
+
+    def __init__(self, client: Ds01Client) -> None:
+        self.client = client
+
+    async def check(self, container: str, slots: list[str]) -> str | None:
+        try:
+            for slot in slots:
+                node, _, slot_id = slot.rpartition("/")
+                answer = await self.client.validate(container, slot_id, node=node)
+                if not answer.valid:
+                    return answer.reason or f"{slot} is no longer {container}'s"
+        except Ds01Error as err:  # unknown is not valid: fail closed
+            return f"the allocator could not be asked ({err.message})"
+        return None
+
+    async def started(self, container: str) -> None:
+        try:
+            await self.client.clear_stopped(container)
+        except Ds01Error as err:
+            log.warning("%s runs again but its GPU hold stays: %s", container, err.message)
 
 
 async def sweep_pins(daemon: Daemon, pins: Pins, every: float = 30.0) -> None:

@@ -39,6 +39,8 @@ from ds01.ownership.owners import owner_of
 
 log = logging.getLogger(__name__)
 
+GPU_SLOTS_LABEL = "ds01.gpu.slots"  # "<node>/<slot> ...", set by ds01's containers service
+
 __all__ = ["Admission", "Answer", "Decision", "Forward", "Gateway", "UserSettings"]
 
 
@@ -105,7 +107,24 @@ class Admission(ImageRoutes, StorageRoutes):
                 raise Refused(f"{source} does not exist (any more); not starting")
             if not inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
-        return self._forward(self._path(container=found["Id"]))
+        slots = ((found.get("Config") or {}).get("Labels") or {}).get(GPU_SLOTS_LABEL, "")
+        gpus = self.gateway.gpus
+        if not slots.split() or gpus is None:
+            return self._forward(self._path(container=found["Id"]))
+        name = str(found.get("Name", "")).lstrip("/")
+        gone = await gpus.check(name, slots.split())
+        if gone:  # its environment still names the GPU: it would share it with the next
+            raise Refused(
+                f"{name} cannot start: {gone}. Its GPU is no longer its own; remove it and "
+                "create it again (ds01 container remove, ds01 container run)"
+            )
+
+        async def started(status: int, data: bytes) -> tuple[int, bytes]:
+            if status in (204, 304):  # running again: its GPU is no longer only held
+                await gpus.started(name)
+            return status, data
+
+        return self._forward(self._path(container=found["Id"]), rewrite=started)
 
     async def _container_update(self, body: bytes) -> Decision:
         found = await self._own_container(self.match.params["container"])

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from ds01.ownership.gateway import filters, policy
@@ -41,6 +41,19 @@ from ds01.ownership.owners import owner_of, user_exists
 ACCOUNT_TTL = 5.0
 
 
+class GpuCheck(Protocol):
+    """The allocator's word on a container's GPUs, asked before a start through the
+    gateway (``mlc start``, ``docker start``)."""
+
+    async def check(self, container: str, slots: list[str]) -> str | None:
+        """Why a slot is no longer the container's, or None when all still are."""
+        ...
+
+    async def started(self, container: str) -> None:
+        """The container runs again: its slots are no longer only held."""
+        ...
+
+
 @dataclass
 class Gateway:
     """What every request's admission shares."""
@@ -49,6 +62,7 @@ class Gateway:
     settings: Callable[[str], Awaitable[UserSettings]]
     container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
     pins: Pins | None = None  # where bind sources are pinned (None: forwarded as paths)
+    gpus: GpuCheck | None = None  # the allocator, for containers that carry GPUs
     creating: dict[str, asyncio.Lock] = field(default_factory=dict)
     accounts: dict[int, tuple[float, Caller]] = field(default_factory=dict)
 
