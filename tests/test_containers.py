@@ -84,6 +84,13 @@ def docker_exec(docker_socket: Path, name: str, *command: str, user: str = "") -
     return result.stdout
 
 
+async def name_inside(docker_socket: Path, container: str) -> str:
+    """`whoami` inside, as ds01alice's uid and the lab group, as `mlc open` runs it."""
+    user = f"{USERS['ds01alice']}:{GID}"
+    who = await asyncio.to_thread(docker_exec, docker_socket, container, "whoami", user=user)
+    return who.strip()
+
+
 async def test_the_full_lifecycle(env: AllocatorEnv, docker_socket: Path, test_image: str):
     async with env.client("ds01alice") as alice:
         created = await alice.create_container("proj", test_image, gpus=1, start=True)
@@ -398,11 +405,7 @@ async def test_no_program_of_the_image_runs_as_root_and_names_outlive_a_restart(
         subprocess.run(  # as `mlc start` would: straight to Docker, no ds01 in between
             ["docker", "-H", f"unix://{docker_socket}", "start", "evil._.ds01alice"], check=True
         )
-        who = await asyncio.to_thread(
-            docker_exec, docker_socket, "evil._.ds01alice", "whoami",
-            user=f"{unix_users['ds01alice']}:{GID}",
-        )  # fmt: skip
-        assert who.strip() == "ds01alice"
+        assert await name_inside(docker_socket, "evil._.ds01alice") == "ds01alice"
         await alice.remove_container("evil")
 
 
@@ -428,11 +431,7 @@ async def test_an_image_without_etc_still_gets_its_user_named(
         client.close()
     async with env.client("ds01alice") as alice:
         await alice.create_container("bare", "ds01-test/noetc:1", start=True)
-        who = await asyncio.to_thread(
-            docker_exec, docker_socket, "bare._.ds01alice", "whoami",
-            user=f"{unix_users['ds01alice']}:{GID}",
-        )  # fmt: skip
-        assert who.strip() == "ds01alice"
+        assert await name_inside(docker_socket, "bare._.ds01alice") == "ds01alice"
         await alice.remove_container("bare")
 
 

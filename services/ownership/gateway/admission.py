@@ -11,6 +11,7 @@ and events are here; images in ``image_routes``, volumes and networks in
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from pathlib import PurePosixPath
@@ -35,7 +36,6 @@ from ds01.ownership.gateway.policy import Found, Refused, Resolved
 from ds01.ownership.gateway.request import Gateway, existing, inside
 from ds01.ownership.gateway.storage_routes import StorageRoutes
 from ds01.ownership.gateway.strict import BadRequest, encode_json, go_bool
-from ds01.ownership.owners import owner_of
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,11 @@ class Admission(ImageRoutes, StorageRoutes):
         return self._forward(self.match.route.pattern, value)
 
     async def _events(self, body: bytes) -> Decision:
-        async def volume_owner(name: str) -> str | None:
-            found = await self.daemon.volume(name)
-            return None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
-
-        async def network_owner(ref: str) -> str | None:
-            found = await self.daemon.network(ref)
-            return None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
-
-        events = filters.EventFilter(self.caller.user, volume_owner, network_owner)
+        events = filters.EventFilter(
+            self.caller.user,
+            functools.partial(self._labelled_owner, self.daemon.volume),
+            functools.partial(self._labelled_owner, self.daemon.network),
+        )
         return self._forward("/events", stream_filter=events.feed)
 
     # --- containers ------------------------------------------------------------------
@@ -107,7 +103,7 @@ class Admission(ImageRoutes, StorageRoutes):
                 raise Refused(f"{source} does not exist (any more); not starting")
             if not inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
-        slots = ((found.get("Config") or {}).get("Labels") or {}).get(GPU_SLOTS_LABEL, "")
+        slots = policy.config_labels(found).get(GPU_SLOTS_LABEL, "")
         gpus = self.gateway.gpus
         if not slots.split() or gpus is None:
             return self._forward(self._path(container=found["Id"]))
@@ -244,19 +240,14 @@ class Admission(ImageRoutes, StorageRoutes):
         resolved = Resolved(paths={path: existing(path) for path in named.paths})
 
         async def container(reference: str) -> None:
-            found = await self.daemon.container(reference) if "/" not in reference else None
-            if found is None:
-                raise NotFound(f"No such container: {reference}")
-            labels = (found.get("Config") or {}).get("Labels") or {}
-            owner = owner_of("", "", labels).owner
+            found, _, owner = await self._container_found(reference)
             resolved.containers[reference] = Found(found["Id"], owner, name=found["Name"])
 
         async def network(reference: str) -> None:
             resolved.networks[reference] = await self._network_found(reference)
 
         async def volume(name: str) -> None:
-            found = await self.daemon.volume(name)
-            owner = None if found is None else (found.get("Labels") or {}).get(OWNER_LABEL, "")
+            owner = await self._labelled_owner(self.daemon.volume, name)
             resolved.volumes[name] = None if owner is None else Found(name, owner)
 
         async def image(reference: str) -> None:

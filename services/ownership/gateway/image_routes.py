@@ -151,7 +151,7 @@ class ImageRoutes(Request):
     async def _labelled_theirs(self, name: str) -> bool:
         """An image made for the caller carries no other user's owner label."""
         found = await self.daemon.image(name) or {}
-        owner = ((found.get("Config") or {}).get("Labels") or {}).get(OWNER_LABEL)
+        owner = policy.config_labels(found).get(OWNER_LABEL)
         return owner in (None, self.caller.user)
 
     async def _give_back(self, name: str, previous: str | None) -> None:
@@ -165,13 +165,13 @@ class ImageRoutes(Request):
     async def _check_built(self, image_id: str) -> list[str]:
         """The built image is the caller's, and no image under it is someone else's."""
         made = await self.daemon.image(image_id) or {}
-        labels = (made.get("Config") or {}).get("Labels") or {}
+        labels = policy.config_labels(made)
         wrong = [] if labels.get(OWNER_LABEL) == self.caller.user else [f"{image_id} (label)"]
         parent, seen = made.get("Parent") or "", 0
         while parent and seen < 1000 and not wrong:
             above = await self.daemon.image(parent) or {}
             tags = above.get("RepoTags") or []
-            above_labels = (above.get("Config") or {}).get("Labels") or {}
+            above_labels = policy.config_labels(above)
             if access(self.caller.user, tags, above_labels, user_exists) is Access.PRIVATE:
                 wrong.append(f"{image_id} (stands on an image that is not yours)")
             parent, seen = above.get("Parent") or "", seen + 1
@@ -200,7 +200,7 @@ class ImageRoutes(Request):
                 return status, data
             image_id = str((json.loads(data) or {}).get("Id", ""))
             made = await self.daemon.image(image_id) or {}
-            labels = (made.get("Config") or {}).get("Labels") or {}
+            labels = policy.config_labels(made)
             tags = made.get("RepoTags") or []
             if labels.get(OWNER_LABEL) != user or any(
                 access(user, [t], {}, user_exists) is not Access.OWN for t in tags

@@ -314,18 +314,13 @@ def admit_endpoint(settings: dict[str, Any] | None) -> dict[str, Any] | None:
     return settings
 
 
-def _inside_home(real: str, caller: Caller) -> bool:
-    path = PurePosixPath(real)
-    return path == caller.home or caller.home in path.parents
-
-
 def _admit_source(source: str, caller: Caller, resolved: Resolved) -> str:
     """A bind source, resolved: inside the home, and forwarded as the real path so
     Docker has no symlink left to follow."""
     if not source.startswith("/"):
         raise Refused(f"bind source {source!r} must be an absolute path")
     real = resolved.paths[source]
-    if real and not _inside_home(real, caller):
+    if real and not within(real, caller.home):
         raise Refused(f"bind mounts must lie in your home {caller.home}, not {source}")
     if not real:
         raise Refused(f"bind source {source} does not exist: make it first")
@@ -540,6 +535,22 @@ def _env(env: list[str]) -> list[str]:
             raise Refused("GPU visibility is set by ds01, not by the request")
     # The image may say NVIDIA_VISIBLE_DEVICES=all: GPUs come only through ds01.
     return [*env, "NVIDIA_VISIBLE_DEVICES=void", "CUDA_VISIBLE_DEVICES="]
+
+
+def config_labels(inspect: dict[str, Any]) -> dict[str, str]:
+    """The labels of a container's or an image's inspect (under Config)."""
+    return (inspect.get("Config") or {}).get("Labels") or {}
+
+
+def owner_label(found: dict[str, Any]) -> str:
+    """The owner a volume or network was labelled with ("" for none)."""
+    return (found.get("Labels") or {}).get(OWNER_LABEL, "")
+
+
+def within(path: str | PurePosixPath, home: PurePosixPath) -> bool:
+    """Whether a resolved ``path`` is ``home`` or lies below it."""
+    path = PurePosixPath(path)
+    return path == home or home in path.parents
 
 
 def own_labels(labels: dict[str, str] | None, user: str, managed: bool = False) -> dict[str, str]:

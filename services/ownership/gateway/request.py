@@ -4,6 +4,7 @@ lookups that resolve a reference through the daemon, afresh for each request."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import pwd
@@ -148,26 +149,34 @@ class Request:
     async def _own_container_raw(self, reference: str) -> tuple[dict[str, Any], bytes]:
         """The caller's container as Docker resolves ``reference`` now, with the inspect's
         own bytes."""
+        found, raw, owner = await self._container_found(reference)
+        if owner != self.caller.user:
+            raise Refused(denial("container", owner))
+        return found, raw
+
+    async def _container_found(self, reference: str) -> tuple[dict[str, Any], bytes, str]:
+        """Docker's inspect of ``reference``, its bytes and its owner. A reference holding
+        '/' is never asked: Docker's router would read it as a link alias."""
+        if "/" in reference:
+            raise NotFound(f"No such container: {reference}")
         reply = await self.daemon.call("GET", f"/containers/{quote(reference, safe='')}/json")
-        found = reply.json() if reply.status == 200 and "/" not in reference else None
+        found = reply.json() if reply.status == 200 else None
         if not isinstance(found, dict):
             raise NotFound(f"No such container: {reference}")
-        owner = owner_of(found.get("Id", ""), "", (found.get("Config") or {}).get("Labels") or {})
-        if owner.owner != self.caller.user:
-            raise Refused(denial("container", owner.owner))
-        return found, reply.body
+        return found, reply.body, owner_of("", "", policy.config_labels(found)).owner
+
+    async def _labelled_owner(
+        self, lookup: Callable[[str], Awaitable[dict[str, Any] | None]], reference: str
+    ) -> str | None:
+        """A volume's or network's owner label ("" for none), None when there is none."""
+        found = await lookup(reference)
+        return None if found is None else policy.owner_label(found)
 
     async def _settings(self) -> Caller:
-        settings = await self.gateway.settings(self.caller.user)
-        self.settings = settings
-        return policy.Caller(
-            self.caller.user,
-            self.caller.uid,
-            self.caller.gid,
-            self.caller.groups,
-            self.caller.home,
-            settings.cgroup_parent,
-            settings.caps,
+        """The caller with their cgroup parent and limits, for what they make."""
+        self.settings = await self.gateway.settings(self.caller.user)
+        return dataclasses.replace(
+            self.caller, cgroup_parent=self.settings.cgroup_parent, caps=self.settings.caps
         )
 
     async def _image_found(self, reference: str) -> Found:
@@ -179,7 +188,7 @@ class Request:
         if found is None:
             raise NotFound(f"No such image: {reference}")
         tags = found.get("RepoTags") or []
-        labels = (found.get("Config") or {}).get("Labels") or {}
+        labels = policy.config_labels(found)
         kind = access(self.caller.user, tags, labels, user_exists, unowned=Access.PRIVATE)
         owner = self.caller.user if kind is Access.OWN else labels.get(OWNER_LABEL, "")
         if kind is Access.PRIVATE and not owner:
@@ -199,7 +208,7 @@ class Request:
         found = await self.daemon.network(reference) if "/" not in reference else None
         if found is None:
             raise NotFound(f"network {reference} not found")
-        owner = (found.get("Labels") or {}).get(OWNER_LABEL, "")
+        owner = policy.owner_label(found)
         shared = not owner and found.get("Name") in filters.PREDEFINED_NETWORKS - {"host"}
         return Found(found["Id"], owner, shared=shared)
 
@@ -208,12 +217,11 @@ def existing(path: str) -> str:
     """The real path, or "" where there is nothing (Docker would make it, as root) or it
     cannot be resolved (a symlink loop, a path swapped while it was read)."""
     try:
-        real = os.path.realpath(path, strict=True)
+        return os.path.realpath(path, strict=True)
     except (OSError, ValueError):
         return ""
-    return real if os.path.lexists(real) else ""
 
 
 def inside(source: str, home: PurePosixPath) -> bool:
     real = existing(source)
-    return bool(real) and (PurePosixPath(real) == home or home in PurePosixPath(real).parents)
+    return bool(real) and policy.within(real, home)

@@ -8,7 +8,6 @@ from urllib.parse import quote
 
 from ds01.ownership.gateway import filters, policy, verify
 from ds01.ownership.gateway.decisions import Decision, NotFound, message
-from ds01.ownership.gateway.images import OWNER_LABEL
 from ds01.ownership.gateway.policy import Refused, denial
 from ds01.ownership.gateway.request import Request
 
@@ -25,7 +24,7 @@ class StorageRoutes(Request):
         found = await self.daemon.volume(name)
         if found is None:
             raise NotFound(f"get {name}: no such volume")
-        owner = (found.get("Labels") or {}).get(OWNER_LABEL, "")
+        owner = policy.owner_label(found)
         if owner != self.caller.user:
             raise Refused(denial("volume", owner))
         return self._forward(self._path(volume=found["Name"]))
@@ -36,7 +35,7 @@ class StorageRoutes(Request):
         if name:
             existing = await self.daemon.volume(name)
             if existing is not None:
-                owner = (existing.get("Labels") or {}).get(OWNER_LABEL, "")
+                owner = policy.owner_label(existing)
                 if owner != self.caller.user:
                     raise Refused(denial("volume", owner))
         caller = self.caller
@@ -46,7 +45,7 @@ class StorageRoutes(Request):
             if isinstance(made, dict):
                 wrong = verify.volume_violations(made, caller)
                 if wrong:
-                    if (made.get("Labels") or {}).get(OWNER_LABEL) == caller.user:
+                    if policy.owner_label(made) == caller.user:
                         await self.daemon.delete(f"/volumes/{quote(made['Name'], safe='')}")
                     return 403, message(f"Permission denied: {'; '.join(wrong)}")
             return status, data

@@ -9,7 +9,6 @@ violation undoes what was made before anything can run.
 from __future__ import annotations
 
 import os
-from pathlib import PurePosixPath
 from typing import Any
 
 from ds01.ownership.gateway.images import OWNER_LABEL
@@ -18,7 +17,10 @@ from ds01.ownership.gateway.policy import (
     LOG_DRIVER,
     NO_NEW_PRIVILEGES,
     Caller,
+    config_labels,
+    owner_label,
     ulimit_caps,
+    within,
 )
 
 _ALLOWED_IPC = ("", "private", "shareable", "none")
@@ -44,7 +46,7 @@ def container_violations(
         return mode.split(":", 1)[1] in own_containers
 
     expect(config.get("User") == caller.user_spec, f"runs as {config.get('User')!r}")
-    expect((config.get("Labels") or {}).get(OWNER_LABEL) == caller.user, "owner label")
+    expect(config_labels(inspect).get(OWNER_LABEL) == caller.user, "owner label")
     expect(not host.get("Privileged"), "privileged")
     expect(not host.get("CapAdd"), "added capabilities")
     expect("ALL" in (host.get("CapDrop") or []), "capabilities not dropped")
@@ -103,7 +105,8 @@ def container_violations(
         kind = mount.get("Type")
         if kind == "bind":
             source = mount.get("Source") or ""
-            expect(source in pinned or _in_home(source, caller), f"bind {source}")
+            real = os.path.realpath(source)
+            expect(source in pinned or within(real, caller.home), f"bind {source}")
         elif kind == "volume":
             name = mount.get("Name") or ""
             anonymous = len(name) == 64 and all(c in "0123456789abcdef" for c in name)
@@ -112,11 +115,6 @@ def container_violations(
         elif kind != "tmpfs":
             wrong.append(f"mount of type {kind}")
     return wrong
-
-
-def _in_home(source: str, caller: Caller) -> bool:
-    real = PurePosixPath(os.path.realpath(source))
-    return real == caller.home or caller.home in real.parents
 
 
 def exec_violations(inspect: dict[str, Any], caller: Caller) -> list[str]:
@@ -136,7 +134,7 @@ def volume_violations(inspect: dict[str, Any], caller: Caller) -> list[str]:
         wrong.append(f"driver {inspect.get('Driver')}")
     if inspect.get("Options"):
         wrong.append(f"options {inspect.get('Options')}")
-    if (inspect.get("Labels") or {}).get(OWNER_LABEL) != caller.user:
+    if owner_label(inspect) != caller.user:
         wrong.append("owner label")
     return wrong
 
@@ -156,6 +154,6 @@ def network_violations(inspect: dict[str, Any], caller: Caller) -> list[str]:
         wrong.append(f"options {sorted(extra)}")
     if inspect.get("EnableIPv6") or inspect.get("Attachable") or inspect.get("Ingress"):
         wrong.append("IPv6, attachable or ingress")
-    if (inspect.get("Labels") or {}).get(OWNER_LABEL) != caller.user:
+    if owner_label(inspect) != caller.user:
         wrong.append("owner label")
     return wrong
