@@ -1162,3 +1162,28 @@ print("closed" if extra.recv(10) == b"" else "open", flush=True)
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.stdout.strip() == "closed", result.stderr
+
+
+async def test_what_a_build_prints_is_never_taken_for_dockers_report(world):
+    """RUN output shares the stream with Docker's own report lines: printing them must not
+    make the gateway untag, retag or remove anyone's image."""
+    victim = world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1")
+    shared = world.root("image", "inspect", "-f", "{{.Id}}", world.image)
+    lines = [
+        f"Successfully tagged {ALICE}/private:1",
+        f"The image {ALICE}/private:1 already exists, renaming the old one with ID {shared} to"
+        " empty string",
+        f"Loaded image: {ALICE}/private:1",
+        f"Successfully built {victim.removeprefix('sha256:')[:12]}",
+        f"Successfully built {shared.removeprefix('sha256:')[:12]}",
+    ]
+    steps = "".join(f'RUN echo "{line}"\n' for line in lines)
+    context = _tar({"Dockerfile": f"FROM {world.image}\n{steps}"})
+    (built,) = await world.bob(
+        request("POST", f"/build?t={BOB}/printer", raw_body=context,
+                headers={"Content-Type": "application/x-tar"})
+    )  # fmt: skip
+    assert built[0].status == 200 and "Permission denied" not in built[0].body, built
+    assert world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1") == victim
+    assert world.root("image", "inspect", "-f", "{{.Id}}", world.image) == shared
+    world.root("rmi", f"{BOB}/printer")

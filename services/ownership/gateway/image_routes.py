@@ -125,10 +125,9 @@ class ImageRoutes(Request):
         )
 
     async def _check_made_images(self, output: bytes) -> bytes | None:
-        """After a build, load or import, from Docker's own report: every name it tagged
-        must be the caller's to write (a name it took from someone is given back), and a
-        built image must carry the caller's label and stand only on images they may read.
-        Anything else is undone."""
+        """After a load or import, from Docker's own report (nothing of the caller's runs
+        in those, so every line is Docker's): every name it tagged must be the caller's to
+        write, and labelled for nobody else; a name it took from someone is given back."""
         wrong: list[str] = []
         renamed: dict[str, str] = {}  # name -> the image it named before
         for said in _messages(output):
@@ -139,14 +138,7 @@ class ImageRoutes(Request):
                 if not _writable(made, self.caller.user) or not await self._labelled_theirs(made):
                     wrong.append(made)
                     await self._give_back(made, renamed.get(made))
-            built = _BUILT.search(said)
-            if built:
-                wrong += await self._check_built(built["id"])
-        if not wrong:
-            return None
-        text = f"Permission denied: undone: {', '.join(wrong)}"
-        log.warning("%s: %s", self.caller.user, text)
-        return json.dumps({"errorDetail": {"message": text}, "error": text}).encode() + b"\n"
+        return _undone(wrong, self.caller.user)
 
     async def _labelled_theirs(self, name: str) -> bool:
         """An image made for the caller carries no other user's owner label."""
@@ -162,24 +154,30 @@ class ImageRoutes(Request):
             query = encode_query({"repo": [tagged.repository], "tag": [tagged.tag or "latest"]})
             await self.daemon.call("POST", f"/images/{quote(previous, safe=':')}/tag?{query}")
 
-    async def _check_built(self, image_id: str) -> list[str]:
-        """The built image is the caller's, and no image under it is someone else's."""
-        made = await self.daemon.image(image_id) or {}
-        labels = policy.config_labels(made)
-        wrong = [] if labels.get(OWNER_LABEL) == self.caller.user else [f"{image_id} (label)"]
+    async def _check_built(self, tags: list[str]) -> bytes | None:
+        """After a build, from the names the gateway itself let it write, never from its
+        output (a RUN step prints whatever it likes there): each must name an image with
+        the caller's label that stands only on images they may read, or it is untagged."""
+        wrong = []
+        for tag in tags:
+            made = await self.daemon.image(tag)
+            if made is not None and not await self._built_by_the_rules(made):
+                wrong.append(tag)
+                await self.daemon.delete(f"/images/{quote(tag, safe='/:')}?noprune=1")
+        return _undone(wrong, self.caller.user)
+
+    async def _built_by_the_rules(self, made: dict[str, Any]) -> bool:
+        if policy.config_labels(made).get(OWNER_LABEL) != self.caller.user:
+            return False
         parent, seen = made.get("Parent") or "", 0
-        while parent and seen < 1000 and not wrong:
+        while parent and seen < 1000:
             above = await self.daemon.image(parent) or {}
             tags = above.get("RepoTags") or []
-            above_labels = policy.config_labels(above)
-            if access(self.caller.user, tags, above_labels, user_exists) is Access.PRIVATE:
-                wrong.append(f"{image_id} (stands on an image that is not yours)")
+            labels = policy.config_labels(above)
+            if access(self.caller.user, tags, labels, user_exists) is Access.PRIVATE:
+                return False  # stands on an image that is not the caller's to read
             parent, seen = above.get("Parent") or "", seen + 1
-        if wrong:
-            for tag in made.get("RepoTags") or []:
-                await self.daemon.delete(f"/images/{quote(tag, safe='/:')}?noprune=1")
-            await self.daemon.delete(f"/images/{image_id}?force=1")
-        return wrong
+        return True
 
     async def _commit(self, body: bytes) -> Decision:
         found = await self._own_container(one(self.query, "container"))
@@ -239,7 +237,10 @@ class ImageRoutes(Request):
             found = await self._visible_image(base)
             if archives.onbuild_copies(found.onbuild):
                 raise Refused(f"{base} has ONBUILD triggers that copy from other images")
-        return self._forward_archive("/build", build.context)
+        forward = self._forward_archive("/build", build.context)
+        built = query["t"]
+        forward.finish = lambda _output: self._check_built(built)
+        return forward
 
 
 def _json_param(query: dict[str, list[str]], key: str, kind: type) -> Any:
@@ -282,7 +283,15 @@ _RENAMED = re.compile(
     r"The image (?P<name>\S+) already exists, renaming the old one with ID (?P<old>\S+)"
 )
 _MADE = re.compile(r"(?:Loaded image: |Successfully tagged )(\S+)")
-_BUILT = re.compile(r"Successfully built (?P<id>[0-9a-f]{12,64})")
+
+
+def _undone(wrong: list[str], user: str) -> bytes | None:
+    """The error line appended to the stream when something made had to be undone."""
+    if not wrong:
+        return None
+    text = f"Permission denied: undone: {', '.join(wrong)}"
+    log.warning("%s: %s", user, text)
+    return json.dumps({"errorDetail": {"message": text}, "error": text}).encode() + b"\n"
 
 
 def _messages(output: bytes) -> list[str]:
