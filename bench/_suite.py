@@ -40,15 +40,15 @@ def suite(
         root = Path(tmp)
         root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
         daemons: list[ManagedProcess] = []
+        pki = Pki(root / "pki")
+        init_pki(pki, admin="root")
         etcd_port = free_port()
         if etcd:
-            daemons.append(start_etcd(root / "etcd" / "data", etcd_port))
+            daemons.append(start_etcd(root / "etcd" / "data", etcd_port, pki.etcd))
         socket = None
         if docker:
             daemons.append(start_dockerd(root / "docker"))
             socket = root / "docker" / "docker.sock"
-        pki = Pki(root / "pki")
-        init_pki(pki, admin="root")
         (root / "resource-limits.yaml").write_text(limits)
         (root / "inventory.yaml").write_text(inventory)
         config_path = root / "ds01.yaml"

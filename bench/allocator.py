@@ -19,11 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
-import aetcd
 from _suite import suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
+from ds01.core.etcd import etcd_client
 from ds01.core.pki import Pki
 
 UNLIMITED = (
@@ -56,9 +56,9 @@ def line(name: str, samples: list[float], per_second: float | None = None) -> st
     )
 
 
-async def raw_txn(endpoint: str, count: int) -> list[float]:
-    host, _, port = endpoint.rpartition(":")
-    etcd = aetcd.Client(host=host, port=int(port))
+async def raw_txn(endpoint: str, pki: Pki, count: int) -> list[float]:
+    """One transaction over the same mutual TLS the allocator uses."""
+    etcd = etcd_client((endpoint,), pki.etcd, "admin")
     samples = []
     try:
         for i in range(count):
@@ -147,7 +147,7 @@ async def fan_out(client: Ds01Client, watchers: int, events: int) -> list[float]
 async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> None:
     config = load_config(config_path)
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
-    raw = await raw_txn(endpoint, total)
+    raw = await raw_txn(endpoint, pki, total)
     async with Ds01Client(config, identity, timeout=60) as client:
         for _ in range(100):
             if any(n.up for n in (await client.gpu_status()).nodes):

@@ -14,6 +14,7 @@ from ds01.client import ClientIdentity, Ds01Client
 from ds01.containers.adapters import DockerHost, MetadataStore
 from ds01.containers.lifecycle import Lifecycle
 from ds01.core.config import AllocatorConfig, Config, ContainersConfig, InventoryConfig
+from ds01.core.etcd import etcd_client
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
@@ -80,19 +81,17 @@ def write_files(directory: Path, limits: str = LIMITS, inventory: str = INVENTOR
     )
 
 
-async def wipe(endpoint: str) -> None:
-    host, _, port = endpoint.rpartition(":")
-    client = aetcd.Client(host=host, port=int(port))
+async def wipe(endpoint: str, pki: Pki) -> None:
+    client = etcd_client((endpoint,), pki.etcd, "admin")
     try:
         await client.delete_prefix(b"/ds01/")
     finally:
         await client.close()
 
 
-async def etcd_revision(endpoint: str) -> int:
+async def etcd_revision(endpoint: str, pki: Pki) -> int:
     """The current revision: a watcher resuming from it sees only what comes after."""
-    host, _, port = endpoint.rpartition(":")
-    client = aetcd.Client(host=host, port=int(port))
+    client = etcd_client((endpoint,), pki.etcd, "admin")
     try:
         return (await client.get_prefix(b"/")).header.revision
     finally:
@@ -148,7 +147,7 @@ async def make_env(
     limits: str = LIMITS,
 ) -> AllocatorEnv:
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd."""
-    await wipe(etcd)
+    await wipe(etcd, pki)
     files = write_files(directory, limits)
     services = ("limits", "allocator", "containers") if docker_socket else ("limits", "allocator")
     config = Config(

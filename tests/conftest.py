@@ -16,7 +16,7 @@ from ds01.core.config import Config, InventoryConfig, OwnershipConfig
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
-from ds01.core.processes import free_port
+from ds01.core.processes import ManagedProcess, free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.ownership.gateway.pins import Pins
 from tests.allocator_env import AllocatorEnv, make_env, wipe
@@ -35,9 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def etcd_endpoint() -> Iterator[str]:
-    with running_etcd() as (endpoint, _process):
-        yield endpoint
+def etcd_process(pki: Pki) -> Iterator[tuple[str, ManagedProcess]]:
+    with running_etcd(pki.etcd) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(etcd_process: tuple[str, ManagedProcess]) -> str:
+    return etcd_process[0]
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +142,7 @@ async def ownership(
     docker_socket: Path,
     limits_file: Path,
 ) -> AsyncIterator[tuple[Config, RunningService]]:
-    await wipe(etcd_endpoint)
+    await wipe(etcd_endpoint, pki)
     run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
     run_dir.chmod(0o755)  # like /run/ds01: every local user may reach the socket
     config = Config(

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from ds01.core.config import Config
-from ds01.core.pki import Pki, issue_client_cert
+from ds01.core.pki import EtcdPki, Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,11 +63,12 @@ def require_binary(name: str) -> str:
 
 
 @contextmanager
-def running_etcd() -> Iterator[tuple[str, ManagedProcess]]:
+def running_etcd(pki: EtcdPki) -> Iterator[tuple[str, ManagedProcess]]:
+    """An etcd that, like ds01d's, answers only certificates of ``pki``'s CA."""
     require_binary("etcd")
     with tempfile.TemporaryDirectory(prefix="ds01-etcd-") as tmp:
         port = free_port()
-        etcd = start_etcd(Path(tmp) / "data", port)
+        etcd = start_etcd(Path(tmp) / "data", port, pki)
         try:
             yield f"127.0.0.1:{port}", etcd
         finally:

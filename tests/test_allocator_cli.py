@@ -44,7 +44,7 @@ async def test_quota_errors_reach_the_user_in_words(env: AllocatorEnv):
 async def test_events_since_a_revision_print_the_history_as_json(
     env: AllocatorEnv, etcd_endpoint: str
 ):
-    start = await etcd_revision(etcd_endpoint)
+    start = await etcd_revision(etcd_endpoint, env.pki)
     async with env.client("alice") as alice:
         await alice.allocate("ev._.alice")
         await alice.release("ev._.alice")

@@ -68,7 +68,7 @@ def processes(
     tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
 ) -> Iterator[list[Path]]:
     """One limits process and three allocator processes, all real ds01d."""
-    asyncio.run(wipe(etcd_endpoint))
+    asyncio.run(wipe(etcd_endpoint, pki))
     limits_address = f"127.0.0.1:{free_port()}"
     started: list[subprocess.Popen[bytes]] = []
     configs = []
@@ -137,10 +137,14 @@ async def test_200_concurrent_allocations_from_50_users_through_3_allocators(
 
 LOCK_HOLDER = """
 import asyncio, sys
-from ds01.allocator.etcd_state import EtcdState, connect
+from pathlib import Path
+from ds01.allocator.etcd_state import EtcdState
+from ds01.core.etcd import etcd_client
+from ds01.core.pki import EtcdPki
 
 async def main():
-    state = EtcdState(connect((sys.argv[1],)), lock_ttl=2)
+    client = etcd_client((sys.argv[1],), EtcdPki(Path(sys.argv[2])), "allocator")
+    state = EtcdState(client, lock_ttl=2)
     lock = await state.lock_and_read("alice")  # the allocator's own lock, then no more
     assert lock.snapshot is not None
     print("locked", flush=True)
@@ -158,6 +162,7 @@ async def test_a_killed_lock_holder_blocks_only_until_its_lease_expires(
         "-c",
         LOCK_HOLDER,
         etcd_endpoint,
+        str(env.pki.etcd.root),
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ},
     )

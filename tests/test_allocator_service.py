@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import time
 
-import aetcd
 import grpc
 import pytest
 
 from ds01.client import Ds01Error
+from ds01.core.etcd import connect, etcd_client
+from ds01.core.pki import Pki
 from ds01.v1 import allocator_pb2, common_pb2
 from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision
 
@@ -160,8 +161,7 @@ async def test_resuming_from_compacted_history_is_a_clear_error(
         await alice.allocate("a._.alice")
         first = await alice.release("a._.alice")
         assert first
-        host, _, port = etcd_endpoint.rpartition(":")
-        etcd = aetcd.Client(host=host, port=int(port))
+        etcd = connect(env.config, "allocator")
         try:
             current = (await etcd.get_prefix(b"/ds01/")).header.revision
             await etcd.compact(current)
@@ -221,7 +221,7 @@ async def test_a_waiter_gives_up_at_its_deadline(env: AllocatorEnv):
 async def test_a_hold_expires_while_every_ds01_process_is_stopped(
     env: AllocatorEnv, etcd_endpoint: str
 ):
-    start = await etcd_revision(etcd_endpoint)
+    start = await etcd_revision(etcd_endpoint, env.pki)
     async with env.client("alice") as alice:
         granted = await alice.allocate("proj._.alice")
         await alice.mark_stopped("proj._.alice")
@@ -262,11 +262,13 @@ async def test_a_limits_reload_applies_to_the_next_allocation(env: AllocatorEnv)
     assert granted is not None and granted.allocations[0].slot.slot_id == "0"
 
 
-async def test_a_node_that_stops_renewing_shows_down_and_keeps_its_slots(etcd_endpoint: str):
-    from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
+async def test_a_node_that_stops_renewing_shows_down_and_keeps_its_slots(
+    etcd_endpoint: str, pki: Pki
+):
+    from ds01.allocator.etcd_state import EtcdState, NodeRegistration
     from ds01.allocator.records import NodeRecord, SlotRecord
 
-    client = connect((etcd_endpoint,))
+    client = etcd_client((etcd_endpoint,), pki.etcd, "allocator")
     slot = SlotRecord("ghost", "0", "GPU-g", "A100", "", 1, 1.0)
     registration = NodeRegistration(
         client, NodeRecord("ghost", "declared", True, time.time()), [slot], ttl=2
@@ -311,13 +313,13 @@ async def test_an_overdue_hold_is_ended_even_if_its_lease_was_renewed(
     """etcd restarts a lease's time to live when it restarts; hold_until still rules."""
     from dataclasses import replace
 
-    from ds01.allocator.etcd_state import EtcdState, connect
+    from ds01.allocator.etcd_state import EtcdState
     from ds01.allocator.service import Allocator
 
-    start = await etcd_revision(etcd_endpoint)
+    start = await etcd_revision(etcd_endpoint, env.pki)
     async with env.client("alice") as alice:
         await alice.allocate("late._.alice")
-    client = connect((etcd_endpoint,))
+    client = connect(env.config, "allocator")
     try:
         state = EtcdState(client)
         held = (await state.snapshot()).held_by("late._.alice")

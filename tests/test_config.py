@@ -62,6 +62,16 @@ def test_bad_files_name_file_key_and_problem(text: str, message: str):
     assert str(error.value).startswith(f"{file}:")
 
 
-def test_etcd_endpoint_may_be_written_as_url():
-    config = parse_config("etcd:\n  endpoints: http://127.0.0.1:2379\n", Path("/x/ds01.yaml"))
+def test_etcd_endpoint_may_be_written_as_https_url():
+    config = parse_config("etcd:\n  endpoints: https://127.0.0.1:2379\n", Path("/x/ds01.yaml"))
     assert config.etcd_endpoints == ("127.0.0.1:2379",)
+
+
+def test_an_etcd_endpoint_without_tls_is_refused():
+    file = Path("/x/ds01.yaml")
+    with pytest.raises(ConfigError) as error:
+        parse_config("etcd:\n  endpoints: [http://127.0.0.1:2379]\n", file)
+    assert str(error.value) == (
+        f"{file}: key etcd.endpoints[0]: 'http://127.0.0.1:2379': ds01 reaches etcd only "
+        "over mutual TLS; write https://127.0.0.1:2379 or HOST:PORT"
+    )

@@ -18,10 +18,10 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from ds01.allocator.etcd_state import connect
 from ds01.client import Ds01Error
 from ds01.containers.lifecycle import ContainerError, CreateRequest
 from ds01.core.config import OwnershipConfig
+from ds01.core.etcd import connect
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2, containers_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
@@ -236,7 +236,7 @@ async def test_a_failure_at_any_create_step_leaves_nothing_behind(
 ):
     """The domain, driven directly on the real Docker, etcd and services, with one step
     made to fail."""
-    etcd = connect((etcd_endpoint,))
+    etcd = connect(env.config, "containers")
     lifecycle = make_lifecycle(env, docker_socket, etcd)
     target, method = {
         "allocate": (lifecycle.client, "allocate"),

@@ -6,8 +6,10 @@ import asyncio
 import subprocess
 from pathlib import Path
 
-import aetcd
 import docker
+
+from ds01.core.etcd import etcd_client
+from ds01.core.pki import Pki
 
 MEMORY_LIMIT = 64 * 1024 * 1024
 # cgroup v2 and cgroup v1 spell the limit differently; a container sees one of them.
@@ -16,9 +18,8 @@ READ_MEMORY_LIMIT = (
 )
 
 
-async def test_an_etcd_lease_expires_and_takes_its_key(etcd_endpoint: str):
-    host, _, port = etcd_endpoint.rpartition(":")
-    client = aetcd.Client(host=host, port=int(port))
+async def test_an_etcd_lease_expires_and_takes_its_key(etcd_endpoint: str, pki: Pki):
+    client = etcd_client((etcd_endpoint,), pki.etcd, "admin")
     try:
         lease = await client.lease(1)
         await client.put(b"/ds01/test/held", b"slot 0", lease=lease)

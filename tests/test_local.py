@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ds01.core.processes import free_port
+from ds01.core.etcd import etcd_answers_plain
+from ds01.core.processes import free_port, spawn
 from tests.harness import require_binary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +99,7 @@ def test_local_default_comes_up_healthy_and_ctrl_c_leaves_nothing(local_config: 
         text = "".join(banner)
         assert "ds01 is up" in text, text
         assert "simulated" in text and "4 GPUs, 2 in MIG mode" in text
+        assert "(mutual TLS, data" in text, text  # the etcd it started
         started = descendants(daemon.pid)
         assert len(started) >= 2, "etcd and dockerd should run under ds01d"
 
@@ -118,6 +120,38 @@ def test_local_default_comes_up_healthy_and_ctrl_c_leaves_nothing(local_config: 
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def test_local_refuses_an_etcd_that_answers_without_tls(local_config: Path):
+    """An old or hand-started etcd without TLS is never used: every user could write it."""
+    endpoint = yaml.safe_load(local_config.read_text())["etcd"]["endpoints"][0]
+    peer = f"http://127.0.0.1:{free_port()}"
+    data = local_config.parent / "plain-etcd"
+    plain = spawn(
+        "etcd",
+        [
+            "etcd",
+            f"--data-dir={data}",
+            f"--listen-client-urls=http://{endpoint}",
+            f"--advertise-client-urls=http://{endpoint}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+        ],
+        local_config.parent / "plain-etcd.log",
+        lambda: etcd_answers_plain(endpoint),
+    )
+    try:
+        result = subprocess.run(
+            [str(BIN / "ds01d"), "--config", str(local_config), "--local"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        plain.stop()
+    assert result.returncode == 1
+    assert f"an etcd without TLS answers at {endpoint}" in result.stderr, result.stderr
 
 
 def test_bad_config_stops_start_up_naming_file_and_key(tmp_path: Path):

@@ -19,9 +19,9 @@ import docker
 import pytest
 import pytest_asyncio
 
-from ds01.allocator.etcd_state import connect
 from ds01.containers.lifecycle import CreateRequest
 from ds01.containers.reconcile import SETTLE_SECONDS, Action, Observed, Policy, Reconciler, decide
+from ds01.core.etcd import connect
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
@@ -88,7 +88,7 @@ async def world(
     unix_users: dict[str, int],
 ) -> AsyncIterator[tuple[AllocatorEnv, Reconciler]]:
     env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, limits=LIMITS)
-    etcd = connect((etcd_endpoint,))
+    etcd = connect(env.config, "containers")
     lifecycle = make_lifecycle(env, docker_socket, etcd)
     yield env, Reconciler(lifecycle)
     for record in await lifecycle.metadata.all():
@@ -221,7 +221,7 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
     env, _ = world
     root = Path(tempfile.mkdtemp(prefix="ds01-restart-", dir="/tmp"))
     daemon = start_dockerd(root)
-    etcd = connect((etcd_endpoint,))
+    etcd = connect(env.config, "containers")
     lifecycle = make_lifecycle(env, root / "docker.sock", etcd)
     reconciler = Reconciler(lifecycle, interval=3600)  # only events can wake it
     task = None

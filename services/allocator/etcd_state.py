@@ -117,11 +117,6 @@ def _ranges(responses: list) -> list[list]:
     return [[get for _value, get in response] for response in responses]
 
 
-def connect(endpoints: tuple[str, ...]) -> aetcd.Client:
-    host, _, port = endpoints[0].rpartition(":")
-    return aetcd.Client(host=host, port=int(port), timeout=10)
-
-
 class EtcdState:
     def __init__(self, client: aetcd.Client, lock_ttl: int = 10) -> None:
         self.client = client

@@ -13,7 +13,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from ds01.allocator.etcd_state import EtcdState, NodeRegistration, connect
+from ds01.allocator.etcd_state import EtcdState, NodeRegistration
 from ds01.allocator.events import (
     AllocationEvent,
     EventHub,
@@ -43,6 +43,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA
+from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
@@ -343,7 +344,7 @@ def _visible(holder: Holder, actor: Actor) -> Holder:
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
-    etcd = connect(config.etcd_endpoints)
+    etcd = connect(config, "allocator")
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
     limits = RemoteLimits(Ds01Client(config, identity))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 import docker.errors
 import grpc
 
-from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.containers.reconcile import Reconciler
+from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
@@ -166,7 +166,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("containers"))
     client = Ds01Client(config, identity, timeout=60)
-    etcd = connect(config.etcd_endpoints)
+    etcd = connect(config, "containers")
     docker_host = DockerHost(config.docker_host)
     lifecycle = Lifecycle(
         node=config.node,

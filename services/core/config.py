@@ -142,13 +142,19 @@ def _read_listen(reader: _Reader) -> dict[str, str]:
 def _read_endpoints(reader: _Reader) -> tuple[str, ...]:
     endpoints = reader.list_of_str("endpoints", list(Config.etcd_endpoints))
     for i, endpoint in enumerate(endpoints):
-        problem = _check_address(endpoint.removeprefix("http://"))
+        if endpoint.startswith("http://"):
+            raise reader.error(
+                f"endpoints[{i}]",
+                f"{endpoint!r}: ds01 reaches etcd only over mutual TLS; write "
+                f"https://{endpoint.removeprefix('http://')} or HOST:PORT",
+            )
+        problem = _check_address(endpoint.removeprefix("https://"))
         if problem:
             raise reader.error(f"endpoints[{i}]", problem)
     if not endpoints:
         raise reader.error("endpoints", "needs at least one etcd endpoint")
     reader.reject_unknown()
-    return tuple(e.removeprefix("http://") for e in endpoints)
+    return tuple(e.removeprefix("https://") for e in endpoints)
 
 
 def _read_inventory(reader: _Reader, base: Path) -> InventoryConfig:

@@ -23,6 +23,7 @@ import click
 
 from ds01.allocator.inventory import InventoryError, load_inventory
 from ds01.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from ds01.core.etcd import etcd_answers_plain, etcd_healthy
 from ds01.core.identity import Roles
 from ds01.core.logs import setup_logging
 from ds01.core.pki import SERVICES, init_pki
@@ -30,7 +31,6 @@ from ds01.core.processes import (
     ManagedProcess,
     ProcessError,
     docker_answers,
-    etcd_healthy,
     start_dockerd,
     start_etcd,
 )
@@ -76,15 +76,28 @@ class LocalDeps:
         if written:
             self.notes.append(f"created certificates in {self.config.pki.root}")
         endpoint = self.config.etcd_endpoints[0]
-        if etcd_healthy(endpoint):
-            self.notes.append(f"etcd       {endpoint} (already running, used as is)")
+        etcd_pki = self.config.pki.etcd
+        if etcd_healthy(endpoint, etcd_pki):
+            self.notes.append(f"etcd       {endpoint} (already running, mutual TLS)")
+        elif etcd_answers_plain(endpoint):
+            raise ProcessError(
+                f"an etcd without TLS answers at {endpoint}: every local user could read and "
+                "write ds01's state there. Stop it, or configure another etcd endpoint; "
+                "ds01d --local then starts one that requires the certificates in "
+                f"{etcd_pki.root}"
+            )
         else:
             host, _, port = endpoint.rpartition(":")
             if not host.startswith("127.") and host != "localhost":
-                raise ProcessError(f"etcd at {endpoint} does not answer, and is not local")
-            etcd = start_etcd(self.config.state_dir / "etcd" / "data", int(port))
+                raise ProcessError(
+                    f"etcd at {endpoint} does not answer to the certificates in "
+                    f"{etcd_pki.root}, and is not local"
+                )
+            etcd = start_etcd(self.config.state_dir / "etcd" / "data", int(port), etcd_pki)
             self.started.append(etcd)
-            self.notes.append(f"etcd       {endpoint} (data {self.config.state_dir / 'etcd'})")
+            self.notes.append(
+                f"etcd       {endpoint} (mutual TLS, data {self.config.state_dir / 'etcd'})"
+            )
         socket_path = Path(self.config.docker_host.removeprefix("unix://"))
         if not self.config.docker_host.startswith("unix://"):
             self.notes.append(f"docker     {self.config.docker_host} (not managed by ds01d)")

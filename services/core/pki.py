@@ -1,8 +1,11 @@
-"""The suite's private certificate authority.
+"""The suite's private certificate authorities.
 
 Every gRPC port uses mutual TLS, so every party needs a certificate signed by one CA:
 the services (``svc:<name>``, usable as server and client), and each user (their login
-name as common name). Keys are written mode 0600 and never overwritten by accident.
+name as common name). etcd has a CA of its own: the suite's CA signs a certificate for
+every user who asks, so etcd trusting it would let every user in. The etcd CA signs
+only etcd's server certificate and one client certificate per service (and one for the
+administrator's etcdctl). Keys are written mode 0600 and never overwritten by accident.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVICE_PREFIX = "svc:"
 SERVICES = ("limits", "allocator", "containers", "ownership")
+# Who may hold an etcd client certificate: the services, and root's etcdctl.
+ETCD_CLIENTS = (*SERVICES, "admin")
 CA_DAYS = 3650
 SERVICE_DAYS = 825
 CLIENT_DAYS = 365
@@ -41,8 +46,8 @@ class CertPaths:
 
 
 @dataclass(frozen=True)
-class Pki:
-    """The files of the CA under ``<state dir>/pki``."""
+class Authority:
+    """A CA's directory: its certificate and key, and what it signed below them."""
 
     root: Path
 
@@ -54,6 +59,14 @@ class Pki:
     def ca_key(self) -> Path:
         return self.root / "ca.key"
 
+    def exists(self) -> bool:
+        return self.ca_cert.is_file() and self.ca_key.is_file()
+
+
+@dataclass(frozen=True)
+class Pki(Authority):
+    """The files of the suite's CA under ``<state dir>/pki``."""
+
     def service(self, name: str) -> CertPaths:
         return CertPaths(
             self.root / "services" / f"{name}.crt", self.root / "services" / f"{name}.key"
@@ -64,8 +77,24 @@ class Pki:
             self.root / "clients" / f"{user}.crt", self.root / "clients" / f"{user}.key"
         )
 
-    def exists(self) -> bool:
-        return self.ca_cert.is_file() and self.ca_key.is_file()
+    @property
+    def etcd(self) -> EtcdPki:
+        return EtcdPki(self.root / "etcd")
+
+
+@dataclass(frozen=True)
+class EtcdPki(Authority):
+    """etcd's own CA under ``<state dir>/pki/etcd``: nothing here is ever given to a user."""
+
+    @property
+    def server(self) -> CertPaths:
+        """etcd's certificate for clients and for its peers."""
+        return CertPaths(self.root / "server.crt", self.root / "server.key")
+
+    def client(self, name: str) -> CertPaths:
+        return CertPaths(
+            self.root / "clients" / f"{name}.crt", self.root / "clients" / f"{name}.key"
+        )
 
 
 def validate_user_name(user: str) -> str:
@@ -85,45 +114,15 @@ def validate_user_name(user: str) -> str:
 def init_pki(
     pki: Pki, *, force: bool = False, hosts: tuple[str, ...] = (), admin: str | None = None
 ) -> list[Path]:
-    """Create the CA, one certificate per service and, if named, one for ``admin``.
+    """Create the CA, one certificate per service and, if named, one for ``admin``;
+    then etcd's CA with etcd's server certificate and one client certificate per service.
 
     Returns the files written. An existing CA is kept unless ``force`` is given,
     because replacing it invalidates every certificate already handed out.
     """
+    server_hosts = ("localhost", "127.0.0.1", "::1", socket.gethostname(), *hosts)
     written: list[Path] = []
-    if pki.exists() and not force:
-        ca_key, ca_cert = load_ca(pki)
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ds01 CA")])
-        now = _now()
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        written += _write_pair(pki.ca_cert, pki.ca_key, ca_cert, ca_key)
+    ca_key, ca_cert = _ca(pki, "ds01 CA", force, written)
     for service in SERVICES:
         paths = pki.service(service)
         if force or not paths.cert.is_file():
@@ -132,13 +131,62 @@ def init_pki(
                 ca_cert,
                 SERVICE_PREFIX + service,
                 days=SERVICE_DAYS,
-                server_hosts=("localhost", "127.0.0.1", "::1", socket.gethostname(), *hosts),
+                server_hosts=server_hosts,
             )
             written += _write_pair(paths.cert, paths.key, cert, key)
     if admin and (force or not pki.client(admin).cert.is_file()):
         paths = issue_client_cert(pki, admin)
         written += [paths.cert, paths.key]
+    etcd = pki.etcd
+    etcd_key, etcd_cert = _ca(etcd, "ds01 etcd CA", force, written)
+    if force or not etcd.server.cert.is_file():
+        cert, key = _sign(etcd_key, etcd_cert, "etcd", days=SERVICE_DAYS, server_hosts=server_hosts)
+        written += _write_pair(etcd.server.cert, etcd.server.key, cert, key)
+    for name in ETCD_CLIENTS:
+        paths = etcd.client(name)
+        if force or not paths.cert.is_file():
+            cert, key = _sign(etcd_key, etcd_cert, SERVICE_PREFIX + name, days=SERVICE_DAYS)
+            written += _write_pair(paths.cert, paths.key, cert, key)
     return written
+
+
+def _ca(
+    authority: Authority, common_name: str, force: bool, written: list[Path]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA of ``authority``, created (and its files added to ``written``) if needed."""
+    if authority.exists() and not force:
+        return _load_pair(authority.ca_cert, authority.ca_key)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    written += _write_pair(authority.ca_cert, authority.ca_key, ca_cert, ca_key)
+    return ca_key, ca_cert
 
 
 def issue_client_cert(
@@ -161,10 +209,16 @@ def issue_client_cert(
 def load_ca(pki: Pki) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     if not pki.exists():
         raise PkiError(f"no CA in {pki.root}: run `ds01 admin pki init` first")
-    key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    return _load_pair(pki.ca_cert, pki.ca_key)
+
+
+def _load_pair(
+    cert_path: Path, key_path: Path
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError(f"{pki.ca_key}: expected an EC private key")
-    return key, x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+        raise PkiError(f"{key_path}: expected an EC private key")
+    return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
 
 
 def _sign(

@@ -7,17 +7,17 @@ the same way. Children are told by the kernel to stop if this process dies
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ds01.core.etcd import etcd_healthy
+from ds01.core.pki import EtcdPki
 
 
 class ProcessError(Exception):
@@ -108,20 +108,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def etcd_healthy(endpoint: str, timeout: float = 0.5) -> bool:
-    """Whether an etcd answers /health at HOST:PORT."""
-    try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as response:
-            return json.loads(response.read()).get("health") == "true"
-    except (OSError, ValueError, urllib.error.URLError):
-        return False
+def start_etcd(
+    data_dir: Path, client_port: int, pki: EtcdPki, peer_port: int | None = None
+) -> ManagedProcess:
+    """A single-member etcd on loopback with its data in ``data_dir``.
 
-
-def start_etcd(data_dir: Path, client_port: int, peer_port: int | None = None) -> ManagedProcess:
-    """A single-member etcd on loopback with its data in ``data_dir``."""
+    Clients and peers alike must show a certificate of etcd's own CA: without one,
+    nothing is answered, not even /health.
+    """
     peer_port = peer_port or free_port()
-    client = f"http://127.0.0.1:{client_port}"
-    peer = f"http://127.0.0.1:{peer_port}"
+    client = f"https://127.0.0.1:{client_port}"
+    peer = f"https://127.0.0.1:{peer_port}"
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = [
         "etcd",
@@ -132,10 +129,26 @@ def start_etcd(data_dir: Path, client_port: int, peer_port: int | None = None) -
         f"--listen-peer-urls={peer}",
         f"--initial-advertise-peer-urls={peer}",
         f"--initial-cluster=default={peer}",
+        *etcd_tls_flags(pki),
         "--log-outputs=stderr",
     ]
     endpoint = f"127.0.0.1:{client_port}"
-    return spawn("etcd", argv, data_dir.parent / "etcd.log", lambda: etcd_healthy(endpoint))
+    return spawn("etcd", argv, data_dir.parent / "etcd.log", lambda: etcd_healthy(endpoint, pki))
+
+
+def etcd_tls_flags(pki: EtcdPki) -> list[str]:
+    """etcd's flags for mutual TLS to clients and peers, with etcd's own CA."""
+    server = pki.server
+    return [
+        "--client-cert-auth",
+        f"--trusted-ca-file={pki.ca_cert}",
+        f"--cert-file={server.cert}",
+        f"--key-file={server.key}",
+        "--peer-client-cert-auth",
+        f"--peer-trusted-ca-file={pki.ca_cert}",
+        f"--peer-cert-file={server.cert}",
+        f"--peer-key-file={server.key}",
+    ]
 
 
 def docker_answers(socket_path: Path) -> bool:

@@ -13,10 +13,10 @@ from urllib.parse import quote
 
 import grpc
 
-from ds01.allocator.etcd_state import connect
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import CgroupfsSlices, DockerHost
 from ds01.containers.lifecycle import aggregate_of, cgroup_parent_for, host_cpus
+from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
@@ -98,7 +98,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
-    etcd = connect(config.etcd_endpoints)
+    etcd = connect(config, "ownership")
     store = OwnerStore(etcd, config.node)
     docker_host = DockerHost(config.docker_host)
     docker_socket = Path(config.docker_host.removeprefix("unix://"))
