@@ -144,6 +144,45 @@ async def test_interactive_exec_run_and_follow_logs_work_through_the_proxy(
         await docker_as("ds01alice", config, "rm", "-f", "live", "talk")
 
 
+ROUNDS = 12  # the loss was one run in five: twelve clean rounds of each say it is gone
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["start --attach --interactive", "run --interactive --rm", "exec --interactive"],
+)
+async def test_a_short_lived_process_never_loses_its_output_when_stdin_ends_first(
+    ownership, test_image, how: str
+):
+    """What compose's one-off ``run`` and the Dev Containers CLI's ``exec`` do: stdin is
+    at its end at once, so the client half-closes the hijacked connection before the
+    process prints. Such a relayed connection was once collected as garbage mid-stream
+    (asyncio holds a connection's reader weakly), and the output never came."""
+    config, _ = ownership
+    lost = []
+    await docker_as("ds01alice", config, "run", "-d", "--name", "host", test_image, "sleep", "600")
+    try:
+        for i in range(ROUNDS):
+            word = f"said-{i}"
+            if how.startswith("start"):
+                made = await docker_as(
+                    "ds01alice", config, "create", "-i", test_image, "echo", word
+                )
+                argv = ["start", "--attach", "--interactive", made.stdout.strip()]
+            elif how.startswith("run"):
+                argv = ["run", "--interactive", "--rm", test_image, "echo", word]
+            else:
+                argv = ["exec", "--interactive", "host", "echo", word]
+            said = await docker_as("ds01alice", config, *argv, stdin="")
+            if how.startswith("start"):  # students may keep two containers
+                await docker_as("ds01alice", config, "rm", argv[-1])
+            if said.stdout != f"{word}\n":
+                lost.append(f"round {i}: {said.stdout!r} {said.stderr!r}")
+    finally:
+        await docker_as("ds01alice", config, "rm", "-f", "host")
+    assert not lost, "output lost:\n" + "\n".join(lost)
+
+
 @pytest.mark.parametrize(
     ("options", "reason"),
     [

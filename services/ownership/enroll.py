@@ -11,7 +11,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
 import pwd
 import socket
 import struct
@@ -21,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ds01.core.pki import Pki, load_ca, validate_user_name
+from ds01.core.unix_server import UnixServer
 from ds01.ownership.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -69,22 +69,14 @@ class EnrollmentServer:
         self.pki = pki
         self.path = path
         self.slots = Slots(ENROLLMENTS_PER_USER)
-        self._server: asyncio.AbstractServer | None = None
+        self._server = UnixServer(path, self._serve)
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self.path.unlink()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        os.chmod(self.path, 0o666)  # anyone may ask; the kernel says who they are
+        await self._server.start()
         log.info("enrollment on %s", self.path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        if self.path.exists():
-            self.path.unlink()
+        await self._server.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import resource
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from typing import Any
 import h11
 
 from ds01.client import Ds01Error
+from ds01.core.unix_server import UnixServer
 from ds01.ownership.enroll import peer_uid
 from ds01.ownership.gateway.admission import Admission, Answer, Forward, Gateway
 from ds01.ownership.gateway.policy import Caller, Refused
@@ -64,26 +64,17 @@ class DockerGateway:
         self.is_admin = is_admin
         self.uploads: dict[int, asyncio.Semaphore] = {}  # uid -> archives in flight
         self.slots = Slots(CONNECTIONS_PER_USER)
-        self._server: asyncio.AbstractServer | None = None
+        self._server = UnixServer(listen, self._serve, limit=BUFFER)
 
     async def start(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # every connection is a descriptor: take all the system allows
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self.listen.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.listen.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(self.listen), limit=BUFFER
-        )
-        os.chmod(self.listen, 0o666)
+        await self._server.start()
         log.info("Docker gateway on %s -> %s", self.listen, self.upstream)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.listen.unlink()
+        await self._server.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
