@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core.config import Config
+from ds01.core.messages import ANSWERED
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
 from ds01.v1 import (
@@ -281,6 +282,9 @@ class Ds01Client:
 
     def _explain(self, service: str, err: grpc.aio.AioRpcError) -> Ds01Error:
         code = err.code()
+        trailing = err.trailing_metadata()
+        if trailing and trailing.get(ANSWERED[0]) == ANSWERED[1]:  # the service's own sentence
+            return Ds01Error(code, err.details() or code.name.lower())
         if code == grpc.StatusCode.UNAVAILABLE:
             problem = certificate_problem(self.identity.ca_cert, self.identity.cert)
             if problem:

@@ -65,6 +65,12 @@ class UserLock:
     snapshot: Snapshot | None  # None: another request holds the lock
     held_revision: int  # when held by another: the revision it was taken at
 
+    @property
+    def user(self) -> str:
+        return self.key.decode().removeprefix(USER_LOCKS)
+
+
+UNLOCK_TIMEOUT = 5.0  # seconds for one attempt to release a lock
 
 # What a snapshot reads: not the release marks or the locks.
 _SNAPSHOT_PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS)
@@ -124,6 +130,7 @@ class EtcdState:
         self._lease: aetcd.leases.Lease | None = None
         self._keepalive: asyncio.Future[None] | None = None
         self._decoder = _Decoder()
+        self._unlocking: set[asyncio.Future[None]] = set()  # locks still to be released
 
     def _reads(self) -> list:
         tx = self.client.transactions
@@ -151,11 +158,15 @@ class EtcdState:
         key = f"{USER_LOCKS}{user}".encode()
         token = uuid.uuid4().bytes
         tx = self.client.transactions
-        won, responses = await self.client.transaction(
-            compare=[tx.create(key) == 0],
-            success=[tx.put(key, token, lease=session), *self._reads()],
-            failure=[tx.get(key)],
-        )
+        try:
+            won, responses = await self.client.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, token, lease=session), *self._reads()],
+                failure=[tx.get(key)],
+            )
+        except BaseException:  # etcd may have taken the lock before the answer was lost
+            self.unlock_soon(UserLock(key, token, None, 0))
+            raise
         if not won:
             held = responses[0][0][1] if responses and responses[0] else None
             return UserLock(key, token, None, held.mod_revision if held else 0)
@@ -163,9 +174,40 @@ class EtcdState:
         return UserLock(key, token, self._decoder.snapshot(_ranges(responses[1:]), revision), 0)
 
     async def unlock(self, lock: UserLock) -> None:
+        """Release ``lock`` if it is still ours; when etcd cannot be reached, keep trying
+        in the background, so that a failure never leaves the user locked out."""
+        try:
+            await self._unlock_once(lock)
+        except Exception as err:
+            log.warning("cannot release the lock of %s yet (%s); retrying", lock.user, err)
+            self.unlock_soon(lock)
+
+    def unlock_soon(self, lock: UserLock) -> None:
+        """Release ``lock`` in the background, for paths that are failing or cancelled."""
+        task = asyncio.ensure_future(self._unlock_until_done(lock))
+        self._unlocking.add(task)
+        task.add_done_callback(self._unlocking.discard)
+
+    async def _unlock_until_done(self, lock: UserLock) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._unlock_once(lock)
+                return
+            except Exception as err:
+                log.debug("lock of %s not released yet: %s", lock.user, err)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    async def _unlock_once(self, lock: UserLock) -> None:
         tx = self.client.transactions
-        await self.client.transaction(
-            compare=[tx.value(lock.key) == lock.token], success=[tx.delete(lock.key)], failure=[]
+        await asyncio.wait_for(
+            self.client.transaction(
+                compare=[tx.value(lock.key) == lock.token],
+                success=[tx.delete(lock.key)],
+                failure=[],
+            ),
+            UNLOCK_TIMEOUT,
         )
 
     async def wait_unlocked(self, lock: UserLock, timeout: float) -> None:
@@ -217,6 +259,8 @@ class EtcdState:
                 return
 
     async def close(self) -> None:
+        for task in self._unlocking:  # the session lease ends below, and its locks with it
+            task.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._lease is not None:

@@ -45,7 +45,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
-from ds01.core.messages import timestamp
+from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
@@ -147,13 +147,21 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
     ) -> allocator_pb2.AllocateResponse:
         actor = await self._actor(context)
         if not request.container:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name the container")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name the container")
+        preference = _PREFERENCES.get(request.preference)
+        if preference is None:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"preference {request.preference} is not one of "
+                + ", ".join(allocator_pb2.SlotPreference.Name(p) for p in _PREFERENCES),
+            )
         wanted = Request(
             user=request.user or actor.name,
             container=request.container,
             slots=request.slots,
             gpu_equivalents=request.gpu_equivalents,
-            preference=_PREFERENCES[request.preference],
+            preference=preference,
             node=request.node,
         )
         wait_until = (
@@ -233,18 +241,19 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                     if actor.privileged or actor.name in event.users:
                         yield event_message(event, actor)
             except HistoryCompacted as err:
-                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+                await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(err))
             return
         async with self.hub.subscribe() as events:
             while True:
                 item = await events.get()
                 if isinstance(item, Overflow):
-                    await context.abort(
+                    await abort(
+                        context,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"this watcher fell behind; resume with since_revision={item.revision}",
                     )
                 if isinstance(item, Exception):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
                 if actor.privileged or actor.name in item.users:
                     yield event_message(item, actor)
 

@@ -126,6 +126,9 @@ class Allocator:
                 self._in_flight.update(dict.fromkeys(keys, holder))
                 try:
                     claimed = await self.state.claim(chosen, holder, lock)
+                except BaseException:  # etcd failed, timed out or the call was cancelled
+                    self.state.unlock_soon(lock)
+                    raise
                 finally:
                     for key in keys:
                         self._in_flight.pop(key, None)

@@ -15,7 +15,7 @@ from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifec
 from ds01.containers.reconcile import Reconciler
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
-from ds01.core.messages import timestamp
+from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.v1 import containers_pb2, containers_pb2_grpc
 
@@ -89,8 +89,10 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
     ) -> containers_pb2.ListContainersResponse:
         user, privileged = await self._caller(context)
         if (request.all_users or (request.user and request.user != user)) and not privileged:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "only admins may list other users' containers"
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "only admins may list other users' containers",
             )
         found = await self._run(
             context, self.lifecycle.list(request.user or user, request.all_users)
@@ -113,8 +115,10 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
     async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
         principal = caller()
         if principal.is_service:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "containers are created by users, not services"
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "containers are created by users, not services",
             )
         privileged = principal.is_admin
         if not privileged:

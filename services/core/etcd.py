@@ -76,6 +76,23 @@ def etcd_client(
     return TlsClient(host.strip("[]"), int(port), credentials, timeout)
 
 
+def etcd_status(err: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """An etcd failure as the status a caller can act on; None if ``err`` is not one."""
+    if not isinstance(err, aetcd.exceptions.ClientError):
+        return None
+    details = str(err) or type(err).__name__
+    if isinstance(
+        err, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError
+    ):
+        return grpc.StatusCode.UNAVAILABLE, f"etcd is unreachable ({details}); retry in a moment"
+    if isinstance(err, aetcd.exceptions.UnauthenticatedError):
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"etcd refused this service's certificate ({details}); check pki/etcd",
+        )
+    return grpc.StatusCode.UNAVAILABLE, f"etcd could not complete the request: {details}"
+
+
 def connect(config: Config, service: str) -> aetcd.Client:
     """The etcd client of ``service``, with that service's own certificate."""
     return etcd_client(config.etcd_endpoints, config.pki.etcd, service)

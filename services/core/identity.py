@@ -12,15 +12,21 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import Message
 
+from ds01.core.bounds import request_problem
+from ds01.core.messages import abort
 from ds01.core.pki import SERVICE_PREFIX
 from ds01.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("ds01_caller")
 
@@ -114,28 +120,50 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self.PUBLIC_PREFIXES):
             return handler
-        return _wrap_handler(handler, self._authenticate)
+        return _wrap_handler(handler, self._authenticate, handler_call_details.method)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         return principal_from_auth_context(context.auth_context(), self.roles)
 
 
+async def _internal(context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
+    """A failure no handler knew: logged once with its traceback, answered as INTERNAL
+    with a sentence, never as UNKNOWN with a Python class name. Statuses the handler
+    chose (an abort) pass through."""
+    if isinstance(err, grpc.aio.AbortError):
+        raise err
+    log.error("unexpected failure in %s for %s", method, _CALLER.get().name, exc_info=err)
+    await abort(
+        context,
+        grpc.StatusCode.INTERNAL,
+        "an internal error ended this call (the service log has the details); please report it",
+    )
+
+
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, authenticate: Callable[[Any], Principal]
+    handler: grpc.RpcMethodHandler, authenticate: Callable[[Any], Principal], method: str
 ) -> grpc.RpcMethodHandler:
-    async def enter(context: grpc.aio.ServicerContext) -> contextvars.Token[Principal]:
+    async def enter(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> contextvars.Token[Principal]:
         try:
-            return _CALLER.set(authenticate(context))
+            principal = authenticate(context)
         except AuthenticationError as err:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(err))
             raise  # abort raises; this line only satisfies the type checker
+        problem = request_problem(request) if isinstance(request, Message) else None
+        if problem:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request refused: {problem}")
+        return _CALLER.set(principal)
 
     def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(behavior)
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = await enter(context)
+            token = await enter(request, context)
             try:
                 return await behavior(request, context)
+            except Exception as err:
+                await _internal(context, err, method)
             finally:
                 _CALLER.reset(token)
 
@@ -144,10 +172,12 @@ def _wrap_handler(
     def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
         @functools.wraps(behavior)
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            token = await enter(context)
+            token = await enter(request, context)
             try:
                 async for response in behavior(request, context):
                     yield response
+            except Exception as err:
+                await _internal(context, err, method)
             finally:
                 _CALLER.reset(token)
 

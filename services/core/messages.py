@@ -1,7 +1,8 @@
-"""Conversions between Python values and protobuf well-known types."""
+"""Conversions between Python values and protobuf well-known types, and statuses."""
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 
@@ -12,3 +13,14 @@ def timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(epoch * 1e9))
     return stamp
+
+
+# Set on every status a ds01 service answers itself, so that a client can tell "the
+# service said UNAVAILABLE (its etcd is down)" from "the service cannot be reached".
+ANSWERED = ("ds01-answered", "1")
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` and ``message``, marked as the service's own answer."""
+    context.set_trailing_metadata((ANSWERED,))
+    await context.abort(code, message)

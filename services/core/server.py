@@ -21,8 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ds01.core.bounds import MAX_MESSAGE_BYTES
 from ds01.core.config import Config
+from ds01.core.etcd import etcd_status
 from ds01.core.identity import AuthInterceptor, Roles, caller
+from ds01.core.messages import abort
 from ds01.core.tls import server_credentials
 from ds01.v1 import identity_pb2, identity_pb2_grpc
 
@@ -135,7 +138,10 @@ async def start_service(
         raise ServiceStartError(
             f"{spec.name}: no certificate in {config.pki.root}: run `ds01 admin pki init`"
         )
-    server = grpc.aio.server(interceptors=[AuthInterceptor(context.roles)])
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(context.roles)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
     health = HealthServicer()
     for name in ("", *spec.grpc_services):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -201,8 +207,8 @@ async def answer(
     try:
         return await work
     except Exception as err:
-        status = status_of(err)
+        status = status_of(err) or etcd_status(err)
         if status is None:
             raise
-        await context.abort(*status)
+        await abort(context, *status)
         raise  # abort raises; this only satisfies type checkers

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
 from ds01.core.identity import caller
+from ds01.core.messages import abort
 from ds01.core.pki import PkiError, validate_user_name
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.limits.config import LimitsConfig, LimitsConfigError, parse_sources, read_sources
@@ -97,7 +98,8 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         self, request: limits_pb2.ValidateConfigRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.ValidateConfigResponse:
         if not caller().privileged:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only admins may check the limits configuration",
             )
@@ -151,14 +153,15 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         try:
             return resolve(config, user, container_type)
         except UnknownContainerType as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
             raise
 
     async def _config(self, context: grpc.aio.ServicerContext) -> LimitsConfig:
         config = self.store.config
         if config is None:
             problem = f": {self.store.error}" if self.store.error else ""
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no valid limits configuration has been loaded from {self.store.path}"
                 f"{problem}. An admin can check the file with `ds01 limits check FILE`.",
@@ -169,14 +172,15 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         """The user a request is about: the caller unless named; others need a privilege."""
         principal = caller()
         if not requested and principal.is_service:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "services must name the user")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "services must name the user")
         user = requested or principal.name
         try:
             validate_user_name(user)
         except PkiError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if not principal.may_act_for(user):
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{principal.name} may not see the limits of {user}: users see their own, "
                 "admins anyone's",

@@ -18,6 +18,7 @@ from ds01.containers.adapters import CgroupfsSlices, DockerHost
 from ds01.containers.lifecycle import aggregate_of, cgroup_parent_for, host_cpus
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
+from ds01.core.messages import abort
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.gateway.admission import Gateway, UserSettings
@@ -60,7 +61,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
         found = await self.store.resolve(request.container)
         # Someone else's container looks the same as no container to a user.
         if found is None or not (principal.privileged or found.owner == principal.name):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container}")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no container {request.container}")
         return ownership_pb2.GetOwnerResponse(owner=owner_message(found))
 
     async def ListOwners(
@@ -69,8 +70,10 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
         principal = caller()
         owner = request.owner or ("" if principal.privileged else principal.name)
         if owner != principal.name and not principal.privileged:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "only admins may list other users' containers"
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "only admins may list other users' containers",
             )
         owners = [o for o in await self.store.all() if not owner or o.owner == owner]
         return ownership_pb2.ListOwnersResponse(owners=[owner_message(o) for o in owners])
@@ -79,7 +82,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
         self, request: ownership_pb2.WatchOwnersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
         if not caller().privileged:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
         watch = await self.store.client.watch_prefix(self.store.prefix.encode(), prev_kv=True)
         try:
             async for event in watch:

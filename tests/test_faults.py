@@ -1,0 +1,190 @@
+"""Faults without fallout: bounded requests, locks released on every path, and errors
+that say what failed, on the real etcd and services."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from ds01.allocator.etcd_state import EtcdState
+from ds01.allocator.placement import Request
+from ds01.allocator.server import RemoteLimits
+from ds01.allocator.service import Actor, Allocator
+from ds01.client import Ds01Client, Ds01Error
+from ds01.core.bounds import MAX_ITEMS, NAME_LIMIT, request_problem
+from ds01.core.etcd import connect
+from ds01.core.pki import Pki
+from ds01.core.processes import ManagedProcess, free_port, start_etcd
+from ds01.v1 import containers_pb2, limits_pb2
+from tests.allocator_env import AllocatorEnv, make_env
+
+HUGE = "x" * (3 * 1024 * 1024)  # the 3 MB container name of the report
+
+
+async def refusal(call) -> Ds01Error:
+    with pytest.raises(Ds01Error) as error:
+        await call
+    return error.value
+
+
+def _oversized(client: Ds01Client) -> dict[str, tuple[object, str]]:
+    """Each request field a user fills, too large, with the field the refusal names."""
+    long = "y" * (NAME_LIMIT + 1)
+    return {
+        "3 MB container to Allocate": (client.allocate(HUGE + "._.alice"), "container"),
+        "long container to Allocate": (client.allocate(long + "._.alice"), "container"),
+        "long user to Allocate": (client.allocate("a._.alice", user=long), "user"),
+        "long node to Allocate": (client.allocate("a._.alice", node=long), "node"),
+        "long container to Release": (client.release(long), "container"),
+        "long user to GetLimits": (client.get_limits(user=long), "user"),
+        "long type to GetLimits": (client.get_limits(container_type=long), "container_type"),
+        "long user to GetStatus": (client.gpu_status(user=long), "user"),
+        "huge config to ValidateConfig": (client.validate_config("#" * 1_100_000), "text"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "3 MB container to Allocate",
+        "long container to Allocate",
+        "long user to Allocate",
+        "long node to Allocate",
+        "long container to Release",
+        "long user to GetLimits",
+        "long type to GetLimits",
+        "long user to GetStatus",
+        "huge config to ValidateConfig",
+    ],
+)
+async def test_oversized_fields_are_refused_before_any_work(env: AllocatorEnv, case: str):
+    async with env.client("alice") as alice:
+        calls = _oversized(alice)
+        call, field = calls.pop(case)
+        for other, _ in calls.values():  # only one of them is awaited
+            other.close()  # type: ignore[attr-defined]
+        error = await refusal(call)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert error.message.startswith(f"request refused: {field} is "), error.message
+        assert "characters long; at most" in error.message
+        # Nothing was locked: the next request of the same user is served at once.
+        started = time.monotonic()
+        granted = await alice.allocate("after._.alice")
+        assert granted.allocations and time.monotonic() - started < 3
+
+
+def test_repeated_fields_and_maps_are_bounded_in_count_and_in_each_entry():
+    many = [f"/home/alice/d{i}" for i in range(MAX_ITEMS + 1)]
+    assert request_problem(containers_pb2.CreateContainerRequest(data_dirs=many)) == (
+        f"data_dirs has {MAX_ITEMS + 1} entries; at most {MAX_ITEMS} are allowed"
+    )
+    one_long = containers_pb2.CreateContainerRequest(data_dirs=["/a", "d" * 5000])
+    assert (
+        request_problem(one_long) == "data_dirs is 5000 characters long; at most 4096 are allowed"
+    )
+    nested = limits_pb2.UserLimits(policies={"k" * 300: "v"})
+    assert request_problem(nested) == "policies is 300 characters long; at most 256 are allowed"
+    inner = containers_pb2.Container(gpus=[{"slot": {"node": "n" * 257}}])
+    assert (
+        request_problem(inner) == "gpus.slot.node is 257 characters long; at most 256 are allowed"
+    )
+    fine = containers_pb2.CreateContainerRequest(name="c", image="i", data_dirs=many[:MAX_ITEMS])
+    assert request_problem(fine) is None
+
+
+async def test_an_unknown_preference_is_an_invalid_argument(env: AllocatorEnv):
+    async with env.client("alice") as alice:
+        error = await refusal(alice.allocate("p._.alice", preference=99))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message.startswith("preference 99 is not one of SLOT_PREFERENCE_")
+
+
+async def _allocator(env: AllocatorEnv, state: EtcdState) -> Allocator:
+    return Allocator(state, RemoteLimits(env.service_client("allocator")))
+
+
+async def test_a_claim_etcd_refuses_after_the_lock_is_taken_releases_the_lock(
+    env: AllocatorEnv,
+):
+    """The report's reproduction, below the gRPC bounds: etcd refuses the claim of a
+    3 MB name (too large a request) after the user's lock was taken."""
+    client = connect(env.config, "allocator")
+    try:
+        allocator = await _allocator(env, EtcdState(client, lock_ttl=10))
+        alice = Actor("alice", False)
+        with pytest.raises(Exception, match=r"too large|larger than max"):
+            await allocator.allocate(Request("alice", HUGE + "._.alice"), alice)
+        started = time.monotonic()
+        granted = await allocator.allocate(Request("alice", "next._.alice"), alice)
+        assert granted and time.monotonic() - started < 3, "alice stayed locked"
+    finally:
+        await client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_etcd(
+    tmp_path: Path, pki: Pki, state_dir: Path
+) -> AsyncIterator[tuple[AllocatorEnv, list[ManagedProcess], Path, int, int]]:
+    """An etcd of this test's own, so stopping it disturbs no other test."""
+    data = tmp_path / "etcd" / "data"
+    client_port, peer_port = free_port(), free_port()
+    etcd = [start_etcd(data, client_port, pki.etcd, peer_port)]
+    env = await make_env(tmp_path / "env", pki, state_dir, f"127.0.0.1:{client_port}")
+    try:
+        yield env, etcd, data, client_port, peer_port
+    finally:
+        await env.stop()
+        etcd[-1].stop()
+
+
+class _EtcdStopsDuringClaim(EtcdState):
+    """A fault point: etcd goes away between taking the lock and the (first) claim."""
+
+    def __init__(self, *args, etcd: ManagedProcess, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.etcd: ManagedProcess | None = etcd
+
+    async def claim(self, plan, holder, lock):  # type: ignore[no-untyped-def]
+        if self.etcd is not None:
+            await asyncio.to_thread(self.etcd.stop)
+            self.etcd = None
+        return await super().claim(plan, holder, lock)
+
+
+async def test_an_etcd_outage_during_a_claim_leaves_no_user_locked(own_etcd):
+    env, etcd, data, client_port, peer_port = own_etcd
+    client = connect(env.config, "allocator")
+    state = _EtcdStopsDuringClaim(client, lock_ttl=30, etcd=etcd[-1])
+    try:
+        allocator = await _allocator(env, state)
+        alice = Actor("alice", False)
+        with pytest.raises(Exception):  # noqa: B017 - whichever etcd failure it is
+            await allocator.allocate(Request("alice", "first._.alice"), alice)
+        async with env.client("alice") as user:  # the service says what failed
+            error = await refusal(user.allocate("during._.alice"))
+        assert error.code == grpc.StatusCode.UNAVAILABLE
+        assert error.message.startswith("etcd is unreachable"), error.message
+        etcd.append(await asyncio.to_thread(start_etcd, data, client_port, env.pki.etcd, peer_port))
+        # The lock lives on a 30 s session lease that stays alive: only its release
+        # (retried in the background) lets alice in again well before that.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                started = time.monotonic()
+                granted = await allocator.allocate(Request("alice", "later._.alice"), alice)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        # Served, and not after waiting out the lock: it was released, not expired.
+        assert granted and time.monotonic() - started < 5
+    finally:
+        await state.close()
+        await client.close()
