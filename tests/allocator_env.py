@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import textwrap
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from ds01.core.etcd import etcd_client
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
-from ds01.core.processes import free_port
+from ds01.core.processes import ManagedProcess, free_port, start_etcd
 from ds01.core.server import RunningService, ServiceContext, start_service
 from tests.harness import run_cli, write_config_file
 
@@ -179,3 +181,40 @@ def make_lifecycle(env: AllocatorEnv, docker_socket: Path, etcd: aetcd.Client) -
         client=env.service_client("containers"),
         network_mode="none",
     )
+
+
+@dataclass
+class OwnEtcd:
+    """An etcd of one test's own (stopping it disturbs no other test), and the limits
+    and allocator services on it."""
+
+    env: AllocatorEnv
+    data: Path
+    client_port: int
+    peer_port: int
+    process: ManagedProcess
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    async def start(self) -> None:
+        """Start it again on the same data and ports, as after a crash or an upgrade."""
+        self.process = await asyncio.to_thread(
+            start_etcd, self.data, self.client_port, self.env.pki.etcd, self.peer_port
+        )
+
+
+@contextlib.asynccontextmanager
+async def own_etcd_env(directory: Path, pki: Pki, state_dir: Path) -> AsyncIterator[OwnEtcd]:
+    data = directory / "etcd" / "data"
+    client_port, peer_port = free_port(), free_port()
+    process = start_etcd(data, client_port, pki.etcd, peer_port)
+    own = None
+    try:
+        env = await make_env(directory / "env", pki, state_dir, f"127.0.0.1:{client_port}")
+        own = OwnEtcd(env, data, client_port, peer_port, process)
+        yield own
+    finally:
+        if own is not None:
+            await own.env.stop()
+        (own.process if own else process).stop()

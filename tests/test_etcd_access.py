@@ -21,8 +21,8 @@ import pytest_asyncio
 
 from ds01.core.etcd import TlsClient, etcd_client
 from ds01.core.pki import CertPaths, Pki, init_pki, issue_client_cert
-from ds01.core.processes import ManagedProcess, free_port, start_etcd
-from tests.allocator_env import AllocatorEnv, make_env
+from ds01.core.processes import ManagedProcess
+from tests.allocator_env import AllocatorEnv, OwnEtcd, own_etcd_env
 
 USER = "ds01alice"
 SECRET_KEY = b"/ds01/v1/probe/secret"
@@ -213,20 +213,9 @@ def test_etcd_keys_are_readable_by_root_only(pki: Pki, unix_users: dict[str, int
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def restartable(
-    tmp_path: Path, pki: Pki, state_dir: Path
-) -> AsyncIterator[tuple[AllocatorEnv, list[ManagedProcess], Path, int, int]]:
-    """An etcd of this test's own (so stopping it disturbs no other test), and the
-    limits and allocator services on it."""
-    data = tmp_path / "etcd" / "data"
-    client_port, peer_port = free_port(), free_port()
-    etcd = [start_etcd(data, client_port, pki.etcd, peer_port)]
-    env = await make_env(tmp_path / "env", pki, state_dir, f"127.0.0.1:{client_port}")
-    try:
-        yield env, etcd, data, client_port, peer_port
-    finally:
-        await env.stop()
-        etcd[-1].stop()
+async def own_etcd(tmp_path: Path, pki: Pki, state_dir: Path) -> AsyncIterator[OwnEtcd]:
+    async with own_etcd_env(tmp_path, pki, state_dir) as own:
+        yield own
 
 
 async def _allocate_within(env: AllocatorEnv, container: str, seconds: float) -> list[str]:
@@ -242,12 +231,12 @@ async def _allocate_within(env: AllocatorEnv, container: str, seconds: float) ->
             await asyncio.sleep(0.5)
 
 
-async def test_the_services_keep_working_across_an_etcd_restart(restartable):
-    env, etcd, data, client_port, peer_port = restartable
+async def test_the_services_keep_working_across_an_etcd_restart(own_etcd: OwnEtcd):
+    env = own_etcd.env
     before = await _allocate_within(env, "before._.alice", 5)
-    etcd[-1].stop()
+    own_etcd.stop()
     await asyncio.sleep(1)
-    etcd.append(await asyncio.to_thread(start_etcd, data, client_port, env.pki.etcd, peer_port))
+    await own_etcd.start()
     after = await _allocate_within(env, "after._.alice", 30)
     assert before and after and set(before).isdisjoint(after)  # the first slot stayed held
     async with env.client("alice") as alice:

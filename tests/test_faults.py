@@ -20,9 +20,9 @@ from ds01.client import Ds01Client, Ds01Error
 from ds01.core.bounds import MAX_ITEMS, NAME_LIMIT, request_problem
 from ds01.core.etcd import connect
 from ds01.core.pki import Pki
-from ds01.core.processes import ManagedProcess, free_port, start_etcd
+from ds01.core.processes import ManagedProcess
 from ds01.v1 import containers_pb2, limits_pb2
-from tests.allocator_env import AllocatorEnv, make_env
+from tests.allocator_env import AllocatorEnv, OwnEtcd, own_etcd_env
 
 HUGE = "x" * (3 * 1024 * 1024)  # the 3 MB container name of the report
 
@@ -128,19 +128,9 @@ async def test_a_claim_etcd_refuses_after_the_lock_is_taken_releases_the_lock(
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def own_etcd(
-    tmp_path: Path, pki: Pki, state_dir: Path
-) -> AsyncIterator[tuple[AllocatorEnv, list[ManagedProcess], Path, int, int]]:
-    """An etcd of this test's own, so stopping it disturbs no other test."""
-    data = tmp_path / "etcd" / "data"
-    client_port, peer_port = free_port(), free_port()
-    etcd = [start_etcd(data, client_port, pki.etcd, peer_port)]
-    env = await make_env(tmp_path / "env", pki, state_dir, f"127.0.0.1:{client_port}")
-    try:
-        yield env, etcd, data, client_port, peer_port
-    finally:
-        await env.stop()
-        etcd[-1].stop()
+async def own_etcd(tmp_path: Path, pki: Pki, state_dir: Path) -> AsyncIterator[OwnEtcd]:
+    async with own_etcd_env(tmp_path, pki, state_dir) as own:
+        yield own
 
 
 class _EtcdStopsDuringClaim(EtcdState):
@@ -157,10 +147,10 @@ class _EtcdStopsDuringClaim(EtcdState):
         return await super().claim(plan, holder, lock)
 
 
-async def test_an_etcd_outage_during_a_claim_leaves_no_user_locked(own_etcd):
-    env, etcd, data, client_port, peer_port = own_etcd
+async def test_an_etcd_outage_during_a_claim_leaves_no_user_locked(own_etcd: OwnEtcd):
+    env = own_etcd.env
     client = connect(env.config, "allocator")
-    state = _EtcdStopsDuringClaim(client, lock_ttl=30, etcd=etcd[-1])
+    state = _EtcdStopsDuringClaim(client, lock_ttl=30, etcd=own_etcd.process)
     try:
         allocator = await _allocator(env, state)
         alice = Actor("alice", False)
@@ -170,7 +160,7 @@ async def test_an_etcd_outage_during_a_claim_leaves_no_user_locked(own_etcd):
             error = await refusal(user.allocate("during._.alice"))
         assert error.code == grpc.StatusCode.UNAVAILABLE
         assert error.message.startswith("etcd is unreachable"), error.message
-        etcd.append(await asyncio.to_thread(start_etcd, data, client_port, env.pki.etcd, peer_port))
+        await own_etcd.start()
         # The lock lives on a 30 s session lease that stays alive: only its release
         # (retried in the background) lets alice in again well before that.
         deadline = time.monotonic() + 15
