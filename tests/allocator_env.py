@@ -123,21 +123,12 @@ class AllocatorEnv:
         context = ServiceContext(config=self.config, roles=Roles())
         for name in names:
             self.services[name] = await start_service(service_spec(name), context)
-        if "allocator" in names:
-            await self.wait_registered()
+        for name in names:
+            assert await self.services[name].ready(timeout=20), f"{name} is not ready"
 
     async def stop(self, *names: str) -> None:
         for name in names or list(self.services):
             await self.services.pop(name).stop(grace=0)
-
-    async def wait_registered(self) -> None:
-        async with self.client("root") as client:
-            for _ in range(100):
-                status = await client.gpu_status()
-                if any(n.up for n in status.nodes):
-                    return
-                await asyncio.sleep(0.05)
-        raise AssertionError("the allocator never registered its node")
 
 
 async def make_env(

@@ -77,7 +77,7 @@ def pki(state_dir: Path) -> Pki:
 
 
 @pytest.fixture(scope="session")
-def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str) -> Config:
+def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str, docker_socket: Path) -> Config:
     return Config(
         node="test-node",
         state_dir=state_dir,
@@ -88,6 +88,7 @@ def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str) -> Config:
         ownership=OwnershipConfig(
             enroll_socket=state_dir / "enroll.sock", proxy_socket=state_dir / "docker.sock"
         ),
+        docker_host=f"unix://{docker_socket}",
     )
 
 
@@ -96,6 +97,8 @@ async def suite(suite_config: Config) -> AsyncIterator[dict[str, RunningService]
     """All four services, in this process, on free loopback ports with mutual TLS."""
     context = ServiceContext(config=suite_config, roles=Roles())
     running = {name: await start_service(service_spec(name), context) for name in SERVICES}
+    for service in running.values():
+        assert await service.ready(timeout=20), f"{service.spec.name} is not ready"
     yield running
     for service in running.values():
         await service.stop(grace=0)

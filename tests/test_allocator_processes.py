@@ -89,10 +89,11 @@ def processes(
 
 
 async def _wait_serving(client: Ds01Client) -> None:
-    for _ in range(200):
+    """The allocator's own health: SERVING once its etcd, its limits channel and its
+    node registration all answer (not just the limits service seen from here)."""
+    for _ in range(600):
         try:
-            nodes_up = any(node.up for node in (await client.gpu_status()).nodes)
-            if nodes_up and await client.health("limits") == "SERVING":
+            if await client.health("allocator") == "SERVING":
                 return
         except Ds01Error:
             pass

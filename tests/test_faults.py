@@ -4,8 +4,9 @@ that say what failed, on the real etcd and services."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -178,3 +179,73 @@ async def test_an_etcd_outage_during_a_claim_leaves_no_user_locked(own_etcd: Own
     finally:
         await state.close()
         await client.close()
+
+
+async def _serving(env: AllocatorEnv, service: str) -> tuple[str, dict[str, str]]:
+    """The health of ``service`` and what it says of each dependency."""
+    async with env.client("alice") as alice:
+        health = await alice.health(service)
+        status = await alice.service_status(service)
+    return health, {d.name: d.detail or "ok" for d in status.dependencies}
+
+
+ALL_OK = ("SERVING", {"etcd": "ok", "limits": "ok", "inventory": "ok"})
+
+
+async def _allocator_when(
+    env: AllocatorEnv, done: Callable[[str, dict[str, str]], bool], seconds: float
+) -> tuple[str, dict[str, str]]:
+    """The allocator's health and needs once ``done(health, needs)`` holds (or time is up)."""
+    deadline = time.monotonic() + seconds
+    while not done(*(seen := await _serving(env, "allocator"))) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return seen
+
+
+async def test_a_call_waits_for_a_service_that_starts_late(env: AllocatorEnv):
+    """The unlucky start order: limits comes up after the allocator. The allocator says
+    NOT_SERVING and why, and a user's Allocate waits for limits instead of failing."""
+    await env.stop("limits")
+    health, needs = await _allocator_when(env, lambda h, n: n["limits"] != "ok", 10)
+    assert health == "NOT_SERVING"
+    assert needs["limits"].startswith("cannot reach the limits service"), needs
+    async with env.client("alice") as alice:
+        pending = asyncio.ensure_future(alice.allocate("late._.alice"))
+        await asyncio.sleep(2)
+        assert not pending.done(), "Allocate should wait for limits, not fail"
+        await env.start("limits")
+        granted = await asyncio.wait_for(pending, 15)
+    assert granted.allocations
+    assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 10) == ALL_OK
+
+
+async def test_health_and_status_follow_etcd_through_an_outage(own_etcd: OwnEtcd):
+    env = own_etcd.env
+    assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 10) == ALL_OK
+    own_etcd.stop()
+    health, needs = await _allocator_when(env, lambda h, n: n["etcd"] != "ok", 10)
+    assert health == "NOT_SERVING"
+    assert needs["etcd"].startswith("etcd is unreachable"), needs
+    assert needs["limits"] == "ok"  # only what is missing is named
+    await own_etcd.start()
+    assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 15) == ALL_OK
+
+
+async def test_status_lists_what_each_service_needs(env: AllocatorEnv):
+    result = await env.cli("alice", "-o", "json", "status")
+    rows = {row["service"]: row for row in json.loads(result.stdout)}
+    assert rows["limits"]["status"] == "SERVING" and rows["limits"]["needs"] == []
+    allocator = rows["allocator"]
+    assert allocator["status"] == "SERVING", allocator
+    assert [(n["name"], n["available"]) for n in allocator["needs"]] == [
+        ("etcd", True),
+        ("limits", True),
+        ("inventory", True),
+    ]
+    assert allocator["needs"][0]["target"] == env.config.etcd_endpoints[0]
+    # This env runs no containers service: that row says it cannot be reached.
+    assert rows["containers"]["status"] == "UNAVAILABLE"
+    assert rows["containers"]["detail"].startswith("cannot reach the containers service")
+    assert result.returncode == 1
+    table = await env.cli("alice", "status")
+    assert "etcd ok, limits ok, inventory ok" in table.stdout, table.stdout

@@ -6,6 +6,7 @@ import getpass
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -45,18 +46,38 @@ cli.add_command(container)
 def status(settings: Settings) -> None:
     """Health of every ds01 service, checked over mutual TLS."""
 
-    async def check(client: Ds01Client) -> list[dict[str, str]]:
+    async def check(client: Ds01Client) -> list[dict[str, Any]]:
         rows = []
         for service in SERVICES:
+            needs: list[dict[str, Any]] = []
             try:
                 state = await client.health(service)
-                detail = ""
+                needs = [
+                    {
+                        "name": d.name,
+                        "target": d.target,
+                        "available": d.available,
+                        "detail": d.detail,
+                    }
+                    for d in (await client.service_status(service)).dependencies
+                ]
+                detail = "; ".join(
+                    f"{d['name']}: {d['detail']}" for d in needs if not d["available"]
+                )
             except Ds01Error as err:
                 if err.code == grpc.StatusCode.UNAUTHENTICATED:
                     raise  # the same for every service: say it once
                 state, detail = err.code.name, err.message
             address = client.config.address(service)
-            rows.append({"service": service, "address": address, "status": state, "detail": detail})
+            rows.append(
+                {
+                    "service": service,
+                    "address": address,
+                    "status": state,
+                    "needs": needs,
+                    "detail": detail,
+                }
+            )
         return rows
 
     rows = call(settings, check)
@@ -64,11 +85,18 @@ def status(settings: Settings) -> None:
         click.echo(json.dumps(rows, indent=2))
     else:
         print_table(
-            ["SERVICE", "ADDRESS", "STATUS", "DETAIL"],
-            [[r["service"], r["address"], r["status"], r["detail"]] for r in rows],
+            ["SERVICE", "ADDRESS", "STATUS", "NEEDS", "DETAIL"],
+            [
+                [r["service"], r["address"], r["status"], _needs(r["needs"]), r["detail"]]
+                for r in rows
+            ],
         )
     if any(row["status"] != "SERVING" for row in rows):
         sys.exit(1)
+
+
+def _needs(needs: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{d['name']} {'ok' if d['available'] else 'DOWN'}" for d in needs) or "-"
 
 
 @cli.command()

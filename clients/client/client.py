@@ -29,10 +29,13 @@ from ds01.v1 import (
     identity_pb2_grpc,
     limits_pb2,
     limits_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
 )
 
 T = TypeVar("T")
 _IdentityStub = identity_pb2_grpc.IdentityServiceStub
+_StatusStub = status_pb2_grpc.StatusServiceStub
 _LimitsStub = limits_pb2_grpc.LimitsServiceStub
 _AllocatorStub = allocator_pb2_grpc.AllocatorServiceStub
 _ContainersStub = containers_pb2_grpc.ContainersServiceStub
@@ -84,10 +87,15 @@ class Ds01Client:
         config: Config,
         identity: ClientIdentity | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        wait_for_ready: bool = False,
     ) -> None:
+        """``wait_for_ready``: a call waits, within its deadline, for a service that is
+        starting or restarting instead of failing at once. The services call each other
+        this way; people's commands fail fast and say which service is not there."""
         self.config = config
         self.identity = identity or find_identity(config)
         self.timeout = timeout
+        self._interceptors = [_WaitForReady(), _WaitForReadyStream()] if wait_for_ready else []
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __aenter__(self) -> Ds01Client:
@@ -113,6 +121,7 @@ class Ds01Client:
                 self.config.address(service),
                 credentials,
                 options=[("grpc.service_config", _RETRY_READS)],
+                interceptors=self._interceptors,
             )
         return self._channels[service]
 
@@ -135,6 +144,11 @@ class Ds01Client:
         request = health_pb2.HealthCheckRequest()
         response = await self.unary(service, health_pb2_grpc.HealthStub, "Check", request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def service_status(self, service: str) -> status_pb2.GetServiceStatusResponse:
+        """What ``service`` needs (etcd, Docker, fellow services) and whether it has it."""
+        request = status_pb2.GetServiceStatusRequest()
+        return await self.unary(service, _StatusStub, "GetServiceStatus", request)
 
     async def whoami(self, service: str = "limits") -> identity_pb2.WhoAmIResponse:
         request = identity_pb2.WhoAmIRequest()
@@ -297,6 +311,20 @@ class Ds01Client:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return Ds01Error(code, f"the {service} service did not answer within {self.timeout}s")
         return Ds01Error(code, err.details() or code.name.lower())
+
+
+class _WaitForReady(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(details._replace(wait_for_ready=True), request)
+
+
+class _WaitForReadyStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(details._replace(wait_for_ready=True), request)
 
 
 def _advice(problem: str) -> str:

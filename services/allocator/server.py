@@ -11,7 +11,6 @@ from dataclasses import asdict, replace
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2
 
 from ds01.allocator.etcd_state import EtcdState, NodeRegistration
 from ds01.allocator.events import (
@@ -43,7 +42,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA
-from ds01.core.etcd import connect
+from ds01.core.etcd import connect, etcd_status
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
@@ -355,7 +354,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
     etcd = connect(config, "allocator")
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
-    limits = RemoteLimits(Ds01Client(config, identity))
+    limits = RemoteLimits(Ds01Client(config, identity, wait_for_ready=True))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
 
     async def container_exists(name: str) -> bool:
@@ -372,10 +371,11 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
     )
-    await runtime.health.set(ALLOCATOR_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    runtime.run_in_background(
-        _keep_node_registered(config.node, runtime, etcd), f"node-{config.node}"
-    )
+    registration = _Registration(config.node)
+    runtime.needs_etcd(etcd)
+    runtime.needs_services(identity, "limits")
+    runtime.dependencies.add("inventory", config.node, registration.check)
+    runtime.run_in_background(registration.keep(runtime, etcd), f"node-{config.node}")
     runtime.run_in_background(limits.follow_changes(), "limits-changes")
     runtime.run_in_background(_expire_overdue_holds(allocator), "hold-sweeper")
 
@@ -401,24 +401,39 @@ async def _expire_overdue_holds(allocator: Allocator, interval: float = 1.0) -> 
             log.info("ended %d overdue GPU hold(s)", ended)
 
 
-async def _keep_node_registered(node: str, runtime: ServiceRuntime, etcd: object) -> None:
-    """Register this node's inventory, then keep the registration alive. Until etcd
-    answers, the service reports NOT_SERVING and retries."""
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    while True:
-        try:
-            inventory = await asyncio.to_thread(load_inventory, runtime.config)
-            slots = [SlotRecord(node=node, **asdict(s)) for s in inventory.slots()]
-            record = NodeRecord(node, inventory.source, inventory.simulated, time.time())
-            registration = NodeRegistration(etcd, record, slots)  # type: ignore[arg-type]
-            await registration.register()
-            log.info("node %s registered: %s", node, inventory.describe())
-            await runtime.health.set(ALLOCATOR_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-            await registration.keep_alive()
-        except Exception as err:  # keep trying: etcd or the driver may come later
-            log.error("node %s: cannot register: %s", node, err)
-            await runtime.health.set(ALLOCATOR_SERVICE, not_serving)
-            await asyncio.sleep(2)
+class _Registration:
+    """This node's inventory in etcd, kept registered; a dependency of the service."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.problem: str | None = "not registered yet"
+
+    async def check(self) -> None:
+        if self.problem:
+            raise RuntimeError(f"node {self.node}: {self.problem}")
+
+    async def keep(self, runtime: ServiceRuntime, etcd: object) -> None:
+        """Register this node's inventory, then keep the registration alive. Until etcd
+        and the inventory answer, the service reports NOT_SERVING and retries."""
+        while True:
+            try:
+                inventory = await asyncio.to_thread(load_inventory, runtime.config)
+                slots = [SlotRecord(node=self.node, **asdict(s)) for s in inventory.slots()]
+                record = NodeRecord(self.node, inventory.source, inventory.simulated, time.time())
+                registration = NodeRegistration(etcd, record, slots)  # type: ignore[arg-type]
+                await registration.register()
+                log.info("node %s registered: %s", self.node, inventory.describe())
+                self.problem = None
+                await registration.keep_alive()
+            except Exception as err:  # keep trying: etcd or the driver may come later
+                self.problem = f"cannot register: {_reason(err)}"
+                log.error("node %s: %s", self.node, self.problem)
+                await asyncio.sleep(2)
+
+
+def _reason(err: Exception) -> str:
+    status = etcd_status(err)
+    return status[1] if status else str(err)
 
 
 SPEC = ServiceSpec(name="allocator", grpc_services=(ALLOCATOR_SERVICE,), register=register)

@@ -4,6 +4,7 @@ container metadata in etcd, and per-user cgroups on cgroupfs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import io
 import logging
@@ -18,6 +19,7 @@ import docker
 import docker.errors
 
 from ds01.containers.spec import Account, named_accounts
+from ds01.core.processes import docker_answers
 from ds01.core.records import JsonRecord
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,18 @@ class DockerHost:
 
     async def run(self, work: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(work, *args, **kwargs)
+
+    async def ping(self) -> None:
+        """Return when the daemon answers /_ping; raise DockerUnavailable when not."""
+        if self.base_url.startswith("unix://"):
+            socket_path = Path(self.base_url.removeprefix("unix://"))
+            if await asyncio.to_thread(docker_answers, socket_path):  # a 1 s bound
+                return
+        else:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                if await self.run(lambda: self.client.ping()):
+                    return
+        raise DockerUnavailable(f"Docker at {self.base_url} does not answer")
 
     async def status(self, container: Any) -> str:
         await self.run(container.reload)

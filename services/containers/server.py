@@ -169,7 +169,7 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("containers"))
-    client = Ds01Client(config, identity, timeout=60)
+    client = Ds01Client(config, identity, timeout=60, wait_for_ready=True)
     etcd = connect(config, "containers")
     docker_host = DockerHost(config.docker_host)
     lifecycle = Lifecycle(
@@ -184,6 +184,9 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     )
     reconciler = Reconciler(lifecycle, interval=config.containers.reconcile_interval)
     runtime.run_in_background(reconciler.run(), "reconciler")
+    runtime.needs_etcd(etcd)
+    runtime.dependencies.add("docker", config.docker_host, docker_host.ping)
+    runtime.needs_services(identity, "limits", "allocator")
 
     async def close() -> None:
         await client.close()

@@ -131,6 +131,8 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
         context = ServiceContext(config=config, roles=Roles())
         for name in names:
             running.append(await start_service(service_spec(name), context))
+        for service in running:  # the first check of what each one needs
+            await service.ready(timeout=10)
         print(_summary(config, running, deps.notes), flush=True)
         await stop.wait()
         log.info("stopping")
@@ -144,9 +146,16 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
         await asyncio.to_thread(deps.stop)
 
 
+def _waiting(service: RunningService) -> str:
+    missing = [d for d in service.runtime.dependencies.items if not d.available]
+    if not missing:
+        return ""
+    return "  (not serving yet: " + "; ".join(f"{d.name}: {d.detail}" for d in missing) + ")"
+
+
 def _summary(config: Config, running: list[RunningService], notes: list[str]) -> str:
     lines = [f"ds01 is up on node {config.node} (mutual TLS on every port)"]
-    lines += [f"  {s.spec.name:<10} {s.address}" for s in running]
+    lines += [f"  {s.spec.name:<10} {s.address}{_waiting(s)}" for s in running]
     lines += [f"  {note}" for note in notes]
     try:
         lines.append(f"  gpus       {load_inventory(config).describe()}")

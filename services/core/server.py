@@ -15,24 +15,28 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
+import aetcd
 import grpc
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.bounds import MAX_MESSAGE_BYTES
 from ds01.core.config import Config
+from ds01.core.dependencies import CHECK_TIMEOUT, Dependencies, StatusServicer
 from ds01.core.etcd import etcd_status
 from ds01.core.identity import AuthInterceptor, Roles, caller
 from ds01.core.messages import abort
 from ds01.core.tls import server_credentials
-from ds01.v1 import identity_pb2, identity_pb2_grpc
+from ds01.v1 import identity_pb2, identity_pb2_grpc, status_pb2, status_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name
 
 
 @dataclass
@@ -50,10 +54,35 @@ class ServiceRuntime:
     context: ServiceContext
     health: HealthServicer
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What the service needs; its health says SERVING only while all of them answer.
+    dependencies: Dependencies = field(default_factory=Dependencies)
 
     @property
     def config(self) -> Config:
         return self.context.config
+
+    def needs_etcd(self, client: aetcd.Client) -> None:
+        async def check() -> None:
+            await client.get(b"/ds01/v1/")
+
+        self.dependencies.add("etcd", self.config.etcd_endpoints[0], check)
+
+    def needs_services(self, identity: ClientIdentity, *names: str) -> None:
+        """Fellow services, asked for their health without waiting: a check says what
+        is missing now."""
+        client = Ds01Client(self.config, identity, timeout=CHECK_TIMEOUT)
+
+        def check(name: str) -> Callable[[], Awaitable[None]]:
+            async def healthy() -> None:
+                state = await client.health(name)
+                if state != "SERVING":
+                    raise RuntimeError(f"the {name} service reports {state}")
+
+            return healthy
+
+        for name in names:
+            self.dependencies.add(name, self.config.address(name), check(name))
+        self.on_stop.append(client.close)
 
     def run_in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work`` while the service runs; it is cancelled when the service stops."""
@@ -100,6 +129,10 @@ class RunningService:
     def health(self) -> HealthServicer:
         return self.runtime.health
 
+    async def ready(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until everything the service needs answers."""
+        return await self.runtime.dependencies.wait_ready(timeout)
+
     async def stop(self, grace: float = 2.0) -> None:
         if self._stopped:
             return
@@ -143,16 +176,26 @@ async def start_service(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     health = HealthServicer()
-    for name in ("", *spec.grpc_services):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     runtime = ServiceRuntime(context, health)
     await spec.register(server, runtime)
+    first = health_pb2.HealthCheckResponse.NOT_SERVING  # until the dependencies answer
+    if not runtime.dependencies.items:
+        first = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", *spec.grpc_services):
+        await health.set(name, first)
+    runtime.dependencies.health, runtime.dependencies.services = health, spec.grpc_services
+    if runtime.dependencies.items:
+        runtime.run_in_background(runtime.dependencies.follow(), f"{spec.name}-dependencies")
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(spec.name), server)
+    status_pb2_grpc.add_StatusServiceServicer_to_server(
+        StatusServicer(spec.name, runtime.dependencies), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             *spec.grpc_services,
             IDENTITY_SERVICE,
+            STATUS_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

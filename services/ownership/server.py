@@ -119,7 +119,10 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
     await enrollment.start()
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("ownership"))
-    client = Ds01Client(config, identity)
+    client = Ds01Client(config, identity, wait_for_ready=True)
+    runtime.needs_etcd(etcd)
+    runtime.dependencies.add("docker", config.docker_host, docker_host.ping)
+    runtime.needs_services(identity, "limits")
 
     admins: dict[str, tuple[float, bool]] = {}
 
