@@ -148,3 +148,62 @@ def test_slots_of_nodes_that_are_down_are_not_given_out():
     assert [(s.node, s.slot_id) for s in chosen.slots] == [("up", "0")]
     with pytest.raises(AllocationRefused):
         plan(Request("alice", "a", node="down"), RESEARCHER, slots, {}, {"up"})
+
+
+HALF = Quota("half", 20, max_gpu_equivalents=0.5, max_slots_per_container=2, allow_full_gpu=True)
+
+
+def test_placement_picks_what_fits_the_quota_before_the_strategys_favourite():
+    """0.5 GPU-equivalents, one slot, no preference: the least allocated slot is a full GPU
+    (1.0), beyond the quota; a free MIG slice (2/7) fits, and is given."""
+    holders = {("n", "3:1"): holder("bob", "b")}  # GPU 3 is partly used
+    chosen = plan(Request("alice", "a"), HALF, FULLS + MIGS, holders, {"n"})
+    assert ids(chosen) == ["3:2"]
+    packed = plan(Request("alice", "a"), HALF, FULLS + MIGS, holders, {"n"}, Strategy.PACK)
+    assert ids(packed) == ["3:2"]
+    # Two slots within 0.5: two slices of 2/7 would be 4/7 > 0.5, so only one fits.
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a", slots=2), HALF, FULLS + MIGS, {}, {"n"})
+    assert refused.value.kind is Refusal.QUOTA
+    assert refused.value.message == (
+        "alice holds 0.0 of 0.5 GPU-equivalents; this request needs 2.00 more. "
+        "Within what is left (0.50) fits: 2g.20gb."
+    )
+
+
+def test_the_strategys_order_holds_among_the_slots_that_fit():
+    slots = [full("n", 0), mig("n", 1, 1), mig("n", 1, 2), mig("n", 2, 1), mig("n", 2, 2)]
+    holders = {("n", "2:1"): holder("bob", "b")}
+    spread = plan(Request("alice", "a"), HALF, slots, holders, {"n"})
+    assert ids(spread) == ["1:1"]  # GPU 1 is the least allocated GPU with a slice that fits
+    packed = plan(Request("alice", "a"), HALF, slots, holders, {"n"}, Strategy.PACK)
+    assert ids(packed) == ["2:2"]
+
+
+def test_a_refusal_says_what_would_fit():
+    taken = {("n", f"3:{i}"): holder("bob", f"b{i}") for i in (1, 2, 3)}
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a"), HALF, FULLS + MIGS, taken, {"n"})
+    assert refused.value.kind is Refusal.QUOTA
+    assert refused.value.message == (
+        "alice holds 0.0 of 0.5 GPU-equivalents; this request needs 1.00 more. "
+        "Within what is left (0.50) fits: 2g.20gb."
+    )
+    at_quota = {("n", "3:1"): holder("alice", "a1")}
+    with pytest.raises(AllocationRefused) as full_quota:
+        plan(Request("alice", "a2"), HALF, [full("n", 0), mig("n", 3, 1)], at_quota, {"n"})
+    assert full_quota.value.kind is Refusal.QUOTA
+    assert full_quota.value.message == (
+        "alice holds 0.3 of 0.5 GPU-equivalents; the smallest GPU slot here needs 0.29 more. "
+        "Nothing fits until one of their containers is stopped or removed."
+    )
+
+
+def test_preemption_stays_within_the_quota():
+    stopped = {
+        ("n", "0"): holder("bob", "b0", priority=5, stopped=1.0),
+        ("n", "3:1"): holder("bob", "b1", priority=5, stopped=2.0),
+    }
+    slots = [full("n", 0), mig("n", 3, 1)]
+    chosen = plan(Request("alice", "a"), HALF, slots, stopped, {"n"})
+    assert [s.slot_id for s, _ in chosen.preempt] == ["3:1"]  # the full GPU would not fit

@@ -114,32 +114,73 @@ def plan(
     held_by_user = sum(
         weights.get(key, 0.0) for key, holder in holders.items() if holder.user == request.user
     )
-    free = [s for s in eligible if (s.node, s.slot_id) not in holders]
-    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy)
-    preempt: list[tuple[SlotRecord, Holder]] = []
-    if not _enough(claim, wanted, request.gpu_equivalents):
-        preempt = _preemptible(eligible, holders, quota.priority)
-        preempt = preempt[: _still_needed(claim, preempt, wanted, request.gpu_equivalents)]
-    chosen = Plan(tuple(claim), tuple(preempt))
-    weight = chosen.weight if chosen.slots else min(s.gpu_equivalents for s in eligible)
-    if (
-        quota.max_gpu_equivalents is not None
-        and held_by_user + weight > quota.max_gpu_equivalents + EPSILON
-    ):
+    budget = None
+    if quota.max_gpu_equivalents is not None:
+        budget = quota.max_gpu_equivalents - held_by_user
+    # Only slots that fit what is left of the quota, in the strategy's order among them:
+    # a free MIG slice within the quota beats a least-allocated full GPU beyond it.
+    fitting = [s for s in eligible if budget is None or s.gpu_equivalents <= budget + EPSILON]
+    if not fitting:
+        smallest = min(s.gpu_equivalents for s in eligible)
         raise AllocationRefused(
             Refusal.QUOTA,
             f"{request.user} holds {held_by_user:.1f} of {quota.max_gpu_equivalents:.1f} "
-            f"GPU-equivalents; this request needs {weight:.2f} more",
+            f"GPU-equivalents; the smallest {_kind_name(request, quota)[:-1]} here needs "
+            f"{smallest:.2f} more. Nothing fits until one of their containers is stopped "
+            "or removed.",
         )
-    if not _enough(chosen.slots, wanted, request.gpu_equivalents):
-        in_use = sum(1 for s in eligible if (s.node, s.slot_id) in holders)
-        stopped = sum(1 for s in eligible if holders.get((s.node, s.slot_id), _RUNNING).stopped)
+    chosen = _choose(fitting, holders, request, quota, strategy, budget)
+    if _enough(chosen.slots, wanted, request.gpu_equivalents):
+        return chosen
+    beyond = _choose(eligible, holders, request, quota, strategy, None)
+    if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
         raise AllocationRefused(
-            Refusal.NO_CAPACITY,
-            f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
-            f"({stopped} held for stopped containers)",
+            Refusal.QUOTA,
+            f"{request.user} holds {held_by_user:.1f} of {quota.max_gpu_equivalents:.1f} "
+            f"GPU-equivalents; this request needs {beyond.weight:.2f} more. "
+            f"{_what_fits(eligible, budget)}",
         )
-    return chosen
+    in_use = sum(1 for s in eligible if (s.node, s.slot_id) in holders)
+    stopped = sum(1 for s in eligible if holders.get((s.node, s.slot_id), _RUNNING).stopped)
+    raise AllocationRefused(
+        Refusal.NO_CAPACITY,
+        f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
+        f"({stopped} held for stopped containers)",
+    )
+
+
+def _choose(
+    candidates: list[SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+    request: Request,
+    quota: Quota,
+    strategy: Strategy,
+    budget: float | None,
+) -> Plan:
+    """Free slots first, then slots held for lower-priority users' stopped containers."""
+    wanted = request.slots or (0 if request.gpu_equivalents else 1)
+    free = [s for s in candidates if (s.node, s.slot_id) not in holders]
+    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy, budget)
+    preempt: list[tuple[SlotRecord, Holder]] = []
+    if not _enough(claim, wanted, request.gpu_equivalents):
+        left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
+        preempt = [
+            (slot, held)
+            for slot, held in _preemptible(candidates, holders, quota.priority)
+            if left is None or slot.gpu_equivalents <= left + EPSILON
+        ]
+        preempt = preempt[: _still_needed(claim, preempt, wanted, request.gpu_equivalents)]
+    return Plan(tuple(claim), tuple(preempt))
+
+
+def _what_fits(eligible: list[SlotRecord], budget: float) -> str:
+    """What the user could still get: the kinds of slot within what is left of the quota."""
+    kinds = sorted(
+        {(s.gpu_equivalents, s.mig_profile or "full GPU") for s in eligible},
+        reverse=True,
+    )
+    fits = [name for weight, name in kinds if weight <= budget + EPSILON]
+    return f"Within what is left ({max(budget, 0):.2f}) fits: {', '.join(dict.fromkeys(fits))}."
 
 
 _RUNNING = Holder(user="", container="", since=0, priority=0)
@@ -174,16 +215,22 @@ def _pick(
     wanted: int,
     equivalents: float,
     strategy: Strategy,
+    budget: float | None = None,
 ) -> list[SlotRecord]:
-    """Least-allocated GPU first (ties in numeric order), or most-allocated for pack."""
+    """Least-allocated GPU first (ties in numeric order), or most-allocated for pack;
+    with a ``budget``, only slots that keep the total within it."""
     load = Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
     remaining = sorted(free, key=lambda s: s.order)
     chosen: list[SlotRecord] = []
+    spent = 0.0
     sign = -1 if strategy is Strategy.PACK else 1
     while remaining and not _enough(chosen, wanted, equivalents):
         best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], s.order))
         remaining.remove(best)
+        if budget is not None and spent + best.gpu_equivalents > budget + EPSILON:
+            continue
         chosen.append(best)
+        spent += best.gpu_equivalents
         load[(best.node, best.gpu)] += 1
     return chosen
 
