@@ -138,11 +138,16 @@ async def make_env(
     etcd: str,
     docker_socket: Path | None = None,
     limits: str = LIMITS,
+    services: tuple[str, ...] | None = None,
 ) -> AllocatorEnv:
-    """limits and allocator (and containers, given a Docker socket) on a wiped etcd."""
+    """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
+    ``services`` names the ones to run in this process when that is not all of them."""
     await wipe(etcd, pki)
     files = write_files(directory, limits)
-    services = ("limits", "allocator", "containers") if docker_socket else ("limits", "allocator")
+    if services is None:
+        services = (
+            ("limits", "allocator", "containers") if docker_socket else ("limits", "allocator")
+        )
     config = Config(
         node=files.node,
         state_dir=state_dir,

@@ -172,10 +172,18 @@ def write_config_file(config: Config, path: Path) -> Path:
                     "enroll_socket": str(config.ownership.enroll_socket),
                     "proxy_socket": str(config.ownership.proxy_socket),
                 },
+                "docker": {"host": config.docker_host},
+                "allocator": {"lock_ttl": config.allocator.lock_ttl},
             }
+            | _containers_section(config)
         )
     )
     return path
+
+
+def _containers_section(config: Config) -> dict[str, dict[str, str]]:
+    mode = config.containers.network_mode
+    return {"containers": {"network_mode": mode}} if mode else {}
 
 
 async def run_cli(

@@ -242,7 +242,7 @@ async def test_a_failure_at_any_create_step_leaves_nothing_behind(
         "allocate": (lifecycle.client, "allocate"),
         "cgroup": (lifecycle.cgroups, "ensure"),
         "create": (lifecycle.docker, "create"),
-        "metadata": (lifecycle.metadata, "put"),
+        "metadata": (lifecycle.intents, "commit"),
         "start": (lifecycle.docker, "start"),
     }[step]
 
@@ -260,6 +260,7 @@ async def test_a_failure_at_any_create_step_leaves_nothing_behind(
         assert f"injected failure in {step}" in failed.value.message
         assert failed.value.message.endswith("nothing was left behind")
         assert await lifecycle.metadata.all() == []
+        assert await lifecycle.intents.all() == []
         async with env.client("ds01alice") as alice:
             slots = (await alice.gpu_status()).allocations
         assert all(a.state == common_pb2.SLOT_STATE_FREE for a in slots)

@@ -25,6 +25,7 @@ from ds01.core.records import JsonRecord
 log = logging.getLogger(__name__)
 
 METADATA = "/ds01/v1/containers/"
+INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 
 
 class NoAccount(LookupError):
@@ -166,6 +167,44 @@ class Metadata(JsonRecord):
     counted_start: str = ""  # Docker's StartedAt of the last run added to runtime_before
     container_type: str = ""  # container_types.<type> of the limits configuration
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
+    # Never stored: "creating" or "interrupted" when this stands for a create's intent.
+    pending: str = ""
+
+
+@dataclass
+class Intent(JsonRecord):
+    """A create in progress, written to etcd before each of its side effects. If the
+    creating process dies, whoever finds the intent knows exactly what to undo."""
+
+    docker_name: str
+    name: str
+    user: str
+    image: str
+    node: str
+    owner: str  # the containers service instance that is creating it
+    started_at: float
+    made_dirs: list[str] = field(default_factory=list)  # directories it is about to make
+    allocating: bool = False  # it has asked for (or holds) GPUs under docker_name
+    creating: bool = False  # it has asked Docker for a container named docker_name
+    undoing: bool = False  # its own undo failed: the repair loop takes over
+
+    def shown(self, interrupted: bool) -> Metadata:
+        """How list and inspect show it: a container that is not there yet."""
+        return Metadata(
+            docker_name=self.docker_name,
+            name=self.name,
+            user=self.user,
+            image=self.image,
+            container_id="",
+            node=self.node,
+            created_at=self.started_at,
+            pending="interrupted" if interrupted else "creating",
+            notice=(
+                "its create was interrupted; ds01 is undoing it, then the name is free"
+                if interrupted
+                else "being created"
+            ),
+        )
 
 
 class MetadataStore:
@@ -189,6 +228,56 @@ class MetadataStore:
     async def all(self) -> list[Metadata]:
         found = await self.client.get_prefix(f"{METADATA}{self.node}/".encode())
         return [Metadata.decode(kv.value) for kv in found]
+
+
+class IntentStore:
+    """Intents of one node: reserved with the name, committed with the metadata."""
+
+    def __init__(self, client: aetcd.Client, node: str) -> None:
+        self.client = client
+        self.node = node
+
+    def _key(self, docker_name: str) -> bytes:
+        return f"{INTENTS}{self.node}/{docker_name}".encode()
+
+    def _metadata_key(self, docker_name: str) -> bytes:
+        return f"{METADATA}{self.node}/{docker_name}".encode()
+
+    async def reserve(self, intent: Intent) -> bool:
+        """Write the intent if neither a create nor a container holds the name."""
+        key, tx = self._key(intent.docker_name), self.client.transactions
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.create(key) == 0, tx.create(self._metadata_key(intent.docker_name)) == 0],
+            success=[tx.put(key, intent.encode())],
+            failure=[],
+        )
+        return succeeded
+
+    async def update(self, intent: Intent) -> None:
+        await self.client.put(self._key(intent.docker_name), intent.encode())
+
+    async def commit(self, intent: Intent, metadata: Metadata) -> None:
+        """The create is done: its metadata replaces its intent in one transaction."""
+        tx = self.client.transactions
+        await self.client.transaction(
+            compare=[],
+            success=[
+                tx.put(self._metadata_key(metadata.docker_name), metadata.encode()),
+                tx.delete(self._key(intent.docker_name)),
+            ],
+            failure=[],
+        )
+
+    async def get(self, docker_name: str) -> Intent | None:
+        found = await self.client.get(self._key(docker_name))
+        return Intent.decode(found.value) if found else None
+
+    async def delete(self, docker_name: str) -> None:
+        await self.client.delete(self._key(docker_name))
+
+    async def all(self) -> list[Intent]:
+        found = await self.client.get_prefix(f"{INTENTS}{self.node}/".encode())
+        return [Intent.decode(kv.value) for kv in found]
 
 
 class CgroupfsSlices:

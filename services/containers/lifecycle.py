@@ -13,17 +13,22 @@ import enum
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import grpc
 
 from ds01.client import Ds01Client, Ds01Error
 from ds01.containers.adapters import (
     CgroupfsSlices,
     DockerHost,
+    DockerUnavailable,
+    Intent,
+    IntentStore,
     Metadata,
     MetadataStore,
     NoAccount,
@@ -36,6 +41,8 @@ from ds01.containers.spec import (
     SpecError,
     docker_name,
 )
+from ds01.core.etcd import etcd_status
+from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,14 @@ class ContainerError(Exception):
         self.message = message
 
 
+class Pending(ContainerError):
+    """The name is held by a create in progress, or by one being undone."""
+
+    def __init__(self, intent: Intent, message: str) -> None:
+        super().__init__(Code.UNAVAILABLE, message)
+        self.intent = intent
+
+
 _FROM_GRPC = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: Code.EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION: Code.PRECONDITION,
@@ -82,26 +97,6 @@ class CreateRequest:
 
 
 @dataclass
-class Undo:
-    """What a create has done so far, to be undone in reverse if a later step fails."""
-
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
-
-    def add(self, what: str, undo: Callable[[], Awaitable[None]]) -> None:
-        self.steps.append((what, undo))
-
-    async def run(self) -> list[str]:
-        problems = []
-        for what, undo in reversed(self.steps):
-            try:
-                await undo()
-            except Exception as err:  # keep undoing the rest; say what is left
-                log.exception("could not undo %s", what)
-                problems.append(f"{what}: {err}")
-        return problems
-
-
-@dataclass
 class Lifecycle:
     node: str
     docker: DockerHost
@@ -110,9 +105,15 @@ class Lifecycle:
     network_mode: str | None = None
     cgroups: CgroupfsSlices = field(default_factory=CgroupfsSlices)
     accounts: Callable[[str], Account] = host_account
+    # This run of the service: intents of another owner belong to a run that died.
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     # One create at a time per user: the container count and the name are checked, then
     # used; two creates of one user must not both pass the check.
     _creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    intents: IntentStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.intents = IntentStore(self.metadata.client, self.node)
 
     async def create(self, request: CreateRequest) -> Metadata:
         lock = self._creating.setdefault(request.user, asyncio.Lock())
@@ -120,12 +121,16 @@ class Lifecycle:
             return await self._create(request)
 
     async def _create(self, request: CreateRequest) -> Metadata:
-        undo = Undo()
         step = "checking the request"
+        intent: Intent | None = None
+        creating: asyncio.Future[Any] | None = None
         try:
+            step = "checking the container name"
+            name = docker_name(request.name, request.user)
+            if (pending := await self.intents.get(name)) is not None:
+                raise Pending(pending, _pending_message(pending, self.instance))
             step = "looking up the host account"
             account = self.accounts(request.user)
-            name = docker_name(request.name, request.user)
             step = "checking the image"
             if not await self.docker.image_exists(request.image):
                 raise ContainerError(
@@ -136,20 +141,40 @@ class Lifecycle:
             step = "reading the limits"
             limits = await self.client.get_limits(request.user, request.container_type)
             args = await self.client.get_docker_args(request.user, request.container_type)
+            step = "checking the name and the container count"
             await self._check_room(request.user, name, limits)
             step = "checking the workspace and data directories"
-            workspace, data_dirs, made = self._paths(account, request)
-            if made is not None:
-                undo.add("the new workspace directory", lambda: _remove_dirs(made))
+            workspace, data_dirs, to_make = self._paths(account, request)
+            step = "reserving the name"
+            intent = Intent(
+                docker_name=name,
+                name=request.name,
+                user=request.user,
+                image=request.image,
+                node=self.node,
+                owner=self.instance,
+                started_at=time.time(),
+                made_dirs=[str(d) for d in to_make],
+            )
+            if not await self.intents.reserve(intent):
+                intent = None  # not ours: nothing to undo
+                raise await self._taken(name)
+            fault_point("create:reserved")
+            if to_make:
+                step = "making the workspace directory"
+                _make_workspace(workspace, account)
+                fault_point("create:workspace")
             gpu_env: dict[str, str] = {}
             slots: tuple[str, ...] = ()
             uuids: tuple[str, ...] = ()
             if request.gpus:
                 step = "allocating GPUs"
+                intent.allocating = True
+                await self.intents.update(intent)
                 granted = await self.client.allocate(
                     name, user=request.user, slots=request.gpus, node=self.node
                 )
-                undo.add("the GPU allocation", lambda: self._release(name))
+                fault_point("create:allocated")
                 gpu_env = dict(granted.environment)
                 slots = tuple(f"{a.slot.node}/{a.slot.slot_id}" for a in granted.allocations)
                 uuids = tuple(a.slot.uuid for a in granted.allocations)
@@ -180,11 +205,13 @@ class Lifecycle:
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
             )
             step = "creating the Docker container"
+            intent.creating = True
+            await self.intents.update(intent)
             # Shielded: if the caller goes away meanwhile, the create still completes in
-            # its thread, and the undo then removes what it made.
+            # its thread; the undo waits for it, then removes it by name.
             creating = asyncio.ensure_future(self.docker.create(spec.create_arguments()))
-            undo.add("the Docker container", lambda: _remove_once_created(self.docker, creating))
             container = await asyncio.shield(creating)
+            fault_point("create:docker-created")
             metadata = Metadata(
                 docker_name=name,
                 name=request.name,
@@ -201,16 +228,77 @@ class Lifecycle:
             )
             step = "naming the user inside the container"
             await self.docker.name_account(container, account)
-            step = "recording the container's metadata"
-            await self.metadata.put(metadata)
-            undo.add("the metadata", lambda: self.metadata.delete(name))
+            fault_point("create:named")
             if request.start:
                 step = "starting the container"
                 await self._start(container, account)
+                fault_point("create:started")
+            step = "recording the container's metadata"
+            await self.intents.commit(intent, metadata)
             return metadata
         except BaseException as err:
-            left = await undo.run()
+            if creating is not None:
+                with contextlib.suppress(Exception):
+                    await creating  # a create still running in its thread: let it land
+            left = await self.undo(intent) if intent is not None else []
             raise _failed(step, err, left) from err
+
+    async def _taken(self, name: str) -> ContainerError:
+        """Why ``name`` could not be reserved: a container has it, or a create does."""
+        intent = await self.intents.get(name)
+        if intent is None:
+            return ContainerError(Code.EXISTS, f"{name} exists already")
+        return ContainerError(Code.UNAVAILABLE, _pending_message(intent, self.instance))
+
+    async def undo(self, intent: Intent) -> list[str]:
+        """Undo everything ``intent`` says was (or may have been) done, newest first, and
+        drop it. What cannot be undone now (Docker or the allocator away) is kept in the
+        intent, and the repair loop tries again until it succeeds."""
+        problems = []
+        if intent.creating:
+            try:
+                container = await self.docker.find(intent.docker_name)
+                if container is not None and container.labels.get(OWNER_LABEL) == intent.user:
+                    await self.docker.remove(container)
+            except Exception as err:
+                problems.append(f"the Docker container: {err}")
+        if intent.allocating:
+            try:
+                await self._release(intent.docker_name)
+            except Exception as err:
+                problems.append(f"the GPU allocation: {err}")
+        await _remove_dirs([Path(d) for d in intent.made_dirs])
+        try:
+            if problems:
+                intent.undoing = True
+                await self.intents.update(intent)
+                log.warning("could not undo all of %s yet: %s", intent.docker_name, problems)
+            else:
+                await self.intents.delete(intent.docker_name)
+        except Exception as err:
+            problems.append(f"the record of the create: {err}")
+        return problems
+
+    async def repair(self) -> int:
+        """Undo the interrupted creates of this node: those of a previous run of the
+        service, and those whose own undo failed. Returns how many are left."""
+        left = 0
+        for intent in await self.intents.all():
+            if intent.owner == self.instance and not intent.undoing:
+                continue  # in progress in this process
+            if await self.undo(intent):
+                left += 1
+            else:
+                log.info("undid the interrupted create of %s", intent.docker_name)
+        return left
+
+    async def repair_forever(self, interval: float = 5.0) -> None:
+        while True:
+            try:
+                await self.repair()
+            except Exception as err:  # etcd away: next round
+                log.warning("cannot repair interrupted creates yet: %s", err)
+            await asyncio.sleep(interval)
 
     async def start(self, user: str, privileged: bool, name: str) -> Metadata:
         metadata, container = await self._own(user, privileged, name)
@@ -255,14 +343,25 @@ class Lifecycle:
         await self.metadata.delete(metadata.docker_name)
 
     async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
-        found = []
+        """The containers, and the creates still in progress or being undone."""
+        found: list[tuple[Metadata, Any]] = [
+            (self._shown(intent), None)
+            for intent in await self.intents.all()
+            if all_users or intent.user == user
+        ]
         for metadata in await self.metadata.all():
             if all_users or metadata.user == user:
                 found.append((metadata, await self.docker.find(metadata.container_id)))
         return sorted(found, key=lambda pair: (pair[0].user, pair[0].name))
 
     async def inspect(self, user: str, privileged: bool, name: str) -> tuple[Metadata, Any]:
-        return await self._own(user, privileged, name, must_exist=False)
+        try:
+            return await self._own(user, privileged, name, must_exist=False)
+        except Pending as pending:
+            return self._shown(pending.intent), None
+
+    def _shown(self, intent: Intent) -> Metadata:
+        return intent.shown(interrupted=intent.owner != self.instance or intent.undoing)
 
     async def _own(
         self, user: str, privileged: bool, name: str, must_exist: bool = True
@@ -274,6 +373,9 @@ class Lifecycle:
             raise ContainerError(Code.INVALID, str(err)) from err
         metadata = await self.metadata.get(full)
         if metadata is None:
+            intent = await self.intents.get(full)
+            if intent is not None and (intent.user == user or privileged):
+                raise Pending(intent, _pending_message(intent, self.instance))
             raise ContainerError(Code.NOT_FOUND, f"no container {name} (`ds01 container list`)")
         if metadata.user != user and not privileged:
             raise ContainerError(Code.DENIED, f"{name} belongs to {metadata.user}")
@@ -313,9 +415,9 @@ class Lifecycle:
 
     def _paths(
         self, account: Account, request: CreateRequest
-    ) -> tuple[Path, tuple[Path, ...], list[Path] | None]:
+    ) -> tuple[Path, tuple[Path, ...], list[Path]]:
         """Workspace and data directories must lie in the user's own home. Returns the
-        directories it had to create, if any, so that a failed create can remove them."""
+        directories still to make, deepest first, so that they are known before made."""
         workspace = Path(request.workspace or account.home / "workspace" / request.name)
         data = tuple(Path(d) for d in request.data_dirs)
         for path in (workspace, *data):
@@ -330,12 +432,8 @@ class Lifecycle:
         for path in data:
             if not path.is_dir():
                 raise ContainerError(Code.PRECONDITION, f"data directory {path} does not exist")
-        made = None
-        if not workspace.exists():
-            made = [p for p in (workspace, *workspace.parents) if not p.exists()]
-            workspace.mkdir(parents=True, mode=0o750)
-            _chown_tree(workspace, account)
-        return workspace.resolve(), data, made
+        to_make = [p for p in (workspace, *workspace.parents) if not p.exists()]
+        return workspace, data, to_make
 
     async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
         """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
@@ -386,14 +484,6 @@ def cgroup_parent_for(slice_name: str, driver: str) -> str:
     return f"/ds01/{group}/{user}"
 
 
-async def _remove_once_created(docker: DockerHost, creating: asyncio.Future[Any]) -> None:
-    try:
-        container = await creating
-    except Exception:
-        return  # nothing was created
-    await docker.remove(container)
-
-
 def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:
     """Add a finished run to ``metadata.runtime_before``, once: max_runtime counts every
     run, however the container stopped (ds01, docker stop, a crash, a dockerd restart)."""
@@ -412,6 +502,20 @@ async def _remove_dirs(made: list[Path]) -> None:
     for directory in made:  # deepest first; only if still empty
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+def _make_workspace(workspace: Path, account: Account) -> None:
+    workspace.mkdir(parents=True, mode=0o750)
+    _chown_tree(workspace, account)
+
+
+def _pending_message(intent: Intent, instance: str) -> str:
+    if intent.owner == instance and not intent.undoing:
+        return f"{intent.docker_name} is being created; try again in a moment"
+    return (
+        f"the create of {intent.docker_name} was interrupted and ds01 is undoing it; "
+        "try again in a few seconds"
+    )
 
 
 def _chown_tree(path: Path, account: Account) -> None:
@@ -440,11 +544,18 @@ def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:
         code, why = Code.INVALID, str(err)
     elif isinstance(err, NoAccount):
         code, why = Code.PRECONDITION, str(err)
+    elif isinstance(err, DockerUnavailable):
+        code, why = Code.UNAVAILABLE, str(err)
+    elif isinstance(err, docker.errors.DockerException):
+        code, why = Code.UNAVAILABLE, f"Docker: {err}"
+    elif isinstance(err, asyncio.CancelledError):
+        code, why = Code.UNAVAILABLE, "the call was cancelled"
     else:
-        code, why = Code.UNAVAILABLE, f"{type(err).__name__}: {err}"
+        status = etcd_status(err) if isinstance(err, Exception) else None
+        code, why = Code.UNAVAILABLE, status[1] if status else str(err) or "an internal error"
     message = f"create failed while {step}: {why}"
     if left:
-        message += f"; could not undo: {'; '.join(left)}"
+        message += f"; ds01 keeps undoing what is left ({'; '.join(left)})"
     else:
         message += "; nothing was left behind"
     return ContainerError(code, message)

@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 IDLE_CPU_FRACTION = 0.02  # under 2% of one core
 IDLE_NET_BYTES_PER_SECOND = 1024
 WARN_FRACTION = 0.8  # warn once 80% of the idle timeout has passed
-# A create in progress has its allocation before its container, and its container before
-# its record: leave anything younger than this alone.
-SETTLE_SECONDS = 60.0
 
 
 class Action(enum.Enum):
@@ -156,7 +153,13 @@ class Reconciler:
     async def sweep(self, now: float | None = None) -> None:
         lifecycle = self.lifecycle
         now = time.time() if now is None else now
-        records = {m.docker_name: m for m in await lifecycle.metadata.all()}
+        # The order of these reads is what makes the sweep safe without any settle time:
+        # a create writes its intent before its allocation and its container, and
+        # replaces the intent with its record in one step. So an allocation or a
+        # container seen here belongs to an intent or a record read after it, and a
+        # record read before the container list has its container in that list.
+        allocations = await self._allocations()
+        recorded = {m.docker_name for m in await lifecycle.metadata.all()}
         containers = {
             c.name: c
             for c in await lifecycle.docker.run(
@@ -165,18 +168,20 @@ class Reconciler:
                 )
             )
         }
+        creating = {intent.docker_name for intent in await lifecycle.intents.all()}
+        records = {m.docker_name: m for m in await lifecycle.metadata.all()}
         for name, container in list(containers.items()):
-            if name not in records:
-                created = docker_time(container.attrs.get("Created"))
-                if created is not None and now - created < SETTLE_SECONDS:
-                    del containers[name]  # perhaps still being created: next sweep
-                    continue
+            if name in creating:
+                del containers[name]  # not finished, or being undone: not to adopt
+            elif name not in records:
                 records[name] = await self._adopt(container, now)
         for name, record in list(records.items()):
             if name not in containers:
-                await self._forget(record)
+                if name in recorded:  # a record that is newer than the list is left be
+                    await self._forget(record)
                 del records[name]
-        held = await self._release_orphaned_allocations(set(records) | set(containers), now)
+        known = set(records) | set(containers) | creating
+        held = await self._release_orphaned_allocations(allocations, known)
         self.unallocated = {
             name
             for name, container in containers.items()
@@ -224,29 +229,33 @@ class Reconciler:
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
 
-    async def _release_orphaned_allocations(
-        self, known: set[str], now: float
-    ) -> dict[str, int] | None:
-        """Release allocations whose container is gone; return the state of each
-        container's allocation (None if the allocator could not be asked)."""
-        client = self.lifecycle.client
+    async def _allocations(self) -> list[Any] | None:
+        """This node's allocations; None if the allocator could not be asked."""
         try:
-            status = await client.gpu_status(node=self.lifecycle.node)
+            status = await self.lifecycle.client.gpu_status(node=self.lifecycle.node)
         except Ds01Error as err:
             log.warning("cannot read GPU allocations: %s", err.message)
             return None
-        for allocation in status.allocations:
-            young = now - allocation.since.ToSeconds() < SETTLE_SECONDS
-            if allocation.container and allocation.container not in known and not young:
+        return list(status.allocations)
+
+    async def _release_orphaned_allocations(
+        self, allocations: list[Any] | None, known: set[str]
+    ) -> dict[str, int] | None:
+        """Release allocations whose container is gone; return the state of each
+        container's allocation (None if the allocator could not be asked)."""
+        if allocations is None:
+            return None
+        for allocation in allocations:
+            if allocation.container and allocation.container not in known:
                 with contextlib.suppress(Ds01Error):
-                    await client.release(allocation.container)
+                    await self.lifecycle.client.release(allocation.container)
                     log.warning(
                         "released %s/%s: its container %s no longer exists",
                         allocation.slot.node,
                         allocation.slot.slot_id,
                         allocation.container,
                     )
-        return {a.container: a.state for a in status.allocations if a.container}
+        return {a.container: a.state for a in allocations if a.container}
 
     async def _policy(self, user: str, container_type: str) -> Policy:
         limits = await self.lifecycle.client.get_limits(user, container_type)

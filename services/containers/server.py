@@ -40,6 +40,12 @@ _STATES = {
 }
 
 
+_PENDING = {
+    "creating": containers_pb2.CONTAINER_STATE_CREATING,
+    "interrupted": containers_pb2.CONTAINER_STATE_INTERRUPTED,
+}
+
+
 class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
@@ -127,6 +133,8 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         return principal.name, privileged
 
     async def _message(self, metadata: Metadata, container: Any = None) -> containers_pb2.Container:
+        if metadata.pending:  # a create in progress or being undone: nothing to ask Docker
+            return _container(metadata, None)
         docker = self.lifecycle.docker
         container = container or await docker.find(metadata.container_id)
         return _container(metadata, await docker.status(container) if container else None)
@@ -163,6 +171,8 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
         allocation.slot.node, allocation.slot.slot_id = node, slot_id
     if status is not None:
         message.state = _STATES.get(status, containers_pb2.CONTAINER_STATE_STOPPED)
+    if metadata.pending:
+        message.state = _PENDING[metadata.pending]
     return message
 
 
@@ -182,6 +192,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     containers_pb2_grpc.add_ContainersServiceServicer_to_server(
         ContainersServicer(lifecycle), server
     )
+    # Creates a previous run left half-done are undone first, within seconds of start.
+    runtime.run_in_background(lifecycle.repair_forever(), "create-repair")
     reconciler = Reconciler(lifecycle, interval=config.containers.reconcile_interval)
     runtime.run_in_background(reconciler.run(), "reconciler")
     runtime.needs_etcd(etcd)

@@ -18,11 +18,15 @@ class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTAINER_STATE_RUNNING: _ClassVar[ContainerState]
     CONTAINER_STATE_STOPPED: _ClassVar[ContainerState]
     CONTAINER_STATE_GONE: _ClassVar[ContainerState]
+    CONTAINER_STATE_CREATING: _ClassVar[ContainerState]
+    CONTAINER_STATE_INTERRUPTED: _ClassVar[ContainerState]
 CONTAINER_STATE_UNSPECIFIED: ContainerState
 CONTAINER_STATE_CREATED: ContainerState
 CONTAINER_STATE_RUNNING: ContainerState
 CONTAINER_STATE_STOPPED: ContainerState
 CONTAINER_STATE_GONE: ContainerState
+CONTAINER_STATE_CREATING: ContainerState
+CONTAINER_STATE_INTERRUPTED: ContainerState
 
 class Container(_message.Message):
     __slots__ = ("name", "docker_name", "id", "user", "image", "state", "gpus", "created_at", "started_at", "stopped_at", "workspace", "data_dirs", "notice", "container_type")

@@ -1,0 +1,197 @@
+"""Crash-safe create: the containers service is killed (SIGKILL, at a fault point) at
+each step of a create; started again, it undoes the interrupted create within seconds,
+and nothing is left: no container, no GPU, no record, no directory, and the name is free.
+Until then, the user sees the create as interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from ds01.client import Ds01Error
+from ds01.containers.adapters import DockerHost, Intent, IntentStore, MetadataStore
+from ds01.containers.lifecycle import Code, ContainerError, CreateRequest
+from ds01.containers.server import _container
+from ds01.core.etcd import connect
+from ds01.core.faults import ENV as FAULT
+from ds01.core.pki import Pki
+from ds01.v1 import containers_pb2
+from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
+
+pytestmark = pytest.mark.usefixtures("unix_users")
+
+DS01D = str(Path(sys.executable).with_name("ds01d"))
+USER = "ds01alice"
+LIMITS = """
+defaults:
+  max_mig_instances: 2
+  max_containers_per_user: 3
+  gpu_hold_after_stop: 1h
+"""
+REPAIR_SECONDS = 10  # documented: an interrupted create is undone within seconds of start
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[AllocatorEnv]:
+    """limits and allocator here; the containers service is a process of its own."""
+    env = await make_env(
+        tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS, ("limits", "allocator")
+    )
+    yield env
+    await env.stop()
+
+
+class ContainersProcess:
+    def __init__(self, env: AllocatorEnv, fault: str = "") -> None:
+        environ = {key: value for key, value in os.environ.items() if key != FAULT}
+        if fault:
+            environ[FAULT] = fault
+        self.process = subprocess.Popen(
+            [DS01D, "--config", str(env.config_file), "--services", "containers"],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+        )
+
+    async def serving(self, env: AllocatorEnv) -> None:
+        async with env.client("root") as root:
+            for _ in range(300):
+                try:
+                    if await root.health("containers") == "SERVING":
+                        return
+                except Ds01Error:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the containers service never came up")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+async def _leftovers(env: AllocatorEnv, docker_socket: Path, name: str) -> list[str]:
+    """Everything of container ``name`` that is still anywhere."""
+    found = []
+    etcd = connect(env.config, "containers")
+    docker = DockerHost(f"unix://{docker_socket}")
+    try:
+        if await IntentStore(etcd, env.config.node).get(name):
+            found.append("intent")
+        if await MetadataStore(etcd, env.config.node).get(name):
+            found.append("record")
+        if await docker.find(name):
+            found.append("Docker container")
+    finally:
+        await docker.close()
+        await etcd.close()
+    async with env.client("root") as root:
+        held = [a for a in (await root.gpu_status()).allocations if a.container == name]
+    if held:
+        found.append("GPU allocation")
+    if Path(f"/home/{USER}/workspace/crash").exists():
+        found.append("workspace directory")
+    return found
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "create:reserved",
+        "create:workspace",
+        "create:allocated",
+        "create:docker-created",
+        "create:named",
+        "create:started",
+    ],
+)
+async def test_a_create_killed_at_any_step_is_undone_within_seconds_of_restart(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, point: str
+):
+    name = f"crash._.{USER}"
+    workspace = Path(f"/home/{USER}/workspace/crash")
+    shutil.rmtree(workspace, ignore_errors=True)  # kept by the last test's remove, rightly
+    doomed = ContainersProcess(env, fault=point)
+    try:
+        await doomed.serving(env)
+        async with env.client(USER) as alice:
+            with pytest.raises(Ds01Error) as lost:
+                await alice.create_container("crash", test_image, gpus=1, start=True)
+        assert lost.value.code == grpc.StatusCode.UNAVAILABLE
+        assert doomed.process.wait(10) == -signal.SIGKILL  # it died right there
+        assert "intent" in await _leftovers(env, docker_socket, name)
+    finally:
+        doomed.stop()
+    restarted = ContainersProcess(env)
+    try:
+        await restarted.serving(env)
+        started = time.monotonic()
+        while (left := await _leftovers(env, docker_socket, name)) and (
+            time.monotonic() - started < REPAIR_SECONDS
+        ):
+            await asyncio.sleep(0.2)
+        assert left == [], f"left after {REPAIR_SECONDS}s: {left}"
+        async with env.client(USER) as alice:  # the name is free: the retry works
+            again = await alice.create_container("crash", test_image, gpus=1, start=True)
+            assert again.state == containers_pb2.CONTAINER_STATE_RUNNING
+            await alice.remove_container("crash")
+    finally:
+        restarted.stop()
+
+
+async def test_an_interrupted_create_is_shown_as_such_until_it_is_undone(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, tmp_path: Path
+):
+    """An intent left by a dead run while Docker cannot be reached to undo it: list,
+    inspect, a retry and a remove say what is going on; once Docker answers again, the
+    repair finishes it and the name is free."""
+    name = f"ghost._.{USER}"
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, tmp_path / "no-docker.sock", etcd)  # Docker is away
+    ghost = Intent(name, "ghost", USER, test_image, env.config.node, "a-dead-run", time.time())
+    ghost.creating = True
+    try:
+        assert await lifecycle.intents.reserve(ghost)
+        assert await lifecycle.repair() == 1  # cannot undo yet: kept, marked as undoing
+        assert (await lifecycle.intents.get(name)).undoing
+        listed = [(m.name, m.pending, m.notice) for m, _ in await lifecycle.list(USER, False)]
+        assert listed == [
+            (
+                "ghost",
+                "interrupted",
+                "its create was interrupted; ds01 is undoing it, then the name is free",
+            )
+        ]
+        shown, _ = await lifecycle.inspect(USER, False, "ghost")
+        assert _container(shown, None).state == containers_pb2.CONTAINER_STATE_INTERRUPTED
+        for attempt in (
+            lifecycle.create(CreateRequest(USER, "ghost", test_image)),
+            lifecycle.remove(USER, False, "ghost"),
+            lifecycle.start(USER, False, "ghost"),
+        ):
+            with pytest.raises(ContainerError) as refused:
+                await attempt
+            assert refused.value.code is Code.UNAVAILABLE, refused.value.message
+            assert "was interrupted and ds01 is undoing it; try again" in refused.value.message
+        with pytest.raises(ContainerError) as others:  # bob learns nothing of alice's
+            await lifecycle.inspect("ds01bob", False, name)
+        assert others.value.code is Code.NOT_FOUND
+        lifecycle.docker = DockerHost(f"unix://{docker_socket}")  # Docker is back
+        assert await lifecycle.repair() == 0
+        assert await lifecycle.list(USER, False) == []
+    finally:
+        await lifecycle.intents.delete(name)
+        await lifecycle.client.close()
+        await etcd.close()
