@@ -475,6 +475,14 @@ async def test_a_slot_belongs_to_one_container(
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert started.returncode != 0 and "no longer its own" in started.stderr, started
+            async with env.client("ds01bob") as bob:  # the freed slot goes to bob
+                taken = await bob.create_container("bobs", test_image, gpus=1, start=True)
+                assert taken.gpus[0].slot.slot_id == slot
+                with pytest.raises(Ds01Error) as moved:
+                    await alice.start_container("gpu1")
+                assert "now belongs to another container" in moved.value.message
+                assert "bob" not in moved.value.message  # nothing of another user's
+                await bob.remove_container("bobs")
             other = await alice.create_container("gpu2", test_image, gpus=1, start=True)
             assert other.gpus[0].slot.slot_id == slot
             holders = [

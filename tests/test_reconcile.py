@@ -7,6 +7,7 @@ everything else (Docker, etcd, the limits and allocator services) is real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -51,30 +52,32 @@ RUNNING = Observed("running", created_at=0, started_at=1000, finished_at=None, p
 
 
 @pytest.mark.parametrize(
-    ("observed", "policy", "runtime_before", "idle_for", "warned", "expected"),
+    ("observed", "policy", "runtime_before", "idle_for", "stop_at", "expected"),
     [
-        (RUNNING, POLICY, 0, 10, False, None),
-        (RUNNING, POLICY, 0, 50, False, Action.WARN_IDLE),
-        (RUNNING, POLICY, 0, 50, True, None),
-        (RUNNING, POLICY, 0, 61, True, Action.STOP_IDLE),
-        (RUNNING, POLICY, 550, 0, False, Action.STOP_RUNTIME),  # 550 before + 100 now
-        (RUNNING, Policy(60, 600, 30, 30, exempt_from_idle=True), 0, 999, False, None),
-        (Observed("running", 0, 1000, None, protected=True), POLICY, 9999, 999, False, None),
-        (Observed("exited", 0, 900, 1100 - 31, False), POLICY, 0, 0, False, Action.REMOVE_STOPPED),
-        (Observed("exited", 0, 900, 1100 - 29, False), POLICY, 0, 0, False, None),
+        (RUNNING, POLICY, 0, 10, None, None),
+        (RUNNING, POLICY, 0, 50, None, Action.WARN_IDLE),
+        (RUNNING, POLICY, 0, 50, 1110, None),
+        (RUNNING, POLICY, 0, 61, 1100, Action.STOP_IDLE),
+        (RUNNING, POLICY, 0, 61, 1101, None),  # idle long enough, but warned of a later stop
+        (RUNNING, POLICY, 0, 999, None, Action.WARN_IDLE),  # never a stop without a warning
+        (RUNNING, POLICY, 550, 0, None, Action.STOP_RUNTIME),  # 550 before + 100 now
+        (RUNNING, Policy(60, 600, 30, 30, exempt_from_idle=True), 0, 999, None, None),
+        (Observed("running", 0, 1000, None, protected=True), POLICY, 9999, 999, None, None),
+        (Observed("exited", 0, 900, 1100 - 31, False), POLICY, 0, 0, None, Action.REMOVE_STOPPED),
+        (Observed("exited", 0, 900, 1100 - 29, False), POLICY, 0, 0, None, None),
         (
             Observed("created", 1100 - 31, None, None, False),
             POLICY,
             0,
             0,
-            False,
+            None,
             Action.REMOVE_NEVER_STARTED,
         ),
-        (Observed("exited", 0, 900, 0, False), Policy(None, None, None, None), 0, 0, False, None),
+        (Observed("exited", 0, 900, 0, False), Policy(None, None, None, None), 0, 0, None, None),
     ],
 )
-def test_policy_decisions(observed, policy, runtime_before, idle_for, warned, expected):
-    assert decide(observed, policy, runtime_before, idle_for, warned, now=1100) == expected
+def test_policy_decisions(observed, policy, runtime_before, idle_for, stop_at, expected):
+    assert decide(observed, policy, runtime_before, idle_for, stop_at, now=1100) == expected
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -121,14 +124,32 @@ async def test_an_idle_container_is_warned_then_stopped_and_its_gpu_held(world, 
     now = time.time()
     await reconciler.sweep(now)  # first usage sample
     await reconciler.sweep(now + 50)  # idle 50 s: a warning
-    assert reconciler.activity[name].warned and await _state(reconciler, name) == "running"
+    stop_at = reconciler.activity[name].stop_at
+    assert stop_at == now + 50 + reconciler.interval  # at least a sweep's time to react
+    assert await _state(reconciler, name) == "running"
     [record] = await reconciler.lifecycle.metadata.all()
     assert record.notice.startswith("idle for 50s: stops at ")  # shown by `container list`
-    await reconciler.sweep(now + 70)  # idle 70 s > 60 s
+    await reconciler.sweep(now + 70)  # idle 70 s > 60 s, but the warning said later
+    assert await _state(reconciler, name) == "running"
+    await reconciler.sweep(stop_at)
     assert await _state(reconciler, name) == "exited"
     [record] = await reconciler.lifecycle.metadata.all()
     assert record.notice == ""
     assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
+
+
+async def test_an_idle_container_first_seen_past_its_timeout_is_warned_before_it_stops(
+    world, test_image
+):
+    _env, reconciler = world
+    name = await _create(reconciler, test_image, "quiet")
+    now = time.time()
+    await reconciler.sweep(now)
+    await reconciler.sweep(now + 500)  # long idle, long unobserved: a warning, no stop
+    assert await _state(reconciler, name) == "running"
+    assert reconciler.activity[name].stop_at == now + 500 + reconciler.interval
+    await reconciler.sweep(now + 500 + reconciler.interval)
+    assert await _state(reconciler, name) == "exited"
 
 
 async def test_a_container_past_max_runtime_is_stopped(world, test_image):
@@ -205,7 +226,7 @@ async def test_a_container_whose_gpu_works_is_not_idle(world, test_image):
         await reconciler.sweep(now + later)
     assert await _state(reconciler, name) == "running"
     mig.processes.clear()  # the job ended: now it is idle
-    for later in (80, 150):
+    for later in (80, 150, 150 + reconciler.interval):  # idle, warned, stopped
         await reconciler.sweep(now + later)
     assert await _state(reconciler, name) == "exited"
 
@@ -287,3 +308,29 @@ async def test_a_container_that_exits_by_itself_gets_its_gpu_hold_and_its_runtim
     await reconciler.sweep()
     [again] = await reconciler.lifecycle.metadata.all()
     assert again.runtime_before == record.runtime_before  # counted once
+
+
+async def test_runs_hidden_by_docker_restarts_still_count_toward_max_runtime(
+    world, test_image, docker_socket
+):
+    """Two `docker restart`s between sweeps: each run before them counts, through the
+    Docker events the reconciler follows (no sweep runs here)."""
+    _env, reconciler = world
+    reconciler.interval = 3600  # only events act
+    name = await _create(reconciler, test_image, "restarted")
+    task = asyncio.ensure_future(reconciler.run())
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        await asyncio.sleep(1.5)  # the first sweep has seen the first run begin
+        for _ in range(2):
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(client.containers.get(name).restart, timeout=0)
+        await asyncio.sleep(1.5)
+        [record] = await reconciler.lifecycle.metadata.all()
+        assert record.runtime_before >= 2.0, record  # both runs before the restarts
+        assert record.runtime_before < 6.0, record  # and nothing counted twice
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client.close()

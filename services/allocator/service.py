@@ -22,6 +22,7 @@ from ds01.allocator.placement import (
 )
 from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
 from ds01.core.naming import belongs_to, docker_user
+from ds01.core.pki import SERVICE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class Actor:
 class Granted:
     slot: SlotRecord
     holder: Holder
+
+
+def is_service(name: str) -> bool:
+    return name.startswith(SERVICE_PREFIX)
 
 
 def environment(granted: list[Granted]) -> dict[str, str]:
@@ -279,9 +284,11 @@ class Allocator:
         if holder is None:
             return f"slot {slot_id} on {node} is no longer allocated to {container}"
         if holder.container != container:
-            if not actor.privileged and holder.user != actor.name:
-                return f"slot {slot_id} on {node} now belongs to another container"
-            return f"slot {slot_id} on {node} now belongs to {holder.container}"
+            # Only its owner and admins learn the other container's name: a service
+            # asking for a user would pass it on to that user.
+            if holder.user == actor.name or (actor.privileged and not is_service(actor.name)):
+                return f"slot {slot_id} on {node} now belongs to {holder.container}"
+            return f"slot {slot_id} on {node} now belongs to another container"
         return None
 
     async def status(self, user: str = "", node: str = "") -> Snapshot:

@@ -485,16 +485,35 @@ def cgroup_parent_for(slice_name: str, driver: str) -> str:
 
 
 def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:
-    """Add a finished run to ``metadata.runtime_before``, once: max_runtime counts every
-    run, however the container stopped (ds01, docker stop, a crash, a dockerd restart)."""
+    """Add every finished run to ``metadata.runtime_before``, each once, however it ended:
+    a stop by ds01 or by docker, a crash, a dockerd restart, or a ``docker restart`` (a
+    new run that replaced one ds01 saw begin). Returns whether ``metadata`` changed."""
     started_text = state.get("StartedAt", "")
     started, finished = docker_time(started_text), docker_time(state.get("FinishedAt"))
-    if state.get("Running") or started is None or finished is None or finished < started:
-        return False
+    changed = False
+    seen = metadata.run_start
+    if seen and seen not in (started_text, metadata.counted_start):
+        # The run ds01 saw begin was replaced: it ended at Docker's FinishedAt if that
+        # lies between the two starts, else (runs missed in between) by the new start.
+        begun = docker_time(seen)
+        end = (
+            finished
+            if begun and finished and begun <= finished <= (started or finished)
+            else started
+        )
+        if begun is not None and end is not None and end > begun:
+            metadata.runtime_before += end - begun
+        metadata.counted_start, changed = seen, True
+    if state.get("Running"):
+        if metadata.run_start != started_text:
+            metadata.run_start, changed = started_text, True
+        return changed
+    if started is None or finished is None or finished < started:
+        return changed
     if started_text == metadata.counted_start:
-        return False
+        return changed
     metadata.runtime_before += finished - started
-    metadata.counted_start = started_text
+    metadata.counted_start, metadata.run_start = started_text, ""
     return True
 
 

@@ -70,10 +70,12 @@ def decide(
     policy: Policy,
     runtime_before: float,
     idle_for: float,
-    warned: bool,
+    stop_at: float | None,
     now: float,
 ) -> Action | None:
-    """What the lifecycle policies ask for now, if anything (pure)."""
+    """What the lifecycle policies ask for now, if anything (pure). ``stop_at`` is the
+    idle stop the owner was warned of (None: no warning yet): an idle container is
+    never stopped without one, given at an earlier sweep."""
     if observed.protected:
         return None
     if observed.state == "created":
@@ -92,10 +94,10 @@ def decide(
     if policy.max_runtime is not None and running > policy.max_runtime:
         return Action.STOP_RUNTIME
     if policy.idle_timeout is not None and not policy.exempt_from_idle:
-        if idle_for > policy.idle_timeout:
-            return Action.STOP_IDLE
-        if idle_for > policy.idle_timeout * WARN_FRACTION and not warned:
+        if stop_at is None and idle_for > policy.idle_timeout * WARN_FRACTION:
             return Action.WARN_IDLE
+        if stop_at is not None and now >= stop_at and idle_for > policy.idle_timeout:
+            return Action.STOP_IDLE
     return None
 
 
@@ -108,7 +110,7 @@ class _Activity:
     at: float
     started: str  # Docker's StartedAt of the run sampled
     idle_since: float | None = None
-    warned: bool = False
+    stop_at: float | None = None  # the idle stop its owner was warned of
 
 
 @dataclass
@@ -121,18 +123,26 @@ class Reconciler:
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Containers that started or died: their runs are counted at once, not at a sweep.
+    _runs: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    _records: asyncio.Lock = field(default_factory=asyncio.Lock)  # one writer of records
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._follow_docker_events, args=(loop,), daemon=True).start()
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # a failed sweep is retried; the loop never dies
-                log.exception("reconcile sweep failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
+        accounting = asyncio.ensure_future(self._count_runs())
+        try:
+            while True:
+                try:
+                    async with self._records:
+                        await self.sweep()
+                except Exception:  # a failed sweep is retried; the loop never dies
+                    log.exception("reconcile sweep failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                self._wake.clear()
+        finally:
+            accounting.cancel()
 
     def _follow_docker_events(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake the sweep on every container event; reconnect when dockerd restarts."""
@@ -142,13 +152,41 @@ class Reconciler:
                     decode=True, filters={"type": "container"}
                 )
                 loop.call_soon_threadsafe(self._wake.set)  # (re)connected: look again
-                for _event in events:
-                    loop.call_soon_threadsafe(self._wake.set)
+                for event in events:
+                    loop.call_soon_threadsafe(self._on_event, event)
             except Exception as err:
                 log.info("Docker event stream interrupted (%s); reconnecting", err)
             if loop.is_closed():
                 return
             time.sleep(1)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self._wake.set()
+        if event.get("Action") in ("start", "die"):
+            name = event.get("Actor", {}).get("Attributes", {}).get("name")
+            if name:
+                self._runs.put_nowait(name)
+
+    async def _count_runs(self) -> None:
+        """Count each run as it starts and ends: a ``docker restart`` between two sweeps
+        can never hide a run from max_runtime."""
+        while True:
+            name = await self._runs.get()
+            try:
+                async with self._records:
+                    await self.count_run(name)
+            except Exception as err:  # the sweep counts it later
+                log.debug("cannot count the run of %s now: %s", name, err)
+
+    async def count_run(self, docker_name: str) -> None:
+        lifecycle = self.lifecycle
+        record = await lifecycle.metadata.get(docker_name)
+        container = await lifecycle.docker.find(record.container_id) if record else None
+        if record is None or container is None:
+            return
+        await lifecycle.docker.run(container.reload)
+        if count_runtime(record, container.attrs["State"]):
+            await lifecycle.metadata.put(record)
 
     async def sweep(self, now: float | None = None) -> None:
         lifecycle = self.lifecycle
@@ -298,7 +336,7 @@ class Reconciler:
             policy,
             record.runtime_before,
             idle_for,
-            bool(activity and activity.warned),
+            activity.stop_at if activity else None,
             now,
         )
         if action is None:
@@ -306,11 +344,15 @@ class Reconciler:
         who = f"{record.docker_name} ({record.user})"
         try:
             if action is Action.WARN_IDLE and activity is not None:
-                activity.warned = True
-                stop_at = now + (policy.idle_timeout or 0) - idle_for
+                # At the idle timeout, but never before the next sweep: the owner has at
+                # least a sweep's time to see the warning and act on it.
+                activity.stop_at = max(
+                    now + (policy.idle_timeout or 0) - idle_for, now + self.interval
+                )
                 record.notice = (
                     f"idle for {idle_for:.0f}s: stops at "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stop_at))} unless used"
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(activity.stop_at))}"
+                    " unless used"
                 )
                 await self.lifecycle.metadata.put(record)  # watchers of etcd see it too
                 log.warning("%s: %s", who, record.notice)
@@ -359,6 +401,6 @@ class Reconciler:
             )
             if idle:
                 current.idle_since = last.idle_since or last.at
-                current.warned = last.warned
+                current.stop_at = last.stop_at
         self.activity[container.name] = current
         return current
