@@ -34,8 +34,11 @@ def suite(
     inventory: str = "gpus: []\n",
     etcd: bool = False,
     docker: bool = False,
+    server_log: Path | None = None,
 ) -> Iterator[Suite]:
-    """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench."""
+    """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench.
+
+    ``server_log``: a file for ds01d's log (its stderr) instead of this terminal."""
     with tempfile.TemporaryDirectory(prefix="ds01-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
@@ -73,6 +76,7 @@ def suite(
                 }
             )
         )
+        log = server_log.open("ab") if server_log else None
         server = subprocess.Popen(
             [
                 str(REPO / ".venv" / "bin" / "ds01d"),
@@ -82,6 +86,7 @@ def suite(
                 services,
             ],
             stdout=subprocess.DEVNULL,
+            stderr=log,
         )
         try:
             time.sleep(1.5)
@@ -89,6 +94,8 @@ def suite(
         finally:
             server.terminate()
             server.wait()
+            if log:
+                log.close()
             for daemon in reversed(daemons):
                 daemon.stop()
             if socket:
