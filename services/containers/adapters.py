@@ -10,6 +10,7 @@ import io
 import logging
 import pwd
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ds01.core.records import JsonRecord
 log = logging.getLogger(__name__)
 
 METADATA = "/ds01/v1/containers/"
+INFO_SECONDS = 60.0
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 
 
@@ -55,6 +57,7 @@ class DockerHost:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self._client: docker.DockerClient | None = None
+        self._info_cache: tuple[float, dict[str, Any]] | None = None
 
     @property
     def client(self) -> docker.DockerClient:
@@ -88,10 +91,17 @@ class DockerHost:
         return container.status
 
     async def cgroup_driver(self) -> str:
-        return (await self.run(lambda: self.client.info())).get("CgroupDriver", "cgroupfs")
+        return (await self._info()).get("CgroupDriver", "cgroupfs")
 
     async def has_nvidia_runtime(self) -> bool:
-        return "nvidia" in (await self.run(lambda: self.client.info())).get("Runtimes", {})
+        return "nvidia" in (await self._info()).get("Runtimes", {})
+
+    async def _info(self) -> dict[str, Any]:
+        """Docker's info, asked at most once a minute: the cgroup driver and the runtimes
+        change only when dockerd restarts, and the call is one of Docker's slowest."""
+        if self._info_cache is None or time.monotonic() - self._info_cache[0] > INFO_SECONDS:
+            self._info_cache = (time.monotonic(), await self.run(lambda: self.client.info()))
+        return self._info_cache[1]
 
     async def image_exists(self, image: str) -> bool:
         try:
@@ -108,10 +118,12 @@ class DockerHost:
 
     async def names_labelled(self, label: str, value: str) -> list[str]:
         """The names of every container, running or not, whose ``label`` is ``value``."""
-        found = await self.run(
-            lambda: self.client.containers.list(all=True, filters={"label": f"{label}={value}"})
+        found = await self.run(  # sparse: the list alone, no inspect a removal could fail
+            lambda: self.client.containers.list(
+                all=True, sparse=True, filters={"label": f"{label}={value}"}
+            )
         )
-        return [container.name for container in found]
+        return [c.attrs["Names"][0].lstrip("/") for c in found if c.attrs.get("Names")]
 
     async def create(self, arguments: dict[str, Any]) -> Any:
         return await self.run(lambda: self.client.containers.create(**arguments))
@@ -218,6 +230,18 @@ class MetadataStore:
 
     async def put(self, metadata: Metadata) -> None:
         await self.client.put(self._key(metadata.docker_name), metadata.encode())
+
+    async def put_new(self, metadata: Metadata) -> bool:
+        """Write a record for a container ds01 did not make, unless a record or a create
+        holds the name by now."""
+        key, tx = self._key(metadata.docker_name), self.client.transactions
+        intent = f"{INTENTS}{self.node}/{metadata.docker_name}".encode()
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.create(key) == 0, tx.create(intent) == 0],
+            success=[tx.put(key, metadata.encode())],
+            failure=[],
+        )
+        return succeeded
 
     async def get(self, docker_name: str) -> Metadata | None:
         found = await self.client.get(self._key(docker_name))

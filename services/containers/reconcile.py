@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import docker.errors
+import grpc
+
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
 from ds01.containers.gpu_activity import NvmlActivity
@@ -202,32 +205,37 @@ class Reconciler:
             c.name: c
             for c in await lifecycle.docker.run(
                 lambda: lifecycle.docker.client.containers.list(
-                    all=True, filters={"label": "ds01.managed=true"}
+                    all=True, filters={"label": "ds01.managed=true"}, ignore_removed=True
                 )
             )
         }
         creating = {intent.docker_name for intent in await lifecycle.intents.all()}
         records = {m.docker_name: m for m in await lifecycle.metadata.all()}
         for name, container in list(containers.items()):
-            if name in creating:
-                del containers[name]  # not finished, or being undone: not to adopt
+            if name in creating or (name in recorded and name not in records):
+                del containers[name]  # being created, undone, or removed right now
             elif name not in records:
-                records[name] = await self._adopt(container, now)
+                adopted = await self._adopt(container, now)
+                if adopted is None:
+                    del containers[name]
+                else:
+                    records[name] = adopted
         for name, record in list(records.items()):
             if name not in containers:
                 if name in recorded:  # a record that is newer than the list is left be
                     await self._forget(record)
                 del records[name]
-        known = set(records) | set(containers) | creating
+        known = set(records) | set(containers) | creating | recorded
         held = await self._release_orphaned_allocations(allocations, known)
-        self.unallocated = {
+        unallocated = {
             name
             for name, container in containers.items()
             if container.labels.get("ds01.gpu.uuids") and held is not None and name not in held
         }
-        self.gpu_states = held or {}
-        for name in sorted(self.unallocated):
+        for name in sorted(unallocated - self.unallocated):  # once, not every sweep
             log.warning("%s carries GPUs but holds no allocation: check it", name)
+        self.unallocated = unallocated
+        self.gpu_states = held or {}
         policies: dict[tuple[str, str], Policy] = {}
         for name, container in containers.items():
             record = records[name]
@@ -236,11 +244,13 @@ class Reconciler:
                 if key not in policies:
                     policies[key] = await self._policy(*key)
                 await self._apply(container, record, policies[key], now)
+            except docker.errors.NotFound:  # removed while being reconciled: nothing to do
+                log.debug("%s was removed while being reconciled", name)
             except Exception as err:
                 log.warning("cannot reconcile %s: %s", name, err)
         self.sweeps += 1
 
-    async def _adopt(self, container: Any, now: float) -> Metadata:
+    async def _adopt(self, container: Any, now: float) -> Metadata | None:
         labels = container.labels
         name = labels.get("ds01.name") or container.name.split("._.", 1)[0]
         record = Metadata(
@@ -255,11 +265,14 @@ class Reconciler:
             workspace=labels.get("aime.mlc.WORK_MOUNT", ""),
             container_type=labels.get("ds01.type", ""),
         )
-        await self.lifecycle.metadata.put(record)
+        if not await self.lifecycle.metadata.put_new(record):
+            return None  # a create or a record has the name by now: not an orphan
         log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
         return record
 
     async def _forget(self, record: Metadata) -> None:
+        if await self.lifecycle.metadata.get(record.docker_name) is None:
+            return  # its remove finished meanwhile
         if record.gpu_slots:
             with contextlib.suppress(Ds01Error):
                 await self.lifecycle._release(record.docker_name)
@@ -371,10 +384,15 @@ class Reconciler:
         (docker start) ends it, as ds01's own stop and start do."""
         allocation = self.gpu_states.get(record.docker_name)
         client = self.lifecycle.client
-        if status in ("exited", "dead") and allocation == common_pb2.SLOT_STATE_ALLOCATED:
-            await client.mark_stopped(record.docker_name)
-        elif status == "running" and allocation == common_pb2.SLOT_STATE_HELD:
-            await client.clear_stopped(record.docker_name)
+        try:
+            if status in ("exited", "dead") and allocation == common_pb2.SLOT_STATE_ALLOCATED:
+                await client.mark_stopped(record.docker_name)
+            elif status == "running" and allocation == common_pb2.SLOT_STATE_HELD:
+                await client.clear_stopped(record.docker_name)
+        except Ds01Error as err:
+            if err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.debug("%s: its allocation went meanwhile (%s)", record.docker_name, err.message)
 
     async def _sample(self, container: Any, started: str, now: float) -> _Activity:
         """CPU and network use since the last sweep, from Docker's stats."""

@@ -44,8 +44,10 @@ class Dependency:
             await asyncio.wait_for(self.check(), CHECK_TIMEOUT)
         except Exception as err:
             detail = _sentence(self.name, err)
-            if self.available or self.detail != detail:
+            if self.available:  # lost: worth a warning, once
                 log.warning("%s at %s is not available: %s", self.name, self.target, detail)
+            elif self.detail != detail:  # not there yet (starting up), or a new reason
+                log.info("waiting for %s at %s: %s", self.name, self.target, detail)
             self.available, self.detail = False, detail
         else:
             if not self.available and self.checked_at is not None:

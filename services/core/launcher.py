@@ -16,6 +16,7 @@ import importlib
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from ds01.core.server import (
 )
 
 log = logging.getLogger("ds01d")
+
+WORKER_THREADS = 64
 
 
 def service_spec(name: str) -> ServiceSpec:
@@ -123,6 +126,9 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
     running: list[RunningService] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Docker SDK calls and file work run in threads; asyncio's default pool (cores + 4)
+    # would queue fifty users' creates behind each other on a small host.
+    loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ds01"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
