@@ -460,7 +460,11 @@ async def test_a_slot_belongs_to_one_container(
             assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "ds01 container remove gpu1" in refused.value.message
             await alice.stop_container("gpu1")
+            [held] = (await alice.get_container("gpu1")).gpus
+            assert (held.slot.slot_id, held.state) == (slot, common_pb2.SLOT_STATE_HELD)
             assert await admin.release("gpu1._.ds01alice")  # an admin may
+            [listed] = [c for c in await alice.list_containers() if c.name == "gpu1"]
+            assert list(listed.gpus) == []  # its hold ended: no GPU shown any more
             with pytest.raises(Ds01Error) as again:
                 await alice.start_container("gpu1")
             assert again.value.code in (

@@ -22,7 +22,7 @@ import pytest_asyncio
 from ds01.client import Ds01Error
 from ds01.containers.adapters import DockerHost, Intent, IntentStore, MetadataStore
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest
-from ds01.containers.server import _container
+from ds01.containers.server import Holdings, _container
 from ds01.core.etcd import connect
 from ds01.core.faults import ENV as FAULT
 from ds01.core.pki import Pki
@@ -175,7 +175,10 @@ async def test_an_interrupted_create_is_shown_as_such_until_it_is_undone(
             )
         ]
         shown, _ = await lifecycle.inspect(USER, False, "ghost")
-        assert _container(shown, None).state == containers_pb2.CONTAINER_STATE_INTERRUPTED
+        assert (
+            _container(shown, None, Holdings(known=True)).state
+            == containers_pb2.CONTAINER_STATE_INTERRUPTED
+        )
         for attempt in (
             lifecycle.create(CreateRequest(USER, "ghost", test_image)),
             lifecycle.remove(USER, False, "ghost"),

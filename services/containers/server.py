@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import docker.errors
@@ -17,7 +19,9 @@ from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
-from ds01.v1 import containers_pb2, containers_pb2_grpc
+from ds01.v1 import common_pb2, containers_pb2, containers_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTAINERS_SERVICE = containers_pb2.DESCRIPTOR.services_by_name["ContainersService"].full_name
@@ -44,6 +48,12 @@ _PENDING = {
     "creating": containers_pb2.CONTAINER_STATE_CREATING,
     "interrupted": containers_pb2.CONTAINER_STATE_INTERRUPTED,
 }
+
+
+@dataclass
+class Holdings:
+    known: bool
+    by_container: dict[str, list[common_pb2.Allocation]] = field(default_factory=dict)
 
 
 class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
@@ -103,8 +113,9 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         found = await self._run(
             context, self.lifecycle.list(request.user or user, request.all_users)
         )
+        held = await self._holdings()
         return containers_pb2.ListContainersResponse(
-            containers=[await self._message(m, c) for m, c in found]
+            containers=[await self._message(m, c, held) for m, c in found]
         )
 
     async def GetContainer(
@@ -132,12 +143,29 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 privileged = (await self.lifecycle.client.get_limits(principal.name)).admin
         return principal.name, privileged
 
-    async def _message(self, metadata: Metadata, container: Any = None) -> containers_pb2.Container:
+    async def _message(
+        self, metadata: Metadata, container: Any = None, held: Holdings | None = None
+    ) -> containers_pb2.Container:
+        held = held if held is not None else await self._holdings()
         if metadata.pending:  # a create in progress or being undone: nothing to ask Docker
-            return _container(metadata, None)
+            return _container(metadata, None, held)
         docker = self.lifecycle.docker
         container = container or await docker.find(metadata.container_id)
-        return _container(metadata, await docker.status(container) if container else None)
+        return _container(metadata, await docker.status(container) if container else None, held)
+
+    async def _holdings(self) -> Holdings:
+        """The GPUs each container of this node holds now, as the allocator says: a slot
+        whose hold ended is shown no longer. Empty (and unused) when it cannot be asked."""
+        try:
+            status = await self.lifecycle.client.gpu_status(node=self.lifecycle.node)
+        except Ds01Error as err:
+            log.debug("listing without the allocator's view: %s", err.message)
+            return Holdings(known=False)
+        held = Holdings(known=True)
+        for allocation in status.allocations:
+            if allocation.container:
+                held.by_container.setdefault(allocation.container, []).append(allocation)
+        return held
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         return await answer(context, work, _status_of)
@@ -151,7 +179,7 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-def _container(metadata: Metadata, status: str | None) -> containers_pb2.Container:
+def _container(metadata: Metadata, status: str | None, held: Holdings) -> containers_pb2.Container:
     message = containers_pb2.Container(
         name=metadata.name,
         docker_name=metadata.docker_name,
@@ -165,10 +193,13 @@ def _container(metadata: Metadata, status: str | None) -> containers_pb2.Contain
         created_at=timestamp(metadata.created_at),
         state=containers_pb2.CONTAINER_STATE_GONE,
     )
-    for slot in metadata.gpu_slots:
-        node, _, slot_id = slot.partition("/")
-        allocation = message.gpus.add()
-        allocation.slot.node, allocation.slot.slot_id = node, slot_id
+    if held.known:
+        message.gpus.extend(held.by_container.get(metadata.docker_name, []))
+    else:
+        for slot in metadata.gpu_slots:
+            node, _, slot_id = slot.partition("/")
+            allocation = message.gpus.add()
+            allocation.slot.node, allocation.slot.slot_id = node, slot_id
     if status is not None:
         message.state = _STATES.get(status, containers_pb2.CONTAINER_STATE_STOPPED)
     if metadata.pending:
