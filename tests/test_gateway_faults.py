@@ -59,3 +59,28 @@ async def test_a_create_the_daemon_never_answers_releases_the_user_and_its_volum
         await gateway.stop()
         listen.unlink(missing_ok=True)
         run.rmdir()
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        "G",
+        "GET /_ping HTTP/1.1\r\n",
+        "GET /_ping HTTP/1.1\r\nHost: docker\r\n",
+        "POST /containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: applic",
+    ],
+)
+async def test_a_request_head_that_stops_coming_is_timed_out(
+    ownership, monkeypatch: pytest.MonkeyPatch, partial: str
+):
+    """Half-sent heads hold a descriptor each: once a head has begun, the rest must come
+    within HEAD_TIMEOUT (30 s; 1 s here), or the connection is answered 408 and closed."""
+    from ds01.ownership.gateway import relay
+
+    monkeypatch.setattr(relay, "HEAD_TIMEOUT", 1.0)
+    config, _ = ownership
+    started = asyncio.get_running_loop().time()
+    [answers] = await raw_as("ds01alice", str(config.ownership.proxy_socket), [partial])
+    assert [a.status for a in answers] == [408]
+    assert "the request stopped coming" in answers[0].body
+    assert asyncio.get_running_loop().time() - started < 10

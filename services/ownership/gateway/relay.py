@@ -37,6 +37,7 @@ MAX_BODY = 256 * 1024 * 1024  # a JSON body; archives (build, load) may be this 
 MAX_JSON = 4 * 1024 * 1024
 CONNECTIONS_PER_USER = 128
 IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
+HEAD_TIMEOUT = 30.0  # seconds a request's head may take once it has begun
 BODY_TIMEOUT = 60.0  # seconds a request may pause while it is being sent
 _TOO_MANY = (
     b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
@@ -163,17 +164,19 @@ class _Session:
 
     async def _read_request(self) -> tuple[h11.Request | None, bytes]:
         request, body, limit = None, bytearray(), 0
+        begun = False  # some of the head has come: the rest must follow soon
         while True:
             event = self.client.next_event()
             if event is h11.NEED_DATA:
                 # an idle connection is closed after a while; a request must keep coming
-                wait = IDLE_TIMEOUT if request is None else BODY_TIMEOUT
+                wait = BODY_TIMEOUT if request else HEAD_TIMEOUT if begun else IDLE_TIMEOUT
                 try:
                     data = await asyncio.wait_for(self.reader.read(CHUNK), wait)
                 except TimeoutError:
-                    if request is not None:
+                    if request is not None or begun:
                         raise h11.RemoteProtocolError("the request stopped coming", 408) from None
                     return None, b""
+                begun = begun or bool(data)
                 self.client.receive_data(data)
                 if not data and request is None:
                     return None, b""
