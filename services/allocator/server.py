@@ -426,8 +426,10 @@ class _Registration:
                 self.problem = None
                 await registration.keep_alive()
             except Exception as err:  # keep trying: etcd or the driver may come later
-                self.problem = f"cannot register: {_reason(err)}"
-                log.error("node %s: %s", self.node, self.problem)
+                problem = f"cannot register: {_reason(err)}"
+                if problem != self.problem:  # once per reason, not every 2 s
+                    log.error("node %s: %s", self.node, problem)
+                self.problem = problem
                 await asyncio.sleep(2)
 
 

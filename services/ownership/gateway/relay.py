@@ -93,7 +93,7 @@ class DockerGateway:
         session = _Session(self, None if admin else account, reader, writer)
         try:
             await session.run()
-        except (ConnectionError, h11.ProtocolError) as err:  # a client or daemon went away
+        except (OSError, EOFError, h11.ProtocolError) as err:  # a client or daemon went away
             log.debug("gateway connection of %s ended: %s", user, err)
         except Exception:
             log.exception("gateway connection of %s failed", user)
