@@ -11,8 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -21,13 +22,15 @@ import pytest_asyncio
 
 from ds01.client import Ds01Error
 from ds01.containers.adapters import DockerHost, Intent, IntentStore, MetadataStore
-from ds01.containers.lifecycle import Code, ContainerError, CreateRequest
+from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.containers.server import Holdings, _container
 from ds01.core.etcd import connect
 from ds01.core.faults import ENV as FAULT
 from ds01.core.pki import Pki
+from ds01.core.processes import start_dockerd
 from ds01.v1 import containers_pb2
-from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
+from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle, own_etcd_env
+from tests.harness import build_test_image
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -198,3 +201,96 @@ async def test_an_interrupted_create_is_shown_as_such_until_it_is_undone(
         await lifecycle.intents.delete(name)
         await lifecycle.client.close()
         await etcd.close()
+
+
+def _once_before(target: object, method: str, fault: Callable[[], None]) -> None:
+    """A fault point in this process: ``fault()`` runs once, right before ``method``."""
+    original = getattr(target, method)
+    fired: list[bool] = []
+
+    async def wrapped(*args: object, **kwargs: object) -> object:
+        if not fired:
+            fired.append(True)
+            await asyncio.to_thread(fault)
+        return await original(*args, **kwargs)
+
+    setattr(target, method, wrapped)
+
+
+async def _repaired(lifecycle: Lifecycle, seconds: float) -> int:
+    """Run the repair as its loop does until nothing is left, or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while (left := await _safely(lifecycle.repair())) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    return left
+
+
+async def _safely(repair: Awaitable[int]) -> int:
+    try:
+        return await repair
+    except Exception:  # etcd still on its way back: the loop tries again
+        return 1
+
+
+async def test_etcd_stopped_during_a_create_then_restarted_leaves_nothing(
+    pki: Pki, state_dir: Path, docker_socket: Path, test_image: str, tmp_path: Path
+):
+    async with own_etcd_env(tmp_path, pki, state_dir) as own:
+        etcd = connect(own.env.config, "containers")
+        lifecycle = make_lifecycle(own.env, docker_socket, etcd)
+        _once_before(lifecycle.intents, "update", own.stop)  # after the name is reserved
+        try:
+            with pytest.raises(ContainerError) as failed:
+                await lifecycle.create(CreateRequest(USER, "blip", test_image, gpus=1))
+            assert failed.value.code is Code.UNAVAILABLE
+            assert failed.value.message.startswith(
+                "create failed while allocating GPUs: etcd is unreachable"
+            ), failed.value.message
+            assert "ds01 keeps undoing what is left" in failed.value.message
+            await own.start()
+            assert await _repaired(lifecycle, 15) == 0
+            assert await lifecycle.list(USER, False) == []
+            made = await lifecycle.create(CreateRequest(USER, "blip", test_image, gpus=1))
+            assert made.gpu_slots
+            await lifecycle.remove(USER, False, "blip")
+        finally:
+            await lifecycle.client.close()
+            await lifecycle.docker.close()
+            await etcd.close()
+
+
+@pytest.mark.parametrize("when", ["create", "name_account"])
+async def test_dockerd_restarted_during_a_create_leaves_nothing(
+    env: AllocatorEnv, test_image: str, when: str
+):
+    """Docker goes away before the container is made, or after (then the undo cannot
+    remove it): the failed undo is retried once Docker is back, until nothing is left."""
+    root = Path(tempfile.mkdtemp(prefix="ds01-restart-", dir="/tmp"))
+    daemon = [start_dockerd(root)]
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, root / "docker.sock", etcd)
+    try:
+        image = build_test_image(root / "docker.sock")
+        _once_before(lifecycle.docker, when, daemon[0].stop)
+        with pytest.raises(ContainerError) as failed:
+            await lifecycle.create(CreateRequest(USER, "dockerless", image, gpus=1))
+        assert failed.value.code is Code.UNAVAILABLE
+        assert "Docker" in failed.value.message, failed.value.message
+        if when == "name_account":  # the container exists and could not be removed
+            assert "ds01 keeps undoing what is left" in failed.value.message
+            [shown] = await lifecycle.list(USER, False)
+            assert shown[0].pending == "interrupted"
+        daemon.append(await asyncio.to_thread(start_dockerd, root))
+        assert await _repaired(lifecycle, 20) == 0
+        assert await lifecycle.docker.find("dockerless._.ds01alice") is None
+        async with env.client("root") as admin:
+            held = [a for a in (await admin.gpu_status()).allocations if a.container]
+        assert held == []
+        assert not Path(f"/home/{USER}/workspace/dockerless").exists()
+    finally:
+        await lifecycle.client.close()
+        await lifecycle.docker.close()
+        await etcd.close()
+        daemon[-1].stop()
+        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

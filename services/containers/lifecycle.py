@@ -110,6 +110,7 @@ class Lifecycle:
     # One create at a time per user: the container count and the name are checked, then
     # used; two creates of one user must not both pass the check.
     _creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _in_flight: set[str] = field(default_factory=set)  # users with a create under way
     intents: IntentStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +119,10 @@ class Lifecycle:
     async def create(self, request: CreateRequest) -> Metadata:
         lock = self._creating.setdefault(request.user, asyncio.Lock())
         async with lock:
-            return await self._create(request)
+            try:
+                return await self._create(request)
+            finally:
+                self._in_flight.discard(request.user)
 
     async def _create(self, request: CreateRequest) -> Metadata:
         step = "checking the request"
@@ -128,7 +132,7 @@ class Lifecycle:
             step = "checking the container name"
             name = docker_name(request.name, request.user)
             if (pending := await self.intents.get(name)) is not None:
-                raise Pending(pending, _pending_message(pending, self.instance))
+                raise Pending(pending, self._pending_message(pending))
             step = "looking up the host account"
             account = self.accounts(request.user)
             step = "checking the image"
@@ -159,6 +163,7 @@ class Lifecycle:
             if not await self.intents.reserve(intent):
                 intent = None  # not ours: nothing to undo
                 raise await self._taken(name)
+            self._in_flight.add(request.user)
             fault_point("create:reserved")
             if to_make:
                 step = "making the workspace directory"
@@ -248,7 +253,7 @@ class Lifecycle:
         intent = await self.intents.get(name)
         if intent is None:
             return ContainerError(Code.EXISTS, f"{name} exists already")
-        return ContainerError(Code.UNAVAILABLE, _pending_message(intent, self.instance))
+        return ContainerError(Code.UNAVAILABLE, self._pending_message(intent))
 
     async def undo(self, intent: Intent) -> list[str]:
         """Undo everything ``intent`` says was (or may have been) done, newest first, and
@@ -284,8 +289,8 @@ class Lifecycle:
         service, and those whose own undo failed. Returns how many are left."""
         left = 0
         for intent in await self.intents.all():
-            if intent.owner == self.instance and not intent.undoing:
-                continue  # in progress in this process
+            if not self._interrupted(intent):
+                continue  # in progress in this process (one create per user at a time)
             if await self.undo(intent):
                 left += 1
             else:
@@ -361,7 +366,19 @@ class Lifecycle:
             return self._shown(pending.intent), None
 
     def _shown(self, intent: Intent) -> Metadata:
-        return intent.shown(interrupted=intent.owner != self.instance or intent.undoing)
+        return intent.shown(interrupted=self._interrupted(intent))
+
+    def _interrupted(self, intent: Intent) -> bool:
+        """Not a create this process is making now: one to undo."""
+        return intent.owner != self.instance or intent.user not in self._in_flight
+
+    def _pending_message(self, intent: Intent) -> str:
+        if not self._interrupted(intent):
+            return f"{intent.docker_name} is being created; try again in a moment"
+        return (
+            f"the create of {intent.docker_name} was interrupted and ds01 is undoing it; "
+            "try again in a few seconds"
+        )
 
     async def _own(
         self, user: str, privileged: bool, name: str, must_exist: bool = True
@@ -375,7 +392,7 @@ class Lifecycle:
         if metadata is None:
             intent = await self.intents.get(full)
             if intent is not None and (intent.user == user or privileged):
-                raise Pending(intent, _pending_message(intent, self.instance))
+                raise Pending(intent, self._pending_message(intent))
             raise ContainerError(Code.NOT_FOUND, f"no container {name} (`ds01 container list`)")
         if metadata.user != user and not privileged:
             raise ContainerError(Code.DENIED, f"{name} belongs to {metadata.user}")
@@ -526,15 +543,6 @@ async def _remove_dirs(made: list[Path]) -> None:
 def _make_workspace(workspace: Path, account: Account) -> None:
     workspace.mkdir(parents=True, mode=0o750)
     _chown_tree(workspace, account)
-
-
-def _pending_message(intent: Intent, instance: str) -> str:
-    if intent.owner == instance and not intent.undoing:
-        return f"{intent.docker_name} is being created; try again in a moment"
-    return (
-        f"the create of {intent.docker_name} was interrupted and ds01 is undoing it; "
-        "try again in a few seconds"
-    )
 
 
 def _chown_tree(path: Path, account: Account) -> None:
