@@ -77,7 +77,15 @@ def pki(state_dir: Path) -> Pki:
 
 
 @pytest.fixture(scope="session")
-def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str, docker_socket: Path) -> Config:
+def suite_docker() -> Iterator[Path]:
+    """A dockerd of the suite fixture's own: one containers service per Docker daemon, as
+    on a real node (another node's reconciler would adopt the tests' containers)."""
+    with running_dockerd() as (socket_path, _process):
+        yield socket_path
+
+
+@pytest.fixture(scope="session")
+def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str, suite_docker: Path) -> Config:
     return Config(
         node="test-node",
         state_dir=state_dir,
@@ -88,7 +96,7 @@ def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str, docker_socket: P
         ownership=OwnershipConfig(
             enroll_socket=state_dir / "enroll.sock", proxy_socket=state_dir / "docker.sock"
         ),
-        docker_host=f"unix://{docker_socket}",
+        docker_host=f"unix://{suite_docker}",
     )
 
 

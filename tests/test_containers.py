@@ -500,3 +500,91 @@ async def test_a_slot_belongs_to_one_container(
     finally:
         await env.stop("ownership")
         shutil.rmtree(run, ignore_errors=True)
+
+
+# One error vocabulary: each failure, the status code and the sentence a user gets.
+VOCABULARY = [
+    (
+        "an oversized name",
+        lambda alice, image: alice.create_container("x" * 300, image),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request refused: name is 300 characters long; at most 256 are allowed",
+    ),
+    (
+        "a name Docker cannot take",
+        lambda alice, image: alice.create_container("my proj", image),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "create failed while checking the container name: ",
+    ),
+    (
+        "an image that is not there",
+        lambda alice, image: alice.create_container("ok", "nosuch/image:1"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "create failed while checking the image: image nosuch/image:1 is not on this host",
+    ),
+    (
+        "an unknown slot preference",
+        lambda alice, image: alice.allocate("p._.ds01alice", preference=99),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "preference 99 is not one of SLOT_PREFERENCE_UNSPECIFIED",
+    ),
+    (
+        "a GPU for another user's name",
+        lambda alice, image: alice.allocate("job._.ds01bob"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "container 'job._.ds01bob' must be named <name>._.ds01alice",
+    ),
+    (
+        "a container that does not exist",
+        lambda alice, image: alice.start_container("nosuch"),
+        grpc.StatusCode.NOT_FOUND,
+        "no container nosuch (`ds01 container list`)",
+    ),
+    (
+        "another user's containers",
+        lambda alice, image: alice.list_containers(all_users=True),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "only admins may list other users' containers",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("failure", "call", "code", "sentence"), VOCABULARY, ids=[row[0] for row in VOCABULARY]
+)
+async def test_each_failure_has_its_code_and_sentence(
+    env: AllocatorEnv, test_image: str, failure: str, call, code, sentence: str
+):
+    async with env.client("ds01alice") as alice:
+        with pytest.raises(Ds01Error) as error:
+            await call(alice, test_image)
+    assert error.value.code == code, error.value
+    assert error.value.message.startswith(sentence), error.value.message
+    assert "Traceback" not in error.value.message and "Error:" not in error.value.message
+
+
+async def test_a_service_that_does_not_answer_is_named(env: AllocatorEnv, test_image: str):
+    """Limits stopped: the allocator says that limits did not answer (before the user's
+    own deadline); containers stopped: the client says it cannot reach containers."""
+    await env.stop("limits")
+    try:
+        async with env.client("ds01alice") as alice:
+            with pytest.raises(Ds01Error) as limits_down:
+                await alice.allocate("w._.ds01alice")
+        assert limits_down.value.code == grpc.StatusCode.UNAVAILABLE
+        assert limits_down.value.message.startswith(
+            "the limits service did not answer: the limits service did not answer within 5s"
+        ), limits_down.value.message
+    finally:
+        await env.start("limits")
+    await env.stop("containers")
+    try:
+        async with env.client("ds01alice") as alice:
+            with pytest.raises(Ds01Error) as containers_down:
+                await alice.create_container("c", test_image)
+        assert containers_down.value.code == grpc.StatusCode.UNAVAILABLE
+        assert containers_down.value.message.startswith(
+            f"cannot reach the containers service at {env.config.address('containers')}"
+        )
+    finally:
+        await env.start("containers")

@@ -62,11 +62,14 @@ class ContainersProcess:
         environ = {key: value for key, value in os.environ.items() if key != FAULT}
         if fault:
             environ[FAULT] = fault
-        self.process = subprocess.Popen(
-            [DS01D, "--config", str(env.config_file), "--services", "containers"],
-            env=environ,
-            stdout=subprocess.DEVNULL,
-        )
+        self.log = env.config_file.with_name(f"containers-{time.monotonic_ns()}.log")
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [DS01D, "--config", str(env.config_file), "--services", "containers"],
+                env=environ,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
 
     async def serving(self, env: AllocatorEnv) -> None:
         async with env.client("root") as root:
@@ -82,7 +85,16 @@ class ContainersProcess:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGUSR1)  # its threads' stacks, to the log
+                time.sleep(1)
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(
+                    "ds01d did not stop on SIGTERM:\n" + self.log.read_text()[-6000:]
+                ) from None
 
 
 async def _leftovers(env: AllocatorEnv, docker_socket: Path, name: str) -> list[str]:

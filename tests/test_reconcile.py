@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -334,3 +335,31 @@ async def test_runs_hidden_by_docker_restarts_still_count_toward_max_runtime(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         client.close()
+
+
+async def test_sweeps_during_quick_create_remove_cycles_of_one_name_touch_nothing(
+    world, test_image, caplog: pytest.LogCaptureFixture
+):
+    """What bench/soak.py found: a user re-creating one name while the reconciler sweeps
+    back to back. No sweep may adopt, forget or free what a create or remove is doing."""
+    _env, reconciler = world
+    reconciler.interval = 0.01  # sweep as often as it can
+    lifecycle = reconciler.lifecycle
+    task = asyncio.ensure_future(reconciler.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="ds01.containers.reconcile"):
+            for _ in range(6):
+                made = await lifecycle.create(
+                    CreateRequest("ds01alice", "churn", test_image, gpus=1, start=True)
+                )
+                assert made.gpu_slots
+                await lifecycle.stop("ds01alice", False, "churn", grace=1)
+                await lifecycle.start("ds01alice", False, "churn")  # its GPU is still its
+                await lifecycle.remove("ds01alice", False, "churn")
+        assert reconciler.sweeps > 6
+        acted = [r.getMessage() for r in caplog.records if "churn" in r.getMessage()]
+        assert not acted, "the sweeps acted on a cycle"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -309,7 +309,7 @@ class Ds01Client:
                 f"({err.details()}); is ds01d running? (`ds01 status` checks them all)",
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Ds01Error(code, f"the {service} service did not answer within {self.timeout}s")
+            return Ds01Error(code, f"the {service} service did not answer within {self.timeout:g}s")
         return Ds01Error(code, err.details() or code.name.lower())
 
 

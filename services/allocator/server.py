@@ -51,6 +51,8 @@ from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+LIMITS_TIMEOUT = 5.0  # seconds the allocator waits for the limits service
+
 ALLOCATOR_SERVICE = allocator_pb2.DESCRIPTOR.services_by_name["AllocatorService"].full_name
 _PREFERENCES = {
     allocator_pb2.SLOT_PREFERENCE_UNSPECIFIED: Preference.ANY,
@@ -277,8 +279,10 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.NOT_FOUND, str(err)
     if isinstance(err, StillInUse):
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
-    if isinstance(err, Ds01Error):
-        return grpc.StatusCode.UNAVAILABLE, f"the limits service could not be asked: {err}"
+    if isinstance(err, Ds01Error):  # from the limits service
+        if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return grpc.StatusCode.UNAVAILABLE, f"the limits service did not answer: {err.message}"
+        return err.code, err.message
     return None
 
 
@@ -354,7 +358,9 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     config = runtime.config
     etcd = connect(config, "allocator")
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
-    limits = RemoteLimits(Ds01Client(config, identity, wait_for_ready=True))
+    # Within a user's own deadline (10 s by default), so that the allocator can say which
+    # service did not answer before the user's call runs out.
+    limits = RemoteLimits(Ds01Client(config, identity, timeout=LIMITS_TIMEOUT, wait_for_ready=True))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
 
     async def container_exists(name: str) -> bool:

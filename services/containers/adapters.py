@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
+POOL_SIZE = 32  # connections to dockerd: many users' calls run at once in threads
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 
 
@@ -64,7 +65,9 @@ class DockerHost:
         """Connected on first use: the service starts even while Docker is down."""
         if self._client is None:
             try:
-                self._client = docker.DockerClient(base_url=self.base_url, timeout=120)
+                self._client = docker.DockerClient(
+                    base_url=self.base_url, timeout=120, max_pool_size=POOL_SIZE
+                )
             except docker.errors.DockerException as err:
                 raise DockerUnavailable(
                     f"Docker at {self.base_url} does not answer: {err}"

@@ -14,7 +14,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from ds01.containers.spec import (
 )
 from ds01.core.etcd import etcd_status
 from ds01.core.faults import fault_point
-from ds01.core.naming import OWNER_LABEL
+from ds01.core.naming import OWNER_LABEL, SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Lifecycle:
     # used; two creates of one user must not both pass the check.
     _creating: dict[str, asyncio.Lock] = field(default_factory=dict)
     _in_flight: set[str] = field(default_factory=set)  # users with a create under way
+    busy: Counter[str] = field(default_factory=Counter)  # containers being started, ...
     intents: IntentStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -306,46 +308,51 @@ class Lifecycle:
             await asyncio.sleep(interval)
 
     async def start(self, user: str, privileged: bool, name: str) -> Metadata:
-        metadata, container = await self._own(user, privileged, name)
-        for slot in metadata.gpu_slots:
-            node, _, slot_id = slot.partition("/")
-            check = await self._allocator(
-                self.client.validate(metadata.docker_name, slot_id, node), "validating the GPU"
-            )
-            if not check.valid:
-                raise ContainerError(
-                    Code.PRECONDITION,
-                    f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
-                    f"remove it (`ds01 container remove {metadata.name}`) and create it again",
+        with self._busy(user, name):
+            metadata, container = await self._own(user, privileged, name)
+            for slot in metadata.gpu_slots:
+                node, _, slot_id = slot.partition("/")
+                check = await self._allocator(
+                    self.client.validate(metadata.docker_name, slot_id, node), "validating the GPU"
                 )
-        await self._start(container, self.accounts(metadata.user))
-        if metadata.notice:
-            metadata.notice = ""
-            await self.metadata.put(metadata)
-        if metadata.gpu_slots:
-            await self._allocator(
-                self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
-            )
-        return metadata
+                if not check.valid:
+                    raise ContainerError(
+                        Code.PRECONDITION,
+                        f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
+                        f"remove it (`ds01 container remove {metadata.name}`) and create it again",
+                    )
+            await self._start(container, self.accounts(metadata.user))
+            if metadata.notice:
+                metadata.notice = ""
+                await self.metadata.put(metadata)
+            if metadata.gpu_slots:
+                await self._allocator(
+                    self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
+                )
+            return metadata
 
     async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
-        metadata, container = await self._own(user, privileged, name)
-        await self.docker.stop(container, grace or DEFAULT_GRACE)
-        await self.docker.status(container)  # reload: FinishedAt is set now
-        count_runtime(metadata, container.attrs["State"])
-        metadata.notice = ""
-        await self.metadata.put(metadata)
-        if metadata.gpu_slots:
-            await self._allocator(self.client.mark_stopped(metadata.docker_name), "holding the GPU")
-        return metadata
+        with self._busy(user, name):
+            metadata, container = await self._own(user, privileged, name)
+            await self.docker.stop(container, grace or DEFAULT_GRACE)
+            await self.docker.status(container)  # reload: FinishedAt is set now
+            count_runtime(metadata, container.attrs["State"])
+            metadata.notice = ""
+            await self.metadata.put(metadata)
+            if metadata.gpu_slots:
+                await self._allocator(
+                    self.client.mark_stopped(metadata.docker_name), "holding the GPU"
+                )
+            return metadata
 
     async def remove(self, user: str, privileged: bool, name: str) -> None:
-        metadata, container = await self._own(user, privileged, name, must_exist=False)
-        if container is not None:
-            await self.docker.remove(container)
-        if metadata.gpu_slots:
-            await self._release(metadata.docker_name)
-        await self.metadata.delete(metadata.docker_name)
+        with self._busy(user, name):
+            metadata, container = await self._own(user, privileged, name, must_exist=False)
+            if container is not None:
+                await self.docker.remove(container)
+            if metadata.gpu_slots:
+                await self._release(metadata.docker_name)
+            await self.metadata.delete(metadata.docker_name)
 
     async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
         """The containers, and the creates still in progress or being undone."""
@@ -364,6 +371,19 @@ class Lifecycle:
             return await self._own(user, privileged, name, must_exist=False)
         except Pending as pending:
             return self._shown(pending.intent), None
+
+    @contextlib.contextmanager
+    def _busy(self, user: str, name: str) -> Iterator[None]:
+        """Mark a container a start, stop or remove of this process is working on: the
+        reconciler leaves it alone meanwhile."""
+        full = name if SEPARATOR in name else _docker_name_or(name, user)
+        self.busy[full] += 1
+        try:
+            yield
+        finally:
+            self.busy[full] -= 1
+            if not self.busy[full]:
+                del self.busy[full]
 
     def _shown(self, intent: Intent) -> Metadata:
         return intent.shown(interrupted=self._interrupted(intent))
@@ -538,6 +558,14 @@ async def _remove_dirs(made: list[Path]) -> None:
     for directory in made:  # deepest first; only if still empty
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+def _docker_name_or(name: str, user: str) -> str:
+    """The Docker name, or the name as given when it is no valid one (nothing to mark)."""
+    try:
+        return docker_name(name, user)
+    except SpecError:
+        return name
 
 
 def _make_workspace(workspace: Path, account: Account) -> None:

@@ -200,7 +200,7 @@ class Reconciler:
         # container seen here belongs to an intent or a record read after it, and a
         # record read before the container list has its container in that list.
         allocations = await self._allocations()
-        recorded = {m.docker_name for m in await lifecycle.metadata.all()}
+        recorded = {m.docker_name: m.container_id for m in await lifecycle.metadata.all()}
         containers = {
             c.name: c
             for c in await lifecycle.docker.run(
@@ -209,23 +209,31 @@ class Reconciler:
                 )
             )
         }
+        listed = {c.id for c in containers.values()}
         creating = {intent.docker_name for intent in await lifecycle.intents.all()}
         records = {m.docker_name: m for m in await lifecycle.metadata.all()}
+        in_flux = creating | set(lifecycle.busy)  # a create, start, stop or remove under way
+        known = set(recorded) | set(containers) | in_flux | set(records)  # GPUs are theirs
         for name, container in list(containers.items()):
-            if name in creating or (name in recorded and name not in records):
-                del containers[name]  # being created, undone, or removed right now
-            elif name not in records:
+            record = records.get(name)
+            if name in in_flux or recorded.get(name) != (record and record.container_id):
+                del containers[name]  # in flux: being created or undone, removed, made anew
+            elif record is None:
                 adopted = await self._adopt(container, now)
                 if adopted is None:
                     del containers[name]
                 else:
                     records[name] = adopted
+            elif record.container_id != container.id:
+                del containers[name]  # the record is of another container of that name
         for name, record in list(records.items()):
-            if name not in containers:
-                if name in recorded:  # a record that is newer than the list is left be
-                    await self._forget(record)
-                del records[name]
-        known = set(records) | set(containers) | creating | recorded
+            if name in containers:
+                continue
+            # Forgotten only when the same record was there before Docker's list and its
+            # container is not in it: a record newer than the list is left be.
+            if recorded.get(name) == record.container_id not in listed and name not in in_flux:
+                await self._forget(record)
+            del records[name]
         held = await self._release_orphaned_allocations(allocations, known)
         unallocated = {
             name
@@ -244,8 +252,8 @@ class Reconciler:
                 if key not in policies:
                     policies[key] = await self._policy(*key)
                 await self._apply(container, record, policies[key], now)
-            except docker.errors.NotFound:  # removed while being reconciled: nothing to do
-                log.debug("%s was removed while being reconciled", name)
+            except (docker.errors.NotFound, ValueError):  # removed while being reconciled
+                log.debug("%s changed while being reconciled", name)
             except Exception as err:
                 log.warning("cannot reconcile %s: %s", name, err)
         self.sweeps += 1
@@ -271,8 +279,9 @@ class Reconciler:
         return record
 
     async def _forget(self, record: Metadata) -> None:
-        if await self.lifecycle.metadata.get(record.docker_name) is None:
-            return  # its remove finished meanwhile
+        current = await self.lifecycle.metadata.get(record.docker_name)
+        if current is None or current.container_id != record.container_id:
+            return  # its remove finished meanwhile, or the name was taken anew
         if record.gpu_slots:
             with contextlib.suppress(Ds01Error):
                 await self.lifecycle._release(record.docker_name)

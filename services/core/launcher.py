@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import getpass
 import importlib
 import logging
+import os
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ from ds01.core.server import (
 log = logging.getLogger("ds01d")
 
 WORKER_THREADS = 64
+STOP_SECONDS = 20.0  # the longest a stop may take before ds01d exits regardless
 
 
 def service_spec(name: str) -> ServiceSpec:
@@ -142,6 +146,7 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
         print(_summary(config, running, deps.notes), flush=True)
         await stop.wait()
         log.info("stopping")
+        _exit_if_still_stopping_after(STOP_SECONDS)
         return 0
     except (ServiceStartError, ProcessError, InventoryError) as err:
         log.error("%s", err)
@@ -150,6 +155,21 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
         for service in reversed(running):
             await service.stop()
         await asyncio.to_thread(deps.stop)
+
+
+def _exit_if_still_stopping_after(seconds: float) -> None:
+    """A stop that hangs (a Docker call that never returns holds a worker thread, which
+    the interpreter waits for at exit) ends after ``seconds`` with the stacks in the log,
+    not at systemd's SIGKILL minutes later."""
+
+    def expire() -> None:
+        log.error("still stopping after %.0fs: every thread's stack follows, then exit", seconds)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _waiting(service: RunningService) -> str:
@@ -198,5 +218,7 @@ def main(config_path: Path | None, services: str, local: bool) -> None:
         click.echo(f"ds01d: configuration error: {err}", err=True)
         sys.exit(2)
     setup_logging(config.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck ds01d waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(asyncio.run(serve(config, names, local)))
