@@ -206,7 +206,9 @@ async def test_a_call_waits_for_a_service_that_starts_late(env: AllocatorEnv):
     """The unlucky start order: limits comes up after the allocator. The allocator says
     NOT_SERVING and why, and a user's Allocate waits for limits instead of failing."""
     await env.stop("limits")
-    health, needs = await _allocator_when(env, lambda h, n: n["limits"] != "ok", 10)
+    health, needs = await _allocator_when(
+        env, lambda h, n: h == "NOT_SERVING" and n["limits"] != "ok", 10
+    )
     assert health == "NOT_SERVING"
     assert needs["limits"].startswith("cannot reach the limits service"), needs
     async with env.client("alice") as alice:
@@ -223,7 +225,9 @@ async def test_health_and_status_follow_etcd_through_an_outage(own_etcd: OwnEtcd
     env = own_etcd.env
     assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 10) == ALL_OK
     own_etcd.stop()
-    health, needs = await _allocator_when(env, lambda h, n: n["etcd"] != "ok", 10)
+    health, needs = await _allocator_when(
+        env, lambda h, n: h == "NOT_SERVING" and n["etcd"] != "ok", 10
+    )  # health and status are two calls: wait until both have seen the round
     assert health == "NOT_SERVING"
     assert needs["etcd"].startswith("etcd is unreachable"), needs
     assert needs["limits"] == "ok"  # only what is missing is named

@@ -11,6 +11,7 @@ import logging
 import pwd
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
+MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
 POOL_SIZE = 32  # connections to dockerd: many users' calls run at once in threads
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 
@@ -231,8 +233,30 @@ class MetadataStore:
     def _key(self, docker_name: str) -> bytes:
         return f"{METADATA}{self.node}/{docker_name}".encode()
 
-    async def put(self, metadata: Metadata) -> None:
-        await self.client.put(self._key(metadata.docker_name), metadata.encode())
+    async def modify(
+        self, metadata: Metadata, change: Callable[[Metadata], object]
+    ) -> Metadata | None:
+        """Apply ``change`` to the stored record of this very container and write it back
+        only if nobody wrote it meanwhile (re-read and retried on a conflict). Never
+        brings back a record a remove deleted, nor overwrites the record of a container
+        made anew under the same name; None then."""
+        key, tx = self._key(metadata.docker_name), self.client.transactions
+        for _attempt in range(MODIFY_ATTEMPTS):
+            found = await self.client.get(key)
+            if found is None:
+                return None
+            current = Metadata.decode(found.value)
+            if current.container_id != metadata.container_id:
+                return None
+            change(current)
+            written, _ = await self.client.transaction(
+                compare=[tx.value(key) == found.value],
+                success=[tx.put(key, current.encode())],
+                failure=[],
+            )
+            if written:
+                return current
+        return None
 
     async def put_new(self, metadata: Metadata) -> bool:
         """Write a record for a container ds01 did not make, unless a record or a create

@@ -323,8 +323,7 @@ class Lifecycle:
                     )
             await self._start(container, self.accounts(metadata.user))
             if metadata.notice:
-                metadata.notice = ""
-                await self.metadata.put(metadata)
+                metadata = await self.metadata.modify(metadata, _clear_notice) or metadata
             if metadata.gpu_slots:
                 await self._allocator(
                     self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
@@ -336,9 +335,13 @@ class Lifecycle:
             metadata, container = await self._own(user, privileged, name)
             await self.docker.stop(container, grace or DEFAULT_GRACE)
             await self.docker.status(container)  # reload: FinishedAt is set now
-            count_runtime(metadata, container.attrs["State"])
-            metadata.notice = ""
-            await self.metadata.put(metadata)
+            state = container.attrs["State"]
+
+            def stopped(record: Metadata) -> None:
+                count_runtime(record, state)
+                _clear_notice(record)
+
+            metadata = await self.metadata.modify(metadata, stopped) or metadata
             if metadata.gpu_slots:
                 await self._allocator(
                     self.client.mark_stopped(metadata.docker_name), "holding the GPU"
@@ -558,6 +561,10 @@ async def _remove_dirs(made: list[Path]) -> None:
     for directory in made:  # deepest first; only if still empty
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+def _clear_notice(record: Metadata) -> None:
+    record.notice = ""
 
 
 def _docker_name_or(name: str, user: str) -> str:

@@ -188,8 +188,8 @@ class Reconciler:
         if record is None or container is None:
             return
         await lifecycle.docker.run(container.reload)
-        if count_runtime(record, container.attrs["State"]):
-            await lifecycle.metadata.put(record)
+        state = container.attrs["State"]
+        await lifecycle.metadata.modify(record, lambda current: count_runtime(current, state))
 
     async def sweep(self, now: float | None = None) -> None:
         lifecycle = self.lifecycle
@@ -337,8 +337,12 @@ class Reconciler:
         docker = self.lifecycle.docker
         await docker.run(container.reload)
         state = container.attrs["State"]
-        if count_runtime(record, state):  # a run that ended, however it ended
-            await self.lifecycle.metadata.put(record)
+        counted = await self.lifecycle.metadata.modify(  # each run, however it ended
+            record, lambda current: count_runtime(current, state)
+        )
+        if counted is None:
+            return  # removed or made anew meanwhile: nothing of it to act on
+        record = counted
         await self._match_gpu_hold(container.status, record)
         observed = Observed(
             state=container.status,
@@ -371,13 +375,15 @@ class Reconciler:
                 activity.stop_at = max(
                     now + (policy.idle_timeout or 0) - idle_for, now + self.interval
                 )
-                record.notice = (
+                notice = (
                     f"idle for {idle_for:.0f}s: stops at "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(activity.stop_at))}"
                     " unless used"
                 )
-                await self.lifecycle.metadata.put(record)  # watchers of etcd see it too
-                log.warning("%s: %s", who, record.notice)
+                await self.lifecycle.metadata.modify(  # watchers of etcd see it too
+                    record, lambda current: setattr(current, "notice", notice)
+                )
+                log.warning("%s: %s", who, notice)
             elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
                 log.warning("stopping %s: %s", who, action.value)
                 await self.lifecycle.stop(record.user, True, record.docker_name)
