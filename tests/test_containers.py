@@ -588,3 +588,50 @@ async def test_a_service_that_does_not_answer_is_named(env: AllocatorEnv, test_i
         )
     finally:
         await env.start("containers")
+
+
+async def test_a_caller_that_hangs_up_never_leaves_half_a_container(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    """Creates and removes whose callers give up after a fraction of a second run to
+    their end anyway: afterwards every name has both its record and its container, or
+    neither."""
+    from ds01.client import ClientIdentity, Ds01Client
+
+    env.client("ds01alice")  # issues her certificate
+    identity = ClientIdentity(env.pki.ca_cert, env.pki.client("ds01alice"))
+    names = ("hang1", "hang2")
+    async with Ds01Client(env.config, identity, timeout=0.05) as hasty:
+        await hasty.call("containers", lambda channel: channel.channel_ready())
+        for name in names:
+            with pytest.raises(Ds01Error) as gave_up:
+                await hasty.create_container(name, test_image, gpus=1, start=True)
+            assert gave_up.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(5)  # the creates run to their end on their own
+    async with (
+        env.client("ds01alice") as alice,
+        Ds01Client(env.config, identity, timeout=0.05) as hasty,
+    ):
+        made = {c.name: c for c in await alice.list_containers()}
+        for name in names:
+            assert made[name].state == containers_pb2.CONTAINER_STATE_RUNNING, made
+            assert await env_docker_find(docker_socket, f"{name}._.ds01alice")
+        await hasty.call("containers", lambda channel: channel.channel_ready())
+        for name in names:
+            with pytest.raises(Ds01Error):
+                await hasty.remove_container(name)
+        await asyncio.sleep(5)  # and the removes too
+        listed = {c.name for c in await alice.list_containers()}
+        assert not listed & set(names)
+        for name in names:
+            assert not await env_docker_find(docker_socket, f"{name}._.ds01alice")
+        held = [a for a in (await alice.gpu_status()).allocations if a.user == "ds01alice"]
+        assert held == []
+
+
+async def env_docker_find(docker_socket: Path, name: str) -> bool:
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        return bool(client.containers.list(all=True, filters={"name": f"^{name}$"}))
+    finally:
+        client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
@@ -59,6 +60,7 @@ class Holdings:
 class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
+        self._running: set[asyncio.Future[Any]] = set()  # calls whose callers hung up too
 
     async def CreateContainer(
         self, request: containers_pb2.CreateContainerRequest, context: grpc.aio.ServicerContext
@@ -168,7 +170,12 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         return held
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        return await answer(context, work, _status_of)
+        """Run ``work`` to its end even if the caller hangs up: a create, stop or remove
+        cut off halfway would leave a container without its record, or the reverse."""
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await answer(context, asyncio.shield(task), _status_of)
 
 
 def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
