@@ -183,6 +183,7 @@ class Metadata(JsonRecord):
     runtime_before: float = 0.0  # seconds of finished runs (for max_runtime)
     counted_start: str = ""  # Docker's StartedAt of the last run added to runtime_before
     run_start: str = ""  # Docker's StartedAt of the run ds01 last saw running
+    named: bool = False  # the user's names were written into its /etc at create
     container_type: str = ""  # container_types.<type> of the limits configuration
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
     # Never stored: "creating" or "interrupted" when this stands for a create's intent.

@@ -232,13 +232,14 @@ class Lifecycle:
                 data_dirs=[str(d) for d in data_dirs],
                 limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
                 container_type=request.container_type,
+                named=True,
             )
             step = "naming the user inside the container"
             await self.docker.name_account(container, account)
             fault_point("create:named")
             if request.start:
                 step = "starting the container"
-                await self._start(container, account)
+                await self._start(container, account, named=True)
                 fault_point("create:started")
             step = "recording the container's metadata"
             await self.intents.commit(intent, metadata)
@@ -321,7 +322,7 @@ class Lifecycle:
                         f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
                         f"remove it (`ds01 container remove {metadata.name}`) and create it again",
                     )
-            await self._start(container, self.accounts(metadata.user))
+            await self._start(container, self.accounts(metadata.user), metadata.named)
             if metadata.notice:
                 metadata = await self.metadata.modify(metadata, _clear_notice) or metadata
             if metadata.gpu_slots:
@@ -426,9 +427,10 @@ class Lifecycle:
             )
         return metadata, container
 
-    async def _start(self, container: Any, account: Account) -> None:
+    async def _start(self, container: Any, account: Account, named: bool) -> None:
         """Start, after checking again that every bind mount is inside the owner's home
-        (a path may have become a symlink since create)."""
+        (a path may have become a symlink since create). ``named``: the user's names are
+        in its /etc already (written at create), so three Docker calls are saved."""
         for bind in container.attrs.get("HostConfig", {}).get("Binds") or []:
             source = Path(bind.split(":", 1)[0])
             if not source.resolve().is_relative_to(account.home.resolve()):
@@ -436,7 +438,8 @@ class Lifecycle:
                     Code.DENIED,
                     f"{source} now leads outside {account.user}'s home; not starting",
                 )
-        await self.docker.name_account(container, account)  # containers made before: once
+        if not named:  # containers ds01 adopted or made before names were written
+            await self.docker.name_account(container, account)
         await self.docker.start(container)
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
