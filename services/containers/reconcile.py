@@ -259,6 +259,8 @@ class Reconciler:
         self.sweeps += 1
 
     async def _adopt(self, container: Any, now: float) -> Metadata | None:
+        if await self.lifecycle.docker.find(container.id) is None:
+            return None  # listed, then removed (an undo, a remove): nothing to adopt
         labels = container.labels
         name = labels.get("ds01.name") or container.name.split("._.", 1)[0]
         record = Metadata(
