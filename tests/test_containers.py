@@ -222,6 +222,31 @@ async def test_limits_on_count_images_and_names_are_explained(env: AllocatorEnv,
     assert bad_name.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_docker_gets_the_workspace_with_no_symlink_left_to_follow(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    """A workspace given through a symlink (inside the home) is mounted by its real
+    path, so that swapping the link later changes nothing Docker mounts."""
+    home = Path("/home/ds01alice")
+    real, link = home / "real-ws", home / "link-ws"
+    real.mkdir(exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(real)
+    try:
+        async with env.client("ds01alice") as alice:
+            await alice.create_container("linked", test_image, workspace=str(link))
+            client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+            try:
+                mounts = client.containers.get("linked._.ds01alice").attrs["Mounts"]
+            finally:
+                client.close()
+            await alice.remove_container("linked")
+        assert [m["Source"] for m in mounts if m["Destination"] == "/workspace"] == [str(real)]
+    finally:
+        link.unlink(missing_ok=True)
+        real.rmdir()
+
+
 async def test_a_workspace_outside_the_users_home_is_refused(env: AllocatorEnv, test_image: str):
     async with env.client("ds01alice") as alice:
         with pytest.raises(Ds01Error) as refused:

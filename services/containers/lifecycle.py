@@ -171,6 +171,9 @@ class Lifecycle:
                 step = "making the workspace directory"
                 _make_workspace(workspace, account)
                 fault_point("create:workspace")
+            # Docker gets the resolved path, checked again now that it exists: no symlink
+            # left for it to follow, and none swapped in since the first check.
+            workspace = _inside_home(workspace, account)
             gpu_env: dict[str, str] = {}
             slots: tuple[str, ...] = ()
             uuids: tuple[str, ...] = ()
@@ -466,10 +469,7 @@ class Lifecycle:
         for path in (workspace, *data):
             if not path.is_absolute():
                 raise ContainerError(Code.INVALID, f"{path}: give an absolute path")
-            if not path.resolve().is_relative_to(account.home.resolve()):
-                raise ContainerError(
-                    Code.DENIED, f"{path} is outside {account.user}'s home {account.home}"
-                )
+            _inside_home(path, account)
         # Docker gets the resolved paths: no symlink left for it to follow.
         data = tuple(d.resolve() for d in data)
         for path in data:
@@ -576,6 +576,14 @@ def _docker_name_or(name: str, user: str) -> str:
         return docker_name(name, user)
     except SpecError:
         return name
+
+
+def _inside_home(path: Path, account: Account) -> Path:
+    """``path`` resolved, if it lies in the user's own home; refused otherwise."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(account.home.resolve()):
+        raise ContainerError(Code.DENIED, f"{path} is outside {account.user}'s home {account.home}")
+    return resolved
 
 
 def _make_workspace(workspace: Path, account: Account) -> None:
