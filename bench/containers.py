@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
 from _suite import REPO, suite
@@ -31,24 +32,33 @@ LIMITS = (
 )
 
 
+# What a ds01 container runs, waiting for its stop: the bare side runs the same.
+COMMAND = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"]
+
+
+def bare_create(client: docker.DockerClient, image: str, name: str) -> Any:
+    """A container with the limits of LIMITS, made with the bare Docker SDK."""
+    return client.containers.create(
+        image,
+        COMMAND,
+        name=name,
+        nano_cpus=10**9,
+        mem_limit=256 << 20,
+        memswap_limit=256 << 20,
+        shm_size=32 << 20,
+        pids_limit=128,
+        network_mode="none",
+        detach=True,
+    )
+
+
 def bare_cycles(socket: Path, image: str, cycles: int) -> list[float]:
     client = docker.DockerClient(base_url=f"unix://{socket}")
     samples = []
     try:
         for i in range(cycles):
             start = time.perf_counter()
-            container = client.containers.create(
-                image,
-                ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"],
-                name=f"bare{i}",
-                nano_cpus=10**9,
-                mem_limit=256 << 20,
-                memswap_limit=256 << 20,
-                shm_size=32 << 20,
-                pids_limit=128,
-                network_mode="none",
-                detach=True,
-            )
+            container = bare_create(client, image, f"bare{i}")
             container.start()
             container.stop(timeout=10)
             container.remove(force=True)

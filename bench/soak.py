@@ -40,6 +40,7 @@ import docker
 import grpc
 from _suite import REPO, Suite, suite
 from allocator import inventory, pct
+from containers import bare_create
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import load_config
@@ -53,7 +54,6 @@ PREFIX = "ds01soak"  # never ds01alice, ds01bob or ds01lab: those are the test s
 CALLS = ("create", "start", "stop", "remove")
 NAME = "soak"  # each ds01 user's one container, created again every cycle
 SLICES_PER_GPU = 7  # bench/allocator.py's inventory: seven 1g.10gb slices per GPU
-COMMAND = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"]
 ETCD_PREFIXES = (
     "/ds01/v1/alloc/holders/",
     "/ds01/v1/containers/",
@@ -131,20 +131,7 @@ def bare_cycle(client: docker.DockerClient, image: str, name: str, recorder: Rec
     start = time.perf_counter()
 
     def create() -> None:
-        made.append(
-            client.containers.create(
-                image,
-                COMMAND,
-                name=name,
-                nano_cpus=10**9,
-                mem_limit=256 << 20,
-                memswap_limit=256 << 20,
-                shm_size=32 << 20,
-                pids_limit=128,
-                network_mode="none",
-                detach=True,
-            )
-        )
+        made.append(bare_create(client, image, name))
 
     if not timed_sync(recorder, "create", create):
         time.sleep(0.5)  # a failing create must not spin

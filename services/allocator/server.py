@@ -42,7 +42,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA
-from ds01.core.etcd import connect, etcd_status
+from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
@@ -432,16 +432,11 @@ class _Registration:
                 self.problem = None
                 await registration.keep_alive()
             except Exception as err:  # keep trying: etcd or the driver may come later
-                problem = f"cannot register: {_reason(err)}"
+                problem = f"cannot register: {failure_sentence(err)}"
                 if problem != self.problem:  # once per reason, not every 2 s
                     log.error("node %s: %s", self.node, problem)
                 self.problem = problem
                 await asyncio.sleep(2)
-
-
-def _reason(err: Exception) -> str:
-    status = etcd_status(err)
-    return status[1] if status else str(err)
 
 
 SPEC = ServiceSpec(name="allocator", grpc_services=(ALLOCATOR_SERVICE,), register=register)

@@ -226,13 +226,19 @@ class Intent(JsonRecord):
         )
 
 
+def record_key(prefix: str, node: str, docker_name: str) -> bytes:
+    """The etcd key of a container's record or intent (``docker_name`` empty: all of a
+    node's)."""
+    return f"{prefix}{node}/{docker_name}".encode()
+
+
 class MetadataStore:
     def __init__(self, client: aetcd.Client, node: str) -> None:
         self.client = client
         self.node = node
 
     def _key(self, docker_name: str) -> bytes:
-        return f"{METADATA}{self.node}/{docker_name}".encode()
+        return record_key(METADATA, self.node, docker_name)
 
     async def modify(
         self, metadata: Metadata, change: Callable[[Metadata], object]
@@ -263,7 +269,7 @@ class MetadataStore:
         """Write a record for a container ds01 did not make, unless a record or a create
         holds the name by now."""
         key, tx = self._key(metadata.docker_name), self.client.transactions
-        intent = f"{INTENTS}{self.node}/{metadata.docker_name}".encode()
+        intent = record_key(INTENTS, self.node, metadata.docker_name)
         succeeded, _ = await self.client.transaction(
             compare=[tx.create(key) == 0, tx.create(intent) == 0],
             success=[tx.put(key, metadata.encode())],
@@ -279,7 +285,7 @@ class MetadataStore:
         await self.client.delete(self._key(docker_name))
 
     async def all(self) -> list[Metadata]:
-        found = await self.client.get_prefix(f"{METADATA}{self.node}/".encode())
+        found = await self.client.get_prefix(record_key(METADATA, self.node, ""))
         return [Metadata.decode(kv.value) for kv in found]
 
 
@@ -291,16 +297,16 @@ class IntentStore:
         self.node = node
 
     def _key(self, docker_name: str) -> bytes:
-        return f"{INTENTS}{self.node}/{docker_name}".encode()
-
-    def _metadata_key(self, docker_name: str) -> bytes:
-        return f"{METADATA}{self.node}/{docker_name}".encode()
+        return record_key(INTENTS, self.node, docker_name)
 
     async def reserve(self, intent: Intent) -> bool:
         """Write the intent if neither a create nor a container holds the name."""
         key, tx = self._key(intent.docker_name), self.client.transactions
         succeeded, _ = await self.client.transaction(
-            compare=[tx.create(key) == 0, tx.create(self._metadata_key(intent.docker_name)) == 0],
+            compare=[
+                tx.create(key) == 0,
+                tx.create(record_key(METADATA, self.node, intent.docker_name)) == 0,
+            ],
             success=[tx.put(key, intent.encode())],
             failure=[],
         )
@@ -315,7 +321,7 @@ class IntentStore:
         await self.client.transaction(
             compare=[],
             success=[
-                tx.put(self._metadata_key(metadata.docker_name), metadata.encode()),
+                tx.put(record_key(METADATA, self.node, metadata.docker_name), metadata.encode()),
                 tx.delete(self._key(intent.docker_name)),
             ],
             failure=[],
@@ -329,7 +335,7 @@ class IntentStore:
         await self.client.delete(self._key(docker_name))
 
     async def all(self) -> list[Intent]:
-        found = await self.client.get_prefix(f"{INTENTS}{self.node}/".encode())
+        found = await self.client.get_prefix(record_key(INTENTS, self.node, ""))
         return [Intent.decode(kv.value) for kv in found]
 
 

@@ -42,7 +42,7 @@ from ds01.containers.spec import (
     SpecError,
     docker_name,
 )
-from ds01.core.etcd import etcd_status
+from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR
 
@@ -624,8 +624,7 @@ def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:
     elif isinstance(err, asyncio.CancelledError):
         code, why = Code.UNAVAILABLE, "the call was cancelled"
     else:
-        status = etcd_status(err) if isinstance(err, Exception) else None
-        code, why = Code.UNAVAILABLE, status[1] if status else str(err) or "an internal error"
+        code, why = Code.UNAVAILABLE, failure_sentence(err)
     message = f"create failed while {step}: {why}"
     if left:
         message += f"; ds01 keeps undoing what is left ({'; '.join(left)})"

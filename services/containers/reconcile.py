@@ -128,7 +128,6 @@ class Reconciler:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Containers that started or died: their runs are counted at once, not at a sweep.
     _runs: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    _records: asyncio.Lock = field(default_factory=asyncio.Lock)  # one writer of records
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,8 +136,7 @@ class Reconciler:
         try:
             while True:
                 try:
-                    async with self._records:
-                        await self.sweep()
+                    await self.sweep()
                 except Exception:  # a failed sweep is retried; the loop never dies
                     log.exception("reconcile sweep failed")
                 with contextlib.suppress(TimeoutError):
@@ -175,9 +173,8 @@ class Reconciler:
         can never hide a run from max_runtime."""
         while True:
             name = await self._runs.get()
-            try:
-                async with self._records:
-                    await self.count_run(name)
+            try:  # records are written optimistically: a sweep at the same time is fine
+                await self.count_run(name)
             except Exception as err:  # the sweep counts it later
                 log.debug("cannot count the run of %s now: %s", name, err)
 
@@ -187,8 +184,7 @@ class Reconciler:
         container = await lifecycle.docker.find(record.container_id) if record else None
         if record is None or container is None:
             return
-        await lifecycle.docker.run(container.reload)
-        state = container.attrs["State"]
+        state = container.attrs["State"]  # as Docker says now: find inspects it afresh
         await lifecycle.metadata.modify(record, lambda current: count_runtime(current, state))
 
     async def sweep(self, now: float | None = None) -> None:

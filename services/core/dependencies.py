@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from ds01.core.etcd import etcd_status
+from ds01.core.etcd import failure_sentence
 from ds01.core.messages import timestamp
 from ds01.v1 import status_pb2, status_pb2_grpc
 
@@ -59,10 +59,7 @@ class Dependency:
 def _sentence(name: str, err: Exception) -> str:
     if isinstance(err, TimeoutError):
         return f"{name} did not answer within {CHECK_TIMEOUT:.0f}s"
-    status = etcd_status(err)
-    if status is not None:
-        return status[1]
-    return getattr(err, "message", None) or str(err) or type(err).__name__
+    return failure_sentence(err, otherwise=f"{name} failed")
 
 
 @dataclass
@@ -80,16 +77,26 @@ class Dependencies:
     def ready(self) -> bool:
         return all(d.available for d in self.items)
 
+    async def attach(self, health: HealthServicer, services: Sequence[str]) -> None:
+        """Report through ``health`` from now on: NOT_SERVING until the first round of
+        checks has passed, SERVING at once for a service that needs nothing."""
+        self.health, self.services = health, services
+        await self._publish()
+
     async def check_all(self) -> bool:
         """Check every dependency now and set the health; whether all answered."""
         await asyncio.gather(*(d.refresh() for d in self.items))
-        if self.health is not None:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-            if self.ready:
-                status = health_pb2.HealthCheckResponse.SERVING
-            for name in ("", *self.services):
-                await self.health.set(name, status)
+        await self._publish()
         return self.ready
+
+    async def _publish(self) -> None:
+        if self.health is None:
+            return
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if self.ready:
+            status = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *self.services):
+            await self.health.set(name, status)
 
     async def follow(self) -> None:
         while True:

@@ -93,6 +93,15 @@ def etcd_status(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     return grpc.StatusCode.UNAVAILABLE, f"etcd could not complete the request: {details}"
 
 
+def failure_sentence(err: BaseException, otherwise: str = "an internal error") -> str:
+    """What went wrong, in words: etcd's sentence for an etcd failure, else the error's
+    own message (``otherwise`` when it has none)."""
+    status = etcd_status(err) if isinstance(err, Exception) else None
+    if status is not None:
+        return status[1]
+    return getattr(err, "message", None) or str(err) or otherwise
+
+
 def connect(config: Config, service: str) -> aetcd.Client:
     """The etcd client of ``service``, with that service's own certificate."""
     return etcd_client(config.etcd_endpoints, config.pki.etcd, service)

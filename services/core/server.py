@@ -178,12 +178,7 @@ async def start_service(
     health = HealthServicer()
     runtime = ServiceRuntime(context, health)
     await spec.register(server, runtime)
-    first = health_pb2.HealthCheckResponse.NOT_SERVING  # until the dependencies answer
-    if not runtime.dependencies.items:
-        first = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", *spec.grpc_services):
-        await health.set(name, first)
-    runtime.dependencies.health, runtime.dependencies.services = health, spec.grpc_services
+    await runtime.dependencies.attach(health, spec.grpc_services)
     if runtime.dependencies.items:
         runtime.run_in_background(runtime.dependencies.follow(), f"{spec.name}-dependencies")
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(spec.name), server)
