@@ -160,6 +160,19 @@ async def test_a_container_past_max_runtime_is_stopped(world, test_image):
     assert await _state(reconciler, name) == "exited"
 
 
+async def test_a_call_under_way_does_not_shield_a_container_from_its_policies(world, test_image):
+    """Its owner calling start again and again keeps the container busy in ds01: it is
+    never adopted or forgotten meanwhile, but max_runtime still applies."""
+    _env, reconciler = world
+    name = await _create(reconciler, test_image, "dodger")
+    reconciler.lifecycle.busy[name] += 1  # as during one of those calls
+    try:
+        await reconciler.sweep(time.time() + 601)
+    finally:
+        reconciler.lifecycle.busy[name] -= 1
+    assert await _state(reconciler, name) == "exited"
+
+
 async def test_stopped_and_never_started_containers_are_removed_after_their_time(world, test_image):
     env, reconciler = world
     stopped = await _create(reconciler, test_image, "stopped")

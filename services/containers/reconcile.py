@@ -208,26 +208,29 @@ class Reconciler:
         listed = {c.id for c in containers.values()}
         creating = {intent.docker_name for intent in await lifecycle.intents.all()}
         records = {m.docker_name: m for m in await lifecycle.metadata.all()}
-        in_flux = creating | set(lifecycle.busy)  # a create, start, stop or remove under way
-        known = set(recorded) | set(containers) | in_flux | set(records)  # GPUs are theirs
+        # A start, stop or remove under way: never adopted or forgotten meanwhile, but its
+        # policies still apply (else calling start again and again would dodge them).
+        busy = set(lifecycle.busy)
+        known = set(recorded) | set(containers) | creating | busy | set(records)  # GPUs
         for name, container in list(containers.items()):
             record = records.get(name)
-            if name in in_flux or recorded.get(name) != (record and record.container_id):
+            if name in creating or recorded.get(name) != (record and record.container_id):
                 del containers[name]  # in flux: being created or undone, removed, made anew
-            elif record is None:
+            elif record is None and name not in busy:
                 adopted = await self._adopt(container, now)
                 if adopted is None:
                     del containers[name]
                 else:
                     records[name] = adopted
-            elif record.container_id != container.id:
-                del containers[name]  # the record is of another container of that name
+            elif record is None or record.container_id != container.id:
+                del containers[name]  # a remove under way, or a record of another container
         for name, record in list(records.items()):
             if name in containers:
                 continue
             # Forgotten only when the same record was there before Docker's list and its
             # container is not in it: a record newer than the list is left be.
-            if recorded.get(name) == record.container_id not in listed and name not in in_flux:
+            in_flux = name in creating or name in busy
+            if recorded.get(name) == record.container_id not in listed and not in_flux:
                 await self._forget(record)
             del records[name]
         held = await self._release_orphaned_allocations(allocations, known)
