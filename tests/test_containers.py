@@ -138,11 +138,35 @@ async def test_the_full_lifecycle(env: AllocatorEnv, docker_socket: Path, test_i
         assert await alice.list_containers() == []
         free = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
         assert free.state == common_pb2.SLOT_STATE_FREE
+
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:
         assert not client.containers.list(all=True, filters={"name": name})
     finally:
         client.close()
+
+
+async def test_each_user_of_one_image_is_named_in_their_own_container_only(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    """The image's own /etc/passwd is read once and kept: every later container of the
+    image must still get its own user's names, and never an earlier user's."""
+    made = {}
+    for user in ("ds01alice", "ds01bob", "ds01alice"):
+        async with env.client(user) as client:
+            name = f"named{len(made)}"
+            created = await client.create_container(name, test_image, start=True)
+            made[name] = (user, created.docker_name)
+    for user, container in made.values():
+        other = "ds01bob" if user == "ds01alice" else "ds01alice"
+        passwd = await asyncio.to_thread(
+            docker_exec, docker_socket, container, "cat", "/etc/passwd"
+        )
+        group = await asyncio.to_thread(docker_exec, docker_socket, container, "cat", "/etc/group")
+        names = [line.split(":")[0] for line in passwd.splitlines()]
+        assert names.count(user) == 1 and other not in names, passwd
+        assert f"{GROUP}:x:{GID}:" in group
+        assert "root" in names  # the image's own accounts stay
 
 
 async def test_labels_follow_ds01_and_mlc_conventions(

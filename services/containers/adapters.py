@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
 MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
+IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
 POOL_SIZE = 32  # connections to dockerd: many users' calls run at once in threads
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 
@@ -61,6 +62,9 @@ class DockerHost:
         self.base_url = base_url
         self._client: docker.DockerClient | None = None
         self._info_cache: tuple[float, dict[str, Any]] | None = None
+        # An image's /etc/passwd and /etc/group, by image id (ids name content: they
+        # never go stale), oldest first.
+        self._image_accounts: dict[str, tuple[str | None, str | None]] = {}
 
     @property
     def client(self) -> docker.DockerClient:
@@ -136,13 +140,27 @@ class DockerHost:
     async def start(self, container: Any) -> None:
         await self.run(container.start)
 
-    async def name_account(self, container: Any, account: Account) -> None:
+    async def name_account(self, container: Any, account: Account, fresh: bool) -> None:
         """Give the host uid and gid names inside the container by rewriting /etc/passwd
         and /etc/group through Docker's archive API: nothing of the image runs, as root or
         otherwise, and the names stay in the container for every later start (``mlc
-        start`` included)."""
-        passwd = await self.run(_read_file, container, "/etc/passwd")
-        group = await self.run(_read_file, container, "/etc/group")
+        start`` included).
+
+        ``fresh``: the container was just created, so its files are still its image's;
+        those are read once per image (archive calls are among dockerd's slowest under
+        load: each mounts the container's filesystem)."""
+        image = container.attrs.get("Image", "") if fresh else ""
+        if image in self._image_accounts:
+            passwd, group = self._image_accounts[image]
+        else:
+            passwd, group = await asyncio.gather(
+                self.run(_read_file, container, "/etc/passwd"),
+                self.run(_read_file, container, "/etc/group"),
+            )
+            if image:
+                self._image_accounts[image] = (passwd, group)
+                while len(self._image_accounts) > IMAGES_REMEMBERED:
+                    del self._image_accounts[next(iter(self._image_accounts))]
         if passwd is None or group is None:
             log.warning(
                 "%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", container.name

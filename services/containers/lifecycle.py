@@ -145,8 +145,10 @@ class Lifecycle:
                     "(`docker images` lists what is there)",
                 )
             step = "reading the limits"
-            limits = await self.client.get_limits(request.user, request.container_type)
-            args = await self.client.get_docker_args(request.user, request.container_type)
+            limits, args = await asyncio.gather(
+                self.client.get_limits(request.user, request.container_type),
+                self.client.get_docker_args(request.user, request.container_type),
+            )
             step = "checking the name and the container count"
             await self._check_room(request.user, name, limits)
             step = "checking the workspace and data directories"
@@ -238,7 +240,7 @@ class Lifecycle:
                 named=True,
             )
             step = "naming the user inside the container"
-            await self.docker.name_account(container, account)
+            await self.docker.name_account(container, account, fresh=True)
             fault_point("create:named")
             if request.start:
                 step = "starting the container"
@@ -442,17 +444,23 @@ class Lifecycle:
                     f"{source} now leads outside {account.user}'s home; not starting",
                 )
         if not named:  # containers ds01 adopted or made before names were written
-            await self.docker.name_account(container, account)
+            await self.docker.name_account(container, account, fresh=False)
         await self.docker.start(container)
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
-        recorded = {m.docker_name for m in await self.metadata.all() if m.user == user}
-        if name in recorded or await self.docker.find(name):
-            raise ContainerError(Code.EXISTS, f"{name} exists already")
-        if limits.HasField("max_containers_per_user"):
-            allowed = limits.max_containers_per_user
+        counted = limits.HasField("max_containers_per_user")
+        records, existing, labelled = await asyncio.gather(
+            self.metadata.all(),
+            self.docker.find(name),
             # Containers made through the Docker gateway count too: they carry the label.
-            mine = recorded | set(await self.docker.names_labelled(OWNER_LABEL, user))
+            self.docker.names_labelled(OWNER_LABEL, user) if counted else _nothing(),
+        )
+        recorded = {m.docker_name for m in records if m.user == user}
+        if name in recorded or existing:
+            raise ContainerError(Code.EXISTS, f"{name} exists already")
+        if counted:
+            allowed = limits.max_containers_per_user
+            mine = recorded | set(labelled)
             if len(mine) >= allowed:
                 raise ContainerError(
                     Code.EXHAUSTED,
@@ -558,6 +566,10 @@ def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:
     metadata.runtime_before += finished - started
     metadata.counted_start, metadata.run_start = started_text, ""
     return True
+
+
+async def _nothing() -> list[str]:
+    return []
 
 
 async def _remove_dirs(made: list[Path]) -> None:
