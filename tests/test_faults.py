@@ -4,6 +4,7 @@ that say what failed, on the real etcd and services."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.bounds import MAX_ITEMS, NAME_LIMIT, request_problem
-from ds01.core.etcd import connect
+from ds01.core.etcd import connect, etcd_client
 from ds01.core.pki import Pki
 from ds01.core.processes import ManagedProcess
 from ds01.v1 import containers_pb2, limits_pb2
@@ -125,6 +126,25 @@ async def test_a_claim_etcd_refuses_after_the_lock_is_taken_releases_the_lock(
         granted = await allocator.allocate(Request("alice", "next._.alice"), alice)
         assert granted and time.monotonic() - started < 3, "alice stayed locked"
     finally:
+        await client.close()
+
+
+async def test_a_session_lease_that_ran_out_unseen_does_not_fail_the_next_allocate(
+    env: AllocatorEnv,
+):
+    """After a partition longer than lock_ttl, etcd has dropped the allocator's session
+    lease before the allocator noticed: the next Allocate starts a new session."""
+    client = connect(env.config, "allocator")
+    state = EtcdState(client, lock_ttl=30)  # its keepalive would notice only much later
+    try:
+        allocator = await _allocator(env, state)
+        alice = Actor("alice", False)
+        assert await allocator.allocate(Request("alice", "before._.alice"), alice)
+        session = await state._session()
+        await client.revoke_lease(session.id)  # what etcd does when the lease runs out
+        assert await allocator.allocate(Request("alice", "after._.alice"), alice)
+    finally:
+        await state.close()
         await client.close()
 
 
@@ -253,3 +273,108 @@ async def test_status_lists_what_each_service_needs(env: AllocatorEnv):
     assert result.returncode == 1
     table = await env.cli("alice", "status")
     assert "etcd ok, limits ok, inventory ok" in table.stdout, table.stdout
+
+
+class Partition:
+    """A TCP relay on loopback between one etcd client and etcd. ``cut`` holds every
+    byte in both directions (a partition: nothing is refused, nothing arrives);
+    ``heal`` delivers what was held, late, as TCP's retransmissions would."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.endpoint = ""
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Partition:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.endpoint = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self.target.rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            pump = asyncio.ensure_future(self._pump(source, sink))
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await source.read(65536):
+                await self._open.wait()
+                sink.write(chunk)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+class _CutDuringClaim(EtcdState):
+    """A fault point: this allocator is cut off from etcd after taking the user's lock,
+    as its first claim goes out."""
+
+    def __init__(self, *args, partition: Partition, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.partition: Partition | None = partition
+
+    async def claim(self, plan, holder, lock):  # type: ignore[no-untyped-def]
+        if self.partition is not None:
+            self.partition.cut()
+            self.partition = None
+        return await super().claim(plan, holder, lock)
+
+
+async def test_an_allocator_cut_off_from_etcd_holds_nobody_up_and_books_nothing_late(
+    env: AllocatorEnv, etcd_endpoint: str
+):
+    """etcd stays up; one allocator (A) loses it mid-claim, holding alice's lock. The
+    other (B) serves alice once A's session lease runs out. A's claim, delivered after
+    the partition heals, is refused by etcd (A's lock is gone); A plans again under a
+    new lock, so alice never holds more than her quota; and A serves others again."""
+    ttl = 2
+    async with Partition(etcd_endpoint) as partition:
+        cut_client = etcd_client([partition.endpoint], env.config.pki.etcd, "allocator")
+        direct = connect(env.config, "allocator")
+        a_state = _CutDuringClaim(cut_client, lock_ttl=ttl, partition=partition)
+        b_state = EtcdState(direct, lock_ttl=ttl)
+        try:
+            a, b = await _allocator(env, a_state), await _allocator(env, b_state)
+            alice = Actor("alice", False)
+            stuck = asyncio.ensure_future(a.allocate(Request("alice", "lost._.alice"), alice))
+            await asyncio.sleep(0.5)
+            assert not stuck.done()  # A waits on etcd: its claim is held in the partition
+            started = time.monotonic()
+            granted = await asyncio.wait_for(
+                b.allocate(Request("alice", "served._.alice"), alice), ttl + 10
+            )
+            assert granted and time.monotonic() - started < ttl + 6, "alice stayed locked"
+            partition.heal()
+            with contextlib.suppress(Exception):  # granted anew under a lock, or refused
+                await asyncio.wait_for(stuck, 15)
+            status = await b.status(user="alice")
+            assert "served._.alice" in {h.container for h in status.holders.values()}
+            used = sum(status.slots[key].gpu_equivalents for key in status.holders)
+            assert used <= 1.0, status.holders  # alice's quota, held through it all
+            bob = Actor("bob", False)
+            again = await asyncio.wait_for(a.allocate(Request("bob", "back._.bob"), bob), 15)
+            assert again
+        finally:
+            await a_state.close()
+            await b_state.close()
+            await cut_client.close()
+            await direct.close()

@@ -249,7 +249,8 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
     world, etcd_endpoint, tmp_path_factory
 ):
     """Docker events wake the sweep; after dockerd restarts, the event stream is
-    re-opened and a container removed behind ds01's back is noticed at once."""
+    re-opened, the run the restart ended counts toward max_runtime, and a container
+    removed behind ds01's back is noticed at once."""
     from ds01.core.processes import start_dockerd
     from tests.harness import build_test_image
 
@@ -262,10 +263,11 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
     task = None
     try:
         image = build_test_image(root / "docker.sock")
-        name = (await lifecycle.create(CreateRequest("ds01bob", "svc", image))).docker_name
+        request = CreateRequest("ds01bob", "svc", image, start=True)
+        name = (await lifecycle.create(request)).docker_name
         task = asyncio.ensure_future(reconciler.run())
-        await asyncio.sleep(1)
-        daemon.stop()
+        await asyncio.sleep(1.5)  # the first sweep has seen the run begin
+        daemon.stop()  # without live-restore, this ends the run
         daemon = start_dockerd(root)  # the same data: the container is still there
         before = reconciler.sweeps
         for _ in range(100):
@@ -273,7 +275,9 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
                 break
             await asyncio.sleep(0.1)
         assert reconciler.sweeps > before, "no sweep after dockerd came back"
-        assert [r.docker_name for r in await lifecycle.metadata.all()] == [name]
+        [record] = await lifecycle.metadata.all()
+        assert record.docker_name == name
+        assert record.runtime_before >= 1.5, record  # the run the restart ended counts
         client = docker.DockerClient(base_url=f"unix://{root / 'docker.sock'}")
         try:
             client.containers.get(name).remove(force=True)

@@ -70,6 +70,7 @@ class UserLock:
         return self.key.decode().removeprefix(USER_LOCKS)
 
 
+LEASE_GONE = "requested lease not found"  # etcd's words for a lease that expired
 UNLOCK_TIMEOUT = 5.0  # seconds for one attempt to release a lock
 
 # What a snapshot reads: not the release marks or the locks.
@@ -154,16 +155,18 @@ class EtcdState:
         The lock key lives on this process's session lease: if the process dies, etcd
         deletes it when the lease runs out, and the next request proceeds.
         """
-        session = await self._session()
         key = f"{USER_LOCKS}{user}".encode()
         token = uuid.uuid4().bytes
-        tx = self.client.transactions
         try:
-            won, responses = await self.client.transaction(
-                compare=[tx.create(key) == 0],
-                success=[tx.put(key, token, lease=session), *self._reads()],
-                failure=[tx.get(key)],
-            )
+            try:
+                won, responses = await self._take(key, token, await self._session())
+            except aetcd.exceptions.ClientError as err:
+                if LEASE_GONE not in str(err):
+                    raise
+                # The session lease ran out while etcd was out of reach (a partition
+                # longer than lock_ttl): its locks are gone with it; start a new one.
+                self._lease = None
+                won, responses = await self._take(key, token, await self._session())
         except BaseException:  # etcd may have taken the lock before the answer was lost
             self.unlock_soon(UserLock(key, token, None, 0))
             raise
@@ -172,6 +175,14 @@ class EtcdState:
             return UserLock(key, token, None, held.mod_revision if held else 0)
         revision = responses[0].response_put.header.revision
         return UserLock(key, token, self._decoder.snapshot(_ranges(responses[1:]), revision), 0)
+
+    async def _take(self, key: bytes, token: bytes, session: aetcd.leases.Lease) -> tuple:
+        tx = self.client.transactions
+        return await self.client.transaction(
+            compare=[tx.create(key) == 0],
+            success=[tx.put(key, token, lease=session), *self._reads()],
+            failure=[tx.get(key)],
+        )
 
     async def unlock(self, lock: UserLock) -> None:
         """Release ``lock`` if it is still ours; when etcd cannot be reached, keep trying
@@ -255,7 +266,8 @@ class EtcdState:
                 log.warning("session lease refresh failed: %s", err)
                 alive = False
             if not alive:  # a new lease next time; locks on the old one are gone with it
-                self._lease = None
+                if self._lease is lease:
+                    self._lease = None
                 return
 
     async def close(self) -> None:
