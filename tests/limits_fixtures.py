@@ -109,11 +109,13 @@ SEED_BLOCK_ALICE = """\
 User: alice
 Group: researchers
 Priority: 50
-Max MIG Instances: 2
+Max GPU-equivalents: 2
+Max GPU Slots per Container: 1
 Max CPUs: 16
 Memory: 64g
 Shared Memory: 16g
 Max Containers: 3
 Idle Timeout: 72h
 GPU Hold After Stop: 24h
-Container Hold After Stop: 12h"""
+Container Hold After Stop: 12h
+Max Runtime: unlimited"""

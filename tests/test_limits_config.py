@@ -137,7 +137,7 @@ def test_group_ipc_host_replaces_the_default_shm_size(config_path: Path):
 def test_policies_layer_global_group_override(config_path: Path):
     config = load_limits(config_path)
     assert resolve(config, "alice").policies == {
-        "warn_before_idle_stop": "2h",  # override
+        "warn_before_idle_stop": 2 * 3600,  # override: 2h
         "exempt_from_idle": True,  # group
     }
     assert resolve(config, "student1").policies == {

@@ -16,7 +16,10 @@ from ds01.v1 import limits_pb2
 
 # The seed's block, in the seed's order: (label, key).
 SEED_BLOCK = (
-    ("Max MIG Instances", "max_gpu_equivalents"),
+    # The seed said "Max MIG Instances"; the quota is in GPU-equivalents (a full GPU is
+    # 1, a 2g.20gb slice of a 7-slice GPU 0.29), and slots are counted per container.
+    ("Max GPU-equivalents", "max_gpu_equivalents"),
+    ("Max GPU Slots per Container", "max_gpu_slots_per_container"),
     ("Max CPUs", "max_cpus"),
     ("Memory", "memory"),
     ("Shared Memory", "shm_size"),
@@ -24,6 +27,7 @@ SEED_BLOCK = (
     ("Idle Timeout", "idle_timeout"),
     ("GPU Hold After Stop", "gpu_hold_after_stop"),
     ("Container Hold After Stop", "container_hold_after_stop"),
+    ("Max Runtime", "max_runtime"),
 )
 
 
@@ -113,18 +117,25 @@ def check(settings: Settings, file: Path | None, output: str | None) -> None:
         click.echo(json_format.MessageToJson(result, preserving_proto_field_name=True))
     else:
         for issue in result.issues:
-            where = f"{issue.file}:{issue.line}" if issue.line else issue.file
-            key = f" {issue.key}:" if issue.key else ""
-            click.echo(f"{where}:{key} {issue.message}")
+            click.echo(_issue_line(issue))
+        for note in result.notes:
+            click.echo(f"note: {_issue_line(note)}")
         serving = result.serving_digest or "nothing"
+        noted = f", {len(result.notes)} note(s)" if result.notes else ""
         if file is not None:
-            verdict = "OK" if result.valid else f"{len(result.issues)} problem(s)"
+            verdict = f"OK{noted}" if result.valid else f"{len(result.issues)} problem(s)"
             click.echo(f"{file}: {verdict} (now serving {serving})")
         else:
-            verdict = "OK" if result.valid else "the files on disk are refused"
+            verdict = f"OK{noted}" if result.valid else "the files on disk are refused"
             click.echo(f"served configuration: {serving}; {verdict}")
     if not result.valid:
         sys.exit(1)
+
+
+def _issue_line(issue: limits_pb2.ConfigIssue) -> str:
+    where = f"{issue.file}:{issue.line}" if issue.line else issue.file
+    key = f" {issue.key}:" if issue.key else ""
+    return f"{where}:{key} {issue.message}"
 
 
 @limits.command()

@@ -18,10 +18,15 @@ from ds01.core.units import format_size
 from ds01.limits.schema import (
     AGGREGATE_ALIASES,
     AGGREGATE_KEYS,
+    AGGREGATE_SPELLINGS,
     ALIASES,
+    ENFORCEMENT_KEYS,
     GPU_ALLOCATION_KEYS,
     LIMIT_KEYS,
+    POLICY_KEYS,
+    UNLIMITED_WORDS,
     Kind,
+    suffixed,
 )
 from ds01.limits.source import Document, Issue, KeyPath, YamlError, load_document
 
@@ -29,6 +34,8 @@ DEFAULT_GROUP = "student"
 MEMBERS_DIR = "groups"
 MEMBERS_SUFFIX = ".members"
 OVERRIDES_FILE = "user-overrides.yaml"
+
+ARCHIVED = "archived"  # groups/archived.members: users whose access is withdrawn
 
 TOP_LEVEL_KEYS = (
     "defaults",
@@ -40,10 +47,56 @@ TOP_LEVEL_KEYS = (
     "access_control",
     "gpu_allocation",
     "user_overrides",
+    "monitoring",
+    "bare_metal_access",
 )
 GROUP_EXTRA_KEYS = ("members", "aggregate", "policies")
 OVERRIDE_EXTRA_KEYS = ("aggregate", "policies")
-ACCESS_CONTROL_KEYS = ("admin_users", "admin_group")
+ACCESS_CONTROL_KEYS = ("admin_users", "admin_group", "wrapper")
+MONITORING_KEYS = ("infrastructure_containers", "infrastructure_label")
+
+# Keys of DS01's format that mean nothing in ds01's design: read, and listed by
+# `ds01 limits check` as notes (never as problems), with why.
+_NOT_ENFORCED = "DS01 lists it as not implemented; ds01 does not enforce it either"
+NOTES: dict[str, str] = {
+    "bare_metal_access": "ds01 does not gate GPU use outside containers (DS01's login "
+    "script did); the section is not used",
+    "access_control.wrapper": "ds01's Docker gateway replaces DS01's docker wrapper, and "
+    "always enforces; the wrapper's settings are not used",
+    "enforcement.cgroup_driver": "ds01 follows the cgroup driver Docker reports",
+    "gpu_allocation.slots_per_gpu": "ds01 takes slots per GPU from the inventory",
+    "gpu_allocation.mig_instances_per_gpu": "ds01 takes slots per GPU from the inventory",
+    "gpu_allocation.allocation_method": "ds01 always allocates when a container is made",
+    "gpu_allocation.mig_strategy": "ds01 reads MIG from the inventory (NVML)",
+    "gpu_allocation.mig_gpus": "ds01 reads MIG from the inventory (NVML); it never "
+    "changes MIG settings",
+    "gpu_allocation.respect_reservations": _NOT_ENFORCED,
+    **{
+        f"{layer}.{key}": _NOT_ENFORCED
+        for layer in ("limits", "aggregate")
+        for key in (
+            "gpu_memory",
+            "io_read_bps",
+            "io_write_bps",
+            "ulimit_nofile",
+            "storage_workspace",
+            "storage_data",
+            "storage_tmp",
+        )
+    },
+    **{
+        f"policies.{key}": _NOT_ENFORCED
+        for key in (
+            "auto_stop_idle",
+            "checkpoint_warning",
+            "require_workspace_mount",
+            "enforce_storage_quotas",
+            "soft_limit_threshold",
+            "graceful_errors",
+            "suggest_alternatives",
+        )
+    },
+}
 
 Layer = dict[str, Any]  # canonical key -> parsed value; None means unlimited
 
@@ -84,6 +137,11 @@ class LimitsConfig:
     admin_users: frozenset[str] = frozenset()
     admin_group: str | None = None
     gpu_allocation: dict[str, Any] = field(default_factory=dict)
+    archived: frozenset[str] = frozenset()  # as listed in archived.members
+    # monitoring: containers that are the lab's infrastructure, never a user's.
+    infrastructure_prefixes: tuple[str, ...] = ()
+    infrastructure_label: str = ""
+    notes: tuple[Issue, ...] = ()  # keys read that mean nothing in ds01, with why
     digest: str = ""
 
 
@@ -175,12 +233,38 @@ def sanitize_for_systemd(name: str) -> str:
     return name.replace("@", "_").replace(".", "_")
 
 
+def listed_as(user: str) -> tuple[str, ...]:
+    """The names a configuration may list ``user`` under, most exact first: the login
+    itself; without its realm (DS01 matches the LDAP login judy@hertie-school.lan to
+    the member judy); DS01's sanitized name (h.baker@... -> h_baker); and the seed's
+    slice spelling (h_baker_hertie-school_lan)."""
+    local = user.split("@", 1)[0]
+    names = (user, local, local.replace(".", "_"), sanitize_for_systemd(user))
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def is_archived(config: LimitsConfig, user: str) -> bool:
+    return any(name in config.archived for name in listed_as(user))
+
+
 def group_of(config: LimitsConfig, user: str) -> str:
-    """The first group in file order that lists the user (raw or sanitized name)."""
-    for group in config.groups.values():
-        if user in group.members or sanitize_for_systemd(user) in group.members:
-            return group.name
+    """The group of the most exact name the user is listed under; between groups that
+    list the same name, the first in file order. Archived users are in no group."""
+    if is_archived(config, user):
+        return ARCHIVED
+    for name in listed_as(user):
+        for group in config.groups.values():
+            if name in group.members:
+                return group.name
     return config.default_group
+
+
+def override_of(config: LimitsConfig, user: str) -> Override | None:
+    """The override keyed by the most exact name the user is listed under."""
+    for name in listed_as(user):
+        if name in config.overrides:
+            return config.overrides[name]
+    return None
 
 
 def _docker_conflicts(config: LimitsConfig, main: Document) -> list[Issue]:
@@ -247,9 +331,13 @@ class _Checker:
     def __init__(self, doc: Document, issues: list[Issue]) -> None:
         self.doc = doc
         self.issues = issues
+        self.notes: list[Issue] = []
 
     def problem(self, path: KeyPath, message: str, doc: Document | None = None) -> None:
         self.issues.append((doc or self.doc).issue(path, message))
+
+    def note(self, path: KeyPath, message: str, doc: Document | None = None) -> None:
+        self.notes.append((doc or self.doc).issue(path, f"read, not used: {message}"))
 
     def mapping(self, value: Any, path: KeyPath, doc: Document | None = None) -> dict[str, Any]:
         if value is None:
@@ -283,32 +371,66 @@ class _Checker:
             default_group = DEFAULT_GROUP
         access = self.mapping(top.get("access_control"), ("access_control",))
         self.unknown(access, ACCESS_CONTROL_KEYS, ("access_control",))
+        if "wrapper" in access:
+            self.note(("access_control", "wrapper"), NOTES["access_control.wrapper"])
         admin_group = access.get("admin_group")
         if admin_group is not None and not isinstance(admin_group, str):
             self.problem(("access_control", "admin_group"), "must be a group name")
             admin_group = None
+        if "bare_metal_access" in top:
+            self.note(("bare_metal_access",), NOTES["bare_metal_access"])
+        monitoring = self.mapping(top.get("monitoring"), ("monitoring",))
+        self.unknown(monitoring, MONITORING_KEYS, ("monitoring",))
+        label = monitoring.get("infrastructure_label") or ""
+        if not isinstance(label, str):
+            self.problem(("monitoring", "infrastructure_label"), "must be a label name")
+            label = ""
         return LimitsConfig(
             defaults=defaults,
             default_group=default_group,
             groups=groups,
             overrides=self.overrides(top.get("user_overrides"), overrides_doc),
-            policies=self.scalars(top.get("policies"), ("policies",)),
+            policies=self.policies(top.get("policies"), ("policies",)),
             container_types={
                 str(name): self.layer(raw, ("container_types", name), ())
                 for name, raw in self.mapping(
                     top.get("container_types"), ("container_types",)
                 ).items()
             },
-            enforcement=self.scalars(top.get("enforcement"), ("enforcement",)),
+            enforcement=self.keyed(
+                top.get("enforcement"), ("enforcement",), ENFORCEMENT_KEYS, {}, None, "enforcement"
+            ),
             admin_users=frozenset(
                 self.names(access.get("admin_users"), ("access_control", "admin_users"))
             ),
             admin_group=admin_group,
             gpu_allocation=self.keyed(
-                top.get("gpu_allocation"), ("gpu_allocation",), GPU_ALLOCATION_KEYS, {}
+                top.get("gpu_allocation"),
+                ("gpu_allocation",),
+                GPU_ALLOCATION_KEYS,
+                {},
+                None,
+                "gpu_allocation",
             ),
+            archived=self.archived(sources),
+            infrastructure_prefixes=tuple(
+                self.names(
+                    monitoring.get("infrastructure_containers"),
+                    ("monitoring", "infrastructure_containers"),
+                )
+            ),
+            infrastructure_label=label,
+            notes=tuple(self.notes),
             digest=sources.digest(),
         )
+
+    def archived(self, sources: SourceFiles) -> frozenset[str]:
+        if ARCHIVED not in sources.members:
+            return frozenset()
+        return frozenset(parse_members(*sources.members[ARCHIVED], self.issues))
+
+    def policies(self, raw: Any, path: KeyPath, doc: Document | None = None) -> dict[str, Any]:
+        return self.keyed(raw, path, POLICY_KEYS, {}, doc, "policies")
 
     def layer(
         self,
@@ -320,7 +442,7 @@ class _Checker:
         """The limit keys of one layer, aliases resolved; ``extra`` keys are left alone."""
         raw = self.mapping(raw, path, doc)
         limits = {k: v for k, v in raw.items() if k not in extra}
-        layer = self.keyed(limits, path, LIMIT_KEYS, ALIASES, doc)
+        layer = self.keyed(limits, path, LIMIT_KEYS, ALIASES, doc, "limits")
         if layer.get("ipc_mode") == "host" and layer.get("shm_size") is not None:
             self.problem(
                 (*path, "shm_size"),
@@ -337,15 +459,28 @@ class _Checker:
         kinds: dict[str, Kind],
         aliases: dict[str, str],
         doc: Document | None = None,
+        section: str = "",
+        spellings: dict[str, Kind] | None = None,
     ) -> Layer:
+        """The keys of one mapping, read into their canonical names. A key may be an
+        alias, or a duration key with a unit suffix (``idle_timeout_h``); ``section``
+        names the keys that are read without meaning (NOTES) and ``spellings`` the
+        aliases whose value is written differently."""
         layer: Layer = {}
         seen_as: dict[str, str] = {}
         for key, value in self.mapping(raw, path, doc).items():
             canonical = aliases.get(key, key)
-            kind = kinds.get(canonical)
+            kind = (spellings or {}).get(key) or kinds.get(canonical)
+            if kind is None and (found := suffixed(str(key), kinds, aliases)):
+                canonical, kind = found
             if kind is None:
-                self.problem((*path, key), _unknown_key(key, (*kinds, *aliases)), doc)
+                if f"{section}.{key}" in NOTES:
+                    self.note((*path, key), NOTES[f"{section}.{key}"], doc)
+                else:
+                    self.problem((*path, key), _unknown_key(key, (*kinds, *aliases)), doc)
                 continue
+            if isinstance(value, str) and value.strip().lower() in UNLIMITED_WORDS:
+                value = None
             if canonical in seen_as:
                 self.problem(
                     (*path, key),
@@ -366,15 +501,6 @@ class _Checker:
                 self.problem((*path, key), str(err), doc)
         return layer
 
-    def scalars(self, raw: Any, path: KeyPath, doc: Document | None = None) -> dict[str, Any]:
-        values = {}
-        for key, value in self.mapping(raw, path, doc).items():
-            if isinstance(value, dict | list):
-                self.problem((*path, key), f"must be a single value, got {_describe(value)}", doc)
-            else:
-                values[key] = value
-        return values
-
     def names(self, raw: Any, path: KeyPath) -> list[str]:
         if raw is None:
             return []
@@ -392,7 +518,9 @@ class _Checker:
     def aggregate(self, raw: Any, path: KeyPath, doc: Document | None = None) -> Layer | None:
         if raw is None:
             return None
-        return self.keyed(raw, path, AGGREGATE_KEYS, AGGREGATE_ALIASES, doc)
+        return self.keyed(
+            raw, path, AGGREGATE_KEYS, AGGREGATE_ALIASES, doc, "aggregate", AGGREGATE_SPELLINGS
+        )
 
     def groups(self, raw: Any, sources: SourceFiles) -> dict[str, Group]:
         groups: dict[str, Group] = {}
@@ -408,10 +536,10 @@ class _Checker:
                 layer=self.layer(body, path, GROUP_EXTRA_KEYS),
                 members=tuple(dict.fromkeys(members)),
                 aggregate=self.aggregate(body.get("aggregate"), (*path, "aggregate")),
-                policies=self.scalars(body.get("policies"), (*path, "policies")),
+                policies=self.policies(body.get("policies"), (*path, "policies")),
             )
         for name, (file, _text) in sources.members.items():
-            if name not in groups:
+            if name not in groups and name != ARCHIVED:
                 self.issues.append(
                     Issue(
                         file,
@@ -445,7 +573,7 @@ class _Checker:
         return Override(
             layer=self.layer(body, path, OVERRIDE_EXTRA_KEYS, doc),
             aggregate=self.aggregate(body.get("aggregate"), (*path, "aggregate"), doc),
-            policies=self.scalars(body.get("policies"), (*path, "policies"), doc),
+            policies=self.policies(body.get("policies"), (*path, "policies"), doc),
         )
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 from ds01.core.units import format_size
 from ds01.limits.config import (
+    ARCHIVED,
     SHARED_MEMORY_KEYS,
     Layer,
     LimitsConfig,
     group_of,
+    override_of,
     sanitize_for_systemd,
 )
 from ds01.limits.schema import LIMIT_KEYS, NUMBER
@@ -75,6 +77,7 @@ class UserLimits:
     policies: dict[str, Any]
     aggregate: Layer | None
     cgroup_parent: str
+    archived: bool = False  # listed in archived.members: no GPUs, no containers
 
     def value(self, key: str) -> Any:
         return self.settings[key].value
@@ -103,7 +106,7 @@ def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLi
     """Defaults, then the user's group, then the container type, then the override."""
     group_name = group_of(config, user)
     group = config.groups.get(group_name)
-    override = config.overrides.get(user)
+    override = override_of(config, user)
     layers: list[tuple[str, Layer]] = [(DEFAULT, config.defaults)]
     if group:
         layers.append((GROUP, group.layer))
@@ -121,6 +124,10 @@ def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLi
         for key, value in layer.items():
             settings[key] = Setting(value, source)
     _settle_shared_memory(settings, layers)
+    archived = group_name == ARCHIVED
+    if archived:  # access withdrawn: whatever a layer says, nothing may be taken
+        for key in ("max_gpu_equivalents", "max_containers_per_user"):
+            settings[key] = Setting(0, GROUP)
     policies = dict(config.policies)
     aggregate = None
     if group:
@@ -129,6 +136,8 @@ def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLi
     if override:
         policies.update(override.policies)
         aggregate = override.aggregate if override.aggregate is not None else aggregate
+    if config.enforcement.get("aggregate_limits") is False:
+        aggregate = None
     return UserLimits(
         user=user,
         group=group_name,
@@ -137,6 +146,7 @@ def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLi
         policies=policies,
         aggregate=aggregate,
         cgroup_parent=slice_name(group_name, user),
+        archived=archived,
     )
 
 

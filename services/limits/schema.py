@@ -84,10 +84,63 @@ def _size(value: Any) -> int:
 def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"expected a duration such as 72h, got {value!r}")
+    if isinstance(value, int | float) and value != 0:
+        # DS01's old parser read this as seconds, its newer code as hours: say which.
+        raise ValueError(
+            f"{value} has no unit: write {value}h, {value}m or {value}s "
+            "(or give the key a unit suffix, as in idle_timeout_h)"
+        )
     seconds = parse_duration(value)
     if seconds > MAX_SECONDS:
         raise ValueError(f"{value} is longer than a century")
     return seconds
+
+
+def _in_unit(factor: float, unit: str) -> Kind:
+    """A duration key with a unit suffix (DS01's ``max_runtime_h: 24``): a number."""
+
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number of {unit}, got {value!r}")
+        seconds = _number(value) * factor
+        if seconds > MAX_SECONDS:
+            raise ValueError(f"{value} {unit} is longer than a century")
+        return seconds
+
+    return Kind(f"number of {unit}", parse, format_duration)
+
+
+UNIT_SUFFIXES = {
+    "_h": _in_unit(3600.0, "hours"),
+    "_m": _in_unit(60.0, "minutes"),
+    "_s": _in_unit(1.0, "seconds"),
+}
+# What DS01 also writes for "no limit" beside null.
+UNLIMITED_WORDS = frozenset({"null", "none", "never", "indefinite", "unlimited"})
+
+
+def suffixed(key: str, kinds: dict[str, Kind], aliases: dict[str, str]) -> tuple[str, Kind] | None:
+    """``idle_timeout_h`` -> ("idle_timeout", hours): the duration key a suffixed key
+    sets, and how its number is read; None when ``key`` is no such key."""
+    for suffix, kind in UNIT_SUFFIXES.items():
+        base = key.removesuffix(suffix)
+        if base != key and kinds.get(aliases.get(base, base)) is DURATION:
+            return aliases.get(base, base), kind
+    return None
+
+
+def _fraction(value: Any) -> float:
+    number = _number(value)
+    if number > 1:
+        raise ValueError(f"expected a fraction between 0 and 1, got {value}")
+    return number
+
+
+def _percent(value: Any) -> float:
+    number = _number(value)
+    if number > 100:
+        raise ValueError(f"expected a percentage between 0 and 100, got {value}")
+    return number
 
 
 def _ipc_mode(value: Any) -> str:
@@ -108,6 +161,11 @@ BOOL = Kind("boolean", _bool, lambda v: "yes" if v else "no", nullable=False)
 SIZE = Kind("size", _size, format_size)
 DURATION = Kind("duration", _duration, format_duration)
 IPC_MODE = Kind("ipc mode", _ipc_mode, str)
+FRACTION = Kind("fraction", _fraction, _format_number)
+PERCENT = Kind("percentage", _percent, _format_number)
+CPU_PERCENT = Kind(  # systemd's CPUQuota: "9600%" is 96 CPUs
+    "CPU quota", lambda v: _cpu_quota(v), lambda v: f"{_format_number(v * 100)}%"
+)
 
 # Every key a defaults, group, override or container-type layer may set.
 LIMIT_KEYS: dict[str, Kind] = {
@@ -128,6 +186,8 @@ LIMIT_KEYS: dict[str, Kind] = {
     "gpu_hold_after_stop": DURATION,
     "container_hold_after_stop": DURATION,
     "created_container_timeout": DURATION,
+    "sigterm_grace": DURATION,  # how long `stop` waits before it kills
+    "max_tasks": COUNT,  # tasks of the user's whole group (DS01: the group slice)
 }
 
 # Names older DS01 configurations use for the same keys.
@@ -144,15 +204,37 @@ ALIASES: dict[str, str] = {
 AGGREGATE_KEYS: dict[str, Kind] = {
     "cpus": NUMBER,
     "memory": SIZE,
+    "memory_high": SIZE,  # throttled above this, killed only above memory
     "pids": COUNT,
     "gpu_equivalents": NUMBER,
 }
 AGGREGATE_ALIASES: dict[str, str] = {
     "max_cpus": "cpus",
+    "cpu_quota": "cpus",
     "memory_max": "memory",
     "tasks_max": "pids",
     "pids_limit": "pids",
     "max_gpu_equivalents": "gpu_equivalents",
+    "gpu_limit": "gpu_equivalents",
+}
+# Keys whose value is spelled differently under an alias.
+AGGREGATE_SPELLINGS: dict[str, Kind] = {"cpu_quota": CPU_PERCENT}
+
+# Lifecycle policies: top level, then the group's, then the override's.
+POLICY_KEYS: dict[str, Kind] = {
+    "gpu_idle_threshold": PERCENT,  # GPU utilisation below this is idle
+    "cpu_idle_threshold": NUMBER,  # CPU percent (of one core) below this is idle
+    "network_idle_threshold": SIZE,  # bytes received per sweep below this is idle
+    "idle_detection_window": POSITIVE_COUNT,  # idle sweeps in a row before idle counts
+    "grace_period": DURATION,  # after a start, no idle check
+    "keepalive_max_duration": DURATION,  # how long a .keep-alive file is honoured
+    "sigterm_grace": DURATION,
+    "gpu_hold_after_manual_stop": DURATION,
+    "created_container_timeout": DURATION,
+    "high_demand_threshold": FRACTION,  # share of GPU slots allocated
+    "high_demand_idle_reduction": FRACTION,  # the idle timeout times this, then
+    "warn_before_idle_stop": DURATION,
+    "exempt_from_idle": BOOL,
 }
 
 GPU_ALLOCATION_KEYS: dict[str, Kind] = {
@@ -162,6 +244,22 @@ GPU_ALLOCATION_KEYS: dict[str, Kind] = {
         "strategy", lambda v: _choice(v, ("least_allocated", "pack")), str, nullable=False
     ),
 }
+
+
+ENFORCEMENT_KEYS: dict[str, Kind] = {
+    "aggregate_limits": BOOL,  # false: the per-user aggregate limits are not applied
+}
+
+
+def _cpu_quota(value: Any) -> float:
+    """CPUs in systemd's CPUQuota ("9600%" is 96 CPUs); a plain number is CPUs."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip().removesuffix("%"))
+        except ValueError:
+            raise ValueError(f"expected a quota such as 9600%, got {value!r}") from None
+        return _number(percent) / 100
+    return _number(value)
 
 
 def _text(value: Any) -> str:

@@ -25,7 +25,7 @@ from ds01.limits.resolve import (
     UserLimits,
     resolve,
 )
-from ds01.limits.schema import LIMIT_KEYS
+from ds01.limits.schema import LIMIT_KEYS, POLICY_KEYS
 from ds01.limits.source import Issue
 from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2, limits_pb2_grpc
@@ -43,6 +43,7 @@ _DURATION_FIELDS = (
     "gpu_hold_after_stop",
     "container_hold_after_stop",
     "created_container_timeout",
+    "sigterm_grace",
 )
 
 
@@ -104,20 +105,20 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
                 "only admins may check the limits configuration",
             )
         serving = self.store.config.digest if self.store.config else ""
+        notes: tuple[Issue, ...] = ()
         if request.HasField("text"):
-            issues = await asyncio.to_thread(
+            issues, notes = await asyncio.to_thread(
                 _check_text, self.store, request.text, request.file_name
             )
         else:
             issues = self.store.error.issues if self.store.error else []
+            notes = self.store.config.notes if self.store.config else ()
             if self.store.config is None and not issues:
                 issues = [Issue(str(self.store.path), 0, "", "not loaded yet")]
         return limits_pb2.ValidateConfigResponse(
             valid=not issues,
-            issues=[
-                limits_pb2.ConfigIssue(file=i.file, line=i.line, key=i.key, message=i.message)
-                for i in issues
-            ],
+            issues=[_config_issue(i) for i in issues],
+            notes=[_config_issue(i) for i in notes],
             serving_digest=serving,
         )
 
@@ -188,12 +189,21 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         return user
 
 
-def _check_text(store: LimitsStore, text: str, file_name: str) -> list[Issue]:
+def _check_text(
+    store: LimitsStore, text: str, file_name: str
+) -> tuple[list[Issue], tuple[Issue, ...]]:
+    """The problems of a candidate configuration, and its notes."""
     try:
-        parse_sources(read_sources(store.path, text, file_name or str(store.path)))
+        config = parse_sources(read_sources(store.path, text, file_name or str(store.path)))
     except LimitsConfigError as err:
-        return err.issues
-    return []
+        return err.issues, ()
+    return [], config.notes
+
+
+def _config_issue(issue: Issue) -> limits_pb2.ConfigIssue:
+    return limits_pb2.ConfigIssue(
+        file=issue.file, line=issue.line, key=issue.key, message=issue.message
+    )
 
 
 def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
@@ -205,7 +215,8 @@ def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
         ipc_mode=limits.value("ipc_mode") or "",
         cgroup_parent=limits.cgroup_parent,
         container_type=limits.container_type,
-        policies={key: _text(value) for key, value in limits.policies.items()},
+        policies={key: _policy_text(key, value) for key, value in limits.policies.items()},
+        archived=limits.archived,
     )
     for field, key in (
         ("max_gpu_equivalents", "max_gpu_equivalents"),
@@ -216,6 +227,7 @@ def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
         ("shm_size_bytes", "shm_size"),
         ("pids_limit", "pids_limit"),
         ("max_containers_per_user", "max_containers_per_user"),
+        ("max_tasks", "max_tasks"),
     ):
         if limits.value(key) is not None:
             setattr(message, field, limits.value(key))
@@ -225,7 +237,8 @@ def limits_message(limits: UserLimits) -> limits_pb2.UserLimits:
     if limits.aggregate:
         for key, value in limits.aggregate.items():
             if value is not None:
-                setattr(message.aggregate, key if key != "memory" else "memory_bytes", value)
+                field = f"{key}_bytes" if key in ("memory", "memory_high") else key
+                setattr(message.aggregate, field, value)
     for key, kind in LIMIT_KEYS.items():
         setting = limits.settings[key]
         if key == "ipc_mode":  # not a limit: unset means Docker's private namespace
@@ -248,10 +261,13 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def _text(value: Any) -> str:
+def _policy_text(key: str, value: Any) -> str:
+    """A policy as the reconciler reads it back: true/false, 30m, 1m (bytes), 0.8."""
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return "" if value is None else str(value)
+    return POLICY_KEYS[key].format(value) if key in POLICY_KEYS else str(value)
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:

@@ -36,19 +36,21 @@ class LimitValue(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., unlimited: _Optional[bool] = ..., source: _Optional[_Union[LimitSource, str]] = ...) -> None: ...
 
 class AggregateLimits(_message.Message):
-    __slots__ = ("cpus", "memory_bytes", "pids", "gpu_equivalents")
+    __slots__ = ("cpus", "memory_bytes", "pids", "gpu_equivalents", "memory_high_bytes")
     CPUS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
     GPU_EQUIVALENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HIGH_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpus: float
     memory_bytes: int
     pids: int
     gpu_equivalents: float
-    def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ...) -> None: ...
+    memory_high_bytes: int
+    def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., memory_high_bytes: _Optional[int] = ...) -> None: ...
 
 class UserLimits(_message.Message):
-    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values", "admin", "container_type")
+    __slots__ = ("user", "group", "priority", "max_gpu_equivalents", "max_gpu_slots_per_container", "allow_full_gpu", "max_cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "max_containers_per_user", "idle_timeout", "max_runtime", "gpu_hold_after_stop", "container_hold_after_stop", "created_container_timeout", "cgroup_parent", "aggregate", "policies", "values", "admin", "container_type", "archived", "sigterm_grace", "max_tasks")
     class PoliciesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,9 @@ class UserLimits(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVED_FIELD_NUMBER: _ClassVar[int]
+    SIGTERM_GRACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     user: str
     group: str
     priority: int
@@ -104,7 +109,10 @@ class UserLimits(_message.Message):
     values: _containers.RepeatedCompositeFieldContainer[LimitValue]
     admin: bool
     container_type: str
-    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ..., admin: _Optional[bool] = ..., container_type: _Optional[str] = ...) -> None: ...
+    archived: bool
+    sigterm_grace: _duration_pb2.Duration
+    max_tasks: int
+    def __init__(self, user: _Optional[str] = ..., group: _Optional[str] = ..., priority: _Optional[int] = ..., max_gpu_equivalents: _Optional[float] = ..., max_gpu_slots_per_container: _Optional[int] = ..., allow_full_gpu: _Optional[bool] = ..., max_cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., shm_size_bytes: _Optional[int] = ..., ipc_mode: _Optional[str] = ..., pids_limit: _Optional[int] = ..., max_containers_per_user: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_runtime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., container_hold_after_stop: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_container_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cgroup_parent: _Optional[str] = ..., aggregate: _Optional[_Union[AggregateLimits, _Mapping]] = ..., policies: _Optional[_Mapping[str, str]] = ..., values: _Optional[_Iterable[_Union[LimitValue, _Mapping]]] = ..., admin: _Optional[bool] = ..., container_type: _Optional[str] = ..., archived: _Optional[bool] = ..., sigterm_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class GetLimitsRequest(_message.Message):
     __slots__ = ("user", "container_type")
@@ -189,14 +197,16 @@ class ConfigIssue(_message.Message):
     def __init__(self, file: _Optional[str] = ..., line: _Optional[int] = ..., key: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ValidateConfigResponse(_message.Message):
-    __slots__ = ("valid", "issues", "serving_digest")
+    __slots__ = ("valid", "issues", "serving_digest", "notes")
     VALID_FIELD_NUMBER: _ClassVar[int]
     ISSUES_FIELD_NUMBER: _ClassVar[int]
     SERVING_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     valid: bool
     issues: _containers.RepeatedCompositeFieldContainer[ConfigIssue]
     serving_digest: str
-    def __init__(self, valid: _Optional[bool] = ..., issues: _Optional[_Iterable[_Union[ConfigIssue, _Mapping]]] = ..., serving_digest: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedCompositeFieldContainer[ConfigIssue]
+    def __init__(self, valid: _Optional[bool] = ..., issues: _Optional[_Iterable[_Union[ConfigIssue, _Mapping]]] = ..., serving_digest: _Optional[str] = ..., notes: _Optional[_Iterable[_Union[ConfigIssue, _Mapping]]] = ...) -> None: ...
 
 class WatchLimitsRequest(_message.Message):
     __slots__ = ("user",)
