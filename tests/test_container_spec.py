@@ -45,9 +45,31 @@ def test_a_device_request_for_exactly_the_allocated_gpus_with_the_nvidia_runtime
 
 
 def test_labels_never_hold_a_comma():
-    assert spec().labels()["aime.mlc.GPUS"] == "n1/2:1 n1/2:2"
+    assert spec().labels()["ds01.gpu.slots"] == "n1/2:1 n1/2:2"
     with pytest.raises(SpecError, match="comma"):
         spec(image="img:1,2").labels()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, {"FRAMEWORK": "img-1", "GPUS": "2", "ARCH": "-", "DATA_MOUNT": "-"}),
+        ({"gpu_products": ("A100-SXM4-80GB",)}, {"ARCH": "CUDA_AMPERE"}),
+        ({"gpu_products": ("NVIDIA H200",)}, {"ARCH": "CUDA_HOPPER"}),
+        ({"gpu_products": ("NVIDIA L40S",)}, {"ARCH": "CUDA_ADA"}),
+        ({"gpu_products": ("Tesla V100",)}, {"ARCH": "CUDA"}),
+        ({"image": "pytorch/pytorch:2.1.0-cuda12"}, {"FRAMEWORK": "pytorch-2.1.0-cuda12"}),
+        ({"image": "registry:5000/lab/tf"}, {"FRAMEWORK": "tf-latest"}),
+        ({"image": "img@sha256:ab12"}, {"FRAMEWORK": "img-latest"}),
+        ({"gpu_slots": ()}, {"GPUS": "0"}),
+        ({"data_dirs": (Path("/d/a"), Path("/d/b"))}, {"DATA_MOUNT": "/d/a /d/b"}),
+        ({}, {"MODELS_MOUNT": "-", "WORK_MOUNT": "-", "MLC_VERSION": "4"}),
+    ],
+)
+def test_mlc_labels_follow_mlcs_own_value_conventions(changes, expected):
+    labels = spec(**changes).labels()
+    assert {key: labels[f"aime.mlc.{key}"] for key in expected} == expected
+    assert labels["ds01.image"] == changes.get("image", "img:1")  # the image itself
 
 
 def test_names_are_added_group_first_once_and_only_where_missing():

@@ -42,10 +42,12 @@ LIMITS = textwrap.dedent(
       max_containers_per_user: 2
       gpu_hold_after_stop: 2s
       priority: 10
+      max_tasks: 2048          # DS01: the whole group's tasks
+      sigterm_grace_s: 7       # DS01's spelling: seconds a stop waits, then kills
     default_group: students
     groups:
       students:
-        aggregate: {memory_max: 1g, max_cpus: 2, tasks_max: 512}
+        aggregate: {memory_max: 1g, memory_high: 768m, cpu_quota: "200%", tasks_max: 512}
     """
 )
 READ_LIMITS = (
@@ -191,7 +193,28 @@ async def test_labels_follow_ds01_and_mlc_conventions(
     memory = Path("/sys/fs/cgroup") / ("" if unified else "memory") / "ds01/students/ds01alice"
     limit = (memory / ("memory.max" if unified else "memory.limit_in_bytes")).read_text()
     assert int(limit) == 1024 * MiB
+    high = (memory / ("memory.high" if unified else "memory.soft_limit_in_bytes")).read_text()
+    assert int(high) == 768 * MiB
+    cpu = Path("/sys/fs/cgroup") / ("" if unified else "cpu") / "ds01/students/ds01alice"
+    quota = (
+        (cpu / "cpu.max").read_text().split()[0]
+        if unified
+        else (cpu / "cpu.cfs_quota_us").read_text()
+    )
+    assert int(quota) == 200_000  # "200%": two CPUs for all of alice's containers
+    pids = Path("/sys/fs/cgroup") / ("" if unified else "pids") / "ds01/students"
+    assert int((pids / "pids.max").read_text()) == 2048  # max_tasks, on the group
+    assert int((pids / "ds01alice" / "pids.max").read_text()) == 512  # aggregate tasks_max
     assert host_config["NanoCpus"] == 1_000_000_000 and host_config["PidsLimit"] == 128
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
+    try:
+        record = await lifecycle.metadata.get("labels._.ds01alice")
+        assert record and await lifecycle.grace(record) == 7  # sigterm_grace_s: stops wait
+    finally:
+        await lifecycle.client.close()
+        await lifecycle.docker.close()
+        await etcd.close()
 
 
 async def test_a_stopped_containers_gpu_hold_expires_and_start_says_so(

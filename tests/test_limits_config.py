@@ -141,7 +141,7 @@ def test_policies_layer_global_group_override(config_path: Path):
         "exempt_from_idle": True,  # group
     }
     assert resolve(config, "student1").policies == {
-        "warn_before_idle_stop": "1h",
+        "warn_before_idle_stop": 3600,
         "exempt_from_idle": False,
     }
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +24,16 @@ import pytest
 import pytest_asyncio
 
 from ds01.containers.lifecycle import CreateRequest
-from ds01.containers.reconcile import Action, Observed, Policy, Reconciler, decide
+from ds01.containers.reconcile import (
+    Action,
+    Observed,
+    Policy,
+    Reconciler,
+    _Activity,
+    _kept_alive,
+    decide,
+    policy_of,
+)
 from ds01.core.etcd import connect
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2
@@ -46,9 +57,13 @@ LIMITS = textwrap.dedent(
       batch: {idle_timeout: null}    # long jobs are never stopped for idleness
     """
 )
-POLICY = Policy(
-    idle_timeout=60, max_runtime=600, container_hold_after_stop=30, created_container_timeout=30
-)
+POLICY_LIMITS = {
+    "idle_timeout": 60,
+    "max_runtime": 600,
+    "container_hold_after_stop": 30,
+    "created_container_timeout": 30,
+}
+POLICY = Policy(**POLICY_LIMITS)
 RUNNING = Observed("running", created_at=0, started_at=1000, finished_at=None, protected=False)
 
 
@@ -79,6 +94,65 @@ RUNNING = Observed("running", created_at=0, started_at=1000, finished_at=None, p
 )
 def test_policy_decisions(observed, policy, runtime_before, idle_for, stop_at, expected):
     assert decide(observed, policy, runtime_before, idle_for, stop_at, now=1100) == expected
+
+
+DS01_POLICIES = {  # as the limits service sends DS01's policies
+    "high_demand_threshold": "0.8",
+    "high_demand_idle_reduction": "0.5",
+    "gpu_idle_threshold": "5",
+    "cpu_idle_threshold": "3",
+    "network_idle_threshold": "1m",
+    "idle_detection_window": "3",
+    "grace_period": "30m",
+    "keepalive_max_duration": "24h",
+    "warn_before_idle_stop": "10s",
+}
+
+
+def test_ds01s_policies_are_read_from_the_limits_services_text():
+    policy = policy_of(DS01_POLICIES, **POLICY_LIMITS)
+    assert (policy.idle_window, policy.grace_period, policy.keepalive_max) == (3, 1800, 86400)
+    assert (policy.cpu_idle_percent, policy.gpu_idle_percent) == (3.0, 5.0)
+    assert policy.net_idle_bytes == 1024 * 1024 and policy.warn_before == 10
+    assert policy_of({}, **POLICY_LIMITS) == POLICY  # nothing set: as before
+
+
+@pytest.mark.parametrize(
+    ("demand", "idle_for", "stop_at", "expected"),
+    [
+        (0.5, 40, None, None),  # normal demand: 60 s timeout, warned 10 s before
+        (0.5, 51, None, Action.WARN_IDLE),
+        (0.8, 21, None, Action.WARN_IDLE),  # high demand: 60 s x 0.5 = 30 s
+        (0.8, 31, 1100, Action.STOP_IDLE),
+        (0.5, 31, 1100, None),  # the same idle time under normal demand
+    ],
+)
+def test_high_demand_shortens_the_idle_timeout(demand, idle_for, stop_at, expected):
+    policy = policy_of(DS01_POLICIES, **POLICY_LIMITS)
+    assert decide(RUNNING, policy, 0, idle_for, stop_at, now=1100, demand=demand) == expected
+
+
+def test_idle_counts_only_after_the_detection_window():
+    samples = [_Activity(cpu=0, net=0, at=at, started="s") for at in (0, 30, 60, 90)]
+    for last, current in itertools.pairwise(samples):
+        current.follow_idle(last, window=3)
+    assert [s.idle_since for s in samples] == [None, None, None, 0]  # since the streak began
+
+
+def test_a_fresh_keep_alive_file_in_the_workspace_keeps_a_container_from_idling(
+    tmp_path: Path,
+):
+    assert not _kept_alive(str(tmp_path), 3600, time.time())
+    keep = tmp_path / ".keep-alive"
+    keep.touch()
+    assert _kept_alive(str(tmp_path), 3600, time.time())
+    os.utime(keep, (time.time() - 7200, time.time() - 7200))
+    assert not _kept_alive(str(tmp_path), 3600, time.time())  # older than keepalive_max
+    keep.unlink()
+    keep.symlink_to("/proc/self")  # the link's own time counts, never its target's
+    os.utime(keep, (time.time() - 7200,) * 2, follow_symlinks=False)
+    assert not _kept_alive(str(tmp_path), 3600, time.time())
+    assert not _kept_alive("", 3600, time.time())
 
 
 @pytest_asyncio.fixture(loop_scope="session")

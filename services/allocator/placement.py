@@ -58,6 +58,7 @@ class Quota:
     max_gpu_equivalents: float | None  # None: unlimited
     max_slots_per_container: int | None
     allow_full_gpu: bool
+    archived: bool = False  # access withdrawn (archived.members)
 
 
 @dataclass(frozen=True)

@@ -112,18 +112,23 @@ class RemoteLimits:
 
     async def quota(self, user: str) -> Quota:
         limits = await self.limits(user)
+        # The quota, and the aggregate's gpu_limit (DS01 checks both): the smaller wins.
+        bounds = []
+        if limits.HasField("max_gpu_equivalents"):
+            bounds.append(limits.max_gpu_equivalents)
+        if limits.aggregate.HasField("gpu_equivalents"):
+            bounds.append(limits.aggregate.gpu_equivalents)
         return Quota(
             group=limits.group,
             priority=limits.priority,
-            max_gpu_equivalents=(
-                limits.max_gpu_equivalents if limits.HasField("max_gpu_equivalents") else None
-            ),
+            max_gpu_equivalents=min(bounds) if bounds else None,
             max_slots_per_container=(
                 limits.max_gpu_slots_per_container
                 if limits.HasField("max_gpu_slots_per_container")
                 else None
             ),
             allow_full_gpu=limits.allow_full_gpu,
+            archived=limits.archived,
         )
 
     async def hold_seconds(self, user: str) -> float | None:

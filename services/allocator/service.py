@@ -104,6 +104,11 @@ class Allocator:
                 f"{docker_user(request.user)} to hold GPUs for {request.user}",
             )
         quota = await self.limits.quota(request.user)
+        if quota.archived:
+            raise NotPermitted(
+                f"{request.user} is listed in archived.members: their access is withdrawn; "
+                "an admin can restore it by removing them from that file"
+            )
         if wait_until is None or wait_until <= time.time():
             return await self._allocate_now(request, quota, waiter=None)
         return await self._allocate_waiting(request, quota, wait_until)

@@ -377,6 +377,11 @@ class CgroupfsSlices:
             settings.append(
                 ("memory", "memory.max" if unified else "memory.limit_in_bytes", memory)
             )
+        if "memory_high" in aggregate:  # throttled above this; killed only above memory
+            high = str(int(aggregate["memory_high"]))
+            settings.append(
+                ("memory", "memory.high" if unified else "memory.soft_limit_in_bytes", high)
+            )
         if "cpus" in aggregate:
             quota = int(float(aggregate["cpus"]) * 100_000)
             if unified:

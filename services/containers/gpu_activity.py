@@ -20,8 +20,9 @@ class NvmlActivity:
     def __init__(self, nvml: ModuleType | None = None) -> None:
         self._nvml = nvml
 
-    def busy(self, uuids: list[str]) -> bool | None:
-        """True if any of the devices runs a compute process or is visibly utilized."""
+    def busy(self, uuids: list[str], threshold: float | None = None) -> bool | None:
+        """True if any of the devices runs a compute process or is utilized at
+        ``threshold`` percent or more (DS01's gpu_idle_threshold; BUSY_UTILIZATION)."""
         if not uuids:
             return None
         try:
@@ -35,7 +36,8 @@ class NvmlActivity:
                 if nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     return True
                 try:
-                    if nvml.nvmlDeviceGetUtilizationRates(handle).gpu >= BUSY_UTILIZATION:
+                    utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+                    if utilization >= (BUSY_UTILIZATION if threshold is None else threshold):
                         return True
                 except nvml.NVMLError:  # MIG devices report no utilization
                     pass

@@ -11,13 +11,14 @@ import contextlib
 import datetime as dt
 import enum
 import logging
+import math
 import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker.errors
@@ -48,7 +49,7 @@ from ds01.core.naming import OWNER_LABEL, SEPARATOR
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRACE = 10
+DEFAULT_GRACE = 10  # seconds, Docker's own, where no sigterm_grace is configured
 
 
 class Code(enum.Enum):
@@ -137,6 +138,17 @@ class Lifecycle:
                 raise Pending(pending, self._pending_message(pending))
             step = "looking up the host account"
             account = self.accounts(request.user)
+            step = "reading the limits"
+            limits, args = await asyncio.gather(
+                self.client.get_limits(request.user, request.container_type),
+                self.client.get_docker_args(request.user, request.container_type),
+            )
+            if limits.archived:
+                raise ContainerError(
+                    Code.DENIED,
+                    f"{request.user} is listed in archived.members: their access is "
+                    "withdrawn; an admin can restore it by removing them from that file",
+                )
             step = "checking the image"
             if not await self.docker.image_exists(request.image):
                 raise ContainerError(
@@ -144,11 +156,6 @@ class Lifecycle:
                     f"image {request.image} is not on this host: build or load it first "
                     "(`docker images` lists what is there)",
                 )
-            step = "reading the limits"
-            limits, args = await asyncio.gather(
-                self.client.get_limits(request.user, request.container_type),
-                self.client.get_docker_args(request.user, request.container_type),
-            )
             step = "checking the name and the container count"
             await self._check_room(request.user, name, limits)
             step = "checking the workspace and data directories"
@@ -179,6 +186,7 @@ class Lifecycle:
             gpu_env: dict[str, str] = {}
             slots: tuple[str, ...] = ()
             uuids: tuple[str, ...] = ()
+            products: tuple[str, ...] = ()
             if request.gpus:
                 step = "allocating GPUs"
                 intent.allocating = True
@@ -190,6 +198,7 @@ class Lifecycle:
                 gpu_env = dict(granted.environment)
                 slots = tuple(f"{a.slot.node}/{a.slot.slot_id}" for a in granted.allocations)
                 uuids = tuple(a.slot.uuid for a in granted.allocations)
+                products = tuple(a.slot.product for a in granted.allocations)
             step = "preparing the user's cgroup"
             parent = await self._cgroup_parent(args.cgroup_parent, limits)
             spec = ContainerSpec(
@@ -215,6 +224,7 @@ class Lifecycle:
                 network_mode=self.network_mode,
                 container_type=request.container_type,
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
+                gpu_products=products,
             )
             step = "creating the Docker container"
             intent.creating = True
@@ -339,7 +349,7 @@ class Lifecycle:
     async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
         with self._busy(user, name):
             metadata, container = await self._own(user, privileged, name)
-            await self.docker.stop(container, grace or DEFAULT_GRACE)
+            await self.docker.stop(container, grace or await self.grace(metadata))
             await self.docker.status(container)  # reload: FinishedAt is set now
             state = container.attrs["State"]
 
@@ -495,7 +505,17 @@ class Lifecycle:
         aggregate = aggregate_of(limits)
         if aggregate:
             self.cgroups.ensure(parent, aggregate)
+        if limits.HasField("max_tasks"):  # DS01's TasksMax: the whole group's tasks
+            self.cgroups.ensure(str(PurePosixPath(parent).parent), {"pids": limits.max_tasks})
         return parent
+
+    async def grace(self, metadata: Metadata) -> int:
+        """Seconds a stop waits for the container to exit before it kills: the limits'
+        sigterm_grace (DS01's sigterm_grace_s, by container type), else DEFAULT_GRACE."""
+        limits = await self.client.get_limits(metadata.user, metadata.container_type)
+        if not limits.HasField("sigterm_grace"):
+            return DEFAULT_GRACE
+        return max(1, math.ceil(limits.sigterm_grace.ToTimedelta().total_seconds()))
 
     async def _release(self, docker_name: str) -> None:
         try:
@@ -522,7 +542,12 @@ def aggregate_of(limits: Any) -> dict[str, float | int]:
     """The user's aggregate limits (a GetLimits answer) as CgroupfsSlices writes them."""
     return {
         key: getattr(limits.aggregate, field)
-        for key, field in (("memory", "memory_bytes"), ("cpus", "cpus"), ("pids", "pids"))
+        for key, field in (
+            ("memory", "memory_bytes"),
+            ("memory_high", "memory_high_bytes"),
+            ("cpus", "cpus"),
+            ("pids", "pids"),
+        )
         if limits.aggregate.HasField(field)
     }
 

@@ -19,9 +19,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import docker.errors
@@ -31,13 +34,16 @@ from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
 from ds01.containers.gpu_activity import NvmlActivity
 from ds01.containers.lifecycle import ContainerError, Lifecycle, count_runtime, docker_time
+from ds01.core.units import parse_duration, parse_size
 from ds01.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-IDLE_CPU_FRACTION = 0.02  # under 2% of one core
-IDLE_NET_BYTES_PER_SECOND = 1024
+IDLE_CPU_PERCENT = 2.0  # of one core: DS01's cpu_idle_threshold
+IDLE_NET_BYTES_PER_SECOND = 1024  # where no network_idle_threshold is set
 WARN_FRACTION = 0.8  # warn once 80% of the idle timeout has passed
+KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
+KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
 
 
 class Action(enum.Enum):
@@ -66,6 +72,26 @@ class Policy:
     container_hold_after_stop: float | None
     created_container_timeout: float | None
     exempt_from_idle: bool = False
+    warn_before: float | None = None  # the idle warning this long before the stop
+    # When a container counts as idle (DS01's policies):
+    grace_period: float = 0.0  # after each start, never idle
+    idle_window: int = 1  # idle samples in a row before it counts
+    cpu_idle_percent: float = IDLE_CPU_PERCENT
+    net_idle_bytes: float | None = None  # per sample; None: IDLE_NET_BYTES_PER_SECOND
+    gpu_idle_percent: float | None = None  # None: the NVML adapter's own threshold
+    keepalive_max: float = KEEPALIVE_MAX
+    # Under high demand (this share of the node's GPU slots taken), the idle timeout is
+    # multiplied by high_demand_reduction.
+    high_demand_threshold: float | None = None
+    high_demand_reduction: float = 1.0
+
+    def idle_timeout_at(self, demand: float) -> float | None:
+        """The idle timeout when ``demand`` of the node's GPU slots are taken."""
+        if self.idle_timeout is None or self.high_demand_threshold is None:
+            return self.idle_timeout
+        if demand >= self.high_demand_threshold:
+            return self.idle_timeout * self.high_demand_reduction
+        return self.idle_timeout
 
 
 def decide(
@@ -75,10 +101,12 @@ def decide(
     idle_for: float,
     stop_at: float | None,
     now: float,
+    demand: float = 0.0,
 ) -> Action | None:
     """What the lifecycle policies ask for now, if anything (pure). ``stop_at`` is the
     idle stop the owner was warned of (None: no warning yet): an idle container is
-    never stopped without one, given at an earlier sweep."""
+    never stopped without one, given at an earlier sweep. ``demand``: the share of the
+    node's GPU slots taken."""
     if observed.protected:
         return None
     if observed.state == "created":
@@ -96,12 +124,51 @@ def decide(
     running = runtime_before + (now - (observed.started_at or now))
     if policy.max_runtime is not None and running > policy.max_runtime:
         return Action.STOP_RUNTIME
-    if policy.idle_timeout is not None and not policy.exempt_from_idle:
-        if stop_at is None and idle_for > policy.idle_timeout * WARN_FRACTION:
+    timeout = policy.idle_timeout_at(demand)
+    if timeout is not None and not policy.exempt_from_idle:
+        warn_at = timeout * WARN_FRACTION
+        if policy.warn_before is not None:
+            warn_at = max(0.0, timeout - policy.warn_before)
+        if stop_at is None and idle_for > warn_at:
             return Action.WARN_IDLE
-        if stop_at is not None and now >= stop_at and idle_for > policy.idle_timeout:
+        if stop_at is not None and now >= stop_at and idle_for > timeout:
             return Action.STOP_IDLE
     return None
+
+
+def policy_of(policies: Mapping[str, str], **limits: float | None) -> Policy:
+    """The lifecycle policy of a user's container: its limits, and the policies the
+    limits service sends as text (30m, 1m, 0.8, true)."""
+
+    def get(key: str, parse: Callable[[str], Any], default: Any) -> Any:
+        text = policies.get(key, "")
+        return parse(text) if text else default
+
+    return Policy(
+        **limits,  # type: ignore[arg-type]
+        exempt_from_idle=get("exempt_from_idle", lambda t: t == "true", False),
+        warn_before=get("warn_before_idle_stop", parse_duration, None),
+        grace_period=get("grace_period", parse_duration, 0.0),
+        idle_window=get("idle_detection_window", int, 1),
+        cpu_idle_percent=get("cpu_idle_threshold", float, IDLE_CPU_PERCENT),
+        net_idle_bytes=get("network_idle_threshold", parse_size, None),
+        gpu_idle_percent=get("gpu_idle_threshold", float, None),
+        keepalive_max=get("keepalive_max_duration", parse_duration, KEEPALIVE_MAX),
+        high_demand_threshold=get("high_demand_threshold", float, None),
+        high_demand_reduction=get("high_demand_idle_reduction", float, 1.0),
+    )
+
+
+def _kept_alive(workspace: str, keepalive_max: float, now: float) -> bool:
+    """A ``.keep-alive`` file in the workspace, touched within ``keepalive_max``. The
+    file itself is looked at (never a link's target): only its time is read."""
+    if not workspace:
+        return False
+    try:
+        touched = os.lstat(Path(workspace) / KEEPALIVE).st_mtime
+    except OSError:
+        return False
+    return now - touched < keepalive_max
 
 
 @dataclass
@@ -112,8 +179,19 @@ class _Activity:
     net: float
     at: float
     started: str  # Docker's StartedAt of the run sampled
-    idle_since: float | None = None
+    idle_since: float | None = None  # set once idle_window samples in a row were idle
+    streak_since: float | None = None  # the start of the current run of idle samples
+    streak: int = 0
     stop_at: float | None = None  # the idle stop its owner was warned of
+
+    def follow_idle(self, last: _Activity, window: int) -> None:
+        """This sample was idle, after ``last``: idle counts (since the first sample of
+        the streak) once ``window`` samples in a row were idle."""
+        self.streak = last.streak + 1
+        self.streak_since = last.at if last.streak_since is None else last.streak_since
+        if self.streak >= window:
+            self.idle_since = self.streak_since
+            self.stop_at = last.stop_at
 
 
 @dataclass
@@ -124,6 +202,7 @@ class Reconciler:
     activity: dict[str, _Activity] = field(default_factory=dict)
     sweeps: int = 0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
+    demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Containers that started or died: their runs are counted at once, not at a sweep.
@@ -233,6 +312,9 @@ class Reconciler:
             if recorded.get(name) == record.container_id not in listed and not in_flux:
                 await self._forget(record)
             del records[name]
+        if allocations:
+            taken = [a for a in allocations if a.state != common_pb2.SLOT_STATE_FREE]
+            self.demand = len(taken) / len(allocations)
         held = await self._release_orphaned_allocations(allocations, known)
         unallocated = {
             name
@@ -266,7 +348,7 @@ class Reconciler:
             docker_name=container.name,
             name=name,
             user=labels.get("ds01.user", ""),
-            image=labels.get("aime.mlc.FRAMEWORK", ""),
+            image=labels.get("ds01.image") or container.attrs.get("Config", {}).get("Image", ""),
             container_id=container.id,
             node=self.lifecycle.node,
             created_at=now,
@@ -326,12 +408,12 @@ class Reconciler:
                 getattr(limits, key).ToTimedelta().total_seconds() if limits.HasField(key) else None
             )
 
-        return Policy(
+        return policy_of(
+            limits.policies,
             idle_timeout=seconds("idle_timeout"),
             max_runtime=seconds("max_runtime"),
             container_hold_after_stop=seconds("container_hold_after_stop"),
             created_container_timeout=seconds("created_container_timeout"),
-            exempt_from_idle=limits.policies.get("exempt_from_idle", "") == "true",
         )
 
     async def _apply(self, container: Any, record: Metadata, policy: Policy, now: float) -> None:
@@ -353,11 +435,13 @@ class Reconciler:
             protected=container.labels.get("ds01.protected") == "true",
         )
         activity = (
-            await self._sample(container, state.get("StartedAt", ""), now)
+            await self._sample(container, observed, policy, now)
             if container.status == "running"
             else None
         )
         idle_for = now - activity.idle_since if activity and activity.idle_since else 0.0
+        if idle_for and _kept_alive(record.workspace, policy.keepalive_max, now):
+            idle_for = 0.0
         action = decide(
             observed,
             policy,
@@ -365,6 +449,7 @@ class Reconciler:
             idle_for,
             activity.stop_at if activity else None,
             now,
+            self.demand,
         )
         if action is None:
             return
@@ -374,7 +459,8 @@ class Reconciler:
                 # At the idle timeout, but never before the next sweep: the owner has at
                 # least a sweep's time to see the warning and act on it.
                 activity.stop_at = max(
-                    now + (policy.idle_timeout or 0) - idle_for, now + self.interval
+                    now + (policy.idle_timeout_at(self.demand) or 0) - idle_for,
+                    now + self.interval,
                 )
                 notice = (
                     f"idle for {idle_for:.0f}s: stops at "
@@ -410,8 +496,13 @@ class Reconciler:
                 raise
             log.debug("%s: its allocation went meanwhile (%s)", record.docker_name, err.message)
 
-    async def _sample(self, container: Any, started: str, now: float) -> _Activity:
-        """CPU and network use since the last sweep, from Docker's stats."""
+    async def _sample(
+        self, container: Any, observed: Observed, policy: Policy, now: float
+    ) -> _Activity:
+        """CPU, network and GPU use since the last sweep, from Docker's stats and NVML,
+        judged by the policy's thresholds; idle counts after ``idle_window`` idle
+        samples in a row, and never within ``grace_period`` of the start."""
+        started = container.attrs["State"].get("StartedAt", "")
         stats = await self.lifecycle.docker.run(
             lambda: container.stats(stream=False, one_shot=True)
         )
@@ -421,20 +512,23 @@ class Reconciler:
             for n in (stats.get("networks") or {}).values()
         )
         uuids = container.labels.get("ds01.gpu.uuids", "").split()
-        gpu_busy = await asyncio.to_thread(self.gpus.busy, uuids)
+        gpu_busy = await asyncio.to_thread(self.gpus.busy, uuids, policy.gpu_idle_percent)
         last = self.activity.get(container.name)
         if last is not None and last.started != started:
             last = None  # a new run: usage from before it says nothing
         current = _Activity(cpu=cpu, net=net, at=now, started=started)
-        if last is not None and now > last.at:
+        in_grace = now - (observed.started_at or now) < policy.grace_period
+        if last is not None and now > last.at and not in_grace:
             elapsed = now - last.at
+            net_limit = policy.net_idle_bytes
+            if net_limit is None:
+                net_limit = IDLE_NET_BYTES_PER_SECOND * elapsed
             idle = (
                 not gpu_busy
-                and (cpu - last.cpu) / elapsed < IDLE_CPU_FRACTION
-                and (net - last.net) / elapsed < IDLE_NET_BYTES_PER_SECOND
+                and (cpu - last.cpu) / elapsed * 100 < policy.cpu_idle_percent
+                and net - last.net < net_limit
             )
             if idle:
-                current.idle_since = last.idle_since or last.at
-                current.stop_at = last.stop_at
+                current.follow_idle(last, policy.idle_window)
         self.activity[container.name] = current
         return current

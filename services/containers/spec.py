@@ -70,6 +70,7 @@ class ContainerSpec:
     network_mode: str | None = None
     container_type: str = ""
     nvidia_runtime: bool = False  # Docker has the NVIDIA runtime: request exactly our GPUs
+    gpu_products: tuple[str, ...] = ()  # of the allocated GPUs, e.g. "A100": mlc's ARCH
 
     @property
     def docker_name(self) -> str:
@@ -85,14 +86,18 @@ class ContainerSpec:
             "ds01.gpu.slots": " ".join(self.gpu_slots),
             "ds01.gpu.uuids": " ".join(self.gpu_device_ids),
             "ds01.type": self.container_type,
+            "ds01.image": self.image,
+            # AIME mlc's own labels, with mlc's value conventions ("-" for no mount).
             "aime.mlc": user,
             "aime.mlc.NAME": self.name,
             "aime.mlc.USER": user,
             "aime.mlc.MLC_VERSION": MLC_VERSION,
-            "aime.mlc.WORK_MOUNT": str(self.workspace or ""),
-            "aime.mlc.DATA_MOUNT": " ".join(str(d) for d in self.data_dirs),
-            "aime.mlc.FRAMEWORK": self.image,
-            "aime.mlc.GPUS": " ".join(self.gpu_slots) or "none",
+            "aime.mlc.WORK_MOUNT": str(self.workspace or "-"),
+            "aime.mlc.DATA_MOUNT": " ".join(str(d) for d in self.data_dirs) or "-",
+            "aime.mlc.MODELS_MOUNT": "-",
+            "aime.mlc.FRAMEWORK": framework_of(self.image),
+            "aime.mlc.ARCH": mlc_arch(self.gpu_products),
+            "aime.mlc.GPUS": str(len(self.gpu_slots)),  # how many were asked for
         }
         for key, value in labels.items():
             if "," in value:
@@ -146,6 +151,36 @@ class ContainerSpec:
                 )
             ]
         return {k: v for k, v in arguments.items() if v is not None}
+
+
+def framework_of(image: str) -> str:
+    """mlc's FRAMEWORK, <framework>-<version>, from an image reference as well as one
+    can: pytorch/pytorch:2.1.0-cuda12 -> pytorch-2.1.0-cuda12 (the image itself is in
+    ds01.image)."""
+    reference = image.split("@", 1)[0]
+    repository, _, tag = reference.rpartition(":")
+    if not repository or "/" in tag:  # no tag: the colon was a registry's port
+        repository, tag = reference, "latest"
+    return f"{repository.rsplit('/', 1)[-1]}-{tag}"
+
+
+# mlc's ARCH by GPU generation; a product not listed is plain CUDA.
+_ARCHES = (
+    (("B100", "B200", "GB200", "RTX PRO 6000"), "CUDA_BLACKWELL"),
+    (("H100", "H200", "GH200", "H800"), "CUDA_HOPPER"),
+    (("L4", "L40", "RTX 40", "RTX 6000 Ada", "RTX 5000 Ada"), "CUDA_ADA"),
+    (("A100", "A30", "A40", "A10", "A16", "A800", "RTX A", "RTX 30"), "CUDA_AMPERE"),
+)
+
+
+def mlc_arch(products: tuple[str, ...]) -> str:
+    """mlc's ARCH label for the container's GPUs ("-" without any)."""
+    if not products:
+        return "-"
+    for prefixes, arch in _ARCHES:
+        if any(p in products[0] for p in prefixes):
+            return arch
+    return "CUDA"
 
 
 # The main process: waits, and ends at once on SIGTERM (a fast `docker stop`).

@@ -21,6 +21,9 @@ from ds01.limits.config import (
 from ds01.limits.schema import LIMIT_KEYS, NUMBER
 
 DEFAULT, GROUP, CONTAINER_TYPE, OVERRIDE = "default", "group", "container_type", "override"
+# Limits DS01 also writes under policies (sigterm_grace_s, created_container_timeout_m):
+# the policy applies where no layer sets the limit.
+POLICY_FALLBACKS = ("sigterm_grace", "created_container_timeout")
 # What a key is when no layer sets it: unlimited, except these.
 BUILTIN = {"priority": 0, "allow_full_gpu": False}
 
@@ -136,6 +139,9 @@ def resolve(config: LimitsConfig, user: str, container_type: str = "") -> UserLi
     if override:
         policies.update(override.policies)
         aggregate = override.aggregate if override.aggregate is not None else aggregate
+    for key in POLICY_FALLBACKS:  # DS01 also sets these as policies, below any layer
+        if settings[key].value is None and policies.get(key) is not None:
+            settings[key] = Setting(policies[key], DEFAULT)
     if config.enforcement.get("aggregate_limits") is False:
         aggregate = None
     return UserLimits(

@@ -253,11 +253,13 @@ ENFORCEMENT_KEYS: dict[str, Kind] = {
 
 def _cpu_quota(value: Any) -> float:
     """CPUs in systemd's CPUQuota ("9600%" is 96 CPUs); a plain number is CPUs."""
-    if isinstance(value, str) and value.strip().endswith("%"):
+    if isinstance(value, str):
         try:
             percent = float(value.strip().removesuffix("%"))
         except ValueError:
-            raise ValueError(f"expected a quota such as 9600%, got {value!r}") from None
+            percent = None
+        if percent is None or not value.strip().endswith("%"):
+            raise ValueError(f"expected a quota such as 9600% (96 CPUs), got {value!r}")
         return _number(percent) / 100
     return _number(value)
 
