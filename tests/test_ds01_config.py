@@ -4,14 +4,27 @@ our own, read with DS01's meaning; and DS01's identity rules."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+import pytest_asyncio
 
+from ds01.client import Ds01Error
+from ds01.core.config import Config
+from ds01.core.identity import Roles
+from ds01.core.pki import SERVICES, Pki
+from ds01.core.processes import free_port
+from ds01.core.server import ServiceContext, start_service
 from ds01.limits.config import LimitsConfigError, load_limits
 from ds01.limits.resolve import GROUP, OVERRIDE, is_admin, resolve
+from ds01.limits.server import SPEC
+from tests.allocator_env import AllocatorEnv
+from tests.harness import run_cli, write_config_file
 from tests.test_limits_config import issues_of, parse
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/ds01-config"
@@ -320,3 +333,60 @@ def test_a_broken_reference_copy_is_refused_whole(lab: Path):
     with pytest.raises(LimitsConfigError) as refused:
         load_limits(lab)
     assert [i.key for i in refused.value.issues] == ["groups.researcher.max_runtime_h"]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def serving(tmp_path: Path, pki: Pki, state_dir: Path, lab: Path) -> AsyncIterator[Path]:
+    """The limits service, serving the lab's files; returns ds01.yaml."""
+    config = Config(
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        limits_file=lab,
+    )
+    config_file = write_config_file(config, tmp_path / "ds01.yaml")
+    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    yield config_file
+    await service.stop(grace=0)
+
+
+async def test_ds01_limits_check_serves_ds01s_file_and_lists_its_notes(
+    serving: Path, pki: Pki, lab: Path
+):
+    served = await run_cli(serving, pki, "root", "limits", "check")
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert served.stdout.strip().endswith("; OK, 3 note(s)"), served.stdout
+    notes = [line for line in served.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3 and any("bare_metal_access: read, not used" in n for n in notes)
+    candidate = await run_cli(serving, pki, "root", "limits", "check", str(lab))
+    assert candidate.returncode == 0 and f"{lab}: OK, 3 note(s)" in candidate.stdout
+    block = await run_cli(serving, pki, "root", "limits", "judy@hertie-school.lan")
+    assert block.returncode == 0, block.stderr
+    assert block.stdout.splitlines()[:6] == [
+        "User: judy@hertie-school.lan",
+        "Group: student",
+        "Priority: 0",
+        "Max GPU-equivalents: 2",
+        "Max GPU Slots per Container: 2",
+        "Max CPUs: 32",
+    ]
+    assert "Max Runtime: 24h" in block.stdout and "Idle Timeout: 30m" in block.stdout
+
+
+async def test_an_archived_user_is_refused_gpus_with_why(env: AllocatorEnv):
+    """Archiving takes effect on the next reload, as DS01's README promises for
+    revoking access; GPUs already held are not taken away by it."""
+    async with env.client("alice") as alice:
+        assert (await alice.allocate("before._.alice")).allocations
+        groups = env.config.limits_file.parent / "groups"
+        groups.mkdir(exist_ok=True)
+        (groups / "archived.members").write_text("alice  # left the lab\n")
+        for _ in range(100):
+            if (await alice.get_limits()).archived:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(Ds01Error) as refused:
+            await alice.allocate("after._.alice")
+        assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "archived.members" in refused.value.message
+        held = [a.container for a in (await alice.gpu_status()).allocations if a.container]
+        assert held == ["before._.alice"]

@@ -184,6 +184,7 @@ class Ds01Client:
         preference: int = 0,
         node: str = "",
         wait_seconds: float | None = None,
+        slot_ids: tuple[str, ...] = (),
     ) -> allocator_pb2.AllocateResponse:
         request = allocator_pb2.AllocateRequest(
             user=user,
@@ -192,6 +193,7 @@ class Ds01Client:
             gpu_equivalents=gpu_equivalents,
             preference=preference,
             node=node,
+            slot_ids=slot_ids,
         )
         timeout = self.timeout
         if wait_seconds:

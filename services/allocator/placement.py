@@ -32,6 +32,7 @@ class Refusal(enum.Enum):
     NO_CAPACITY = "no_capacity"  # RESOURCE_EXHAUSTED: nothing free now; waiting may help
     NOT_ALLOWED = "not_allowed"  # FAILED_PRECONDITION: the group may not have this kind
     INVALID = "invalid"  # INVALID_ARGUMENT
+    TAKEN = "taken"  # ALREADY_EXISTS: an exact slot asked for is another container's
 
 
 class AllocationRefused(Exception):
@@ -49,6 +50,7 @@ class Request:
     gpu_equivalents: float = 0.0
     preference: Preference = Preference.ANY
     node: str = ""  # empty: any node that is up
+    slot_ids: tuple[str, ...] = ()  # exactly these, on node: adopting what is in use
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,30 @@ class Plan:
     @property
     def weight(self) -> float:
         return sum(slot.gpu_equivalents for slot in self.slots)
+
+
+def plan_exact(
+    request: Request,
+    slots: dict[tuple[str, str], SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+) -> Plan:
+    """Exactly the slots a container already uses: granted if nobody else holds them."""
+    chosen = []
+    for slot_id in request.slot_ids:
+        key = (request.node, slot_id)
+        if key not in slots:
+            raise AllocationRefused(
+                Refusal.INVALID, f"there is no slot {slot_id} on {request.node or 'no node'}"
+            )
+        holder = holders.get(key)
+        if holder is not None and holder.container != request.container:
+            raise AllocationRefused(
+                Refusal.TAKEN,
+                f"slot {slot_id} on {request.node} is held by {holder.container} "
+                f"({holder.user}) already; ds01 does not grant it to {request.container} too",
+            )
+        chosen.append(slots[key])
+    return Plan(claim=tuple(chosen), preempt=())
 
 
 def plan(

@@ -73,6 +73,7 @@ _REFUSAL_CODES = {
     Refusal.NO_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Refusal.NOT_ALLOWED: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.TAKEN: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -169,6 +170,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
             gpu_equivalents=request.gpu_equivalents,
             preference=preference,
             node=request.node,
+            slot_ids=tuple(request.slot_ids),
         )
         wait_until = (
             request.wait_until.ToDatetime().timestamp() if request.HasField("wait_until") else None

@@ -19,6 +19,7 @@ from ds01.allocator.placement import (
     Request,
     Strategy,
     plan,
+    plan_exact,
 )
 from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
 from ds01.core.naming import belongs_to, docker_user
@@ -96,7 +97,12 @@ class Allocator:
         """Claim slots for ``request.container``; the same call again returns the same slots."""
         if not actor.privileged and actor.name != request.user:
             raise NotPermitted(f"{actor.name} may not allocate GPUs for {request.user}")
-        if not belongs_to(request.container, request.user):
+        if request.slot_ids and not actor.privileged:
+            raise NotPermitted(
+                f"{actor.name} may not name exact slots: only services and admins adopt"
+            )
+        # Adopted containers keep their names (mlc's name._.uid); any other must say whose.
+        if not request.slot_ids and not belongs_to(request.container, request.user):
             # The name says whose it is, so nobody can take or squat another's name.
             raise AllocationRefused(
                 Refusal.INVALID,
@@ -104,7 +110,7 @@ class Allocator:
                 f"{docker_user(request.user)} to hold GPUs for {request.user}",
             )
         quota = await self.limits.quota(request.user)
-        if quota.archived:
+        if quota.archived and not request.slot_ids:
             raise NotPermitted(
                 f"{request.user} is listed in archived.members: their access is withdrawn; "
                 "an admin can restore it by removing them from that file"
@@ -166,6 +172,8 @@ class Allocator:
         if existing:
             self._check_owner(existing, Actor(request.user, False))
             return _granted(snapshot, existing)
+        if request.slot_ids:  # adopting slots in use: no quota, no queue
+            return plan_exact(request, snapshot.slots, {**self._in_flight, **snapshot.holders})
         chosen = plan(
             request,
             quota,

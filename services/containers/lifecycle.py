@@ -428,6 +428,10 @@ class Lifecycle:
         except SpecError as err:
             raise ContainerError(Code.INVALID, str(err)) from err
         metadata = await self.metadata.get(full)
+        if metadata is None and "._." not in name:
+            # Adopted containers keep the names they were made with (mlc: name._.uid).
+            mine = [m for m in await self.metadata.all() if m.user == user and m.name == name]
+            metadata = mine[0] if len(mine) == 1 else None
         if metadata is None:
             intent = await self.intents.get(full)
             if intent is not None and (intent.user == user or privileged):

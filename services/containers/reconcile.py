@@ -32,6 +32,13 @@ import grpc
 
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
+from ds01.containers.adoption import (
+    Slot,
+    container_type_of,
+    gpu_references,
+    owner_of,
+    slots_for,
+)
 from ds01.containers.gpu_activity import NvmlActivity
 from ds01.containers.lifecycle import ContainerError, Lifecycle, count_runtime, docker_time
 from ds01.core.units import parse_duration, parse_size
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 IDLE_CPU_PERCENT = 2.0  # of one core: DS01's cpu_idle_threshold
 IDLE_NET_BYTES_PER_SECOND = 1024  # where no network_idle_threshold is set
 WARN_FRACTION = 0.8  # warn once 80% of the idle timeout has passed
+# ds01's and DS01's containers, and AIME mlc's: each is ds01's to manage.
+ADOPTED_LABELS = ("ds01.managed=true", "aime.mlc.USER")
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
 
@@ -159,6 +168,21 @@ def policy_of(policies: Mapping[str, str], **limits: float | None) -> Policy:
     )
 
 
+def _created(container: Any) -> str:
+    return container.attrs.get("Created", "")  # RFC 3339, in UTC: sorts as it reads
+
+
+def _workspace_of(container: Any) -> str:
+    """mlc's WORK_MOUNT label, else the host directory mounted at /workspace."""
+    label = container.labels.get("aime.mlc.WORK_MOUNT", "")
+    if label and label != "-":
+        return label
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == "/workspace" and mount.get("Type") == "bind":
+            return str(mount.get("Source", ""))
+    return ""
+
+
 def _kept_alive(workspace: str, keepalive_max: float, now: float) -> bool:
     """A ``.keep-alive`` file in the workspace, touched within ``keepalive_max``. The
     file itself is looked at (never a link's target): only its time is read."""
@@ -203,6 +227,8 @@ class Reconciler:
     sweeps: int = 0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
+    # Adopted containers whose GPUs another container holds: the allocator's answer.
+    conflicts: dict[str, str] = field(default_factory=dict)
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Containers that started or died: their runs are counted at once, not at a sweep.
@@ -278,9 +304,10 @@ class Reconciler:
         recorded = {m.docker_name: m.container_id for m in await lifecycle.metadata.all()}
         containers = {
             c.name: c
+            for label in ADOPTED_LABELS
             for c in await lifecycle.docker.run(
-                lambda: lifecycle.docker.client.containers.list(
-                    all=True, filters={"label": "ds01.managed=true"}, ignore_removed=True
+                lambda label=label: lifecycle.docker.client.containers.list(
+                    all=True, filters={"label": label}, ignore_removed=True
                 )
             )
         }
@@ -291,12 +318,14 @@ class Reconciler:
         # policies still apply (else calling start again and again would dodge them).
         busy = set(lifecycle.busy)
         known = set(recorded) | set(containers) | creating | busy | set(records)  # GPUs
-        for name, container in list(containers.items()):
+        # Oldest first: of two containers that claim one GPU, the one that had it first
+        # is adopted with it.
+        for name, container in sorted(containers.items(), key=lambda c: _created(c[1])):
             record = records.get(name)
             if name in creating or recorded.get(name) != (record and record.container_id):
                 del containers[name]  # in flux: being created or undone, removed, made anew
             elif record is None and name not in busy:
-                adopted = await self._adopt(container, now)
+                adopted = await self._adopt(container, now, allocations)
                 if adopted is None:
                     del containers[name]
                 else:
@@ -339,27 +368,87 @@ class Reconciler:
                 log.warning("cannot reconcile %s: %s", name, err)
         self.sweeps += 1
 
-    async def _adopt(self, container: Any, now: float) -> Metadata | None:
+    async def _adopt(
+        self, container: Any, now: float, allocations: list[Any] | None
+    ) -> Metadata | None:
+        """Make a container ds01 has no record of first-class: its record (owner, type,
+        image, workspace) and its GPUs as allocations, never granted twice."""
         if await self.lifecycle.docker.find(container.id) is None:
             return None  # listed, then removed (an undo, a remove): nothing to adopt
         labels = container.labels
-        name = labels.get("ds01.name") or container.name.split("._.", 1)[0]
+        user = owner_of(labels)
+        if not user:
+            return None
+        config = container.attrs.get("Config") or {}
         record = Metadata(
             docker_name=container.name,
-            name=name,
-            user=labels.get("ds01.user", ""),
-            image=labels.get("ds01.image") or container.attrs.get("Config", {}).get("Image", ""),
+            name=labels.get("ds01.name")
+            or labels.get("aime.mlc.NAME")
+            or container.name.split("._.", 1)[0],
+            user=user,
+            image=labels.get("ds01.image") or config.get("Image", ""),
             container_id=container.id,
             node=self.lifecycle.node,
             created_at=now,
-            gpu_slots=labels.get("ds01.gpu.slots", "").split(),
-            workspace=labels.get("aime.mlc.WORK_MOUNT", ""),
-            container_type=labels.get("ds01.type", ""),
+            workspace=_workspace_of(container),
+            container_type=container_type_of(labels, container.name),
         )
         if not await self.lifecycle.metadata.put_new(record):
             return None  # a create or a record has the name by now: not an orphan
         log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
+        slots = await self._adopt_gpus(container, record, allocations)
+        if slots:
+            record = (
+                await self.lifecycle.metadata.modify(
+                    record, lambda current: setattr(current, "gpu_slots", slots)
+                )
+                or record
+            )
         return record
+
+    async def _adopt_gpus(
+        self, container: Any, record: Metadata, allocations: list[Any] | None
+    ) -> list[str]:
+        """The GPUs the container uses, allocated to it ("<node>/<slot>"); a GPU that
+        another container holds is reported to the admin, and not granted twice."""
+        node = self.lifecycle.node
+        labels = container.labels
+        own = [s.split("/", 1)[1] for s in labels.get("ds01.gpu.slots", "").split() if "/" in s]
+        requests = (container.attrs.get("HostConfig") or {}).get("DeviceRequests") or []
+        references = gpu_references(
+            labels,
+            (container.attrs.get("Config") or {}).get("Env") or [],
+            [i for r in requests for i in (r.get("DeviceIDs") or [])],
+        )
+        if not own and not references:
+            return []
+        if allocations is None:
+            log.warning("%s uses GPUs, but the allocator cannot be asked now", record.docker_name)
+            return []
+        here = [Slot(a.slot.slot_id, a.slot.uuid) for a in allocations if a.slot.node == node]
+        found, unknown = slots_for(own or references, here)
+        if unknown:
+            log.warning(
+                "%s uses GPUs ds01 cannot find on %s (%s): check it",
+                record.docker_name,
+                node,
+                " ".join(unknown),
+            )
+        if not found:
+            return []
+        try:
+            await self.lifecycle.client.allocate(
+                record.docker_name, user=record.user, node=node, slot_ids=tuple(found)
+            )
+        except Ds01Error as err:
+            self.conflicts[record.docker_name] = err.message
+            log.warning("%s: its GPUs are not allocated to it: %s", record.docker_name, err.message)
+            notice = f"its GPUs are not allocated to it ({err.message}): ask an admin"
+            await self.lifecycle.metadata.modify(
+                record, lambda current: setattr(current, "notice", notice)
+            )
+            return []
+        return [f"{node}/{slot_id}" for slot_id in found]
 
     async def _forget(self, record: Metadata) -> None:
         current = await self.lifecycle.metadata.get(record.docker_name)
@@ -401,7 +490,12 @@ class Reconciler:
         return {a.container: a.state for a in allocations if a.container}
 
     async def _policy(self, user: str, container_type: str) -> Policy:
-        limits = await self.lifecycle.client.get_limits(user, container_type)
+        try:
+            limits = await self.lifecycle.client.get_limits(user, container_type)
+        except Ds01Error as err:  # a type the configuration does not list: the user's own
+            if not container_type or err.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            limits = await self.lifecycle.client.get_limits(user, "")
 
         def seconds(key: str) -> float | None:
             return (

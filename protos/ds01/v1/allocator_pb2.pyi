@@ -40,7 +40,7 @@ ALLOCATION_EVENT_TYPE_HOLD_EXPIRED: AllocationEventType
 ALLOCATION_EVENT_TYPE_PREEMPTED: AllocationEventType
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until", "node")
+    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until", "node", "slot_ids")
     USER_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class AllocateRequest(_message.Message):
     PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     user: str
     container: str
     slots: int
@@ -55,7 +56,8 @@ class AllocateRequest(_message.Message):
     preference: SlotPreference
     wait_until: _timestamp_pb2.Timestamp
     node: str
-    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ...) -> None: ...
+    slot_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("allocations", "environment")

@@ -1,0 +1,207 @@
+"""Switching over from DS01 (and AIME mlc): the containers such a host already has are
+adopted as first-class ds01 containers, their GPUs become allocations, and a GPU two of
+them claim is never granted twice. Real etcd, dockerd and services; GPUs declared."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import docker
+import grpc
+import pytest
+import pytest_asyncio
+
+from ds01.client import Ds01Error
+from ds01.containers.adoption import (
+    Slot,
+    container_type_of,
+    gpu_references,
+    owner_of,
+    slots_for,
+)
+from ds01.containers.lifecycle import ContainerError
+from ds01.containers.reconcile import Reconciler
+from ds01.core.etcd import connect
+from ds01.core.pki import Pki
+from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
+
+pytestmark = pytest.mark.usefixtures("unix_users")
+
+SLOTS = [Slot("0", "GPU-0000"), Slot("1", "GPU-0001"), Slot("2:1", "MIG-0002-1")]
+
+
+@pytest.mark.parametrize(
+    ("labels", "env", "device_ids", "expected"),
+    [
+        ({"ds01.gpu.uuids": "MIG-0002-1,GPU-0001"}, [], [], ("MIG-0002-1", "GPU-0001")),
+        ({"ds01.gpu.uuids": "MIG-0002-1 GPU-0001"}, [], [], ("MIG-0002-1", "GPU-0001")),
+        ({"ds01.gpu.uuid": "GPU-0000"}, [], [], ("GPU-0000",)),
+        ({"ds01.gpu_slot": "GPU-0001"}, [], [], ("GPU-0001",)),  # DS01's wrapper
+        ({"ds01.gpu.allocated": "2.1"}, [], [], ("2.1",)),  # DS01's slot id
+        ({}, [], ["GPU-0001"], ("GPU-0001",)),  # a device request
+        ({}, ["NVIDIA_VISIBLE_DEVICES=GPU-0000"], [], ("GPU-0000",)),
+        ({}, ["CUDA_VISIBLE_DEVICES=0,1"], [], ("0", "1")),
+        # Docker keeps the last of a repeated variable: ds01's gateway appends void.
+        ({}, ["NVIDIA_VISIBLE_DEVICES=GPU-0000", "NVIDIA_VISIBLE_DEVICES=void"], [], ()),
+        ({}, ["NVIDIA_VISIBLE_DEVICES=none", "CUDA_VISIBLE_DEVICES="], [], ()),
+        ({}, ["PATH=/bin"], [], ()),
+    ],
+)
+def test_the_gpus_a_container_says_it_uses(labels, env, device_ids, expected):
+    assert gpu_references(labels, env, device_ids) == expected
+
+
+@pytest.mark.parametrize(
+    ("references", "found", "unknown"),
+    [
+        (("MIG-0002-1",), ["2:1"], []),
+        (("2.1", "0"), ["2:1", "0"], []),  # DS01's GPU.INSTANCE is ds01's GPU:INSTANCE
+        (("GPU-0001", "1"), ["1"], []),  # one GPU named twice
+        (("all",), [], ["all"]),
+        (("GPU-9999", "7"), [], ["GPU-9999", "7"]),
+    ],
+)
+def test_references_map_to_this_nodes_slots(references, found, unknown):
+    assert slots_for(references, SLOTS) == (found, unknown)
+
+
+@pytest.mark.parametrize(
+    ("labels", "name", "expected"),
+    [
+        ({"ds01.container_type": "api"}, "x", "api"),
+        ({"ds01.interface": "api"}, "x", "api"),
+        ({"devcontainer.local_folder": "/home/a/p"}, "x", "devcontainer"),
+        ({"com.docker.compose.project": "p"}, "p-web-1", "compose"),
+        ({"aime.mlc.USER": "a"}, "proj._.1001", ""),  # mlc: the user's own limits
+        ({}, "proj._.alice", ""),
+        ({}, "quirky_name", "docker"),
+    ],
+)
+def test_container_types_are_detected_as_ds01_detects_them(labels, name, expected):
+    assert container_type_of(labels, name) == expected
+
+
+def test_the_owner_is_ds01s_label_then_mlcs():
+    assert owner_of({"ds01.user": "a", "aime.mlc.USER": "b"}) == "a"
+    assert owner_of({"aime.mlc.USER": "b"}) == "b"
+    assert owner_of({"devcontainer.local_folder": "/home/c"}) == ""
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def host(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[tuple[AllocatorEnv, Reconciler, docker.DockerClient]]:
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint)
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    yield env, Reconciler(lifecycle), client
+    for label in ("ds01.managed=true", "aime.mlc.USER"):
+        for container in client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+    client.close()
+    for record in await lifecycle.metadata.all():
+        await lifecycle.metadata.delete(record.docker_name)
+    await lifecycle.client.close()
+    await lifecycle.docker.close()
+    await etcd.close()
+    await env.stop()
+
+
+def ds01_container(client, image: str, name: str, labels: dict[str, str], env=()) -> None:
+    """A container as DS01 or mlc made it: straight on dockerd, labelled their way."""
+    client.containers.create(
+        image,
+        ["sleep", "3600"],
+        name=name,
+        labels=labels,
+        environment=list(env),
+        network_mode="none",
+    )
+
+
+async def test_a_ds01_hosts_containers_are_adopted_with_their_gpus_never_twice(
+    host, test_image: str, tmp_path: Path
+):
+    env, reconciler, client = host
+    mlc = {"aime.mlc": "ds01alice", "aime.mlc.NAME": "proj", "aime.mlc.USER": "ds01alice"}
+    ds01_container(
+        client,
+        test_image,
+        "proj._.1001",
+        {
+            **mlc,
+            "ds01.managed": "true",
+            "ds01.user": "ds01alice",
+            "ds01.gpu.uuid": "MIG-0002-1",
+            "aime.mlc.WORK_MOUNT": "/home/ds01alice/workspace/proj",
+        },
+    )
+    ds01_container(
+        client,
+        test_image,
+        "train._.ds01bob",
+        {"ds01.managed": "true", "ds01.user": "ds01bob", "ds01.gpu.allocated": "0"},
+    )
+    ds01_container(  # claims alice's MIG slice too: a conflict for the admin
+        client,
+        test_image,
+        "clash._.ds01bob",
+        {"ds01.managed": "true", "ds01.user": "ds01bob", "ds01.gpu.uuids": "MIG-0002-1"},
+    )
+    ds01_container(  # plain mlc, its GPU only in its environment
+        client,
+        test_image,
+        "notebook._.1001",
+        {**mlc, "aime.mlc.NAME": "notebook"},
+        env=["NVIDIA_VISIBLE_DEVICES=GPU-0001"],
+    )
+    await reconciler.sweep()
+
+    async with env.client("root") as admin:
+        held = {
+            a.slot.slot_id: a.container
+            for a in (await admin.gpu_status()).allocations
+            if a.container
+        }
+    assert held == {"2:1": "proj._.1001", "0": "train._.ds01bob", "1": "notebook._.1001"}
+    assert "clash._.ds01bob" in reconciler.conflicts
+    assert "held by proj._.1001" in reconciler.conflicts["clash._.ds01bob"]
+    lifecycle = reconciler.lifecycle
+    clash, _ = await lifecycle.inspect("ds01bob", False, "clash")
+    assert clash.notice.startswith("its GPUs are not allocated to it") and not clash.gpu_slots
+
+    # First-class: by plain name, with image, workspace and GPU recorded.
+    proj, container = await lifecycle.inspect("ds01alice", False, "proj")
+    assert (proj.docker_name, proj.image, proj.gpu_slots) == (
+        "proj._.1001",
+        test_image,
+        [f"{env.config.node}/2:1"],
+    )
+    assert proj.workspace == "/home/ds01alice/workspace/proj" and container is not None
+    names = sorted(m.name for m, _ in await lifecycle.list("ds01alice", False))
+    assert names == ["notebook", "proj"]
+    await lifecycle.start("ds01alice", False, "proj")
+    assert (await lifecycle.stop("ds01alice", False, "proj", grace=1)).name == "proj"
+    with pytest.raises(ContainerError):  # bob can neither see nor touch it
+        await lifecycle.inspect("ds01bob", False, "proj")
+    await lifecycle.remove("ds01alice", False, "proj")
+    assert client.containers.list(all=True, filters={"name": "proj._.1001"}) == []
+    async with env.client("root") as admin:
+        freed = {a.slot.slot_id: a.container for a in (await admin.gpu_status()).allocations}
+    assert freed["2:1"] == ""
+
+    # Now the slice is free, the next sweep does not hand it to the clash on its own:
+    # it stays the admin's call (the container was adopted without it).
+    await reconciler.sweep()
+    clash, _ = await lifecycle.inspect("ds01bob", False, "clash")
+    assert not clash.gpu_slots
+
+
+async def test_only_services_and_admins_may_allocate_exact_slots(host):
+    env, _reconciler, _client = host
+    async with env.client("alice") as alice:
+        with pytest.raises(Ds01Error) as refused:
+            await alice.allocate("x._.alice", slot_ids=("0",), node=env.config.node)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
