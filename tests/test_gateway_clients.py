@@ -11,10 +11,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import docker as docker_sdk
 import pytest
 
+from ds01.containers.spec import Account, ContainerSpec, Limits
 from tests.gateway_audit import audit_daemon
-from tests.harness import require_binary
+from tests.harness import GID, GROUP, require_binary
 
 pytestmark = pytest.mark.usefixtures("unix_users", "daemon_audit")
 
@@ -236,3 +238,84 @@ async def test_the_docker_calls_mlc_makes_work_on_ds01_containers(
     finally:
         subprocess.run([*root, "rm", "-f", name], capture_output=True)
         subprocess.run([*root, "rmi", f"{BOB}/proj:snapshot"], capture_output=True)
+
+
+MLC_COLUMNS = (  # what `mlc list -a` reads from each container's labels
+    "NAME", "USER", "FRAMEWORK", "ARCH", "WORK_MOUNT", "DATA_MOUNT", "MODELS_MOUNT", "GPUS",
+    "MLC_VERSION",
+)  # fmt: skip
+
+
+def mlc_labels(listed: str) -> list[dict[str, str]]:
+    """mlc's own reading of `docker container ls --format '{{json .}}'`: the Labels
+    column split on commas, then on the first '='."""
+    rows = []
+    for line in listed.splitlines():
+        labels = json.loads(line)["Labels"]
+        rows.append(dict(pair.split("=", 1) for pair in labels.split(",") if "=" in pair))
+    return rows
+
+
+async def test_mlcs_queries_see_every_column_of_a_users_ds01_containers_and_nothing_else(
+    ownership, test_image, docker_socket, unix_users
+):
+    """The label filters and the Labels parsing of mlc 2.x, run as the users through
+    the gateway, on a container exactly as ds01 creates it."""
+    config, _ = ownership
+    socket = config.ownership.proxy_socket
+    alice = "ds01alice"
+    workspace = own_dir(alice, "mlcproj")
+    spec = ContainerSpec(
+        name="mlcproj",
+        image=test_image,
+        account=Account(alice, unix_users[alice], GID, GROUP, Path(f"/home/{alice}")),
+        limits=Limits(),  # no GPU: the gateway would ask the allocator at start
+        workspace=workspace,
+        network_mode="none",
+    )
+    root = ["docker", "-H", f"unix://{docker_socket}"]
+    sdk = docker_sdk.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        sdk.containers.create(**spec.create_arguments())  # exactly as ds01 creates it
+    finally:
+        sdk.close()
+    name = spec.docker_name
+    query = ["container", "ls", "-a", "--format", "{{json .}}", "--filter"]
+    try:
+        mine = await as_user(alice, socket, ["docker", *query, f"label=aime.mlc={alice}"])
+        [row] = mlc_labels(mine.stdout)
+        assert {column: row[f"aime.mlc.{column}"] for column in MLC_COLUMNS} == {
+            "NAME": "mlcproj",
+            "USER": alice,
+            "FRAMEWORK": f"{test_image.rsplit('/', 1)[-1].replace(':', '-')}",
+            "ARCH": "-",
+            "WORK_MOUNT": str(workspace),
+            "DATA_MOUNT": "-",
+            "MODELS_MOUNT": "-",
+            "GPUS": "0",
+            "MLC_VERSION": "4",
+        }
+        by_user = await as_user(
+            alice, socket, ["docker", "container", "ps", "-a",
+                            f"--filter=label=aime.mlc.USER={alice}", "--format", "{{.Names}}"],
+        )  # fmt: skip
+        assert by_user.stdout.split() == [name]
+        for step in (["container", "start", name], ["container", "stop", name]):
+            done = await as_user(alice, socket, ["docker", *step])
+            assert done.returncode == 0, done.stderr
+        # Bob's filters, for alice's containers or for everyone's, never show them.
+        for label in (f"label=aime.mlc={alice}", "label=aime.mlc", f"label=aime.mlc.USER={alice}"):
+            seen = await as_user(BOB, socket, ["docker", *query, label])
+            assert name not in seen.stdout, (label, seen.stdout)
+        for step in (
+            ["container", "start", name],
+            ["container", "stop", name],
+            ["container", "rm", name],
+            ["exec", name, "true"],
+        ):
+            refused = await as_user(BOB, socket, ["docker", *step])
+            assert refused.returncode != 0, step
+        removed = await as_user(alice, socket, ["docker", "container", "rm", name])
+        assert removed.returncode == 0, removed.stderr
+    finally:
+        subprocess.run([*root, "rm", "-f", name], capture_output=True)
