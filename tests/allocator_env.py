@@ -139,6 +139,7 @@ async def make_env(
     docker_socket: Path | None = None,
     limits: str = LIMITS,
     services: tuple[str, ...] | None = None,
+    ds01_metadata: Path | None = None,
 ) -> AllocatorEnv:
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
     ``services`` names the ones to run in this process when that is not all of them."""
@@ -156,7 +157,9 @@ async def make_env(
         limits_file=files.limits_file,
         inventory=files.inventory,
         allocator=files.allocator,
-        containers=ContainersConfig(network_mode="none"),
+        containers=ContainersConfig(
+            network_mode="none", ds01_metadata_dir=ds01_metadata or directory / "no-ds01"
+        ),
         docker_host=f"unix://{docker_socket}" if docker_socket else Config.docker_host,
     )
     env = AllocatorEnv(config, pki, {}, write_config_file(config, directory / "ds01.yaml"))

@@ -182,8 +182,10 @@ def write_config_file(config: Config, path: Path) -> Path:
 
 
 def _containers_section(config: Config) -> dict[str, dict[str, str]]:
-    mode = config.containers.network_mode
-    return {"containers": {"network_mode": mode}} if mode else {}
+    section = {"ds01_metadata_dir": str(config.containers.ds01_metadata_dir)}
+    if config.containers.network_mode:
+        section["network_mode"] = config.containers.network_mode
+    return {"containers": section}
 
 
 async def run_cli(

@@ -4,6 +4,7 @@ them claim is never granted twice. Real etcd, dockerd and services; GPUs declare
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -205,3 +206,101 @@ async def test_only_services_and_admins_may_allocate_exact_slots(host):
         with pytest.raises(Ds01Error) as refused:
             await alice.allocate("x._.alice", slot_ids=("0",), node=env.config.node)
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ds01_host(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[tuple[AllocatorEnv, Path, docker.DockerClient]]:
+    """ds01's services on a host where DS01 ran: its metadata files, its users' homes."""
+    metadata = tmp_path / "container-metadata"
+    metadata.mkdir()
+    env = await make_env(  # the containers service starts once the dry run is done
+        tmp_path / "etc",
+        pki,
+        state_dir,
+        etcd_endpoint,
+        docker_socket,
+        services=("limits", "allocator"),
+        ds01_metadata=metadata,
+    )
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    yield env, metadata, client
+    await env.stop()
+    for label in ("ds01.managed=true", "aime.mlc.USER"):
+        for container in client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+    client.close()
+
+
+async def test_import_ds01_reports_then_adopts_a_ds01_hosts_containers(
+    ds01_host, test_image: str, tmp_path: Path
+):
+    env, metadata, client = ds01_host
+    mlc = {"aime.mlc": "ds01alice", "aime.mlc.USER": "ds01alice"}
+    made = [  # oldest first
+        ("proj._.1001", {**mlc, "aime.mlc.NAME": "proj", "ds01.gpu.uuid": "MIG-0002-1"}, []),
+        ("train._.ds01bob", {"ds01.managed": "true", "ds01.user": "ds01bob",
+                             "ds01.gpu.allocated": "0"}, []),
+        ("clash._.ds01bob", {"ds01.managed": "true", "ds01.user": "ds01bob",
+                             "ds01.gpu.uuids": "MIG-0002-1"}, []),
+        ("old._.ds01bob", {"ds01.managed": "true", "ds01.user": "ds01bob"}, []),
+        ("cpu._.1001", {**mlc, "aime.mlc.NAME": "cpu"}, []),
+        ("every._.ds01bob", {"ds01.managed": "true", "ds01.user": "ds01bob"},
+         ["NVIDIA_VISIBLE_DEVICES=all"]),
+    ]  # fmt: skip
+    for name, labels, environment in made:
+        ds01_container(client, test_image, name, labels, environment)
+    # DS01's allocator recorded old's GPU only in its metadata file.
+    (metadata / "old._.ds01bob.json").write_text(
+        json.dumps({"container": "old._.ds01bob", "user": "ds01bob", "gpu_id": "1"})
+    )
+    # A user DS01 put in the default group, whom ds01 finds under the seed's slice name.
+    home = tmp_path / "home"
+    (home / "h.baker@lab").mkdir(parents=True)
+    members = env.config.limits_file.parent / "groups"
+    members.mkdir()
+    (members / "researchers.members").write_text("h_baker_lab\n")
+
+    planned = await env.cli("root", "-o", "json", "admin", "import-ds01", "--dry-run",
+                            "--home", str(home))  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    rows = {c["docker_name"]: c for c in plan["containers"]}
+    assert list(rows) == [name for name, _, _ in made]  # oldest first
+    assert rows["proj._.1001"]["gpu_slots"] == ["n1/2:1"]
+    assert rows["train._.ds01bob"]["gpu_slots"] == ["n1/0"]
+    assert rows["clash._.ds01bob"]["conflict"] == "slot 2:1 is held by proj._.1001"
+    assert rows["old._.ds01bob"]["gpu_slots"] == ["n1/1"]  # from DS01's metadata file
+    assert "gpu_slots" not in rows["cpu._.1001"]
+    assert rows["every._.ds01bob"]["unknown_gpus"] == ["all"]
+    assert not any(c.get("adopted") for c in plan["containers"])
+    assert plan["group_changes"] == [
+        {"user": "h.baker@lab", "ds01_group": "students", "group": "researchers"}
+    ]
+    async with env.client("root") as admin:  # a dry run changes nothing
+        assert not [a for a in (await admin.gpu_status()).allocations if a.container]
+
+    await env.start("containers")  # the switch: its reconciler adopts them at once
+    imported = await env.cli("root", "admin", "import-ds01", "--home", str(home))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.splitlines()[-1] == (
+        "6 container(s) adopted, 1 GPU conflict(s), 1 user(s) change group"
+    )
+    async with env.client("root") as admin:
+        held = {a.slot.slot_id: a.container for a in (await admin.gpu_status()).allocations}
+    assert {slot: name for slot, name in held.items() if name} == {
+        "2:1": "proj._.1001", "0": "train._.ds01bob", "1": "old._.ds01bob"
+    }  # fmt: skip
+    listed = await env.cli("ds01alice", "-o", "json", "container", "list")
+    assert sorted(c["name"] for c in json.loads(listed.stdout)) == ["cpu", "proj"]
+    stopped = await env.cli("ds01bob", "container", "stop", "old")
+    assert stopped.returncode == 0, stopped.stderr
+    again = await env.cli("root", "-o", "json", "admin", "import-ds01", "--dry-run",
+                          "--home", str(home))  # fmt: skip
+    assert json.loads(again.stdout)["containers"] == []  # nothing left to adopt
+    table = imported.stdout.splitlines()
+    assert any(line.startswith("clash._.ds01bob") and "held by proj._.1001" in line
+               for line in table), imported.stdout  # fmt: skip
+    refused = await env.cli("ds01alice", "admin", "import-ds01", "--dry-run")
+    assert refused.returncode == 1 and "only admins import" in refused.stderr

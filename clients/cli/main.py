@@ -15,6 +15,7 @@ from ds01.cli.common import Settings, call, fail, print_table, run
 from ds01.cli.container import container
 from ds01.cli.gpu import events, gpu
 from ds01.cli.limits import limits
+from ds01.cli.migrate import import_ds01
 from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
 from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
@@ -174,6 +175,9 @@ def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None)
     if out_dir:
         (out_dir / "ca.crt").write_bytes(config.pki.ca_cert.read_bytes())
     click.echo(f"certificate for {user}: {paths.cert} (key {paths.key}, mode 0600)")
+
+
+admin.add_command(import_ds01)
 
 
 def main() -> None:

@@ -278,6 +278,11 @@ class Ds01Client:
         request = containers_pb2.GetContainerRequest(name=name)
         return (await self._containers("GetContainer", request)).container
 
+    async def import_containers(self, dry_run: bool) -> list[containers_pb2.ImportedContainer]:
+        """Adopt (or, dry_run, plan adopting) a DS01 host's containers; admins only."""
+        request = containers_pb2.ImportContainersRequest(dry_run=dry_run)
+        return list((await self._containers("ImportContainers", request)).containers)
+
     async def _containers(self, method: str, request: Any) -> Any:
         return await self.unary("containers", _ContainersStub, method, request)
 

@@ -203,6 +203,7 @@ class Metadata(JsonRecord):
     run_start: str = ""  # Docker's StartedAt of the run ds01 last saw running
     named: bool = False  # the user's names were written into its /etc at create
     container_type: str = ""  # container_types.<type> of the limits configuration
+    adopted: bool = False  # found in Docker (a DS01 or mlc host's), not made by ds01
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
     # Never stored: "creating" or "interrupted" when this stands for a create's intent.
     pending: str = ""

@@ -8,9 +8,12 @@ Pure functions: the reconciler does the Docker and allocator calls.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ds01.core.naming import SEPARATOR
 
@@ -28,6 +31,97 @@ class Slot:
 
     slot_id: str  # "0" (a full GPU) or "2:1" (a MIG slice)
     uuid: str  # GPU-... or MIG-...
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What adoption reads of a container: a view of Docker's inspect of it."""
+
+    name: str
+    created: str  # RFC 3339 in UTC: sorts as it reads
+    labels: Mapping[str, str]
+    env: tuple[str, ...]
+    device_ids: tuple[str, ...]
+    image: str
+
+    @classmethod
+    def of(cls, attrs: Mapping[str, Any]) -> Seen:
+        config = attrs.get("Config") or {}
+        requests = (attrs.get("HostConfig") or {}).get("DeviceRequests") or []
+        return cls(
+            name=str(attrs.get("Name", "")).lstrip("/"),
+            created=str(attrs.get("Created", "")),
+            labels=config.get("Labels") or {},
+            env=tuple(config.get("Env") or ()),
+            device_ids=tuple(i for r in requests for i in (r.get("DeviceIDs") or [])),
+            image=str(config.get("Image", "")),
+        )
+
+    @property
+    def user(self) -> str:
+        return owner_of(self.labels)
+
+    @property
+    def container_type(self) -> str:
+        return container_type_of(self.labels, self.name)
+
+
+@dataclass
+class Imported:
+    """One container of an import: what adopting it gives (or gave) it."""
+
+    docker_name: str
+    user: str
+    container_type: str
+    image: str
+    gpu_slots: list[str] = field(default_factory=list)
+    conflict: str = ""
+    unknown_gpus: list[str] = field(default_factory=list)
+    adopted: bool = False
+
+
+def gpu_plan(
+    seen: Seen, slots: Sequence[Slot], metadata: Path | None
+) -> tuple[list[str], list[str]]:
+    """The slot ids of this node the container uses, and the GPUs it names that the
+    node does not have. ds01's own label says, else DS01's labels, its devices or its
+    environment, else DS01's metadata file of it (in ``metadata``)."""
+    own = [s.split("/", 1)[1] for s in seen.labels.get("ds01.gpu.slots", "").split() if "/" in s]
+    references = tuple(own) or gpu_references(seen.labels, seen.env, seen.device_ids)
+    if not references and metadata is not None:
+        references = recorded_gpus(metadata, seen.name)
+    return slots_for(references, slots)
+
+
+def plan_import(
+    containers: Iterable[Seen],
+    node: str,
+    slots: Sequence[Slot],
+    held: Mapping[str, str],
+    metadata: Path | None,
+) -> list[Imported]:
+    """What adopting each container would give it, oldest first: of two containers
+    that use one GPU, the older gets it; ``held`` maps slot ids to the containers
+    holding them now."""
+    holders = dict(held)
+    report = []
+    for seen in sorted(containers, key=lambda c: c.created):
+        found, unknown = gpu_plan(seen, slots, metadata)
+        entry = Imported(
+            seen.name,
+            seen.user,
+            seen.container_type,
+            seen.labels.get("ds01.image") or seen.image,
+            unknown_gpus=unknown,
+        )
+        taken = [s for s in found if holders.get(s, seen.name) != seen.name]
+        if taken:
+            entry.conflict = ", ".join(f"slot {s} is held by {holders[s]}" for s in taken)
+        else:
+            holders.update(dict.fromkeys(found, seen.name))
+            entry.gpu_slots = [f"{node}/{s}" for s in found]
+        report.append(entry)
+    return report
 
 
 def owner_of(labels: Mapping[str, str]) -> str:
@@ -83,6 +177,19 @@ def slots_for(references: Sequence[str], slots: Sequence[Slot]) -> tuple[list[st
         elif slot_id not in found:
             unknown.append(reference)
     return found, unknown
+
+
+def recorded_gpus(directory: Path, name: str) -> tuple[str, ...]:
+    """The GPU DS01's allocator recorded for a container, in
+    /var/lib/ds01/container-metadata/<name>.json (its ``gpu_id``); () without one."""
+    try:
+        data = json.loads((directory / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    value = data.get("gpu_id") if isinstance(data, dict) else None
+    if isinstance(value, list):
+        return tuple(str(v) for v in value)
+    return _split(str(value)) if value not in (None, "") else ()
 
 
 def _ds01_slot_id(reference: str) -> str:

@@ -33,14 +33,22 @@ import grpc
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
 from ds01.containers.adoption import (
+    Imported,
+    Seen,
     Slot,
     container_type_of,
-    gpu_references,
+    gpu_plan,
     owner_of,
-    slots_for,
+    plan_import,
 )
 from ds01.containers.gpu_activity import NvmlActivity
-from ds01.containers.lifecycle import ContainerError, Lifecycle, count_runtime, docker_time
+from ds01.containers.lifecycle import (
+    Code,
+    ContainerError,
+    Lifecycle,
+    count_runtime,
+    docker_time,
+)
 from ds01.core.units import parse_duration, parse_size
 from ds01.v1 import common_pb2
 
@@ -168,6 +176,10 @@ def policy_of(policies: Mapping[str, str], **limits: float | None) -> Policy:
     )
 
 
+def _slots(allocations: list[Any], node: str) -> list[Slot]:
+    return [Slot(a.slot.slot_id, a.slot.uuid) for a in allocations if a.slot.node == node]
+
+
 def _created(container: Any) -> str:
     return container.attrs.get("Created", "")  # RFC 3339, in UTC: sorts as it reads
 
@@ -229,6 +241,8 @@ class Reconciler:
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
     # Adopted containers whose GPUs another container holds: the allocator's answer.
     conflicts: dict[str, str] = field(default_factory=dict)
+    unknown_gpus: dict[str, list[str]] = field(default_factory=dict)  # not on this node
+    ds01_metadata: Path | None = None  # DS01's container-metadata directory, if any
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Containers that started or died: their runs are counted at once, not at a sweep.
@@ -302,15 +316,7 @@ class Reconciler:
         # record read before the container list has its container in that list.
         allocations = await self._allocations()
         recorded = {m.docker_name: m.container_id for m in await lifecycle.metadata.all()}
-        containers = {
-            c.name: c
-            for label in ADOPTED_LABELS
-            for c in await lifecycle.docker.run(
-                lambda label=label: lifecycle.docker.client.containers.list(
-                    all=True, filters={"label": label}, ignore_removed=True
-                )
-            )
-        }
+        containers = {c.name: c for c in await self._labelled()}
         listed = {c.id for c in containers.values()}
         creating = {intent.docker_name for intent in await lifecycle.intents.all()}
         records = {m.docker_name: m for m in await lifecycle.metadata.all()}
@@ -392,6 +398,7 @@ class Reconciler:
             created_at=now,
             workspace=_workspace_of(container),
             container_type=container_type_of(labels, container.name),
+            adopted=True,
         )
         if not await self.lifecycle.metadata.put_new(record):
             return None  # a create or a record has the name by now: not an orphan
@@ -411,23 +418,14 @@ class Reconciler:
     ) -> list[str]:
         """The GPUs the container uses, allocated to it ("<node>/<slot>"); a GPU that
         another container holds is reported to the admin, and not granted twice."""
-        node = self.lifecycle.node
-        labels = container.labels
-        own = [s.split("/", 1)[1] for s in labels.get("ds01.gpu.slots", "").split() if "/" in s]
-        requests = (container.attrs.get("HostConfig") or {}).get("DeviceRequests") or []
-        references = gpu_references(
-            labels,
-            (container.attrs.get("Config") or {}).get("Env") or [],
-            [i for r in requests for i in (r.get("DeviceIDs") or [])],
-        )
-        if not own and not references:
-            return []
         if allocations is None:
-            log.warning("%s uses GPUs, but the allocator cannot be asked now", record.docker_name)
+            log.warning("cannot adopt the GPUs of %s now: no allocator", record.docker_name)
             return []
-        here = [Slot(a.slot.slot_id, a.slot.uuid) for a in allocations if a.slot.node == node]
-        found, unknown = slots_for(own or references, here)
+        node = self.lifecycle.node
+        seen = Seen.of(container.attrs)
+        found, unknown = gpu_plan(seen, _slots(allocations, node), self.ds01_metadata)
         if unknown:
+            self.unknown_gpus[record.docker_name] = unknown
             log.warning(
                 "%s uses GPUs ds01 cannot find on %s (%s): check it",
                 record.docker_name,
@@ -449,6 +447,53 @@ class Reconciler:
             )
             return []
         return [f"{node}/{slot_id}" for slot_id in found]
+
+    async def import_containers(self, dry_run: bool) -> list[Imported]:
+        """The containers adopted from a DS01 or mlc host: what adopting those ds01 has
+        no record of would give each (``dry_run``), or, after adopting them now, every
+        adopted container with what it got."""
+        allocations = await self._allocations()
+        if allocations is None:
+            raise ContainerError(Code.UNAVAILABLE, "the allocator cannot be asked: try again")
+        node = self.lifecycle.node
+        if dry_run:
+            recorded = {m.docker_name for m in await self.lifecycle.metadata.all()}
+            waiting = [Seen.of(c.attrs) for c in await self._labelled()]
+            return plan_import(
+                [c for c in waiting if c.name not in recorded and c.user],
+                node,
+                _slots(allocations, node),
+                {a.slot.slot_id: a.container for a in allocations if a.container},
+                self.ds01_metadata,
+            )
+        await self.sweep()
+        return [
+            Imported(
+                record.docker_name,
+                record.user,
+                record.container_type,
+                record.image,
+                gpu_slots=list(record.gpu_slots),
+                conflict=self.conflicts.get(record.docker_name, ""),
+                unknown_gpus=self.unknown_gpus.get(record.docker_name, []),
+                adopted=True,
+            )
+            for record in sorted(await self.lifecycle.metadata.all(), key=lambda r: r.created_at)
+            if record.adopted
+        ]
+
+    async def _labelled(self) -> list[Any]:
+        """Every container of ds01, DS01 or mlc, running or not."""
+        docker = self.lifecycle.docker
+        found: dict[str, Any] = {}
+        for label in ADOPTED_LABELS:
+            listed = await docker.run(
+                lambda label=label: docker.client.containers.list(
+                    all=True, filters={"label": label}, ignore_removed=True
+                )
+            )
+            found.update((c.id, c) for c in listed)
+        return list(found.values())
 
     async def _forget(self, record: Metadata) -> None:
         current = await self.lifecycle.metadata.get(record.docker_name)

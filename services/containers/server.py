@@ -58,8 +58,9 @@ class Holdings:
 
 
 class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, reconciler: Reconciler) -> None:
         self.lifecycle = lifecycle
+        self.reconciler = reconciler
         self._running: set[asyncio.Future[Any]] = set()  # calls whose callers hung up too
 
     async def CreateContainer(
@@ -129,6 +130,17 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         )
         return containers_pb2.GetContainerResponse(
             container=await self._message(metadata, container)
+        )
+
+    async def ImportContainers(
+        self, request: containers_pb2.ImportContainersRequest, context: grpc.aio.ServicerContext
+    ) -> containers_pb2.ImportContainersResponse:
+        _, privileged = await self._caller(context)
+        if not privileged:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "only admins import")
+        found = await self._run(context, self.reconciler.import_containers(request.dry_run))
+        return containers_pb2.ImportContainersResponse(
+            containers=[containers_pb2.ImportedContainer(**vars(entry)) for entry in found]
         )
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
@@ -227,12 +239,16 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         client=client,
         network_mode=config.containers.network_mode,
     )
+    reconciler = Reconciler(
+        lifecycle,
+        interval=config.containers.reconcile_interval,
+        ds01_metadata=config.containers.ds01_metadata_dir,
+    )
     containers_pb2_grpc.add_ContainersServiceServicer_to_server(
-        ContainersServicer(lifecycle), server
+        ContainersServicer(lifecycle, reconciler), server
     )
     # Creates a previous run left half-done are undone first, within seconds of start.
     runtime.run_in_background(lifecycle.repair_forever(), "create-repair")
-    reconciler = Reconciler(lifecycle, interval=config.containers.reconcile_interval)
     runtime.run_in_background(reconciler.run(), "reconciler")
     runtime.needs_etcd(etcd)
     runtime.dependencies.add("docker", config.docker_host, docker_host.ping)

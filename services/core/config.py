@@ -49,6 +49,8 @@ class ContainersConfig:
     network_mode: str | None = None
     # Seconds between lifecycle sweeps (Docker events also start one at once).
     reconcile_interval: float = 30.0
+    # DS01's records of its containers' GPUs, read when its containers are adopted.
+    ds01_metadata_dir: Path = Path("/var/lib/ds01/container-metadata")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def parse_config(text: str, file: Path) -> Config:
         limits_file=reader.path("limits_file", Config.limits_file, base),
         inventory=_read_inventory(reader.section("inventory"), base),
         allocator=_read_allocator(reader.section("allocator")),
-        containers=_read_containers(reader.section("containers")),
+        containers=_read_containers(reader.section("containers"), base),
         ownership=_read_ownership(reader.section("ownership"), base),
         docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
         log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
@@ -175,10 +177,13 @@ def _read_allocator(reader: _Reader) -> AllocatorConfig:
     return allocator
 
 
-def _read_containers(reader: _Reader) -> ContainersConfig:
+def _read_containers(reader: _Reader, base: Path) -> ContainersConfig:
     mode = reader.str("network_mode", "")
     interval = reader.whole("reconcile_interval", 30, minimum=1, maximum=3600)
-    containers = ContainersConfig(network_mode=mode or None, reconcile_interval=interval)
+    metadata = reader.path("ds01_metadata_dir", ContainersConfig.ds01_metadata_dir, base)
+    containers = ContainersConfig(
+        network_mode=mode or None, reconcile_interval=interval, ds01_metadata_dir=metadata
+    )
     reader.reject_unknown()
     return containers
 

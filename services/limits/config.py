@@ -259,6 +259,20 @@ def group_of(config: LimitsConfig, user: str) -> str:
     return config.default_group
 
 
+def ds01_group_of(config: LimitsConfig, user: str) -> str:
+    """The group DS01 itself gave ``user``, for import reports: "override" for a user
+    with an override (DS01 applied defaults and the override, not the group), else the
+    first group in file order listing the login or DS01's sanitized name, else the
+    default group. DS01 kept archived users in their groups."""
+    local = user.split("@", 1)[0].replace(".", "_")
+    if user in config.overrides or local in config.overrides:
+        return "override"
+    for group in config.groups.values():
+        if user in group.members or local in group.members:
+            return group.name
+    return config.default_group
+
+
 def override_of(config: LimitsConfig, user: str) -> Override | None:
     """The override keyed by the most exact name the user is listed under."""
     for name in listed_as(user):

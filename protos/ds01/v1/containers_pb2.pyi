@@ -147,3 +147,35 @@ class GetContainerResponse(_message.Message):
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     container: Container
     def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
+
+class ImportContainersRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class ImportedContainer(_message.Message):
+    __slots__ = ("docker_name", "user", "container_type", "image", "gpu_slots", "conflict", "unknown_gpus", "adopted")
+    DOCKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    GPU_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_GPUS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    docker_name: str
+    user: str
+    container_type: str
+    image: str
+    gpu_slots: _containers.RepeatedScalarFieldContainer[str]
+    conflict: str
+    unknown_gpus: _containers.RepeatedScalarFieldContainer[str]
+    adopted: bool
+    def __init__(self, docker_name: _Optional[str] = ..., user: _Optional[str] = ..., container_type: _Optional[str] = ..., image: _Optional[str] = ..., gpu_slots: _Optional[_Iterable[str]] = ..., conflict: _Optional[str] = ..., unknown_gpus: _Optional[_Iterable[str]] = ..., adopted: _Optional[bool] = ...) -> None: ...
+
+class ImportContainersResponse(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[ImportedContainer]
+    def __init__(self, containers: _Optional[_Iterable[_Union[ImportedContainer, _Mapping]]] = ...) -> None: ...

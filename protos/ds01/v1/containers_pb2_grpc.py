@@ -66,6 +66,11 @@ class ContainersServiceStub:
                 request_serializer=ds01_dot_v1_dot_containers__pb2.GetContainerRequest.SerializeToString,
                 response_deserializer=ds01_dot_v1_dot_containers__pb2.GetContainerResponse.FromString,
                 _registered_method=True)
+        self.ImportContainers = channel.unary_unary(
+                '/ds01.v1.ContainersService/ImportContainers',
+                request_serializer=ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.SerializeToString,
+                response_deserializer=ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.FromString,
+                _registered_method=True)
 
 
 class ContainersServiceServicer:
@@ -109,6 +114,14 @@ class ContainersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportContainers(self, request, context):
+        """Adopts the containers of a DS01 (or AIME mlc) host that ds01 has no record of, with
+        their GPUs; with dry_run, only says what adopting them would give each. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContainersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_ContainersServiceServicer_to_server(servicer, server):
                     servicer.GetContainer,
                     request_deserializer=ds01_dot_v1_dot_containers__pb2.GetContainerRequest.FromString,
                     response_serializer=ds01_dot_v1_dot_containers__pb2.GetContainerResponse.SerializeToString,
+            ),
+            'ImportContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportContainers,
+                    request_deserializer=ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.FromString,
+                    response_serializer=ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class ContainersService:
             '/ds01.v1.ContainersService/GetContainer',
             ds01_dot_v1_dot_containers__pb2.GetContainerRequest.SerializeToString,
             ds01_dot_v1_dot_containers__pb2.GetContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ds01.v1.ContainersService/ImportContainers',
+            ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.SerializeToString,
+            ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,
