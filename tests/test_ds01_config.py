@@ -390,3 +390,22 @@ async def test_an_archived_user_is_refused_gpus_with_why(env: AllocatorEnv):
         assert "archived.members" in refused.value.message
         held = [a.container for a in (await alice.gpu_status()).allocations if a.container]
         assert held == ["before._.alice"]
+
+
+async def test_a_persons_stop_holds_the_gpu_for_gpu_hold_after_manual_stop(env: AllocatorEnv):
+    """DS01's policies.gpu_hold_after_manual_stop_m: after its owner's stop the GPU is
+    held that long; after an exit or a policy's stop, gpu_hold_after_stop applies."""
+    text = env.config.limits_file.read_text()
+    env.config.limits_file.write_text(text + "policies:\n  gpu_hold_after_manual_stop_m: 30\n")
+    async with env.client("alice") as alice, env.service_client("containers") as service:
+        for _ in range(100):
+            if (await alice.get_limits()).policies.get("gpu_hold_after_manual_stop") == "30m":
+                break
+            await asyncio.sleep(0.1)
+        for name in ("manual._.alice", "exited._.alice"):
+            await service.allocate(name, user="alice")
+        [manual] = await service.mark_stopped("manual._.alice", manual=True)
+        [exited] = await service.mark_stopped("exited._.alice")
+    held = manual.hold_until.seconds - manual.stopped_at.seconds
+    assert 29 * M <= held <= 30 * M
+    assert exited.hold_until.seconds - exited.stopped_at.seconds <= 3  # HOLD_SECONDS

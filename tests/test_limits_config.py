@@ -10,6 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ds01.core.naming import sanitize_for_systemd
 from ds01.limits import resolve as resolve_module
 from ds01.limits.config import LimitsConfigError, SourceFiles, load_limits, parse_sources
 from ds01.limits.resolve import (
@@ -19,7 +20,6 @@ from ds01.limits.resolve import (
     group_of,
     is_admin,
     resolve,
-    sanitize_for_systemd,
 )
 from ds01.limits.schema import ALIASES, LIMIT_KEYS
 from tests.limits_fixtures import RESOURCE_LIMITS, write_config

@@ -208,8 +208,10 @@ class Ds01Client:
         response = await self.unary("allocator", _AllocatorStub, "Release", request)
         return list(response.released_slots)
 
-    async def mark_stopped(self, container: str) -> list[common_pb2.Allocation]:
-        request = allocator_pb2.MarkStoppedRequest(container=container)
+    async def mark_stopped(
+        self, container: str, manual: bool = False
+    ) -> list[common_pb2.Allocation]:
+        request = allocator_pb2.MarkStoppedRequest(container=container, manual=manual)
         response = await self.unary("allocator", _AllocatorStub, "MarkStopped", request)
         return list(response.allocations)
 

@@ -46,6 +46,7 @@ from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
+from ds01.core.units import parse_duration
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,10 @@ class RemoteLimits:
             archived=limits.archived,
         )
 
-    async def hold_seconds(self, user: str) -> float | None:
+    async def hold_seconds(self, user: str, manual: bool = False) -> float | None:
         limits = await self.limits(user)
+        if manual and limits.policies.get("gpu_hold_after_manual_stop"):
+            return parse_duration(limits.policies["gpu_hold_after_manual_stop"])
         if not limits.HasField("gpu_hold_after_stop"):
             return None
         return limits.gpu_hold_after_stop.ToTimedelta().total_seconds()
@@ -192,7 +195,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.MarkStoppedRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.MarkStoppedResponse:
         actor = await self._actor(context)
-        granted = await self._run(context, self.allocator.mark_stopped(request.container, actor))
+        granted = await self._run(
+            context, self.allocator.mark_stopped(request.container, actor, request.manual)
+        )
         return allocator_pb2.MarkStoppedResponse(allocations=_messages(granted))
 
     async def ClearStopped(

@@ -33,7 +33,7 @@ CLAIM_ATTEMPTS = 20  # a lost race re-reads and re-plans; each loss means someon
 class LimitsSource(Protocol):
     async def quota(self, user: str) -> Quota: ...
 
-    async def hold_seconds(self, user: str) -> float | None:
+    async def hold_seconds(self, user: str, manual: bool = False) -> float | None:
         """gpu_hold_after_stop; None holds indefinitely."""
         ...
 
@@ -245,14 +245,17 @@ class Allocator:
         held = await self._change(container, actor, change)
         return [f"{node}/{slot_id}" for (node, slot_id), _ in held]
 
-    async def mark_stopped(self, container: str, actor: Actor) -> list[Granted]:
-        """Keep the slots for the user's gpu_hold_after_stop; etcd ends the hold on time."""
+    async def mark_stopped(
+        self, container: str, actor: Actor, manual: bool = False
+    ) -> list[Granted]:
+        """Keep the slots for the user's gpu_hold_after_stop (or, after a person's stop,
+        gpu_hold_after_manual_stop); etcd ends the hold on time."""
         now = time.time()
 
         async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
             if held[0][1].stopped:
                 return True  # already held: the hold keeps its original end
-            seconds = await self.limits.hold_seconds(held[0][1].user)
+            seconds = await self.limits.hold_seconds(held[0][1].user, manual)
             until = now + seconds if seconds is not None else None
             holder = replace(held[0][1], stopped_at=now, hold_until=until)
             return await self.state.rewrite(held, holder, seconds)

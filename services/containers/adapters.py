@@ -9,6 +9,7 @@ import grp
 import io
 import logging
 import pwd
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable
@@ -356,6 +357,59 @@ class IntentStore:
     async def all(self) -> list[Intent]:
         found = await self.client.get_prefix(record_key(INTENTS, self.node, ""))
         return [Intent.decode(kv.value) for kv in found]
+
+
+def slice_drop_in(aggregate: dict[str, float | int]) -> str:
+    """A slice's aggregate limits as a systemd drop-in, as DS01 wrote them."""
+    properties = {
+        "cpus": lambda v: f"CPUQuota={round(float(v) * 100)}%",
+        "memory": lambda v: f"MemoryMax={int(v)}",
+        "memory_high": lambda v: f"MemoryHigh={int(v)}",
+        "pids": lambda v: f"TasksMax={int(v)}",
+    }
+    lines = [properties[key](value) for key, value in aggregate.items() if key in properties]
+    return "# Written by ds01 from resource-limits.yaml; rewritten on change.\n[Slice]\n" + (
+        "".join(f"{line}\n" for line in lines)
+    )
+
+
+class SystemdSlices:
+    """Per-user slices for Docker's systemd driver: the aggregate limits as a drop-in
+    that systemd applies whenever the slice is loaded (DS01's way), and a daemon-reload
+    when one changed, for a slice that is active already."""
+
+    DROP_IN = "50-ds01-limits.conf"
+
+    def __init__(
+        self,
+        units: Path = Path("/etc/systemd/system"),
+        reload: Callable[[], None] | None = None,
+    ) -> None:
+        self.units = units
+        self.reload = reload or _daemon_reload
+
+    def ensure(self, slice_name: str, aggregate: dict[str, float | int]) -> None:
+        if "/" in slice_name or not slice_name.endswith(".slice"):
+            raise ValueError(f"{slice_name!r} is not a slice name")
+        path = self.units / f"{slice_name}.d" / self.DROP_IN
+        text = slice_drop_in(aggregate)
+        with contextlib.suppress(OSError):
+            if path.read_text() == text:
+                return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(text)
+        partial.replace(path)  # whole or not at all: systemd never reads half a file
+        self.reload()
+
+
+def _daemon_reload() -> None:
+    """Have systemd read the changed drop-ins (where systemd runs at all)."""
+    result = subprocess.run(
+        ["systemctl", "daemon-reload"], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        log.warning("systemctl daemon-reload failed: %s", result.stderr.strip())
 
 
 class CgroupfsSlices:

@@ -34,6 +34,7 @@ from ds01.containers.adapters import (
     Metadata,
     MetadataStore,
     NoAccount,
+    SystemdSlices,
     host_account,
 )
 from ds01.containers.spec import (
@@ -45,7 +46,7 @@ from ds01.containers.spec import (
 )
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
-from ds01.core.naming import OWNER_LABEL, SEPARATOR
+from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Lifecycle:
     client: Ds01Client  # limits and allocator, as svc:containers
     network_mode: str | None = None
     cgroups: CgroupfsSlices = field(default_factory=CgroupfsSlices)
+    slices: SystemdSlices = field(default_factory=SystemdSlices)
     accounts: Callable[[str], Account] = host_account
     # This run of the service: intents of another owner belong to a run that died.
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -346,7 +348,10 @@ class Lifecycle:
                 )
             return metadata
 
-    async def stop(self, user: str, privileged: bool, name: str, grace: int = 0) -> Metadata:
+    async def stop(
+        self, user: str, privileged: bool, name: str, grace: int = 0, manual: bool = True
+    ) -> Metadata:
+        """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows."""
         with self._busy(user, name):
             metadata, container = await self._own(user, privileged, name)
             await self.docker.stop(container, grace or await self.grace(metadata))
@@ -360,7 +365,7 @@ class Lifecycle:
             metadata = await self.metadata.modify(metadata, stopped) or metadata
             if metadata.gpu_slots:
                 await self._allocator(
-                    self.client.mark_stopped(metadata.docker_name), "holding the GPU"
+                    self.client.mark_stopped(metadata.docker_name, manual), "holding the GPU"
                 )
             return metadata
 
@@ -504,13 +509,16 @@ class Lifecycle:
         """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
         otherwise."""
         parent = cgroup_parent_for(slice_name, await self.docker.cgroup_driver())
-        if parent == slice_name:
-            return parent
         aggregate = aggregate_of(limits)
+        systemd = parent == slice_name
         if aggregate:
-            self.cgroups.ensure(parent, aggregate)
+            (self.slices if systemd else self.cgroups).ensure(parent, aggregate)
         if limits.HasField("max_tasks"):  # DS01's TasksMax: the whole group's tasks
-            self.cgroups.ensure(str(PurePosixPath(parent).parent), {"pids": limits.max_tasks})
+            tasks = {"pids": limits.max_tasks}
+            if systemd:
+                self.slices.ensure(group_slice(slice_name, limits.user), tasks)
+            else:
+                self.cgroups.ensure(str(PurePosixPath(parent).parent), tasks)
         return parent
 
     async def grace(self, metadata: Metadata) -> int:
@@ -554,6 +562,11 @@ def aggregate_of(limits: Any) -> dict[str, float | int]:
         )
         if limits.aggregate.HasField(field)
     }
+
+
+def group_slice(slice_name: str, user: str) -> str:
+    """ds01-<group>-<user>.slice -> ds01-<group>.slice: the parent systemd makes of it."""
+    return slice_name.removesuffix(f"-{sanitize_for_systemd(user)}.slice") + ".slice"
 
 
 def cgroup_parent_for(slice_name: str, driver: str) -> str:

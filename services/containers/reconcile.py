@@ -612,7 +612,7 @@ class Reconciler:
                 log.warning("%s: %s", who, notice)
             elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
                 log.warning("stopping %s: %s", who, action.value)
-                await self.lifecycle.stop(record.user, True, record.docker_name)
+                await self.lifecycle.stop(record.user, True, record.docker_name, manual=False)
                 self.activity.pop(record.docker_name, None)
             else:
                 log.warning("removing %s: %s", who, action.value)

@@ -17,3 +17,9 @@ def belongs_to(container: str, user: str) -> bool:
     """Whether ``container`` is named as one of ``user``'s: ``<name>._.<user>``."""
     name, separator, owner = container.rpartition(SEPARATOR)
     return bool(name) and bool(separator) and owner == docker_user(user)
+
+
+def sanitize_for_systemd(name: str) -> str:
+    """The seed's rule for slice names: h.baker@hertie-school.lan ->
+    h_baker_hertie-school_lan (systemd reads a dash as a level of the slice tree)."""
+    return name.replace("@", "_").replace(".", "_")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ds01.core.naming import sanitize_for_systemd
 from ds01.core.units import format_size
 from ds01.limits.schema import (
     AGGREGATE_ALIASES,
@@ -226,11 +227,6 @@ def parse_sources(sources: SourceFiles) -> LimitsConfig:
     if issues:
         raise LimitsConfigError(issues)
     return config
-
-
-def sanitize_for_systemd(name: str) -> str:
-    """The seed's rule: h.baker@hertie-school.lan -> h_baker_hertie-school_lan."""
-    return name.replace("@", "_").replace(".", "_")
 
 
 def listed_as(user: str) -> tuple[str, ...]:

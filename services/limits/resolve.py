@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ds01.core.naming import sanitize_for_systemd
 from ds01.core.units import format_size
 from ds01.limits.config import (
     ARCHIVED,
@@ -16,7 +17,6 @@ from ds01.limits.config import (
     LimitsConfig,
     group_of,
     override_of,
-    sanitize_for_systemd,
 )
 from ds01.limits.schema import LIMIT_KEYS, NUMBER
 

@@ -26,7 +26,7 @@ from ds01.v1 import common_pb2 as ds01_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64s01/v1/allocator.proto\x12\x07\x64s01.v1\x1a\x14\x64s01/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x0f\x41llocateRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tcontainer\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x17\n\x0fgpu_equivalents\x18\x04 \x01(\x01\x12+\n\npreference\x18\x05 \x01(\x0e\x32\x17.ds01.v1.SlotPreference\x12.\n\nwait_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x10\n\x08slot_ids\x18\x08 \x03(\t\"\xb1\x01\n\x10\x41llocateResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12?\n\x0b\x65nvironment\x18\x02 \x03(\x0b\x32*.ds01.v1.AllocateResponse.EnvironmentEntry\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x0eReleaseRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\")\n\x0fReleaseResponse\x12\x16\n\x0ereleased_slots\x18\x01 \x03(\t\"\'\n\x12MarkStoppedRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\"?\n\x13MarkStoppedResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\"(\n\x13\x43learStoppedRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\"@\n\x14\x43learStoppedResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\"C\n\x0fValidateRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07slot_id\x18\x03 \x01(\t\"1\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x10GetStatusRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"S\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x18\n\x10inventory_source\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\"s\n\x11GetStatusResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12\"\n\x05nodes\x18\x02 \x03(\x0b\x32\x13.ds01.v1.NodeStatus\x12\x10\n\x08revision\x18\x03 \x01(\x03\"1\n\x17WatchAllocationsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\"\xbd\x01\n\x18WatchAllocationsResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.ds01.v1.AllocationEventType\x12\'\n\nallocation\x18\x02 \x01(\x0b\x32\x13.ds01.v1.Allocation\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12%\n\x08previous\x18\x04 \x01(\x0b\x32\x13.ds01.v1.Allocation\x12\x13\n\x0breleased_by\x18\x05 \x01(\t*\x81\x01\n\x0eSlotPreference\x12\x1f\n\x1bSLOT_PREFERENCE_UNSPECIFIED\x10\x00\x12\x17\n\x13SLOT_PREFERENCE_ANY\x10\x01\x12\x1c\n\x18SLOT_PREFERENCE_FULL_GPU\x10\x02\x12\x17\n\x13SLOT_PREFERENCE_MIG\x10\x03*\x9a\x02\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41LLOCATION_EVENT_TYPE_ALLOCATED\x10\x01\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_RELEASED\x10\x02\x12\x1e\n\x1a\x41LLOCATION_EVENT_TYPE_HELD\x10\x03\x12&\n\"ALLOCATION_EVENT_TYPE_HOLD_CLEARED\x10\x04\x12&\n\"ALLOCATION_EVENT_TYPE_HOLD_EXPIRED\x10\x05\x12#\n\x1f\x41LLOCATION_EVENT_TYPE_PREEMPTED\x10\x06\x32\x88\x04\n\x10\x41llocatorService\x12?\n\x08\x41llocate\x12\x18.ds01.v1.AllocateRequest\x1a\x19.ds01.v1.AllocateResponse\x12<\n\x07Release\x12\x17.ds01.v1.ReleaseRequest\x1a\x18.ds01.v1.ReleaseResponse\x12H\n\x0bMarkStopped\x12\x1b.ds01.v1.MarkStoppedRequest\x1a\x1c.ds01.v1.MarkStoppedResponse\x12K\n\x0c\x43learStopped\x12\x1c.ds01.v1.ClearStoppedRequest\x1a\x1d.ds01.v1.ClearStoppedResponse\x12?\n\x08Validate\x12\x18.ds01.v1.ValidateRequest\x1a\x19.ds01.v1.ValidateResponse\x12\x42\n\tGetStatus\x12\x19.ds01.v1.GetStatusRequest\x1a\x1a.ds01.v1.GetStatusResponse\x12Y\n\x10WatchAllocations\x12 .ds01.v1.WatchAllocationsRequest\x1a!.ds01.v1.WatchAllocationsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64s01/v1/allocator.proto\x12\x07\x64s01.v1\x1a\x14\x64s01/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x0f\x41llocateRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tcontainer\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x17\n\x0fgpu_equivalents\x18\x04 \x01(\x01\x12+\n\npreference\x18\x05 \x01(\x0e\x32\x17.ds01.v1.SlotPreference\x12.\n\nwait_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x10\n\x08slot_ids\x18\x08 \x03(\t\"\xb1\x01\n\x10\x41llocateResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12?\n\x0b\x65nvironment\x18\x02 \x03(\x0b\x32*.ds01.v1.AllocateResponse.EnvironmentEntry\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x0eReleaseRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\")\n\x0fReleaseResponse\x12\x16\n\x0ereleased_slots\x18\x01 \x03(\t\"7\n\x12MarkStoppedRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0e\n\x06manual\x18\x02 \x01(\x08\"?\n\x13MarkStoppedResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\"(\n\x13\x43learStoppedRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\"@\n\x14\x43learStoppedResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\"C\n\x0fValidateRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07slot_id\x18\x03 \x01(\t\"1\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x10GetStatusRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"S\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x18\n\x10inventory_source\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\"s\n\x11GetStatusResponse\x12(\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12\"\n\x05nodes\x18\x02 \x03(\x0b\x32\x13.ds01.v1.NodeStatus\x12\x10\n\x08revision\x18\x03 \x01(\x03\"1\n\x17WatchAllocationsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\"\xbd\x01\n\x18WatchAllocationsResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.ds01.v1.AllocationEventType\x12\'\n\nallocation\x18\x02 \x01(\x0b\x32\x13.ds01.v1.Allocation\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12%\n\x08previous\x18\x04 \x01(\x0b\x32\x13.ds01.v1.Allocation\x12\x13\n\x0breleased_by\x18\x05 \x01(\t*\x81\x01\n\x0eSlotPreference\x12\x1f\n\x1bSLOT_PREFERENCE_UNSPECIFIED\x10\x00\x12\x17\n\x13SLOT_PREFERENCE_ANY\x10\x01\x12\x1c\n\x18SLOT_PREFERENCE_FULL_GPU\x10\x02\x12\x17\n\x13SLOT_PREFERENCE_MIG\x10\x03*\x9a\x02\n\x13\x41llocationEventType\x12%\n!ALLOCATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41LLOCATION_EVENT_TYPE_ALLOCATED\x10\x01\x12\"\n\x1e\x41LLOCATION_EVENT_TYPE_RELEASED\x10\x02\x12\x1e\n\x1a\x41LLOCATION_EVENT_TYPE_HELD\x10\x03\x12&\n\"ALLOCATION_EVENT_TYPE_HOLD_CLEARED\x10\x04\x12&\n\"ALLOCATION_EVENT_TYPE_HOLD_EXPIRED\x10\x05\x12#\n\x1f\x41LLOCATION_EVENT_TYPE_PREEMPTED\x10\x06\x32\x88\x04\n\x10\x41llocatorService\x12?\n\x08\x41llocate\x12\x18.ds01.v1.AllocateRequest\x1a\x19.ds01.v1.AllocateResponse\x12<\n\x07Release\x12\x17.ds01.v1.ReleaseRequest\x1a\x18.ds01.v1.ReleaseResponse\x12H\n\x0bMarkStopped\x12\x1b.ds01.v1.MarkStoppedRequest\x1a\x1c.ds01.v1.MarkStoppedResponse\x12K\n\x0c\x43learStopped\x12\x1c.ds01.v1.ClearStoppedRequest\x1a\x1d.ds01.v1.ClearStoppedResponse\x12?\n\x08Validate\x12\x18.ds01.v1.ValidateRequest\x1a\x19.ds01.v1.ValidateResponse\x12\x42\n\tGetStatus\x12\x19.ds01.v1.GetStatusRequest\x1a\x1a.ds01.v1.GetStatusResponse\x12Y\n\x10WatchAllocations\x12 .ds01.v1.WatchAllocationsRequest\x1a!.ds01.v1.WatchAllocationsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ALLOCATERESPONSE_ENVIRONMENTENTRY']._loaded_options = None
   _globals['_ALLOCATERESPONSE_ENVIRONMENTENTRY']._serialized_options = b'8\001'
-  _globals['_SLOTPREFERENCE']._serialized_start=1397
-  _globals['_SLOTPREFERENCE']._serialized_end=1526
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=1529
-  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=1811
+  _globals['_SLOTPREFERENCE']._serialized_start=1413
+  _globals['_SLOTPREFERENCE']._serialized_end=1542
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_start=1545
+  _globals['_ALLOCATIONEVENTTYPE']._serialized_end=1827
   _globals['_ALLOCATEREQUEST']._serialized_start=92
   _globals['_ALLOCATEREQUEST']._serialized_end=307
   _globals['_ALLOCATERESPONSE']._serialized_start=310
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASERESPONSE']._serialized_start=526
   _globals['_RELEASERESPONSE']._serialized_end=567
   _globals['_MARKSTOPPEDREQUEST']._serialized_start=569
-  _globals['_MARKSTOPPEDREQUEST']._serialized_end=608
-  _globals['_MARKSTOPPEDRESPONSE']._serialized_start=610
-  _globals['_MARKSTOPPEDRESPONSE']._serialized_end=673
-  _globals['_CLEARSTOPPEDREQUEST']._serialized_start=675
-  _globals['_CLEARSTOPPEDREQUEST']._serialized_end=715
-  _globals['_CLEARSTOPPEDRESPONSE']._serialized_start=717
-  _globals['_CLEARSTOPPEDRESPONSE']._serialized_end=781
-  _globals['_VALIDATEREQUEST']._serialized_start=783
-  _globals['_VALIDATEREQUEST']._serialized_end=850
-  _globals['_VALIDATERESPONSE']._serialized_start=852
-  _globals['_VALIDATERESPONSE']._serialized_end=901
-  _globals['_GETSTATUSREQUEST']._serialized_start=903
-  _globals['_GETSTATUSREQUEST']._serialized_end=949
-  _globals['_NODESTATUS']._serialized_start=951
-  _globals['_NODESTATUS']._serialized_end=1034
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1036
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1151
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1153
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=1202
-  _globals['_WATCHALLOCATIONSRESPONSE']._serialized_start=1205
-  _globals['_WATCHALLOCATIONSRESPONSE']._serialized_end=1394
-  _globals['_ALLOCATORSERVICE']._serialized_start=1814
-  _globals['_ALLOCATORSERVICE']._serialized_end=2334
+  _globals['_MARKSTOPPEDREQUEST']._serialized_end=624
+  _globals['_MARKSTOPPEDRESPONSE']._serialized_start=626
+  _globals['_MARKSTOPPEDRESPONSE']._serialized_end=689
+  _globals['_CLEARSTOPPEDREQUEST']._serialized_start=691
+  _globals['_CLEARSTOPPEDREQUEST']._serialized_end=731
+  _globals['_CLEARSTOPPEDRESPONSE']._serialized_start=733
+  _globals['_CLEARSTOPPEDRESPONSE']._serialized_end=797
+  _globals['_VALIDATEREQUEST']._serialized_start=799
+  _globals['_VALIDATEREQUEST']._serialized_end=866
+  _globals['_VALIDATERESPONSE']._serialized_start=868
+  _globals['_VALIDATERESPONSE']._serialized_end=917
+  _globals['_GETSTATUSREQUEST']._serialized_start=919
+  _globals['_GETSTATUSREQUEST']._serialized_end=965
+  _globals['_NODESTATUS']._serialized_start=967
+  _globals['_NODESTATUS']._serialized_end=1050
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1052
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1167
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1169
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=1218
+  _globals['_WATCHALLOCATIONSRESPONSE']._serialized_start=1221
+  _globals['_WATCHALLOCATIONSRESPONSE']._serialized_end=1410
+  _globals['_ALLOCATORSERVICE']._serialized_start=1830
+  _globals['_ALLOCATORSERVICE']._serialized_end=2350
 # @@protoc_insertion_point(module_scope)

@@ -87,10 +87,12 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released_slots: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MarkStoppedRequest(_message.Message):
-    __slots__ = ("container",)
+    __slots__ = ("container", "manual")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_FIELD_NUMBER: _ClassVar[int]
     container: str
-    def __init__(self, container: _Optional[str] = ...) -> None: ...
+    manual: bool
+    def __init__(self, container: _Optional[str] = ..., manual: _Optional[bool] = ...) -> None: ...
 
 class MarkStoppedResponse(_message.Message):
     __slots__ = ("allocations",)
