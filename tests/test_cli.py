@@ -74,3 +74,17 @@ def test_a_broken_config_is_reported_not_raised(tmp_path: Path):
     assert result.returncode == 2
     assert f"{config}: key listen.limits: 'nowhere' is not HOST:PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("program", ["ds01", "ds01d"])
+def test_version_names_the_program_and_the_installed_version(program: str):
+    from importlib.metadata import version
+
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / program), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{program} {version('ds01')}"

@@ -209,6 +209,7 @@ def _summary(config: Config, running: list[RunningService], notes: list[str]) ->
 )
 @click.option("--services", default="all", show_default=True, help="Comma-separated, or all.")
 @click.option("--local", is_flag=True, help="Also create the PKI and start etcd and dockerd.")
+@click.version_option(package_name="ds01", prog_name="ds01d", message="%(prog)s %(version)s")
 def main(config_path: Path | None, services: str, local: bool) -> None:
     """Run ds01 services."""
     names = parse_services(services)
