@@ -4,6 +4,7 @@ them claim is never granted twice. Real etcd, dockerd and services; GPUs declare
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +16,14 @@ import pytest_asyncio
 
 from ds01.client import Ds01Error
 from ds01.containers.adoption import (
+    Seen,
     Slot,
     container_type_of,
+    gpu_plan,
     gpu_references,
     owner_of,
     slots_for,
+    unaccounted,
 )
 from ds01.containers.lifecycle import ContainerError
 from ds01.containers.reconcile import Reconciler
@@ -172,6 +176,9 @@ async def test_a_ds01_hosts_containers_are_adopted_with_their_gpus_never_twice(
     lifecycle = reconciler.lifecycle
     clash, _ = await lifecycle.inspect("ds01bob", False, "clash")
     assert clash.notice.startswith("its GPUs are not allocated to it") and not clash.gpu_slots
+    with pytest.raises(ContainerError) as refused:  # its labels would share alice's slice
+        await lifecycle.start("ds01bob", False, "clash")
+    assert "its GPU 2:1 is held by proj._.1001" in refused.value.message
 
     # First-class: by plain name, with image, workspace and GPU recorded.
     proj, container = await lifecycle.inspect("ds01alice", False, "proj")
@@ -304,3 +311,67 @@ async def test_import_ds01_reports_then_adopts_a_ds01_hosts_containers(
                for line in table), imported.stdout  # fmt: skip
     refused = await env.cli("ds01alice", "admin", "import-ds01", "--dry-run")
     assert refused.returncode == 1 and "only admins import" in refused.stderr
+
+
+def test_a_gateway_containers_labels_and_environment_never_speak_for_gpus():
+    """Labels a user's image carries reach the container's labels: on a container made
+    through the gateway, none of them names a GPU ds01 would then allocate."""
+    attrs = {
+        "Name": "/sneaky",
+        "Config": {
+            "Labels": {
+                "ds01.gateway": "true",
+                "ds01.user": "mallory",
+                "ds01.gpu.allocated": "0 1",
+                "ds01.gpu.slots": "n1/0",
+                "ds01.gpu.uuids": "GPU-0000",
+            },
+            "Env": ["NVIDIA_VISIBLE_DEVICES=GPU-0001"],
+        },
+    }
+    assert gpu_plan(Seen.of(attrs), SLOTS, None) == ([], [])
+    assert gpu_references(attrs["Config"]["Labels"], attrs["Config"]["Env"], []) == ()
+
+
+def test_the_gateway_marks_its_containers_over_whatever_the_image_says(host, test_image):
+    """Docker lays the create's labels over the image's: the gateway's mark wins."""
+    from ds01.ownership.gateway.policy import own_labels
+
+    _env, _reconciler, client = host
+    image, _ = client.images.build(
+        fileobj=io.BytesIO(
+            f"FROM {test_image}\nLABEL ds01.gateway=false ds01.gpu.allocated=0\n".encode()
+        ),
+        tag="ds01-test/labelled:latest",
+        rm=True,
+    )
+    asked = {"ds01.gateway": "false", "ds01.gpu.uuids": "GPU-0000", "mine": "x"}
+    labels = own_labels(asked, "mallory", managed=True)
+    assert labels == {"mine": "x", "ds01.user": "mallory", "ds01.managed": "true",
+                      "ds01.gateway": "true"}  # fmt: skip
+    made = client.containers.create(image.id, ["true"], labels=labels, network_mode="none")
+    try:
+        merged = made.labels
+        assert merged["ds01.gateway"] == "true" and merged["ds01.gpu.allocated"] == "0"
+        assert gpu_plan(Seen.of(made.attrs), SLOTS, None) == ([], [])
+    finally:
+        made.remove(force=True)
+        client.images.remove(image.id, force=True)
+
+
+ROWS = [("0", "GPU-0000", "a._.x"), ("1", "GPU-0001", ""), ("2:1", "MIG-0002-1", "b._.y")]
+
+
+@pytest.mark.parametrize(
+    ("references", "problem"),
+    [
+        (("GPU-0000",), ""),
+        (("0",), ""),
+        (("GPU-0001",), "its GPU 1 is free: not allocated to it"),
+        (("MIG-0002-1",), "its GPU 2:1 is held by b._.y: not allocated to it"),
+        (("all",), "it names GPUs ds01 does not account for here (all)"),
+        (("GPU-0000", "7"), "it names GPUs ds01 does not account for here (7)"),
+    ],
+)
+def test_an_adopted_container_starts_only_on_gpus_allocated_to_it(references, problem):
+    assert unaccounted("a._.x", references, ROWS) == problem

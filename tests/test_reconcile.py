@@ -146,12 +146,14 @@ def test_a_fresh_keep_alive_file_in_the_workspace_keeps_a_container_from_idling(
     keep = tmp_path / ".keep-alive"
     keep.touch()
     assert _kept_alive(str(tmp_path), 3600, time.time())
-    os.utime(keep, (time.time() - 7200, time.time() - 7200))
-    assert not _kept_alive(str(tmp_path), 3600, time.time())  # older than keepalive_max
+    assert not _kept_alive(str(tmp_path), 3600, time.time() + 7200)  # older than the max
+    # A modification time in the future changes nothing: the change time counts.
+    os.utime(keep, (time.time() + 10**9, time.time() + 10**9))
+    assert not _kept_alive(str(tmp_path), 3600, time.time() + 7200)
     keep.unlink()
-    keep.symlink_to("/proc/self")  # the link's own time counts, never its target's
-    os.utime(keep, (time.time() - 7200,) * 2, follow_symlinks=False)
-    assert not _kept_alive(str(tmp_path), 3600, time.time())
+    keep.symlink_to("/proc/self")  # the link itself is looked at, never its target
+    assert _kept_alive(str(tmp_path), 3600, time.time())
+    assert not _kept_alive(str(tmp_path), 3600, time.time() + 7200)
     assert not _kept_alive("", 3600, time.time())
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ds01.core.naming import SEPARATOR
+from ds01.core.naming import GATEWAY_LABEL, SEPARATOR
 
 # DS01's labels for a container's GPUs, most exact first: UUIDs, then slot ids.
 _UUID_LABELS = ("ds01.gpu.uuids", "ds01.gpu.uuid", "ds01.gpu_slot")
@@ -38,7 +38,7 @@ class Seen:
     """What adoption reads of a container: a view of Docker's inspect of it."""
 
     name: str
-    created: str  # RFC 3339 in UTC: sorts as it reads
+    created: str  # RFC 3339 in UTC (Docker drops a fraction's trailing zeros)
     labels: Mapping[str, str]
     env: tuple[str, ...]
     device_ids: tuple[str, ...]
@@ -87,6 +87,8 @@ def gpu_plan(
     node does not have. ds01's own label says, else DS01's labels, its devices or its
     environment, else DS01's metadata file of it (in ``metadata``)."""
     own = [s.split("/", 1)[1] for s in seen.labels.get("ds01.gpu.slots", "").split() if "/" in s]
+    if made_by_gateway(seen.labels):
+        own = []
     references = tuple(own) or gpu_references(seen.labels, seen.env, seen.device_ids)
     if not references and metadata is not None:
         references = recorded_gpus(metadata, seen.name)
@@ -105,7 +107,7 @@ def plan_import(
     holding them now."""
     holders = dict(held)
     report = []
-    for seen in sorted(containers, key=lambda c: c.created):
+    for seen in sorted(containers, key=lambda c: _instant(c.created)):
         found, unknown = gpu_plan(seen, slots, metadata)
         entry = Imported(
             seen.name,
@@ -144,12 +146,20 @@ def container_type_of(labels: Mapping[str, str], name: str) -> str:
     return "docker"
 
 
+def made_by_gateway(labels: Mapping[str, str]) -> bool:
+    """Made through ds01's gateway: its other ds01 labels may be its image's, set by a
+    user, and its GPU environment is void (GPUs come only from a ds01 create)."""
+    return labels.get(GATEWAY_LABEL) == "true"
+
+
 def gpu_references(
     labels: Mapping[str, str], env: Sequence[str], device_ids: Iterable[str]
 ) -> tuple[str, ...]:
     """The GPUs a container says it uses: UUIDs or DS01 slot ids (0, 1.2), from DS01's
     labels, else its device requests, else its visibility environment (Docker keeps the
-    last of a repeated variable, as here)."""
+    last of a repeated variable, as here). None for a container of the gateway."""
+    if made_by_gateway(labels):
+        return ()
     for key in (*_UUID_LABELS, *_SLOT_LABELS):
         if labels.get(key):
             return _split(labels[key])
@@ -192,11 +202,34 @@ def recorded_gpus(directory: Path, name: str) -> tuple[str, ...]:
     return _split(str(value)) if value not in (None, "") else ()
 
 
+def unaccounted(
+    container: str, references: Sequence[str], allocations: Iterable[tuple[str, str, str]]
+) -> str:
+    """Why the container may not start on the GPUs it names ("" if it may): each must be
+    a slot of this node allocated to it. ``allocations``: (slot id, uuid, holder)."""
+    rows = list(allocations)
+    found, unknown = slots_for(references, [Slot(slot_id, uuid) for slot_id, uuid, _ in rows])
+    if unknown:
+        return f"it names GPUs ds01 does not account for here ({' '.join(unknown)})"
+    holders = {slot_id: holder for slot_id, _, holder in rows}
+    for slot_id in found:
+        if holders.get(slot_id) != container:
+            held = f"held by {holders[slot_id]}" if holders.get(slot_id) else "free"
+            return f"its GPU {slot_id} is {held}: not allocated to it"
+    return ""
+
+
 def _ds01_slot_id(reference: str) -> str:
     """DS01 wrote a MIG slice as GPU.INSTANCE (1.2); ds01 writes 1:2."""
     if re.fullmatch(r"\d+\.\d+", reference):
         return reference.replace(".", ":")
     return reference
+
+
+def _instant(stamp: str) -> tuple[str, float]:
+    """An RFC 3339 time in a form that sorts: its whole seconds, then the fraction."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return whole, float(f"0.{fraction}") if fraction.isdigit() else 0.0
 
 
 def _split(value: str) -> tuple[str, ...]:

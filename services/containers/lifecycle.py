@@ -37,6 +37,7 @@ from ds01.containers.adapters import (
     SystemdSlices,
     host_account,
 )
+from ds01.containers.adoption import Seen, gpu_references, unaccounted
 from ds01.containers.spec import (
     Account,
     ContainerSpec,
@@ -339,6 +340,8 @@ class Lifecycle:
                         f"cannot start {metadata.name}: {check.reason}. Its GPU hold has ended; "
                         f"remove it (`ds01 container remove {metadata.name}`) and create it again",
                     )
+            if metadata.adopted:
+                await self._check_adopted_gpus(metadata, container)
             await self._start(container, self.accounts(metadata.user), metadata.named)
             if metadata.notice:
                 metadata = await self.metadata.modify(metadata, _clear_notice) or metadata
@@ -348,12 +351,34 @@ class Lifecycle:
                 )
             return metadata
 
+    async def _check_adopted_gpus(self, metadata: Metadata, container: Any) -> None:
+        """A container from DS01 or mlc names its GPUs itself (labels, devices,
+        environment): each must be allocated to it, or it would share another's."""
+        seen = Seen.of(container.attrs)
+        references = gpu_references(seen.labels, seen.env, seen.device_ids)
+        if not references:
+            return
+        status = await self._allocator(self.client.gpu_status(node=self.node), "checking GPUs")
+        rows = [(a.slot.slot_id, a.slot.uuid, a.container) for a in status.allocations]
+        problem = unaccounted(metadata.docker_name, references, rows)
+        if problem:
+            raise ContainerError(
+                Code.PRECONDITION, f"cannot start {metadata.name}: {problem}; ask an admin"
+            )
+
     async def stop(
-        self, user: str, privileged: bool, name: str, grace: int = 0, manual: bool = True
+        self,
+        user: str,
+        privileged: bool,
+        name: str,
+        grace: int = 0,
+        manual: bool = True,
+        exact: bool = False,
     ) -> Metadata:
-        """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows."""
+        """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows;
+        ``exact``: ``name`` is the Docker name of a record (the reconciler's)."""
         with self._busy(user, name):
-            metadata, container = await self._own(user, privileged, name)
+            metadata, container = await self._own(user, privileged, name, exact=exact)
             await self.docker.stop(container, grace or await self.grace(metadata))
             await self.docker.status(container)  # reload: FinishedAt is set now
             state = container.attrs["State"]
@@ -369,9 +394,11 @@ class Lifecycle:
                 )
             return metadata
 
-    async def remove(self, user: str, privileged: bool, name: str) -> None:
+    async def remove(self, user: str, privileged: bool, name: str, exact: bool = False) -> None:
         with self._busy(user, name):
-            metadata, container = await self._own(user, privileged, name, must_exist=False)
+            metadata, container = await self._own(
+                user, privileged, name, must_exist=False, exact=exact
+            )
             if container is not None:
                 await self.docker.remove(container)
             if metadata.gpu_slots:
@@ -425,15 +452,21 @@ class Lifecycle:
         )
 
     async def _own(
-        self, user: str, privileged: bool, name: str, must_exist: bool = True
+        self,
+        user: str,
+        privileged: bool,
+        name: str,
+        must_exist: bool = True,
+        exact: bool = False,
     ) -> tuple[Metadata, Any]:
-        """The caller's container ``name`` (admins: a full ``name._.user`` for others')."""
+        """The caller's container ``name`` (admins: a full ``name._.user`` for others';
+        ``exact``: the Docker name of a record, as it is)."""
         try:
-            full = name if "._." in name else docker_name(name, user)
+            full = name if exact or "._." in name else docker_name(name, user)
         except SpecError as err:
             raise ContainerError(Code.INVALID, str(err)) from err
         metadata = await self.metadata.get(full)
-        if metadata is None and "._." not in name:
+        if metadata is None and not exact and "._." not in name:
             # Adopted containers keep the names they were made with (mlc: name._.uid).
             mine = [m for m in await self.metadata.all() if m.user == user and m.name == name]
             metadata = mine[0] if len(mine) == 1 else None
@@ -524,7 +557,13 @@ class Lifecycle:
     async def grace(self, metadata: Metadata) -> int:
         """Seconds a stop waits for the container to exit before it kills: the limits'
         sigterm_grace (DS01's sigterm_grace_s, by container type), else DEFAULT_GRACE."""
-        limits = await self.client.get_limits(metadata.user, metadata.container_type)
+        try:
+            limits = await self.client.get_limits(metadata.user, metadata.container_type)
+        except Ds01Error as err:
+            if err.code != grpc.StatusCode.INVALID_ARGUMENT or not metadata.container_type:
+                log.info("stopping %s with Docker's grace: %s", metadata.docker_name, err.message)
+                return DEFAULT_GRACE  # a stop never fails for want of its grace
+            limits = await self.client.get_limits(metadata.user, "")  # a type not configured
         if not limits.HasField("sigterm_grace"):
             return DEFAULT_GRACE
         return max(1, math.ceil(limits.sigterm_grace.ToTimedelta().total_seconds()))

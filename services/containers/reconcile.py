@@ -38,6 +38,7 @@ from ds01.containers.adoption import (
     Slot,
     container_type_of,
     gpu_plan,
+    made_by_gateway,
     owner_of,
     plan_import,
 )
@@ -59,8 +60,10 @@ IDLE_NET_BYTES_PER_SECOND = 1024  # where no network_idle_threshold is set
 WARN_FRACTION = 0.8  # warn once 80% of the idle timeout has passed
 # ds01's and DS01's containers, and AIME mlc's: each is ds01's to manage.
 ADOPTED_LABELS = ("ds01.managed=true", "aime.mlc.USER")
+GPU_CONFLICT = "its GPUs are not allocated to it"  # an adopted container's notice
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
+KEEPALIVE_SECONDS = 2.0  # for looking at a workspace, which may be on a hung network
 
 
 class Action(enum.Enum):
@@ -180,8 +183,8 @@ def _slots(allocations: list[Any], node: str) -> list[Slot]:
     return [Slot(a.slot.slot_id, a.slot.uuid) for a in allocations if a.slot.node == node]
 
 
-def _created(container: Any) -> str:
-    return container.attrs.get("Created", "")  # RFC 3339, in UTC: sorts as it reads
+def _created(container: Any) -> float:
+    return docker_time(container.attrs.get("Created")) or 0.0
 
 
 def _workspace_of(container: Any) -> str:
@@ -197,14 +200,25 @@ def _workspace_of(container: Any) -> str:
 
 def _kept_alive(workspace: str, keepalive_max: float, now: float) -> bool:
     """A ``.keep-alive`` file in the workspace, touched within ``keepalive_max``. The
-    file itself is looked at (never a link's target): only its time is read."""
+    file itself is looked at (never a link's target), and its change time, which no
+    user can set (a modification time can be set in the future)."""
     if not workspace:
         return False
     try:
-        touched = os.lstat(Path(workspace) / KEEPALIVE).st_mtime
+        touched = os.lstat(Path(workspace) / KEEPALIVE).st_ctime
     except OSError:
         return False
-    return now - touched < keepalive_max
+    return 0 <= now - touched < keepalive_max
+
+
+async def _kept_alive_soon(workspace: str, keepalive_max: float, now: float) -> bool:
+    """_kept_alive off the event loop, and bounded: a hung network home says no."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(_kept_alive, workspace, keepalive_max, now), KEEPALIVE_SECONDS
+        )
+    except TimeoutError:
+        return False
 
 
 @dataclass
@@ -331,7 +345,7 @@ class Reconciler:
             if name in creating or recorded.get(name) != (record and record.container_id):
                 del containers[name]  # in flux: being created or undone, removed, made anew
             elif record is None and name not in busy:
-                adopted = await self._adopt(container, now, allocations)
+                adopted = await self._adopt(container, now)
                 if adopted is None:
                     del containers[name]
                 else:
@@ -361,9 +375,14 @@ class Reconciler:
         self.unallocated = unallocated
         self.gpu_states = held or {}
         policies: dict[tuple[str, str], Policy] = {}
-        for name, container in containers.items():
+        # Oldest first: of two adopted containers that use one GPU, the one that had it
+        # first gets it.
+        for name, container in sorted(containers.items(), key=lambda c: _created(c[1])):
             record = records[name]
             try:  # one broken container must not keep the policies from the others
+                if record.adopted and not record.gpu_slots and GPU_CONFLICT not in record.notice:
+                    # Until they are allocated (or found taken): tried again every sweep.
+                    record = await self._adopt_gpus(container, record, allocations)
                 key = (record.user, record.container_type)
                 if key not in policies:
                     policies[key] = await self._policy(*key)
@@ -374,11 +393,9 @@ class Reconciler:
                 log.warning("cannot reconcile %s: %s", name, err)
         self.sweeps += 1
 
-    async def _adopt(
-        self, container: Any, now: float, allocations: list[Any] | None
-    ) -> Metadata | None:
+    async def _adopt(self, container: Any, now: float) -> Metadata | None:
         """Make a container ds01 has no record of first-class: its record (owner, type,
-        image, workspace) and its GPUs as allocations, never granted twice."""
+        image, workspace); its GPUs follow in the sweep (``_adopt_gpus``)."""
         if await self.lifecycle.docker.find(container.id) is None:
             return None  # listed, then removed (an undo, a remove): nothing to adopt
         labels = container.labels
@@ -403,50 +420,55 @@ class Reconciler:
         if not await self.lifecycle.metadata.put_new(record):
             return None  # a create or a record has the name by now: not an orphan
         log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
-        slots = await self._adopt_gpus(container, record, allocations)
-        if slots:
-            record = (
-                await self.lifecycle.metadata.modify(
-                    record, lambda current: setattr(current, "gpu_slots", slots)
-                )
-                or record
-            )
         return record
 
     async def _adopt_gpus(
         self, container: Any, record: Metadata, allocations: list[Any] | None
-    ) -> list[str]:
-        """The GPUs the container uses, allocated to it ("<node>/<slot>"); a GPU that
-        another container holds is reported to the admin, and not granted twice."""
+    ) -> Metadata:
+        """The GPUs an adopted container uses, allocated to it and recorded; a GPU that
+        another container holds is never granted twice: the owner and the admin are
+        told. Tried again at the next sweep while the allocator cannot answer."""
         if allocations is None:
-            log.warning("cannot adopt the GPUs of %s now: no allocator", record.docker_name)
-            return []
+            return record
         node = self.lifecycle.node
-        seen = Seen.of(container.attrs)
-        found, unknown = gpu_plan(seen, _slots(allocations, node), self.ds01_metadata)
-        if unknown:
-            self.unknown_gpus[record.docker_name] = unknown
+        found, unknown = gpu_plan(
+            Seen.of(container.attrs), _slots(allocations, node), self.ds01_metadata
+        )
+        if unknown and record.docker_name not in self.unknown_gpus:
             log.warning(
                 "%s uses GPUs ds01 cannot find on %s (%s): check it",
                 record.docker_name,
                 node,
                 " ".join(unknown),
             )
+        if unknown:
+            self.unknown_gpus[record.docker_name] = unknown
         if not found:
-            return []
+            return record
         try:
             await self.lifecycle.client.allocate(
                 record.docker_name, user=record.user, node=node, slot_ids=tuple(found)
             )
         except Ds01Error as err:
+            if err.code not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
+                log.info("%s: its GPUs wait for the allocator: %s", record.docker_name, err.message)
+                return record
             self.conflicts[record.docker_name] = err.message
-            log.warning("%s: its GPUs are not allocated to it: %s", record.docker_name, err.message)
-            notice = f"its GPUs are not allocated to it ({err.message}): ask an admin"
-            await self.lifecycle.metadata.modify(
-                record, lambda current: setattr(current, "notice", notice)
+            log.warning("%s: %s: %s", record.docker_name, GPU_CONFLICT, err.message)
+            notice = f"{GPU_CONFLICT} ({err.message}): ask an admin"
+            return (
+                await self.lifecycle.metadata.modify(
+                    record, lambda current: setattr(current, "notice", notice)
+                )
+                or record
             )
-            return []
-        return [f"{node}/{slot_id}" for slot_id in found]
+        slots = [f"{node}/{slot_id}" for slot_id in found]
+        return (
+            await self.lifecycle.metadata.modify(
+                record, lambda current: setattr(current, "gpu_slots", slots)
+            )
+            or record
+        )
 
     async def import_containers(self, dry_run: bool) -> list[Imported]:
         """The containers adopted from a DS01 or mlc host: what adopting those ds01 has
@@ -571,7 +593,9 @@ class Reconciler:
             created_at=record.created_at,
             started_at=docker_time(state.get("StartedAt")),
             finished_at=docker_time(state.get("FinishedAt")),
-            protected=container.labels.get("ds01.protected") == "true",
+            # Only a container the admin made (never one whose image says so).
+            protected=container.labels.get("ds01.protected") == "true"
+            and not made_by_gateway(container.labels),
         )
         activity = (
             await self._sample(container, observed, policy, now)
@@ -579,7 +603,7 @@ class Reconciler:
             else None
         )
         idle_for = now - activity.idle_since if activity and activity.idle_since else 0.0
-        if idle_for and _kept_alive(record.workspace, policy.keepalive_max, now):
+        if idle_for and await _kept_alive_soon(record.workspace, policy.keepalive_max, now):
             idle_for = 0.0
         action = decide(
             observed,
@@ -612,11 +636,13 @@ class Reconciler:
                 log.warning("%s: %s", who, notice)
             elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
                 log.warning("stopping %s: %s", who, action.value)
-                await self.lifecycle.stop(record.user, True, record.docker_name, manual=False)
+                await self.lifecycle.stop(
+                    record.user, True, record.docker_name, manual=False, exact=True
+                )
                 self.activity.pop(record.docker_name, None)
             else:
                 log.warning("removing %s: %s", who, action.value)
-                await self.lifecycle.remove(record.user, True, record.docker_name)
+                await self.lifecycle.remove(record.user, True, record.docker_name, exact=True)
         except ContainerError as err:
             log.warning("could not act on %s (%s): %s", who, action.value, err.message)
 

@@ -6,6 +6,10 @@ import re
 
 SEPARATOR = "._."
 OWNER_LABEL = "ds01.user"  # on every container, volume, network and image a user owns
+# On every container made through ds01's Docker gateway. Its other ds01 and mlc labels
+# may come from the image (which a user can build): they never speak for GPUs or
+# protection.
+GATEWAY_LABEL = "ds01.gateway"
 
 
 def docker_user(user: str) -> str:

@@ -15,6 +15,7 @@ import grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import CgroupfsSlices, DockerHost
+from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import aggregate_of, cgroup_parent_for, host_cpus
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
@@ -182,7 +183,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
 
     daemon = Daemon(docker_socket)
     runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
-    gateway = Gateway(daemon, settings, container_owner, pins, AllocatorGpus(client))
+    gpus = AllocatorGpus(client, config.node)
+    gateway = Gateway(daemon, settings, container_owner, pins, gpus)
     proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
     await proxy.start()
 
@@ -200,8 +202,9 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
 class AllocatorGpus:
     """The allocator, asked with the ownership service's own certificate."""
 
-    def __init__(self, client: Ds01Client) -> None:
+    def __init__(self, client: Ds01Client, node: str) -> None:
         self.client = client
+        self.node = node
 
     async def check(self, container: str, slots: list[str]) -> str | None:
         try:
@@ -213,6 +216,14 @@ class AllocatorGpus:
         except Ds01Error as err:  # unknown is not valid: fail closed
             return f"the allocator could not be asked ({err.message})"
         return None
+
+    async def check_references(self, container: str, references: list[str]) -> str | None:
+        try:
+            status = await self.client.gpu_status(node=self.node)
+        except Ds01Error as err:  # unknown is not valid: fail closed
+            return f"the allocator could not be asked ({err.message})"
+        rows = [(a.slot.slot_id, a.slot.uuid, a.container) for a in status.allocations]
+        return unaccounted(container, references, rows) or None
 
     async def started(self, container: str) -> None:
         try:

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from ds01.containers.adoption import Seen, gpu_references, made_by_gateway
 from ds01.ownership.gateway import filters, policy, verify
 from ds01.ownership.gateway.decisions import (
     JSON,
@@ -103,12 +104,20 @@ class Admission(ImageRoutes, StorageRoutes):
                 raise Refused(f"{source} does not exist (any more); not starting")
             if not inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
-        slots = policy.config_labels(found).get(GPU_SLOTS_LABEL, "")
+        labels = policy.config_labels(found)
+        slots = [] if made_by_gateway(labels) else labels.get(GPU_SLOTS_LABEL, "").split()
+        seen = Seen.of(found)
+        references = list(gpu_references(labels, seen.env, seen.device_ids))
         gpus = self.gateway.gpus
-        if not slots.split() or gpus is None:
+        if not slots and not references:
             return self._forward(self._path(container=found["Id"]))
-        name = str(found.get("Name", "")).lstrip("/")
-        gone = await gpus.check(name, slots.split())
+        name = seen.name
+        if gpus is None:
+            raise Refused(f"{name} uses GPUs and ds01 cannot check them here; not starting")
+        if slots:
+            gone = await gpus.check(name, slots)
+        else:  # adopted from DS01 or mlc: what it names must be allocated to it
+            gone = await gpus.check_references(name, references)
         if gone:  # its environment still names the GPU: it would share it with the next
             raise Refused(
                 f"{name} cannot start: {gone}. Its GPU is no longer its own; remove it and "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from ds01.core.naming import SEPARATOR, belongs_to, docker_user
+from ds01.core.naming import GATEWAY_LABEL, SEPARATOR, belongs_to, docker_user
 from ds01.ownership.gateway.images import OWNER_LABEL
 
 MANAGED_LABEL = "ds01.managed"
@@ -559,6 +559,7 @@ def own_labels(labels: dict[str, str] | None, user: str, managed: bool = False) 
     kept[OWNER_LABEL] = user
     if managed:
         kept[MANAGED_LABEL] = "true"
+        kept[GATEWAY_LABEL] = "true"
     return kept
 
 

@@ -50,6 +50,11 @@ class GpuCheck(Protocol):
         """Why a slot is no longer the container's, or None when all still are."""
         ...
 
+    async def check_references(self, container: str, references: list[str]) -> str | None:
+        """For a container ds01 adopted (DS01's, mlc's): why a GPU its labels, devices or
+        environment name is not allocated to it, or None when each is."""
+        ...
+
     async def started(self, container: str) -> None:
         """The container runs again: its slots are no longer only held."""
         ...
