@@ -241,6 +241,8 @@ def test_admins_are_named_exactly(lab: Path):
     # Sanitizing is lossy: DS01's matching rules never make anyone an admin.
     for lookalike in ("datasciencelab@evil.realm", "data.sciencelab", "datasciencelab_"):
         assert not is_admin(config, lookalike)
+        # Nor the admin group's limits: its members count by their exact names only.
+        assert resolve(config, lookalike).group == "student"
 
 
 def test_aggregate_limits_can_be_switched_off(lab: Path):

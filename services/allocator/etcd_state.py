@@ -129,6 +129,7 @@ class EtcdState:
         self.client = client
         self.lock_ttl = lock_ttl
         self._lease: aetcd.leases.Lease | None = None
+        self._session_lock = asyncio.Lock()
         self._keepalive: asyncio.Future[None] | None = None
         self._decoder = _Decoder()
         self._unlocking: set[asyncio.Future[None]] = set()  # locks still to be released
@@ -158,14 +159,15 @@ class EtcdState:
         key = f"{USER_LOCKS}{user}".encode()
         token = uuid.uuid4().bytes
         try:
+            session = await self._session()
             try:
-                won, responses = await self._take(key, token, await self._session())
+                won, responses = await self._take(key, token, session)
             except aetcd.exceptions.ClientError as err:
                 if LEASE_GONE not in str(err):
                     raise
                 # The session lease ran out while etcd was out of reach (a partition
                 # longer than lock_ttl): its locks are gone with it; start a new one.
-                self._lease = None
+                await self._end_session(session)
                 won, responses = await self._take(key, token, await self._session())
         except BaseException:  # etcd may have taken the lock before the answer was lost
             self.unlock_soon(UserLock(key, token, None, 0))
@@ -251,10 +253,19 @@ class EtcdState:
         return succeeded
 
     async def _session(self) -> aetcd.leases.Lease:
-        if self._lease is None:
-            self._lease = await self.client.lease(self.lock_ttl)
-            self._keepalive = asyncio.ensure_future(self._keep_session(self._lease))
-        return self._lease
+        async with self._session_lock:  # one lease at a time, however many ask at once
+            if self._lease is None:
+                self._lease = await self.client.lease(self.lock_ttl)
+                self._keepalive = asyncio.ensure_future(self._keep_session(self._lease))
+            return self._lease
+
+    async def _end_session(self, lease: aetcd.leases.Lease) -> None:
+        """Forget ``lease`` (etcd dropped it) unless a newer one replaced it already."""
+        async with self._session_lock:
+            if self._lease is lease:
+                self._lease = None
+                if self._keepalive is not None:
+                    self._keepalive.cancel()
 
     async def _keep_session(self, lease: aetcd.leases.Lease) -> None:
         while True:

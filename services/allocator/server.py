@@ -195,8 +195,10 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.MarkStoppedRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.MarkStoppedResponse:
         actor = await self._actor(context)
+        # A person calling here stops by hand, whatever they say; a service tells.
+        manual = request.manual or not actor.privileged
         granted = await self._run(
-            context, self.allocator.mark_stopped(request.container, actor, request.manual)
+            context, self.allocator.mark_stopped(request.container, actor, manual)
         )
         return allocator_pb2.MarkStoppedResponse(allocations=_messages(granted))
 

@@ -37,6 +37,7 @@ MEMBERS_SUFFIX = ".members"
 OVERRIDES_FILE = "user-overrides.yaml"
 
 ARCHIVED = "archived"  # groups/archived.members: users whose access is withdrawn
+DS01_ADMIN_GROUP = "admin"  # DS01's group of unlimited users
 
 TOP_LEVEL_KEYS = (
     "defaults",
@@ -245,12 +246,17 @@ def is_archived(config: LimitsConfig, user: str) -> bool:
 
 def group_of(config: LimitsConfig, user: str) -> str:
     """The group of the most exact name the user is listed under; between groups that
-    list the same name, the first in file order. Archived users are in no group."""
+    list the same name, the first in file order. Archived users are in no group. The
+    admin groups (access_control.admin_group, and DS01's ``admin``) take their members by
+    their exact names only: a login of another realm, or one that only sanitizes alike,
+    never gets the admins' limits."""
     if is_archived(config, user):
         return ARCHIVED
+    admins = {DS01_ADMIN_GROUP, config.admin_group}
     for name in listed_as(user):
         for group in config.groups.values():
-            if name in group.members:
+            exact_only = group.name in admins and name != user
+            if name in group.members and not exact_only:
                 return group.name
     return config.default_group
 

@@ -43,7 +43,7 @@ class Change:
 
 def listed_users(config: LimitsConfig) -> set[str]:
     """Every name the configuration lists, as written (raw or sanitized)."""
-    users = set(config.overrides)
+    users = set(config.overrides) | set(config.archived)
     for group in config.groups.values():
         users.update(group.members)
     return users
