@@ -253,12 +253,14 @@ class Reconciler:
     sweeps: int = 0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
+    gpu_uuids: dict[str, list[str]] = field(default_factory=dict)  # container -> its GPUs
     # Adopted containers whose GPUs another container holds: the allocator's answer.
     conflicts: dict[str, str] = field(default_factory=dict)
     unknown_gpus: dict[str, list[str]] = field(default_factory=dict)  # not on this node
     ds01_metadata: Path | None = None  # DS01's container-metadata directory, if any
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _sweeping: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Containers that started or died: their runs are counted at once, not at a sweep.
     _runs: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
 
@@ -321,6 +323,10 @@ class Reconciler:
         await lifecycle.metadata.modify(record, lambda current: count_runtime(current, state))
 
     async def sweep(self, now: float | None = None) -> None:
+        async with self._sweeping:  # the loop's, an import's: one at a time
+            await self._sweep(now)
+
+    async def _sweep(self, now: float | None) -> None:
         lifecycle = self.lifecycle
         now = time.time() if now is None else now
         # The order of these reads is what makes the sweep safe without any settle time:
@@ -364,11 +370,17 @@ class Reconciler:
         if allocations:
             taken = [a for a in allocations if a.state != common_pb2.SLOT_STATE_FREE]
             self.demand = len(taken) / len(allocations)
+            self.gpu_uuids = {}
+            for allocation in taken:
+                self.gpu_uuids.setdefault(allocation.container, []).append(allocation.slot.uuid)
         held = await self._release_orphaned_allocations(allocations, known)
         unallocated = {
             name
             for name, container in containers.items()
-            if container.labels.get("ds01.gpu.uuids") and held is not None and name not in held
+            if container.labels.get("ds01.gpu.uuids")
+            and not made_by_gateway(container.labels)
+            and held is not None
+            and name not in held
         }
         for name in sorted(unallocated - self.unallocated):  # once, not every sweep
             log.warning("%s carries GPUs but holds no allocation: check it", name)
@@ -666,8 +678,13 @@ class Reconciler:
     ) -> _Activity:
         """CPU, network and GPU use since the last sweep, from Docker's stats and NVML,
         judged by the policy's thresholds; idle counts after ``idle_window`` idle
-        samples in a row, and never within ``grace_period`` of the start."""
+        samples in a row, and never within ``grace_period`` of the start. Samples are
+        half a sweep interval apart at least: sweeps that Docker events bring closer
+        together do not make a detection window shorter."""
         started = container.attrs["State"].get("StartedAt", "")
+        last = self.activity.get(container.name)
+        if last is not None and last.started == started and now - last.at < self.interval / 2:
+            return last
         stats = await self.lifecycle.docker.run(
             lambda: container.stats(stream=False, one_shot=True)
         )
@@ -676,22 +693,25 @@ class Reconciler:
             n.get("rx_bytes", 0) + n.get("tx_bytes", 0)
             for n in (stats.get("networks") or {}).values()
         )
-        uuids = container.labels.get("ds01.gpu.uuids", "").split()
+        # Its GPUs as the allocator has them (a label may be its image's, and adopted
+        # containers name theirs other ways).
+        uuids = self.gpu_uuids.get(container.name, [])
         gpu_busy = await asyncio.to_thread(self.gpus.busy, uuids, policy.gpu_idle_percent)
-        last = self.activity.get(container.name)
         if last is not None and last.started != started:
             last = None  # a new run: usage from before it says nothing
         current = _Activity(cpu=cpu, net=net, at=now, started=started)
         in_grace = now - (observed.started_at or now) < policy.grace_period
         if last is not None and now > last.at and not in_grace:
             elapsed = now - last.at
+            # network_idle_threshold is bytes per sweep interval, whatever the spacing.
+            per_interval = (net - last.net) * self.interval / elapsed
             net_limit = policy.net_idle_bytes
             if net_limit is None:
-                net_limit = IDLE_NET_BYTES_PER_SECOND * elapsed
+                net_limit = IDLE_NET_BYTES_PER_SECOND * self.interval
             idle = (
                 not gpu_busy
                 and (cpu - last.cpu) / elapsed * 100 < policy.cpu_idle_percent
-                and net - last.net < net_limit
+                and per_interval < net_limit
             )
             if idle:
                 current.follow_idle(last, policy.idle_window)
