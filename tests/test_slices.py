@@ -47,3 +47,31 @@ def test_only_slice_names_are_written(tmp_path: Path, name: str):
 def test_the_group_slice_is_the_user_slices_parent():
     user_slice = "ds01-researcher-h_baker_hertie-school_lan.slice"
     assert group_slice(user_slice, "h.baker@hertie-school.lan") == "ds01-researcher.slice"
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_cgroupfs_limits_are_written_and_lifted_when_no_longer_set(tmp_path: Path, unified: bool):
+    from ds01.containers.adapters import CgroupfsSlices
+
+    if unified:
+        (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    slices = CgroupfsSlices(tmp_path)
+    slices.ensure("/ds01/students/alice", {"memory": GiB, "memory_high": GiB // 2, "cpus": 2.5})
+
+    def read(controller: str, name: str) -> str:
+        base = tmp_path if unified else tmp_path / controller
+        return (base / "ds01/students/alice" / name).read_text()
+
+    if unified:
+        assert read("", "memory.max") == str(GiB) and read("", "cpu.max") == "250000 100000"
+        assert read("", "memory.high") == str(GiB // 2) and read("", "pids.max") == "max"
+    else:
+        assert read("memory", "memory.limit_in_bytes") == str(GiB)
+        assert read("memory", "memory.soft_limit_in_bytes") == str(GiB // 2)
+        assert read("cpu", "cpu.cfs_quota_us") == "250000" and read("pids", "pids.max") == "max"
+    slices.ensure("/ds01/students/alice", {})  # the configuration lifted them all
+    if unified:
+        assert read("", "memory.max") == "max" and read("", "cpu.max") == "max 100000"
+    else:
+        assert read("memory", "memory.limit_in_bytes") == "-1"
+        assert read("cpu", "cpu.cfs_quota_us") == "-1"

@@ -424,32 +424,31 @@ class CgroupfsSlices:
         self.root = root
 
     def ensure(self, parent: str, aggregate: dict[str, float | int]) -> None:
+        """Write ``aggregate`` on the cgroup; a limit it does not set is lifted."""
         unified = (self.root / "cgroup.controllers").exists()
         relative = parent.strip("/")
-        settings: list[tuple[str, str, str]] = []  # (v1 controller, file, value)
-        if "memory" in aggregate:
-            memory = str(int(aggregate["memory"]))
-            settings.append(
-                ("memory", "memory.max" if unified else "memory.limit_in_bytes", memory)
-            )
-        if "memory_high" in aggregate:  # throttled above this; killed only above memory
-            high = str(int(aggregate["memory_high"]))
-            settings.append(
-                ("memory", "memory.high" if unified else "memory.soft_limit_in_bytes", high)
-            )
-        if "cpus" in aggregate:
-            quota = int(float(aggregate["cpus"]) * 100_000)
-            if unified:
-                settings.append(("cpu", "cpu.max", f"{quota} 100000"))
-            else:
-                settings.append(("cpu", "cpu.cfs_period_us", "100000"))
-                settings.append(("cpu", "cpu.cfs_quota_us", str(quota)))
-        if "pids" in aggregate:
-            settings.append(("pids", "pids.max", str(int(aggregate["pids"]))))
-        for controller, name, value in settings:
+        unlimited = "max" if unified else "-1"
+
+        def value(key: str) -> str:
+            return str(int(aggregate[key])) if key in aggregate else unlimited
+
+        quota = int(float(aggregate["cpus"]) * 100_000) if "cpus" in aggregate else None
+        settings: list[tuple[str, str, str]] = [  # (v1 controller, file, value)
+            ("memory", "memory.max" if unified else "memory.limit_in_bytes", value("memory")),
+            # throttled above memory_high; killed only above memory
+            ("memory", "memory.high" if unified else "memory.soft_limit_in_bytes",
+             value("memory_high")),
+            ("pids", "pids.max", value("pids") if "pids" in aggregate else "max"),
+        ]  # fmt: skip
+        if unified:
+            settings.append(("cpu", "cpu.max", f"{'max' if quota is None else quota} 100000"))
+        else:
+            settings.append(("cpu", "cpu.cfs_period_us", "100000"))
+            settings.append(("cpu", "cpu.cfs_quota_us", str(-1 if quota is None else quota)))
+        for controller, name, value_text in settings:
             directory = self.root / relative if unified else self.root / controller / relative
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / name).write_text(value)
+            (directory / name).write_text(value_text)
 
 
 def _read_file(container: Any, path: str) -> str | None:

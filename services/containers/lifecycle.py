@@ -541,18 +541,10 @@ class Lifecycle:
     async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
         """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
         otherwise."""
-        parent = cgroup_parent_for(slice_name, await self.docker.cgroup_driver())
-        aggregate = aggregate_of(limits)
-        systemd = parent == slice_name
-        if aggregate:
-            (self.slices if systemd else self.cgroups).ensure(parent, aggregate)
-        if limits.HasField("max_tasks"):  # DS01's TasksMax: the whole group's tasks
-            tasks = {"pids": limits.max_tasks}
-            if systemd:
-                self.slices.ensure(group_slice(slice_name, limits.user), tasks)
-            else:
-                self.cgroups.ensure(str(PurePosixPath(parent).parent), tasks)
-        return parent
+        driver = await self.docker.cgroup_driver()
+        return await asyncio.to_thread(
+            apply_user_limits, self.cgroups, self.slices, slice_name, driver, limits
+        )
 
     async def grace(self, metadata: Metadata) -> int:
         """Seconds a stop waits for the container to exit before it kills: the limits'
@@ -601,6 +593,24 @@ def aggregate_of(limits: Any) -> dict[str, float | int]:
         )
         if limits.aggregate.HasField(field)
     }
+
+
+def apply_user_limits(
+    cgroups: CgroupfsSlices, slices: SystemdSlices, slice_name: str, driver: str, limits: Any
+) -> str:
+    """The cgroup parent of a user's containers, with the user's aggregate limits and
+    the group's max_tasks (DS01's TasksMax) applied, on Docker's systemd driver or on
+    cgroupfs; limits the configuration no longer sets are lifted. For the containers
+    service and the gateway alike. It writes files: call it in a thread."""
+    parent = cgroup_parent_for(slice_name, driver)
+    tasks = {"pids": limits.max_tasks} if limits.HasField("max_tasks") else {}
+    if parent == slice_name:  # systemd
+        slices.ensure(parent, aggregate_of(limits))
+        slices.ensure(group_slice(slice_name, limits.user), tasks)
+    else:
+        cgroups.ensure(parent, aggregate_of(limits))
+        cgroups.ensure(str(PurePosixPath(parent).parent), tasks)
+    return parent
 
 
 def group_slice(slice_name: str, user: str) -> str:

@@ -14,9 +14,9 @@ from urllib.parse import quote
 import grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.containers.adapters import CgroupfsSlices, DockerHost
+from ds01.containers.adapters import CgroupfsSlices, DockerHost, SystemdSlices
 from ds01.containers.adoption import unaccounted
-from ds01.containers.lifecycle import aggregate_of, cgroup_parent_for, host_cpus
+from ds01.containers.lifecycle import apply_user_limits, host_cpus
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort
@@ -139,7 +139,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         return admin
 
     driver: list[str] = []  # Docker's cgroup driver, asked once
-    cgroups = CgroupfsSlices()
+    cgroups, slices = CgroupfsSlices(), SystemdSlices()
 
     known: dict[str, tuple[float, UserSettings]] = {}
 
@@ -168,10 +168,9 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         )
         if not driver:
             driver.append(await docker_host.cgroup_driver())
-        parent = cgroup_parent_for(args.cgroup_parent, driver[0])
-        aggregate = aggregate_of(limits)
-        if parent != args.cgroup_parent and aggregate:  # cgroupfs: ds01 writes the limits
-            await asyncio.to_thread(cgroups.ensure, parent, aggregate)
+        parent = await asyncio.to_thread(
+            apply_user_limits, cgroups, slices, args.cgroup_parent, driver[0], limits
+        )
         most = (
             limits.max_containers_per_user if limits.HasField("max_containers_per_user") else None
         )
