@@ -374,7 +374,12 @@ def test_a_create_is_forwarded_with_ds01s_settings_and_resolved_references():
     out = policy.admit_create(body, BOB, resolved())
     host = out["HostConfig"]
     assert out["User"] == "2002:2000"
-    assert out["Labels"] == {"keep": "me", "ds01.user": "bob", "ds01.managed": "true"}
+    assert out["Labels"] == {
+        "keep": "me",
+        "ds01.user": "bob",
+        "ds01.managed": "true",
+        "ds01.gateway": "true",  # its other ds01 labels are the image's: never trusted
+    }
     assert host["Binds"] == ["bobvol:/v"]  # a path becomes a mount: Docker never makes it
     assert host["Mounts"] == [
         {"Type": "bind", "Source": "/home/bob/w", "Target": "/w", "ReadOnly": True}

@@ -10,10 +10,12 @@ the channel opened over TLS instead, everything else (stubs, watcher, errors) it
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import aetcd
 import grpc
@@ -31,9 +33,15 @@ class TlsClient(aetcd.Client):
     """An aetcd client whose channel is TLS with this client certificate."""
 
     def __init__(
-        self, host: str, port: int, credentials: grpc.ChannelCredentials, timeout: int
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials,
+        timeout: int,
+        options: dict[str, Any],
     ) -> None:
-        super().__init__(host=host, port=port, timeout=timeout)
+        host, _, port = target.rpartition(":")
+        super().__init__(host=host, port=int(port), timeout=timeout, options=options)
+        self._target = target
         self._credentials = credentials
 
     @_handle_errors
@@ -46,7 +54,7 @@ class TlsClient(aetcd.Client):
             return
         try:
             self._is_connecting = True
-            target = f"{self._host}:{self._port}"
+            target = self._target
             self.channel = rpc.secure_channel(
                 target, self._credentials, options=self._options.items()
             )
@@ -65,15 +73,41 @@ class TlsClient(aetcd.Client):
 def etcd_client(
     endpoints: Sequence[str], pki: EtcdPki, identity: str, timeout: int = CALL_TIMEOUT
 ) -> aetcd.Client:
-    """A client of the first endpoint, as ``identity`` (a service, or ``admin``)."""
-    host, _, port = endpoints[0].rpartition(":")
+    """A client of the etcd cluster at ``endpoints`` (HOST:PORT each), as ``identity``
+    (a service, or ``admin``). gRPC keeps to one member and moves to the next when it
+    goes away, so a member lost costs no call; every member shows etcd's one server
+    certificate, checked against the first endpoint's host."""
     paths = pki.client(identity)
     credentials = grpc.ssl_channel_credentials(
         pki.ca_cert.read_bytes(),
         private_key=paths.key.read_bytes(),
         certificate_chain=paths.cert.read_bytes(),
     )
-    return TlsClient(host.strip("[]"), int(port), credentials, timeout)
+    if len(endpoints) == 1:
+        return TlsClient(endpoints[0], credentials, timeout, {})
+    name = endpoints[0].rpartition(":")[0].strip("[]")
+    options = {"grpc.ssl_target_name_override": name, "grpc.default_authority": name}
+    return TlsClient(_address_list(endpoints), credentials, timeout, options)
+
+
+def _address_list(endpoints: Sequence[str]) -> str:
+    """gRPC's target for several addresses: ipv4:A:P,B:P (or ipv6:[A]:P,...), every
+    host name resolved now."""
+    addresses = []
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        for family, *_, address in socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM
+        ):
+            ip = address[0]
+            addresses.append(
+                (family, f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+            )
+    if not addresses:
+        raise ValueError(f"none of the etcd endpoints {', '.join(endpoints)} resolves")
+    family = addresses[0][0]
+    same = [a for f, a in dict.fromkeys(addresses) if f == family]
+    return ("ipv6:" if family == socket.AF_INET6 else "ipv4:") + ",".join(same)
 
 
 def etcd_status(err: Exception) -> tuple[grpc.StatusCode, str] | None:

@@ -117,23 +117,75 @@ def start_etcd(
     nothing is answered, not even /health.
     """
     peer_port = peer_port or free_port()
+    cluster = f"default=https://127.0.0.1:{peer_port}"
+    argv = _etcd_argv("default", data_dir, client_port, peer_port, cluster, pki)
+    endpoint = f"127.0.0.1:{client_port}"
+    return spawn("etcd", argv, data_dir.parent / "etcd.log", lambda: etcd_healthy(endpoint, pki))
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    endpoint: str  # 127.0.0.1:PORT for clients
+    argv: list[str]
+    log: Path
+    process: ManagedProcess | None = None
+
+    def start(self, pki: EtcdPki, wait: bool = True) -> None:
+        """Start (or start again, on its data) this member."""
+        ready = (lambda: etcd_healthy(self.endpoint, pki)) if wait else (lambda: True)
+        self.process = spawn(f"etcd {self.name}", self.argv, self.log, ready)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+def start_etcd_cluster(root: Path, pki: EtcdPki, members: int = 3) -> list[EtcdMember]:
+    """An etcd cluster of ``members`` on loopback: mutual TLS to clients and between
+    peers, with etcd's own CA; returns once every member answers healthy."""
+    ports = [(free_port(), free_port()) for _ in range(members)]
+    cluster = ",".join(f"m{i}=https://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+    started = [
+        EtcdMember(
+            f"m{i}",
+            f"127.0.0.1:{client}",
+            _etcd_argv(f"m{i}", root / f"m{i}" / "data", client, peer, cluster, pki),
+            root / f"m{i}" / "etcd.log",
+        )
+        for i, (client, peer) in enumerate(ports)
+    ]
+    for member in started:  # none is healthy before a quorum is up: start all, then wait
+        member.start(pki, wait=False)
+    deadline = time.monotonic() + 30
+    while not all(etcd_healthy(m.endpoint, pki) for m in started):
+        if time.monotonic() > deadline:
+            for member in started:
+                member.stop()
+            raise ProcessError(f"the etcd cluster in {root} did not become healthy")
+        time.sleep(0.2)
+    return started
+
+
+def _etcd_argv(
+    name: str, data_dir: Path, client_port: int, peer_port: int, cluster: str, pki: EtcdPki
+) -> list[str]:
     client = f"https://127.0.0.1:{client_port}"
     peer = f"https://127.0.0.1:{peer_port}"
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [
+    return [
         "etcd",
-        "--name=default",
+        f"--name={name}",
         f"--data-dir={data_dir}",
         f"--listen-client-urls={client}",
         f"--advertise-client-urls={client}",
         f"--listen-peer-urls={peer}",
         f"--initial-advertise-peer-urls={peer}",
-        f"--initial-cluster=default={peer}",
+        f"--initial-cluster={cluster}",
         *etcd_tls_flags(pki),
         "--log-outputs=stderr",
     ]
-    endpoint = f"127.0.0.1:{client_port}"
-    return spawn("etcd", argv, data_dir.parent / "etcd.log", lambda: etcd_healthy(endpoint, pki))
 
 
 def etcd_tls_flags(pki: EtcdPki) -> list[str]:
