@@ -175,7 +175,6 @@ async def test_an_etcd_client_without_an_etcd_ca_certificate_is_refused(
     pki: Pki,
     secret: None,
 ):
-    host, _, port = etcd_endpoint.rpartition(":")
     paths = stranger_certs[identity]
     assert paths is not None
     for trusted in (pki.etcd.ca_cert, paths.cert):  # the real CA, or the user's own
@@ -184,7 +183,7 @@ async def test_an_etcd_client_without_an_etcd_ca_certificate_is_refused(
             private_key=paths.key.read_bytes(),
             certificate_chain=paths.cert.read_bytes(),
         )
-        outcome = await _try(TlsClient(host, int(port), credentials, timeout=5))
+        outcome = await _try(TlsClient(etcd_endpoint, credentials, 5, {}))
         assert outcome.startswith("refused"), f"{identity}, trusting {trusted.name}: {outcome}"
 
 
