@@ -12,7 +12,9 @@ need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 [ -x /bin/busybox ] && ! head -c 4096 /bin/busybox | grep -q ld-linux || need_apt+=(busybox-static)
-python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+# .venv and `make install` use the distribution's Python, with its venv module.
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
+/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
@@ -41,8 +43,11 @@ fi
 stamp=.venv/.ds01-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then
-    echo "setup: creating .venv"
-    python3 -m venv .venv
+    # The distribution's Python, never a pyenv under /root: every user can run it.
+    python=/usr/bin/python3
+    [ -x "$python" ] || python=python3
+    echo "setup: creating .venv with $python"
+    "$python" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing the Python project into .venv"

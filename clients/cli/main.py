@@ -14,6 +14,7 @@ import grpc
 from ds01.cli.common import Settings, call, fail, print_table, run
 from ds01.cli.container import container
 from ds01.cli.gpu import events, gpu
+from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
 from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
@@ -179,6 +180,7 @@ def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None)
 
 
 admin.add_command(import_ds01)
+admin.add_command(install_command)
 
 
 def main() -> None:

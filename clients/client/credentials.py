@@ -94,16 +94,18 @@ def find_identity(config: Config, user: str | None = None) -> ClientIdentity:
         )
     own = user_tls_dir()
     cached = own / "client.crt"
+    issued = config.pki.client(user or getpass.getuser())
+    # One root issued (ds01 admin issue-cert), if this user may read it: in a state dir
+    # that is root's alone, it is not theirs to use, and they enroll instead.
+    usable = all(os.access(path, os.R_OK) for path in (issued.cert, issued.key))
     if config.ownership.enroll_socket.exists() and (
-        (not cached.is_file() and not config.pki.client(user or getpass.getuser()).cert.is_file())
-        or (cached.is_file() and needs_renewal(cached))
+        (not cached.is_file() and not usable) or (cached.is_file() and needs_renewal(cached))
     ):
         # First use, or renewal: enroll by ourselves (keep a still-valid one on failure).
         with contextlib.suppress(EnrollmentError):
             return enroll(config.ownership.enroll_socket, own)
     if cached.is_file():
         return ClientIdentity(own / "ca.crt", CertPaths(cached, own / "client.key"))
-    issued = config.pki.client(user or getpass.getuser())
-    if issued.cert.is_file():
+    if usable:
         return ClientIdentity(config.pki.ca_cert, issued)
     return ClientIdentity(config.pki.ca_cert if not env_ca else Path(env_ca), None)
