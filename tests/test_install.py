@@ -170,3 +170,13 @@ def test_uninstall_undoes_exactly_what_install_did(root: Path, unix_users):
     assert (root / "etc/systemd/system/docker.socket.d/50-ds01.conf").read_text() == THEIR_DROP_IN
     assert not (root / "usr").exists() and not (root / "opt/ds01").exists()
     assert stat.S_ISDIR((root / "etc/ds01").stat().st_mode)
+
+
+def test_the_installed_default_configuration_is_valid_and_takes_the_socket(tmp_path: Path):
+    from ds01.core.config import load_config
+    from ds01.core.install import Options, install, plan
+
+    install(plan(Options(root=tmp_path)), tmp_path)
+    config = load_config(tmp_path / "etc/ds01/ds01.yaml")
+    assert config.docker_host == f"unix://{DAEMON_SOCKET}"
+    assert str(config.ownership.proxy_socket) == GATEWAY_SOCKET

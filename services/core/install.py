@@ -135,8 +135,11 @@ def _configured(text: str, options: Options) -> str:
     """The default ds01.yaml, with the Docker sockets of the takeover."""
     if not options.take_docker_socket:
         return text
-    text = re.sub(r"(?m)^  proxy_socket: .*$", f"  proxy_socket: {GATEWAY_SOCKET}", text)
-    return text + f"\ndocker:\n  host: unix://{DAEMON_SOCKET}\n"
+    for key, value in (("proxy_socket", GATEWAY_SOCKET), ("host", f"unix://{DAEMON_SOCKET}")):
+        text, found = re.subn(rf"(?m)^  {key}: .*$", f"  {key}: {value}", text)
+        if found != 1:
+            raise ValueError(f"the default ds01.yaml has no one {key} line to set")
+    return text
 
 
 def _etcd_unit(options: Options, host: Callable[[str], str], config: str) -> str:
