@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
 
+from ds01.core.config import Config
 from ds01.core.launcher import parse_services
 from ds01.core.pki import SERVICES, Pki
 from ds01.core.processes import etcd_tls_flags
+from tests.allocator_env import AllocatorEnv
+from tests.harness import require_binary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,57 @@ def test_compose_etcd_answers_only_certificates_of_the_etcd_ca():
     urls = [a for a in command if "-urls=" in a or a.startswith("--initial-cluster=")]
     assert urls and all("https://127.0.0.1:" in a and "http://" not in a for a in urls)
     assert f"{pki.root}:{pki.root}:ro" in etcd["volumes"]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def test_debians_docker_compose_accepts_the_files():
+    require_binary("docker-compose")
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
+        argv = ["docker-compose", *(arg for f in files for arg in ("-f", f)), "config", "-q"]
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (files, result.stderr)
+
+
+def test_each_service_is_healthy_over_mtls_and_starts_after_what_it_needs():
+    services = _compose()["services"]
+    needs = {
+        "limits": {"etcd"},
+        "allocator": {"etcd", "limits"},
+        "containers": {"etcd", "limits", "allocator"},
+        "ownership": {"etcd", "limits"},
+    }
+    for name in SERVICES:
+        test = services[name]["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "ds01"] and test[-3:] == ["status", "--service", name]
+        depends = services[name]["depends_on"]
+        assert set(depends) == needs[name]
+        assert all(d["condition"] == "service_healthy" for d in depends.values())
+    assert "endpoint" in services["etcd"]["healthcheck"]["test"]
+
+
+def test_the_services_see_what_they_read_on_the_host():
+    services = _compose()["services"]
+    for name in SERVICES:
+        volumes = services[name]["volumes"]
+        assert {"/etc/passwd:/etc/passwd:ro", "/etc/group:/etc/group:ro"} <= set(volumes)
+    for name in ("containers", "ownership"):
+        mounts = {v.split(":")[1] for v in services[name]["volumes"]}
+        assert {"/home", "/sys/fs/cgroup"} <= mounts
+
+
+def test_etcd_keeps_its_data_where_make_run_does():
+    etcd = _compose()["services"]["etcd"]
+    data = Config().state_dir / "etcd" / "data"  # make run: the state dir's etcd/data
+    assert f"--data-dir={data}" in etcd["command"]
+    assert any(v.startswith(f"{data.parent}:{data.parent}") for v in etcd["volumes"])
+
+
+async def test_status_of_one_service_is_a_health_check(env: AllocatorEnv):
+    serving = await env.cli("root", "status", "--service", "limits")
+    assert serving.returncode == 0, serving.stderr
+    assert "limits" in serving.stdout and "allocator" not in serving.stdout
+    absent = await env.cli("root", "status", "--service", "containers")  # not running here
+    assert absent.returncode == 1

@@ -45,13 +45,20 @@ cli.add_command(container)
 
 
 @cli.command()
+@click.option(
+    "--service",
+    "only",
+    type=click.Choice(SERVICES),
+    default=None,
+    help="Only this service (a health check for compose or systemd).",
+)
 @click.pass_obj
-def status(settings: Settings) -> None:
-    """Health of every ds01 service, checked over mutual TLS."""
+def status(settings: Settings, only: str | None) -> None:
+    """Health of every ds01 service, checked over mutual TLS; exits 1 unless serving."""
 
     async def check(client: Ds01Client) -> list[dict[str, Any]]:
         rows = []
-        for service in SERVICES:
+        for service in [only] if only else SERVICES:
             needs: list[dict[str, Any]] = []
             try:
                 state = await client.health(service)
