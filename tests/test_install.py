@@ -180,3 +180,11 @@ def test_the_installed_default_configuration_is_valid_and_takes_the_socket(tmp_p
     config = load_config(tmp_path / "etc/ds01/ds01.yaml")
     assert config.docker_host == f"unix://{DAEMON_SOCKET}"
     assert str(config.ownership.proxy_socket) == GATEWAY_SOCKET
+
+
+def test_make_runs_venv_is_the_distributions_python_every_user_can_run():
+    """`make run` and `make test` use .venv: built from /usr/bin/python3, never from a
+    Python under root's home that no other user may enter."""
+    python = (REPO / ".venv" / "bin" / "python3").resolve()
+    assert python.is_relative_to("/usr"), python
+    assert python.stat().st_mode & 0o005 == 0o005  # world-readable and -executable
