@@ -27,7 +27,7 @@ from tests.allocator_env import AllocatorEnv
 from tests.harness import run_cli, write_config_file
 from tests.test_limits_config import issues_of, parse
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/ds01-config"
+REFERENCE = Path(__file__).resolve().parent / "data" / "ds01-reference"  # DS01's, unchanged
 H, M, GiB = 3600, 60, 1024**3
 
 MEMBERS = {

@@ -1,15 +1,19 @@
-"""A fleet: two GPU nodes, each its own ds01d (limits and allocator), on one etcd
-cluster of three members with mutual TLS between peers and to clients. A user's quota
-counts across the fleet; a node killed shows down while the other keeps serving, and
-nothing is double-booked when it returns; an etcd member killed changes nothing."""
+"""A fleet: two GPU nodes, each its own ds01d (limits, allocator, containers) and its
+own dockerd, on one etcd cluster of three members with mutual TLS between peers and to
+clients. A user's quota counts across the fleet, and listings show it; a node killed
+shows down while the other keeps serving, and nothing is double-booked when it
+returns; an etcd member killed changes nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,11 +25,11 @@ import pytest
 import pytest_asyncio
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.core.config import Config, InventoryConfig
+from ds01.core.config import Config, ContainersConfig, InventoryConfig
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
-from ds01.core.processes import EtcdMember, free_port, start_etcd_cluster
+from ds01.core.processes import EtcdMember, free_port, start_dockerd, start_etcd_cluster
 from ds01.v1 import allocator_pb2, common_pb2
-from tests.harness import run_cli, write_config_file
+from tests.harness import build_test_image, run_cli, write_config_file
 
 DS01D = str(Path(sys.executable).with_name("ds01d"))
 LIMITS = textwrap.dedent(
@@ -38,6 +42,7 @@ LIMITS = textwrap.dedent(
     """
 )
 NODES = ("n1", "n2")
+SERVICES_RUN = "limits,allocator,containers"
 GPUS = 4  # per node
 
 
@@ -53,12 +58,13 @@ class Node:
     config: Config
     config_file: Path
     log: Path
+    image: str
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [DS01D, "--config", str(self.config_file), "--services", "limits,allocator"],
+                [DS01D, "--config", str(self.config_file), "--services", SERVICES_RUN],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -102,7 +108,11 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     (tmp_path / "resource-limits.yaml").write_text(LIMITS)
     nodes = {}
+    daemons = []
     for name in NODES:
+        docker_root = Path(tempfile.mkdtemp(prefix=f"ds01-{name}-", dir="/tmp"))
+        daemons.append((start_dockerd(docker_root), docker_root))
+        image = build_test_image(docker_root / "docker.sock")
         (tmp_path / f"{name}-inventory.yaml").write_text(inventory(name))
         config = Config(
             node=name,
@@ -111,9 +121,11 @@ async def fleet(
             etcd_endpoints=tuple(m.endpoint for m in members),
             limits_file=tmp_path / "resource-limits.yaml",
             inventory=InventoryConfig(source="declared", file=tmp_path / f"{name}-inventory.yaml"),
+            containers=ContainersConfig(network_mode="none"),
+            docker_host=f"unix://{docker_root / 'docker.sock'}",
         )
         config_file = write_config_file(config, tmp_path / f"{name}.yaml")
-        nodes[name] = Node(name, config, config_file, tmp_path / f"{name}.log")
+        nodes[name] = Node(name, config, config_file, tmp_path / f"{name}.log", image)
     fleet = Fleet(pki, members, nodes)
     try:
         for node in nodes.values():
@@ -123,6 +135,23 @@ async def fleet(
     finally:
         for node in nodes.values():
             node.kill()
+        for daemon, docker_root in daemons:
+            for container in _containers(docker_root):
+                subprocess.run(_docker(docker_root, "rm", "-f", container), capture_output=True)
+            daemon.stop()
+            subprocess.run(["umount", "-R", str(docker_root / "exec")], capture_output=True)
+            shutil.rmtree(docker_root, ignore_errors=True)
+
+
+def _docker(docker_root: Path, *args: str) -> list[str]:
+    return ["docker", "-H", f"unix://{docker_root / 'docker.sock'}", *args]
+
+
+def _containers(docker_root: Path) -> list[str]:
+    listed = subprocess.run(
+        _docker(docker_root, "ps", "-aq"), capture_output=True, text=True, timeout=60
+    )
+    return listed.stdout.split()
 
 
 def _up(status: allocator_pb2.GetStatusResponse) -> set[str]:
@@ -153,7 +182,7 @@ def _holders(status: allocator_pb2.GetStatusResponse) -> dict[str, str]:
     return {f"{a.slot.node}/{a.slot.slot_id}": a.container for a in status.allocations}
 
 
-async def test_two_nodes_on_one_etcd_cluster_serve_one_fleet(fleet: Fleet):
+async def test_two_nodes_on_one_etcd_cluster_serve_one_fleet(fleet: Fleet, unix_users):
     pki, n1, n2 = fleet.pki, fleet.nodes["n1"], fleet.nodes["n2"]
     # Either node's allocator places on any node; the quota counts the whole fleet.
     async with n2.client(pki, "alice") as alice_via_n2, n1.client(pki, "alice") as alice:
@@ -165,6 +194,20 @@ async def test_two_nodes_on_one_etcd_cluster_serve_one_fleet(fleet: Fleet):
         assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         # Limits are served by each node, with the same answers.
         assert await alice.get_limits() == await alice_via_n2.get_limits()
+
+    # A container on each node: the listings show the whole fleet, with each node.
+    for node in (n1, n2):  # a real account: workspaces are made as their users
+        async with node.client(pki, "ds01alice") as user:
+            await user.create_container(f"on{node.name}", node.image, start=True)
+    listed = await run_cli(n1.config_file, pki, "root", "-o", "json", "container", "list", "--all")
+    assert listed.returncode == 0, listed.stderr
+    fleet_view = {(c["name"], c["node"], c["state"]) for c in json.loads(listed.stdout)}
+    assert fleet_view == {
+        ("onn1", "n1", "CONTAINER_STATE_RUNNING"),
+        ("onn2", "n2", "CONTAINER_STATE_RUNNING"),
+    }
+    table = await run_cli(n2.config_file, pki, "ds01alice", "container", "list")
+    assert [line.split()[0] for line in table.stdout.splitlines()[1:]] == ["onn1", "onn2"]
 
     shown = await run_cli(n1.config_file, pki, "root", "gpu", "status")
     assert shown.returncode == 0, shown.stderr

@@ -115,7 +115,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     print_table(
-        ["NAME", "USER", "STATE", "GPUS", "IMAGE", "CREATED", "NOTICE"],
+        ["NAME", "USER", "STATE", "GPUS", "IMAGE", "CREATED", "NODE", "NOTICE"],
         [
             [
                 c.name,
@@ -124,6 +124,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
                 " ".join(g.slot.slot_id for g in c.gpus),
                 c.image,
                 c.created_at.ToDatetime(dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M"),
+                c.node,
                 c.notice,
             ]
             for c in found

@@ -205,6 +205,7 @@ class Metadata(JsonRecord):
     named: bool = False  # the user's names were written into its /etc at create
     container_type: str = ""  # container_types.<type> of the limits configuration
     adopted: bool = False  # found in Docker (a DS01 or mlc host's), not made by ds01
+    status: str = ""  # Docker's status as its node last saw it: for the other nodes
     notice: str = ""  # the reconciler's warning to the owner, e.g. of an idle stop to come
     # Never stored: "creating" or "interrupted" when this stands for a create's intent.
     pending: str = ""
@@ -306,6 +307,11 @@ class MetadataStore:
 
     async def all(self) -> list[Metadata]:
         found = await self.client.get_prefix(record_key(METADATA, self.node, ""))
+        return [Metadata.decode(kv.value) for kv in found]
+
+    async def fleet(self) -> list[Metadata]:
+        """The records of every node."""
+        found = await self.client.get_prefix(METADATA.encode())
         return [Metadata.decode(kv.value) for kv in found]
 
 

@@ -251,6 +251,7 @@ class Lifecycle:
                 limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
                 container_type=request.container_type,
                 named=True,
+                status="running" if request.start else "created",
             )
             step = "naming the user inside the container"
             await self.docker.name_account(container, account, fresh=True)
@@ -412,9 +413,13 @@ class Lifecycle:
             for intent in await self.intents.all()
             if all_users or intent.user == user
         ]
-        for metadata in await self.metadata.all():
-            if all_users or metadata.user == user:
-                found.append((metadata, await self.docker.find(metadata.container_id)))
+        for metadata in await self.metadata.fleet():  # a user's on every node
+            if not all_users and metadata.user != user:
+                continue
+            here = metadata.node == self.node
+            found.append(
+                (metadata, await self.docker.find(metadata.container_id) if here else None)
+            )
         return sorted(found, key=lambda pair: (pair[0].user, pair[0].name))
 
     async def inspect(self, user: str, privileged: bool, name: str) -> tuple[Metadata, Any]:
@@ -633,6 +638,8 @@ def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:
     started_text = state.get("StartedAt", "")
     started, finished = docker_time(started_text), docker_time(state.get("FinishedAt"))
     changed = False
+    if state.get("Status") and metadata.status != state["Status"]:
+        metadata.status, changed = state["Status"], True  # what other nodes list
     seen = metadata.run_start
     if seen and seen not in (started_text, metadata.counted_start):
         # The run ds01 saw begin was replaced: it ended at Docker's FinishedAt if that

@@ -163,15 +163,17 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         held = held if held is not None else await self._holdings()
         if metadata.pending:  # a create in progress or being undone: nothing to ask Docker
             return _container(metadata, None, held)
+        if metadata.node != self.lifecycle.node:  # another node's: as that node last saw it
+            return _container(metadata, metadata.status or None, held)
         docker = self.lifecycle.docker
         container = container or await docker.find(metadata.container_id)
         return _container(metadata, await docker.status(container) if container else None, held)
 
     async def _holdings(self) -> Holdings:
-        """The GPUs each container of this node holds now, as the allocator says: a slot
+        """The GPUs each container of the fleet holds now, as the allocator says: a slot
         whose hold ended is shown no longer. Empty (and unused) when it cannot be asked."""
         try:
-            status = await self.lifecycle.client.gpu_status(node=self.lifecycle.node)
+            status = await self.lifecycle.client.gpu_status()
         except Ds01Error as err:
             log.debug("listing without the allocator's view: %s", err.message)
             return Holdings(known=False)
@@ -209,6 +211,7 @@ def _container(metadata: Metadata, status: str | None, held: Holdings) -> contai
         data_dirs=metadata.data_dirs,
         notice=metadata.notice,
         container_type=metadata.container_type,
+        node=metadata.node,
         created_at=timestamp(metadata.created_at),
         state=containers_pb2.CONTAINER_STATE_GONE,
     )

@@ -29,7 +29,7 @@ CONTAINER_STATE_CREATING: ContainerState
 CONTAINER_STATE_INTERRUPTED: ContainerState
 
 class Container(_message.Message):
-    __slots__ = ("name", "docker_name", "id", "user", "image", "state", "gpus", "created_at", "started_at", "stopped_at", "workspace", "data_dirs", "notice", "container_type")
+    __slots__ = ("name", "docker_name", "id", "user", "image", "state", "gpus", "created_at", "started_at", "stopped_at", "workspace", "data_dirs", "notice", "container_type", "node")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOCKER_NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class Container(_message.Message):
     DATA_DIRS_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     docker_name: str
     id: str
@@ -58,7 +59,8 @@ class Container(_message.Message):
     data_dirs: _containers.RepeatedScalarFieldContainer[str]
     notice: str
     container_type: str
-    def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., notice: _Optional[str] = ..., container_type: _Optional[str] = ...) -> None: ...
+    node: str
+    def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., notice: _Optional[str] = ..., container_type: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
     __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type")
