@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ds01.core.install import DAEMON_SOCKET, GATEWAY_SOCKET, SERVICES
-from tests.harness import REPO, write_config_file
+from tests.harness import REPO, require_binary, write_config_file
 
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
 ADMINS_OWN = "# the admin's own configuration: install keeps it\nnode: gpu7\n"
@@ -102,7 +102,7 @@ def test_the_units_verify_and_take_the_docker_socket(root: Path):
     units = root / "etc/systemd/system"
     names = ["ds01.target", "ds01-etcd.service", *(f"ds01@{s}.service" for s in SERVICES)]
     verified = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *names],
+        [require_binary("systemd-analyze"), "verify", "--man=no", *names],
         env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"},
         capture_output=True,
         text=True,
