@@ -16,7 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from ds01.core.install import DAEMON_SOCKET, GATEWAY_SOCKET, SERVICES
+from ds01.core.config import Config, OwnershipConfig, load_config
+from ds01.core.identity import Roles
+from ds01.core.install import (
+    DAEMON_SOCKET,
+    GATEWAY_SOCKET,
+    SERVICES,
+    Options,
+    install,
+    plan,
+)
+from ds01.core.launcher import service_spec
+from ds01.core.pki import SERVICES as SERVICE_NAMES
+from ds01.core.pki import Pki
+from ds01.core.processes import docker_answers, free_port, spawn
+from ds01.core.server import ServiceContext, start_service
+from tests.allocator_env import wipe
 from tests.harness import REPO, require_binary, write_config_file
 
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
@@ -173,9 +188,6 @@ def test_uninstall_undoes_exactly_what_install_did(root: Path, unix_users):
 
 
 def test_the_installed_default_configuration_is_valid_and_takes_the_socket(tmp_path: Path):
-    from ds01.core.config import load_config
-    from ds01.core.install import Options, install, plan
-
     install(plan(Options(root=tmp_path)), tmp_path)
     config = load_config(tmp_path / "etc/ds01/ds01.yaml")
     assert config.docker_host == f"unix://{DAEMON_SOCKET}"
@@ -188,3 +200,67 @@ def test_make_runs_venv_is_the_distributions_python_every_user_can_run():
     python = (REPO / ".venv" / "bin" / "python3").resolve()
     assert python.is_relative_to("/usr"), python
     assert python.stat().st_mode & 0o005 == 0o005  # world-readable and -executable
+
+
+async def test_the_takeover_puts_dockerd_behind_root_and_every_client_behind_the_gateway(
+    pki: Pki, state_dir: Path, etcd_endpoint: str, limits_file: Path, unix_users
+):
+    """The installed docker.socket drop-in, with dockerd socket-activated as systemd would
+    (a private dockerd and root): users reach Docker only through the gateway."""
+    root = Path(tempfile.mkdtemp(prefix="ds01-takeover-", dir="/tmp"))
+    root.chmod(0o755)
+    install(plan(Options(root=root)), root)
+    drop_in = (root / "etc/systemd/system/docker.socket.d/50-ds01.conf").read_text()
+    listen = Path(drop_in.split("ListenStream=")[-1].splitlines()[0])
+    mode = int(drop_in.split("SocketMode=")[1].splitlines()[0], 8)
+    assert listen == root / DAEMON_SOCKET.lstrip("/")
+    listen.parent.mkdir(parents=True, exist_ok=True)
+    listen.parent.chmod(0o755)  # /run/ds01: users reach enrollment there
+    data = root / "var/lib/docker"
+    dockerd = spawn(
+        "dockerd",
+        [require_binary("systemd-socket-activate"), "-l", str(listen), "dockerd", "-H", "fd://",
+         f"--data-root={data}", f"--exec-root={root / 'run/docker-exec'}",
+         f"--pidfile={root / 'run/docker.pid'}", "--bridge=none", "--iptables=false",
+         "--ip-forward=false", "--ip-masq=false"],
+        root / "dockerd.log",
+        lambda: docker_answers(listen),
+        timeout=60,
+    )  # fmt: skip
+    listen.chmod(mode)  # SocketMode=, as systemd sets it
+    await wipe(etcd_endpoint, pki)
+    gateway_socket = root / GATEWAY_SOCKET.lstrip("/")
+    config = Config(
+        node="n1",
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICE_NAMES},
+        etcd_endpoints=(etcd_endpoint,),
+        docker_host=f"unix://{listen}",
+        limits_file=limits_file,
+        ownership=OwnershipConfig(
+            enroll_socket=listen.parent / "enroll.sock", proxy_socket=gateway_socket
+        ),
+    )
+    context = ServiceContext(config=config, roles=Roles())
+    running = [await start_service(service_spec(name), context) for name in ("limits", "ownership")]
+    try:
+        await asyncio.sleep(0.5)
+
+        async def docker_as(user: str, socket: Path) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(
+                subprocess.run,
+                ["runuser", "-u", user, "--", "docker", "-H", f"unix://{socket}", "ps"],
+                capture_output=True, text=True, timeout=60, cwd="/",
+            )  # fmt: skip
+
+        through = await docker_as("ds01alice", gateway_socket)
+        assert through.returncode == 0, through.stderr  # /var/run/docker.sock: the gateway
+        around = await docker_as("ds01alice", listen)
+        assert around.returncode != 0 and "permission denied" in around.stderr.lower()
+        assert stat.S_IMODE(listen.stat().st_mode) == 0o600 and listen.stat().st_uid == 0
+    finally:
+        for service in running:
+            await service.stop(grace=0)
+        dockerd.stop()
+        subprocess.run(["umount", "-R", str(root / "run/docker-exec")], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
