@@ -15,7 +15,13 @@ import aetcd
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.containers.adapters import DockerHost, MetadataStore
 from ds01.containers.lifecycle import Lifecycle
-from ds01.core.config import AllocatorConfig, Config, ContainersConfig, InventoryConfig
+from ds01.core.config import (
+    AllocatorConfig,
+    Config,
+    ContainersConfig,
+    InventoryConfig,
+    OwnershipConfig,
+)
 from ds01.core.etcd import etcd_client
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
@@ -217,3 +223,31 @@ async def own_etcd_env(directory: Path, pki: Pki, state_dir: Path) -> AsyncItera
         if own is not None:
             await own.env.stop()
         (own.process if own else process).stop()
+
+
+async def start_gateway(
+    state_dir: Path,
+    pki: Pki,
+    etcd: str,
+    docker_socket: Path,
+    limits_file: Path,
+    run_dir: Path,
+    proxy_socket: Path | None = None,
+) -> tuple[Config, list[RunningService]]:
+    """limits and ownership (the Docker gateway, enrollment in ``run_dir``) on a wiped
+    etcd, in this process; the gateway at ``proxy_socket`` (default: in ``run_dir``)."""
+    await wipe(etcd, pki)
+    config = Config(
+        node="n1",
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        etcd_endpoints=(etcd,),
+        docker_host=f"unix://{docker_socket}",
+        limits_file=limits_file,
+        ownership=OwnershipConfig(
+            enroll_socket=run_dir / "enroll.sock",
+            proxy_socket=proxy_socket or run_dir / "docker.sock",
+        ),
+    )
+    context = ServiceContext(config=config, roles=Roles())
+    return config, [await start_service(service_spec(n), context) for n in ("limits", "ownership")]

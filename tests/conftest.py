@@ -19,7 +19,7 @@ from ds01.core.pki import SERVICES, Pki, init_pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.ownership.gateway.pins import Pins
-from tests.allocator_env import AllocatorEnv, make_env, wipe
+from tests.allocator_env import AllocatorEnv, make_env, start_gateway
 from tests.gateway_audit import audit_daemon
 from tests.harness import (
     GID,
@@ -153,23 +153,11 @@ async def ownership(
     docker_socket: Path,
     limits_file: Path,
 ) -> AsyncIterator[tuple[Config, RunningService]]:
-    await wipe(etcd_endpoint, pki)
     run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
     run_dir.chmod(0o755)  # like /run/ds01: every local user may reach the socket
-    config = Config(
-        node="n1",
-        state_dir=state_dir,
-        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
-        etcd_endpoints=(etcd_endpoint,),
-        docker_host=f"unix://{docker_socket}",
-        limits_file=limits_file,
-        ownership=OwnershipConfig(
-            enroll_socket=run_dir / "enroll.sock", proxy_socket=run_dir / "docker.sock"
-        ),
+    config, (limits, service) = await start_gateway(
+        state_dir, pki, etcd_endpoint, docker_socket, limits_file, run_dir
     )
-    context = ServiceContext(config=config, roles=Roles())
-    limits = await start_service(service_spec("limits"), context)
-    service = await start_service(service_spec("ownership"), context)
     await asyncio.sleep(0.5)  # the first resync
     yield config, service
     await service.stop(grace=0)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ds01.core.config import Config, OwnershipConfig, load_config
-from ds01.core.identity import Roles
+from ds01.core.config import load_config
 from ds01.core.install import (
     DAEMON_SOCKET,
     GATEWAY_SOCKET,
@@ -26,12 +25,9 @@ from ds01.core.install import (
     install,
     plan,
 )
-from ds01.core.launcher import service_spec
-from ds01.core.pki import SERVICES as SERVICE_NAMES
 from ds01.core.pki import Pki
-from ds01.core.processes import docker_answers, free_port, spawn
-from ds01.core.server import ServiceContext, start_service
-from tests.allocator_env import wipe
+from ds01.core.processes import docker_answers, spawn
+from tests.allocator_env import start_gateway
 from tests.harness import REPO, require_binary, write_config_file
 
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
@@ -228,21 +224,10 @@ async def test_the_takeover_puts_dockerd_behind_root_and_every_client_behind_the
         timeout=60,
     )  # fmt: skip
     listen.chmod(mode)  # SocketMode=, as systemd sets it
-    await wipe(etcd_endpoint, pki)
     gateway_socket = root / GATEWAY_SOCKET.lstrip("/")
-    config = Config(
-        node="n1",
-        state_dir=state_dir,
-        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICE_NAMES},
-        etcd_endpoints=(etcd_endpoint,),
-        docker_host=f"unix://{listen}",
-        limits_file=limits_file,
-        ownership=OwnershipConfig(
-            enroll_socket=listen.parent / "enroll.sock", proxy_socket=gateway_socket
-        ),
+    _config, running = await start_gateway(
+        state_dir, pki, etcd_endpoint, listen, limits_file, listen.parent, gateway_socket
     )
-    context = ServiceContext(config=config, roles=Roles())
-    running = [await start_service(service_spec(name), context) for name in ("limits", "ownership")]
     try:
         await asyncio.sleep(0.5)
 
