@@ -5,6 +5,14 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ds01.core.config import Config
+from ds01.core.identity import Roles
+from ds01.core.pki import SERVICES
+from ds01.core.processes import free_port
+from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.limits.server import SPEC
+from tests.harness import write_config_file
+
 # The seed's researchers example: alice gets exactly the block the seed README prints.
 RESOURCE_LIMITS = textwrap.dedent(
     """\
@@ -119,3 +127,17 @@ Idle Timeout: 72h
 GPU Hold After Stop: 24h
 Container Hold After Stop: 12h
 Max Runtime: unlimited"""
+
+
+async def start_limits(
+    state_dir: Path, limits_file: Path, config_path: Path
+) -> tuple[Config, RunningService]:
+    """The limits service alone, in this process, serving ``limits_file``; its suite
+    configuration written to ``config_path`` for the CLI."""
+    config = Config(
+        state_dir=state_dir,
+        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        limits_file=limits_file,
+    )
+    write_config_file(config, config_path)
+    return config, await start_service(SPEC, ServiceContext(config=config, roles=Roles()))

@@ -29,6 +29,7 @@ from ds01.containers.lifecycle import ContainerError
 from ds01.containers.reconcile import Reconciler
 from ds01.core.etcd import connect
 from ds01.core.pki import Pki
+from ds01.v1 import common_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
 
 pytestmark = pytest.mark.usefixtures("unix_users")
@@ -359,7 +360,14 @@ def test_the_gateway_marks_its_containers_over_whatever_the_image_says(host, tes
         client.images.remove(image.id, force=True)
 
 
-ROWS = [("0", "GPU-0000", "a._.x"), ("1", "GPU-0001", ""), ("2:1", "MIG-0002-1", "b._.y")]
+ROWS = [  # as the allocator's GetStatus lists this node
+    common_pb2.Allocation(slot=common_pb2.GpuSlot(slot_id=slot, uuid=uuid), container=holder)
+    for slot, uuid, holder in [
+        ("0", "GPU-0000", "a._.x"),
+        ("1", "GPU-0001", ""),
+        ("2:1", "MIG-0002-1", "b._.y"),
+    ]
+]
 
 
 @pytest.mark.parametrize(

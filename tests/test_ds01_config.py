@@ -15,16 +15,12 @@ import pytest
 import pytest_asyncio
 
 from ds01.client import Ds01Error
-from ds01.core.config import Config
-from ds01.core.identity import Roles
-from ds01.core.pki import SERVICES, Pki
-from ds01.core.processes import free_port
-from ds01.core.server import ServiceContext, start_service
+from ds01.core.pki import Pki
 from ds01.limits.config import LimitsConfigError, load_limits
 from ds01.limits.resolve import GROUP, OVERRIDE, is_admin, resolve
-from ds01.limits.server import SPEC
 from tests.allocator_env import AllocatorEnv
-from tests.harness import run_cli, write_config_file
+from tests.harness import run_cli
+from tests.limits_fixtures import start_limits
 from tests.test_limits_config import issues_of, parse
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "ds01-reference"  # DS01's, unchanged
@@ -340,13 +336,8 @@ def test_a_broken_reference_copy_is_refused_whole(lab: Path):
 @pytest_asyncio.fixture(loop_scope="session")
 async def serving(tmp_path: Path, pki: Pki, state_dir: Path, lab: Path) -> AsyncIterator[Path]:
     """The limits service, serving the lab's files; returns ds01.yaml."""
-    config = Config(
-        state_dir=state_dir,
-        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
-        limits_file=lab,
-    )
-    config_file = write_config_file(config, tmp_path / "ds01.yaml")
-    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    config_file = tmp_path / "ds01.yaml"
+    _config, service = await start_limits(state_dir, lab, config_file)
     yield config_file
     await service.stop(grace=0)
 

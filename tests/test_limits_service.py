@@ -21,8 +21,8 @@ from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.limits.server import SPEC
 from ds01.v1 import limits_pb2
-from tests.harness import run_cli, write_config_file
-from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, write_config
+from tests.harness import run_cli
+from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, start_limits, write_config
 
 
 @dataclass
@@ -46,13 +46,8 @@ class LimitsEnv:
 @pytest_asyncio.fixture(loop_scope="session")
 async def env(tmp_path: Path, pki: Pki, state_dir: Path) -> AsyncIterator[LimitsEnv]:
     limits_file = write_config(tmp_path / "etc")
-    config = Config(
-        state_dir=state_dir,
-        listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
-        limits_file=limits_file,
-    )
-    config_file = write_config_file(config, tmp_path / "ds01.yaml")
-    service = await start_service(SPEC, ServiceContext(config=config, roles=Roles()))
+    config_file = tmp_path / "ds01.yaml"
+    config, service = await start_limits(state_dir, limits_file, config_file)
     yield LimitsEnv(config, config_file, limits_file, pki, service)
     await service.stop(grace=0)
 

@@ -8,6 +8,7 @@ Pure functions: the reconciler does the Docker and allocator calls.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,23 +39,24 @@ class Seen:
     """What adoption reads of a container: a view of Docker's inspect of it."""
 
     name: str
-    created: str  # RFC 3339 in UTC (Docker drops a fraction's trailing zeros)
+    created: float  # epoch seconds
     labels: Mapping[str, str]
     env: tuple[str, ...]
     device_ids: tuple[str, ...]
-    image: str
+    image: str  # as ds01 recorded it (ds01.image), else as Docker has it
 
     @classmethod
     def of(cls, attrs: Mapping[str, Any]) -> Seen:
         config = attrs.get("Config") or {}
+        labels = config.get("Labels") or {}
         requests = (attrs.get("HostConfig") or {}).get("DeviceRequests") or []
         return cls(
             name=str(attrs.get("Name", "")).lstrip("/"),
-            created=str(attrs.get("Created", "")),
-            labels=config.get("Labels") or {},
+            created=docker_time(attrs.get("Created")) or 0.0,
+            labels=labels,
             env=tuple(config.get("Env") or ()),
             device_ids=tuple(i for r in requests for i in (r.get("DeviceIDs") or [])),
-            image=str(config.get("Image", "")),
+            image=labels.get("ds01.image") or str(config.get("Image", "")),
         )
 
     @property
@@ -107,14 +109,10 @@ def plan_import(
     holding them now."""
     holders = dict(held)
     report = []
-    for seen in sorted(containers, key=lambda c: _instant(c.created)):
+    for seen in sorted(containers, key=lambda c: c.created):
         found, unknown = gpu_plan(seen, slots, metadata)
         entry = Imported(
-            seen.name,
-            seen.user,
-            seen.container_type,
-            seen.labels.get("ds01.image") or seen.image,
-            unknown_gpus=unknown,
+            seen.name, seen.user, seen.container_type, seen.image, unknown_gpus=unknown
         )
         taken = [s for s in found if holders.get(s, seen.name) != seen.name]
         if taken:
@@ -202,16 +200,15 @@ def recorded_gpus(directory: Path, name: str) -> tuple[str, ...]:
     return _split(str(value)) if value not in (None, "") else ()
 
 
-def unaccounted(
-    container: str, references: Sequence[str], allocations: Iterable[tuple[str, str, str]]
-) -> str:
+def unaccounted(container: str, references: Sequence[str], allocations: Iterable[Any]) -> str:
     """Why the container may not start on the GPUs it names ("" if it may): each must be
-    a slot of this node allocated to it. ``allocations``: (slot id, uuid, holder)."""
+    a slot of this node allocated to it. ``allocations``: the allocator's, of this node
+    (GetStatus)."""
     rows = list(allocations)
-    found, unknown = slots_for(references, [Slot(slot_id, uuid) for slot_id, uuid, _ in rows])
+    found, unknown = slots_for(references, [Slot(a.slot.slot_id, a.slot.uuid) for a in rows])
     if unknown:
         return f"it names GPUs ds01 does not account for here ({' '.join(unknown)})"
-    holders = {slot_id: holder for slot_id, _, holder in rows}
+    holders = {a.slot.slot_id: a.container for a in rows}
     for slot_id in found:
         if holders.get(slot_id) != container:
             held = f"held by {holders[slot_id]}" if holders.get(slot_id) else "free"
@@ -226,10 +223,13 @@ def _ds01_slot_id(reference: str) -> str:
     return reference
 
 
-def _instant(stamp: str) -> tuple[str, float]:
-    """An RFC 3339 time in a form that sorts: its whole seconds, then the fraction."""
+def docker_time(stamp: str | None) -> float | None:
+    """Docker's RFC 3339 timestamps (nanoseconds, Z); its zero time means never."""
+    if not stamp or stamp.startswith("0001-"):
+        return None
     whole, _, fraction = stamp.rstrip("Z").partition(".")
-    return whole, float(f"0.{fraction}") if fraction.isdigit() else 0.0
+    base = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC)
+    return base.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 def _split(value: str) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import enum
 import logging
 import math
@@ -37,7 +36,7 @@ from ds01.containers.adapters import (
     SystemdSlices,
     host_account,
 )
-from ds01.containers.adoption import Seen, gpu_references, unaccounted
+from ds01.containers.adoption import Seen, docker_time, gpu_references, unaccounted
 from ds01.containers.spec import (
     Account,
     ContainerSpec,
@@ -360,8 +359,7 @@ class Lifecycle:
         if not references:
             return
         status = await self._allocator(self.client.gpu_status(node=self.node), "checking GPUs")
-        rows = [(a.slot.slot_id, a.slot.uuid, a.container) for a in status.allocations]
-        problem = unaccounted(metadata.docker_name, references, rows)
+        problem = unaccounted(metadata.docker_name, references, status.allocations)
         if problem:
             raise ContainerError(
                 Code.PRECONDITION, f"cannot start {metadata.name}: {problem}; ask an admin"
@@ -707,15 +705,6 @@ def _chown_tree(path: Path, account: Account) -> None:
     while current != home and current.is_relative_to(home):
         os.chown(current, account.uid, account.gid)
         current = current.parent
-
-
-def docker_time(stamp: str | None) -> float | None:
-    """Docker's RFC 3339 timestamps (nanoseconds, Z); its zero time means never."""
-    if not stamp or stamp.startswith("0001-"):
-        return None
-    whole, _, fraction = stamp.rstrip("Z").partition(".")
-    base = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC)
-    return base.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:

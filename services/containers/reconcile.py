@@ -36,10 +36,9 @@ from ds01.containers.adoption import (
     Imported,
     Seen,
     Slot,
-    container_type_of,
+    docker_time,
     gpu_plan,
     made_by_gateway,
-    owner_of,
     plan_import,
 )
 from ds01.containers.gpu_activity import NvmlActivity
@@ -48,7 +47,6 @@ from ds01.containers.lifecycle import (
     ContainerError,
     Lifecycle,
     count_runtime,
-    docker_time,
 )
 from ds01.core.units import parse_duration, parse_size
 from ds01.v1 import common_pb2
@@ -410,23 +408,21 @@ class Reconciler:
         image, workspace); its GPUs follow in the sweep (``_adopt_gpus``)."""
         if await self.lifecycle.docker.find(container.id) is None:
             return None  # listed, then removed (an undo, a remove): nothing to adopt
-        labels = container.labels
-        user = owner_of(labels)
-        if not user:
+        seen = Seen.of(container.attrs)
+        if not seen.user:
             return None
-        config = container.attrs.get("Config") or {}
         record = Metadata(
-            docker_name=container.name,
-            name=labels.get("ds01.name")
-            or labels.get("aime.mlc.NAME")
-            or container.name.split("._.", 1)[0],
-            user=user,
-            image=labels.get("ds01.image") or config.get("Image", ""),
+            docker_name=seen.name,
+            name=seen.labels.get("ds01.name")
+            or seen.labels.get("aime.mlc.NAME")
+            or seen.name.split("._.", 1)[0],
+            user=seen.user,
+            image=seen.image,
             container_id=container.id,
             node=self.lifecycle.node,
             created_at=now,
             workspace=_workspace_of(container),
-            container_type=container_type_of(labels, container.name),
+            container_type=seen.container_type,
             adopted=True,
         )
         if not await self.lifecycle.metadata.put_new(record):

@@ -221,8 +221,7 @@ class AllocatorGpus:
             status = await self.client.gpu_status(node=self.node)
         except Ds01Error as err:  # unknown is not valid: fail closed
             return f"the allocator could not be asked ({err.message})"
-        rows = [(a.slot.slot_id, a.slot.uuid, a.container) for a in status.allocations]
-        return unaccounted(container, references, rows) or None
+        return unaccounted(container, references, status.allocations) or None
 
     async def started(self, container: str) -> None:
         try:
