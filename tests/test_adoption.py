@@ -82,6 +82,11 @@ def test_references_map_to_this_nodes_slots(references, found, unknown):
         ({"aime.mlc.USER": "a"}, "proj._.1001", ""),  # mlc: the user's own limits
         ({}, "proj._.alice", ""),
         ({}, "quirky_name", "docker"),
+        # Through the gateway, ds01's type labels can only be the image's: not believed.
+        ({"ds01.gateway": "true", "ds01.container_type": "api"}, "x", "docker"),
+        ({"ds01.gateway": "true", "ds01.interface": "api"}, "x", "docker"),
+        ({"ds01.gateway": "true", "ds01.type": "batch"}, "x", "docker"),
+        ({"ds01.gateway": "true", "devcontainer.local_folder": "/h/a"}, "x", "devcontainer"),
     ],
 )
 def test_container_types_are_detected_as_ds01_detects_them(labels, name, expected):

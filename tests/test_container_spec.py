@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ds01.containers.adoption import TRUSTED_LABELS
 from ds01.containers.spec import Account, ContainerSpec, Limits, SpecError, docker_name
 
 ALICE = Account("h.baker@uni.org", 5001, 5025, "lab", Path("/home/h.baker"))
@@ -84,3 +85,27 @@ def test_names_are_added_group_first_once_and_only_where_missing():
     odd = Account("a:b\nc", 7, 8, "g:1", Path("/home/x"))
     passwd, group = named_accounts("", "", odd)
     assert passwd == "a_b_c:x:7:8::/workspace:/bin/sh\n" and group == "g_1:x:8:\n"
+
+
+@pytest.mark.parametrize("key", TRUSTED_LABELS)
+def test_every_label_adoption_believes_is_ds01s_never_the_images(key: str):
+    """Docker lays the create's labels over the image's: each one set here wins. A
+    container without GPUs or a type says so in every one of them."""
+    bare = spec(container_type="", gpu_slots=(), gpu_device_ids=(), gpu_environment={})
+    assert bare.labels()[key] == ""
+    assert key in spec().labels()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "nvidia", "cuda"),
+    [
+        ({}, "void", ""),  # the image's NVIDIA_VISIBLE_DEVICES=all never reaches it
+        ({"NVIDIA_VISIBLE_DEVICES": "MIG-a", "CUDA_VISIBLE_DEVICES": "MIG-a"}, "MIG-a", "MIG-a"),
+    ],
+)
+def test_gpu_visibility_is_ds01s_with_or_without_gpus(gpus, nvidia, cuda):
+    environment = spec(gpu_environment=gpus).create_arguments()["environment"]
+    assert (environment["NVIDIA_VISIBLE_DEVICES"], environment["CUDA_VISIBLE_DEVICES"]) == (
+        nvidia,
+        cuda,
+    )

@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from ds01.client import Ds01Error
+from ds01.containers.adoption import TRUSTED_LABELS, Seen, Slot, container_type_of, gpu_plan
 from ds01.containers.lifecycle import ContainerError, CreateRequest
 from ds01.core.config import OwnershipConfig
 from ds01.core.etcd import connect
@@ -706,4 +707,38 @@ async def env_docker_find(docker_socket: Path, name: str) -> bool:
     try:
         return bool(client.containers.list(all=True, filters={"name": f"^{name}$"}))
     finally:
+        client.close()
+
+
+async def test_an_images_own_labels_and_gpu_environment_never_speak_for_a_ds01_container(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    """A user's image may carry DS01's GPU, type and protection labels and a GPU
+    environment: the container ds01 makes from it has none of them."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    claims = " ".join(f"{key}=GPU-0000" for key in TRUSTED_LABELS if key != "ds01.protected")
+    image, _ = client.images.build(
+        fileobj=io.BytesIO(
+            f"FROM {test_image}\nLABEL {claims} ds01.protected=true\n"
+            "ENV NVIDIA_VISIBLE_DEVICES=all CUDA_VISIBLE_DEVICES=0\n".encode()
+        ),
+        tag="ds01alice/claims:latest",
+        rm=True,
+    )
+    try:
+        async with env.client("ds01alice") as alice:
+            made = await alice.create_container("claims", image.id, start=True)
+        container = client.containers.get(made.docker_name)
+        labels = container.labels
+        assert {key: labels[key] for key in TRUSTED_LABELS} == dict.fromkeys(TRUSTED_LABELS, "")
+        seen = Seen.of(container.attrs)
+        assert gpu_plan(seen, [Slot("0", "GPU-0000")], None) == ([], [])
+        assert container_type_of(labels, container.name) == ""
+        inside = await asyncio.to_thread(docker_exec, docker_socket, made.docker_name, "env")
+        assert "NVIDIA_VISIBLE_DEVICES=void" in inside.splitlines()
+        assert "CUDA_VISIBLE_DEVICES=" in inside.splitlines()
+    finally:
+        for found in client.containers.list(all=True, filters={"name": "claims._."}):
+            found.remove(force=True)
+        client.images.remove(image.id, force=True)
         client.close()

@@ -21,9 +21,15 @@ from ds01.core.naming import GATEWAY_LABEL, SEPARATOR
 # DS01's labels for a container's GPUs, most exact first: UUIDs, then slot ids.
 _UUID_LABELS = ("ds01.gpu.uuids", "ds01.gpu.uuid", "ds01.gpu_slot")
 _SLOT_LABELS = ("ds01.gpu.allocated",)
-_GPU_ENV = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+GPU_ENV = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+# No GPU at all, whatever the image's own environment says (NVIDIA_VISIBLE_DEVICES=all
+# would give every GPU where the NVIDIA runtime is Docker's default).
+NO_GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "void", "CUDA_VISIBLE_DEVICES": ""}
 _NO_GPU = {"", "void", "none", "nodevfiles"}
 _TYPE_LABELS = ("ds01.container_type", "ds01.type", "ds01.interface")
+# The labels adoption believes of a container not made through the gateway. ds01's
+# containers service sets each on what it makes, so that none comes from the image.
+TRUSTED_LABELS = (*_UUID_LABELS, *_SLOT_LABELS, *_TYPE_LABELS, "ds01.protected")
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,9 @@ def owner_of(labels: Mapping[str, str]) -> str:
 
 def container_type_of(labels: Mapping[str, str], name: str) -> str:
     """DS01's container type: its label, else what made the container. Containers made
-    by ds01, DS01 or mlc have none: the user's own limits apply (DS01's "atomic")."""
-    for key in _TYPE_LABELS:
+    by ds01, DS01 or mlc have none: the user's own limits apply (DS01's "atomic"). On a
+    container of the gateway, ds01's type labels are the image's: not believed."""
+    for key in () if made_by_gateway(labels) else _TYPE_LABELS:
         if labels.get(key):
             return labels[key]
     if any(key.startswith("devcontainer.") for key in labels):
@@ -165,7 +172,7 @@ def gpu_references(
     if requested:
         return requested
     values = dict(entry.split("=", 1) for entry in env if "=" in entry)
-    for key in _GPU_ENV:
+    for key in GPU_ENV:
         if key in values and values[key].strip().lower() not in _NO_GPU:
             return _split(values[key])
     return ()

@@ -14,6 +14,7 @@ from typing import Any
 
 from docker.types import DeviceRequest
 
+from ds01.containers.adoption import NO_GPU_ENV, TRUSTED_LABELS
 from ds01.core.naming import SEPARATOR, docker_user
 
 MLC_VERSION = "4"
@@ -80,6 +81,8 @@ class ContainerSpec:
         """ds01's and MLC's labels. No value may hold a comma: MLC's parser splits on them."""
         user = self.account.user
         labels = {
+            # Each label adoption would believe, set here: never the image's.
+            **dict.fromkeys(TRUSTED_LABELS, ""),
             "ds01.managed": "true",
             "ds01.user": user,
             "ds01.name": self.name,
@@ -125,7 +128,7 @@ class ContainerSpec:
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "labels": self.labels(),
-            "environment": {"DS01_USER": self.account.user, **self.gpu_environment},
+            "environment": {"DS01_USER": self.account.user, **NO_GPU_ENV, **self.gpu_environment},
             "working_dir": "/workspace",
             "volumes": mounts,
             "cgroup_parent": limits.cgroup_parent or None,

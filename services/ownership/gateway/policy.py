@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from ds01.containers.adoption import GPU_ENV, NO_GPU_ENV
 from ds01.core.naming import GATEWAY_LABEL, SEPARATOR, belongs_to, docker_user
 from ds01.ownership.gateway.images import OWNER_LABEL
 
@@ -22,7 +23,6 @@ CPU_SHARES = 1024  # Docker's default weight: nobody gets more than an equal sha
 MAX_NOFILE = 1 << 20
 NO_NEW_PRIVILEGES = "no-new-privileges"
 SHARED_NETWORKS = frozenset({"none", "bridge", "default"})
-_GPU_ENV = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
 _PORT = re.compile(r"^(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?$")
 _SIZE = re.compile(r"^(?P<n>[0-9]{1,19})(?P<unit>[kmg]?)$", re.IGNORECASE)
 _TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "nosuid", "nodev"})
@@ -531,10 +531,10 @@ def clamp_resources(request: dict[str, Any], caps: Caps) -> dict[str, Any]:
 
 def _env(env: list[str]) -> list[str]:
     for entry in env:
-        if entry.split("=", 1)[0] in _GPU_ENV:
+        if entry.split("=", 1)[0] in GPU_ENV:
             raise Refused("GPU visibility is set by ds01, not by the request")
     # The image may say NVIDIA_VISIBLE_DEVICES=all: GPUs come only through ds01.
-    return [*env, "NVIDIA_VISIBLE_DEVICES=void", "CUDA_VISIBLE_DEVICES="]
+    return [*env, *(f"{key}={value}" for key, value in NO_GPU_ENV.items())]
 
 
 def config_labels(inspect: dict[str, Any]) -> dict[str, str]:
