@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import docker
 import pytest
@@ -31,6 +32,7 @@ from ds01.containers.reconcile import (
     Reconciler,
     _Activity,
     _kept_alive,
+    _workspace_of,
     decide,
     policy_of,
 )
@@ -456,3 +458,23 @@ async def test_sweeps_during_quick_create_remove_cycles_of_one_name_touch_nothin
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _seen_container(labels: dict[str, str], mount: str = "") -> SimpleNamespace:
+    mounts = [{"Type": "bind", "Source": mount, "Destination": "/workspace"}] if mount else []
+    return SimpleNamespace(labels=labels, attrs={"Mounts": mounts})
+
+
+@pytest.mark.parametrize(
+    ("labels", "mount", "expected"),
+    [
+        ({"aime.mlc.WORK_MOUNT": "/home/a/w"}, "", "/home/a/w"),  # mlc's, without a mount
+        ({"aime.mlc.WORK_MOUNT": "/home/a/w"}, "/home/a/real", "/home/a/real"),  # Docker's
+        ({"aime.mlc.WORK_MOUNT": "-"}, "", ""),
+        # Through the gateway the label is the image's: it may name anyone's directory.
+        ({"ds01.gateway": "true", "aime.mlc.WORK_MOUNT": "/home/bob/w"}, "", ""),
+        ({"ds01.gateway": "true", "aime.mlc.WORK_MOUNT": "/home/bob/w"}, "/pins/x", "/pins/x"),
+    ],
+)
+def test_the_workspace_a_keep_alive_is_looked_for_in_is_the_containers_own(labels, mount, expected):
+    assert _workspace_of(_seen_container(labels, mount)) == expected

@@ -186,14 +186,16 @@ def _created(container: Any) -> float:
 
 
 def _workspace_of(container: Any) -> str:
-    """mlc's WORK_MOUNT label, else the host directory mounted at /workspace."""
-    label = container.labels.get("aime.mlc.WORK_MOUNT", "")
-    if label and label != "-":
-        return label
+    """The host directory Docker mounts at /workspace, else mlc's WORK_MOUNT label. A
+    gateway container's label is its image's: a .keep-alive looked for there could be
+    anyone's, so only its mount counts."""
     for mount in container.attrs.get("Mounts") or []:
         if mount.get("Destination") == "/workspace" and mount.get("Type") == "bind":
             return str(mount.get("Source", ""))
-    return ""
+    label = container.labels.get("aime.mlc.WORK_MOUNT", "")
+    if label in ("", "-") or made_by_gateway(container.labels):
+        return ""
+    return label
 
 
 def _kept_alive(workspace: str, keepalive_max: float, now: float) -> bool:
