@@ -717,18 +717,20 @@ async def test_an_images_own_labels_and_gpu_environment_never_speak_for_a_ds01_c
     environment: the container ds01 makes from it has none of them."""
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     claims = " ".join(f"{key}=GPU-0000" for key in TRUSTED_LABELS if key != "ds01.protected")
-    image, _ = client.images.build(
-        fileobj=io.BytesIO(
-            f"FROM {test_image}\nLABEL {claims} ds01.protected=true\n"
-            "ENV NVIDIA_VISIBLE_DEVICES=all CUDA_VISIBLE_DEVICES=0\n".encode()
-        ),
+    dockerfile = (
+        f"FROM {test_image}\nLABEL {claims} ds01.protected=true\n"
+        "ENV NVIDIA_VISIBLE_DEVICES=all CUDA_VISIBLE_DEVICES=0\n"
+    )
+    image, _ = await asyncio.to_thread(  # off the loop that serves ds01 in this test
+        client.images.build,
+        fileobj=io.BytesIO(dockerfile.encode()),
         tag="ds01alice/claims:latest",
         rm=True,
     )
     try:
         async with env.client("ds01alice") as alice:
             made = await alice.create_container("claims", image.id, start=True)
-        container = client.containers.get(made.docker_name)
+        container = await asyncio.to_thread(client.containers.get, made.docker_name)
         labels = container.labels
         assert {key: labels[key] for key in TRUSTED_LABELS} == dict.fromkeys(TRUSTED_LABELS, "")
         seen = Seen.of(container.attrs)
@@ -738,7 +740,11 @@ async def test_an_images_own_labels_and_gpu_environment_never_speak_for_a_ds01_c
         assert "NVIDIA_VISIBLE_DEVICES=void" in inside.splitlines()
         assert "CUDA_VISIBLE_DEVICES=" in inside.splitlines()
     finally:
-        for found in client.containers.list(all=True, filters={"name": "claims._."}):
-            found.remove(force=True)
-        client.images.remove(image.id, force=True)
+        await asyncio.to_thread(_remove_all, client, "claims._.", image.id)
         client.close()
+
+
+def _remove_all(client: docker.DockerClient, name: str, image: str) -> None:
+    for found in client.containers.list(all=True, filters={"name": name}):
+        found.remove(force=True)
+    client.images.remove(image, force=True)
