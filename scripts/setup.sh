@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ds01 needs on a fresh Debian machine, and nothing that is already there:
-#   Debian packages: etcd-server, docker.io, busybox-static (offline test image), python3-venv,
+#   Debian packages: etcd-server and etcd-client, docker.io, busybox-static (offline test image), python3-venv,
 #     docker-compose and curl (clients the gateway tests drive), nodejs/npm when missing,
 #     systemd (systemd-analyze checks the installed units) and passwd (gpasswd)
 #   npm: the Dev Containers CLI (what VS Code runs underneath), pinned
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)  # the compose stack's etcd image
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 [ -x /bin/busybox ] && ! head -c 4096 /bin/busybox | grep -q ld-linux || need_apt+=(busybox-static)
 # .venv and `make install` use the distribution's Python, with its venv module.

@@ -28,7 +28,7 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_etcd
 from ds01.core.server import RunningService, ServiceContext, start_service
-from tests.harness import run_cli, write_config_file
+from tests.harness import ANY_PORT_METRICS, run_cli, write_config_file
 
 HOLD_SECONDS = 2  # etcd's shortest lease is about 2 s
 
@@ -159,6 +159,7 @@ async def make_env(
         node=files.node,
         state_dir=state_dir,
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        metrics=ANY_PORT_METRICS,
         etcd_endpoints=(etcd,),
         limits_file=files.limits_file,
         inventory=files.inventory,
@@ -241,6 +242,7 @@ async def start_gateway(
         node="n1",
         state_dir=state_dir,
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        metrics=ANY_PORT_METRICS,
         etcd_endpoints=(etcd,),
         docker_host=f"unix://{docker_socket}",
         limits_file=limits_file,

@@ -22,6 +22,7 @@ from ds01.ownership.gateway.pins import Pins
 from tests.allocator_env import AllocatorEnv, make_env, start_gateway
 from tests.gateway_audit import audit_daemon
 from tests.harness import (
+    ANY_PORT_METRICS,
     GID,
     GROUP,
     USERS,
@@ -90,6 +91,7 @@ def suite_config(state_dir: Path, pki: Pki, etcd_endpoint: str, suite_docker: Pa
         node="test-node",
         state_dir=state_dir,
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        metrics=ANY_PORT_METRICS,
         etcd_endpoints=(etcd_endpoint,),
         limits_file=REPO / "config" / "resource-limits.yaml",
         inventory=InventoryConfig(source="declared", file=REPO / "config" / "inventory.yaml"),

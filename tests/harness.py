@@ -20,13 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ds01.core.config import Config
-from ds01.core.pki import EtcdPki, Pki, issue_client_cert
+from ds01.core.config import Config, MetricsConfig
+from ds01.core.pki import SERVICES, EtcdPki, Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
 
 REPO = Path(__file__).resolve().parent.parent
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
 TEST_IMAGE = "ds01-test/busybox:latest"
+# Every service's /metrics on a free port: the tests run many services in one process.
+ANY_PORT_METRICS = MetricsConfig(listen=dict.fromkeys(SERVICES, "127.0.0.1:0"))
 # Real Unix accounts the container tests create: a lab group with an unusual GID.
 USERS = {"ds01alice": 35001, "ds01bob": 35002}
 GROUP, GID = "ds01lab", 35000
@@ -85,12 +87,16 @@ def running_dockerd() -> Iterator[tuple[Path, ManagedProcess]]:
         yield root / "docker.sock", dockerd
     finally:
         dockerd.stop(timeout=30)
-        _remove_tree(root)
+        remove_tree(root)
 
 
-def _remove_tree(root: Path) -> None:
-    # dockerd leaves mounts under exec-root on some kernels; unmount before removing.
-    subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True, check=False)
+def remove_tree(root: Path) -> None:
+    """Remove a stopped dockerd's directory, unmounting first what it left mounted there
+    (its network namespace file under exec-root, on every kernel here)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        points = [Path(line.split()[4]) for line in mounts]
+    for point in sorted((p for p in points if p.is_relative_to(root)), reverse=True):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, check=False)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -173,6 +179,7 @@ def write_config_file(config: Config, path: Path) -> Path:
                     "proxy_socket": str(config.ownership.proxy_socket),
                 },
                 "docker": {"host": config.docker_host},
+                "metrics": {"listen": {s: a or "off" for s, a in config.metrics.listen.items()}},
                 "allocator": {"lock_ttl": config.allocator.lock_ttl},
             }
             | _containers_section(config)

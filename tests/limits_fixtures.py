@@ -11,7 +11,7 @@ from ds01.core.pki import SERVICES
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.limits.server import SPEC
-from tests.harness import write_config_file
+from tests.harness import ANY_PORT_METRICS, write_config_file
 
 # The seed's researchers example: alice gets exactly the block the seed README prints.
 RESOURCE_LIMITS = textwrap.dedent(
@@ -137,6 +137,7 @@ async def start_limits(
     config = Config(
         state_dir=state_dir,
         listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+        metrics=ANY_PORT_METRICS,
         limits_file=limits_file,
     )
     write_config_file(config, config_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,9 +18,21 @@ from tests.harness import require_binary
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _compose(*files: str) -> dict:
+    """compose.yaml as Debian's docker-compose reads it, with the defaults of a host
+    (no DS01_* variables set)."""
+    require_binary("docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DS01_", "DOCKER_"))}
+    argv = ["docker-compose", *(arg for f in files or ["compose.yaml"] for arg in ("-f", f))]
+    result = subprocess.run(
+        [*argv, "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, (files, result.stderr)
+    return yaml.safe_load(result.stdout)
+
+
 def test_compose_runs_each_service_in_its_own_container():
-    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
-    services = compose["services"]
+    services = _compose()["services"]
     assert set(services) == {"etcd", *SERVICES}
     for name in SERVICES:
         command = services[name]["command"]
@@ -30,7 +43,7 @@ def test_compose_runs_each_service_in_its_own_container():
 
 def test_compose_etcd_answers_only_certificates_of_the_etcd_ca():
     """The same TLS flags as the etcd ``ds01d --local`` and the tests start."""
-    etcd = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["etcd"]
+    etcd = _compose()["services"]["etcd"]
     command = etcd["command"]
     pki = Pki(Path("/var/lib/ds01/pki")).etcd
     assert set(etcd_tls_flags(pki)) <= set(command)
@@ -39,16 +52,21 @@ def test_compose_etcd_answers_only_certificates_of_the_etcd_ca():
     assert f"{pki.root}:{pki.root}:ro" in etcd["volumes"]
 
 
-def _compose() -> dict:
-    return yaml.safe_load((REPO / "compose.yaml").read_text())
+def test_the_gpu_file_gives_nvml_to_the_allocator_and_the_containers_service():
+    services = _compose("compose.yaml", "compose.gpu.yaml")["services"]
+    for name in ("allocator", "containers"):
+        assert services[name]["runtime"] == "nvidia"
+        assert services[name]["environment"]["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "runtime" not in services["ownership"]
 
 
-def test_debians_docker_compose_accepts_the_files():
-    require_binary("docker-compose")
-    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
-        argv = ["docker-compose", *(arg for f in files for arg in ("-f", f)), "config", "-q"]
-        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, (files, result.stderr)
+def test_the_gateway_gets_mount_rights_not_privileged_mode():
+    """CAP_SYS_ADMIN for its pins, nothing else: no devices, no host PID namespace."""
+    ownership = _compose()["services"]["ownership"]
+    assert not ownership.get("privileged") and "pid" not in ownership
+    assert ownership["cap_add"] == ["SYS_ADMIN"]
+    pins = Config().state_dir / "pins"
+    assert f"{pins}:{pins}:rshared" in ownership["volumes"]  # dockerd must see the pins
 
 
 def test_each_service_is_healthy_over_mtls_and_starts_after_what_it_needs():

@@ -30,7 +30,7 @@ from ds01.core.pki import Pki
 from ds01.core.processes import start_dockerd
 from ds01.v1 import containers_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle, own_etcd_env
-from tests.harness import build_test_image
+from tests.harness import build_test_image, remove_tree
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -304,5 +304,4 @@ async def test_dockerd_restarted_during_a_create_leaves_nothing(
         await lifecycle.docker.close()
         await etcd.close()
         daemon[-1].stop()
-        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,13 @@ from ds01.core.config import Config, ContainersConfig, InventoryConfig
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import EtcdMember, free_port, start_dockerd, start_etcd_cluster
 from ds01.v1 import allocator_pb2, common_pb2
-from tests.harness import build_test_image, run_cli, write_config_file
+from tests.harness import (
+    ANY_PORT_METRICS,
+    build_test_image,
+    remove_tree,
+    run_cli,
+    write_config_file,
+)
 
 DS01D = str(Path(sys.executable).with_name("ds01d"))
 LIMITS = textwrap.dedent(
@@ -118,6 +123,7 @@ async def fleet(
             node=name,
             state_dir=state_dir,
             listen={s: f"127.0.0.1:{free_port()}" for s in SERVICES},
+            metrics=ANY_PORT_METRICS,
             etcd_endpoints=tuple(m.endpoint for m in members),
             limits_file=tmp_path / "resource-limits.yaml",
             inventory=InventoryConfig(source="declared", file=tmp_path / f"{name}-inventory.yaml"),
@@ -139,8 +145,7 @@ async def fleet(
             for container in _containers(docker_root):
                 subprocess.run(_docker(docker_root, "rm", "-f", container), capture_output=True)
             daemon.stop()
-            subprocess.run(["umount", "-R", str(docker_root / "exec")], capture_output=True)
-            shutil.rmtree(docker_root, ignore_errors=True)
+            remove_tree(docker_root)
 
 
 def _docker(docker_root: Path, *args: str) -> list[str]:

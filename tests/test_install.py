@@ -28,7 +28,7 @@ from ds01.core.install import (
 from ds01.core.pki import Pki
 from ds01.core.processes import docker_answers, spawn
 from tests.allocator_env import start_gateway
-from tests.harness import REPO, require_binary, write_config_file
+from tests.harness import REPO, remove_tree, require_binary, write_config_file
 
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
 ADMINS_OWN = "# the admin's own configuration: install keeps it\nnode: gpu7\n"
@@ -247,5 +247,4 @@ async def test_the_takeover_puts_dockerd_behind_root_and_every_client_behind_the
         for service in running:
             await service.stop(grace=0)
         dockerd.stop()
-        subprocess.run(["umount", "-R", str(root / "run/docker-exec")], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)

@@ -16,7 +16,7 @@ import yaml
 
 from ds01.core.etcd import etcd_answers_plain
 from ds01.core.processes import free_port, spawn
-from tests.harness import require_binary
+from tests.harness import remove_tree, require_binary
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
@@ -74,7 +74,7 @@ def local_config() -> Iterator[Path]:
             )
         )
         yield config
-        subprocess.run(["umount", "-R", str(state / "docker" / "exec")], capture_output=True)
+        remove_tree(state / "docker")
 
 
 def test_local_default_comes_up_healthy_and_ctrl_c_leaves_nothing(local_config: Path):

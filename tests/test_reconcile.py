@@ -11,8 +11,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
 import textwrap
 import time
@@ -40,6 +38,7 @@ from ds01.core.etcd import connect
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
+from tests.harness import remove_tree
 
 LIMITS = textwrap.dedent(
     """\
@@ -373,8 +372,7 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
         await lifecycle.docker.close()
         await etcd.close()
         daemon.stop()
-        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 
+from ds01.allocator import metrics as allocation_metrics
 from ds01.allocator.etcd_state import EtcdState, NodeRegistration
 from ds01.allocator.events import (
     AllocationEvent,
@@ -41,7 +42,7 @@ from ds01.allocator.service import (
     environment,
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.containers.adapters import METADATA
+from ds01.containers.adapters import METADATA, Metadata
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
@@ -391,6 +392,14 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
     )
+
+    async def container_types() -> dict[str, str]:
+        """Each recorded container's type (its `interface` in DS01's metrics)."""
+        found = await etcd.get_prefix(METADATA.encode())
+        records = (Metadata.decode(kv.value) for kv in found)
+        return {r.docker_name: r.container_type or "unknown" for r in records}
+
+    allocation_metrics.register(runtime.metrics, allocator, container_types)
     registration = _Registration(config.node)
     runtime.needs_etcd(etcd)
     runtime.needs_services(identity, "limits")

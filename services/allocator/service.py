@@ -74,6 +74,15 @@ def environment(granted: list[Granted]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": uuids, "NVIDIA_VISIBLE_DEVICES": uuids}
 
 
+@dataclass
+class AllocatorStats:
+    """Counts since the process started, for the metrics."""
+
+    preemptions: int = 0  # held slots of stopped containers given to another
+    lock_waits: int = 0  # requests that found their user's lock taken and waited
+    claim_conflicts: int = 0  # claims that lost to another process and were planned again
+
+
 class Allocator:
     def __init__(
         self,
@@ -90,6 +99,7 @@ class Allocator:
         # Slots this process is claiming right now: its other requests plan around them
         # instead of all picking the same best slot and losing the transaction.
         self._in_flight: dict[SlotKey, Holder] = {}
+        self.stats = AllocatorStats()
 
     async def allocate(
         self, request: Request, actor: Actor, wait_until: float | None = None
@@ -150,7 +160,9 @@ class Allocator:
                         self._in_flight.pop(key, None)
                 if claimed:
                     _log_preemptions(chosen, request.container)
+                    self.stats.preemptions += len(chosen.preempt)
                     return [Granted(slot, holder) for slot in chosen.slots]
+                self.stats.claim_conflicts += 1
                 continue
             # Another request of this user holds the lock (or a dead process still does,
             # until its lease runs out): wait for it outside this process's claim queue.
@@ -160,6 +172,7 @@ class Allocator:
                     Refusal.NO_CAPACITY,
                     f"another allocation for {request.user} held the lock too long; try again",
                 )
+            self.stats.lock_waits += 1
             await self.state.wait_unlocked(lock, remaining)
         raise AllocationRefused(
             Refusal.NO_CAPACITY, "the slots kept being taken by others; try again"

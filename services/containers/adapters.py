@@ -411,9 +411,13 @@ class SystemdSlices:
 
 def _daemon_reload() -> None:
     """Have systemd read the changed drop-ins (where systemd runs at all)."""
-    result = subprocess.run(
-        ["systemctl", "daemon-reload"], capture_output=True, text=True, timeout=60, check=False
-    )
+    try:
+        result = subprocess.run(
+            ["systemctl", "daemon-reload"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except FileNotFoundError:  # in a container (compose): the host's systemd reads them later
+        log.warning("no systemctl here: run `systemctl daemon-reload` on the host to apply")
+        return
     if result.returncode != 0:
         log.warning("systemctl daemon-reload failed: %s", result.stderr.strip())
 

@@ -8,6 +8,7 @@ back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -22,6 +23,9 @@ from ds01.core.pki import SERVICES, Pki
 ENV_CONFIG = "DS01_CONFIG"
 DEFAULT_CONFIG_PATH = Path("/etc/ds01/ds01.yaml")
 DEFAULT_PORTS = {"limits": 50051, "allocator": 50052, "containers": 50053, "ownership": 50054}
+# /metrics for Prometheus: the allocator (GPU metrics, DS01's names) keeps DS01's 9101.
+METRICS_PORTS = {"allocator": 9101, "limits": 9102, "containers": 9103, "ownership": 9104}
+LOG_FORMATS = ("text", "json")
 INVENTORY_SOURCES = ("auto", "declared", "nvml")
 
 
@@ -62,6 +66,18 @@ class OwnershipConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Each service's /metrics address; None: that service exports none.
+    listen: Mapping[str, str | None] = field(
+        default_factory=lambda: {s: f"127.0.0.1:{p}" for s, p in METRICS_PORTS.items()}
+    )
+    # Off loopback, one of these is required: a bearer token Prometheus must send
+    # (read from this file), or HTTPS with each service's own certificate.
+    token_file: Path | None = None
+    tls: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     node: str = field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/ds01")
@@ -75,7 +91,9 @@ class Config:
     containers: ContainersConfig = ContainersConfig()
     ownership: OwnershipConfig = OwnershipConfig()
     docker_host: str = "unix:///var/run/docker.sock"
+    metrics: MetricsConfig = MetricsConfig()
     log_level: str = "info"
+    log_format: str = "text"
     source: Path | None = None
 
     @property
@@ -126,7 +144,9 @@ def parse_config(text: str, file: Path) -> Config:
         containers=_read_containers(reader.section("containers"), base),
         ownership=_read_ownership(reader.section("ownership"), base),
         docker_host=reader.choice_str("docker", "host", Config.docker_host, _check_docker_host),
+        metrics=_read_metrics(reader.section("metrics"), base),
         log_level=reader.one_of("log_level", "info", ("debug", "info", "warning", "error")),
+        log_format=reader.one_of("log_format", "text", LOG_FORMATS),
         source=file,
     )
     reader.reject_unknown()
@@ -197,6 +217,53 @@ def _read_ownership(reader: _Reader, base: Path) -> OwnershipConfig:
     return ownership
 
 
+def _read_metrics(reader: _Reader, base: Path) -> MetricsConfig:
+    listen_reader = reader.section("listen")
+    listen: dict[str, str | None] = dict(MetricsConfig().listen)
+    for service in SERVICES:
+        value = listen_reader.raw.get(service, listen[service])
+        listen_reader.used.add(service)
+        if value in (False, "off", None):  # YAML reads a bare off as False
+            listen[service] = None
+            continue
+        listen[service] = listen_reader.str(service, value, check=_check_metrics_address)
+    listen_reader.reject_unknown()
+    token = reader.str("token_file", "")
+    metrics = MetricsConfig(
+        listen=listen,
+        token_file=reader.path("token_file", Path(), base) if token else None,
+        tls=reader.flag("tls", False),
+    )
+    if metrics.token_file is not None and not metrics.token_file.is_file():
+        raise reader.error("token_file", f"{metrics.token_file} does not exist")
+    for service, address in listen.items():
+        open_to_network = address is not None and not _loopback(address)
+        if open_to_network and metrics.token_file is None and not metrics.tls:
+            raise reader.error(
+                f"listen.{service}",
+                f"{address} is not loopback: anyone on the network could read who holds "
+                "which GPU; set metrics.token_file or metrics.tls: true, or listen on 127.0.0.1",
+            )
+    reader.reject_unknown()
+    return metrics
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_metrics_address(value: str) -> str | None:
+    """HOST:PORT; port 0 takes any free port (the log says which)."""
+    host, sep, port = value.rpartition(":")
+    if sep and host and port == "0":
+        return None
+    return _check_address(value)
+
+
 def _check_address(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host:
@@ -262,6 +329,14 @@ class _Reader:
         sub = self.section(section)
         value = sub.str(key, default, check)
         sub.reject_unknown()
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
         return value
 
     def one_of(self, key: str, default: str, choices: tuple[str, ...]) -> str:

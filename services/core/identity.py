@@ -102,15 +102,10 @@ def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> P
     return Principal(name=name, kind=roles.kind_of(name), certificate_expires=expires)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call and exposes the caller through :func:`caller`."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps the behaviour of each method it does not skip."""
 
-    # Health checks and reflection carry no user data; they still require mTLS at
-    # the transport, but need no principal.
-    PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-    def __init__(self, roles: Roles) -> None:
-        self.roles = roles
+    SKIPPED: tuple[str, ...] = ()  # method name prefixes passed through unwrapped
 
     async def intercept_service(
         self,
@@ -118,9 +113,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self.PUBLIC_PREFIXES):
+        if handler is None or handler_call_details.method.startswith(self.SKIPPED or ("\0",)):
             return handler
-        return _wrap_handler(handler, self._authenticate, handler_call_details.method)
+        return self.wrap(handler, handler_call_details.method)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class AuthInterceptor(WrappingInterceptor):
+    """Authenticates every call and exposes the caller through :func:`caller`."""
+
+    # Health checks and reflection carry no user data; they still require mTLS at
+    # the transport, but need no principal.
+    SKIPPED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, roles: Roles) -> None:
+        self.roles = roles
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _wrap_handler(handler, self._authenticate, method)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         return principal_from_auth_context(context.auth_context(), self.roles)
@@ -183,6 +195,16 @@ def _wrap_handler(
 
         return wrapper
 
+    return rebuild_handler(handler, unary, streaming)
+
+
+def rebuild_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Any], Any],
+    streaming: Callable[[Any], Any],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped: ``unary`` for calls answered once,
+    ``streaming`` for answer streams (what interceptors of grpc.aio must rebuild)."""
     common = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -143,7 +143,7 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
             running.append(await start_service(service_spec(name), context))
         for service in running:  # the first check of what each one needs
             await service.ready(timeout=10)
-        print(_summary(config, running, deps.notes), flush=True)
+        print(_summary(config, running, deps.notes, foreground=local), flush=True)
         await stop.wait()
         log.info("stopping")
         _exit_if_still_stopping_after(STOP_SECONDS)
@@ -179,7 +179,10 @@ def _waiting(service: RunningService) -> str:
     return "  (not serving yet: " + "; ".join(f"{d.name}: {d.detail}" for d in missing) + ")"
 
 
-def _summary(config: Config, running: list[RunningService], notes: list[str]) -> str:
+def _summary(
+    config: Config, running: list[RunningService], notes: list[str], foreground: bool
+) -> str:
+    """What runs where; for the local default (a person at a terminal), what to do next."""
     lines = [f"ds01 is up on node {config.node} (mutual TLS on every port)"]
     lines += [f"  {s.spec.name:<10} {s.address}{_waiting(s)}" for s in running]
     lines += [f"  {note}" for note in notes]
@@ -187,6 +190,8 @@ def _summary(config: Config, running: list[RunningService], notes: list[str]) ->
         lines.append(f"  gpus       {load_inventory(config).describe()}")
     except InventoryError as err:
         lines.append(f"  gpus       inventory unavailable: {err}")
+    if not foreground:  # under systemd or compose: the log needs no advice
+        return "\n".join(lines)
     default = config.source in (None, DEFAULT_CONFIG_PATH)
     config_hint = "" if default else f"DS01_CONFIG={config.source} "
     config_hint += str(Path(sys.argv[0]).with_name("ds01"))

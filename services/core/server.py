@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from importlib import metadata
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -29,11 +30,13 @@ from ds01.core.dependencies import CHECK_TIMEOUT, Dependencies, StatusServicer
 from ds01.core.etcd import etcd_status
 from ds01.core.identity import AuthInterceptor, Roles, caller
 from ds01.core.messages import abort
+from ds01.core.metrics import MetricsEndpoint, ServiceMetrics, start_endpoint
 from ds01.core.tls import server_credentials
 from ds01.v1 import identity_pb2, identity_pb2_grpc, status_pb2, status_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VERSION = metadata.version("ds01")
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name
@@ -53,6 +56,7 @@ class ServiceRuntime:
 
     context: ServiceContext
     health: HealthServicer
+    metrics: ServiceMetrics
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # What the service needs; its health says SERVING only while all of them answer.
     dependencies: Dependencies = field(default_factory=Dependencies)
@@ -123,7 +127,13 @@ class RunningService:
     server: grpc.aio.Server
     address: str
     runtime: ServiceRuntime
+    metrics_endpoint: MetricsEndpoint | None = None
     _stopped: bool = field(default=False, init=False)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """Where Prometheus scrapes this service (None: metrics are off)."""
+        return self.metrics_endpoint.address if self.metrics_endpoint else None
 
     @property
     def health(self) -> HealthServicer:
@@ -139,6 +149,8 @@ class RunningService:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         for hook in reversed(self.runtime.on_stop):
             await hook()
 
@@ -171,12 +183,14 @@ async def start_service(
         raise ServiceStartError(
             f"{spec.name}: no certificate in {config.pki.root}: run `ds01 admin pki init`"
         )
+    metrics = ServiceMetrics(spec.name, config.node, VERSION)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(context.roles)],
+        interceptors=[metrics.interceptor(), AuthInterceptor(context.roles)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     health = HealthServicer()
-    runtime = ServiceRuntime(context, health)
+    runtime = ServiceRuntime(context, health, metrics)
+    metrics.follow(runtime.dependencies)
     await spec.register(server, runtime)
     await runtime.dependencies.attach(health, spec.grpc_services)
     if runtime.dependencies.items:
@@ -212,7 +226,14 @@ async def start_service(
     bound = f"{host}:{port}"
     await server.start()
     log.info("%s serving on %s (mutual TLS)", spec.name, bound)
-    return RunningService(spec=spec, server=server, address=bound, runtime=runtime)
+    metrics.loop = asyncio.get_running_loop()
+    return RunningService(
+        spec=spec,
+        server=server,
+        address=bound,
+        runtime=runtime,
+        metrics_endpoint=start_endpoint(metrics, config),
+    )
 
 
 def contract_only_spec(

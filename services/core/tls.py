@@ -10,6 +10,7 @@ certificate first and reports those cases as UNAUTHENTICATED with the reason.)
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,15 @@ def server_credentials(pki: Pki, service: str) -> grpc.ServerCredentials:
         root_certificates=pki.ca_cert.read_bytes(),
         require_client_auth=True,
     )
+
+
+def server_context(pki: Pki, service: str) -> ssl.SSLContext:
+    """TLS with the service's own certificate, for HTTP endpoints such as /metrics (the
+    scraper verifies it with the suite's CA; no client certificate is asked for)."""
+    paths = pki.service(service)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(paths.cert, paths.key)
+    return context
 
 
 def channel_credentials(ca_cert: Path, identity: CertPaths | None) -> grpc.ChannelCredentials:

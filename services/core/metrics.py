@@ -1,0 +1,261 @@
+"""Prometheus metrics of one ds01 service: its registry, its /metrics endpoint, and what
+every service reports (gRPC calls, dependencies, what runs where).
+
+Each service has its own registry and port (DS01's exporter port, 9101, is the
+allocator's, whose GPU metrics carry DS01's names), so the same metrics come out whether
+the services share a process (``ds01d --services all``) or not (systemd, compose).
+State that lives in etcd or Docker is read when Prometheus scrapes, on the service's own
+event loop, never on a timer: a scrape sees the state of that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+from ds01.core.config import Config
+from ds01.core.dependencies import Dependencies
+from ds01.core.identity import WrappingInterceptor, rebuild_handler
+from ds01.core.tls import server_context
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Seconds: from a cached limits answer (sub-millisecond) to a queued allocation.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SCRAPE_TIMEOUT = 5.0  # seconds a scrape waits for the service's loop to read its state
+
+
+class ServiceMetrics:
+    """The metrics of one service, in a registry of its own."""
+
+    def __init__(self, service: str, node: str, version: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the service starts
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "gRPC calls completed, by service, method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=self.registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from a gRPC call's arrival to its last answer (streams: until they end).",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        info = GaugeMetricFamily(
+            "ds01_exporter_info",
+            "Which ds01 service and version this endpoint is (always 1).",
+            labels=["version", "service", "node"],
+        )
+        info.add_metric([version, service, node], 1)
+        self.add(lambda: [info])
+
+    def add(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Report what ``collect`` returns at each scrape (it runs in the HTTP thread)."""
+        self.registry.register(_Collector(collect))
+
+    def add_async(self, collect: Callable[[], Awaitable[Iterable[Metric]]]) -> None:
+        """Like :meth:`add`, for state read on the service's loop (etcd, Docker)."""
+
+        def run() -> Iterable[Metric]:
+            if self.loop is None or self.loop.is_closed():
+                return []
+            future = asyncio.run_coroutine_threadsafe(collect(), self.loop)  # type: ignore[arg-type]
+            try:
+                return future.result(SCRAPE_TIMEOUT)
+            except Exception as err:  # the scrape goes on; the gap shows in Prometheus
+                future.cancel()
+                log.warning("%s metrics: cannot read the state: %r", self.service, err)
+                return []
+
+        self.add(run)
+
+    def follow(self, dependencies: Dependencies) -> None:
+        def collect() -> Iterator[Metric]:
+            up = GaugeMetricFamily(
+                "ds01_dependency_up",
+                "Whether what the service needs (etcd, dockerd, a fellow service) answered "
+                "its last check (1) or not (0).",
+                labels=["service", "dependency", "target"],
+            )
+            for d in dependencies.items:
+                up.add_metric([self.service, d.name, d.target], 1 if d.available else 0)
+            yield up
+
+        self.add(collect)
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _MetricsInterceptor(self)
+
+
+class _Collector(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
+
+
+class _MetricsInterceptor(WrappingInterceptor):
+    """Counts and times every call by service, method and the status it ended with."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        service, _, name = method.lstrip("/").rpartition("/")
+        handled, handling = self.metrics.handled, self.metrics.handling
+
+        @contextlib.contextmanager
+        def recorded(context: grpc.aio.ServicerContext) -> Iterator[None]:
+            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
+            try:
+                yield
+                code = context.code() or grpc.StatusCode.OK
+            except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:  # an abort set the code; anything else is UNKNOWN
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                status = _status(code).name
+                handled.labels(service, name, status).inc()
+                handling.labels(service, name, status).observe(time.perf_counter() - started)
+
+        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(behavior)
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with recorded(context):
+                    return await behavior(request, context)
+
+            return wrapper
+
+        def streaming(
+            behavior: Callable[..., AsyncIterator[Any]],
+        ) -> Callable[..., AsyncIterator[Any]]:
+            @functools.wraps(behavior)
+            async def wrapper(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                with recorded(context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            return wrapper
+
+        return rebuild_handler(handler, unary, streaming)
+
+
+def _status(code: Any) -> grpc.StatusCode:
+    """grpc.aio reports a code set by abort() as a StatusCode or, in some versions, its int."""
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
+class MetricsEndpoint:
+    """``GET /metrics`` over HTTP in a thread of its own, so a slow scrape never holds the
+    service's loop. Off loopback it needs TLS (the service's own certificate) or a bearer
+    token, so nobody on the network reads who holds which GPU."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        address: str,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.address = address
+        self.token = token
+        self.tls = tls
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Listen; the bound HOST:PORT (port 0 in the config takes any free port)."""
+        host, _, port = self.address.rpartition(":")
+        app = _with_token(make_wsgi_app(self.metrics.registry), self.token)
+        server = make_server(
+            host.strip("[]"), int(port), app, ThreadingWSGIServer, handler_class=_Quiet
+        )
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"{self.metrics.service}-metrics", daemon=True
+        )
+        self._thread.start()
+        return f"{host}:{server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: " + format, *args)
+
+
+def _with_token(app: Callable[..., Any], token: str | None) -> Callable[..., Any]:
+    if token is None:
+        return app
+    expected = f"Bearer {token}".encode()
+
+    def checked(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if not hmac.compare_digest(given, expected):
+            start_response("401 Unauthorized", [("WWW-Authenticate", 'Bearer realm="ds01"')])
+            return [b"a bearer token is required (metrics.token_file)\n"]
+        return app(environ, start_response)
+
+    return checked
+
+
+def start_endpoint(metrics: ServiceMetrics, config: Config) -> MetricsEndpoint | None:
+    """The service's /metrics as ds01.yaml sets it (``metrics``), started; None if off."""
+    address = config.metrics.listen.get(metrics.service)
+    if not address:
+        return None
+    token = None
+    if config.metrics.token_file is not None:
+        token = config.metrics.token_file.read_text().strip()
+    tls = server_context(config.pki, metrics.service) if config.metrics.tls else None
+    endpoint = MetricsEndpoint(metrics, address, token, tls)
+    try:
+        bound = endpoint.start()
+    except OSError as err:  # the service still serves; Prometheus will report it down
+        log.error(
+            "%s: cannot serve metrics on %s (%s): change metrics.listen.%s",
+            metrics.service, address, err.strerror, metrics.service,
+        )  # fmt: skip
+        return None
+    log.info("%s metrics on %s://%s/metrics", metrics.service, "https" if tls else "http", bound)
+    endpoint.address = bound
+    return endpoint

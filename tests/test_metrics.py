@@ -1,0 +1,112 @@
+"""/metrics of each service: DS01's names for who holds which GPU, gRPC calls by method
+and status, dependencies, and an endpoint that is safe off loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ds01.client import Ds01Error
+from ds01.core.config import ConfigError, parse_config
+from ds01.core.metrics import MetricsEndpoint, ServiceMetrics
+from tests.allocator_env import AllocatorEnv
+
+
+def scrape(address: str, token: str | None = None) -> dict[str, list[tuple[dict, float]]]:
+    """Every sample of the endpoint, by sample name: (labels, value)."""
+    request = urllib.request.Request(f"http://{address}/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    found = [v for have, v in samples.get(name, []) if labels.items() <= have.items()]
+    return sum(found) if found else None
+
+
+async def scrape_off_loop(address: str) -> dict[str, list[tuple[dict, float]]]:
+    """A scrape reads etcd on the service's loop: it must come from another thread."""
+    return await asyncio.to_thread(scrape, address)
+
+
+async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
+    address = env.services["allocator"].metrics_address
+    assert address is not None
+    async with env.client("alice") as alice:
+        await alice.allocate("proj._.alice")
+    samples = await scrape_off_loop(address)
+    [(labels, one)] = samples["ds01_gpu_allocated"]
+    assert one == 1
+    assert labels["user"] == "alice" and labels["container"] == "proj._.alice"
+    assert labels["gpu_slot"] == "2.1" and labels["state"] == "allocated"  # DS01's "2.1"
+    assert labels["node"] == env.config.node
+    assert value(samples, "ds01_user_gpus_allocated", user="alice") == 1
+    assert value(samples, "ds01_user_gpu_equivalents", user="alice") == pytest.approx(2 / 7)
+    assert value(samples, "ds01_gpu_equivalents", state="allocated") == pytest.approx(2 / 7)
+    assert value(samples, "ds01_node_up", node=env.config.node) == 1
+    migs = {labels["mig_uuid"] for labels, _ in samples["ds01_mig_slot_info"]}
+    assert "MIG-0002-1" in migs
+    assert value(samples, "ds01_exporter_info", service="allocator") == 1
+
+
+async def test_grpc_calls_are_counted_by_method_and_status(env: AllocatorEnv):
+    address = env.services["allocator"].metrics_address
+    assert address is not None
+    before = await scrape_off_loop(address)
+    async with env.client("alice") as alice:
+        await alice.allocate("one._.alice")
+        with pytest.raises(Ds01Error):
+            await alice.allocate("one._.bob")  # not hers to name: refused
+    after = await scrape_off_loop(address)
+
+    def grown(code: str) -> float:
+        name = "grpc_server_handled_total"
+        labels = {"grpc_method": "Allocate", "grpc_code": code}
+        return (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
+    assert grown("OK") == 1
+    assert grown("INVALID_ARGUMENT") == 1
+    timed = value(after, "grpc_server_handling_seconds_count", grpc_method="Allocate")
+    assert timed is not None and timed >= 2
+    assert value(after, "ds01_dependency_up", dependency="etcd") == 1
+
+
+def test_metrics_off_loopback_need_a_token_or_tls(tmp_path: Path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    for listen in ("0.0.0.0:9101", "192.0.2.7:9101", "[::]:9101", "gpu7.lab:9101"):
+        with pytest.raises(ConfigError, match="not loopback"):
+            parse_config(f"metrics: {{listen: {{allocator: '{listen}'}}}}", tmp_path / "a.yaml")
+        for extra in (f"token_file: {token}", "tls: true"):
+            text = f"metrics: {{listen: {{allocator: '{listen}'}}, {extra}}}"
+            assert parse_config(text, tmp_path / "a.yaml").metrics.listen["allocator"] == listen
+    config = parse_config("metrics: {listen: {allocator: off}}", tmp_path / "a.yaml")
+    assert config.metrics.listen["allocator"] is None
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config("metrics: {token_file: nowhere}", tmp_path / "a.yaml")
+
+
+def test_a_token_protected_endpoint_refuses_scrapes_without_it():
+    metrics = ServiceMetrics("limits", "n1", "0.1.0")
+    endpoint = MetricsEndpoint(metrics, "127.0.0.1:0", token="s3cret")
+    address = endpoint.start()
+    try:
+        for wrong in (None, "wrong", "S3CRET", "s3cre", "s3cret2"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                scrape(address, wrong)
+            assert refused.value.code == 401
+        assert value(scrape(address, "s3cret"), "ds01_exporter_info", service="limits") == 1
+    finally:
+        endpoint.stop()
