@@ -2,7 +2,8 @@
 # Installs what ds01 needs on a fresh Debian machine, and nothing that is already there:
 #   Debian packages: etcd-server and etcd-client, docker.io, busybox-static (offline test image), python3-venv,
 #     docker-compose and curl (clients the gateway tests drive), nodejs/npm when missing,
-#     systemd (systemd-analyze checks the installed units) and passwd (gpasswd)
+#     systemd (systemd-analyze checks the installed units), passwd (gpasswd) and prometheus
+#     (a real Prometheus scrapes the services in a test; promtool checks the alert rules)
 #   npm: the Dev Containers CLI (what VS Code runs underneath), pinned
 #   the Python project, editable, in .venv (versions pinned by constraints.txt)
 # Safe to run again; a second run takes a second.
@@ -21,6 +22,7 @@ command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # units are verified
 command -v gpasswd >/dev/null 2>&1 || need_apt+=(passwd)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # scrapes /metrics in a test
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

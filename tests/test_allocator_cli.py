@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
+import time
 
 from tests.allocator_env import AllocatorEnv, etcd_revision
 
@@ -50,12 +52,17 @@ async def test_events_since_a_revision_print_the_history_as_json(
         await alice.release("ev._.alice")
     result = await env.cli("root", "-o", "json", "events", "--since", str(start))
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    mine = [e for e in lines if e["allocation"].get("container") == "ev._.alice"]
-    assert [e["type"] for e in mine] == [
-        "ALLOCATION_EVENT_TYPE_ALLOCATED",
-        "ALLOCATION_EVENT_TYPE_RELEASED",
+    mine = [e for e in lines if e["container"] == "ev._.alice"]
+    assert [(e["source"], e["type"]) for e in mine] == [
+        ("allocation", "allocated"),
+        ("allocation", "released"),
     ]
-    assert int(mine[0]["revision"]) < int(mine[1]["revision"])
+    assert mine[0]["revision"] < mine[1]["revision"]
+    assert mine[1]["detail"] == "by alice"
+    for event in mine:  # each with its time, in this host's zone
+        moment = dt.datetime.fromisoformat(event["time"])
+        assert moment.tzinfo is not None
+        assert abs(moment.timestamp() - time.time()) < 60
 
 
 async def test_events_follow_streams_new_events(env: AllocatorEnv):
@@ -78,8 +85,11 @@ async def test_events_follow_streams_new_events(env: AllocatorEnv):
         await asyncio.sleep(1.5)
         async with env.client("bob") as bob:
             await bob.allocate("f._.bob")
+        header = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        assert header.split()[:5] == ["TIME", "REVISION", "EVENT", "USER", "CONTAINER"]
         line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
-        assert "allocated" in line and "n1/2:1" in line and "bob f._.bob" in line
+        assert line.split()[3:7] == ["allocated", "bob", "f._.bob", "n1/2:1"], line
+        assert line.startswith(f"{dt.date.today():%Y-%m-%d} ")
     finally:
         process.send_signal(signal.SIGINT)
         await process.wait()

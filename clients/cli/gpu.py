@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
-import json
 import sys
 
 import click
 from google.protobuf import json_format
 
 from ds01.cli.common import Settings, call, output_option, print_table
-from ds01.client import Ds01Client
 from ds01.v1 import allocator_pb2, common_pb2
 
 _STATE = {
@@ -139,52 +135,3 @@ def validate(settings: Settings, container: str, slot: str, node: str) -> None:
         return
     click.echo(result.reason)
     sys.exit(1)
-
-
-_EVENT_NAMES = {
-    value.number: value.name.removeprefix("ALLOCATION_EVENT_TYPE_").lower()
-    for value in allocator_pb2.AllocationEventType.DESCRIPTOR.values
-}
-
-
-def event_line(event: allocator_pb2.WatchAllocationsResponse) -> str:
-    a = event.allocation
-    line = (
-        f"{event.revision:>8} {_EVENT_NAMES[event.type]:<13} {a.slot.node}/{a.slot.slot_id:<6} "
-        f"{a.user} {a.container}"
-    )
-    if event.HasField("previous"):
-        line += f" (displaced {event.previous.container} of {event.previous.user})"
-    if event.released_by:
-        line += f" (by {event.released_by})"
-    return line
-
-
-@click.command()
-@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
-@click.option("--since", type=click.IntRange(min=0), default=0, help="Start after this revision.")
-@output_option
-@click.pass_obj
-def events(settings: Settings, follow: bool, since: int, output: str | None) -> None:
-    """Allocation events, each with its etcd revision (resume with --since REV)."""
-    if not follow and not since:
-        raise click.UsageError("use --follow, or --since REV to print what happened after REV")
-    as_json = (output or settings.output) == "json"
-
-    async def stream(client: Ds01Client) -> None:
-        events = client.watch_allocations(since)
-        while True:
-            try:
-                # Without --follow, stop once the history is printed (a second of quiet).
-                event = await asyncio.wait_for(anext(events), None if follow else 1.0)
-            except (TimeoutError, StopAsyncIteration):
-                return
-            if as_json:
-                click.echo(
-                    json.dumps(json_format.MessageToDict(event, preserving_proto_field_name=True))
-                )
-            else:
-                click.echo(event_line(event))
-
-    with contextlib.suppress(KeyboardInterrupt):
-        call(settings, stream)

@@ -11,9 +11,11 @@ from typing import Any
 import click
 import grpc
 
+from ds01.cli.audit import audit
 from ds01.cli.common import Settings, call, fail, print_table, run
 from ds01.cli.container import container
-from ds01.cli.gpu import events, gpu
+from ds01.cli.events import events
+from ds01.cli.gpu import gpu
 from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
@@ -187,6 +189,7 @@ def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None)
 
 
 admin.add_command(import_ds01)
+admin.add_command(audit)
 admin.add_command(install_command)
 
 

@@ -22,6 +22,8 @@ from ds01.core.tls import certificate_problem, channel_credentials
 from ds01.v1 import (
     allocator_pb2,
     allocator_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     containers_pb2,
     containers_pb2_grpc,
@@ -36,6 +38,7 @@ from ds01.v1 import (
 T = TypeVar("T")
 _IdentityStub = identity_pb2_grpc.IdentityServiceStub
 _StatusStub = status_pb2_grpc.StatusServiceStub
+_AuditStub = audit_pb2_grpc.AuditServiceStub
 _LimitsStub = limits_pb2_grpc.LimitsServiceStub
 _AllocatorStub = allocator_pb2_grpc.AllocatorServiceStub
 _ContainersStub = containers_pb2_grpc.ContainersServiceStub
@@ -150,6 +153,15 @@ class Ds01Client:
         request = status_pb2.GetServiceStatusRequest()
         return await self.unary(service, _StatusStub, "GetServiceStatus", request)
 
+    async def audit_records(
+        self, user: str = "", since: float | None = None, page_size: int = 0
+    ) -> audit_pb2.ListAuditRecordsResponse:
+        """The fleet's audit trail from ``since`` (epoch seconds) on; admins only."""
+        request = audit_pb2.ListAuditRecordsRequest(user=user, page_size=page_size)
+        if since is not None:
+            request.since.FromSeconds(int(since))
+        return await self.unary("limits", _AuditStub, "ListAuditRecords", request)
+
     async def whoami(self, service: str = "limits") -> identity_pb2.WhoAmIResponse:
         request = identity_pb2.WhoAmIRequest()
         return await self.unary(service, _IdentityStub, "WhoAmI", request)
@@ -237,6 +249,16 @@ class Ds01Client:
         request = allocator_pb2.WatchAllocationsRequest(since_revision=since_revision)
         stub = _AllocatorStub(self.channel("allocator"))
         return self._follow("allocator", stub.WatchAllocations(request))
+
+    def watch_container_events(
+        self, since_revision: int = 0, user: str = ""
+    ) -> AsyncIterator[containers_pb2.WatchContainerEventsResponse]:
+        """Every container lifecycle event after ``since_revision`` (0: from now on)."""
+        request = containers_pb2.WatchContainerEventsRequest(
+            since_revision=since_revision, user=user
+        )
+        stub = _ContainersStub(self.channel("containers"))
+        return self._follow("containers", stub.WatchContainerEvents(request))
 
     async def create_container(
         self,

@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aetcd
 from aetcd.exceptions import RevisionCompactedError
 
 from ds01.allocator.records import ALLOC, HOLDERS, RELEASED, Holder, ReleaseMark, split_slot_key
+
+T = TypeVar("T")
 
 
 class EventKind(enum.Enum):
@@ -37,6 +41,20 @@ class AllocationEvent:
     revision: int
     previous: Holder | None = None  # the displaced holder of a preemption
     released_by: str = ""
+    released_at: float = 0.0  # for a release: when, as its mark says
+
+    @property
+    def time(self) -> float:
+        """When it happened, as the records say; now if they do not say (a hold cleared,
+        an expiry noticed, a release marked before its time was kept)."""
+        moments = {
+            EventKind.ALLOCATED: self.holder.since,
+            EventKind.PREEMPTED: self.holder.since,
+            EventKind.HELD: self.holder.stopped_at,
+            EventKind.HOLD_EXPIRED: self.holder.hold_until,
+            EventKind.RELEASED: self.released_at,
+        }
+        return moments.get(self.kind) or time.time()
 
     @property
     def users(self) -> set[str]:
@@ -46,6 +64,7 @@ class AllocationEvent:
 
 class HistoryCompacted(Exception):
     def __init__(self, compact_revision: int) -> None:
+        self.revision = compact_revision
         super().__init__(
             f"etcd has compacted the history before revision {compact_revision}; "
             "read the current state (GetStatus) and watch again from its revision"
@@ -86,8 +105,9 @@ class EventTranslator:
             holder = previous or _NOBODY
             if mark is not None and mark[0] == revision:
                 return AllocationEvent(
-                    EventKind.RELEASED, node, slot_id, holder, revision, released_by=mark[1].by
-                )
+                    EventKind.RELEASED, node, slot_id, holder, revision,
+                    released_by=mark[1].by, released_at=mark[1].at,
+                )  # fmt: skip
             kind = EventKind.HOLD_EXPIRED if holder.stopped else EventKind.RELEASED
             return AllocationEvent(kind, node, slot_id, holder, revision)
         holder = Holder.decode(event.kv.value, event.kv.mod_revision, event.kv.lease)
@@ -120,6 +140,21 @@ async def watch_allocations(
         raise HistoryCompacted(err.compacted_revision) from err
     finally:
         await watch.cancel()
+
+
+async def from_oldest_kept(
+    watch: Callable[[int], AsyncIterator[T]], since_revision: int
+) -> AsyncIterator[T]:
+    """``watch(since_revision)``; revision 1 asks for the oldest history etcd keeps, so a
+    compacted history begins where etcd's does instead of failing."""
+    try:
+        async for event in watch(since_revision):
+            yield event
+    except HistoryCompacted as err:
+        if since_revision > 1:
+            raise
+        async for event in watch(err.revision - 1):
+            yield event
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,4 @@ class ReleaseMark(JsonRecord):
     user: str
     by: str  # who released it: a user, an admin or svc:<service>
     reason: str = "released"
+    at: float = 0.0  # when (epoch seconds); 0 in marks written before it was kept

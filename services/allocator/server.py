@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -20,6 +21,7 @@ from ds01.allocator.events import (
     EventKind,
     HistoryCompacted,
     Overflow,
+    from_oldest_kept,
     watch_allocations,
 )
 from ds01.allocator.inventory import load_inventory
@@ -251,9 +253,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         actor = await self._actor(context)
         if request.since_revision:  # a replay from etcd's history, then live
             try:
-                async for event in watch_allocations(
-                    self.allocator.state.client, request.since_revision
-                ):
+                client = self.allocator.state.client
+                watch = functools.partial(watch_allocations, client)
+                async for event in from_oldest_kept(watch, request.since_revision):
                     if actor.privileged or actor.name in event.users:
                         yield event_message(event, actor)
             except HistoryCompacted as err:
@@ -354,6 +356,7 @@ def event_message(event: AllocationEvent, actor: Actor) -> allocator_pb2.WatchAl
         allocation=holding_message(slot, _visible(event.holder, actor)),
         revision=event.revision,
         released_by=event.released_by,
+        time=timestamp(event.time),
     )
     if event.kind in (EventKind.RELEASED, EventKind.HOLD_EXPIRED):
         message.allocation.state = common_pb2.SLOT_STATE_FREE

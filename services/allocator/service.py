@@ -252,7 +252,9 @@ class Allocator:
             )
 
         async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
-            mark = ReleaseMark(container=container, user=held[0][1].user, by=actor.name)
+            mark = ReleaseMark(
+                container=container, user=held[0][1].user, by=actor.name, at=time.time()
+            )
             return await self.state.release(held, mark)
 
         held = await self._change(container, actor, change)

@@ -37,6 +37,7 @@ from ds01.containers.adapters import (
     host_account,
 )
 from ds01.containers.adoption import Seen, docker_time, gpu_references, unaccounted
+from ds01.containers.events import Kind, LifecycleEvents
 from ds01.containers.spec import (
     Account,
     ContainerSpec,
@@ -117,17 +118,24 @@ class Lifecycle:
     _in_flight: set[str] = field(default_factory=set)  # users with a create under way
     busy: Counter[str] = field(default_factory=Counter)  # containers being started, ...
     intents: IntentStore = field(init=False)
+    # Published in etcd for monitors; counted for the metrics.
+    events: LifecycleEvents = field(default_factory=lambda: LifecycleEvents(None, ""))
 
     def __post_init__(self) -> None:
         self.intents = IntentStore(self.metadata.client, self.node)
+        self.events.node = self.events.node or self.node
 
     async def create(self, request: CreateRequest) -> Metadata:
         lock = self._creating.setdefault(request.user, asyncio.Lock())
         async with lock:
             try:
-                return await self._create(request)
+                made = await self._create(request)
             finally:
                 self._in_flight.discard(request.user)
+        await self.events.publish(Kind.CREATED, made, f"image {made.image}")
+        if request.start:
+            await self.events.publish(Kind.STARTED, made)
+        return made
 
     async def _create(self, request: CreateRequest) -> Metadata:
         step = "checking the request"
@@ -247,7 +255,11 @@ class Lifecycle:
                 gpu_slots=list(slots),
                 workspace=str(workspace or ""),
                 data_dirs=[str(d) for d in data_dirs],
-                limits={"cpus": spec.limits.cpus, "memory": spec.limits.memory},
+                limits={
+                    "cpus": spec.limits.cpus,
+                    "memory": spec.limits.memory,
+                    "cgroup_parent": spec.limits.cgroup_parent,  # the user's usage metrics
+                },
                 container_type=request.container_type,
                 named=True,
                 status="running" if request.start else "created",
@@ -349,7 +361,8 @@ class Lifecycle:
                 await self._allocator(
                     self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
                 )
-            return metadata
+        await self.events.publish(Kind.STARTED, metadata, _by(user, metadata))
+        return metadata
 
     async def _check_adopted_gpus(self, metadata: Metadata, container: Any) -> None:
         """A container from DS01 or mlc names its GPUs itself (labels, devices,
@@ -391,7 +404,8 @@ class Lifecycle:
                 await self._allocator(
                     self.client.mark_stopped(metadata.docker_name, manual), "holding the GPU"
                 )
-            return metadata
+        await self.events.publish(Kind.STOPPED, metadata, _by(user, metadata, manual))
+        return metadata
 
     async def remove(self, user: str, privileged: bool, name: str, exact: bool = False) -> None:
         with self._busy(user, name):
@@ -403,6 +417,7 @@ class Lifecycle:
             if metadata.gpu_slots:
                 await self._release(metadata.docker_name)
             await self.metadata.delete(metadata.docker_name)
+        await self.events.publish(Kind.REMOVED, metadata, _by(user, metadata, not exact))
 
     async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
         """The containers, and the creates still in progress or being undone."""
@@ -619,6 +634,13 @@ def apply_user_limits(
 def group_slice(slice_name: str, user: str) -> str:
     """ds01-<group>-<user>.slice -> ds01-<group>.slice: the parent systemd makes of it."""
     return slice_name.removesuffix(f"-{sanitize_for_systemd(user)}.slice") + ".slice"
+
+
+def _by(user: str, metadata: Metadata, manual: bool = True) -> str:
+    """Who acted, for the event: a person, or a policy of the reconciler."""
+    if not manual:
+        return "by policy"
+    return "" if user == metadata.user else f"by {user}"
 
 
 def cgroup_parent_for(slice_name: str, driver: str) -> str:

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from ds01.containers.adoption import (
     made_by_gateway,
     plan_import,
 )
+from ds01.containers.events import Kind
 from ds01.containers.gpu_activity import NvmlActivity
 from ds01.containers.lifecycle import (
     Code,
@@ -263,6 +265,9 @@ class Reconciler:
     _sweeping: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Containers that started or died: their runs are counted at once, not at a sweep.
     _runs: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    actions: Counter[str] = field(default_factory=Counter)  # what it did, for the metrics
+    _events: Any = None  # Docker's event stream while run() runs; closed when it ends
+    _stopped: bool = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -279,20 +284,25 @@ class Reconciler:
                 self._wake.clear()
         finally:
             accounting.cancel()
+            self._stopped = True  # the thread following Docker's events ends too
+            if self._events is not None:
+                with contextlib.suppress(Exception):
+                    self._events.close()
 
     def _follow_docker_events(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake the sweep on every container event; reconnect when dockerd restarts."""
-        while True:
+        while not self._stopped:
             try:
-                events = self.lifecycle.docker.client.events(
+                self._events = events = self.lifecycle.docker.client.events(
                     decode=True, filters={"type": "container"}
                 )
                 loop.call_soon_threadsafe(self._wake.set)  # (re)connected: look again
                 for event in events:
                     loop.call_soon_threadsafe(self._on_event, event)
             except Exception as err:
-                log.info("Docker event stream interrupted (%s); reconnecting", err)
-            if loop.is_closed():
+                if not self._stopped:
+                    log.info("Docker event stream interrupted (%s); reconnecting", err)
+            if loop.is_closed() or self._stopped:
                 return
             time.sleep(1)
 
@@ -430,6 +440,7 @@ class Reconciler:
         if not await self.lifecycle.metadata.put_new(record):
             return None  # a create or a record has the name by now: not an orphan
         log.warning("adopted %s of %s, which ds01 had no record of", container.name, record.user)
+        await self.lifecycle.events.publish(Kind.ADOPTED, record, seen.container_type)
         return record
 
     async def _adopt_gpus(
@@ -537,6 +548,7 @@ class Reconciler:
         await self.lifecycle.metadata.delete(record.docker_name)
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
+        await self.lifecycle.events.publish(Kind.REMOVED, record, "removed outside ds01")
 
     async def _allocations(self) -> list[Any] | None:
         """This node's allocations; None if the allocator could not be asked."""
@@ -627,6 +639,8 @@ class Reconciler:
         if action is None:
             return
         who = f"{record.docker_name} ({record.user})"
+        self.actions[action.value] += 1
+        events = self.lifecycle.events
         try:
             if action is Action.WARN_IDLE and activity is not None:
                 # At the idle timeout, but never before the next sweep: the owner has at
@@ -644,8 +658,11 @@ class Reconciler:
                     record, lambda current: setattr(current, "notice", notice)
                 )
                 log.warning("%s: %s", who, notice)
+                await events.publish(Kind.IDLE_WARNING, record, notice)
             elif action in (Action.STOP_IDLE, Action.STOP_RUNTIME):
                 log.warning("stopping %s: %s", who, action.value)
+                stopping = Kind.IDLE_STOP if action is Action.STOP_IDLE else Kind.RUNTIME_EXCEEDED
+                await events.publish(stopping, record)
                 await self.lifecycle.stop(
                     record.user, True, record.docker_name, manual=False, exact=True
                 )

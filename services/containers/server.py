@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import docker.errors
 import grpc
 
+from ds01.allocator.events import HistoryCompacted, from_oldest_kept
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.containers import metrics as container_metrics
 from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
+from ds01.containers.events import Kind, LifecycleEvent, LifecycleEvents, watch_lifecycle
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
+from ds01.containers.metrics import Tallies
 from ds01.containers.reconcile import Reconciler
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
@@ -102,6 +107,26 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         user, privileged = await self._caller(context)
         await self._run(context, self.lifecycle.remove(user, privileged, request.name))
         return containers_pb2.RemoveContainerResponse()
+
+    async def WatchContainerEvents(
+        self,
+        request: containers_pb2.WatchContainerEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[containers_pb2.WatchContainerEventsResponse]:
+        user, privileged = await self._caller(context)
+        if request.user and request.user != user and not privileged:
+            await abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "only admins see others' events"
+            )
+        wanted = request.user or ("" if privileged else user)
+        client = self.lifecycle.metadata.client
+        try:
+            watch = functools.partial(watch_lifecycle, client)
+            async for event in from_oldest_kept(watch, request.since_revision):
+                if not wanted or event.user == wanted:
+                    yield lifecycle_message(event)
+        except HistoryCompacted as err:
+            await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(err))
 
     async def ListContainers(
         self, request: containers_pb2.ListContainersRequest, context: grpc.aio.ServicerContext
@@ -200,6 +225,25 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+_EVENT_TYPES = {
+    kind: containers_pb2.ContainerEventType.Value(f"CONTAINER_EVENT_TYPE_{kind.name}")
+    for kind in Kind
+}
+
+
+def lifecycle_message(event: LifecycleEvent) -> containers_pb2.WatchContainerEventsResponse:
+    return containers_pb2.WatchContainerEventsResponse(
+        type=_EVENT_TYPES.get(Kind(event.kind), containers_pb2.CONTAINER_EVENT_TYPE_UNSPECIFIED),
+        name=event.name,
+        docker_name=event.docker_name,
+        user=event.user,
+        node=event.node,
+        time=timestamp(event.time),
+        detail=event.detail,
+        revision=event.revision,
+    )
+
+
 def _container(metadata: Metadata, status: str | None, held: Holdings) -> containers_pb2.Container:
     message = containers_pb2.Container(
         name=metadata.name,
@@ -241,6 +285,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         metadata=MetadataStore(etcd, config.node),
         client=client,
         network_mode=config.containers.network_mode,
+        events=LifecycleEvents(etcd, config.node),
     )
     reconciler = Reconciler(
         lifecycle,
@@ -249,6 +294,18 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     )
     containers_pb2_grpc.add_ContainersServiceServicer_to_server(
         ContainersServicer(lifecycle, reconciler), server
+    )
+
+    async def allocations() -> list[Any]:
+        return list((await client.gpu_status(node=config.node)).allocations)
+
+    container_metrics.register(
+        runtime.metrics,
+        config.node,
+        lifecycle.metadata.all,
+        docker_host,
+        allocations,
+        Tallies(lifecycle=lifecycle.events.counts, reconcile=reconciler.actions),
     )
     # Creates a previous run left half-done are undone first, within seconds of start.
     runtime.run_in_background(lifecycle.repair_forever(), "create-repair")

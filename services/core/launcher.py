@@ -223,7 +223,7 @@ def main(config_path: Path | None, services: str, local: bool) -> None:
     except ConfigError as err:
         click.echo(f"ds01d: configuration error: {err}", err=True)
         sys.exit(2)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck ds01d waits on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     with contextlib.suppress(KeyboardInterrupt):

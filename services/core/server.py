@@ -24,15 +24,24 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ds01.client import ClientIdentity, Ds01Client
+from ds01.core.audit import AuditLog
+from ds01.core.audit_service import AuditInterceptor, AuditServicer
 from ds01.core.bounds import MAX_MESSAGE_BYTES
 from ds01.core.config import Config
 from ds01.core.dependencies import CHECK_TIMEOUT, Dependencies, StatusServicer
-from ds01.core.etcd import etcd_status
+from ds01.core.etcd import connect, etcd_status
 from ds01.core.identity import AuthInterceptor, Roles, caller
 from ds01.core.messages import abort
 from ds01.core.metrics import MetricsEndpoint, ServiceMetrics, start_endpoint
 from ds01.core.tls import server_credentials
-from ds01.v1 import identity_pb2, identity_pb2_grpc, status_pb2, status_pb2_grpc
+from ds01.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +49,7 @@ VERSION = metadata.version("ds01")
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 STATUS_SERVICE = status_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 
 
 @dataclass
@@ -57,6 +67,7 @@ class ServiceRuntime:
     context: ServiceContext
     health: HealthServicer
     metrics: ServiceMetrics
+    audit: AuditLog
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # What the service needs; its health says SERVING only while all of them answer.
     dependencies: Dependencies = field(default_factory=Dependencies)
@@ -184,13 +195,22 @@ async def start_service(
             f"{spec.name}: no certificate in {config.pki.root}: run `ds01 admin pki init`"
         )
     metrics = ServiceMetrics(spec.name, config.node, VERSION)
+    audit = AuditLog(config.node, spec.name, lambda: connect(config, spec.name))
     server = grpc.aio.server(
-        interceptors=[metrics.interceptor(), AuthInterceptor(context.roles)],
+        # Outermost first: metrics time every call, refused ones included; the audit
+        # trail needs the caller, whom authentication establishes.
+        interceptors=[
+            metrics.interceptor(),
+            AuthInterceptor(context.roles),
+            AuditInterceptor(audit),
+        ],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     health = HealthServicer()
-    runtime = ServiceRuntime(context, health, metrics)
+    runtime = ServiceRuntime(context, health, metrics, audit)
     metrics.follow(runtime.dependencies)
+    runtime.run_in_background(audit.run(), f"{spec.name}-audit")
+    runtime.on_stop.append(audit.close)
     await spec.register(server, runtime)
     await runtime.dependencies.attach(health, spec.grpc_services)
     if runtime.dependencies.items:
@@ -199,12 +219,14 @@ async def start_service(
     status_pb2_grpc.add_StatusServiceServicer_to_server(
         StatusServicer(spec.name, runtime.dependencies), server
     )
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(config, spec.name), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             *spec.grpc_services,
             IDENTITY_SERVICE,
             STATUS_SERVICE,
+            AUDIT_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -15,6 +15,7 @@ from ds01.core.identity import caller
 from ds01.core.messages import abort
 from ds01.core.pki import PkiError, validate_user_name
 from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.limits import metrics as limits_metrics
 from ds01.limits.config import LimitsConfig, LimitsConfigError, parse_sources, read_sources
 from ds01.limits.resolve import (
     CONTAINER_TYPE,
@@ -275,6 +276,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     await asyncio.to_thread(store.poll)
     runtime.context.roles.admin_check = store.is_admin
     limits_pb2_grpc.add_LimitsServiceServicer_to_server(LimitsServicer(store), server)
+    limits_metrics.register(runtime.metrics, store)
 
     async def report_health() -> None:
         serving = health_pb2.HealthCheckResponse.SERVING

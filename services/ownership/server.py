@@ -21,6 +21,7 @@ from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort
 from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.ownership import metrics as gateway_metrics
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.gateway.admission import Gateway, UserSettings
 from ds01.ownership.gateway.daemon import Daemon
@@ -184,7 +185,10 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
     gpus = AllocatorGpus(client, config.node)
     gateway = Gateway(daemon, settings, container_owner, pins, gpus)
-    proxy = DockerGateway(config.ownership.proxy_socket, docker_socket, gateway, is_admin)
+    proxy = DockerGateway(
+        config.ownership.proxy_socket, docker_socket, gateway, is_admin, runtime.audit
+    )
+    gateway_metrics.register(runtime.metrics, proxy.stats)
     await proxy.start()
 
     async def close() -> None:

@@ -167,15 +167,17 @@ class WatchAllocationsRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
 
 class WatchAllocationsResponse(_message.Message):
-    __slots__ = ("type", "allocation", "revision", "previous", "released_by")
+    __slots__ = ("type", "allocation", "revision", "previous", "released_by", "time")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_BY_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
     type: AllocationEventType
     allocation: _common_pb2.Allocation
     revision: int
     previous: _common_pb2.Allocation
     released_by: str
-    def __init__(self, type: _Optional[_Union[AllocationEventType, str]] = ..., allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., revision: _Optional[int] = ..., previous: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., released_by: _Optional[str] = ...) -> None: ...
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, type: _Optional[_Union[AllocationEventType, str]] = ..., allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., revision: _Optional[int] = ..., previous: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., released_by: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -20,6 +20,18 @@ class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTAINER_STATE_GONE: _ClassVar[ContainerState]
     CONTAINER_STATE_CREATING: _ClassVar[ContainerState]
     CONTAINER_STATE_INTERRUPTED: _ClassVar[ContainerState]
+
+class ContainerEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTAINER_EVENT_TYPE_UNSPECIFIED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_CREATED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_STARTED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_STOPPED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_IDLE_WARNING: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_IDLE_STOP: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_RUNTIME_EXCEEDED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_REMOVED: _ClassVar[ContainerEventType]
+    CONTAINER_EVENT_TYPE_ADOPTED: _ClassVar[ContainerEventType]
 CONTAINER_STATE_UNSPECIFIED: ContainerState
 CONTAINER_STATE_CREATED: ContainerState
 CONTAINER_STATE_RUNNING: ContainerState
@@ -27,6 +39,15 @@ CONTAINER_STATE_STOPPED: ContainerState
 CONTAINER_STATE_GONE: ContainerState
 CONTAINER_STATE_CREATING: ContainerState
 CONTAINER_STATE_INTERRUPTED: ContainerState
+CONTAINER_EVENT_TYPE_UNSPECIFIED: ContainerEventType
+CONTAINER_EVENT_TYPE_CREATED: ContainerEventType
+CONTAINER_EVENT_TYPE_STARTED: ContainerEventType
+CONTAINER_EVENT_TYPE_STOPPED: ContainerEventType
+CONTAINER_EVENT_TYPE_IDLE_WARNING: ContainerEventType
+CONTAINER_EVENT_TYPE_IDLE_STOP: ContainerEventType
+CONTAINER_EVENT_TYPE_RUNTIME_EXCEEDED: ContainerEventType
+CONTAINER_EVENT_TYPE_REMOVED: ContainerEventType
+CONTAINER_EVENT_TYPE_ADOPTED: ContainerEventType
 
 class Container(_message.Message):
     __slots__ = ("name", "docker_name", "id", "user", "image", "state", "gpus", "created_at", "started_at", "stopped_at", "workspace", "data_dirs", "notice", "container_type", "node")
@@ -181,3 +202,31 @@ class ImportContainersResponse(_message.Message):
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     containers: _containers.RepeatedCompositeFieldContainer[ImportedContainer]
     def __init__(self, containers: _Optional[_Iterable[_Union[ImportedContainer, _Mapping]]] = ...) -> None: ...
+
+class WatchContainerEventsRequest(_message.Message):
+    __slots__ = ("since_revision", "user")
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    since_revision: int
+    user: str
+    def __init__(self, since_revision: _Optional[int] = ..., user: _Optional[str] = ...) -> None: ...
+
+class WatchContainerEventsResponse(_message.Message):
+    __slots__ = ("type", "name", "docker_name", "user", "node", "time", "detail", "revision")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    type: ContainerEventType
+    name: str
+    docker_name: str
+    user: str
+    node: str
+    time: _timestamp_pb2.Timestamp
+    detail: str
+    revision: int
+    def __init__(self, type: _Optional[_Union[ContainerEventType, str]] = ..., name: _Optional[str] = ..., docker_name: _Optional[str] = ..., user: _Optional[str] = ..., node: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,11 @@ class ContainersServiceStub:
                 request_serializer=ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.SerializeToString,
                 response_deserializer=ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.FromString,
                 _registered_method=True)
+        self.WatchContainerEvents = channel.unary_stream(
+                '/ds01.v1.ContainersService/WatchContainerEvents',
+                request_serializer=ds01_dot_v1_dot_containers__pb2.WatchContainerEventsRequest.SerializeToString,
+                response_deserializer=ds01_dot_v1_dot_containers__pb2.WatchContainerEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ContainersServiceServicer:
@@ -122,6 +127,15 @@ class ContainersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchContainerEvents(self, request, context):
+        """Lifecycle events of containers on every node, resumable by etcd revision like
+        WatchAllocations: with since_revision, a replay of what etcd keeps (7 days), then
+        live. Users see their own containers' events; admins and services everyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContainersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +173,11 @@ def add_ContainersServiceServicer_to_server(servicer, server):
                     servicer.ImportContainers,
                     request_deserializer=ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.FromString,
                     response_serializer=ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.SerializeToString,
+            ),
+            'WatchContainerEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchContainerEvents,
+                    request_deserializer=ds01_dot_v1_dot_containers__pb2.WatchContainerEventsRequest.FromString,
+                    response_serializer=ds01_dot_v1_dot_containers__pb2.WatchContainerEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class ContainersService:
             '/ds01.v1.ContainersService/ImportContainers',
             ds01_dot_v1_dot_containers__pb2.ImportContainersRequest.SerializeToString,
             ds01_dot_v1_dot_containers__pb2.ImportContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchContainerEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ds01.v1.ContainersService/WatchContainerEvents',
+            ds01_dot_v1_dot_containers__pb2.WatchContainerEventsRequest.SerializeToString,
+            ds01_dot_v1_dot_containers__pb2.WatchContainerEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

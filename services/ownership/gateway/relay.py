@@ -13,18 +13,22 @@ import json
 import logging
 import re
 import resource
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import h11
 
 from ds01.client import Ds01Error
+from ds01.core.audit import AuditLog
 from ds01.core.unix_server import UnixServer
 from ds01.ownership.enroll import peer_uid
 from ds01.ownership.gateway.admission import Admission, Answer, Forward, Gateway
 from ds01.ownership.gateway.policy import Caller, Refused
-from ds01.ownership.gateway.routes import HIJACKING, TAR, match
+from ds01.ownership.gateway.routes import HIJACKING, TAR, Match, match
 from ds01.ownership.gateway.strict import BadRequest
 from ds01.ownership.slots import Slots
 
@@ -49,6 +53,16 @@ NO_BODY = 4096  # room for a stray "{}" on routes without a body; refused after 
 MAX_KEPT = 16 * 1024 * 1024  # stream output kept for the check after a build or load
 _REFUSED_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te"})
+_READS = ("GET", "HEAD")  # a read the gateway allowed is counted, never in the audit trail
+
+
+@dataclass
+class GatewayStats:
+    """What the gateway decided since it started (the ownership service's metrics)."""
+
+    requests: Tally[tuple[str, str]] = field(default_factory=Tally)  # (route, decision)
+    denials: Tally[str] = field(default_factory=Tally)  # by reason
+    connections: Tally[str] = field(default_factory=Tally)  # open now, by user
 
 
 class DockerGateway:
@@ -58,11 +72,14 @@ class DockerGateway:
         upstream: Path,
         gateway: Gateway,
         is_admin: Callable[[str], Awaitable[bool]],
+        audit: AuditLog | None = None,
     ) -> None:
         self.listen = listen
         self.upstream = upstream
         self.gateway = gateway
         self.is_admin = is_admin
+        self.audit = audit
+        self.stats = GatewayStats()
         self.uploads: dict[int, asyncio.Semaphore] = {}  # uid -> archives in flight
         self.slots = Slots(CONNECTIONS_PER_USER)
         self._server = UnixServer(listen, self._serve, limit=BUFFER)
@@ -87,10 +104,13 @@ class DockerGateway:
         user = account.user
         admin = uid == 0 or await self.is_admin(user)
         if not admin and not self.slots.take(uid):  # one user cannot starve the rest
+            self.decided(user, "connect", "", "denied", "too_many_connections",
+                         f"more than {CONNECTIONS_PER_USER} connections open")  # fmt: skip
             writer.write(_TOO_MANY)
             writer.close()
             return
-        session = _Session(self, None if admin else account, reader, writer)
+        session = _Session(self, None if admin else account, reader, writer, user)
+        self.stats.connections[user] += 1
         try:
             await session.run()
         except (OSError, EOFError, h11.ProtocolError) as err:  # a client or daemon went away
@@ -98,9 +118,23 @@ class DockerGateway:
         except Exception:
             log.exception("gateway connection of %s failed", user)
         finally:
+            self.stats.connections[user] -= 1
+            if not self.stats.connections[user]:
+                del self.stats.connections[user]
             if not admin:
                 self.slots.give(uid)
             writer.close()
+
+    def decided(
+        self, user: str, route: str, target: str, decision: str, reason: str = "",
+        message: str = "", audited: bool = True,
+    ) -> None:  # fmt: skip
+        """Count a decision, and put it in the audit trail unless it is a plain read."""
+        self.stats.requests[(route, decision)] += 1
+        if decision == "denied":
+            self.stats.denials[reason] += 1
+        if audited and self.audit is not None:
+            self.audit.record(user, route, target, decision, message or reason)
 
 
 class _Session:
@@ -112,9 +146,12 @@ class _Session:
         caller: Caller | None,  # None: an admin, whose requests pass unchanged
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        user: str,
     ) -> None:
         self.gateway = gateway
         self.caller = caller
+        self.user = user
+        self.found: Match | None = None  # the route of the request being decided
         self.reader = reader
         self.writer = writer
         self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -218,15 +255,21 @@ class _Session:
 
     async def _handle(self, request: h11.Request, body: bytes) -> bool:
         """Carry out one request; True when the connection must end after it."""
-        if self.caller is None:
+        method = request.method.decode("ascii", "replace")
+        if self.caller is None:  # an admin's: passed unchanged, and on the record
+            target = request.target.decode("latin-1")
+            self.gateway.decided(self.user, f"admin {method}", target, "allowed",
+                                 audited=method not in _READS)  # fmt: skip
             return await self._pass_through(request, body)
+        self.found = None
+        reason = ""
         try:
             decision = await self._admit(request, body)
-        except Refused as refused:
-            decision = Answer(403, {"message": str(refused)})
-        except PermissionError as refused:
+        except (Refused, PermissionError) as refused:
+            reason = "policy" if self.found else "route_not_allowed"
             decision = Answer(403, {"message": str(refused)})
         except BadRequest as bad:
+            reason = "bad_request"
             decision = Answer(400, {"message": str(bad)})
         except Ds01Error as err:  # without the user's limits, nothing is made
             decision = Answer(503, {"message": f"cannot read your limits: {err.message}"})
@@ -234,10 +277,29 @@ class _Session:
             log.warning("admission of a request of %s failed: %r", self.caller.user, err)
             message = f"the gateway could not check this request ({type(err).__name__}); "
             decision = Answer(502, {"message": message + "nothing was forwarded"})
+        self._count(method, decision, reason)
         if isinstance(decision, Answer):
             await self._answer(decision.status, decision.payload)
             return False
         return await self._forward(decision)
+
+    def _count(self, method: str, decision: Answer | Forward, reason: str) -> None:
+        found = self.found
+        route = found.route.action if found else "unmatched"
+        target = _target_of(found) if found else ""
+        if isinstance(decision, Forward):
+            self.gateway.decided(self.user, route, target, "allowed",
+                                 audited=method not in _READS)  # fmt: skip
+            return
+        payload = decision.payload if isinstance(decision.payload, dict) else {}
+        message = str(payload.get("message", ""))
+        if reason:
+            self.gateway.decided(self.user, route, target, "denied", reason, message)
+        elif decision.status >= 500:
+            self.gateway.decided(self.user, route, target, "failed", "", message)
+        else:  # answered by the gateway itself (a filtered list, Docker's 404 wording)
+            self.gateway.decided(self.user, route, target, "answered",
+                                 audited=method not in _READS)  # fmt: skip
 
     async def _admit(self, request: h11.Request, body: bytes) -> Answer | Forward:
         assert self.caller is not None
@@ -248,7 +310,7 @@ class _Session:
         if headers.get(b"content-encoding", "identity").lower() != "identity":
             raise BadRequest("compressed request bodies are refused")
         method, target = request.method.decode("ascii", "replace"), request.target.decode("latin-1")
-        found = match(method, target)
+        found = self.found = match(method, target)
         if found is None:
             if method == "GET" and re.match(r"^(/v[0-9.]+)?/containers/.+/.+/json$", target):
                 # `docker inspect NAME/WITH:SLASH` asks for a container first, as Docker
@@ -429,6 +491,14 @@ class _Session:
         if data:
             self.writer.write(data)
             await self.writer.drain()
+
+
+def _target_of(found: Match) -> str:
+    """What a request names: the container, image, volume or exec in its path, or the
+    name a create asks for."""
+    for value in found.params.values():
+        return str(value)
+    return (parse_qs(found.query).get("name") or [""])[0]
 
 
 def _close_delimited(response: Any) -> bool:

@@ -1,0 +1,187 @@
+"""``ds01 events``: allocation and container lifecycle events, in one order, with times.
+
+Both kinds are etcd revisions of one cluster, so sorting by revision is the order in
+which they happened. Without ``--follow`` the command prints what etcd keeps (or what
+came after ``--since REV``) and ends after a quiet second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import click
+import grpc
+
+from ds01.cli.common import Settings, call, output_option
+from ds01.client import Ds01Client, Ds01Error
+from ds01.v1 import allocator_pb2, containers_pb2
+
+ALLOCATION_TYPES = {
+    v.number: v.name.removeprefix("ALLOCATION_EVENT_TYPE_").lower()
+    for v in allocator_pb2.AllocationEventType.DESCRIPTOR.values
+    if v.number
+}
+CONTAINER_TYPES = {
+    v.number: v.name.removeprefix("CONTAINER_EVENT_TYPE_").lower()
+    for v in containers_pb2.ContainerEventType.DESCRIPTOR.values
+    if v.number
+}
+QUIET = 1.0  # seconds without an event that end a replay (without --follow)
+OLDEST = 1  # "--since 0" and no --since: from the oldest revision etcd still keeps
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of ``ds01 events``, whichever stream it came from."""
+
+    source: str  # allocation or container
+    type: str
+    time: str  # RFC 3339, local zone
+    revision: int
+    user: str
+    container: str
+    node: str
+    slot: str
+    detail: str
+
+    def line(self) -> str:
+        moment = self.time[:19].replace("T", " ")
+        where = f"{self.node}/{self.slot}" if self.slot else self.node
+        return (
+            f"{moment}  {self.revision:>8}  {self.type:<16} {self.user:<12} "
+            f"{self.container:<28} {where:<14} {self.detail}"
+        ).rstrip()
+
+
+HEADER = f"{'TIME':<19}  {'REVISION':>8}  {'EVENT':<16} {'USER':<12} {'CONTAINER':<28} " + (
+    f"{'WHERE':<14} DETAIL"
+)
+
+
+def _time(message: Any) -> str:
+    if not message.seconds and not message.nanos:
+        return ""
+    return message.ToDatetime(tzinfo=dt.UTC).astimezone().isoformat(timespec="seconds")
+
+
+def allocation_event(event: allocator_pb2.WatchAllocationsResponse) -> Event:
+    a = event.allocation
+    details = []
+    if event.HasField("previous"):
+        details.append(f"displaced {event.previous.container} of {event.previous.user}")
+    if event.released_by:
+        details.append(f"by {event.released_by}")
+    return Event(
+        source="allocation",
+        type=ALLOCATION_TYPES.get(event.type, "unknown"),
+        time=_time(event.time),
+        revision=event.revision,
+        user=a.user,
+        container=a.container,
+        node=a.slot.node,
+        slot=a.slot.slot_id,
+        detail="; ".join(details),
+    )
+
+
+def container_event(event: containers_pb2.WatchContainerEventsResponse) -> Event:
+    return Event(
+        source="container",
+        type=CONTAINER_TYPES.get(event.type, "unknown"),
+        time=_time(event.time),
+        revision=event.revision,
+        user=event.user,
+        container=event.docker_name or event.name,
+        node=event.node,
+        slot="",
+        detail=event.detail,
+    )
+
+
+async def _pump(
+    stream: AsyncIterator[Any], convert: Any, queue: asyncio.Queue[Event | Exception]
+) -> None:
+    try:
+        async for message in stream:
+            await queue.put(convert(message))
+    except Ds01Error as err:
+        await queue.put(err)
+
+
+@click.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only events after this etcd revision (each line shows its own); 0: everything "
+    "etcd keeps, as without --since (with --follow alone: from now on).",
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    type=click.Choice(sorted({*ALLOCATION_TYPES.values(), *CONTAINER_TYPES.values()})),
+    help="Only events of this type (repeatable).",
+)
+@click.option("--user", default="", help="Only this user's events (admins; users see their own).")
+@output_option
+@click.pass_obj
+def events(
+    settings: Settings,
+    follow: bool,
+    since: int | None,
+    types: tuple[str, ...],
+    user: str,
+    output: str | None,
+) -> None:
+    """GPU allocation and container lifecycle events, oldest first, with their times."""
+    as_json = (output or settings.output) == "json"
+    # --follow alone: what happens from now on (as docker events); otherwise the history.
+    revision = 0 if since is None and follow else since or OLDEST
+    wanted = set(types)
+
+    async def stream(client: Ds01Client) -> None:
+        queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
+        pumps = []
+        if not wanted or wanted & set(ALLOCATION_TYPES.values()):
+            source = client.watch_allocations(revision)
+            pumps.append(asyncio.create_task(_pump(source, allocation_event, queue)))
+        if not wanted or wanted & set(CONTAINER_TYPES.values()):
+            source = client.watch_container_events(revision, user)
+            pumps.append(asyncio.create_task(_pump(source, container_event, queue)))
+        history: list[Event] = []
+        if not as_json:
+            click.echo(HEADER)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), None if follow else QUIET)
+                except TimeoutError:
+                    break
+                if isinstance(item, Ds01Error) and item.code == grpc.StatusCode.UNAVAILABLE:
+                    # One service away: the other's events still come, with a word.
+                    click.echo(f"ds01: warning: {item.message}", err=True)
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                if (wanted and item.type not in wanted) or (user and item.user != user):
+                    continue
+                if follow:
+                    click.echo(json.dumps(asdict(item)) if as_json else item.line())
+                else:
+                    history.append(item)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+        for item in sorted(history, key=lambda e: e.revision):
+            click.echo(json.dumps(asdict(item)) if as_json else item.line())
+
+    with contextlib.suppress(KeyboardInterrupt):
+        call(settings, stream)

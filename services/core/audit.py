@@ -1,0 +1,116 @@
+"""The audit trail: one structured record per decision an admin needs after an incident.
+
+Every gateway decision other than a plain read of the caller's own things, and every
+admin action over gRPC (and every refused one), becomes a record: who, what, target,
+decision, reason. Each is one log line (fields of their own with ``log_format: json``)
+and a key in etcd, kept for ``RETENTION`` seconds, so ``ds01 admin audit`` reads the
+whole fleet's trail from any service. Writing never delays the decision: records are
+queued and written by a task of their own; if etcd is away, the log line remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import aetcd
+
+from ds01.core.records import JsonRecord
+
+log = logging.getLogger("ds01.audit")
+
+AUDIT = "/ds01/v1/audit/"
+RETENTION = 90 * 86400  # seconds a record is kept in etcd (the log keeps its own)
+LEASE_ROLL = 3600.0  # records of one hour share a lease (one grant per hour, not per record)
+QUEUED = 10_000  # records waiting for etcd at most; beyond, only the log line is kept
+
+
+@dataclass(frozen=True)
+class AuditRecord(JsonRecord):
+    time: float  # epoch seconds
+    node: str
+    service: str  # ownership (the gateway), allocator, containers, limits
+    who: str  # the caller's login name
+    action: str  # a gateway route (container_create) or a gRPC method (Release)
+    target: str  # what it acted on: a container, image, user; "" when nothing named
+    decision: str  # allowed, denied or failed
+    reason: str = ""  # why it was denied or failed (the caller's message)
+
+    def line(self) -> str:
+        text = f"{self.who} {self.action} {self.target or '-'}: {self.decision}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+def record_key(record: AuditRecord, sequence: int) -> bytes:
+    """Ordered by time, so a read from a moment on is one range read."""
+    stamp = int(record.time * 1e9)
+    return f"{AUDIT}{stamp:020d}/{record.node}/{record.service}/{sequence}".encode()
+
+
+class AuditLog:
+    """Where one service's records go: the log at once, etcd soon after."""
+
+    def __init__(self, node: str, service: str, etcd: Callable[[], aetcd.Client] | None) -> None:
+        self.node = node
+        self.service = service
+        self._etcd = etcd  # opened on the first record: most services record seldom
+        self._client: aetcd.Client | None = None
+        self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue(QUEUED)
+        self._sequence = itertools.count()
+        self._lease: tuple[float, int] | None = None  # (granted at, lease id)
+
+    def record(self, who: str, action: str, target: str, decision: str, reason: str = "") -> None:
+        entry = AuditRecord(time.time(), self.node, self.service, who, action, target,
+                            decision, reason)  # fmt: skip
+        log.info("audit: %s", entry.line(), extra={"audit": asdict(entry)})
+        if self._etcd is None:
+            return
+        try:
+            self._queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            log.warning("audit queue full: %s is in the log only", entry.line())
+
+    async def run(self) -> None:
+        """Write queued records to etcd, for as long as the service runs."""
+        while True:
+            entry = await self._queue.get()
+            while True:
+                try:
+                    await self._write(entry)
+                    break
+                except Exception as err:  # etcd away: keep the order, try again
+                    log.warning("cannot write the audit record to etcd yet: %s", err)
+                    self._lease = None
+                    await asyncio.sleep(2)
+
+    async def _write(self, entry: AuditRecord) -> None:
+        assert self._etcd is not None
+        if self._client is None:
+            self._client = self._etcd()
+        now = time.monotonic()
+        if self._lease is None or now - self._lease[0] > LEASE_ROLL:
+            granted = await self._client.lease(int(RETENTION + LEASE_ROLL))
+            self._lease = (now, granted.id)
+        key = record_key(entry, next(self._sequence))
+        await self._client.put(key, entry.encode(), lease=self._lease[1])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+async def read_audit(
+    client: aetcd.Client, since: float = 0.0, user: str = "", limit: int = 1000
+) -> list[AuditRecord]:
+    """Records from ``since`` on (epoch seconds), oldest first; the newest ``limit``."""
+    start = f"{AUDIT}{int(since * 1e9):020d}".encode()
+    end = AUDIT[:-1].encode() + b"0"  # just past the prefix ('/' + 1)
+    found = await client.get_range(start, end)
+    records = [AuditRecord.decode(kv.value) for kv in found]
+    if user:
+        records = [r for r in records if r.who == user or r.target == user]
+    return records[-limit:] if limit else records
