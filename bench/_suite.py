@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_
 REPO = Path(__file__).resolve().parent.parent
 
 
+SERVICES = ("limits", "allocator", "containers", "ownership")
+
+
 @dataclass
 class Suite:
     root: Path
@@ -25,6 +30,30 @@ class Suite:
     pki: Pki
     etcd_endpoint: str
     docker_socket: Path | None
+    metrics: dict[str, int]  # each service's /metrics port; empty when metrics are off
+
+
+@contextlib.contextmanager
+def scraping(ports: dict[str, int], interval: float = 1.0) -> Iterator[list[int]]:
+    """Scrape every /metrics each ``interval`` seconds, as Prometheus would (but more
+    often than its default 15 s), while the bench runs; yields the scrape count."""
+    done = threading.Event()
+    count = [0]
+
+    def scrape() -> None:
+        while not done.wait(interval):
+            for port in ports.values():
+                url = f"http://127.0.0.1:{port}/metrics"
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5):
+                    count[0] += 1
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -35,10 +64,12 @@ def suite(
     etcd: bool = False,
     docker: bool = False,
     server_log: Path | None = None,
+    metrics: bool = False,
 ) -> Iterator[Suite]:
     """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench.
 
-    ``server_log``: a file for ds01d's log (its stderr) instead of this terminal."""
+    ``server_log``: a file for ds01d's log (its stderr) instead of this terminal;
+    ``metrics``: each service serves /metrics (off: no metrics code runs at all)."""
     with tempfile.TemporaryDirectory(prefix="ds01-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
@@ -54,15 +85,14 @@ def suite(
             socket = root / "docker" / "docker.sock"
         (root / "resource-limits.yaml").write_text(limits)
         (root / "inventory.yaml").write_text(inventory)
+        ports = {s: free_port() for s in SERVICES} if metrics else {}
+        listen = {s: f"127.0.0.1:{ports[s]}" if metrics else "off" for s in SERVICES}
         config_path = root / "ds01.yaml"
         config_path.write_text(
             yaml.safe_dump(
                 {
                     "state_dir": tmp,
-                    "listen": {
-                        s: f"127.0.0.1:{free_port()}"
-                        for s in ("limits", "allocator", "containers", "ownership")
-                    },
+                    "listen": {s: f"127.0.0.1:{free_port()}" for s in SERVICES},
                     "etcd": {"endpoints": [f"127.0.0.1:{etcd_port}"]},
                     "limits_file": "resource-limits.yaml",
                     "inventory": {"source": "declared", "file": "inventory.yaml"},
@@ -72,6 +102,7 @@ def suite(
                         "proxy_socket": str(root / "run" / "docker.sock"),
                     },
                     "docker": {"host": f"unix://{socket}" if socket else "unix:///none"},
+                    "metrics": {"listen": listen},
                     "log_level": "warning",
                 }
             )
@@ -90,7 +121,7 @@ def suite(
         )
         try:
             time.sleep(1.5)
-            yield Suite(root, config_path, pki, f"127.0.0.1:{etcd_port}", socket)
+            yield Suite(root, config_path, pki, f"127.0.0.1:{etcd_port}", socket, ports)
         finally:
             server.terminate()
             server.wait()
@@ -100,3 +131,11 @@ def suite(
                 daemon.stop()
             if socket:
                 subprocess.run(["umount", "-R", str(root / "docker" / "exec")], capture_output=True)
+
+
+def print_comparison(without: dict[str, float], with_metrics: dict[str, float]) -> None:
+    """Metrics must not slow the hot paths: each figure within 5% of its value without."""
+    print("metrics on / off, in this run (target: within 5%):")
+    for key, off in without.items():
+        on = with_metrics[key]
+        print(f"  {key:<44} off {off:7.2f}   on {on:7.2f}   = {on / off - 1:+.1%}")

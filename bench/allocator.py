@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _suite import suite
+from _suite import print_comparison, scraping, suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
@@ -144,7 +144,8 @@ async def fan_out(client: Ds01Client, watchers: int, events: int) -> list[float]
     return received
 
 
-async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> None:
+async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> dict[str, float]:
+    """Print one run's figures; the ratios that metrics must not move."""
     config = load_config(config_path)
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
     raw = await raw_txn(endpoint, pki, total)
@@ -159,6 +160,9 @@ async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> Non
     seed = seed_flock(Path(config_path).parent / "gpu-state.json", total)
 
     raw_p50 = statistics.median(raw)
+    ratios = {f"Allocate p50 / raw txn, {c} clients": statistics.median(r[0]) / raw_p50
+              for c, r in results.items()}  # fmt: skip
+    ratios["event to 200 watchers, p99 (ms)"] = pct(fan, 99) * 1e3
     print("allocate + release, measured in this run:")
     print(line("raw etcd txn (create_revision == 0, put)", raw))
     print(line("seed: flock + JSON read/modify/write", seed))
@@ -169,15 +173,32 @@ async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> Non
         print(f"    ratio: Allocate p50 = {ratio:.1f}x one raw etcd txn (target <= 3x)")
     print(line("event to 200 watchers (delivery delay)", fan))
     print(f"    {len(fan)} deliveries; p99 {pct(fan, 99) * 1e3:.1f} ms (target < 50 ms)")
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=300)
+    parser.add_argument(
+        "--metrics", choices=["compare", "on", "off"], default="compare",
+        help="compare: run without metrics, then with /metrics scraped every second",
+    )  # fmt: skip
     args = parser.parse_args()
-    # 10 GPUs x 7 slices = 70 slots: 64 clients each hold one at a time.
-    with suite("limits,allocator", UNLIMITED, inventory(10), etcd=True) as running:
-        asyncio.run(measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles))
+    runs = {"compare": (False, True), "on": (True,), "off": (False,)}[args.metrics]
+    measured = {}
+    for metrics in runs:
+        # 10 GPUs x 7 slices = 70 slots: 64 clients each hold one at a time.
+        with suite("limits,allocator", UNLIMITED, inventory(10), etcd=True,
+                   metrics=metrics) as running:  # fmt: skip
+            print(f"--- metrics {'on, scraped every second' if metrics else 'off'}")
+            with scraping(running.metrics) as scrapes:
+                measured[metrics] = asyncio.run(
+                    measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles)
+                )
+            if metrics:
+                print(f"    ({scrapes[0]} scrapes during the run)")
+    if len(measured) == 2:
+        print_comparison(measured[False], measured[True])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 
 import docker
-from _suite import REPO, suite
+from _suite import REPO, print_comparison, scraping, suite
 
 sys.path.insert(0, str(REPO))
 from tests.harness import build_test_image
@@ -132,8 +132,24 @@ def cli_ps(socket_path: str, runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--metrics", choices=["compare", "on", "off"], default="compare",
+        help="compare: run without metrics, then with /metrics scraped every second",
+    )  # fmt: skip
     args = parser.parse_args()
-    with suite("limits,ownership", LIMITS, etcd=True, docker=True) as running:
+    runs = {"compare": (False, True), "on": (True,), "off": (False,)}[args.metrics]
+    measured = {metrics: run(args, metrics) for metrics in runs}
+    if len(measured) == 2:
+        print_comparison(measured[False], measured[True])
+
+
+def run(args: argparse.Namespace, metrics: bool) -> dict[str, float]:
+    """One measurement on a fresh suite; the gateway's ratios to the direct socket."""
+    print(f"--- metrics {'on, scraped every second' if metrics else 'off'}")
+    with (
+        suite("limits,ownership", LIMITS, etcd=True, docker=True, metrics=metrics) as running,
+        scraping(running.metrics),
+    ):
         assert running.docker_socket is not None
         image = build_test_image(running.docker_socket)
         client = docker.DockerClient(base_url=f"unix://{running.docker_socket}")
@@ -201,6 +217,11 @@ def main() -> None:
         f" ms: +{extra * 1e3:.1f} ms = {extra / direct['inspect']:.1f} direct inspects "
         "(target: about one)"
     )
+
+    return {
+        "docker ps through the gateway / direct": through["ps"] / direct["ps"],
+        "docker inspect through the gateway / direct": through["inspect"] / direct["inspect"],
+    }
 
 
 if __name__ == "__main__":

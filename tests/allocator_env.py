@@ -146,9 +146,11 @@ async def make_env(
     limits: str = LIMITS,
     services: tuple[str, ...] | None = None,
     ds01_metadata: Path | None = None,
+    run_dir: Path | None = None,
 ) -> AllocatorEnv:
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
-    ``services`` names the ones to run in this process when that is not all of them."""
+    ``services`` names the ones to run in this process when that is not all of them;
+    ``run_dir`` holds the ownership service's sockets (enrollment, the gateway)."""
     await wipe(etcd, pki)
     files = write_files(directory, limits)
     if services is None:
@@ -168,6 +170,11 @@ async def make_env(
             network_mode="none", ds01_metadata_dir=ds01_metadata or directory / "no-ds01"
         ),
         docker_host=f"unix://{docker_socket}" if docker_socket else Config.docker_host,
+        ownership=(
+            OwnershipConfig(run_dir / "enroll.sock", run_dir / "docker.sock")
+            if run_dir
+            else OwnershipConfig()
+        ),
     )
     env = AllocatorEnv(config, pki, {}, write_config_file(config, directory / "ds01.yaml"))
     try:

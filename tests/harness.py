@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import docker
 import pytest
 import yaml
 
@@ -158,6 +159,16 @@ def build_test_image(docker_socket: Path, tag: str = TEST_IMAGE) -> str:
             capture_output=True,
         )
     return tag
+
+
+def remove_managed_containers(docker_socket: Path) -> None:
+    """Every container ds01 made on this daemon, gone (a fixture's clean-up)."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        for container in client.containers.list(all=True, filters={"label": "ds01.managed=true"}):
+            container.remove(force=True)
+    finally:
+        client.close()
 
 
 def write_config_file(config: Config, path: Path) -> Path:

@@ -26,7 +26,7 @@ from ds01.core.etcd import connect
 from ds01.core.pki import Pki
 from ds01.v1 import common_pb2, containers_pb2
 from tests.allocator_env import AllocatorEnv, make_env, make_lifecycle
-from tests.harness import GID, GROUP, USERS
+from tests.harness import GID, GROUP, USERS, remove_managed_containers
 
 MiB = 1024 * 1024
 
@@ -71,10 +71,7 @@ async def env(
     env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS)
     yield env
     await env.stop()
-    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
-    for container in client.containers.list(all=True, filters={"label": "ds01.managed=true"}):
-        container.remove(force=True)
-    client.close()
+    await asyncio.to_thread(remove_managed_containers, docker_socket)
     for user in unix_users:
         shutil.rmtree(Path("/home") / user / "workspace", ignore_errors=True)
 

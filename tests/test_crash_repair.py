@@ -262,6 +262,8 @@ async def test_etcd_stopped_during_a_create_then_restarted_leaves_nothing(
             await own.start()
             assert await _repaired(lifecycle, 15) == 0
             assert await lifecycle.list(USER, False) == []
+            # As a user would: once the allocator reaches etcd again (its health says so).
+            assert await own.env.services["allocator"].ready(timeout=20)
             made = await lifecycle.create(CreateRequest(USER, "blip", test_image, gpus=1))
             assert made.gpu_slots
             await lifecycle.remove(USER, False, "blip")

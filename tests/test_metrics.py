@@ -4,6 +4,7 @@ and status, dependencies, and an endpoint that is safe off loopback."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ds01.client import Ds01Error
 from ds01.core.config import ConfigError, parse_config
 from ds01.core.metrics import MetricsEndpoint, ServiceMetrics
+from ds01.core.pki import Pki
+from ds01.core.tls import server_context
 from tests.allocator_env import AllocatorEnv
 
 
@@ -108,5 +111,21 @@ def test_a_token_protected_endpoint_refuses_scrapes_without_it():
                 scrape(address, wrong)
             assert refused.value.code == 401
         assert value(scrape(address, "s3cret"), "ds01_exporter_info", service="limits") == 1
+    finally:
+        endpoint.stop()
+
+
+def test_a_tls_endpoint_serves_https_with_the_services_certificate(pki: Pki):
+    metrics = ServiceMetrics("allocator", "n1", "0.1.0")
+    endpoint = MetricsEndpoint(metrics, "127.0.0.1:0", tls=server_context(pki, "allocator"))
+    address = endpoint.start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki.ca_cert))
+        with urllib.request.urlopen(f"https://{address}/metrics", context=trusted) as answer:
+            assert b"ds01_exporter_info" in answer.read()
+        with pytest.raises(OSError):  # plain HTTP gets nothing
+            urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read()
+        with pytest.raises(OSError):  # nor a client that trusts another CA
+            urllib.request.urlopen(f"https://{address}/metrics", timeout=5).read()
     finally:
         endpoint.stop()

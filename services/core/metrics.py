@@ -39,6 +39,7 @@ T = TypeVar("T")
 # Seconds: from a cached limits answer (sub-millisecond) to a queued allocation.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SCRAPE_TIMEOUT = 5.0  # seconds a scrape waits for the service's loop to read its state
+CONNECTION_TIMEOUT = 10.0  # seconds a connection to /metrics may stay silent
 
 
 class ServiceMetrics:
@@ -199,11 +200,10 @@ class MetricsEndpoint:
         """Listen; the bound HOST:PORT (port 0 in the config takes any free port)."""
         host, _, port = self.address.rpartition(":")
         app = _with_token(make_wsgi_app(self.metrics.registry), self.token)
-        server = make_server(
-            host.strip("[]"), int(port), app, ThreadingWSGIServer, handler_class=_Quiet
-        )
-        if self.tls is not None:
-            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        server_class = ThreadingWSGIServer if self.tls is None else _TlsServer
+        server = make_server(host.strip("[]"), int(port), app, server_class, handler_class=_Quiet)
+        if isinstance(server, _TlsServer) and self.tls is not None:
+            server.context = self.tls
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name=f"{self.metrics.service}-metrics", daemon=True
@@ -218,7 +218,29 @@ class MetricsEndpoint:
             self._server = None
 
 
+class _TlsServer(ThreadingWSGIServer):
+    """HTTPS whose handshakes happen in each connection's own thread: a client that
+    connects and stays silent holds up nobody's scrape."""
+
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, address = self.socket.accept()
+        connection.settimeout(CONNECTION_TIMEOUT)
+        wrapped = self.context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+
 class _Quiet(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT  # a silent connection ends; its thread with it
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # here, in this connection's thread
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics: " + format, *args)
 

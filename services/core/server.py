@@ -200,7 +200,7 @@ async def start_service(
         # Outermost first: metrics time every call, refused ones included; the audit
         # trail needs the caller, whom authentication establishes.
         interceptors=[
-            metrics.interceptor(),
+            *([metrics.interceptor()] if config.metrics.listen.get(spec.name) else []),
             AuthInterceptor(context.roles),
             AuditInterceptor(audit),
         ],
