@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,9 +134,23 @@ def suite(
                 subprocess.run(["umount", "-R", str(root / "docker" / "exec")], capture_output=True)
 
 
-def print_comparison(without: dict[str, float], with_metrics: dict[str, float]) -> None:
-    """Metrics must not slow the hot paths: each figure within 5% of its value without."""
-    print("metrics on / off, in this run (target: within 5%):")
-    for key, off in without.items():
-        on = with_metrics[key]
-        print(f"  {key:<44} off {off:7.2f}   on {on:7.2f}   = {on / off - 1:+.1%}")
+def compare_metrics(measure: Callable[[bool], dict[str, float]], metrics: str, rounds: int) -> None:
+    """Run ``measure`` without metrics and with them (``metrics``: compare, on or off),
+    alternating for ``rounds`` rounds so that the machine's drift falls on both sides;
+    then print each figure's median per side. Metrics must not slow the hot paths:
+    each figure within 5% of its value without."""
+    sides = {"compare": (False, True), "on": (True,), "off": (False,)}[metrics]
+    runs: dict[bool, list[dict[str, float]]] = {side: [] for side in sides}
+    for round_ in range(rounds if len(sides) == 2 else 1):
+        for side in sides:
+            print(
+                f"--- round {round_ + 1}, metrics {'on, scraped every second' if side else 'off'}"
+            )
+            runs[side].append(measure(side))
+    if len(sides) < 2:
+        return
+    print(f"metrics on / off, medians of {rounds} alternating rounds (target: within 5%):")
+    for key in runs[False][0]:
+        off = statistics.median(r[key] for r in runs[False])
+        on = statistics.median(r[key] for r in runs[True])
+        print(f"  {key:<44} off {off:8.2f}   on {on:8.2f}   = {on / off - 1:+.1%}")

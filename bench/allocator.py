@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _suite import print_comparison, scraping, suite
+from _suite import compare_metrics, scraping, suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
@@ -160,8 +160,11 @@ async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> dic
     seed = seed_flock(Path(config_path).parent / "gpu-state.json", total)
 
     raw_p50 = statistics.median(raw)
-    ratios = {f"Allocate p50 / raw txn, {c} clients": statistics.median(r[0]) / raw_p50
-              for c, r in results.items()}  # fmt: skip
+    ratios = {}
+    for clients, (allocate, _release, rate) in results.items():
+        ratios[f"Allocate p50 / raw txn, {clients} clients"] = statistics.median(allocate) / raw_p50
+        ratios[f"Allocate p50 (ms), {clients} clients"] = statistics.median(allocate) * 1e3
+        ratios[f"Allocate throughput (/s), {clients} clients"] = rate
     ratios["event to 200 watchers, p99 (ms)"] = pct(fan, 99) * 1e3
     print("allocate + release, measured in this run:")
     print(line("raw etcd txn (create_revision == 0, put)", raw))
@@ -181,24 +184,23 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument(
         "--metrics", choices=["compare", "on", "off"], default="compare",
-        help="compare: run without metrics, then with /metrics scraped every second",
+        help="compare: alternate runs without metrics and with /metrics scraped every second",
     )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the comparison")
     args = parser.parse_args()
-    runs = {"compare": (False, True), "on": (True,), "off": (False,)}[args.metrics]
-    measured = {}
-    for metrics in runs:
+
+    def run(metrics: bool) -> dict[str, float]:
         # 10 GPUs x 7 slices = 70 slots: 64 clients each hold one at a time.
-        with suite("limits,allocator", UNLIMITED, inventory(10), etcd=True,
-                   metrics=metrics) as running:  # fmt: skip
-            print(f"--- metrics {'on, scraped every second' if metrics else 'off'}")
-            with scraping(running.metrics) as scrapes:
-                measured[metrics] = asyncio.run(
-                    measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles)
-                )
-            if metrics:
-                print(f"    ({scrapes[0]} scrapes during the run)")
-    if len(measured) == 2:
-        print_comparison(measured[False], measured[True])
+        with (
+            suite("limits,allocator", UNLIMITED, inventory(10), etcd=True,
+                  metrics=metrics) as running,
+            scraping(running.metrics),
+        ):  # fmt: skip
+            return asyncio.run(
+                measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles)
+            )
+
+    compare_metrics(run, args.metrics, args.rounds)
 
 
 if __name__ == "__main__":

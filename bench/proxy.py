@@ -21,7 +21,7 @@ import sys
 import time
 
 import docker
-from _suite import REPO, print_comparison, scraping, suite
+from _suite import REPO, compare_metrics, scraping, suite
 
 sys.path.insert(0, str(REPO))
 from tests.harness import build_test_image
@@ -134,18 +134,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument(
         "--metrics", choices=["compare", "on", "off"], default="compare",
-        help="compare: run without metrics, then with /metrics scraped every second",
+        help="compare: alternate runs without metrics and with /metrics scraped every second",
     )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the comparison")
     args = parser.parse_args()
-    runs = {"compare": (False, True), "on": (True,), "off": (False,)}[args.metrics]
-    measured = {metrics: run(args, metrics) for metrics in runs}
-    if len(measured) == 2:
-        print_comparison(measured[False], measured[True])
+    compare_metrics(lambda metrics: run(args, metrics), args.metrics, args.rounds)
 
 
 def run(args: argparse.Namespace, metrics: bool) -> dict[str, float]:
     """One measurement on a fresh suite; the gateway's ratios to the direct socket."""
-    print(f"--- metrics {'on, scraped every second' if metrics else 'off'}")
     with (
         suite("limits,ownership", LIMITS, etcd=True, docker=True, metrics=metrics) as running,
         scraping(running.metrics),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import docker
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from ds01.core.config import Config, MetricsConfig
 from ds01.core.pki import SERVICES, EtcdPki, Pki, issue_client_cert
@@ -169,6 +171,20 @@ def remove_managed_containers(docker_socket: Path) -> None:
             container.remove(force=True)
     finally:
         client.close()
+
+
+def scrape_metrics(address: str, token: str | None = None) -> dict[str, list[tuple[dict, float]]]:
+    """Every sample of the endpoint, by sample name: (labels, value)."""
+    request = urllib.request.Request(f"http://{address}/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
 
 
 def write_config_file(config: Config, path: Path) -> Path:

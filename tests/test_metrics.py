@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ds01.client import Ds01Error
 from ds01.core.config import ConfigError, parse_config
@@ -18,20 +17,7 @@ from ds01.core.metrics import MetricsEndpoint, ServiceMetrics
 from ds01.core.pki import Pki
 from ds01.core.tls import server_context
 from tests.allocator_env import AllocatorEnv
-
-
-def scrape(address: str, token: str | None = None) -> dict[str, list[tuple[dict, float]]]:
-    """Every sample of the endpoint, by sample name: (labels, value)."""
-    request = urllib.request.Request(f"http://{address}/metrics")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        text = answer.read().decode()
-    samples: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
+from tests.harness import scrape_metrics
 
 
 def value(samples: dict, name: str, **labels: str) -> float | None:
@@ -41,7 +27,7 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 
 async def scrape_off_loop(address: str) -> dict[str, list[tuple[dict, float]]]:
     """A scrape reads etcd on the service's loop: it must come from another thread."""
-    return await asyncio.to_thread(scrape, address)
+    return await asyncio.to_thread(scrape_metrics, address)
 
 
 async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
@@ -108,9 +94,9 @@ def test_a_token_protected_endpoint_refuses_scrapes_without_it():
     try:
         for wrong in (None, "wrong", "S3CRET", "s3cre", "s3cret2"):
             with pytest.raises(urllib.error.HTTPError) as refused:
-                scrape(address, wrong)
+                scrape_metrics(address, wrong)
             assert refused.value.code == 401
-        assert value(scrape(address, "s3cret"), "ds01_exporter_info", service="limits") == 1
+        assert value(scrape_metrics(address, "s3cret"), "ds01_exporter_info", service="limits") == 1
     finally:
         endpoint.stop()
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import grpc
 import pytest
 import pytest_asyncio
@@ -32,7 +33,7 @@ from ds01.core.pki import Pki
 from ds01.core.processes import free_port, spawn
 from ds01.v1 import containers_pb2
 from tests.allocator_env import AllocatorEnv, etcd_revision, make_env
-from tests.harness import REPO, remove_managed_containers, require_binary
+from tests.harness import REPO, remove_managed_containers, require_binary, scrape_metrics
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -380,3 +381,56 @@ def test_logs_carry_zoned_times_json_fields_and_journald_priorities(tmp_path: Pa
     finally:
         del os.environ["JOURNAL_STREAM"]
         stream.close()
+
+
+# -- what the containers service reports ----------------------------------------------------
+
+
+def run_outside_ds01(docker_socket: Path, image: str, name: str, env: list[str]) -> None:
+    """A container made on dockerd's own socket (an admin, or a tool that bypasses ds01)."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        client.containers.run(image, ["sleep", "600"], name=name, environment=env,
+                              network_mode="none", detach=True)  # fmt: skip
+    finally:
+        client.close()
+
+
+def remove_outside_ds01(docker_socket: Path, *names: str) -> None:
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        for name in names:
+            client.containers.get(name).remove(force=True)
+    finally:
+        client.close()
+
+
+async def test_gpu_use_outside_ds01_is_reported_and_ds01s_own_is_not(
+    stack: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    address = stack.services["containers"].metrics_address
+    assert address is not None
+    async with stack.client(ALICE) as alice:
+        await alice.create_container("legit", test_image, gpus=1, start=True)
+    outside = {  # GPUs named by the variables the NVIDIA runtime reads, as tools set them
+        "rogue-all": ["NVIDIA_VISIBLE_DEVICES=all"],
+        "rogue-uuid": ["CUDA_VISIBLE_DEVICES=GPU-5e6b0c1a-0000-4000-8000-000000000000"],
+    }
+    for name, env in outside.items():
+        await asyncio.to_thread(run_outside_ds01, docker_socket, test_image, name, env)
+    try:
+        samples = await asyncio.to_thread(scrape_metrics, address)
+    finally:
+        await asyncio.to_thread(remove_outside_ds01, docker_socket, *outside)
+    rogue = {labels["container"]: labels for labels, _ in samples["ds01_unmanaged_gpu_container"]}
+    assert set(rogue) == set(outside), rogue  # ds01's own container is not among them
+    assert rogue["rogue-all"]["gpu_count"] == "ALL"
+    assert rogue["rogue-uuid"]["running"] == "true"
+    assert samples["ds01_unmanaged_gpu_running"][0][1] == 2
+    cpu = dict((labels["user"], value) for labels, value in samples.get(
+        "ds01_user_cpu_usage_seconds_total", []))  # fmt: skip
+    memory = dict((labels["user"], value) for labels, value in samples.get(
+        "ds01_user_memory_current_bytes", []))  # fmt: skip
+    assert cpu.get(ALICE, 0) > 0 and memory.get(ALICE, 0) > 0  # her cgroup, her usage
+    running = [v for labels, v in samples["ds01_containers_total"] if labels["status"] == "running"]
+    assert sum(running) >= 1

@@ -137,43 +137,55 @@ def unmanaged_metrics(node: str, unmanaged: Sequence[Unmanaged]) -> list[Metric]
     return [each, count, running]
 
 
-def cgroup_directory(parent: str, root: Path = CGROUP_ROOT) -> Path:
-    """Where a cgroup parent lives on cgroup v2: a path for cgroupfs (/ds01/g/u), the
+def cgroup_path(parent: str) -> Path:
+    """A cgroup parent as a path under a hierarchy's root: /ds01/g/u for cgroupfs, the
     nested slices for systemd (ds01-g-u.slice is ds01.slice/ds01-g.slice/...)."""
     if not parent.endswith(".slice"):
-        return root / parent.strip("/")
+        return Path(parent.strip("/"))
     parts = parent.removesuffix(".slice").split("-")
-    return root.joinpath(*("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts))))
+    return Path(*("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts))))
+
+
+def usage_of(parent: str, root: Path = CGROUP_ROOT) -> tuple[float | None, int | None]:
+    """CPU seconds and memory bytes of a cgroup, on cgroup v2 or v1 (None: not there)."""
+    relative = cgroup_path(parent)
+    if (root / "cgroup.controllers").exists():
+        stat = _read(root / relative / "cpu.stat")
+        fields = dict(line.split() for line in stat.splitlines() if " " in line)
+        cpu = int(fields["usage_usec"]) / 1e6 if "usage_usec" in fields else None
+        memory = _read(root / relative / "memory.current")
+    else:
+        nanoseconds = _read(root / "cpuacct" / relative / "cpuacct.usage")
+        cpu = int(nanoseconds) / 1e9 if nanoseconds else None
+        memory = _read(root / "memory" / relative / "memory.usage_in_bytes")
+    return cpu, int(memory) if memory else None
 
 
 def usage_metrics(node: str, parents: dict[str, str], root: Path = CGROUP_ROOT) -> list[Metric]:
     """Each user's CPU time and memory, from the cgroup all their containers run under."""
-    cpu = CounterMetricFamily(
+    cpu_family = CounterMetricFamily(
         "ds01_user_cpu_usage_seconds",
         "CPU time used by all of a user's containers on this node.",
         labels=["node", "user"],
     )
-    memory = GaugeMetricFamily(
+    memory_family = GaugeMetricFamily(
         "ds01_user_memory_current_bytes",
         "Memory in use by all of a user's containers on this node.",
         labels=["node", "user"],
     )
     for user, parent in sorted(parents.items()):
-        directory = cgroup_directory(parent, root)
-        stat = _read(directory / "cpu.stat")
-        if stat:
-            fields = dict(line.split() for line in stat.splitlines() if " " in line)
-            cpu.add_metric([node, user], int(fields.get("usage_usec", 0)) / 1e6)
-        current = _read(directory / "memory.current")
-        if current:
-            memory.add_metric([node, user], int(current))
-    return [cpu, memory]
+        cpu, memory = usage_of(parent, root)
+        if cpu is not None:
+            cpu_family.add_metric([node, user], cpu)
+        if memory is not None:
+            memory_family.add_metric([node, user], memory)
+    return [cpu_family, memory_family]
 
 
 def _read(path: Path) -> str:
     try:
         return path.read_text().strip()
-    except OSError:  # no such cgroup (yet), or cgroup v1
+    except OSError:  # no such cgroup (yet)
         return ""
 
 

@@ -125,6 +125,16 @@ class _MetricsInterceptor(WrappingInterceptor):
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         service, _, name = method.lstrip("/").rpartition("/")
         handled, handling = self.metrics.handled, self.metrics.handling
+        children: dict[str, tuple[Any, Any]] = {}  # by status: labels() once, not per call
+
+        def series(status: str) -> tuple[Any, Any]:
+            found = children.get(status)
+            if found is None:
+                found = children[status] = (
+                    handled.labels(service, name, status),
+                    handling.labels(service, name, status),
+                )
+            return found
 
         @contextlib.contextmanager
         def recorded(context: grpc.aio.ServicerContext) -> Iterator[None]:
@@ -139,9 +149,9 @@ class _MetricsInterceptor(WrappingInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                status = _status(code).name
-                handled.labels(service, name, status).inc()
-                handling.labels(service, name, status).observe(time.perf_counter() - started)
+                count, timing = series(_status(code).name)
+                count.inc()
+                timing.observe(time.perf_counter() - started)
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             @functools.wraps(behavior)
