@@ -20,6 +20,7 @@ from aetcd.utils import prefix_range_end
 
 from ds01.allocator.placement import Plan
 from ds01.allocator.records import (
+    CLAIMS,
     HOLDERS,
     NODES,
     RELEASED,
@@ -100,7 +101,7 @@ class _Decoder:
             (record := self._decode(seen, kv, NodeRecord.decode)).node: record for kv in node_kvs
         }
         self._seen = seen  # forget versions no longer current
-        waiters = sorted((kv.key.decode(), _wanted(kv.value)) for kv in waiter_kvs)
+        waiters = sorted((kv.key.decode(), wanted_slots(kv.value)) for kv in waiter_kvs)
         return Snapshot(slots, holders, nodes, waiters, revision)  # type: ignore[arg-type]
 
     def _decode(self, seen: dict, kv: object, decode: object) -> object:
@@ -112,7 +113,7 @@ class _Decoder:
         return record
 
 
-def _wanted(value: bytes) -> int:
+def wanted_slots(value: bytes) -> int:
     try:
         return max(1, int(json.loads(value)["slots"]))
     except (ValueError, KeyError, TypeError):
@@ -149,6 +150,44 @@ class EtcdState:
             for _value, get in response:
                 return get.header.revision
         return (await self.client.get_prefix(ROOT.encode())).header.revision  # all empty
+
+    async def snapshot_with_generations(self) -> tuple[Snapshot, dict[str, int]]:
+        """A snapshot, and each user's claim generation (mod revision), read together."""
+        tx = self.client.transactions
+        claims = tx.get(CLAIMS.encode(), prefix_range_end(CLAIMS.encode()))
+        _, responses = await self.client.transaction(
+            compare=[], success=[*self._reads(), claims], failure=[]
+        )
+        ranges = _ranges(responses)
+        generations = {kv.key.decode().removeprefix(CLAIMS): kv.mod_revision for kv in ranges[-1]}
+        snapshot = self._decoder.snapshot(ranges[:-1], await self._revision(responses))
+        return snapshot, generations
+
+    async def claim_at_once(
+        self, plan: Plan, holder: Holder, user: str, generation: int
+    ) -> int | None:
+        """Claim without taking the user's lock: one transaction that holds only if the
+        lock is free, the user's claims are still at ``generation`` and every slot is as
+        planned. The revision it committed at, or None (then take the locked path)."""
+        tx = self.client.transactions
+        lock, claims = f"{USER_LOCKS}{user}".encode(), f"{CLAIMS}{user}".encode()
+        compare = [tx.create(lock) == 0, tx.mod(claims) == generation]
+        compare += self._slot_compares(plan)
+        puts = [tx.put(slot_key(HOLDERS, s.node, s.slot_id), holder.encode()) for s in plan.slots]
+        succeeded, responses = await self.client.transaction(
+            compare=compare, success=[*puts, tx.put(claims, b"")], failure=[]
+        )
+        return responses[-1].response_put.header.revision if succeeded else None
+
+    def _slot_compares(self, plan: Plan) -> list:
+        """Free slots still free, displaced holders still as read."""
+        tx = self.client.transactions
+        compare = [tx.create(slot_key(HOLDERS, s.node, s.slot_id)) == 0 for s in plan.claim]
+        compare += [
+            tx.mod(slot_key(HOLDERS, s.node, s.slot_id)) == displaced.mod_revision
+            for s, displaced in plan.preempt
+        ]
+        return compare
 
     async def lock_and_read(self, user: str) -> UserLock:
         """Take the user's lock and read a snapshot, in one transaction.
@@ -237,18 +276,14 @@ class EtcdState:
         """Take every slot of ``plan`` in one transaction, or none of them; either way
         the user's lock is released in the same transaction."""
         tx = self.client.transactions
-        compare = [tx.value(lock.key) == lock.token]
-        compare += [tx.create(slot_key(HOLDERS, s.node, s.slot_id)) == 0 for s in plan.claim]
-        compare += [
-            tx.mod(slot_key(HOLDERS, s.node, s.slot_id)) == displaced.mod_revision
-            for s, displaced in plan.preempt
-        ]
+        compare = [tx.value(lock.key) == lock.token, *self._slot_compares(plan)]
         puts = [tx.put(slot_key(HOLDERS, s.node, s.slot_id), holder.encode()) for s in plan.slots]
+        claims = tx.put(f"{CLAIMS}{lock.user}".encode(), b"")  # a newer generation: see CLAIMS
         unlock = tx.txn(
             compare=[tx.value(lock.key) == lock.token], success=[tx.delete(lock.key)], failure=[]
         )
         succeeded, _ = await self.client.transaction(
-            compare=compare, success=[*puts, tx.delete(lock.key)], failure=[unlock]
+            compare=compare, success=[*puts, claims, tx.delete(lock.key)], failure=[unlock]
         )
         return succeeded
 

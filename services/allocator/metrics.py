@@ -140,4 +140,15 @@ def allocator_counters(stats: AllocatorStats) -> list[Metric]:
             "Claims that lost a slot to another allocator and were planned again.",
             value=stats.claim_conflicts,
         ),
+        CounterMetricFamily(
+            "ds01_allocator_claims_at_once",
+            "Allocations claimed in one etcd round trip, planned on the watched view.",
+            value=stats.claimed_at_once,
+        ),
+        CounterMetricFamily(
+            "ds01_allocator_locked_fallbacks",
+            "Allocations the watched view could not settle (a refusal, a retry, a lost "
+            "comparison), decided on the locked path with a fresh read.",
+            value=stats.locked_fallbacks,
+        ),
     ]

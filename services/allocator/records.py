@@ -29,6 +29,9 @@ HOLDERS = ALLOC + "holders/"
 RELEASED = ALLOC + "released/"
 USER_LOCKS = ROOT + "locks/users/"
 WAITERS = ROOT + "waiters/"
+# One key per user, written by every claim for that user: a claim planned on an older
+# view compares its revision, so no two claims can both pass one quota check.
+CLAIMS = ROOT + "claims/users/"
 
 
 def slot_key(prefix: str, node: str, slot_id: str) -> bytes:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 
 from ds01.allocator import metrics as allocation_metrics
+from ds01.allocator.cache import ClusterCache
 from ds01.allocator.etcd_state import EtcdState, NodeRegistration
 from ds01.allocator.events import (
     AllocationEvent,
@@ -380,6 +381,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     # service did not answer before the user's call runs out.
     limits = RemoteLimits(Ds01Client(config, identity, timeout=LIMITS_TIMEOUT, wait_for_ready=True))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
+    cache = ClusterCache(state)
+    cache.start()
 
     async def container_exists(name: str) -> bool:
         """Whether the containers service has a record of ``name`` on any node."""
@@ -391,6 +394,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         limits,
         strategy=Strategy(config.allocator.strategy),
         container_exists=container_exists,
+        cache=cache,
     )
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
@@ -412,6 +416,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.run_in_background(_expire_overdue_holds(allocator), "hold-sweeper")
 
     async def close() -> None:
+        await cache.close()
         await state.close()
         await limits.client.close()
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from ds01.allocator.cache import ClusterCache
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot
 from ds01.allocator.placement import (
     AllocationRefused,
@@ -81,6 +82,8 @@ class AllocatorStats:
     preemptions: int = 0  # held slots of stopped containers given to another
     lock_waits: int = 0  # requests that found their user's lock taken and waited
     claim_conflicts: int = 0  # claims that lost to another process and were planned again
+    claimed_at_once: int = 0  # claims in one round trip, planned on the watched view
+    locked_fallbacks: int = 0  # requests the view could not settle: the locked path took them
 
 
 class Allocator:
@@ -90,9 +93,11 @@ class Allocator:
         limits: LimitsSource,
         strategy: Strategy = Strategy.LEAST_ALLOCATED,
         container_exists: Callable[[str], Awaitable[bool]] | None = None,
+        cache: ClusterCache | None = None,
     ) -> None:
         self.container_exists = container_exists  # a recorded container of that name
         self.state = state
+        self.cache = cache  # the watched view: one round trip in the common case
         self.limits = limits
         self.strategy = strategy
         self.lock_ttl = state.lock_ttl
@@ -130,6 +135,46 @@ class Allocator:
         return await self._allocate_waiting(request, quota, wait_until)
 
     async def _allocate_now(
+        self, request: Request, quota: Quota, waiter: str | None
+    ) -> list[Granted]:
+        if waiter is None and self.cache is not None and self.cache.live:
+            granted = await self._allocate_at_once(request, quota, self.cache)
+            if granted is not None:
+                return granted
+            self.stats.locked_fallbacks += 1
+        return await self._allocate_locked(request, quota, waiter)
+
+    async def _allocate_at_once(
+        self, request: Request, quota: Quota, cache: ClusterCache
+    ) -> list[Granted] | None:
+        """The common case in one etcd round trip: plan on the watched view and claim
+        with comparisons that make a stale view harmless (see ClusterCache). None when
+        the view cannot settle it: a refusal, a retry, a lost comparison. The locked
+        path then decides on a fresh read, so every answer given stays as before."""
+        generation = cache.generation(request.user)
+        try:
+            chosen = self._plan(request, quota, cache.view.snapshot(), None)
+        except (AllocationRefused, NotPermitted):
+            return None
+        if isinstance(chosen, list):  # held already, says the view: confirm on etcd itself
+            return None
+        holder = Holder(request.user, request.container, time.time(), quota.priority)
+        keys = [(s.node, s.slot_id) for s in chosen.slots]
+        self._in_flight.update(dict.fromkeys(keys, holder))
+        try:
+            revision = await self.state.claim_at_once(chosen, holder, request.user, generation)
+        finally:
+            for key in keys:
+                self._in_flight.pop(key, None)
+        if revision is None:
+            return None
+        cache.claimed(keys, holder, request.user, revision)
+        _log_preemptions(chosen, request.container)
+        self.stats.preemptions += len(chosen.preempt)
+        self.stats.claimed_at_once += 1
+        return [Granted(slot, holder) for slot in chosen.slots]
+
+    async def _allocate_locked(
         self, request: Request, quota: Quota, waiter: str | None
     ) -> list[Granted]:
         """Lock the user and read, plan, claim and unlock: two etcd round trips."""

@@ -40,6 +40,7 @@ T = TypeVar("T")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SCRAPE_TIMEOUT = 5.0  # seconds a scrape waits for the service's loop to read its state
 CONNECTION_TIMEOUT = 10.0  # seconds a connection to /metrics may stay silent
+STOP_POLL = 0.05  # seconds a stop may wait for the serving thread to notice
 
 
 class ServiceMetrics:
@@ -216,7 +217,10 @@ class MetricsEndpoint:
             server.context = self.tls
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name=f"{self.metrics.service}-metrics", daemon=True
+            target=server.serve_forever,
+            args=(STOP_POLL,),
+            name=f"{self.metrics.service}-metrics",
+            daemon=True,
         )
         self._thread.start()
         return f"{host}:{server.server_address[1]}"

@@ -1,0 +1,173 @@
+"""The allocator's view of the cluster, kept current by etcd watches.
+
+An allocation plans against this view instead of reading etcd first, and claims in one
+transaction whose comparisons make a stale view harmless: a slot it takes must be free,
+the user's claim generation must be the one it planned with, and the user's lock must be
+free. If any comparison fails, the allocation falls back to the locked path, which reads
+afresh. So the view only has to be fast, never right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import aetcd
+
+from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, wanted_slots
+from ds01.allocator.records import (
+    CLAIMS,
+    HOLDERS,
+    NODES,
+    SLOTS,
+    WAITERS,
+    Holder,
+    NodeRecord,
+    SlotRecord,
+    split_slot_key,
+)
+
+log = logging.getLogger(__name__)
+
+PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS, CLAIMS)
+RETRY = 1.0  # seconds before a lost watch is opened again
+
+
+@dataclass
+class View:
+    """Records as of ``revision`` (each key as its last event left it)."""
+
+    slots: dict[SlotKey, SlotRecord] = field(default_factory=dict)
+    holders: dict[SlotKey, Holder] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    waiters: dict[str, int] = field(default_factory=dict)
+    generations: dict[str, int] = field(default_factory=dict)  # user -> mod revision
+    revision: int = 0
+
+    def snapshot(self) -> Snapshot:
+        """The view as the planner reads it: no copies (planning never awaits, so nothing
+        changes underneath it)."""
+        waiters = sorted(self.waiters.items())
+        return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision)
+
+
+class ClusterCache:
+    """A :class:`View` fed by one watch per prefix; ``live`` while every watch runs."""
+
+    def __init__(self, state: EtcdState) -> None:
+        self.state = state
+        self.view = View()
+        self.live = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._follow())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def generation(self, user: str) -> int:
+        return self.view.generations.get(user, 0)
+
+    def claimed(self, keys: list[SlotKey], holder: Holder, user: str, revision: int) -> None:
+        """What this process just claimed at ``revision``: in the view at once, so that
+        the same request again finds its slots (the watch brings the same soon)."""
+        for key in keys:
+            current = self.view.holders.get(key)
+            if current is None or current.mod_revision < revision:
+                self.view.holders[key] = replace(holder, mod_revision=revision, lease=0)
+        if self.view.generations.get(user, 0) < revision:
+            self.view.generations[user] = revision
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._load_and_watch()
+            except asyncio.CancelledError:
+                self.live = False
+                raise
+            except Exception as err:  # etcd away: plan on fresh reads until it is back
+                if self.live:
+                    log.warning("allocation cache lost its watch (%s); reading etcd", err)
+                self.live = False
+            await asyncio.sleep(RETRY)
+
+    async def _load_and_watch(self) -> None:
+        client = self.state.client
+        view = await self._load()
+        watches = [
+            await client.watch_prefix(p.encode(), start_revision=view.revision + 1)
+            for p in PREFIXES
+        ]
+        self.view, self.live = view, True
+        try:
+            pumps = [asyncio.ensure_future(self._pump(w, view)) for w in watches]
+            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            for pump in pumps:
+                pump.cancel()
+            for finished in done:
+                finished.result()  # raises what stopped it
+            raise RuntimeError("an etcd watch ended")
+        finally:
+            self.live = False
+            for watch in watches:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+
+    async def _load(self) -> View:
+        snapshot, generations = await self.state.snapshot_with_generations()
+        return View(
+            slots=dict(snapshot.slots),
+            holders=dict(snapshot.holders),
+            nodes=dict(snapshot.nodes),
+            waiters=dict(snapshot.waiters),
+            generations=generations,
+            revision=snapshot.revision,
+        )
+
+    async def _pump(self, watch: object, view: View) -> None:
+        async for event in watch:  # type: ignore[attr-defined]
+            apply(view, event)
+
+
+def apply(view: View, event: aetcd.rtypes.Event) -> None:
+    """One watch event into the view (the events of one key come in revision order)."""
+    kv = event.kv
+    key = kv.key.decode()
+    deleted = event.kind == "DELETE"
+    view.revision = max(view.revision, kv.mod_revision)
+    if key.startswith(HOLDERS):
+        slot = split_slot_key(HOLDERS, kv.key)
+        current = view.holders.get(slot)
+        if current is not None and current.mod_revision > kv.mod_revision:
+            return  # this process's own claim, already in the view, is newer
+        if deleted:
+            view.holders.pop(slot, None)
+        else:
+            view.holders[slot] = Holder.decode(kv.value, kv.mod_revision, kv.lease)
+    elif key.startswith(SLOTS):
+        _keyed(view.slots, split_slot_key(SLOTS, kv.key), deleted, SlotRecord.decode, kv.value)
+    elif key.startswith(NODES):
+        _keyed(view.nodes, key.removeprefix(NODES), deleted, NodeRecord.decode, kv.value)
+    elif key.startswith(WAITERS):
+        _keyed(view.waiters, key, deleted, wanted_slots, kv.value)
+    elif key.startswith(CLAIMS):
+        user = key.removeprefix(CLAIMS)
+        if deleted:
+            view.generations.pop(user, None)
+        else:
+            view.generations[user] = max(view.generations.get(user, 0), kv.mod_revision)
+
+
+def _keyed(table: dict, key: object, deleted: bool, decode: Callable[[bytes], object],
+           value: bytes) -> None:  # fmt: skip
+    if deleted:
+        table.pop(key, None)
+    else:
+        table[key] = decode(value)

@@ -1,0 +1,159 @@
+"""Allocate in one etcd round trip, planned on a watched view, and never wrong because of
+it: each test makes one allocator's view lag behind another's claims and releases (as a
+slow watch would), and checks that every answer is the one a fresh read gives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from ds01.allocator.cache import ClusterCache
+from ds01.allocator.etcd_state import EtcdState
+from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request
+from ds01.allocator.records import HOLDERS, Holder, slot_key
+from ds01.allocator.server import RemoteLimits
+from ds01.allocator.service import Actor, Allocator
+from ds01.core.etcd import connect
+from tests.allocator_env import AllocatorEnv, etcd_revision
+
+ADMIN = Actor("svc:containers", True)
+
+
+@dataclass
+class Node:
+    """One allocator process's parts: its etcd client, state, view and allocator."""
+
+    allocator: Allocator
+    cache: ClusterCache
+
+    async def allocate(self, user: str, name: str, **wanted: object) -> list[str]:
+        request = Request(user=user, container=f"{name}._.{user}", **wanted)  # type: ignore[arg-type]
+        granted = await self.allocator.allocate(request, ADMIN)
+        return [g.slot.slot_id for g in granted]
+
+    async def freeze(self) -> None:
+        """Stop following etcd but keep planning on the view: a watch that lags."""
+        await self.cache.close()
+        self.cache.live = True
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pair(env: AllocatorEnv) -> AsyncIterator[tuple[Node, Node]]:
+    """Two allocators on one etcd, as two processes or two hosts would be."""
+    made = []
+    for _ in range(2):
+        client = connect(env.config, "allocator")
+        state = EtcdState(client, lock_ttl=env.config.allocator.lock_ttl)
+        cache = ClusterCache(state)
+        cache.start()
+        limits = RemoteLimits(env.service_client("allocator"))
+        made.append((client, state, Node(Allocator(state, limits, cache=cache), cache), limits))
+    for *_, node, _limits in made:
+        for _ in range(100):
+            if node.cache.live and node.cache.view.nodes:
+                break
+            await asyncio.sleep(0.05)
+        assert node.cache.live
+    yield made[0][2], made[1][2]
+    for client, state, node, limits in made:
+        await node.cache.close()
+        await state.close()
+        await limits.client.close()
+        await client.close()
+
+
+async def holder_of(env: AllocatorEnv, node: str, slot_id: str) -> Holder | None:
+    client = connect(env.config, "allocator")
+    try:
+        got = await client.get(slot_key(HOLDERS, node, slot_id))
+    finally:
+        await client.close()
+    return Holder.decode(got.value, got.mod_revision) if got and got.value else None
+
+
+async def test_the_common_case_is_one_transaction(env: AllocatorEnv, etcd_endpoint: str, pair):
+    first, _second = pair
+    before = await etcd_revision(etcd_endpoint, env.pki)
+    [slot] = await first.allocate("alice", "quick")
+    after = await etcd_revision(etcd_endpoint, env.pki)
+    assert after == before + 1  # one write: no lock taken and released around it
+    assert first.allocator.stats.claimed_at_once == 1
+    assert first.allocator.stats.locked_fallbacks == 0
+    held = await holder_of(env, env.config.node, slot)
+    assert held is not None and held.container == "quick._.alice"
+    assert await first.allocate("alice", "quick") == [slot]  # a retry gets the same slot
+
+
+@pytest.mark.parametrize(
+    ("user", "taken", "wanted"),
+    [
+        ("alice", [{}, {}, {}], {}),  # three 2/7 slices; a fourth passes 1.0
+        ("rita", [{"preference": Preference.FULL_GPU}] * 2, {}),  # 2.0 of 2.0, then a slice
+        ("rita", [{"slots": 2, "preference": Preference.FULL_GPU}], {}),
+    ],
+)
+async def test_a_view_that_missed_the_users_claims_never_passes_the_quota(
+    env: AllocatorEnv, pair, user: str, taken: list[dict], wanted: dict
+):
+    lagging, current = pair
+    await lagging.freeze()  # sees none of what follows
+    for n, kind in enumerate(taken):
+        await current.allocate(user, f"got{n}", **kind)
+    with pytest.raises(AllocationRefused) as refused:
+        await lagging.allocate(user, "onetoomany", **wanted)
+    assert refused.value.kind is Refusal.QUOTA
+    assert lagging.allocator.stats.locked_fallbacks >= 1
+
+
+async def test_a_view_that_missed_a_claim_on_a_slot_never_double_books_it(env: AllocatorEnv, pair):
+    lagging, current = pair
+    await lagging.freeze()
+    taken = {
+        *await current.allocate("rita", "two", slots=2, preference=Preference.FULL_GPU),
+        *await current.allocate("alice", "one"),
+        *await current.allocate("alice", "two"),
+    }
+    [slot] = await lagging.allocate("bob", "late")  # planned on a view of five free slots
+    assert slot not in taken and {slot, *taken} == {"0", "1", "2:1", "2:2", "2:3"}
+    held = await holder_of(env, env.config.node, slot)
+    assert held is not None and held.container == "late._.bob"
+    with pytest.raises(AllocationRefused) as refused:  # nothing left, whatever the view says
+        await lagging.allocate("carl", "none")
+    assert refused.value.kind is Refusal.NO_CAPACITY
+
+
+async def test_a_view_that_missed_a_release_never_answers_with_a_slot_no_longer_held(
+    env: AllocatorEnv, pair
+):
+    lagging, current = pair
+    [slot] = await lagging.allocate("alice", "again")
+    await lagging.freeze()  # still shows "again" holding its slot
+    await current.allocator.release("again._.alice", ADMIN)
+    assert await holder_of(env, env.config.node, slot) is None
+    [regranted] = await lagging.allocate("alice", "again")
+    held = await holder_of(env, env.config.node, regranted)
+    assert held is not None and held.container == "again._.alice"  # truly held again
+
+
+async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
+    env: AllocatorEnv, pair
+):
+    watching, acting = pair
+    [slot] = await acting.allocate("alice", "seen")
+    key = (env.config.node, slot)
+
+    async def until(check: object) -> bool:
+        for _ in range(100):
+            if check():  # type: ignore[operator]
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert await until(lambda: key in watching.cache.view.holders)
+    assert await until(lambda: watching.cache.generation("alice") > 0)
+    await acting.allocator.release("seen._.alice", ADMIN)
+    assert await until(lambda: key not in watching.cache.view.holders)
