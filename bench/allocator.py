@@ -76,6 +76,28 @@ async def raw_txn(endpoint: str, pki: Pki, count: int) -> list[float]:
     return samples
 
 
+async def raw_cycles(endpoint: str, pki: Pki, clients: int, total: int) -> float:
+    """Cycles per second of a raw claim transaction and a delete, ``clients`` at once over
+    one client: what etcd and this machine sustain at that concurrency, the ceiling of
+    allocate + release."""
+    etcd = etcd_client((endpoint,), pki.etcd, "admin")
+    tx = etcd.transactions
+
+    async def worker(w: int) -> None:
+        for n in range(total // clients):
+            key = f"/bench/raw/{w}/{n}".encode()
+            await etcd.transaction(compare=[tx.create(key) == 0], success=[tx.put(key, b"x")],
+                                   failure=[])  # fmt: skip
+            await etcd.delete(key)
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        return (total // clients * clients) / (time.perf_counter() - start)
+    finally:
+        await etcd.close()
+
+
 def seed_flock(path: Path, count: int) -> list[float]:
     """The seed: flock, read the JSON state, add an allocation, write it back."""
     path.write_text(json.dumps({"allocations": {}}))
@@ -156,6 +178,7 @@ async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> dic
             await asyncio.sleep(0.1)
         await cycles(client, 4, 40)  # warm-up
         results = {c: await cycles(client, c, max(total, c * 4)) for c in (1, 16, 64)}
+        ceilings = {c: await raw_cycles(endpoint, pki, c, max(total, c * 4)) for c in results}
         fan = await fan_out(client, 200, 20)
     seed = seed_flock(Path(config_path).parent / "gpu-state.json", total)
 
@@ -174,6 +197,11 @@ async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> dic
         print(line(f"Release, {clients} concurrent clients", release))
         ratio = statistics.median(allocate) / raw_p50
         print(f"    ratio: Allocate p50 = {ratio:.1f}x one raw etcd txn (target <= 3x)")
+        share = rate / ceilings[clients]
+        print(
+            f"    allocate+release {rate:.0f}/s = {share:.0%} of raw txn+delete cycles at "
+            f"{clients} clients ({ceilings[clients]:.0f}/s; target >= 30%)"
+        )
     print(line("event to 200 watchers (delivery delay)", fan))
     print(f"    {len(fan)} deliveries; p99 {pct(fan, 99) * 1e3:.1f} ms (target < 50 ms)")
     return ratios

@@ -100,10 +100,13 @@ class ClusterCache:
 
     async def _load_and_watch(self) -> None:
         client = self.state.client
+        # Watched from a revision read first: the load may be later (an empty cluster's
+        # read carries no revision of its own), and replaying events the load already
+        # holds leaves the view as it was, while a skipped one would be lost.
+        before = await self.state.current_revision()
         view = await self._load()
         watches = [
-            await client.watch_prefix(p.encode(), start_revision=view.revision + 1)
-            for p in PREFIXES
+            await client.watch_prefix(p.encode(), start_revision=before + 1) for p in PREFIXES
         ]
         self.view, self.live = view, True
         try:

@@ -149,7 +149,11 @@ class EtcdState:
         for response in responses:
             for _value, get in response:
                 return get.header.revision
-        return (await self.client.get_prefix(ROOT.encode())).header.revision  # all empty
+        return await self.current_revision()  # every range was empty: a later revision
+
+    async def current_revision(self) -> int:
+        """etcd's revision now, from an empty range read (no values travel)."""
+        return (await self.client.get_prefix(f"{ROOT}revision-probe/".encode())).header.revision
 
     async def snapshot_with_generations(self) -> tuple[Snapshot, dict[str, int]]:
         """A snapshot, and each user's claim generation (mod revision), read together."""

@@ -152,8 +152,11 @@ class Allocator:
         the view cannot settle it: a refusal, a retry, a lost comparison. The locked
         path then decides on a fresh read, so every answer given stays as before."""
         generation = cache.generation(request.user)
+        view = cache.view
+        if any(k not in view.slots for k, h in view.holders.items() if h.user == request.user):
+            return None  # a holding on a slot the view lacks: its quota sum would be short
         try:
-            chosen = self._plan(request, quota, cache.view.snapshot(), None)
+            chosen = self._plan(request, quota, view.snapshot(), None)
         except (AllocationRefused, NotPermitted):
             return None
         if isinstance(chosen, list):  # held already, says the view: confirm on etcd itself
@@ -387,7 +390,16 @@ class Allocator:
         actor: Actor,
         change: Callable[[list[tuple[SlotKey, Holder]]], Awaitable[bool]],
     ) -> list[tuple[SlotKey, Holder]]:
-        """Apply ``change`` to the container's holder keys, re-reading on a lost race."""
+        """Apply ``change`` to the container's holder keys, re-reading on a lost race.
+        The first try takes the keys from the watched view: ``change`` compares their
+        revisions, so a stale view only costs the fresh read that follows."""
+        cache = self.cache
+        if cache is not None and cache.live:
+            held = cache.view.snapshot().held_by(container)
+            owners = {h.user for _, h in held}
+            allowed = len(owners) == 1 and (actor.privileged or owners == {actor.name})
+            if allowed and await change(held):  # else the fresh read decides, and says why
+                return held
         for _attempt in range(CLAIM_ATTEMPTS):
             held = (await self.state.snapshot()).held_by(container)
             if not held:

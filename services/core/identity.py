@@ -85,6 +85,12 @@ class AuthenticationError(Exception):
     """The peer presented no usable identity."""
 
 
+@functools.lru_cache(maxsize=4096)
+def certificate_expiry(pem: bytes) -> dt.datetime:
+    """When a client certificate expires; parsed once per certificate, not per call."""
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+
+
 def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> Principal:
     names = auth.get("x509_common_name") or []
     if len(names) != 1 or not names[0]:
@@ -96,7 +102,7 @@ def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> P
     expires = None
     pem = auth.get("x509_pem_cert")
     if pem:
-        expires = x509.load_pem_x509_certificate(pem[0]).not_valid_after_utc
+        expires = certificate_expiry(pem[0])
         if expires <= dt.datetime.now(dt.UTC):
             raise AuthenticationError(f"client certificate of {name} expired at {expires:%c}")
     return Principal(name=name, kind=roles.kind_of(name), certificate_expires=expires)
