@@ -32,6 +32,7 @@ class Suite:
     etcd_endpoint: str
     docker_socket: Path | None
     metrics: dict[str, int]  # each service's /metrics port; empty when metrics are off
+    server_pid: int = 0  # ds01d's
 
 
 @contextlib.contextmanager
@@ -66,6 +67,7 @@ def suite(
     docker: bool = False,
     server_log: Path | None = None,
     metrics: bool = False,
+    node: str | None = None,
 ) -> Iterator[Suite]:
     """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench.
 
@@ -92,6 +94,7 @@ def suite(
         config_path.write_text(
             yaml.safe_dump(
                 {
+                    **({"node": node} if node else {}),
                     "state_dir": tmp,
                     "listen": {s: f"127.0.0.1:{free_port()}" for s in SERVICES},
                     "etcd": {"endpoints": [f"127.0.0.1:{etcd_port}"]},
@@ -122,7 +125,7 @@ def suite(
         )
         try:
             time.sleep(1.5)
-            yield Suite(root, config_path, pki, f"127.0.0.1:{etcd_port}", socket, ports)
+            yield Suite(root, config_path, pki, f"127.0.0.1:{etcd_port}", socket, ports, server.pid)
         finally:
             server.terminate()
             server.wait()

@@ -133,8 +133,9 @@ async def cycles(client: Ds01Client, clients: int, total: int) -> tuple[list, li
     return allocate, release, len(allocate) / (time.perf_counter() - start)
 
 
-async def fan_out(client: Ds01Client, watchers: int, events: int) -> list[float]:
-    """Delay from a committed allocation to its event at each of ``watchers`` streams."""
+async def fan_out(client: Ds01Client, watchers: int, events: int, tag: str = "") -> list[float]:
+    """Delay from a committed allocation to its event at each of ``watchers`` streams;
+    ``tag`` names the containers apart from an earlier run's (which still hold theirs)."""
     received: list[float] = []
     sent: dict[str, float] = {}
     ready = asyncio.Barrier(watchers + 1)
@@ -158,7 +159,7 @@ async def fan_out(client: Ds01Client, watchers: int, events: int) -> list[float]
     tasks = [asyncio.ensure_future(watch()) for _ in range(watchers)]
     await ready.wait()
     for n in range(events):
-        container = f"fan{n}._.u0"
+        container = f"fan{tag}{n}._.u0"
         sent[container] = time.perf_counter()
         await client.allocate(container, user="u0")
         await asyncio.sleep(0.05)

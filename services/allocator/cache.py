@@ -38,7 +38,8 @@ RETRY = 1.0  # seconds before a lost watch is opened again
 
 @dataclass
 class View:
-    """Records as of ``revision`` (each key as its last event left it)."""
+    """Records as of ``revision`` (each key as its last event left it), indexed so that
+    a request touches its node's slots and its user's holdings, not the whole fleet."""
 
     slots: dict[SlotKey, SlotRecord] = field(default_factory=dict)
     holders: dict[SlotKey, Holder] = field(default_factory=dict)
@@ -46,12 +47,54 @@ class View:
     waiters: dict[str, int] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)  # user -> mod revision
     revision: int = 0
+    node_slots: dict[str, dict[SlotKey, SlotRecord]] = field(default_factory=dict)
+    node_holders: dict[str, dict[SlotKey, Holder]] = field(default_factory=dict)
+    user_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
+    container_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
 
-    def snapshot(self) -> Snapshot:
-        """The view as the planner reads it: no copies (planning never awaits, so nothing
-        changes underneath it)."""
+    def snapshot(self, node: str = "") -> Snapshot:
+        """The view as the planner reads it, for one node or for all: no copies (planning
+        never awaits, so nothing changes underneath it)."""
         waiters = sorted(self.waiters.items())
+        if node:
+            slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
+            return Snapshot(slots, holders, self.nodes, waiters, self.revision)
         return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision)
+
+    def held_by_user(self, user: str) -> float | None:
+        """GPU-equivalents ``user`` holds on every node; None if a holding's slot is not
+        in the view (then the sum would be short)."""
+        keys = self.user_keys.get(user, ())
+        if any(key not in self.slots for key in keys):
+            return None
+        return sum(self.slots[key].gpu_equivalents for key in keys)
+
+    def set_slot(self, key: SlotKey, slot: SlotRecord) -> None:
+        self.slots[key] = slot
+        self.node_slots.setdefault(key[0], {})[key] = slot
+
+    def drop_slot(self, key: SlotKey) -> None:
+        self.slots.pop(key, None)
+        self.node_slots.get(key[0], {}).pop(key, None)
+
+    def set_holder(self, key: SlotKey, holder: Holder) -> None:
+        self.drop_holder(key)
+        self.holders[key] = holder
+        self.node_holders.setdefault(key[0], {})[key] = holder
+        self.user_keys.setdefault(holder.user, set()).add(key)
+        self.container_keys.setdefault(holder.container, set()).add(key)
+
+    def drop_holder(self, key: SlotKey) -> None:
+        old = self.holders.pop(key, None)
+        if old is None:
+            return
+        self.node_holders.get(key[0], {}).pop(key, None)
+        for index, name in ((self.user_keys, old.user), (self.container_keys, old.container)):
+            keys = index.get(name)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[name]
 
 
 class ClusterCache:
@@ -81,7 +124,7 @@ class ClusterCache:
         for key in keys:
             current = self.view.holders.get(key)
             if current is None or current.mod_revision < revision:
-                self.view.holders[key] = replace(holder, mod_revision=revision, lease=0)
+                self.view.set_holder(key, replace(holder, mod_revision=revision, lease=0))
         if self.view.generations.get(user, 0) < revision:
             self.view.generations[user] = revision
 
@@ -125,14 +168,17 @@ class ClusterCache:
 
     async def _load(self) -> View:
         snapshot, generations = await self.state.snapshot_with_generations()
-        return View(
-            slots=dict(snapshot.slots),
-            holders=dict(snapshot.holders),
+        view = View(
             nodes=dict(snapshot.nodes),
             waiters=dict(snapshot.waiters),
             generations=generations,
             revision=snapshot.revision,
         )
+        for key, slot in snapshot.slots.items():
+            view.set_slot(key, slot)
+        for key, holder in snapshot.holders.items():
+            view.set_holder(key, holder)
+        return view
 
     async def _pump(self, watch: object, view: View) -> None:
         async for event in watch:  # type: ignore[attr-defined]
@@ -151,11 +197,15 @@ def apply(view: View, event: aetcd.rtypes.Event) -> None:
         if current is not None and current.mod_revision > kv.mod_revision:
             return  # this process's own claim, already in the view, is newer
         if deleted:
-            view.holders.pop(slot, None)
+            view.drop_holder(slot)
         else:
-            view.holders[slot] = Holder.decode(kv.value, kv.mod_revision, kv.lease)
+            view.set_holder(slot, Holder.decode(kv.value, kv.mod_revision, kv.lease))
     elif key.startswith(SLOTS):
-        _keyed(view.slots, split_slot_key(SLOTS, kv.key), deleted, SlotRecord.decode, kv.value)
+        where = split_slot_key(SLOTS, kv.key)
+        if deleted:
+            view.drop_slot(where)
+        else:
+            view.set_slot(where, SlotRecord.decode(kv.value))
     elif key.startswith(NODES):
         _keyed(view.nodes, key.removeprefix(NODES), deleted, NodeRecord.decode, kv.value)
     elif key.startswith(WAITERS):

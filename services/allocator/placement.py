@@ -108,8 +108,10 @@ def plan(
     holders: dict[tuple[str, str], Holder],
     nodes_up: set[str],
     strategy: Strategy = Strategy.LEAST_ALLOCATED,
+    held: float | None = None,
 ) -> Plan:
-    """The slots ``request`` gets, or AllocationRefused saying why not."""
+    """The slots ``request`` gets, or AllocationRefused saying why not. ``held``: the
+    GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them."""
     slots = list(slots)
     if request.slots < 0 or request.gpu_equivalents < 0:
         raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
@@ -137,10 +139,10 @@ def plan(
         where = f"node {request.node}" if request.node else "any node that is up"
         raise AllocationRefused(Refusal.NO_CAPACITY, f"no {_kind_name(request, quota)} on {where}")
 
-    weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
-    held_by_user = sum(
-        weights.get(key, 0.0) for key, holder in holders.items() if holder.user == request.user
-    )
+    if held is None:
+        weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
+        held = sum(weights.get(key, 0.0) for key, h in holders.items() if h.user == request.user)
+    held_by_user = held
     budget = None
     if quota.max_gpu_equivalents is not None:
         budget = quota.max_gpu_equivalents - held_by_user

@@ -153,13 +153,14 @@ class Allocator:
         path then decides on a fresh read, so every answer given stays as before."""
         generation = cache.generation(request.user)
         view = cache.view
-        if any(k not in view.slots for k, h in view.holders.items() if h.user == request.user):
-            return None  # a holding on a slot the view lacks: its quota sum would be short
-        try:
-            chosen = self._plan(request, quota, view.snapshot(), None)
+        held = view.held_by_user(request.user)
+        if held is None or request.container in view.container_keys or request.slot_ids:
+            return None  # the view lacks a slot, or the container holds some: read afresh
+        try:  # on its node's slots alone when it names one (the containers service does)
+            chosen = self._plan(request, quota, view.snapshot(request.node), None, held)
         except (AllocationRefused, NotPermitted):
             return None
-        if isinstance(chosen, list):  # held already, says the view: confirm on etcd itself
+        if isinstance(chosen, list):
             return None
         holder = Holder(request.user, request.container, time.time(), quota.priority)
         keys = [(s.node, s.slot_id) for s in chosen.slots]
@@ -227,8 +228,14 @@ class Allocator:
         )
 
     def _plan(
-        self, request: Request, quota: Quota, snapshot: Snapshot, waiter: str | None
+        self,
+        request: Request,
+        quota: Quota,
+        snapshot: Snapshot,
+        waiter: str | None,
+        held: float | None = None,
     ) -> Plan | list[Granted]:
+        """``held``: what the user holds on every node, when ``snapshot`` is one node's."""
         existing = snapshot.held_by(request.container)
         if existing:
             self._check_owner(existing, Actor(request.user, False))
@@ -242,6 +249,7 @@ class Allocator:
             {**self._in_flight, **snapshot.holders},
             set(snapshot.nodes),
             self.strategy,
+            held,
         )
         ahead = _waiting_ahead(snapshot.waiters, waiter, quota.priority)
         if ahead:

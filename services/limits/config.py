@@ -115,9 +115,14 @@ class LimitsConfigError(Exception):
 class Group:
     name: str
     layer: Layer
-    members: tuple[str, ...]
+    members: tuple[str, ...]  # as listed, in file order
     aggregate: Layer | None
     policies: dict[str, Any]
+    # For membership tests: a lookup per request, whatever the size of the member files.
+    member_set: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "member_set", frozenset(self.members))
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,7 @@ def group_of(config: LimitsConfig, user: str) -> str:
     for name in listed_as(user):
         for group in config.groups.values():
             exact_only = group.name in admins and name != user
-            if name in group.members and not exact_only:
+            if name in group.member_set and not exact_only:
                 return group.name
     return config.default_group
 
@@ -270,7 +275,7 @@ def ds01_group_of(config: LimitsConfig, user: str) -> str:
     if user in config.overrides or local in config.overrides:
         return "override"
     for group in config.groups.values():
-        if user in group.members or local in group.members:
+        if user in group.member_set or local in group.member_set:
             return group.name
     return config.default_group
 

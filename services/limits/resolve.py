@@ -181,7 +181,7 @@ def is_admin(config: LimitsConfig, user: str) -> bool:
     if not group:
         return False
     # Raw names only: sanitizing is lossy, and h.baker_x must not pass for h_baker_x.
-    if group in config.groups and user in config.groups[group].members:
+    if group in config.groups and user in config.groups[group].member_set:
         return True
     # NSS (LDAP) lookups can be slow: remember answers for a minute.
     return _cached_unix_group(user, group, int(time.monotonic() // 60))
