@@ -274,7 +274,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                 if isinstance(item, Exception):
                     await abort(context, grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
                 if actor.privileged or actor.name in item.users:
-                    yield event_message(item, actor)
+                    yield shared_event_message(item, None if actor.privileged else actor.name)
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
         principal = caller()
@@ -364,6 +364,16 @@ def event_message(event: AllocationEvent, actor: Actor) -> allocator_pb2.WatchAl
     if event.previous is not None:
         message.previous.CopyFrom(holding_message(slot, _visible(event.previous, actor)))
     return message
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_event_message(
+    event: AllocationEvent, viewer: str | None
+) -> allocator_pb2.WatchAllocationsResponse:
+    """One message per event and viewer (None: every admin and service), shared by all
+    live streams of that viewer: a thousand watchers cost one message, not a thousand.
+    Never changed once made."""
+    return event_message(event, Actor(viewer or "", viewer is None))
 
 
 def _visible(holder: Holder, actor: Actor) -> Holder:
