@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,8 @@ class Suite:
     docker_socket: Path | None
     metrics: dict[str, int]  # each service's /metrics port; empty when metrics are off
     server_pid: int = 0  # ds01d's
+    # One configuration per allocator process (the first is config_path's ds01d).
+    allocator_configs: list[Path] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -68,11 +70,13 @@ def suite(
     server_log: Path | None = None,
     metrics: bool = False,
     node: str | None = None,
+    allocators: int = 1,
 ) -> Iterator[Suite]:
     """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench.
 
     ``server_log``: a file for ds01d's log (its stderr) instead of this terminal;
-    ``metrics``: each service serves /metrics (off: no metrics code runs at all)."""
+    ``metrics``: each service serves /metrics (off: no metrics code runs at all);
+    ``allocators``: that many allocator processes in all, each on its own port."""
     with tempfile.TemporaryDirectory(prefix="ds01-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
@@ -112,29 +116,44 @@ def suite(
             )
         )
         log = server_log.open("ab") if server_log else None
-        server = subprocess.Popen(
-            [
-                str(REPO / ".venv" / "bin" / "ds01d"),
-                "--config",
-                str(config_path),
-                "--services",
-                services,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+        configs = [config_path, *_more_allocators(config_path, allocators - 1)]
+        ds01d = str(REPO / ".venv" / "bin" / "ds01d")
+        servers = [
+            subprocess.Popen(
+                [ds01d, "--config", str(c), "--services", services if n == 0 else "allocator"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            for n, c in enumerate(configs)
+        ]
         try:
             time.sleep(1.5)
-            yield Suite(root, config_path, pki, f"127.0.0.1:{etcd_port}", socket, ports, server.pid)
+            endpoint = f"127.0.0.1:{etcd_port}"
+            yield Suite(root, config_path, pki, endpoint, socket, ports, servers[0].pid, configs)
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers:
+                server.terminate()
+                server.wait()
             if log:
                 log.close()
             for daemon in reversed(daemons):
                 daemon.stop()
             if socket:
                 subprocess.run(["umount", "-R", str(root / "docker" / "exec")], capture_output=True)
+
+
+def _more_allocators(config_path: Path, count: int) -> list[Path]:
+    """Configurations for ``count`` more allocator processes: the same etcd, node and
+    files, each on a port of its own, metrics off."""
+    base = yaml.safe_load(config_path.read_text())
+    made = []
+    for n in range(count):
+        config = {**base, "listen": {**base["listen"], "allocator": f"127.0.0.1:{free_port()}"},
+                  "metrics": {"listen": dict.fromkeys(SERVICES, "off")}}  # fmt: skip
+        path = config_path.with_name(f"ds01-allocator{n + 2}.yaml")
+        path.write_text(yaml.safe_dump(config))
+        made.append(path)
+    return made
 
 
 def compare_metrics(measure: Callable[[bool], dict[str, float]], metrics: str, rounds: int) -> None:

@@ -115,10 +115,16 @@ def seed_flock(path: Path, count: int) -> list[float]:
     return samples
 
 
-async def cycles(client: Ds01Client, clients: int, total: int) -> tuple[list, list, float]:
+async def cycles(
+    client: Ds01Client | list[Ds01Client], clients: int, total: int
+) -> tuple[list, list, float]:
+    """``clients`` concurrent allocate+release loops, spread over the given clients (one
+    per allocator process)."""
     allocate, release = [], []
+    spread = client if isinstance(client, list) else [client]
 
     async def worker(w: int) -> None:
+        client = spread[w % len(spread)]
         for n in range(total // clients):
             container = f"b{w}-{n}._.u{w}"
             start = time.perf_counter()
@@ -167,18 +173,24 @@ async def fan_out(client: Ds01Client, watchers: int, events: int, tag: str = "")
     return received
 
 
-async def measure(config_path: Path, pki: Pki, endpoint: str, total: int) -> dict[str, float]:
+async def measure(
+    config_path: Path, pki: Pki, endpoint: str, total: int, allocator_configs: list[Path]
+) -> dict[str, float]:
     """Print one run's figures; the ratios that metrics must not move."""
     config = load_config(config_path)
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
     raw = await raw_txn(endpoint, pki, total)
+    others = [Ds01Client(load_config(p), identity, timeout=60) for p in allocator_configs[1:]]
     async with Ds01Client(config, identity, timeout=60) as client:
         for _ in range(100):
             if any(n.up for n in (await client.gpu_status()).nodes):
                 break
             await asyncio.sleep(0.1)
-        await cycles(client, 4, 40)  # warm-up
-        results = {c: await cycles(client, c, max(total, c * 4)) for c in (1, 16, 64)}
+        everyone = [client, *others]
+        await cycles(everyone, 4, 40)  # warm-up
+        results = {c: await cycles(everyone, c, max(total, c * 4)) for c in (1, 16, 64)}
+        for other in others:
+            await other.close()
         ceilings = {c: await raw_cycles(endpoint, pki, c, max(total, c * 4)) for c in results}
         fan = await fan_out(client, 200, 20)
     seed = seed_flock(Path(config_path).parent / "gpu-state.json", total)
@@ -216,18 +228,21 @@ def main() -> None:
         help="compare: alternate runs without metrics and with /metrics scraped every second",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the comparison")
+    parser.add_argument("--allocators", type=int, default=1,
+                        help="allocator processes; clients are spread over them")  # fmt: skip
     args = parser.parse_args()
 
     def run(metrics: bool) -> dict[str, float]:
         # 10 GPUs x 7 slices = 70 slots: 64 clients each hold one at a time.
         with (
             suite("limits,allocator", UNLIMITED, inventory(10), etcd=True,
-                  metrics=metrics) as running,
+                  metrics=metrics, allocators=args.allocators) as running,
             scraping(running.metrics),
         ):  # fmt: skip
             return asyncio.run(
-                measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles)
-            )
+                measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles,
+                        running.allocator_configs)
+            )  # fmt: skip
 
     compare_metrics(run, args.metrics, args.rounds)
 

@@ -128,6 +128,15 @@ class ClusterCache:
         if self.view.generations.get(user, 0) < revision:
             self.view.generations[user] = revision
 
+    def observed(self, found: list[tuple[SlotKey, Holder | None]]) -> None:
+        """Holders a failed claim read from etcd: newer than the view's, or the same."""
+        for key, holder in found:
+            current = self.view.holders.get(key)
+            if holder is None:
+                continue  # free after all: the generation or the lock was what changed
+            if current is None or current.mod_revision < holder.mod_revision:
+                self.view.set_holder(key, holder)
+
     async def _follow(self) -> None:
         while True:
             try:

@@ -169,19 +169,28 @@ class EtcdState:
 
     async def claim_at_once(
         self, plan: Plan, holder: Holder, user: str, generation: int
-    ) -> int | None:
+    ) -> int | list[tuple[SlotKey, Holder | None]]:
         """Claim without taking the user's lock: one transaction that holds only if the
         lock is free, the user's claims are still at ``generation`` and every slot is as
-        planned. The revision it committed at, or None (then take the locked path)."""
+        planned. The revision it committed at; if it did not hold, the planned slots'
+        holders as etcd has them (for the view: another allocator was faster)."""
         tx = self.client.transactions
         lock, claims = f"{USER_LOCKS}{user}".encode(), f"{CLAIMS}{user}".encode()
         compare = [tx.create(lock) == 0, tx.mod(claims) == generation]
         compare += self._slot_compares(plan)
-        puts = [tx.put(slot_key(HOLDERS, s.node, s.slot_id), holder.encode()) for s in plan.slots]
+        keys = [slot_key(HOLDERS, s.node, s.slot_id) for s in plan.slots]
+        puts = [tx.put(key, holder.encode()) for key in keys]
         succeeded, responses = await self.client.transaction(
-            compare=compare, success=[*puts, tx.put(claims, b"")], failure=[]
+            compare=compare, success=[*puts, tx.put(claims, b"")], failure=[tx.get(k) for k in keys]
         )
-        return responses[-1].response_put.header.revision if succeeded else None
+        if succeeded:
+            return responses[-1].response_put.header.revision
+        found = []
+        for slot, response in zip(plan.slots, responses, strict=True):
+            kv = response[0][1] if response else None
+            holder_now = Holder.decode(kv.value, kv.mod_revision, kv.lease) if kv else None
+            found.append(((slot.node, slot.slot_id), holder_now))
+        return found
 
     def _slot_compares(self, plan: Plan) -> list:
         """Free slots still free, displaced holders still as read."""

@@ -75,6 +75,9 @@ def environment(granted: list[Granted]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": uuids, "NVIDIA_VISIBLE_DEVICES": uuids}
 
 
+LOST = object()  # a claim planned on the view lost a slot to another allocator
+
+
 @dataclass
 class AllocatorStats:
     """Counts since the process started, for the metrics."""
@@ -138,19 +141,24 @@ class Allocator:
         self, request: Request, quota: Quota, waiter: str | None
     ) -> list[Granted]:
         if waiter is None and self.cache is not None and self.cache.live:
-            granted = await self._allocate_at_once(request, quota, self.cache)
-            if granted is not None:
+            # Twice: after losing a slot to another allocator, the view knows who has it.
+            for _attempt in range(2):
+                granted = await self._allocate_at_once(request, quota, self.cache)
+                if granted is not LOST:
+                    break
+            if isinstance(granted, list):
                 return granted
             self.stats.locked_fallbacks += 1
         return await self._allocate_locked(request, quota, waiter)
 
     async def _allocate_at_once(
         self, request: Request, quota: Quota, cache: ClusterCache
-    ) -> list[Granted] | None:
+    ) -> list[Granted] | object | None:
         """The common case in one etcd round trip: plan on the watched view and claim
         with comparisons that make a stale view harmless (see ClusterCache). None when
-        the view cannot settle it: a refusal, a retry, a lost comparison. The locked
-        path then decides on a fresh read, so every answer given stays as before."""
+        the view cannot settle it (a refusal, a retry); LOST when another allocator took
+        a planned slot first (the view now knows). The locked path decides what the view
+        cannot, on a fresh read, so every answer given stays as before."""
         generation = cache.generation(request.user)
         view = cache.view
         held = view.held_by_user(request.user)
@@ -170,8 +178,9 @@ class Allocator:
         finally:
             for key in keys:
                 self._in_flight.pop(key, None)
-        if revision is None:
-            return None
+        if isinstance(revision, list):  # lost: what etcd has instead goes into the view
+            cache.observed(revision)
+            return LOST
         cache.claimed(keys, holder, request.user, revision)
         _log_preemptions(chosen, request.container)
         self.stats.preemptions += len(chosen.preempt)
