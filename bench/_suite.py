@@ -38,17 +38,19 @@ class Suite:
 
 
 @contextlib.contextmanager
-def scraping(ports: dict[str, int], interval: float = 1.0) -> Iterator[list[int]]:
+def scraping(running: Suite, interval: float = 1.0) -> Iterator[list[int]]:
     """Scrape every /metrics each ``interval`` seconds, as Prometheus would (but more
     often than its default 15 s), while the bench runs; yields the scrape count."""
     done = threading.Event()
     count = [0]
 
     def scrape() -> None:
-        while not done.wait(interval):
-            for port in ports.values():
-                url = f"http://127.0.0.1:{port}/metrics"
-                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5):
+        while running.metrics and not done.wait(interval):
+            token = (running.root / "metrics.token").read_text().strip()
+            for port in running.metrics.values():
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+                request.add_header("Authorization", f"Bearer {token}")
+                with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=5):
                     count[0] += 1
 
     thread = threading.Thread(target=scrape, daemon=True)

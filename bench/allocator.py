@@ -237,7 +237,7 @@ def main() -> None:
         with (
             suite("limits,allocator", UNLIMITED, inventory(10), etcd=True,
                   metrics=metrics, allocators=args.allocators) as running,
-            scraping(running.metrics),
+            scraping(running),
         ):  # fmt: skip
             return asyncio.run(
                 measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles,

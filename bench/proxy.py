@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, metrics: bool) -> dict[str, float]:
     """One measurement on a fresh suite; the gateway's ratios to the direct socket."""
     with (
         suite("limits,ownership", LIMITS, etcd=True, docker=True, metrics=metrics) as running,
-        scraping(running.metrics),
+        scraping(running),
     ):
         assert running.docker_socket is not None
         image = build_test_image(running.docker_socket)

@@ -24,6 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01.core.config import Config, MetricsConfig
+from ds01.core.metrics import TOKEN_FILE
 from ds01.core.pki import SERVICES, EtcdPki, Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
 
@@ -173,15 +174,23 @@ def remove_managed_containers(docker_socket: Path) -> None:
         client.close()
 
 
-def scrape_metrics(address: str, token: str | None = None) -> dict[str, list[tuple[dict, float]]]:
-    """Every sample of the endpoint, by sample name: (labels, value)."""
+def metrics_token(config: Config) -> str:
+    """The bearer token the services of ``config`` ask of every scrape."""
+    return (config.metrics.token_file or config.state_dir / TOKEN_FILE).read_text().strip()
+
+
+def metrics_text(address: str, token: str | None = None) -> str:
     request = urllib.request.Request(f"http://{address}/metrics")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=10) as answer:
-        text = answer.read().decode()
+        return answer.read().decode()
+
+
+def scrape_metrics(address: str, token: str | None = None) -> dict[str, list[tuple[dict, float]]]:
+    """Every sample of the endpoint, by sample name: (labels, value)."""
     samples: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text(address, token)):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ from ds01.core.metrics import MetricsEndpoint, ServiceMetrics
 from ds01.core.pki import Pki
 from ds01.core.tls import server_context
 from tests.allocator_env import AllocatorEnv
-from tests.harness import scrape_metrics
+from tests.harness import metrics_token, scrape_metrics
 
 
 def value(samples: dict, name: str, **labels: str) -> float | None:
@@ -25,17 +26,17 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
     return sum(found) if found else None
 
 
-async def scrape_off_loop(address: str) -> dict[str, list[tuple[dict, float]]]:
+async def scrape_off_loop(env: AllocatorEnv, service: str) -> dict[str, list[tuple[dict, float]]]:
     """A scrape reads etcd on the service's loop: it must come from another thread."""
-    return await asyncio.to_thread(scrape_metrics, address)
+    address = env.services[service].metrics_address
+    assert address is not None
+    return await asyncio.to_thread(scrape_metrics, address, metrics_token(env.config))
 
 
 async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
-    address = env.services["allocator"].metrics_address
-    assert address is not None
     async with env.client("alice") as alice:
         await alice.allocate("proj._.alice")
-    samples = await scrape_off_loop(address)
+    samples = await scrape_off_loop(env, "allocator")
     [(labels, one)] = samples["ds01_gpu_allocated"]
     assert one == 1
     assert labels["user"] == "alice" and labels["container"] == "proj._.alice"
@@ -51,14 +52,12 @@ async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
 
 
 async def test_grpc_calls_are_counted_by_method_and_status(env: AllocatorEnv):
-    address = env.services["allocator"].metrics_address
-    assert address is not None
-    before = await scrape_off_loop(address)
+    before = await scrape_off_loop(env, "allocator")
     async with env.client("alice") as alice:
         await alice.allocate("one._.alice")
         with pytest.raises(Ds01Error):
             await alice.allocate("one._.bob")  # not hers to name: refused
-    after = await scrape_off_loop(address)
+    after = await scrape_off_loop(env, "allocator")
 
     def grown(code: str) -> float:
         name = "grpc_server_handled_total"
@@ -113,5 +112,42 @@ def test_a_tls_endpoint_serves_https_with_the_services_certificate(pki: Pki):
             urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read()
         with pytest.raises(OSError):  # nor a client that trusts another CA
             urllib.request.urlopen(f"https://{address}/metrics", timeout=5).read()
+    finally:
+        endpoint.stop()
+
+
+@pytest.mark.usefixtures("unix_users")
+async def test_a_local_user_cannot_read_the_metrics_on_loopback(env: AllocatorEnv):
+    """They name every user's containers: by default a token is asked even on loopback,
+    and it lives in a file only root (and its group) may read."""
+    address = env.services["allocator"].metrics_address
+    assert address is not None
+    token_file = env.config.state_dir / "metrics.token"
+    assert token_file.stat().st_mode & 0o777 == 0o640 and token_file.stat().st_uid == 0
+    for header in ([], ["-H", "Authorization: Bearer guess"], ["-H", "Authorization: Basic x"]):
+        argv = ["runuser", "-u", "ds01alice", "--", "curl", "-s", "-o", "/dev/null",
+                "-w", "%{http_code}", *header, f"http://{address}/metrics"]  # fmt: skip
+        answer = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True)
+        assert answer.stdout == "401", (header, answer.stdout, answer.stderr)
+    stolen = await asyncio.to_thread(
+        subprocess.run, ["runuser", "-u", "ds01alice", "--", "cat", str(token_file)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert stolen.returncode != 0 and "Permission denied" in stolen.stderr
+
+
+def test_anonymous_metrics_are_for_loopback_only(tmp_path: Path):
+    config = parse_config("metrics: {anonymous: true}", tmp_path / "a.yaml")
+    assert config.metrics.anonymous
+    with pytest.raises(ConfigError, match="anonymous is for loopback"):
+        parse_config(
+            "metrics: {anonymous: true, tls: true, listen: {limits: '0.0.0.0:9102'}}",
+            tmp_path / "a.yaml",
+        )
+    metrics = ServiceMetrics("limits", "n1", "0.1.0")
+    endpoint = MetricsEndpoint(metrics, "127.0.0.1:0")  # what anonymous: true starts
+    address = endpoint.start()
+    try:
+        assert value(scrape_metrics(address), "ds01_exporter_info", service="limits") == 1
     finally:
         endpoint.stop()

@@ -33,7 +33,14 @@ from ds01.core.pki import Pki
 from ds01.core.processes import free_port, spawn
 from ds01.v1 import containers_pb2
 from tests.allocator_env import AllocatorEnv, etcd_revision, make_env
-from tests.harness import REPO, remove_managed_containers, require_binary, scrape_metrics
+from tests.harness import (
+    REPO,
+    metrics_text,
+    metrics_token,
+    remove_managed_containers,
+    require_binary,
+    scrape_metrics,
+)
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -255,7 +262,15 @@ async def test_prometheus_scrapes_every_service_and_sees_what_happened(
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(REPO / "deploy" / "prometheus" / "ds01-alerts.yml")],
-        "scrape_configs": [{"job_name": "ds01", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": [
+            {
+                "job_name": "ds01",
+                "authorization": {
+                    "credentials_file": str(stack.config.state_dir / "metrics.token")
+                },
+                "static_configs": [{"targets": targets}],
+            }
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     process = spawn(
@@ -302,15 +317,22 @@ async def test_prometheus_scrapes_every_service_and_sees_what_happened(
         process.stop()
 
 
-def test_the_alert_rules_pass_promtool():
+def test_the_alert_rules_pass_promtool(tmp_path: Path):
     promtool = require_binary("promtool")
     rules = REPO / "deploy" / "prometheus" / "ds01-alerts.yml"
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
                              text=True, timeout=60)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    config = REPO / "deploy" / "prometheus" / "prometheus.yml"
-    checked = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
-                             text=True, timeout=60, cwd=config.parent)  # fmt: skip
+    # The shipped scrape configuration, with its token file where this host has one.
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    assert job["authorization"]["credentials_file"] == "/var/lib/ds01/metrics.token"
+    (tmp_path / "metrics.token").write_text("t\n")
+    job["authorization"]["credentials_file"] = str(tmp_path / "metrics.token")
+    shutil.copy(rules, tmp_path / rules.name)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    checked = subprocess.run([promtool, "check", "config", "prometheus.yml"], capture_output=True,
+                             text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
@@ -319,7 +341,8 @@ async def test_every_dashboard_and_alert_query_names_an_exported_metric(stack: A
     for name in ALL:
         address = stack.services[name].metrics_address
         assert address is not None
-        for sample in await asyncio.to_thread(scrape_families, address):
+        token = metrics_token(stack.config)
+        for sample in await asyncio.to_thread(scrape_families, address, token):
             exported.add(sample)
     dashboard = json.loads((REPO / "deploy" / "grafana" / "ds01-overview.json").read_text())
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -332,11 +355,9 @@ async def test_every_dashboard_and_alert_query_names_an_exported_metric(stack: A
         assert named <= exported, (expression, named - exported)
 
 
-def scrape_families(address: str) -> set[str]:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
+def scrape_families(address: str, token: str) -> set[str]:
     names: set[str] = set()
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text(address, token)):
         names.add(family.name)
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
         names.update(family.name + s for s in suffixes.get(family.type, []))
@@ -419,7 +440,7 @@ async def test_gpu_use_outside_ds01_is_reported_and_ds01s_own_is_not(
     for name, env in outside.items():
         await asyncio.to_thread(run_outside_ds01, docker_socket, test_image, name, env)
     try:
-        samples = await asyncio.to_thread(scrape_metrics, address)
+        samples = await asyncio.to_thread(scrape_metrics, address, metrics_token(stack.config))
     finally:
         await asyncio.to_thread(remove_outside_ds01, docker_socket, *outside)
     rogue = {labels["container"]: labels for labels, _ in samples["ds01_unmanaged_gpu_container"]}

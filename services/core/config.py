@@ -71,10 +71,13 @@ class MetricsConfig:
     listen: Mapping[str, str | None] = field(
         default_factory=lambda: {s: f"127.0.0.1:{p}" for s, p in METRICS_PORTS.items()}
     )
-    # Off loopback, one of these is required: a bearer token Prometheus must send
-    # (read from this file), or HTTPS with each service's own certificate.
+    # The bearer token Prometheus must send; unset: <state_dir>/metrics.token, made by
+    # the first service that starts (mode 0640: root's, and its group's).
     token_file: Path | None = None
-    tls: bool = False
+    tls: bool = False  # HTTPS with each service's own certificate
+    # Serve without a token (loopback only): any local user then reads every user's
+    # container names and usage.
+    anonymous: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,11 +236,16 @@ def _read_metrics(reader: _Reader, base: Path) -> MetricsConfig:
         listen=listen,
         token_file=reader.path("token_file", Path(), base) if token else None,
         tls=reader.flag("tls", False),
+        anonymous=reader.flag("anonymous", False),
     )
     if metrics.token_file is not None and not metrics.token_file.is_file():
         raise reader.error("token_file", f"{metrics.token_file} does not exist")
     for service, address in listen.items():
         open_to_network = address is not None and not _loopback(address)
+        if open_to_network and metrics.anonymous:
+            raise reader.error(
+                "anonymous", f"metrics.listen.{service} is {address}: anonymous is for loopback"
+            )
         if open_to_network and metrics.token_file is None and not metrics.tls:
             raise reader.error(
                 f"listen.{service}",

@@ -15,10 +15,13 @@ import contextlib
 import functools
 import hmac
 import logging
+import os
+import secrets
 import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -38,6 +41,7 @@ T = TypeVar("T")
 
 # Seconds: from a cached limits answer (sub-millisecond) to a queued allocation.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TOKEN_FILE = "metrics.token"  # in the state dir, unless metrics.token_file says where
 SCRAPE_TIMEOUT = 5.0  # seconds a scrape waits for the service's loop to read its state
 CONNECTION_TIMEOUT = 10.0  # seconds a connection to /metrics may stay silent
 STOP_POLL = 0.05  # seconds a stop may wait for the serving thread to notice
@@ -274,14 +278,23 @@ def _with_token(app: Callable[..., Any], token: str | None) -> Callable[..., Any
     return checked
 
 
+def token_of(path: Path) -> str:
+    """The token in ``path``; made there first (mode 0640) if the file does not exist."""
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 def start_endpoint(metrics: ServiceMetrics, config: Config) -> MetricsEndpoint | None:
     """The service's /metrics as ds01.yaml sets it (``metrics``), started; None if off."""
     address = config.metrics.listen.get(metrics.service)
     if not address:
         return None
     token = None
-    if config.metrics.token_file is not None:
-        token = config.metrics.token_file.read_text().strip()
+    if not config.metrics.anonymous:
+        token = token_of(config.metrics.token_file or config.state_dir / TOKEN_FILE)
     tls = server_context(config.pki, metrics.service) if config.metrics.tls else None
     endpoint = MetricsEndpoint(metrics, address, token, tls)
     try:
