@@ -100,8 +100,11 @@ class View:
 class ClusterCache:
     """A :class:`View` fed by one watch per prefix; ``live`` while every watch runs."""
 
-    def __init__(self, state: EtcdState) -> None:
+    def __init__(self, state: EtcdState, watch_client: aetcd.Client | None = None) -> None:
         self.state = state
+        # Long-lived watches on a client of their own: the allocator's short ones (a
+        # user's lock) never wait behind them in one client's watch stream.
+        self.watch_client = watch_client
         self.view = View()
         self.live = False
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +117,9 @@ class ClusterCache:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.watch_client is not None:
+            with contextlib.suppress(Exception):
+                await self.watch_client.close()
 
     def generation(self, user: str) -> int:
         return self.view.generations.get(user, 0)
@@ -151,7 +157,7 @@ class ClusterCache:
             await asyncio.sleep(RETRY)
 
     async def _load_and_watch(self) -> None:
-        client = self.state.client
+        client = self.watch_client or self.state.client
         # Watched from a revision read first: the load may be later (an empty cluster's
         # read carries no revision of its own), and replaying events the load already
         # holds leaves the view as it was, while a skipped one would be lost.

@@ -276,13 +276,18 @@ class EtcdState:
         )
 
     async def wait_unlocked(self, lock: UserLock, timeout: float) -> None:
-        """Return once the lock another request holds is deleted, or after ``timeout``."""
-        with contextlib.suppress(aetcd.exceptions.WatchTimeoutError):
-            await self.client.watch_once(
-                lock.key,
-                timeout=max(0.1, timeout),
-                start_revision=lock.held_revision + 1,
-                kind=aetcd.rtypes.EventKind.DELETE,
+        """Return once the lock another request holds is deleted, or after ``timeout``.
+        Bounded as a whole, the watch's creation included: the caller tries again."""
+        wait = max(0.1, timeout)
+        with contextlib.suppress(aetcd.exceptions.WatchTimeoutError, TimeoutError):
+            await asyncio.wait_for(
+                self.client.watch_once(
+                    lock.key,
+                    timeout=wait,
+                    start_revision=lock.held_revision + 1,
+                    kind=aetcd.rtypes.EventKind.DELETE,
+                ),
+                wait + 1,
             )
 
     async def claim(self, plan: Plan, holder: Holder, lock: UserLock) -> bool:
@@ -409,10 +414,11 @@ class EtcdState:
 
     async def wait_for_change(self, after_revision: int, timeout: float) -> None:
         """Return when a holder or waiter changed after ``after_revision``, or on timeout."""
-        watches = [
-            await self.client.watch_prefix(prefix.encode(), start_revision=after_revision + 1)
-            for prefix in (HOLDERS, WAITERS)
-        ]
+        watches = []
+        with contextlib.suppress(TimeoutError):  # a watch that cannot be made: wait no more
+            for prefix in (HOLDERS, WAITERS):
+                made = self.client.watch_prefix(prefix.encode(), start_revision=after_revision + 1)
+                watches.append(await asyncio.wait_for(made, timeout))
 
         async def first_event(watch: object) -> None:
             async for _event in watch:  # type: ignore[attr-defined]

@@ -391,7 +391,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     # service did not answer before the user's call runs out.
     limits = RemoteLimits(Ds01Client(config, identity, timeout=LIMITS_TIMEOUT, wait_for_ready=True))
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
-    cache = ClusterCache(state)
+    cache = ClusterCache(state, watch_client=connect(config, "allocator"))
     cache.start()
 
     async def container_exists(name: str) -> bool:
