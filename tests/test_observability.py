@@ -455,3 +455,16 @@ async def test_gpu_use_outside_ds01_is_reported_and_ds01s_own_is_not(
     assert cpu.get(ALICE, 0) > 0 and memory.get(ALICE, 0) > 0  # her cgroup, her usage
     running = [v for labels, v in samples["ds01_containers_total"] if labels["status"] == "running"]
     assert sum(running) >= 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["evil\naudit: root Release x: allowed", "a\rb", "\x1b[2Jcleared", "tab\there", "nul\x00"],
+)
+def test_an_audit_line_cannot_be_forged_with_control_characters(target: str):
+    from ds01.core.audit import AuditRecord
+
+    line = AuditRecord(0.0, "n1", "ownership", "alice", "container_create", target, "denied",
+                       f"refused: {target}").line()  # fmt: skip
+    assert line.isprintable(), line
+    assert line.startswith("alice container_create ") and line.count(": denied") == 1

@@ -41,8 +41,16 @@ class AuditRecord(JsonRecord):
     reason: str = ""  # why it was denied or failed (the caller's message)
 
     def line(self) -> str:
-        text = f"{self.who} {self.action} {self.target or '-'}: {self.decision}"
-        return f"{text} ({self.reason})" if self.reason else text
+        """One line, whatever a caller put in a name: control characters (a newline in
+        a create's ?name=, an ANSI escape) are written as escapes, never forge a line."""
+        who, action, target, reason = map(_printable, (self.who, self.action, self.target,
+                                                       self.reason))  # fmt: skip
+        text = f"{who} {action} {target or '-'}: {self.decision}"
+        return f"{text} ({reason})" if reason else text
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def record_key(record: AuditRecord, sequence: int) -> bytes:
