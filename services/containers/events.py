@@ -21,13 +21,13 @@ from aetcd.exceptions import RevisionCompactedError
 
 from ds01.allocator.events import HistoryCompacted
 from ds01.containers.adapters import Metadata
+from ds01.core.leases import RollingLease
 from ds01.core.records import JsonRecord
 
 log = logging.getLogger(__name__)
 
 LIFECYCLE = "/ds01/v1/lifecycle/"
 RETENTION = 7 * 86400  # seconds an event stays readable
-LEASE_ROLL = 3600.0  # the events of an hour share one lease
 
 
 class Kind(enum.StrEnum):
@@ -65,7 +65,7 @@ class LifecycleEvents:
     node: str
     counts: Counter[str] = field(default_factory=Counter)
     _sequence: itertools.count[int] = field(default_factory=itertools.count)
-    _lease: tuple[float, int] | None = None
+    _lease: RollingLease = field(default_factory=lambda: RollingLease(RETENTION))
 
     async def publish(self, kind: Kind, record: Metadata, detail: str = "") -> None:
         self.counts[kind.value] += 1
@@ -76,14 +76,9 @@ class LifecycleEvents:
         if self.client is None:
             return
         try:
-            now = time.monotonic()
-            if self._lease is None or now - self._lease[0] > LEASE_ROLL:
-                granted = await self.client.lease(int(RETENTION + LEASE_ROLL))
-                self._lease = (now, granted.id)
-            key = event_key(event, next(self._sequence))
-            await self.client.put(key, event.encode(), lease=self._lease[1])
+            await self._lease.put(self.client, event_key(event, next(self._sequence)),
+                                  event.encode())  # fmt: skip
         except Exception as err:  # the action happened; only its event is missing
-            self._lease = None
             log.warning("lifecycle event %s of %s not published: %s", kind.value,
                         record.docker_name, err)  # fmt: skip
 

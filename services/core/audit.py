@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 
 import aetcd
 
+from ds01.core.leases import RollingLease
 from ds01.core.records import JsonRecord
 
 log = logging.getLogger("ds01.audit")
 
 AUDIT = "/ds01/v1/audit/"
 RETENTION = 90 * 86400  # seconds a record is kept in etcd (the log keeps its own)
-LEASE_ROLL = 3600.0  # records of one hour share a lease (one grant per hour, not per record)
 QUEUED = 10_000  # records waiting for etcd at most; beyond, only the log line is kept
 
 
@@ -69,7 +69,7 @@ class AuditLog:
         self._client: aetcd.Client | None = None
         self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue(QUEUED)
         self._sequence = itertools.count()
-        self._lease: tuple[float, int] | None = None  # (granted at, lease id)
+        self._lease = RollingLease(RETENTION)
 
     def record(self, who: str, action: str, target: str, decision: str, reason: str = "") -> None:
         entry = AuditRecord(time.time(), self.node, self.service, who, action, target,
@@ -92,19 +92,13 @@ class AuditLog:
                     break
                 except Exception as err:  # etcd away: keep the order, try again
                     log.warning("cannot write the audit record to etcd yet: %s", err)
-                    self._lease = None
                     await asyncio.sleep(2)
 
     async def _write(self, entry: AuditRecord) -> None:
         assert self._etcd is not None
         if self._client is None:
             self._client = self._etcd()
-        now = time.monotonic()
-        if self._lease is None or now - self._lease[0] > LEASE_ROLL:
-            granted = await self._client.lease(int(RETENTION + LEASE_ROLL))
-            self._lease = (now, granted.id)
-        key = record_key(entry, next(self._sequence))
-        await self._client.put(key, entry.encode(), lease=self._lease[1])
+        await self._lease.put(self._client, record_key(entry, next(self._sequence)), entry.encode())
 
     async def close(self) -> None:
         if self._client is not None:
