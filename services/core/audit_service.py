@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -13,7 +12,7 @@ from google.protobuf.message import Message
 from ds01.core.audit import AuditLog, AuditRecord, read_audit
 from ds01.core.config import Config
 from ds01.core.etcd import connect
-from ds01.core.identity import Principal, WrappingInterceptor, caller, rebuild_handler
+from ds01.core.identity import Principal, WrappingInterceptor, caller, rebuild_around
 from ds01.core.messages import abort, timestamp
 from ds01.core.naming import SEPARATOR, belongs_to
 from ds01.v1 import audit_pb2, audit_pb2_grpc
@@ -80,28 +79,7 @@ class AuditInterceptor(WrappingInterceptor):
             finally:
                 self._maybe_record(name, request, context, code)
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            @functools.wraps(behavior)
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with recorded(request, context):
-                    return await behavior(request, context)
-
-            return wrapper
-
-        def streaming(
-            behavior: Callable[..., AsyncIterator[Any]],
-        ) -> Callable[..., AsyncIterator[Any]]:
-            @functools.wraps(behavior)
-            async def wrapper(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                with recorded(request, context):
-                    async for response in behavior(request, context):
-                        yield response
-
-            return wrapper
-
-        return rebuild_handler(handler, unary, streaming)
+        return rebuild_around(handler, recorded)
 
     def _maybe_record(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, code: Any

@@ -9,6 +9,7 @@ UNAUTHENTICATED before any handler runs: the suite fails closed.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -198,6 +199,33 @@ def _wrap_handler(
                 await _internal(context, err, method)
             finally:
                 _CALLER.reset(token)
+
+        return wrapper
+
+    return rebuild_handler(handler, unary, streaming)
+
+
+def rebuild_around(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractContextManager[Any]],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with each call run inside ``around(request, context)``: answered once
+    or streamed, the call's whole life, its failures included."""
+
+    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with around(request, context):
+                return await behavior(request, context)
+
+        return wrapper
+
+    def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with around(request, context):
+                async for response in behavior(request, context):
+                    yield response
 
         return wrapper
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
 import os
@@ -20,7 +19,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -33,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from ds01.core.config import Config
 from ds01.core.dependencies import Dependencies
-from ds01.core.identity import WrappingInterceptor, rebuild_handler
+from ds01.core.identity import WrappingInterceptor, rebuild_around
 from ds01.core.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class _MetricsInterceptor(WrappingInterceptor):
             return found
 
         @contextlib.contextmanager
-        def recorded(context: grpc.aio.ServicerContext) -> Iterator[None]:
+        def recorded(_request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
             started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
             try:
                 yield
@@ -158,28 +157,7 @@ class _MetricsInterceptor(WrappingInterceptor):
                 count.inc()
                 timing.observe(time.perf_counter() - started)
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            @functools.wraps(behavior)
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with recorded(context):
-                    return await behavior(request, context)
-
-            return wrapper
-
-        def streaming(
-            behavior: Callable[..., AsyncIterator[Any]],
-        ) -> Callable[..., AsyncIterator[Any]]:
-            @functools.wraps(behavior)
-            async def wrapper(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                with recorded(context):
-                    async for response in behavior(request, context):
-                        yield response
-
-            return wrapper
-
-        return rebuild_handler(handler, unary, streaming)
+        return rebuild_around(handler, recorded)
 
 
 def _status(code: Any) -> grpc.StatusCode:
