@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -175,6 +178,51 @@ def daemon_audit(docker_socket: Path) -> Iterator[None]:
     yield
     problems = audit_daemon(docker_socket)
     assert not problems, "the daemon holds objects that break the policy:\n" + "\n".join(problems)
+
+
+# Before pytest-timeout ends a hung test (its ``timeout`` in pyproject.toml), every
+# unfinished asyncio task prints where it waits: the thread stacks alone show an idle loop.
+TASK_DUMP_AFTER = 150.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    timer = threading.Timer(TASK_DUMP_AFTER, _dump_tasks, args=(item,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
+
+
+def _dump_tasks(item: pytest.Item) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    out = sys.stderr
+    tasks = [t for t in gc.get_objects() if isinstance(t, asyncio.Task) and not t.done()]
+    print(f"\n{item.nodeid} runs for {TASK_DUMP_AFTER:g} s; {len(tasks)} tasks:", file=out)
+    for task in tasks:
+        print(f"{task.get_name()}:", file=out)
+        for line in _awaiting(task.get_coro()):
+            print(f"    {line}", file=out)
+    out.flush()
+    if capture is not None:
+        capture.resume_global_capture()
+
+
+def _awaiting(awaitable: object) -> list[str]:
+    """Where a task waits, outermost first: each coroutine's line, down to the future."""
+    lines = []
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        if frame is None:
+            lines.append(repr(awaitable)[:300])
+            break
+        lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
+    return lines
 
 
 _skipped: list[str] = []
