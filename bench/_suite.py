@@ -73,12 +73,14 @@ def suite(
     metrics: bool = False,
     node: str | None = None,
     allocators: int = 1,
+    containers: dict[str, object] | None = None,
 ) -> Iterator[Suite]:
     """Start ``ds01d --services SERVICES`` (and an etcd / a private dockerd) for a bench.
 
     ``server_log``: a file for ds01d's log (its stderr) instead of this terminal;
     ``metrics``: each service serves /metrics (off: no metrics code runs at all);
-    ``allocators``: that many allocator processes in all, each on its own port."""
+    ``allocators``: that many allocator processes in all, each on its own port;
+    ``containers``: the containers section of the configuration (network mode none)."""
     with tempfile.TemporaryDirectory(prefix="ds01-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # local users reach the proxy and enrollment sockets in it
@@ -106,7 +108,7 @@ def suite(
                     "etcd": {"endpoints": [f"127.0.0.1:{etcd_port}"]},
                     "limits_file": "resource-limits.yaml",
                     "inventory": {"source": "declared", "file": "inventory.yaml"},
-                    "containers": {"network_mode": "none"},
+                    "containers": {"network_mode": "none", **(containers or {})},
                     "ownership": {
                         "enroll_socket": str(root / "run" / "enroll.sock"),
                         "proxy_socket": str(root / "run" / "docker.sock"),

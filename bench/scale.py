@@ -6,12 +6,16 @@ real etcd, in one run, printed as a ratio per tenfold step (nothing here asserts
   * users: 100, 1,000, 10,000 in a group's member file;
   * watchers: 200, 1,000 (and 2,000 with --watchers-max 2000) allocation streams.
 
-At each size: Allocate p50/p99 on this node (as the containers service asks; with a
-release each time), GetStatus of the whole fleet, GetLimits, event fan-out p99 and the
-memory of the ds01 process. Not here: the gateway's `docker ps` filtering and the
-reconcile sweep at 2,000 containers need that many real Docker containers.
+  * containers: 20, 200, 2,000 on one node's private dockerd, made as the gateway makes
+    them (its labels, a `<name>._.<user>` name), of 1,000 users; one real Unix user
+    (ds01scale, made with useradd and removed at the end) owns two of them.
 
-    .venv/bin/python bench/scale.py [--cycles 100]
+At each size: Allocate p50/p99 on this node (as the containers service asks; with a
+release each time), GetStatus of the whole fleet, GetLimits, event fan-out p99, the
+gateway's `docker ps -a` as that user beside the same request to dockerd itself, the
+reconcile sweep (its own metric), and the memory of the ds01 process. Run as root:
+
+    .venv/bin/python bench/scale.py [--cycles 100] [--containers-max 2000]
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _suite import suite
+import docker
+from _suite import REPO, Suite, suite
 from allocator import fan_out, inventory, pct
+from soak import add_accounts, remove_accounts
 
 from ds01.allocator.records import NODES, SLOTS, NodeRecord, SlotRecord, slot_key
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
@@ -32,10 +43,40 @@ from ds01.core.config import load_config
 from ds01.core.etcd import etcd_client
 from ds01.core.pki import Pki
 
+sys.path.insert(0, str(REPO))
+from tests.harness import build_test_image
+
 GPUS_PER_NODE = 8
 NODES_STEPS = (1, 10, 100)
 USERS_STEPS = (100, 1_000, 10_000)
 HERE = "node000"  # the node whose ds01d runs; the others are records in etcd
+CONTAINER_STEPS = (20, 200, 2_000)
+SCALE_USER = "ds01scale"  # owns two containers at every size; the others are u0..u999
+SWEEPS = 3  # sweeps timed at each size (the reconciler's own metric)
+
+# `docker ps -a`'s request, repeated on one connection; the standard library only, so that
+# it runs as any user with the system Python.
+LISTING = r"""
+import http.client, json, socket, sys, time
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=300)
+        self.unix_path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(300)
+        self.sock.connect(self.unix_path)
+connection, seconds = Unix(sys.argv[1]), []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    connection.request("GET", "/containers/json?all=1")
+    answer = connection.getresponse()
+    body = answer.read()
+    seconds.append(time.perf_counter() - start)
+    if answer.status != 200:
+        sys.exit(f"{answer.status}: {body[:300]!r}")
+print(json.dumps({"seconds": seconds, "listed": len(json.loads(body))}))
+"""
 
 
 def limits(users: int) -> str:
@@ -150,14 +191,115 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
         show("allocation watchers (one client process):", tuple(done), fan_rows, "ms")
 
 
+def listing(socket: Path, count: int, user: str | None = None) -> tuple[list[float], int]:
+    """``count`` container listings on ``socket`` as ``user`` (root: None), and how
+    many containers the last one showed."""
+    who = ["runuser", "-u", user, "--"] if user else []
+    done = subprocess.run([*who, "/usr/bin/python3", "-c", LISTING, str(socket), str(count)],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"listing as {user or 'root'} failed: {done.stderr.strip()}")
+    result = json.loads(done.stdout)
+    return result["seconds"], result["listed"]
+
+
+def add_containers(client: docker.DockerClient, image: str, first: int, last: int) -> None:
+    """Containers ``first``..``last`` - 1, created (not started) as the gateway makes them."""
+
+    def make(n: int) -> None:
+        owner = SCALE_USER if n < 2 else f"u{n % 1000}"
+        labels = {"ds01.user": owner, "ds01.managed": "true", "ds01.gateway": "true"}
+        client.containers.create(image, "true", name=f"c{n}._.{owner}", labels=labels,
+                                 network_mode="none")  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(make, range(first, last)))
+
+
+def scrape(running: Suite, service: str) -> dict[str, float]:
+    """One service's /metrics, each series by its full name (labels included)."""
+    token = (running.root / "metrics.token").read_text().strip()
+    request = urllib.request.Request(f"http://127.0.0.1:{running.metrics[service]}/metrics")
+    request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=300) as answer:
+        text = answer.read().decode()
+    series = (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in ("#", ""))
+    return {name: float(value) for name, value in series}
+
+
+def wait_for(condition: object, what: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gave up waiting for {what}")
+        time.sleep(1)
+
+
+def sweep_seconds(running: Suite, sweeps: int) -> float:
+    """The mean time of the next ``sweeps`` sweeps, from the reconciler's metric."""
+    count, total = "ds01_reconcile_sweep_seconds_count", "ds01_reconcile_sweep_seconds_sum"
+    before = scrape(running, "containers")
+    wait_for(lambda: scrape(running, "containers")[count] >= before[count] + sweeps, "sweeps")
+    after = scrape(running, "containers")
+    return (after[total] - before[total]) / (after[count] - before[count])
+
+
+def measure_containers(running: Suite, largest: int, listings: int) -> None:
+    assert running.docker_socket is not None
+    client = docker.DockerClient(base_url=f"unix://{running.docker_socket}", max_pool_size=16)
+    image = build_test_image(running.docker_socket)
+    gateway = running.root / "run" / "docker.sock"
+    rows: dict[str, list[float]] = {"docker ps -a via the gateway p50": [],
+                                    "docker ps -a on dockerd itself p50": [],
+                                    "reconcile sweep (mean of 3)": []}  # fmt: skip
+    memory: list[float] = []
+    made = 0
+    steps = tuple(n for n in CONTAINER_STEPS if n <= largest)
+    for step in steps:
+        add_containers(client, image, made, step)
+        made = step
+
+        def recorded(step: int = step) -> bool:
+            metrics = scrape(running, "containers")
+            return (
+                sum(v for k, v in metrics.items() if k.startswith("ds01_containers_total")) >= step
+            )
+
+        wait_for(recorded, f"the reconciler to adopt {step} containers")
+        through, mine = listing(gateway, listings, SCALE_USER)
+        bare, everyone = listing(running.docker_socket, listings)
+        assert (mine, everyone) == (2, step), f"listed {mine} of {SCALE_USER}'s, {everyone} in all"
+        rows["docker ps -a via the gateway p50"].append(statistics.median(through) * 1e3)
+        rows["docker ps -a on dockerd itself p50"].append(statistics.median(bare) * 1e3)
+        rows["reconcile sweep (mean of 3)"].append(sweep_seconds(running, SWEEPS) * 1e3)
+        memory.append(rss_mib(running.server_pid))
+    show("containers on the node (a user with 2 of them lists theirs):", steps, rows, "ms")
+    show("", steps, {"ds01d memory (4 services)": memory}, "MiB")
+    client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--watchers-max", type=int, default=1_000)
+    parser.add_argument("--containers-max", type=int, default=2_000, help="0: not measured")
+    parser.add_argument("--listings", type=int, default=20, help="docker ps -a at each size")
     args = parser.parse_args()
-    with suite("limits,allocator", limits(100), inventory(GPUS_PER_NODE), etcd=True,
-               node=HERE) as running:  # fmt: skip
-        asyncio.run(measure(running, args.cycles, args.watchers_max, running.server_pid))
+    if args.cycles:
+        with suite("limits,allocator", limits(100), inventory(GPUS_PER_NODE), etcd=True,
+                   node=HERE) as running:  # fmt: skip
+            asyncio.run(measure(running, args.cycles, args.watchers_max, running.server_pid))
+    if not args.containers_max:
+        return
+    made: list[str] = []
+    try:
+        add_accounts([SCALE_USER], made)
+        with suite("limits,allocator,containers,ownership", limits(1000), etcd=True,
+                   docker=True, metrics=True, node=HERE,
+                   containers={"reconcile_interval": 2}) as running:  # fmt: skip
+            measure_containers(running, args.containers_max, args.listings)
+    finally:
+        remove_accounts(made)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,10 @@ async def test_prometheus_scrapes_every_service_and_sees_what_happened(
         assert await asyncio.to_thread(wait_for, port, creates, bool)
         events = 'ds01_lifecycle_events_total{event="created"}'
         assert await asyncio.to_thread(wait_for, port, events, bool)
+        swept = await asyncio.to_thread(wait_for, port, "ds01_reconcile_sweep_seconds_count", bool)
+        assert float(swept[0]["value"][1]) >= 1  # the reconciler runs, and says how long
+        last = await asyncio.to_thread(wait_for, port, "ds01_reconcile_last_sweep_seconds", bool)
+        assert 0 < float(last[0]["value"][1]) < 60
         dependencies = await asyncio.to_thread(wait_for, port, "ds01_dependency_up == 0", bool, 3)
         assert dependencies == []  # everything each service needs answers
     finally:

@@ -196,6 +196,27 @@ async def _slot_state(env: AllocatorEnv) -> int:
     return {a.slot.slot_id: a.state for a in status.allocations}["2:1"]
 
 
+async def test_sweeps_over_unchanged_containers_write_nothing_and_are_timed(world, test_image):
+    """At thousands of containers a sweep that rewrote every record would be thousands
+    of etcd writes, and as many events for every watcher, each time it looked."""
+    _env, reconciler = world
+    metadata = reconciler.lifecycle.metadata
+    names = [await _create(reconciler, test_image, "busy"),
+             await _create(reconciler, test_image, "later", start=False)]  # fmt: skip
+    now = time.time()
+    await reconciler.sweep(now)
+
+    async def revisions() -> list[int]:
+        return [(await metadata.client.get(metadata._key(n))).mod_revision for n in names]
+
+    before = await revisions()
+    for later in (1, 2, 3):
+        await reconciler.sweep(now + later)
+    assert await revisions() == before
+    assert reconciler.sweeps == 4
+    assert 0 < reconciler.last_sweep_seconds <= reconciler.sweep_seconds
+
+
 async def test_an_idle_container_is_warned_then_stopped_and_its_gpu_held(world, test_image):
     env, reconciler = world
     name = await _create(reconciler, test_image, "idle")

@@ -267,7 +267,8 @@ class MetadataStore:
         """Apply ``change`` to the stored record of this very container and write it back
         only if nobody wrote it meanwhile (re-read and retried on a conflict). Never
         brings back a record a remove deleted, nor overwrites the record of a container
-        made anew under the same name; None then."""
+        made anew under the same name; None then. A change that changes nothing writes
+        nothing: a sweep over thousands of unchanged containers costs etcd only reads."""
         key, tx = self._key(metadata.docker_name), self.client.transactions
         for _attempt in range(MODIFY_ATTEMPTS):
             found = await self.client.get(key)
@@ -277,6 +278,8 @@ class MetadataStore:
             if current.container_id != metadata.container_id:
                 return None
             change(current)
+            if current.encode() == found.value:
+                return current
             written, _ = await self.client.transaction(
                 compare=[tx.value(key) == found.value],
                 success=[tx.put(key, current.encode())],

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 
 from ds01.containers.adapters import DockerHost, Metadata
 from ds01.containers.adoption import gpu_references, made_by_gateway, unaccounted
@@ -38,6 +43,7 @@ class Tallies:
 
     lifecycle: Tally[str]  # created, started, stopped, idle_warning, ..., adopted
     reconcile: Tally[str]  # the reconciler's actions: warn_idle, stop_idle, ...
+    sweeps: Callable[[], tuple[int, float, float]]  # how many, their seconds, the last's
 
 
 def container_metrics(node: str, records: Sequence[Metadata]) -> list[Metric]:
@@ -73,7 +79,19 @@ def tally_metrics(tallies: Tallies) -> list[Metric]:
     )
     for kind, count in sorted(tallies.reconcile.items()):
         actions.add_metric([kind], count)
-    return [events, actions]
+    count, seconds, last = tallies.sweeps()
+    sweeps = SummaryMetricFamily(
+        "ds01_reconcile_sweep_seconds",
+        "The reconciler's sweeps over this node's containers: how many, and their time.",
+        count_value=count,
+        sum_value=seconds,
+    )
+    latest = GaugeMetricFamily(
+        "ds01_reconcile_last_sweep_seconds",
+        "How long the last sweep took: it grows with the containers on the node.",
+        value=last,
+    )
+    return [events, actions, sweeps, latest]
 
 
 def find_unmanaged(attrs: Iterable[dict[str, Any]], allocations: Sequence[Any]) -> list[Unmanaged]:

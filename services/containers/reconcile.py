@@ -253,6 +253,8 @@ class Reconciler:
     gpus: NvmlActivity = field(default_factory=NvmlActivity)
     activity: dict[str, _Activity] = field(default_factory=dict)
     sweeps: int = 0
+    sweep_seconds: float = 0.0  # all sweeps together, for the metrics
+    last_sweep_seconds: float = 0.0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
     gpu_uuids: dict[str, list[str]] = field(default_factory=dict)  # container -> its GPUs
@@ -334,7 +336,10 @@ class Reconciler:
 
     async def sweep(self, now: float | None = None) -> None:
         async with self._sweeping:  # the loop's, an import's: one at a time
+            started = time.perf_counter()
             await self._sweep(now)
+            self.last_sweep_seconds = time.perf_counter() - started
+            self.sweep_seconds += self.last_sweep_seconds
 
     async def _sweep(self, now: float | None) -> None:
         lifecycle = self.lifecycle

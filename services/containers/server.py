@@ -305,7 +305,15 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         lifecycle.metadata.all,
         docker_host,
         allocations,
-        Tallies(lifecycle=lifecycle.events.counts, reconcile=reconciler.actions),
+        Tallies(
+            lifecycle=lifecycle.events.counts,
+            reconcile=reconciler.actions,
+            sweeps=lambda: (
+                reconciler.sweeps,
+                reconciler.sweep_seconds,
+                reconciler.last_sweep_seconds,
+            ),
+        ),
     )
     # Creates a previous run left half-done are undone first, within seconds of start.
     runtime.run_in_background(lifecycle.repair_forever(), "create-repair")
