@@ -8,8 +8,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+
+from tests.gateway_raw import raw_as, request
 
 pytestmark = pytest.mark.usefixtures("unix_users", "daemon_audit")
 
@@ -256,6 +259,66 @@ async def test_an_unlabelled_container_is_denied_to_users_and_visible_to_root(
         assert "orphan" in as_root.stdout.split()
     finally:
         await asyncio.to_thread(_real, docker_socket, "rm", "orphan")
+
+
+# (name, labels, alice's?) made as root on the daemon: each rule that names an owner.
+LISTED = (
+    ("ps-ds01", {"ds01.user": "ds01alice", "x": "1"}, True),
+    ("ps-mlc", {"aime.mlc.USER": "ds01alice"}, True),
+    ("ps-dev", {"devcontainer.local_folder": "/home/ds01alice/proj"}, True),
+    ("ps-mlc-bob", {"aime.mlc.USER": "ds01alice", "ds01.user": "ds01bob", "x": "1"}, False),
+    ("ps-dev-up", {"devcontainer.local_folder": "/home/ds01alice/../ds01bob"}, False),
+    ("ps-dev-bob", {"devcontainer.local_folder": "/home/ds01bob/proj"}, False),
+    ("ps-bob", {"ds01.user": "ds01bob", "x": "1"}, False),
+    ("ps-none", {"x": "1"}, False),
+)
+
+
+async def test_docker_ps_lists_the_callers_containers_by_every_owner_rule(
+    ownership, test_image, docker_socket
+):
+    """The gateway asks Docker for each owner rule's label and keeps the caller's: what
+    Docker filters and what ds01 keeps must together be exactly the caller's containers,
+    with the caller's own filters and limit applied as Docker applies them."""
+    config, _ = ownership
+    for name, labels, _alices in LISTED:
+        flags = [f"--label={k}={v}" for k, v in labels.items()]
+        await asyncio.to_thread(_real, docker_socket, "create", "--name", name, *flags,
+                                "--network=none", test_image, "true")  # fmt: skip
+    try:
+
+        async def names(*args: str) -> set[str]:
+            listed = await docker_as("ds01alice", config, "ps", "-a", *args, "--format",
+                                     "{{.Names}}")  # fmt: skip
+            assert listed.returncode == 0, listed.stderr
+            return {n for n in listed.stdout.split() if n.startswith("ps-")}
+
+        assert await names() == {name for name, _, alices in LISTED if alices}
+        assert await names("--filter", "label=x=1") == {"ps-ds01"}
+        assert await names("--filter", "name=ps-mlc") == {"ps-mlc"}  # ps-mlc-bob is bob's
+        assert await names("--filter", "label=ds01.user=ds01bob") == set()
+        assert await names("--filter", "label=aime.mlc.USER=ds01alice") == {"ps-mlc"}
+        assert len(await names("-n", "2")) == 2
+        socket = str(config.ownership.proxy_socket)
+        sent = {
+            "/containers/json?all=1&filters=" + quote('{"label":{"x=1":true}}'): 200,
+            "/v1.41/containers/json?all=1&filters=" + quote('{"name":["ps-dev"]}'): 200,
+            "/containers/json?all=1&filters=notjson": 400,
+            "/containers/json?all=1&filters=" + quote("[1]"): 400,
+            "/containers/json?all=1&filters=" + quote('{"label":"x=1"}'): 400,
+            "/containers/json?all=1&filters=" + quote('{"a":["b"],"c":{"d":true}}'): 400,
+            "/containers/json?all=1&filters=" + quote('{"nosuchfilter":["b"]}'): 400,
+            "/containers/json?all=1&limit=abc": 400,
+        }
+        answers = await raw_as("ds01alice", socket, [request("GET", t) for t in sent])
+        for (target, status), [answer] in zip(sent.items(), answers, strict=True):
+            assert answer.status == status, (target, answer)
+            if status == 400:
+                assert answer.json()["message"], target
+        assert [c["Names"] for c in answers[0][0].json()] == [["/ps-ds01"]]
+        assert [c["Names"] for c in answers[1][0].json()] == [["/ps-dev"]]
+    finally:
+        await asyncio.to_thread(_real, docker_socket, "rm", *(n for n, _, _ in LISTED))
 
 
 async def test_cross_user_endpoints_are_admins_only_and_prune_is_scoped(ownership, test_image):

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -65,8 +66,28 @@ class Admission(ImageRoutes, StorageRoutes):
     # --- containers ------------------------------------------------------------------
 
     async def _container_list(self, body: bytes) -> Decision:
-        user = self.caller.user
-        return self._listing("/containers/json", lambda data: filters.containers(data, user))
+        """Docker filters by the owner labels itself, one list per owner rule, and ds01
+        keeps the caller's of what it lists. Docker's own filter is what keeps
+        ``docker ps`` as fast at thousands of containers as at ten."""
+        user, asked = self.caller.user, filters.docker_filters(one(self.query, "filters"))
+        limit = _whole(one(self.query, "limit") or "0", "limit")
+
+        async def candidates(label: str) -> tuple[int, Any]:
+            wanted = {**asked, "label": [*asked.get("label", []), label]}
+            query = {**self.query, "filters": [json.dumps(wanted)]}
+            reply = await self.daemon.call("GET", self._target("/containers/json", query))
+            return reply.status, reply.json()
+
+        answers = await asyncio.gather(*map(candidates, filters.owner_queries(user)))
+        for status, payload in answers:
+            if status != 200:
+                return Answer(status, payload)  # Docker's own refusal of the query
+            if not isinstance(payload, list):
+                return Answer(502, {"message": "the daemon's container list is not a list"})
+        found = {c["Id"]: c for _, listed in answers for c in listed if isinstance(c, dict)}
+        mine = [c for c in found.values() if filters.container_owner(c.get("Labels")) == user]
+        mine.sort(key=lambda c: c.get("Created") or 0, reverse=True)  # Docker's order
+        return Answer(200, mine[:limit] if limit > 0 else mine)
 
     async def _container(self, body: bytes) -> Decision:
         found = await self._own_container(self.match.params["container"])
@@ -340,3 +361,10 @@ class Admission(ImageRoutes, StorageRoutes):
         return self._forward(self._path(container=found["Id"]), hijack=True, upgrade=self.upgrade)
 
     # --- images ----------------------------------------------------------------------
+
+
+def _whole(text: str, name: str) -> int:
+    """A query's integer, as Go's strconv.Atoi reads it (a sign, then digits)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise BadRequest(f"{name} must be a whole number, not {text!r}")
+    return int(text)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ds01.ownership.gateway.images import OWNER_LABEL, Access, access, visible_tags
+from ds01.ownership.gateway.strict import BadRequest
 from ds01.ownership.owners import owner_of, user_exists
 
 PREDEFINED_NETWORKS = frozenset({"none", "host", "bridge"})
@@ -24,13 +25,30 @@ def _load(body: bytes) -> Any:
         return None
 
 
-def containers(body: bytes, user: str) -> bytes:
-    """The list entries carry their labels: the owner follows from them directly."""
-    listed = _load(body)
-    if not isinstance(listed, list):
-        return b"[]"
-    mine = [c for c in listed if container_owner(c.get("Labels")) == user]
-    return json.dumps(mine).encode()
+def owner_queries(user: str) -> tuple[str, ...]:
+    """Label filters that together match every container ``user`` may own (a superset:
+    each owner rule of ``owner_of``, asked for apart, as Docker ANDs a filter's labels)."""
+    return (f"{OWNER_LABEL}={user}", f"aime.mlc.USER={user}", "devcontainer.local_folder")
+
+
+def docker_filters(text: str) -> dict[str, list[str]]:
+    """A ``filters`` query value as Docker's filters.FromJSON reads it: an object of
+    string lists, or the older object of objects of booleans (each key is a value, its
+    boolean ignored). Anything else Docker refuses too."""
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        raise BadRequest('filters is not JSON: send an object such as {"label": ["a=b"]}') from None
+    if not isinstance(found, dict):
+        raise BadRequest("filters must be a JSON object of lists")
+    values = [v for v in found.values() if v is not None]
+    if all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in values):
+        return {k: list(v or []) for k, v in found.items()}
+    if all(isinstance(v, dict) and all(isinstance(b, bool) for b in v.values()) for v in values):
+        return {k: list(v or {}) for k, v in found.items()}
+    raise BadRequest("filters must map each key to a list of strings")
 
 
 def container_owner(labels: dict[str, str] | None) -> str:
