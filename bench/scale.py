@@ -294,10 +294,12 @@ def main() -> None:
     made: list[str] = []
     try:
         add_accounts([SCALE_USER], made)
+        log = Path("/tmp/ds01-bench-scale.log")  # the adoptions' warnings, one a container
         with suite("limits,allocator,containers,ownership", limits(1000), etcd=True,
-                   docker=True, metrics=True, node=HERE,
+                   docker=True, metrics=True, node=HERE, server_log=log,
                    containers={"reconcile_interval": 2}) as running:  # fmt: skip
             measure_containers(running, args.containers_max, args.listings)
+        print(f"(ds01d's log: {log})")
     finally:
         remove_accounts(made)
 

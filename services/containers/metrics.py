@@ -209,7 +209,9 @@ def _read(path: Path) -> str:
 
 class InspectCache:
     """Each container's inspect, once: what says it uses GPUs (labels, environment,
-    device requests) never changes after create; whether it runs comes from the list."""
+    device requests) never changes after create; whether it runs comes from the list.
+    Only those parts are kept: a whole inspect is tens of kilobytes in Python, times
+    thousands of containers."""
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, Any]] = {}
@@ -221,7 +223,7 @@ class InspectCache:
             attrs = self._seen.get(summary["Id"])
             if attrs is None:
                 try:
-                    attrs = client.api.inspect_container(summary["Id"])
+                    attrs = _gpu_facts(client.api.inspect_container(summary["Id"]))
                 except Exception:  # removed between the list and the inspect
                     continue
                 self._seen[summary["Id"]] = attrs
@@ -230,6 +232,16 @@ class InspectCache:
         for gone in set(self._seen) - listed:
             del self._seen[gone]
         return found
+
+
+def _gpu_facts(inspect: dict[str, Any]) -> dict[str, Any]:
+    """What ``find_unmanaged`` reads of an inspect."""
+    config, host = inspect.get("Config") or {}, inspect.get("HostConfig") or {}
+    return {
+        "Name": inspect.get("Name"),
+        "Config": {"Labels": config.get("Labels"), "Env": config.get("Env")},
+        "HostConfig": {"DeviceRequests": host.get("DeviceRequests")},
+    }
 
 
 def register(

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ ADOPTED_LABELS = ("ds01.managed=true", "aime.mlc.USER")
 GPU_CONFLICT = "its GPUs are not allocated to it"  # an adopted container's notice
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
+SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
 KEEPALIVE_SECONDS = 2.0  # for looking at a workspace, which may be on a hung network
 
 
@@ -184,7 +185,47 @@ def _slots(allocations: list[Any], node: str) -> list[Slot]:
 
 
 def _created(container: Any) -> float:
-    return docker_time(container.attrs.get("Created")) or 0.0
+    created = container.attrs.get("Created")
+    if isinstance(created, int | float):  # a list entry's: seconds
+        return float(created)
+    return docker_time(created) or 0.0
+
+
+async def _each(names: list[str], work: Callable[[str], Awaitable[None]]) -> None:
+    """``work`` on each name, SWEEP_CONCURRENCY at a time: a sweep over thousands of
+    containers waits on Docker and etcd for each, and the waits overlap."""
+    gate = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+    async def one(name: str) -> None:
+        async with gate:
+            await work(name)
+
+    await asyncio.gather(*map(one, names))
+
+
+@contextlib.contextmanager
+def _reconciling(name: str) -> Iterator[None]:
+    """Log what goes wrong with one container, and go on with the others."""
+    try:
+        yield
+    except (docker.errors.NotFound, ValueError):  # removed while being reconciled
+        log.debug("%s changed while being reconciled", name)
+    except Exception as err:
+        log.warning("cannot reconcile %s: %s", name, err)
+
+
+def _listed(summary: dict[str, Any]) -> dict[str, Any]:
+    """A list entry in the shape of an inspect, as far as a sweep reads it before it
+    inspects a container it looks at closer (its policies, an adoption)."""
+    names = summary.get("Names") or [""]
+    return {
+        "Id": summary["Id"],
+        "Name": next((n for n in names if n.count("/") == 1), names[0]),  # not a link's
+        "Created": summary.get("Created"),
+        "Config": {"Labels": summary.get("Labels") or {}},
+        "State": {"Status": summary.get("State", "")},
+        "Mounts": summary.get("Mounts") or [],
+    }
 
 
 def _workspace_of(container: Any) -> str:
@@ -401,29 +442,46 @@ class Reconciler:
             log.warning("%s carries GPUs but holds no allocation: check it", name)
         self.unallocated = unallocated
         self.gpu_states = held or {}
-        policies: dict[tuple[str, str], Policy] = {}
-        # Oldest first: of two adopted containers that use one GPU, the one that had it
-        # first gets it.
-        for name, container in sorted(containers.items(), key=lambda c: _created(c[1])):
+        inspected = await self._inspected(containers)  # created to the nanosecond, too
+        # Oldest first, one at a time: of two adopted containers that use one GPU, the
+        # one that had it first gets it.
+        for name, container in sorted(inspected.items(), key=lambda c: _created(c[1])):
             record = records[name]
-            try:  # one broken container must not keep the policies from the others
-                if record.adopted and not record.gpu_slots and GPU_CONFLICT not in record.notice:
-                    # Until they are allocated (or found taken): tried again every sweep.
-                    record = await self._adopt_gpus(container, record, allocations)
-                key = (record.user, record.container_type)
-                if key not in policies:
-                    policies[key] = await self._policy(*key)
-                await self._apply(container, record, policies[key], now)
-            except (docker.errors.NotFound, ValueError):  # removed while being reconciled
-                log.debug("%s changed while being reconciled", name)
-            except Exception as err:
-                log.warning("cannot reconcile %s: %s", name, err)
+            if record.adopted and not record.gpu_slots and GPU_CONFLICT not in record.notice:
+                # Until they are allocated (or found taken): tried again every sweep.
+                with _reconciling(name):
+                    records[name] = await self._adopt_gpus(container, record, allocations)
+        policies: dict[tuple[str, str], asyncio.Future[Policy]] = {}
+
+        async def apply(name: str) -> None:
+            record = records[name]
+            key = (record.user, record.container_type)
+            if key not in policies:  # asked once a sweep for each user and type
+                policies[key] = asyncio.ensure_future(self._policy(*key))
+            with _reconciling(name):  # one broken container must not stop the others
+                await self._apply(inspected[name], record, await policies[key], now)
+
+        await _each(list(inspected), apply)
         self.sweeps += 1
+
+    async def _inspected(self, containers: dict[str, Any]) -> dict[str, Any]:
+        """Each listed container as Docker inspects it now; one removed meanwhile, or
+        that Docker cannot inspect now, is left out of this sweep."""
+        found = {}
+
+        async def inspect(name: str) -> None:
+            with _reconciling(name):
+                await self.lifecycle.docker.run(containers[name].reload)
+                found[name] = containers[name]
+
+        await _each(list(containers), inspect)
+        return found
 
     async def _adopt(self, container: Any, now: float) -> Metadata | None:
         """Make a container ds01 has no record of first-class: its record (owner, type,
         image, workspace); its GPUs follow in the sweep (``_adopt_gpus``)."""
-        if await self.lifecycle.docker.find(container.id) is None:
+        container = await self.lifecycle.docker.find(container.id)
+        if container is None:
             return None  # listed, then removed (an undo, a remove): nothing to adopt
         seen = Seen.of(container.attrs)
         if not seen.user:
@@ -506,7 +564,9 @@ class Reconciler:
         node = self.lifecycle.node
         if dry_run:
             recorded = {m.docker_name for m in await self.lifecycle.metadata.all()}
-            waiting = [Seen.of(c.attrs) for c in await self._labelled()]
+            docker = self.lifecycle.docker
+            inspected = [await docker.find(c.id) for c in await self._labelled()]
+            waiting = [Seen.of(c.attrs) for c in inspected if c is not None]
             return plan_import(
                 [c for c in waiting if c.name not in recorded and c.user],
                 node,
@@ -531,16 +591,16 @@ class Reconciler:
         ]
 
     async def _labelled(self) -> list[Any]:
-        """Every container of ds01, DS01 or mlc, running or not."""
+        """Every container of ds01, DS01 or mlc, running or not, as Docker lists them
+        (``_listed``): one request, where an inspect of each took thousands."""
         docker = self.lifecycle.docker
         found: dict[str, Any] = {}
         for label in ADOPTED_LABELS:
             listed = await docker.run(
-                lambda label=label: docker.client.containers.list(
-                    all=True, filters={"label": label}, ignore_removed=True
-                )
+                lambda label=label: docker.client.api.containers(all=True, filters={"label": label})
             )
-            found.update((c.id, c) for c in listed)
+            models = docker.client.containers
+            found.update((s["Id"], models.prepare_model(_listed(s))) for s in listed)
         return list(found.values())
 
     async def _forget(self, record: Metadata) -> None:
@@ -605,8 +665,7 @@ class Reconciler:
         )
 
     async def _apply(self, container: Any, record: Metadata, policy: Policy, now: float) -> None:
-        docker = self.lifecycle.docker
-        await docker.run(container.reload)
+        """``container`` as Docker inspected it just now."""
         state = container.attrs["State"]
         counted = await self.lifecycle.metadata.modify(  # each run, however it ended
             record, lambda current: count_runtime(current, state)
