@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
-from ds01.core.identity import AuthInterceptor, Roles
+from ds01.core.identity import AuthInterceptor, Principal, Roles, _wrap_handler
 from ds01.core.pki import SERVICES, CertPaths, Pki, init_pki, issue_client_cert
 from ds01.core.server import IdentityServicer
 from ds01.core.tls import channel_credentials
@@ -158,3 +159,23 @@ async def test_health_names_each_contract(suite_config: Config, pki: Pki, suite)
 def test_private_keys_are_readable_by_their_owner_only(pki: Pki):
     keys = [pki.ca_key, pki.client("alice").key, *(pki.service(s).key for s in SERVICES)]
     assert all(Path(k).stat().st_mode & 0o777 == 0o600 for k in keys)
+
+
+async def test_a_stream_its_client_left_is_closed_quietly_from_another_task(
+    caplog: pytest.LogCaptureFixture,
+):
+    """A watcher that goes away while its answer is being written leaves the stream at a
+    yield; asyncio closes it later in a task of its own. That close must end quietly:
+    it logged "Task exception was never retrieved" for every watcher that left."""
+    caller = Principal("ds01alice", common_pb2.PRINCIPAL_KIND_USER)
+
+    async def events(request: object, context: object):
+        while True:
+            yield "event"
+
+    handler = grpc.unary_stream_rpc_method_handler(events)
+    wrapped = _wrap_handler(handler, lambda _context: caller, "Watch")
+    stream = wrapped.unary_stream("request", object())
+    assert await asyncio.ensure_future(anext(stream)) == "event"  # one task's context
+    await asyncio.ensure_future(stream.aclose())  # closed in another's
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -198,7 +198,10 @@ def _wrap_handler(
             except Exception as err:
                 await _internal(context, err, method)
             finally:
-                _CALLER.reset(token)
+                # A stream whose client went away mid-write is closed by asyncio in a
+                # task of its own, where the caller was never set: nothing to undo there.
+                with contextlib.suppress(ValueError):
+                    _CALLER.reset(token)
 
         return wrapper
 
