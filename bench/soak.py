@@ -126,7 +126,7 @@ def timed_sync(recorder: Recorder, call: str, work: Callable[[], object]) -> boo
 
 
 def bare_cycle(client: docker.DockerClient, image: str, name: str, recorder: Recorder) -> None:
-    """One create/start/stop/remove, as bench/containers.py's bare_cycles does it."""
+    """One create/start/stop/remove, as bench/containers.py's bare_cycle does it."""
     made: list[docker.models.containers.Container] = []
     start = time.perf_counter()
 
