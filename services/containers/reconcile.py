@@ -297,6 +297,7 @@ class Reconciler:
     sweep_seconds: float = 0.0  # all sweeps together, for the metrics
     last_sweep_seconds: float = 0.0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
+    _suspects: set[tuple[str, str]] = field(default_factory=set)  # so in the last sweep
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
     gpu_uuids: dict[str, list[str]] = field(default_factory=dict)  # container -> its GPUs
     # Adopted containers whose GPUs another container holds: the allocator's answer.
@@ -430,14 +431,18 @@ class Reconciler:
             for allocation in taken:
                 self.gpu_uuids.setdefault(allocation.container, []).append(allocation.slot.uuid)
         held = await self._release_orphaned_allocations(allocations, known)
-        unallocated = {
-            name
+        suspects = {
+            (name, container.id)
             for name, container in containers.items()
             if container.labels.get("ds01.gpu.uuids")
             and not made_by_gateway(container.labels)
             and held is not None
             and name not in held
         }
+        # A create that commits after this sweep read the allocations is allocated in the
+        # next sweep's reading: only a container unallocated in two sweeps running is.
+        unallocated = {name for name, _id in suspects & self._suspects}
+        self._suspects = suspects
         for name in sorted(unallocated - self.unallocated):  # once, not every sweep
             log.warning("%s carries GPUs but holds no allocation: check it", name)
         self.unallocated = unallocated
