@@ -63,6 +63,7 @@ ADOPTED_LABELS = ("ds01.managed=true", "aime.mlc.USER")
 GPU_CONFLICT = "its GPUs are not allocated to it"  # an adopted container's notice
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
+EVENT_SWEEP_GAP = 1.0  # seconds between a Docker event and the sweep it wakes
 SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
 KEEPALIVE_SECONDS = 2.0  # for looking at a workspace, which may be on a hung network
 
@@ -325,6 +326,9 @@ class Reconciler:
                     log.exception("reconcile sweep failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
+                    # Docker's events come in bursts (a create alone is several), and on
+                    # a busy node without pause: one sweep for each burst.
+                    await asyncio.sleep(min(EVENT_SWEEP_GAP, self.interval))
                 self._wake.clear()
         finally:
             accounting.cancel()
