@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +30,12 @@ from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import ManagedProcess, free_port, start_etcd
 from ds01.core.server import RunningService, ServiceContext, start_service
-from tests.harness import ANY_PORT_METRICS, run_cli, write_config_file
+from tests.harness import (
+    ANY_PORT_METRICS,
+    remove_managed_containers,
+    run_cli,
+    write_config_file,
+)
 
 HOLD_SECONDS = 2  # etcd's shortest lease is about 2 s
 
@@ -194,6 +201,33 @@ def make_lifecycle(env: AllocatorEnv, docker_socket: Path, etcd: aetcd.Client) -
         client=env.service_client("containers"),
         network_mode="none",
     )
+
+
+@contextlib.asynccontextmanager
+async def full_stack(
+    directory: Path,
+    pki: Pki,
+    state_dir: Path,
+    etcd: str,
+    docker_socket: Path,
+    limits: str = LIMITS,
+) -> AsyncIterator[AllocatorEnv]:
+    """All four services in this process, with the gateway's sockets and a copy of the
+    configuration where every local user reaches them (as /run/ds01 and /etc/ds01)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
+    run_dir.chmod(0o755)
+    env = await make_env(directory, pki, state_dir, etcd, docker_socket, limits,
+                         services=SERVICES, run_dir=run_dir)  # fmt: skip
+    try:
+        shared = run_dir / "ds01.yaml"
+        shutil.copy(env.config_file, shared)
+        shared.chmod(0o644)
+        env.config_file = shared
+        yield env
+    finally:
+        await env.stop()
+        await asyncio.to_thread(remove_managed_containers, docker_socket)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @dataclass

@@ -221,4 +221,5 @@ def test_the_composed_containers_service_creates_and_starts_a_users_container(st
         seen = stack.as_user(ALICE, "docker", "-H", f"unix://{stack.gateway}", "ps")
         assert "stackbox" in seen.stdout, seen.stderr
     finally:
-        stack.ds01(ALICE, "container", "remove", "stackbox")
+        removed = stack.ds01(ALICE, "container", "remove", "--force", "stackbox")
+        assert removed.returncode == 0, removed.stderr

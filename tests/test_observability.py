@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -32,12 +31,11 @@ from ds01.core.logs import JsonFormatter, TextFormatter, under_journald
 from ds01.core.pki import Pki
 from ds01.core.processes import free_port, spawn
 from ds01.v1 import containers_pb2
-from tests.allocator_env import AllocatorEnv, etcd_revision, make_env
+from tests.allocator_env import AllocatorEnv, etcd_revision, full_stack
 from tests.harness import (
     REPO,
     metrics_text,
     metrics_token,
-    remove_managed_containers,
     require_binary,
     scrape_metrics,
 )
@@ -60,15 +58,8 @@ async def stack(
     tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
 ) -> AsyncIterator[AllocatorEnv]:
     """All four services in this process, the gateway's sockets where users reach them."""
-    run_dir = Path(tempfile.mkdtemp(prefix="ds01-obs-", dir="/tmp"))
-    run_dir.chmod(0o755)
-    env = await make_env(
-        tmp_path, pki, state_dir, etcd_endpoint, docker_socket, services=ALL, run_dir=run_dir
-    )
-    yield env
-    await env.stop()
-    await asyncio.to_thread(remove_managed_containers, docker_socket)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket) as env:
+        yield env
 
 
 def docker_as(env: AllocatorEnv, user: str, *args: str) -> subprocess.CompletedProcess[str]:

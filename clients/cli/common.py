@@ -81,6 +81,23 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class AliasGroup(click.Group):
+    """A group that also answers to the names docker users type (``ls``, ``rm``)."""
+
+    def __init__(self, *args: Any, aliases: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aliases = aliases
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        _name, command, rest = super().resolve_command(ctx, args)
+        return (command.name if command else None), command, rest
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     """A rich table on a terminal; plain aligned columns (never cut) in pipes and files."""
     if sys.stdout.isatty():

@@ -1,15 +1,20 @@
-"""``ds01 container``: the seed's container-create, -run, -start, -stop and -remove."""
+"""``ds01 container``: the seed's container-create, -run, -start, -stop and -remove, and
+the ways into a container (open, exec, logs, stats) through this host's Docker gateway."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 from google.protobuf import json_format
 
-from ds01.cli.common import Settings, call, output_option, print_table
+from ds01.cli.common import AliasGroup, Settings, call, fail, output_option, print_table
+from ds01.client import Ds01Client
 from ds01.v1 import containers_pb2
 
 _STATE = {
@@ -30,9 +35,21 @@ def _print(settings: Settings, output: str | None, container: containers_pb2.Con
         click.echo(_describe(container))
 
 
-@click.group()
+# A login shell: bash where the image has it, else sh.
+SHELL = ("sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi")
+
+
+@click.group(cls=AliasGroup, aliases={"ls": "list", "ps": "list", "rm": "remove"})
 def container() -> None:
-    """Your containers: create, run, start, stop, remove, list, inspect."""
+    """Your containers: create, run, open, exec, logs, stats, start, stop, remove, list
+    (also ls and ps), inspect.
+
+    \b
+    Examples:
+      ds01 container run thesis --image pytorch:latest --gpus 1
+      ds01 container open thesis
+      ds01 container rm thesis
+    """
 
 
 def _create(start: bool):
@@ -90,17 +107,169 @@ def start(settings: Settings, name: str, output: str | None) -> None:
 @output_option
 @click.pass_obj
 def stop(settings: Settings, name: str, grace: int, output: str | None) -> None:
-    """Stop NAME; its GPU is held for your gpu_hold_after_stop."""
-    _print(settings, output, call(settings, lambda client: client.stop_container(name, grace)))
+    """Stop NAME; its GPU is held for your gpu_hold_after_stop.
+
+    \b
+    Example:
+      ds01 container stop thesis
+    """
+    stopped = call(settings, lambda client: client.stop_container(name, grace))
+    _print(settings, output, stopped)
+    if (output or settings.output) != "json" and stopped.gpus:
+        click.echo(_hold_note(stopped))
+
+
+def _hold_note(stopped: containers_pb2.Container) -> str:
+    """How long a stopped container's GPU stays its own, and how to keep it."""
+    ends = [g.hold_until.ToDatetime(dt.UTC) for g in stopped.gpus if g.HasField("hold_until")]
+    if len(ends) < len(stopped.gpus):
+        return "its GPU stays held for it until you remove it"
+    until = min(ends).astimezone()
+    left = until - dt.datetime.now(dt.UTC)
+    return (
+        f"its GPU stays held for it until {until:%Y-%m-%d %H:%M} ({_duration(left)} from now); "
+        f"`ds01 container start {stopped.name}` before then keeps it"
+    )
+
+
+def _duration(span: dt.timedelta) -> str:
+    minutes = max(0, round(span.total_seconds() / 60))
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 @container.command()
 @click.argument("name")
+@click.option("-f", "--force", is_flag=True, help="Remove it even if it runs (as docker rm -f).")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask (for scripts): the same as --force.")
 @click.pass_obj
-def remove(settings: Settings, name: str) -> None:
-    """Remove NAME and free its GPU at once."""
-    call(settings, lambda client: client.remove_container(name))
+def remove(settings: Settings, name: str, force: bool, yes: bool) -> None:
+    """Remove NAME and free its GPU at once; a running NAME only after you confirm.
+
+    \b
+    Examples:
+      ds01 container rm thesis
+      ds01 container rm -f thesis
+    """
+
+    async def work(client: Ds01Client) -> None:
+        found = await client.get_container(name)
+        if found.state == containers_pb2.CONTAINER_STATE_RUNNING and not (force or yes):
+            if not sys.stdin.isatty():
+                fail(f"{name} is running: stop it first, or remove it anyway with --force")
+            if not click.confirm(f"{name} is running. Stop and remove it?", default=False):
+                fail("nothing removed")
+        await client.remove_container(name)
+
+    call(settings, work)
     click.echo(f"removed {name}")
+
+
+# --- into a container, through this host's Docker gateway ----------------------------------
+
+
+def _reached(settings: Settings, name: str, start: bool) -> containers_pb2.Container:
+    """NAME, checked to be on this host and running (started first when ``start``)."""
+
+    async def work(client: Ds01Client) -> containers_pb2.Container:
+        found = await client.get_container(name)
+        if found.node and found.node != client.config.node:
+            fail(f"{name} is on {found.node}: log in there to reach it")
+        if found.state != containers_pb2.CONTAINER_STATE_RUNNING:
+            if not start:
+                fail(f"{name} is {_STATE[found.state]}: `ds01 container open {name}` starts it")
+            if sys.stderr.isatty():
+                click.echo(f"starting {name}…", err=True)
+            found = await client.start_container(name)
+        return found
+
+    return call(settings, work)
+
+
+def _docker(settings: Settings, *args: str) -> NoReturn:
+    """Become ``docker ARGS`` on the gateway's socket: the gateway checks that the
+    container is the caller's, as it does for the caller's own docker commands."""
+    gateway = settings.config().ownership.proxy_socket
+    if not gateway.exists():
+        fail(f"the ds01 Docker gateway is not running here ({gateway} is missing): ask an admin")
+    argv = ["docker", "-H", f"unix://{gateway}", *args]
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        fail("the docker command is not installed here: install docker-ce-cli or docker.io")
+
+
+def _exec(settings: Settings, found: containers_pb2.Container, command: Sequence[str]) -> NoReturn:
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    where = ["-w", "/workspace"] if found.workspace else []
+    _docker(settings, "exec", "-it" if terminal else "-i", *where, found.docker_name, *command)
+
+
+_PASSED_ON = {"ignore_unknown_options": True}
+
+
+@container.command("open", context_settings=_PASSED_ON)
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def open_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
+    """Start NAME if need be and open a shell in it (or run COMMAND), as you, in
+    /workspace, with a terminal when you have one.
+
+    \b
+    Examples:
+      ds01 container open thesis
+      ds01 container open thesis -- python train.py
+    """
+    _exec(settings, _reached(settings, name, start=True), command or SHELL)
+
+
+@container.command("exec", context_settings=_PASSED_ON)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the running NAME, as you, in /workspace.
+
+    \b
+    Example:
+      ds01 container exec thesis -- nvidia-smi
+    """
+    _exec(settings, _reached(settings, name, start=False), command)
+
+
+@container.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what it writes.")
+@click.option("--tail", default="all", show_default=True, help="Only the last N lines.")
+@click.option("-t", "--timestamps", is_flag=True, help="Each line with its time.")
+@click.pass_obj
+def logs(settings: Settings, name: str, follow: bool, tail: str, timestamps: bool) -> None:
+    """What NAME's main process wrote (stdout and stderr).
+
+    \b
+    Example:
+      ds01 container logs -f --tail 100 thesis
+    """
+    found = call(settings, lambda client: client.get_container(name))
+    flags = ["--tail", tail, *(["--follow"] if follow else []), *(["-t"] if timestamps else [])]
+    _docker(settings, "logs", *flags, found.docker_name)
+
+
+@container.command()
+@click.argument("name")
+@click.option("--no-stream", is_flag=True, help="One reading, then exit (always so in a pipe).")
+@click.pass_obj
+def stats(settings: Settings, name: str, no_stream: bool) -> None:
+    """NAME's CPU, memory, network and disk use, live on a terminal.
+
+    \b
+    Example:
+      ds01 container stats thesis
+    """
+    found = _reached(settings, name, start=False)
+    once = no_stream or not sys.stdout.isatty()
+    _docker(settings, "stats", *(["--no-stream"] if once else []), found.docker_name)
 
 
 @container.command("list")

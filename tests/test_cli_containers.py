@@ -1,0 +1,147 @@
+"""The ways into a container (open, exec, logs, stats), the docker names (ls, ps, rm) and
+the questions before a loss, run as real users through the real ds01 CLI, with and
+without a terminal, against all four services and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import subprocess
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from ds01.core.pki import Pki
+from tests.allocator_env import AllocatorEnv, full_stack
+from tests.harness import DS01, USERS
+
+pytestmark = pytest.mark.usefixtures("unix_users")
+
+ALICE, BOB = "ds01alice", "ds01bob"
+LIMITS = textwrap.dedent(
+    """\
+    defaults:
+      max_gpu_equivalents: 1
+      max_gpu_slots_per_container: 1
+      gpu_hold_after_stop: 2h
+      priority: 10
+    """
+)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[AllocatorEnv]:
+    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS) as env:
+        yield env
+
+
+async def ds01_as(
+    env: AllocatorEnv, user: str, *args: str, tty: bool = False, answer: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``ds01 ARGS`` as ``user``, in a pseudo-terminal when ``tty`` (typing ``answer``)."""
+    command = [DS01, "--config", str(env.config_file), *args]
+    if tty:
+        command = ["script", "-qec", shlex.join(command), "/dev/null"]
+    environment = [f"HOME=/home/{user}", f"DOCKER_CONFIG=/home/{user}/.docker",
+                   "PATH=/usr/bin:/bin"]  # fmt: skip
+    argv = ["runuser", "-u", user, "--", "env", *environment, *command]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, input=answer, capture_output=True, text=True, timeout=90, cwd="/"
+    )
+    if tty:  # what the terminal echoes of the end of script(1)'s input is not the output
+        for echo in ("^@", "^D", "\b"):
+            done.stdout = done.stdout.replace(echo, "")
+    return done
+
+
+async def test_open_exec_logs_and_stats_reach_the_users_own_container(
+    stack: AllocatorEnv, test_image: str
+):
+    run = await ds01_as(stack, ALICE, "container", "run", "box", "--image", test_image)
+    assert run.returncode == 0, run.stderr
+    probe = "tty; id -u; pwd"
+    # With a terminal: a real one in the container, as the user, in /workspace.
+    opened = await ds01_as(stack, ALICE, "container", "open", "box", "--", "sh", "-c", probe,
+                           tty=True)  # fmt: skip
+    assert opened.returncode == 0, opened.stdout + opened.stderr
+    lines = opened.stdout.split()
+    assert lines[0].startswith("/dev/pts/"), opened.stdout
+    assert lines[1:] == [str(USERS[ALICE]), "/workspace"]
+    # Without one (a script, a pipe): no terminal asked for, the same user and place.
+    piped = await ds01_as(stack, ALICE, "container", "exec", "box", "--", "sh", "-c", probe)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines() == ["not a tty", str(USERS[ALICE]), "/workspace"]
+    # exec's input is the caller's, as with docker exec -i.
+    echoed = await ds01_as(stack, ALICE, "container", "exec", "box", "--", "cat", answer="hi\n")
+    assert echoed.stdout == "hi\n", echoed.stderr
+    wrote = "echo written-by-box > /proc/1/fd/1"
+    await ds01_as(stack, ALICE, "container", "exec", "box", "--", "sh", "-c", wrote)
+    logged = await ds01_as(stack, ALICE, "container", "logs", "box")
+    assert "written-by-box" in logged.stdout, logged.stderr
+    tailed = await ds01_as(stack, ALICE, "container", "logs", "--tail", "1", "-t", "box")
+    assert tailed.stdout.count("\n") == 1 and "written-by-box" in tailed.stdout
+    measured = await ds01_as(stack, ALICE, "container", "stats", "box")  # no terminal: once
+    assert measured.returncode == 0, measured.stderr
+    assert "box._.ds01alice" in measured.stdout and "MEM USAGE" in measured.stdout
+    # Someone else's container is out of reach by every one of these.
+    for command in (["open", "box._.ds01alice"], ["exec", "box._.ds01alice", "--", "id"],
+                    ["logs", "box._.ds01alice"], ["stats", "box._.ds01alice"]):  # fmt: skip
+        refused = await ds01_as(stack, BOB, "container", *command)
+        assert refused.returncode == 1, (command, refused.stdout)
+        assert "belongs to ds01alice" in refused.stderr, (command, refused.stderr)
+        assert "Traceback" not in refused.stderr
+
+
+async def test_open_starts_a_stopped_container_and_exec_says_how(
+    stack: AllocatorEnv, test_image: str
+):
+    made = await ds01_as(stack, ALICE, "container", "run", "nap", "--image", test_image,
+                         "--gpus", "1")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    stopped = await ds01_as(stack, ALICE, "container", "stop", "nap")
+    assert stopped.returncode == 0, stopped.stderr
+    # stop says how long the GPU stays the container's, and how to keep it.
+    assert "its GPU stays held for it until " in stopped.stdout
+    assert "(1 h 59 min from now)" in stopped.stdout or "(2 h 0 min from now)" in stopped.stdout
+    assert "`ds01 container start nap` before then keeps it" in stopped.stdout
+    refused = await ds01_as(stack, ALICE, "container", "exec", "nap", "--", "true")
+    assert refused.returncode == 1
+    assert "nap is stopped: `ds01 container open nap` starts it" in refused.stderr
+    opened = await ds01_as(stack, ALICE, "container", "open", "nap", "--", "echo", "awake")
+    assert opened.returncode == 0 and opened.stdout == "awake\n", opened.stderr
+    listed = await ds01_as(stack, ALICE, "container", "ps")
+    assert listed.stdout.splitlines()[1].split()[:3] == ["nap", ALICE, "running"]
+
+
+async def test_rm_asks_before_removing_a_running_container(stack: AllocatorEnv, test_image: str):
+    run = await ds01_as(stack, ALICE, "container", "run", "keep", "--image", test_image)
+    assert run.returncode == 0, run.stderr
+    # No terminal to ask on: refused, with what to do.
+    unasked = await ds01_as(stack, ALICE, "container", "rm", "keep")
+    assert unasked.returncode == 1
+    assert "keep is running: stop it first, or remove it anyway with --force" in unasked.stderr
+    # A terminal: asked; no (or just Enter) keeps it.
+    for answer in ("n\n", "\n"):
+        kept = await ds01_as(stack, ALICE, "container", "rm", "keep", tty=True, answer=answer)
+        assert "keep is running. Stop and remove it? [y/N]" in kept.stdout
+        assert kept.returncode == 1 and "nothing removed" in kept.stdout
+    listed = await ds01_as(stack, ALICE, "container", "ls")
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["keep"]
+    yes = await ds01_as(stack, ALICE, "container", "rm", "keep", tty=True, answer="y\n")
+    assert yes.returncode == 0 and "removed keep" in yes.stdout, yes.stdout
+    for flag in ("-f", "--force", "-y", "--yes"):  # for scripts: no question
+        again = await ds01_as(stack, ALICE, "container", "run", "keep", "--image", test_image)
+        assert again.returncode == 0, again.stderr
+        forced = await ds01_as(stack, ALICE, "container", "rm", flag, "keep")
+        assert forced.returncode == 0 and forced.stdout == "removed keep\n", (flag, forced)
+    # A stopped container goes without a question, as with docker rm.
+    await ds01_as(stack, ALICE, "container", "run", "old", "--image", test_image)
+    await ds01_as(stack, ALICE, "container", "stop", "old")
+    gone = await ds01_as(stack, ALICE, "container", "remove", "old")
+    assert gone.returncode == 0, gone.stderr
+    assert (await ds01_as(stack, ALICE, "container", "list")).stdout.count("\n") <= 1
