@@ -5,10 +5,12 @@ without a terminal, against all four services and the gateway."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
+import shutil
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import pytest_asyncio
 
 from ds01.core.pki import Pki
 from tests.allocator_env import AllocatorEnv, full_stack
-from tests.harness import DS01, USERS
+from tests.harness import DS01, GROUP, USERS
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -145,3 +147,56 @@ async def test_rm_asks_before_removing_a_running_container(stack: AllocatorEnv, 
     gone = await ds01_as(stack, ALICE, "container", "remove", "old")
     assert gone.returncode == 0, gone.stderr
     assert (await ds01_as(stack, ALICE, "container", "list")).stdout.count("\n") <= 1
+
+
+@pytest.fixture
+def homeless() -> Iterator[str]:
+    """A real account whose home directory was never made (as LDAP accounts can be)."""
+    user = "ds01nohome"
+    made = subprocess.run(["useradd", "-M", "-d", f"/home/{user}", "-u", "35009", "-g", GROUP,
+                           user], capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    yield user
+    subprocess.run(["userdel", user], capture_output=True)
+    shutil.rmtree(f"/home/{user}", ignore_errors=True)
+
+
+async def test_a_user_without_a_home_is_told_what_to_do_and_no_home_is_made(
+    stack: AllocatorEnv, test_image: str, homeless: str
+):
+    home = Path(f"/home/{homeless}")
+    enrolled = await ds01_as(stack, homeless, "enroll")
+    assert enrolled.returncode == 1, enrolled.stdout
+    assert enrolled.stderr.startswith(f"ds01: error: your home directory {home} does not exist")
+    assert enrolled.stderr.count("\n") == 1 and "Traceback" not in enrolled.stderr
+    # With a certificate from elsewhere, a create is refused before anything is made.
+    run = await stack.cli(homeless, "container", "run", "x", "--image", test_image)
+    assert run.returncode == 1, run.stdout
+    assert f"{homeless}'s home directory {home} does not exist" in run.stderr
+    assert "ask an admin to create it" in run.stderr
+    assert not home.exists()
+    listed = await stack.cli(homeless, "container", "list")
+    assert listed.stdout.count("\n") <= 1  # nothing half-made is left to list
+
+
+async def test_enroll_says_until_when_the_certificate_is_valid(stack: AllocatorEnv):
+    enrolled = await ds01_as(stack, ALICE, "enroll")
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert re.search(r"\(mode 0600\), valid until 20\d\d-\d\d-\d\d \d\d:\d\d", enrolled.stdout)
+
+
+async def test_an_unreadable_configuration_is_one_sentence(stack: AllocatorEnv):
+    secret = stack.config_file.with_name("secret.yaml")
+    shutil.copy(stack.config_file, secret)
+    secret.chmod(0o600)  # root's alone
+    for args in (["limits"], ["container", "list"], ["enroll"], ["status"]):
+        command = [DS01, "--config", str(secret), *args]
+        refused = await asyncio.to_thread(
+            subprocess.run, ["runuser", "-u", ALICE, "--", *command],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+        assert refused.returncode != 0, args
+        said = f"ds01: error: configuration: {secret}: cannot read it (permission denied)"
+        assert refused.stderr.startswith(said), (args, refused.stderr)
+        assert "ask an admin to make it readable" in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr, args

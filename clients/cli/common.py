@@ -43,7 +43,8 @@ def run(work: Callable[[], Any]) -> Any:
     except PkiError as err:
         fail(str(err))
     except PermissionError as err:
-        fail(f"{err.filename}: permission denied (run as root, or as the file's owner)")
+        fail(f"{err.filename}: permission denied; ask an admin for access, or run this as the "
+             "file's owner")  # fmt: skip
 
 
 def call(settings: Settings, work: Callable[[Ds01Client], Coroutine[Any, Any, Any]]) -> Any:

@@ -20,6 +20,7 @@ from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
 from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
+from ds01.client.credentials import certificate_expiry
 from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
 from ds01.v1 import common_pb2
 
@@ -28,7 +29,7 @@ from ds01.v1 import common_pb2
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, readable=False),  # ours to report
     envvar="DS01_CONFIG",
     help="Suite configuration (default: /etc/ds01/ds01.yaml).",
 )
@@ -137,7 +138,12 @@ def enroll_command(settings: Settings) -> None:
         identity = enroll(config.ownership.enroll_socket)
     except EnrollmentError as err:
         fail(str(err))
-    click.echo(f"certificate in {identity.cert.cert} (mode 0600)")
+    assert identity.cert is not None
+    expires = certificate_expiry(identity.cert.cert).astimezone()
+    click.echo(
+        f"certificate in {identity.cert.cert} (mode 0600), valid until "
+        f"{expires:%Y-%m-%d %H:%M %Z}; ds01 renews it by itself when a third is left"
+    )
 
 
 @cli.group()

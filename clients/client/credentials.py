@@ -63,7 +63,10 @@ def enroll(socket_path: Path, directory: Path | None = None) -> ClientIdentity:
     if "certificate" not in answer:
         raise EnrollmentError(f"enrollment refused: {answer.get('error', 'no answer')}")
     directory = directory or user_tls_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise EnrollmentError(_no_place(directory, err)) from err
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -73,6 +76,22 @@ def enroll(socket_path: Path, directory: Path | None = None) -> ClientIdentity:
     return ClientIdentity(
         directory / "ca.crt", CertPaths(directory / "client.crt", directory / "client.key")
     )
+
+
+def _no_place(directory: Path, err: OSError) -> str:
+    """Why a certificate cannot be kept, and what to do, in one sentence."""
+    home = Path.home()
+    if not home.is_dir() and directory.is_relative_to(home):
+        return (
+            f"your home directory {home} does not exist, and ds01 keeps your certificate in "
+            f"it ({directory}): ask an admin to create your home, or set XDG_CONFIG_HOME to "
+            "a directory of your own"
+        )
+    return f"cannot keep your certificate in {directory}: {err.strerror or err}"
+
+
+def certificate_expiry(cert_path: Path) -> dt.datetime:
+    return x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
 
 
 def needs_renewal(cert_path: Path) -> bool:

@@ -542,6 +542,12 @@ class Lifecycle:
     ) -> tuple[Path, tuple[Path, ...], list[Path]]:
         """Workspace and data directories must lie in the user's own home. Returns the
         directories still to make, deepest first, so that they are known before made."""
+        if not account.home.is_dir():  # never made here: a home is the admin's to make
+            raise ContainerError(
+                Code.PRECONDITION,
+                f"{account.user}'s home directory {account.home} does not exist, and the "
+                "workspace and data directories must be in it: ask an admin to create it",
+            )
         workspace = Path(request.workspace or account.home / "workspace" / request.name)
         data = tuple(Path(d) for d in request.data_dirs)
         for path in (workspace, *data):

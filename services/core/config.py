@@ -120,6 +120,11 @@ def load_config(path: Path | str | None = None) -> Config:
         return Config()
     try:
         text = file.read_text()
+    except PermissionError as err:
+        raise ConfigError(
+            f"{file}: cannot read it (permission denied): it holds no secrets, so ask an "
+            "admin to make it readable to all (chmod 644)"
+        ) from err
     except OSError as err:
         raise ConfigError(f"{file}: cannot read: {err.strerror}") from err
     return parse_config(text, file)
