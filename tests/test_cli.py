@@ -9,6 +9,9 @@ import pytest
 import yaml
 from cryptography import x509
 
+from ds01.core.pki import SERVICES
+from ds01.core.processes import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DS01 = str(REPO / ".venv" / "bin" / "ds01")
 
@@ -88,3 +91,22 @@ def test_version_names_the_program_and_the_installed_version(program: str):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{program} {version('ds01')}"
+
+
+def test_status_with_every_service_down_says_so_and_what_an_admin_looks_at(tmp_path: Path):
+    ports = {s: f"127.0.0.1:{free_port()}" for s in SERVICES}  # nothing listens there
+    config = tmp_path / "ds01.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "listen": ports}))
+    assert ds01(config, "admin", "pki", "init").returncode == 0
+    down = ds01(config, "status")
+    assert down.returncode == 1
+    rows = down.stdout.splitlines()[1:]
+    assert [row.split()[:3] for row in rows] == [[s, ports[s], "UNAVAILABLE"] for s in SERVICES]
+    assert all("cannot reach the" in row and "ds01 status" not in row for row in rows)
+    assert down.stderr.startswith(f"not serving: {', '.join(SERVICES)}.")
+    assert "systemctl status ds01.target" in down.stderr
+    as_json = ds01(config, "-o", "json", "status")
+    assert as_json.returncode == 1 and as_json.stderr == ""
+    assert [r["status"] for r in yaml.safe_load(as_json.stdout)] == ["UNAVAILABLE"] * 4
+    other = ds01(config, "limits")  # any other command points to status
+    assert "is ds01d running? (`ds01 status` checks them all)" in other.stderr

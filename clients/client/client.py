@@ -73,10 +73,11 @@ _RETRY_READS = json.dumps(
 class Ds01Error(Exception):
     """A failed call: ``code`` is the gRPC status, ``message`` says what to do."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, advice: str = "") -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
+        self.message = f"{message}; {advice}" if advice else message
+        self.problem = message  # without the advice: for a caller that advises itself
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -337,7 +338,8 @@ class Ds01Client:
             return Ds01Error(
                 code,
                 f"cannot reach the {service} service at {self.config.address(service)} "
-                f"({err.details()}); is ds01d running? (`ds01 status` checks them all)",
+                f"({err.details()})",
+                "is ds01d running? (`ds01 status` checks them all)",
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return Ds01Error(code, f"the {service} service did not answer within {self.timeout:g}s")
