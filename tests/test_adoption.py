@@ -285,7 +285,7 @@ async def test_import_ds01_reports_then_adopts_a_ds01_hosts_containers(
     assert rows["train._.ds01bob"]["gpu_slots"] == ["n1/0"]
     assert rows["clash._.ds01bob"]["conflict"] == "slot 2:1 is held by proj._.1001"
     assert rows["old._.ds01bob"]["gpu_slots"] == ["n1/1"]  # from DS01's metadata file
-    assert "gpu_slots" not in rows["cpu._.1001"]
+    assert rows["cpu._.1001"]["gpu_slots"] == []
     assert rows["every._.ds01bob"]["unknown_gpus"] == ["all"]
     assert not any(c.get("adopted") for c in plan["containers"])
     assert plan["group_changes"] == [

@@ -5,6 +5,7 @@ without a terminal, against all four services and the gateway."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import shutil
@@ -13,9 +14,11 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import click
 import pytest
 import pytest_asyncio
 
+from ds01.cli.main import cli
 from ds01.core.pki import Pki
 from tests.allocator_env import AllocatorEnv, full_stack
 from tests.harness import DS01, GROUP, USERS
@@ -200,3 +203,80 @@ async def test_an_unreadable_configuration_is_one_sentence(stack: AllocatorEnv):
         assert refused.stderr.startswith(said), (args, refused.stderr)
         assert "ask an admin to make it readable" in refused.stderr
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr, args
+
+
+def _commands(
+    group: click.Group, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def _plainly(value: object, where: str) -> None:
+    """No protobuf spelling left in JSON: no enum names, no numbers as strings."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _plainly(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            _plainly(item, f"{where}[{n}]")
+    elif isinstance(value, str):
+        assert not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", value), (where, value)
+        if not where.endswith(("id", "slot")):  # DS01's slot ids are "0", "1.2", "2:1"
+            assert not re.fullmatch(r"-?\d+", value), (where, value)
+
+
+async def test_every_commands_json_uses_the_tables_words_and_numbers(
+    stack: AllocatorEnv, test_image: str
+):
+    """One walk over every command that prints JSON: each must be listed here, so a new
+    one cannot slip through with protobuf's spelling."""
+    user, admin = ALICE, "root"
+    image = ["--image", test_image]
+    runs: dict[str, tuple[str, list[str]]] = {
+        "container create": (user, ["container", "create", "jc", *image, "-o", "json"]),
+        "container run": (user, ["container", "run", "jr", *image, "--gpus", "1", "-o", "json"]),
+        "container start": (user, ["container", "start", "jc", "-o", "json"]),
+        "container stop": (user, ["container", "stop", "jr", "-o", "json"]),
+        "container list": (user, ["container", "list", "-o", "json"]),
+        "container inspect": (user, ["container", "inspect", "jr"]),
+        "gpu status": (user, ["gpu", "status", "-o", "json"]),
+        "gpu allocate": (
+            admin,
+            ["gpu", "allocate", "other._.ds01bob", "--user", BOB, "-o", "json"],
+        ),
+        "limits show": (user, ["limits", "show", "-o", "json"]),
+        "limits show --docker-args": (user, ["limits", "show", "--docker-args", "-o", "json"]),
+        "limits check": (admin, ["limits", "check", "-o", "json"]),
+        "limits groups": (user, ["limits", "groups", "-o", "json"]),
+        "events": (user, ["events", "-o", "json"]),
+        "admin audit": (admin, ["admin", "audit", "-o", "json"]),
+        "admin import-ds01": (admin, ["admin", "import-ds01", "--dry-run", "-o", "json"]),
+        "status": (user, ["-o", "json", "status"]),
+        "whoami": (user, ["-o", "json", "whoami"]),
+    }
+    printing = {name for name, c in _commands(cli) if any(p.name == "output" for p in c.params)}
+    assert printing <= {name.removesuffix(" --docker-args") for name in runs}, "add it here"
+    for name, (who, args) in runs.items():
+        done = await stack.cli(who, *args)
+        assert done.returncode == 0, (name, done.stderr)
+        if name == "events":  # one object a line, as a log
+            found = [json.loads(line) for line in done.stdout.splitlines()]
+            assert {e["type"] for e in found} >= {"allocated", "created", "stopped"}, found
+        else:
+            found = json.loads(done.stdout)
+        _plainly(found, name)
+    listed = await stack.cli(user, *runs["container list"][1])
+    states = {c["name"]: c["state"] for c in json.loads(listed.stdout)}
+    assert states == {"jc": "running", "jr": "stopped"}
+
+
+def test_every_option_and_command_says_what_it_is_for():
+    for name, command in _commands(cli):
+        assert command.help, f"ds01 {name} has no help text"
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"ds01 {name} {param.opts[0]} has no help text"

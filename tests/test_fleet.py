@@ -208,8 +208,8 @@ async def test_two_nodes_on_one_etcd_cluster_serve_one_fleet(fleet: Fleet, unix_
     assert listed.returncode == 0, listed.stderr
     fleet_view = {(c["name"], c["node"], c["state"]) for c in json.loads(listed.stdout)}
     assert fleet_view == {
-        ("onn1", "n1", "CONTAINER_STATE_RUNNING"),
-        ("onn2", "n2", "CONTAINER_STATE_RUNNING"),
+        ("onn1", "n1", "running"),
+        ("onn2", "n2", "running"),
     }
     table = await run_cli(n2.config_file, pki, "ds01alice", "container", "list")
     assert [line.split()[0] for line in table.stdout.splitlines()[1:]] == ["onn1", "onn2"]

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
@@ -66,6 +68,53 @@ def output_option(command: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="Output format (default: the global --output).",
     )(command)
+
+
+_PLAIN = {
+    "google.protobuf.Timestamp": lambda m: m.ToJsonString(),  # RFC 3339
+    "google.protobuf.Duration": lambda m: m.ToTimedelta().total_seconds(),  # seconds
+}
+_WRAPPERS = ("Int64Value", "UInt64Value", "Int32Value", "UInt32Value", "DoubleValue",
+             "FloatValue", "BoolValue", "StringValue")  # fmt: skip
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    """A message as the tables show it: enums as their words (``running``, not
+    ``CONTAINER_STATE_RUNNING``), 64-bit numbers as numbers (protobuf's JSON makes them
+    strings), durations in seconds, times in RFC 3339; every field, unset ones as null."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: _plain(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_plain(field, v) for v in value]
+        elif field.has_presence and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _plain(field, value)
+    return out
+
+
+def _plain(field: FieldDescriptor, value: Any) -> Any:
+    if field.enum_type is not None:
+        return enum_word(field.enum_type, value)
+    if field.message_type is None:
+        return value
+    name = field.message_type.full_name
+    if name in _PLAIN:
+        return _PLAIN[name](value)
+    if name.removeprefix("google.protobuf.") in _WRAPPERS:
+        return value.value
+    return as_json(value)
+
+
+def enum_word(enum: EnumDescriptor, number: int) -> str:
+    """``CONTAINER_STATE_RUNNING`` as ``running``: the value without its type's prefix."""
+    prefix = enum.values[0].name.removesuffix("UNSPECIFIED")
+    found = enum.values_by_number.get(number)
+    return found.name.removeprefix(prefix).lower() if found else str(number)
 
 
 class DefaultCommandGroup(click.Group):

@@ -11,9 +11,16 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import click
-from google.protobuf import json_format
 
-from ds01.cli.common import AliasGroup, Settings, call, fail, output_option, print_table
+from ds01.cli.common import (
+    AliasGroup,
+    Settings,
+    as_json,
+    call,
+    fail,
+    output_option,
+    print_table,
+)
 from ds01.client import Ds01Client
 from ds01.v1 import containers_pb2
 
@@ -30,7 +37,7 @@ def _describe(container: containers_pb2.Container) -> str:
 
 def _print(settings: Settings, output: str | None, container: containers_pb2.Container) -> None:
     if (output or settings.output) == "json":
-        click.echo(json_format.MessageToJson(container, preserving_proto_field_name=True))
+        click.echo(json.dumps(as_json(container), indent=2))
     else:
         click.echo(_describe(container))
 
@@ -280,8 +287,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
     """Your containers (admins: --all)."""
     found = call(settings, lambda client: client.list_containers(all_users=all_users))
     if (output or settings.output) == "json":
-        rows = [json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found]
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([as_json(c) for c in found], indent=2))
         return
     print_table(
         ["NAME", "USER", "STATE", "GPUS", "IMAGE", "CREATED", "NODE", "NOTICE"],
@@ -307,4 +313,4 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
 def inspect(settings: Settings, name: str) -> None:
     """Everything ds01 knows of NAME, as JSON."""
     found = call(settings, lambda client: client.get_container(name))
-    click.echo(json_format.MessageToJson(found, preserving_proto_field_name=True))
+    click.echo(json.dumps(as_json(found), indent=2))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 
 import click
-from google.protobuf import json_format
+from google.protobuf.message import Message
 
-from ds01.cli.common import Settings, call, output_option, print_table
+from ds01.cli.common import Settings, as_json, call, output_option, print_table
 from ds01.v1 import allocator_pb2, common_pb2
 
 _STATE = {
@@ -26,8 +27,8 @@ def _when(allocation: common_pb2.Allocation, field: str) -> str:
     return stamp.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _json(message: object) -> str:
-    return json_format.MessageToJson(message, preserving_proto_field_name=True)  # type: ignore[arg-type]
+def _json(message: Message) -> str:
+    return json.dumps(as_json(message), indent=2)
 
 
 @click.group()
@@ -65,10 +66,13 @@ def status(settings: Settings, user: str, node: str, output: str | None) -> None
 @click.argument("container")
 @click.option("--user", default="", help="The container's owner (default: you).")
 @click.option("--slots", type=click.IntRange(min=0), default=0, help="How many slots.")
-@click.option("--gpu-equivalents", type=click.FloatRange(min=0), default=0.0)
-@click.option("--full", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_FULL_GPU)
-@click.option("--mig", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_MIG)
-@click.option("--node", default="")
+@click.option("--gpu-equivalents", type=click.FloatRange(min=0), default=0.0,
+              help="How much GPU, in whole GPUs (a 1g.10gb slice of an A100 is 1/7).")  # fmt: skip
+@click.option("--full", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
+              help="Whole GPUs only.")  # fmt: skip
+@click.option("--mig", "kind", flag_value=allocator_pb2.SLOT_PREFERENCE_MIG,
+              help="MIG slices only.")  # fmt: skip
+@click.option("--node", default="", help="On this node (default: any).")
 @click.option("--wait", type=click.FloatRange(min=0), default=None, help="Seconds to queue.")
 @output_option
 @click.pass_obj
@@ -125,7 +129,7 @@ _container_command("clear-stopped", "End the hold: CONTAINER runs again.", "clea
 @gpu.command()
 @click.argument("container")
 @click.argument("slot")
-@click.option("--node", default="")
+@click.option("--node", default="", help="The node the slot is on (default: any).")
 @click.pass_obj
 def validate(settings: Settings, container: str, slot: str, node: str) -> None:
     """Whether SLOT still exists and is still CONTAINER's (exit 1 if not)."""

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import click
-from google.protobuf import json_format
 
-from ds01.cli.common import DefaultCommandGroup, Settings, call, fail, output_option
+from ds01.cli.common import DefaultCommandGroup, Settings, as_json, call, fail, output_option
 from ds01.client import Ds01Client
 from ds01.v1 import limits_pb2
 
@@ -44,6 +43,16 @@ def render_block(limits: limits_pb2.UserLimits) -> str:
     return "\n".join(lines)
 
 
+def _number_or_text(text: str) -> int | float | str:
+    """A configured value as JSON: 16 a number, 64g or 72h the text it was written as."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
     return {
         "user": limits.user,
@@ -52,7 +61,7 @@ def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
         "cgroup_parent": limits.cgroup_parent,
         "limits": {
             v.key: {
-                "value": None if v.unlimited else v.value,
+                "value": None if v.unlimited else _number_or_text(v.value),
                 "unlimited": v.unlimited,
                 "source": limits_pb2.LimitSource.Name(v.source)
                 .removeprefix("LIMIT_SOURCE_")
@@ -61,7 +70,7 @@ def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
             for v in limits.values
         },
         "policies": dict(limits.policies),
-        "aggregate": json_format.MessageToDict(limits.aggregate, preserving_proto_field_name=True),
+        "aggregate": as_json(limits.aggregate),
     }
 
 
@@ -80,17 +89,16 @@ def show(
     settings: Settings, user: str, docker_args: bool, container_type: str, output: str | None
 ) -> None:
     """Your limits, or USER's (admins)."""
-    as_json = (output or settings.output) == "json"
+    wanted_json = (output or settings.output) == "json"
     if docker_args:
         args = call(settings, lambda client: client.get_docker_args(user, container_type))
-        if as_json:
-            data = json_format.MessageToDict(args, preserving_proto_field_name=True)
-            click.echo(json.dumps(data, indent=2))
+        if wanted_json:
+            click.echo(json.dumps(as_json(args), indent=2))
         else:
             click.echo(args.flags)
         return
     resolved = call(settings, lambda client: client.get_limits(user, container_type))
-    if as_json:
+    if wanted_json:
         click.echo(json.dumps(limits_json(resolved), indent=2))
     else:
         click.echo(render_block(resolved))
@@ -114,7 +122,7 @@ def check(settings: Settings, file: Path | None, output: str | None) -> None:
             fail(f"{file}: cannot read: {err.strerror}")
     result = call(settings, lambda client: client.validate_config(text, str(file or "")))
     if (output or settings.output) == "json":
-        click.echo(json_format.MessageToJson(result, preserving_proto_field_name=True))
+        click.echo(json.dumps(as_json(result), indent=2))
     else:
         for issue in result.issues:
             click.echo(_issue_line(issue))
@@ -145,8 +153,7 @@ def groups(settings: Settings, output: str | None) -> None:
     """The configured groups (members are shown to admins)."""
     found = call(settings, lambda client: client.list_groups())
     if (output or settings.output) == "json":
-        rows = [json_format.MessageToDict(g, preserving_proto_field_name=True) for g in found]
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([as_json(g) for g in found], indent=2))
         return
     for group in found:
         members = f": {', '.join(group.members)}" if group.members else ""

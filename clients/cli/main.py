@@ -175,7 +175,8 @@ def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
 
 @admin.command("issue-cert")
 @click.argument("user")
-@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=365, show_default=True)
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=365,
+              show_default=True, help="How long it is valid.")  # fmt: skip
 @click.option(
     "--out",
     "out_dir",

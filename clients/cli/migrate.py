@@ -9,10 +9,9 @@ from pathlib import Path
 import click
 import docker
 import docker.errors
-from google.protobuf import json_format
 
 from ds01.allocator.inventory import InventoryError, load_inventory
-from ds01.cli.common import Settings, call, fail, output_option, print_table, run
+from ds01.cli.common import Settings, as_json, call, fail, output_option, print_table, run
 from ds01.client import Ds01Client
 from ds01.containers.adoption import Seen, plan_import
 from ds01.containers.adoption import Slot as AdoptSlot
@@ -55,7 +54,7 @@ def import_ds01(settings: Settings, dry_run: bool, home: Path, output: str | Non
         if ds01_group_of(limits, user) != group_of(limits, user)
     ]
     if (output or settings.output) == "json":
-        containers = [json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found]
+        containers = [as_json(c) for c in found]
         groups = [{"user": u, "ds01_group": old, "group": new} for u, old, new in changes]
         click.echo(json.dumps({"containers": containers, "group_changes": groups}, indent=2))
         return
