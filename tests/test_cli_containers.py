@@ -275,8 +275,39 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
 
 
 def test_every_option_and_command_says_what_it_is_for():
-    for name, command in _commands(cli):
+    groups = [("", cli), *((n, c) for n, c in cli.commands.items() if isinstance(c, click.Group))]
+    for name, command in [*groups, *_commands(cli)]:
         assert command.help, f"ds01 {name} has no help text"
         for param in command.params:
             if isinstance(param, click.Option) and param.name != "help":
                 assert param.help, f"ds01 {name} {param.opts[0]} has no help text"
+
+
+async def test_the_shell_completes_commands_and_the_callers_own_container_names(
+    stack: AllocatorEnv, test_image: str
+):
+    for user, name in ((ALICE, "box1"), (ALICE, "bar2"), (BOB, "bobs")):
+        made = await stack.cli(user, "container", "create", name, "--image", test_image)
+        assert made.returncode == 0, made.stderr
+
+    async def complete(user: str, *words: str) -> list[str]:
+        line = ["ds01", "--config", str(stack.config_file), *words]
+        environment = ["_DS01_COMPLETE=bash_complete", f"COMP_WORDS={shlex.join(line)}",
+                       f"COMP_CWORD={len(line) - 1}"]  # fmt: skip
+        argv = ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}", *environment, DS01]
+        done = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd="/"
+        )
+        assert done.returncode == 0, done.stderr
+        return [line.split(",", 1)[1] for line in done.stdout.splitlines()]
+
+    assert await complete(ALICE, "container", "op") == ["open"]
+    assert await complete(ALICE, "container", "open", "b") == ["bar2", "box1"]
+    assert await complete(ALICE, "container", "rm", "bo") == ["box1"]
+    assert await complete(BOB, "container", "logs", "") == ["bobs"]  # never another's
+    for shell, marker in (("bash", "complete -o nosort -F"), ("zsh", "compdef")):
+        script = await asyncio.to_thread(
+            subprocess.run, [DS01], env={"_DS01_COMPLETE": f"{shell}_source"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert marker in script.stdout, (shell, script.stdout[:200])

@@ -3,6 +3,7 @@ the ways into a container (open, exec, logs, stats) through this host's Docker g
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import click
+from click.shell_completion import CompletionItem
 
 from ds01.cli.common import (
     AliasGroup,
@@ -42,6 +44,24 @@ def _print(settings: Settings, output: str | None, container: containers_pb2.Con
         click.echo(_describe(container))
 
 
+def _complete_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """The caller's container names, for the shell's completion (none if ds01 cannot be
+    asked within a second or two: completion never hangs a shell)."""
+    settings = Settings(ctx.find_root().params.get("config_path"), "table")
+
+    async def names() -> list[str]:
+        async with Ds01Client(settings.config(), timeout=2) as client:
+            return [c.name for c in await client.list_containers()]
+
+    try:
+        found = asyncio.run(names())
+    except Exception:
+        return []
+    return [CompletionItem(name) for name in sorted(found) if name.startswith(incomplete)]
+
+
 # A login shell: bash where the image has it, else sh.
 SHELL = ("sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi")
 
@@ -60,7 +80,7 @@ def container() -> None:
 
 
 def _create(start: bool):
-    @click.argument("name")
+    @click.argument("name", metavar="NAME")
     @click.option("--image", required=True, help="A local Docker image.")
     @click.option("--gpus", type=click.IntRange(min=0), default=0, help="GPU slots to allocate.")
     @click.option("--workspace", default="", help="Host directory for /workspace (in your home).")
@@ -100,7 +120,7 @@ container.command("run", help="Create NAME and start it.")(_create(True))
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @output_option
 @click.pass_obj
 def start(settings: Settings, name: str, output: str | None) -> None:
@@ -109,7 +129,7 @@ def start(settings: Settings, name: str, output: str | None) -> None:
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.option("--grace", type=click.IntRange(min=0), default=0, help="Seconds before a kill.")
 @output_option
 @click.pass_obj
@@ -146,7 +166,7 @@ def _duration(span: dt.timedelta) -> str:
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.option("-f", "--force", is_flag=True, help="Remove it even if it runs (as docker rm -f).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask (for scripts): the same as --force.")
 @click.pass_obj
@@ -216,7 +236,7 @@ _PASSED_ON = {"ignore_unknown_options": True}
 
 
 @container.command("open", context_settings=_PASSED_ON)
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def open_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
@@ -232,7 +252,7 @@ def open_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
 
 
 @container.command("exec", context_settings=_PASSED_ON)
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def exec_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
@@ -246,7 +266,7 @@ def exec_(settings: Settings, name: str, command: tuple[str, ...]) -> None:
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what it writes.")
 @click.option("--tail", default="all", show_default=True, help="Only the last N lines.")
 @click.option("-t", "--timestamps", is_flag=True, help="Each line with its time.")
@@ -264,7 +284,7 @@ def logs(settings: Settings, name: str, follow: bool, tail: str, timestamps: boo
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.option("--no-stream", is_flag=True, help="One reading, then exit (always so in a pipe).")
 @click.pass_obj
 def stats(settings: Settings, name: str, no_stream: bool) -> None:
@@ -308,7 +328,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
 
 
 @container.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.pass_obj
 def inspect(settings: Settings, name: str) -> None:
     """Everything ds01 knows of NAME, as JSON."""

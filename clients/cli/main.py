@@ -34,7 +34,8 @@ from ds01.v1 import common_pb2
     envvar="DS01_CONFIG",
     help="Suite configuration (default: /etc/ds01/ds01.yaml).",
 )
-@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+              help="Tables for people, JSON for scripts (every command).")  # fmt: skip
 @click.version_option(package_name="ds01", prog_name="ds01", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None, output: str) -> None:
