@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from ds01.cli.main import cli
-from ds01.core.pki import Pki
+from ds01.core.pki import Pki, issue_client_cert
 from tests.allocator_env import AllocatorEnv, full_stack
 from tests.harness import DS01, GROUP, USERS
 
@@ -311,3 +312,36 @@ async def test_the_shell_completes_commands_and_the_callers_own_container_names(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert marker in script.stdout, (shell, script.stdout[:200])
+
+
+async def test_limits_watch_shows_the_limits_now_then_each_change(stack: AllocatorEnv):
+    paths = stack.pki.client(ALICE)
+    if not paths.cert.is_file():
+        issue_client_cert(stack.pki, ALICE)
+    environment = {**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)}
+    watching = await asyncio.create_subprocess_exec(
+        DS01, "--config", str(stack.config_file), "limits", "watch",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    assert watching.stdout is not None
+    try:
+
+        async def upto(text: str) -> list[str]:
+            lines: list[str] = []
+            while not lines or text not in lines[-1]:
+                line = await asyncio.wait_for(watching.stdout.readline(), 20)
+                assert line, f"ended before {text!r}: {lines}"
+                lines.append(line.decode().rstrip("\n"))
+            return lines
+
+        now = await upto("(watching configuration ")  # at once, not at the first change
+        assert now[0] == f"User: {ALICE}" and "Max GPU Slots per Container: 1" in now
+        limits_file = Path(stack.config.limits_file)
+        limits_file.write_text(LIMITS.replace("max_gpu_slots_per_container: 1",
+                                              "max_gpu_slots_per_container: 2"))  # fmt: skip
+        changed = await upto("Max GPU Slots per Container: ")
+        assert f"limits changed for {ALICE}" in changed[0] or "every unlisted user" in changed[0]
+        assert changed[-1] == "Max GPU Slots per Container: 2"
+    finally:
+        watching.terminate()
+        await watching.wait()

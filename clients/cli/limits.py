@@ -11,7 +11,7 @@ import click
 
 from ds01.cli.common import DefaultCommandGroup, Settings, as_json, call, fail, output_option
 from ds01.client import Ds01Client
-from ds01.v1 import limits_pb2
+from ds01.v1 import common_pb2, limits_pb2
 
 # The seed's block, in the seed's order: (label, key).
 SEED_BLOCK = (
@@ -164,16 +164,30 @@ def groups(settings: Settings, output: str | None) -> None:
 @click.argument("user", required=False, default="")
 @click.pass_obj
 def watch(settings: Settings, user: str) -> None:
-    """Print a line whenever a reload changes your limits (admins: anyone's)."""
+    """Your limits now (or USER's), then a line and the new limits whenever a reload
+    changes them; admins without USER: a line for every change. Ctrl-C ends.
+
+    \b
+    Example:
+      ds01 limits watch
+    """
 
     async def follow(client: Ds01Client) -> None:
+        admin = (await client.whoami()).kind == common_pb2.PRINCIPAL_KIND_ADMIN
+        one = bool(user) or not admin  # one user's limits, shown again at each change
         async for change in client.watch_limits(user):
-            if not change.users and not change.default_users_changed:
-                continue  # the greeting that names the digest being served
-            users = ", ".join(change.users)
-            if change.default_users_changed:
-                users = f"{users} and every unlisted user" if users else "every unlisted user"
-            click.echo(f"{change.digest}: limits changed for {users}", nl=True)
+            if not change.users and not change.default_users_changed:  # the greeting
+                if one:
+                    click.echo(render_block(await client.get_limits(user)))
+                whose = "" if one else "every user's limits, "
+                click.echo(f"(watching {whose}configuration {change.digest}; Ctrl-C ends)")
+            else:
+                users = ", ".join(change.users)
+                if change.default_users_changed:
+                    users = f"{users} and every unlisted user" if users else "every unlisted user"
+                click.echo(f"{change.digest}: limits changed for {users}")
+                if one:
+                    click.echo(render_block(await client.get_limits(user)))
             sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):
