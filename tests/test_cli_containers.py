@@ -256,6 +256,7 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
         "events": (user, ["events", "-o", "json"]),
         "admin audit": (admin, ["admin", "audit", "-o", "json"]),
         "admin import-ds01": (admin, ["admin", "import-ds01", "--dry-run", "-o", "json"]),
+        "admin owners": (admin, ["admin", "owners", "-o", "json"]),
         "status": (user, ["-o", "json", "status"]),
         "whoami": (user, ["-o", "json", "whoami"]),
     }
@@ -345,3 +346,59 @@ async def test_limits_watch_shows_the_limits_now_then_each_change(stack: Allocat
     finally:
         watching.terminate()
         await watching.wait()
+
+
+async def test_admins_see_who_owns_what_and_stop_a_users_containers(
+    stack: AllocatorEnv, test_image: str
+):
+    for user, name, gpus in ((ALICE, "a1", "1"), (ALICE, "a2", "0"), (BOB, "b1", "0")):
+        made = await stack.cli(user, "container", "run", name, "--image", test_image,
+                               "--gpus", gpus)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    listed = await stack.cli("root", "admin", "owners", "-o", "json")
+    owned = {o["name"]: (o["owner"], o["source"]) for o in json.loads(listed.stdout)}
+    assert {n: owned[n] for n in ("a1._.ds01alice", "a2._.ds01alice", "b1._.ds01bob")} == {
+        "a1._.ds01alice": (ALICE, "ds01_label"),
+        "a2._.ds01alice": (ALICE, "ds01_label"),
+        "b1._.ds01bob": (BOB, "ds01_label"),
+    }
+    bobs = await stack.cli("root", "admin", "owners", "--user", BOB)
+    assert [line.split()[0] for line in bobs.stdout.splitlines()[1:]] == ["b1._.ds01bob"]
+    one = await stack.cli("root", "admin", "owners", "a1._.ds01alice", "-o", "json")
+    assert [o["owner"] for o in json.loads(one.stdout)] == [ALICE]
+    # A user sees only their own, and no one else's by asking.
+    mine = await stack.cli(ALICE, "admin", "owners", "-o", "json")
+    assert {o["owner"] for o in json.loads(mine.stdout)} == {ALICE}
+    theirs = await stack.cli(ALICE, "admin", "owners", "--user", BOB)
+    assert theirs.returncode == 1 and "only admins" in theirs.stderr
+    # The emergency stop: says whose, asks (or wants --yes), stops, keeps the GPU held.
+    unsaid = await stack.cli("root", "admin", "stop")
+    assert unsaid.returncode == 1 and "--user USER, or --all" in unsaid.stderr
+    unasked = await stack.cli("root", "admin", "stop", "--user", ALICE)
+    assert unasked.returncode == 1 and "add --yes to do it" in unasked.stderr
+    assert "a1._.ds01alice" in unasked.stderr and "b1" not in unasked.stderr
+    refused = await stack.cli(ALICE, "admin", "stop", "--all", "--yes")
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+    stopped = await stack.cli("root", "admin", "stop", "--user", ALICE, "--yes", "--grace", "1")
+    assert stopped.returncode == 0, stopped.stderr
+    assert sorted(stopped.stdout.splitlines()) == [
+        f"stopped a1._.ds01alice ({ALICE})",
+        f"stopped a2._.ds01alice ({ALICE})",
+    ]
+    states = json.loads((await stack.cli("root", "container", "list", "--all", "-o",
+                                         "json")).stdout)  # fmt: skip
+    assert {c["name"]: c["state"] for c in states} == {
+        "a1": "stopped",
+        "a2": "stopped",
+        "b1": "running",
+    }
+    [held] = [c["gpus"] for c in states if c["name"] == "a1"]
+    assert [g["state"] for g in held] == ["held"]
+    # Every name `list --all` shows is one the other commands take.
+    shown = await stack.cli("root", "container", "list", "--all")
+    for name in [line.split()[0] for line in shown.stdout.splitlines()[1:]]:
+        inspected = await stack.cli("root", "container", "inspect", name)
+        assert inspected.returncode == 0, (name, inspected.stderr)
+        assert json.loads(inspected.stdout)["docker_name"] == name
+    again = await stack.cli("root", "admin", "stop", "--user", ALICE, "--yes")
+    assert again.stdout.strip() == f"no running containers of {ALICE} on this node"

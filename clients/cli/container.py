@@ -304,7 +304,13 @@ def stats(settings: Settings, name: str, no_stream: bool) -> None:
 @output_option
 @click.pass_obj
 def list_(settings: Settings, all_users: bool, output: str | None) -> None:
-    """Your containers (admins: --all)."""
+    """Your containers (admins: --all, named as every other command takes them).
+
+    \b
+    Examples:
+      ds01 container ls
+      ds01 container ls --all -o json
+    """
     found = call(settings, lambda client: client.list_containers(all_users=all_users))
     if (output or settings.output) == "json":
         click.echo(json.dumps([as_json(c) for c in found], indent=2))
@@ -313,7 +319,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
         ["NAME", "USER", "STATE", "GPUS", "IMAGE", "CREATED", "NODE", "NOTICE"],
         [
             [
-                c.name,
+                c.docker_name if all_users else c.name,  # NAME._.USER: another's, exactly
                 c.user,
                 _STATE[c.state],
                 " ".join(g.slot.slot_id for g in c.gpus),

@@ -31,6 +31,8 @@ from ds01.v1 import (
     identity_pb2_grpc,
     limits_pb2,
     limits_pb2_grpc,
+    ownership_pb2,
+    ownership_pb2_grpc,
     status_pb2,
     status_pb2_grpc,
 )
@@ -42,6 +44,7 @@ _AuditStub = audit_pb2_grpc.AuditServiceStub
 _LimitsStub = limits_pb2_grpc.LimitsServiceStub
 _AllocatorStub = allocator_pb2_grpc.AllocatorServiceStub
 _ContainersStub = containers_pb2_grpc.ContainersServiceStub
+_OwnershipStub = ownership_pb2_grpc.OwnershipServiceStub
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -302,6 +305,16 @@ class Ds01Client:
     async def get_container(self, name: str) -> containers_pb2.Container:
         request = containers_pb2.GetContainerRequest(name=name)
         return (await self._containers("GetContainer", request)).container
+
+    async def get_owner(self, container: str) -> ownership_pb2.ContainerOwner:
+        """Who owns ``container`` (an id, an id prefix or a name) by its labels."""
+        request = ownership_pb2.GetOwnerRequest(container=container)
+        return (await self.unary("ownership", _OwnershipStub, "GetOwner", request)).owner
+
+    async def list_owners(self, owner: str = "") -> list[ownership_pb2.ContainerOwner]:
+        """Every container on the node with its owner (users: their own)."""
+        request = ownership_pb2.ListOwnersRequest(owner=owner)
+        return list((await self.unary("ownership", _OwnershipStub, "ListOwners", request)).owners)
 
     async def import_containers(self, dry_run: bool) -> list[containers_pb2.ImportedContainer]:
         """Adopt (or, dry_run, plan adopting) a DS01 host's containers; admins only."""

@@ -1,0 +1,106 @@
+"""Admin commands over everyone's containers: who owns what, and the emergency stop."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ds01.cli.common import Settings, as_json, call, enum_word, fail, output_option, print_table
+from ds01.client import Ds01Client, Ds01Error
+from ds01.v1 import containers_pb2, ownership_pb2
+
+
+@click.command()
+@click.argument("container", required=False, default="")
+@click.option("--user", default="", help="Only this user's containers.")
+@output_option
+@click.pass_obj
+def owners(settings: Settings, container: str, user: str, output: str | None) -> None:
+    """Who owns each container on this node (or CONTAINER), and by which label.
+
+    \b
+    Examples:
+      ds01 admin owners
+      ds01 admin owners --user alice
+      ds01 admin owners thesis._.alice
+    """
+
+    async def work(client: Ds01Client) -> list[ownership_pb2.ContainerOwner]:
+        if container:
+            return [await client.get_owner(container)]
+        return await client.list_owners(user)
+
+    found = sorted(call(settings, work), key=lambda o: (o.owner, o.name))
+    if (output or settings.output) == "json":
+        click.echo(json.dumps([as_json(o) for o in found], indent=2))
+        return
+    source = ownership_pb2.OwnerSource.DESCRIPTOR
+    print_table(
+        ["CONTAINER", "OWNER", "BY", "DS01", "ID"],
+        [
+            [
+                o.name,
+                o.owner or "-",
+                enum_word(source, o.source),
+                "yes" if o.ds01_managed else "no",
+                o.container_id[:12],
+            ]
+            for o in found
+        ],
+    )
+
+
+@click.command("stop")
+@click.option("--user", default="", help="Stop this user's running containers.")
+@click.option("--all", "everyone", is_flag=True, help="Stop every running container.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask (for scripts).")
+@click.option("--grace", type=click.IntRange(min=0), default=0, help="Seconds before a kill.")
+@click.pass_obj
+def stop_containers(settings: Settings, user: str, everyone: bool, yes: bool, grace: int) -> None:
+    """Stop a user's running containers (or everyone's): DS01's emergency stop. Their GPUs
+    are held for them as after any stop, and nothing is removed.
+
+    \b
+    Examples:
+      ds01 admin stop --user alice
+      ds01 admin stop --all --yes
+    """
+    if bool(user) == everyone:
+        fail("say whose containers: --user USER, or --all")
+
+    async def running(client: Ds01Client) -> list[containers_pb2.Container]:
+        found = await client.list_containers(all_users=True)
+        return [
+            c
+            for c in found
+            if c.state == containers_pb2.CONTAINER_STATE_RUNNING
+            and (everyone or c.user == user)
+            and c.node == client.config.node
+        ]
+
+    targets = call(settings, running)
+    if not targets:
+        click.echo(f"no running containers of {user or 'anyone'} on this node")
+        return
+    names = ", ".join(c.docker_name for c in targets)
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"this would stop {len(targets)} container(s) ({names}): add --yes to do it")
+        if not click.confirm(f"Stop {len(targets)} container(s): {names}?", default=False):
+            fail("nothing stopped")
+
+    async def stop_all(client: Ds01Client) -> list[str]:
+        problems = []
+        for target in targets:
+            try:
+                await client.stop_container(target.docker_name, grace)
+                click.echo(f"stopped {target.docker_name} ({target.user})")
+            except Ds01Error as err:
+                problems.append(f"{target.docker_name}: {err.message}")
+        return problems
+
+    problems = call(settings, stop_all)
+    if problems:
+        fail("could not stop " + "; ".join(problems))
