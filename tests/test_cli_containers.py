@@ -5,6 +5,7 @@ without a terminal, against all four services and the gateway."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -257,6 +258,7 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
         "admin audit": (admin, ["admin", "audit", "-o", "json"]),
         "admin import-ds01": (admin, ["admin", "import-ds01", "--dry-run", "-o", "json"]),
         "admin owners": (admin, ["admin", "owners", "-o", "json"]),
+        "usage": (user, ["usage", "-o", "json"]),
         "status": (user, ["-o", "json", "status"]),
         "whoami": (user, ["-o", "json", "whoami"]),
     }
@@ -402,3 +404,39 @@ async def test_admins_see_who_owns_what_and_stop_a_users_containers(
         assert json.loads(inspected.stdout)["docker_name"] == name
     again = await stack.cli("root", "admin", "stop", "--user", ALICE, "--yes")
     assert again.stdout.strip() == f"no running containers of {ALICE} on this node"
+
+
+async def test_usage_shows_what_a_user_holds_beside_their_limits(
+    stack: AllocatorEnv, test_image: str
+):
+    for args in (["run", "u1", "--gpus", "1"], ["stop", "u1"], ["run", "u2"]):
+        done = await stack.cli(ALICE, "container", *args[:2], *(["--image", test_image]
+                               if args[0] == "run" else []), *args[2:])  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+    found = json.loads((await stack.cli(ALICE, "usage", "-o", "json")).stdout)
+    status = json.loads((await stack.cli(ALICE, "gpu", "status", "-o", "json")).stdout)
+    [held] = [a for a in status["allocations"] if a["container"] == "u1._.ds01alice"]
+    limits = json.loads((await stack.cli(ALICE, "limits", "-o", "json")).stdout)["limits"]
+    assert found["user"] == ALICE
+    assert found["gpu_equivalents"] == {
+        "used": round(held["slot"]["gpu_equivalents"], 4),
+        "limit": limits["max_gpu_equivalents"]["value"],
+    }
+    slot = f"{held['slot']['node']}/{held['slot']['slot_id']}"
+    assert found["gpu_slots"] == [slot]
+    assert found["containers"]["count"] == 2 and found["containers"]["running"] == 1
+    [hold] = found["holds"]
+    assert hold["container"] == "u1._.ds01alice" and hold["slot"] == slot
+    until = dt.datetime.fromisoformat(hold["until"])  # gpu_hold_after_stop: 2h
+    assert abs(until - dt.datetime.fromisoformat(held["hold_until"])) < dt.timedelta(seconds=1)
+    assert dt.timedelta(hours=1.9) < until - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=2)
+    table = (await stack.cli(ALICE, "usage")).stdout.splitlines()
+    assert table[0].startswith(f"{ALICE} (group ")
+    assert table[1].split()[:4] == ["GPU-equivalents", f"{found['gpu_equivalents']['used']:g}",
+                                    "of", "1"]  # fmt: skip
+    assert f"held for stopped u1._.ds01alice: {slot} until " in table[3]
+    # An admin sees the same for the user; another user cannot look.
+    as_admin = json.loads((await stack.cli("root", "usage", "--user", ALICE, "-o", "json")).stdout)
+    assert as_admin == found
+    refused = await stack.cli(BOB, "usage", "--user", ALICE)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr

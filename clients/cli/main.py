@@ -21,6 +21,7 @@ from ds01.cli.gpu import gpu
 from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
+from ds01.cli.usage import usage
 from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
 from ds01.client.credentials import certificate_expiry
 from ds01.core.pki import SERVICES, CertPaths, init_pki, issue_client_cert
@@ -48,6 +49,7 @@ cli.add_command(limits)
 cli.add_command(gpu)
 cli.add_command(events)
 cli.add_command(container)
+cli.add_command(usage)
 
 
 @cli.command()
