@@ -440,3 +440,32 @@ async def test_usage_shows_what_a_user_holds_beside_their_limits(
     assert as_admin == found
     refused = await stack.cli(BOB, "usage", "--user", ALICE)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
+
+
+async def test_create_chooses_the_kind_of_gpu_and_waits_in_the_queue_for_one(
+    stack: AllocatorEnv, test_image: str
+):
+    run = ["container", "run", "--image", test_image]
+    for name in ("m1", "m2", "m3"):  # every MIG slice of the node (3 x 2/7 <= bob's 1)
+        made = await stack.cli(BOB, *run, name, "--mig", "-o", "json")
+        assert made.returncode == 0, made.stderr
+        [gpu] = json.loads(made.stdout)["gpus"]
+        assert ":" in gpu["slot"]["slot_id"], gpu  # a MIG slice, not a full GPU
+    full = await stack.cli(ALICE, *run, "f", "--full")
+    assert full.returncode == 1 and "full GPU" in full.stderr, full.stderr
+    busy = await stack.cli(ALICE, *run, "w", "--mig")
+    assert busy.returncode == 1 and "not enough free MIG slots" in busy.stderr, busy.stderr
+    waiting = asyncio.ensure_future(stack.cli(ALICE, *run, "w", "--mig", "--wait", "30s"))
+    await asyncio.sleep(2)
+    assert not waiting.done()  # queued, not refused
+    freed = await stack.cli(BOB, "container", "rm", "-f", "m2")
+    assert freed.returncode == 0, freed.stderr
+    got = await asyncio.wait_for(waiting, 30)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith("w._.ds01alice: running, n1/2:"), got.stdout
+    bad = await stack.cli(ALICE, *run, "x", "--mig", "--wait", "soon")
+    assert bad.returncode == 2 and "'--wait'" in bad.stderr and "such as 90s" in bad.stderr
+    too_long = await stack.cli(ALICE, *run, "x", "--mig", "--wait", "25h")
+    assert too_long.returncode == 1 and "between 0 and 24 hours" in too_long.stderr
+    for name in ("m1", "m3"):
+        await stack.cli(BOB, "container", "rm", "-f", name)

@@ -24,7 +24,8 @@ from ds01.cli.common import (
     print_table,
 )
 from ds01.client import Ds01Client
-from ds01.v1 import containers_pb2
+from ds01.core.units import parse_duration
+from ds01.v1 import allocator_pb2, containers_pb2
 
 _STATE = {
     value.number: value.name.removeprefix("CONTAINER_STATE_").lower()
@@ -79,10 +80,23 @@ def container() -> None:
     """
 
 
+def _seconds(_ctx: click.Context, _param: click.Parameter, text: str | None) -> float:
+    try:
+        return parse_duration(text) if text else 0.0
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 def _create(start: bool):
     @click.argument("name", metavar="NAME")
     @click.option("--image", required=True, help="A local Docker image.")
     @click.option("--gpus", type=click.IntRange(min=0), default=0, help="GPU slots to allocate.")
+    @click.option("--mig", "preference", flag_value=allocator_pb2.SLOT_PREFERENCE_MIG,
+                  help="MIG slices only (one, unless --gpus says more).")  # fmt: skip
+    @click.option("--full", "preference", flag_value=allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
+                  help="Whole GPUs only (one, unless --gpus says more).")  # fmt: skip
+    @click.option("--wait", "wait", metavar="DURATION", callback=_seconds,
+                  help="Queue this long for a free GPU (90s, 10m, 2h).")  # fmt: skip
     @click.option("--workspace", default="", help="Host directory for /workspace (in your home).")
     @click.option("--data", "data_dirs", multiple=True, help="Host directory for /data.")
     @click.option("--type", "container_type", default="", help="A configured container type.")
@@ -93,11 +107,16 @@ def _create(start: bool):
         name: str,
         image: str,
         gpus: int,
+        preference: int | None,
+        wait: float,
         workspace: str,
         data_dirs: tuple[str, ...],
         container_type: str,
         output: str | None,
     ) -> None:
+        gpus = gpus or (1 if preference else 0)
+        if wait and gpus and sys.stderr.isatty():
+            click.echo(f"waiting up to {wait:g} s for a GPU if none is free…", err=True)
         created = call(
             settings,
             lambda client: client.create_container(
@@ -108,6 +127,8 @@ def _create(start: bool):
                 tuple(os.path.abspath(d) for d in data_dirs),
                 start,
                 container_type,
+                gpu_preference=preference or 0,
+                gpu_wait=wait,
             ),
         )
         _print(settings, output, created)

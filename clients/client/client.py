@@ -273,7 +273,10 @@ class Ds01Client:
         data_dirs: tuple[str, ...] = (),
         start: bool = False,
         container_type: str = "",
+        gpu_preference: int = 0,
+        gpu_wait: float = 0.0,
     ) -> containers_pb2.Container:
+        """``gpu_wait``: seconds to queue for the GPUs (the call waits as long, too)."""
         request = containers_pb2.CreateContainerRequest(
             name=name,
             image=image,
@@ -282,8 +285,16 @@ class Ds01Client:
             data_dirs=data_dirs,
             start=start,
             container_type=container_type,
+            gpu_preference=gpu_preference,
         )
-        return (await self._containers("CreateContainer", request)).container
+        request.gpu_wait.FromNanoseconds(int(gpu_wait * 1e9))
+        timeout = self.timeout + gpu_wait
+        return (
+            await self.call(
+                "containers",
+                lambda ch: _ContainersStub(ch).CreateContainer(request, timeout=timeout),
+            )
+        ).container
 
     async def start_container(self, name: str) -> containers_pb2.Container:
         request = containers_pb2.StartContainerRequest(name=name)

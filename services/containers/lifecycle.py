@@ -98,6 +98,8 @@ class CreateRequest:
     data_dirs: tuple[str, ...] = ()
     start: bool = False
     container_type: str = ""
+    gpu_preference: int = 0  # allocator_pb2.SlotPreference: any, MIG or full GPUs
+    gpu_wait: float = 0.0  # seconds to queue for the GPUs when none is free
 
 
 @dataclass
@@ -202,7 +204,12 @@ class Lifecycle:
                 intent.allocating = True
                 await self.intents.update(intent)
                 granted = await self.client.allocate(
-                    name, user=request.user, slots=request.gpus, node=self.node
+                    name,
+                    user=request.user,
+                    slots=request.gpus,
+                    preference=request.gpu_preference,
+                    node=self.node,
+                    wait_seconds=request.gpu_wait or None,
                 )
                 fault_point("create:allocated")
                 gpu_env = dict(granted.environment)

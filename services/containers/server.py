@@ -30,6 +30,7 @@ from ds01.v1 import common_pb2, containers_pb2, containers_pb2_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_GPU_WAIT = 24 * 3600.0  # seconds a create may queue for its GPUs
 CONTAINERS_SERVICE = containers_pb2.DESCRIPTOR.services_by_name["ContainersService"].full_name
 _CODES = {
     Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,7 +82,15 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             data_dirs=tuple(request.data_dirs),
             start=request.start,
             container_type=request.container_type,
+            gpu_preference=request.gpu_preference,
+            gpu_wait=request.gpu_wait.ToTimedelta().total_seconds(),
         )
+        if not 0 <= create.gpu_wait <= MAX_GPU_WAIT:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"gpu_wait must be between 0 and {MAX_GPU_WAIT / 3600:g} hours",
+            )
         metadata = await self._run(context, self.lifecycle.create(create))
         return containers_pb2.CreateContainerResponse(container=await self._message(metadata))
 

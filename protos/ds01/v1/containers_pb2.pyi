@@ -1,6 +1,8 @@
 import datetime
 
+from ds01.v1 import allocator_pb2 as _allocator_pb2
 from ds01.v1 import common_pb2 as _common_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -84,7 +86,7 @@ class Container(_message.Message):
     def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., notice: _Optional[str] = ..., container_type: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type")
+    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type", "gpu_preference", "gpu_wait")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,8 @@ class CreateContainerRequest(_message.Message):
     DATA_DIRS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GPU_PREFERENCE_FIELD_NUMBER: _ClassVar[int]
+    GPU_WAIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     gpus: int
@@ -99,7 +103,9 @@ class CreateContainerRequest(_message.Message):
     data_dirs: _containers.RepeatedScalarFieldContainer[str]
     start: bool
     container_type: str
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ..., container_type: _Optional[str] = ...) -> None: ...
+    gpu_preference: _allocator_pb2.SlotPreference
+    gpu_wait: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ..., container_type: _Optional[str] = ..., gpu_preference: _Optional[_Union[_allocator_pb2.SlotPreference, str]] = ..., gpu_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("container",)
