@@ -258,6 +258,7 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
         "admin audit": (admin, ["admin", "audit", "-o", "json"]),
         "admin import-ds01": (admin, ["admin", "import-ds01", "--dry-run", "-o", "json"]),
         "admin owners": (admin, ["admin", "owners", "-o", "json"]),
+        "admin users": (admin, ["admin", "users", "-o", "json"]),
         "usage": (user, ["usage", "-o", "json"]),
         "status": (user, ["-o", "json", "status"]),
         "whoami": (user, ["-o", "json", "whoami"]),
@@ -402,6 +403,17 @@ async def test_admins_see_who_owns_what_and_stop_a_users_containers(
         inspected = await stack.cli("root", "container", "inspect", name)
         assert inspected.returncode == 0, (name, inspected.stderr)
         assert json.loads(inspected.stdout)["docker_name"] == name
+    # Who is who, and what each holds: a1's GPU is still alice's while it is held.
+    people = {u["user"]: u for u in json.loads((await stack.cli("root", "admin", "users", "-o",
+                                                                "json")).stdout)}  # fmt: skip
+    gpu = json.loads((await stack.cli("root", "gpu", "status", "--user", ALICE, "-o",
+                                      "json")).stdout)["allocations"]  # fmt: skip
+    assert people[ALICE] == {"user": ALICE, "group": people[ALICE]["group"], "admin": False,
+                             "gpu_equivalents": round(gpu[0]["slot"]["gpu_equivalents"], 4),
+                             "containers": 2}  # fmt: skip
+    assert people[BOB]["containers"] == 1 and people[BOB]["gpu_equivalents"] == 0
+    not_admin = await stack.cli(ALICE, "admin", "users")
+    assert not_admin.returncode == 1 and "PERMISSION_DENIED" in not_admin.stderr
     again = await stack.cli("root", "admin", "stop", "--user", ALICE, "--yes")
     assert again.stdout.strip() == f"no running containers of {ALICE} on this node"
 

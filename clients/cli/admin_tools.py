@@ -1,7 +1,8 @@
-"""Admin commands over everyone's containers: who owns what, and the emergency stop."""
+"""Admin commands over everyone: who owns what, the emergency stop, the users."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -104,3 +105,48 @@ def stop_containers(settings: Settings, user: str, everyone: bool, yes: bool, gr
     problems = call(settings, stop_all)
     if problems:
         fail("could not stop " + "; ".join(problems))
+
+
+@click.command("users")
+@output_option
+@click.pass_obj
+def users(settings: Settings, output: str | None) -> None:
+    """Every user the groups list or who holds something: group, admin or not, and what
+    each holds now (GPU-equivalents, containers).
+
+    \b
+    Example:
+      ds01 admin users -o json
+    """
+
+    async def gather(client: Ds01Client) -> list[dict[str, object]]:
+        groups, status, containers = await asyncio.gather(
+            client.list_groups(),
+            client.gpu_status(),
+            client.list_containers(all_users=True),
+        )
+        named = {m for g in groups for m in g.members}
+        names = sorted(named | {a.user for a in status.allocations if a.user}
+                       | {c.user for c in containers})  # fmt: skip
+        limits = await asyncio.gather(*(client.get_limits(name) for name in names))
+        rows = []
+        for name, found in zip(names, limits, strict=True):
+            held = [a for a in status.allocations if a.user == name and a.container]
+            rows.append({
+                "user": name,
+                "group": found.group,
+                "admin": found.admin,
+                "gpu_equivalents": round(sum(a.slot.gpu_equivalents for a in held), 4),
+                "containers": sum(1 for c in containers if c.user == name),
+            })  # fmt: skip
+        return rows
+
+    rows = call(settings, gather)
+    if (output or settings.output) == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table(
+        ["USER", "GROUP", "ADMIN", "GPU-EQUIVALENTS", "CONTAINERS"],
+        [[str(r["user"]), str(r["group"]), "yes" if r["admin"] else "no",
+          f"{r['gpu_equivalents']:g}", str(r["containers"])] for r in rows],
+    )  # fmt: skip

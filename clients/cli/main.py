@@ -12,7 +12,7 @@ from typing import Any
 import click
 import grpc
 
-from ds01.cli.admin_tools import owners, stop_containers
+from ds01.cli.admin_tools import owners, stop_containers, users
 from ds01.cli.audit import audit
 from ds01.cli.common import Settings, call, fail, print_table, run
 from ds01.cli.container import container
@@ -201,6 +201,7 @@ def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None)
 admin.add_command(import_ds01)
 admin.add_command(owners)
 admin.add_command(stop_containers)
+admin.add_command(users)
 admin.add_command(audit)
 admin.add_command(install_command)
 
