@@ -7,6 +7,7 @@ the same way. Children are told by the kernel to stop if this process dies
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -102,10 +103,35 @@ def spawn(
     raise ProcessError(f"{name} was not ready after {timeout:.0f}s; log {log_path}")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing is bound to now, below the kernel's ephemeral range, and not handed
+    out before by this process. A port the kernel picks (bind to 0) is an ephemeral one:
+    an outgoing connection could take it before the caller binds it (seen in CI)."""
+    below = _ephemeral_start()
+    for _ in range(500):
+        port = random.randrange(max(1024, below - 12000), below)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded host: the kernel's choice after all
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def start_etcd(
