@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import click
 
-from ds01.cli.common import Settings, as_json, call, enum_word, fail, output_option, print_table
+from ds01.cli.common import (
+    Settings,
+    as_json,
+    call,
+    confirmed,
+    enum_word,
+    fail,
+    output_option,
+    print_table,
+)
+from ds01.cli.usage import equivalents, held_by
 from ds01.client import Ds01Client, Ds01Error
 from ds01.v1 import containers_pb2, ownership_pb2
 
@@ -87,10 +96,11 @@ def stop_containers(settings: Settings, user: str, everyone: bool, yes: bool, gr
         return
     names = ", ".join(c.docker_name for c in targets)
     if not yes:
-        if not sys.stdin.isatty():
-            fail(f"this would stop {len(targets)} container(s) ({names}): add --yes to do it")
-        if not click.confirm(f"Stop {len(targets)} container(s): {names}?", default=False):
-            fail("nothing stopped")
+        confirmed(
+            f"Stop {len(targets)} container(s): {names}?",
+            f"this would stop {len(targets)} container(s) ({names}): add --yes to do it",
+            "nothing stopped",
+        )
 
     async def stop_all(client: Ds01Client) -> list[str]:
         problems = []
@@ -131,12 +141,11 @@ def users(settings: Settings, output: str | None) -> None:
         limits = await asyncio.gather(*(client.get_limits(name) for name in names))
         rows = []
         for name, found in zip(names, limits, strict=True):
-            held = [a for a in status.allocations if a.user == name and a.container]
             rows.append({
                 "user": name,
                 "group": found.group,
                 "admin": found.admin,
-                "gpu_equivalents": round(sum(a.slot.gpu_equivalents for a in held), 4),
+                "gpu_equivalents": equivalents(held_by(status.allocations, name)),
                 "containers": sum(1 for c in containers if c.user == name),
             })  # fmt: skip
         return rows

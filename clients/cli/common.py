@@ -117,6 +117,15 @@ def enum_word(enum: EnumDescriptor, number: int) -> str:
     return found.name.removeprefix(prefix).lower() if found else str(number)
 
 
+def confirmed(question: str, unasked: str, declined: str) -> None:
+    """Go on only when the person at the terminal says yes to ``question``; without a
+    terminal to ask on, fail with ``unasked`` (which names the flag for scripts)."""
+    if not sys.stdin.isatty():
+        fail(unasked)
+    if not click.confirm(question, default=False):
+        fail(declined)
+
+
 class DefaultCommandGroup(click.Group):
     """A group whose first argument may be an argument of its default command:
     ``ds01 limits alice`` runs ``ds01 limits show alice``."""

@@ -19,6 +19,8 @@ from ds01.cli.common import (
     Settings,
     as_json,
     call,
+    confirmed,
+    enum_word,
     fail,
     output_option,
     print_table,
@@ -27,15 +29,14 @@ from ds01.client import Ds01Client
 from ds01.core.units import parse_duration
 from ds01.v1 import allocator_pb2, containers_pb2
 
-_STATE = {
-    value.number: value.name.removeprefix("CONTAINER_STATE_").lower()
-    for value in containers_pb2.ContainerState.DESCRIPTOR.values
-}
+
+def _state(number: int) -> str:
+    return enum_word(containers_pb2.ContainerState.DESCRIPTOR, number)
 
 
 def _describe(container: containers_pb2.Container) -> str:
     gpus = " ".join(f"{g.slot.node}/{g.slot.slot_id}" for g in container.gpus) or "no GPU"
-    return f"{container.docker_name}: {_STATE[container.state]}, {gpus}, image {container.image}"
+    return f"{container.docker_name}: {_state(container.state)}, {gpus}, image {container.image}"
 
 
 def _print(settings: Settings, output: str | None, container: containers_pb2.Container) -> None:
@@ -203,10 +204,11 @@ def remove(settings: Settings, name: str, force: bool, yes: bool) -> None:
     async def work(client: Ds01Client) -> None:
         found = await client.get_container(name)
         if found.state == containers_pb2.CONTAINER_STATE_RUNNING and not (force or yes):
-            if not sys.stdin.isatty():
-                fail(f"{name} is running: stop it first, or remove it anyway with --force")
-            if not click.confirm(f"{name} is running. Stop and remove it?", default=False):
-                fail("nothing removed")
+            confirmed(
+                f"{name} is running. Stop and remove it?",
+                f"{name} is running: stop it first, or remove it anyway with --force",
+                "nothing removed",
+            )
         await client.remove_container(name)
 
     call(settings, work)
@@ -225,7 +227,7 @@ def _reached(settings: Settings, name: str, start: bool) -> containers_pb2.Conta
             fail(f"{name} is on {found.node}: log in there to reach it")
         if found.state != containers_pb2.CONTAINER_STATE_RUNNING:
             if not start:
-                fail(f"{name} is {_STATE[found.state]}: `ds01 container open {name}` starts it")
+                fail(f"{name} is {_state(found.state)}: `ds01 container open {name}` starts it")
             if sys.stderr.isatty():
                 click.echo(f"starting {name}…", err=True)
             found = await client.start_container(name)
@@ -342,7 +344,7 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
             [
                 c.docker_name if all_users else c.name,  # NAME._.USER: another's, exactly
                 c.user,
-                _STATE[c.state],
+                _state(c.state),
                 " ".join(g.slot.slot_id for g in c.gpus),
                 c.image,
                 c.created_at.ToDatetime(dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M"),

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from ds01.cli.common import DefaultCommandGroup, Settings, as_json, call, fail, output_option
+from ds01.cli.common import (
+    DefaultCommandGroup,
+    Settings,
+    as_json,
+    call,
+    enum_word,
+    fail,
+    output_option,
+)
 from ds01.client import Ds01Client
 from ds01.v1 import common_pb2, limits_pb2
 
@@ -63,9 +71,7 @@ def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
             v.key: {
                 "value": None if v.unlimited else _number_or_text(v.value),
                 "unlimited": v.unlimited,
-                "source": limits_pb2.LimitSource.Name(v.source)
-                .removeprefix("LIMIT_SOURCE_")
-                .lower(),
+                "source": enum_word(limits_pb2.LimitSource.DESCRIPTOR, v.source),
             }
             for v in limits.values
         },

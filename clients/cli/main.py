@@ -14,7 +14,7 @@ import grpc
 
 from ds01.cli.admin_tools import owners, stop_containers, users
 from ds01.cli.audit import audit
-from ds01.cli.common import Settings, call, fail, print_table, run
+from ds01.cli.common import Settings, call, enum_word, fail, print_table, run
 from ds01.cli.container import container
 from ds01.cli.events import events
 from ds01.cli.gpu import gpu
@@ -120,7 +120,7 @@ def _needs(needs: list[dict[str, Any]]) -> str:
 def whoami(settings: Settings) -> None:
     """Who the ds01 services take you for (from your client certificate)."""
     response = call(settings, lambda client: client.whoami())
-    kind = common_pb2.PrincipalKind.Name(response.kind).removeprefix("PRINCIPAL_KIND_").lower()
+    kind = enum_word(common_pb2.PrincipalKind.DESCRIPTOR, response.kind)
     expires = (
         response.certificate_expires.ToDatetime().isoformat(timespec="seconds") + "Z"
         if response.HasField("certificate_expires")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -25,6 +26,15 @@ def _limit(limits: limits_pb2.UserLimits, key: str) -> float | None:
     return None
 
 
+def held_by(allocations: Sequence[common_pb2.Allocation], user: str) -> list[Any]:
+    """The slots ``user``'s containers hold, running or stopped."""
+    return [a for a in allocations if a.user == user and a.container]
+
+
+def equivalents(held: Sequence[common_pb2.Allocation]) -> float:
+    return round(sum(a.slot.gpu_equivalents for a in held), 4)
+
+
 def _until(stamp: Any) -> str:
     return stamp.ToDatetime(dt.UTC).astimezone().isoformat(timespec="seconds")
 
@@ -37,7 +47,7 @@ async def gather(client: Ds01Client, user: str) -> dict[str, Any]:
         client.list_containers(user=user),
     )
     who = limits.user
-    mine = [a for a in status.allocations if a.user == who and a.container]
+    mine = held_by(status.allocations, who)
     holds = [a for a in mine if a.state == common_pb2.SLOT_STATE_HELD]
     running = [c for c in containers if c.state == containers_pb2.CONTAINER_STATE_RUNNING]
     return {
@@ -45,7 +55,7 @@ async def gather(client: Ds01Client, user: str) -> dict[str, Any]:
         "group": limits.group,
         "priority": limits.priority,
         "gpu_equivalents": {
-            "used": round(sum(a.slot.gpu_equivalents for a in mine), 4),
+            "used": equivalents(mine),
             "limit": _limit(limits, "max_gpu_equivalents"),
         },
         "gpu_slots": [f"{a.slot.node}/{a.slot.slot_id}" for a in mine],

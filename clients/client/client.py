@@ -140,10 +140,14 @@ class Ds01Client:
         except grpc.aio.AioRpcError as err:
             raise self._explain(service, err) from None
 
-    async def unary(self, service: str, stub: type, method: str, request: Any) -> Any:
-        """Call ``stub(channel).method(request)`` on ``service`` with the default deadline."""
+    async def unary(
+        self, service: str, stub: type, method: str, request: Any, wait: float = 0.0
+    ) -> Any:
+        """Call ``stub(channel).method(request)`` on ``service`` with the default deadline,
+        longer by ``wait`` seconds for a request that may queue that long."""
+        timeout = self.timeout + wait
         return await self.call(
-            service, lambda ch: getattr(stub(ch), method)(request, timeout=self.timeout)
+            service, lambda ch: getattr(stub(ch), method)(request, timeout=timeout)
         )
 
     async def health(self, service: str) -> str:
@@ -211,12 +215,10 @@ class Ds01Client:
             node=node,
             slot_ids=slot_ids,
         )
-        timeout = self.timeout
         if wait_seconds:
             request.wait_until.FromNanoseconds(time.time_ns() + int(wait_seconds * 1e9))
-            timeout += wait_seconds
-        return await self.call(
-            "allocator", lambda ch: _AllocatorStub(ch).Allocate(request, timeout=timeout)
+        return await self.unary(
+            "allocator", _AllocatorStub, "Allocate", request, wait=wait_seconds or 0.0
         )
 
     async def release(self, container: str) -> list[str]:
@@ -288,13 +290,10 @@ class Ds01Client:
             gpu_preference=gpu_preference,
         )
         request.gpu_wait.FromNanoseconds(int(gpu_wait * 1e9))
-        timeout = self.timeout + gpu_wait
-        return (
-            await self.call(
-                "containers",
-                lambda ch: _ContainersStub(ch).CreateContainer(request, timeout=timeout),
-            )
-        ).container
+        response = await self.unary(
+            "containers", _ContainersStub, "CreateContainer", request, wait=gpu_wait
+        )
+        return response.container
 
     async def start_container(self, name: str) -> containers_pb2.Container:
         request = containers_pb2.StartContainerRequest(name=name)
