@@ -139,6 +139,29 @@ async def test_a_view_that_missed_a_release_never_answers_with_a_slot_no_longer_
     assert held is not None and held.container == "again._.alice"  # truly held again
 
 
+@pytest.mark.parametrize(
+    ("drained", "user", "wanted", "left"),
+    [
+        (("n1", "2"), "alice", {}, set()),  # the MIG GPU: a student has nowhere else to go
+        (("n1", ""), "rita", {"preference": Preference.FULL_GPU}, set()),  # the whole node
+        (("n1", "0"), "rita", {"preference": Preference.FULL_GPU}, {"1"}),  # one of two GPUs
+    ],
+)
+async def test_a_view_that_missed_a_drain_never_allocates_there(
+    env: AllocatorEnv, pair, drained: tuple[str, str], user: str, wanted: dict, left: set[str]
+):
+    lagging, current = pair
+    await lagging.freeze()  # plans as if nothing were drained
+    await current.allocator.drain(*drained, "driver update", Actor("root", True))
+    if not left:
+        with pytest.raises(AllocationRefused) as refused:
+            await lagging.allocate(user, "late", **wanted)
+        assert refused.value.kind is Refusal.NO_CAPACITY
+        assert "drained by an admin" in refused.value.message
+        return
+    assert set(await lagging.allocate(user, "late", **wanted)) <= left
+
+
 async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
     env: AllocatorEnv, pair
 ):

@@ -93,3 +93,100 @@ async def test_events_follow_streams_new_events(env: AllocatorEnv):
     finally:
         process.send_signal(signal.SIGINT)
         await process.wait()
+
+
+async def test_gpu_queue_shows_who_waits_in_the_order_they_will_be_served(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob, env.client("carl") as carl:
+        for client, name in ((alice, "a._.alice"), (bob, "b._.bob"), (carl, "c._.carl")):
+            await client.allocate(name)  # every MIG slice a student may have
+        empty = await env.cli("dave", "gpu", "queue")
+        assert empty.stdout.strip() == "nobody is waiting for a GPU"
+        async with env.client("dave") as dave, env.client("ray") as ray:
+            low = asyncio.ensure_future(dave.allocate("d._.dave", wait_seconds=20))
+            await asyncio.sleep(0.3)
+            high = asyncio.ensure_future(ray.allocate("r._.ray", preference=3, wait_seconds=20))
+            await asyncio.sleep(0.3)
+            # The researcher came later but is served first; dave sees his own container
+            # name and not ray's.
+            table = await env.cli("dave", "gpu", "queue")
+            assert table.returncode == 0, table.stderr
+            rows = [line.split() for line in table.stdout.splitlines()[1:]]
+            assert [row[:5] for row in rows] == [
+                ["1", "ray", "-", "1", "mig"],
+                ["2", "dave", "d._.dave", "1", "any"],
+            ]
+            listed = json.loads((await env.cli("root", "gpu", "queue", "-o", "json")).stdout)
+            assert [(w["position"], w["user"], w["container"]) for w in listed] == [
+                (1, "ray", "r._.ray"),
+                (2, "dave", "d._.dave"),
+            ]
+            assert [w["priority"] for w in listed] == [50, 10]
+            for waiter in listed:
+                since = dt.datetime.fromisoformat(waiter["since"])
+                until = dt.datetime.fromisoformat(waiter["wait_until"])
+                assert 0 < until.timestamp() - since.timestamp() <= 21
+            await alice.release("a._.alice")
+            await asyncio.wait_for(high, 5)
+            after = json.loads((await env.cli("dave", "gpu", "queue", "-o", "json")).stdout)
+            assert [(w["position"], w["user"]) for w in after] == [(1, "dave")]
+            await bob.release("b._.bob")
+            await asyncio.wait_for(low, 5)
+    done = await env.cli("dave", "gpu", "queue", "-o", "json")
+    assert json.loads(done.stdout) == []
+
+
+async def test_a_drained_gpu_takes_no_new_allocation_and_keeps_what_it_has(env: AllocatorEnv):
+    async with env.client("alice") as alice, env.client("bob") as bob:
+        await alice.allocate("a._.alice")  # on GPU 2, the MIG one
+        drained = await env.cli("labadmin", "admin", "drain", "n1/2", "--reason", "reset")
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout.startswith("node n1 GPU 2: drained by labadmin since ")
+        assert drained.stdout.splitlines()[0].endswith(": reset")
+        assert "n1/2:1  alice  a._.alice" in drained.stdout  # what stays, listed
+        # Nobody gets a slice there any more, waiting or not; alice keeps hers.
+        refused = await env.cli("bob", "gpu", "allocate", "b._.bob")
+        assert refused.returncode == 1
+        assert "every MIG slot on any node that is up is drained by an admin" in refused.stderr
+        waiting = asyncio.ensure_future(bob.allocate("b._.bob", wait_seconds=20))
+        await alice.release("a._.alice")
+        await asyncio.sleep(1.0)
+        assert not waiting.done()  # the freed slice is on the drained GPU
+        status = await env.cli("bob", "gpu", "status")
+        assert "node n1 GPU 2: drained by labadmin since " in status.stdout
+        row = next(line for line in status.stdout.splitlines() if " 2:1 " in line)
+        assert "free, drained" in row
+        shown = json.loads((await env.cli("bob", "gpu", "status", "-o", "json")).stdout)
+        assert [(d["node"], d["gpu"], d["by"]) for d in shown["drains"]] == [
+            ("n1", "2", "labadmin")
+        ]
+        assert {a["slot"]["slot_id"] for a in shown["allocations"] if a["drained"]} == {
+            "2:1", "2:2", "2:3"
+        }  # fmt: skip
+        # Draining again changes nothing: the first reason and time stay.
+        again = await env.cli("labadmin", "admin", "drain", "n1/2", "--reason", "other")
+        assert again.stdout.splitlines()[0] == drained.stdout.splitlines()[0]
+        ended = await env.cli("labadmin", "admin", "undrain", "n1/2")
+        assert ended.returncode == 0 and ended.stdout.startswith("n1/2: drain ended")
+        granted = await asyncio.wait_for(waiting, 10)  # the waiter gets it at once
+        assert granted.allocations[0].slot.slot_id.startswith("2:")
+    noop = await env.cli("labadmin", "admin", "undrain", "n1/2")
+    assert noop.stdout.strip() == "n1/2 was not drained: nothing changed"
+
+
+async def test_only_admins_drain_and_a_drain_must_name_what_exists(env: AllocatorEnv):
+    cases = [
+        ("bob", "n1", "only admins may drain nodes and GPUs; bob is not one [PERMISSION_DENIED]"),
+        ("bob", "n1/0", "only admins may drain"),
+        ("labadmin", "nowhere", "no node 'nowhere' has GPUs here; known: n1 [NOT_FOUND]"),
+        ("labadmin", "n1/7", "node n1 has no GPU 7; it has GPUs 0, 1, 2 [NOT_FOUND]"),
+        ("labadmin", "n1/x", "'n1/x' is not NODE or NODE/GPU"),
+        ("labadmin", "/0", "'/0' is not NODE or NODE/GPU"),
+    ]
+    for user, target, message in cases:
+        result = await env.cli(user, "admin", "drain", target)
+        assert result.returncode != 0, (target, result.stdout)
+        assert message in result.stderr, (target, result.stderr)
+    denied = await env.cli("bob", "admin", "undrain", "n1")
+    assert "only admins may undrain" in denied.stderr
+    shown = json.loads((await env.cli("bob", "gpu", "status", "-o", "json")).stdout)
+    assert shown["drains"] == []  # no refused attempt left a drain behind

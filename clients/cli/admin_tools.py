@@ -17,6 +17,7 @@ from ds01.cli.common import (
     output_option,
     print_table,
 )
+from ds01.cli.gpu import drain_line
 from ds01.cli.usage import equivalents, held_by
 from ds01.client import Ds01Client, Ds01Error
 from ds01.v1 import containers_pb2, ownership_pb2
@@ -159,3 +160,63 @@ def users(settings: Settings, output: str | None) -> None:
         [[str(r["user"]), str(r["group"]), "yes" if r["admin"] else "no",
           f"{r['gpu_equivalents']:g}", str(r["containers"])] for r in rows],
     )  # fmt: skip
+
+
+def _target(text: str) -> tuple[str, str]:
+    """``NODE`` or ``NODE/GPU`` as (node, gpu)."""
+    node, _, gpu = text.partition("/")
+    if not node or (gpu and not gpu.isdigit()):
+        fail(f"{text!r} is not NODE or NODE/GPU (a GPU index, as in `ds01 gpu status`)")
+    return node, gpu
+
+
+@click.command()
+@click.argument("target", metavar="NODE[/GPU]")
+@click.option("--reason", default="", help="Why, for the users it turns away.")
+@output_option
+@click.pass_obj
+def drain(settings: Settings, target: str, reason: str, output: str | None) -> None:
+    """No new GPU allocations on NODE, or on one GPU of it, from now on. What is
+    allocated there stays, and is listed; `ds01 admin undrain` ends it.
+
+    \b
+    Examples:
+      ds01 admin drain gpu01 --reason "driver update at 18:00"
+      ds01 admin drain gpu01/3
+    """
+    node, gpu = _target(target)
+    response = call(settings, lambda client: client.drain(node, gpu, reason))
+    if (output or settings.output) == "json":
+        click.echo(json.dumps(as_json(response), indent=2))
+        return
+    click.echo(drain_line(response.drain))
+    if not response.allocations:
+        click.echo("nothing is allocated there")
+        return
+    click.echo(f"{len(response.allocations)} slot(s) stay allocated until their containers end:")
+    print_table(
+        ["SLOT", "USER", "CONTAINER"],
+        [[f"{a.slot.node}/{a.slot.slot_id}", a.user, a.container] for a in response.allocations],
+    )
+
+
+@click.command()
+@click.argument("target", metavar="NODE[/GPU]")
+@output_option
+@click.pass_obj
+def undrain(settings: Settings, target: str, output: str | None) -> None:
+    """Allow new GPU allocations on NODE (or NODE/GPU) again.
+
+    \b
+    Examples:
+      ds01 admin undrain gpu01
+      ds01 admin undrain gpu01/3
+    """
+    node, gpu = _target(target)
+    response = call(settings, lambda client: client.undrain(node, gpu))
+    if (output or settings.output) == "json":
+        click.echo(json.dumps(as_json(response), indent=2))
+    elif response.HasField("drain"):
+        click.echo(f"{target}: drain ended ({drain_line(response.drain)})")
+    else:
+        click.echo(f"{target} was not drained: nothing changed")

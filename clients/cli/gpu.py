@@ -9,7 +9,7 @@ import sys
 import click
 from google.protobuf.message import Message
 
-from ds01.cli.common import Settings, as_json, call, output_option, print_table
+from ds01.cli.common import Settings, as_json, call, enum_word, output_option, print_table
 from ds01.v1 import allocator_pb2, common_pb2
 
 _STATE = {
@@ -20,11 +20,18 @@ _STATE = {
 }
 
 
-def _when(allocation: common_pb2.Allocation, field: str) -> str:
-    if not allocation.HasField(field):
+def _when(message: Message, field: str) -> str:
+    if not message.HasField(field):
         return ""
-    stamp = getattr(allocation, field).ToDatetime(dt.UTC).astimezone()
+    stamp = getattr(message, field).ToDatetime(dt.UTC).astimezone()
     return stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def drain_line(drain: allocator_pb2.Drain) -> str:
+    """``node a GPU 0: drained by root since ...: reason``, as status and admin say it."""
+    target = f"node {drain.node}" + (f" GPU {drain.gpu}" if drain.gpu else "")
+    why = f": {drain.reason}" if drain.reason else ""
+    return f"{target}: drained by {drain.by} since {_when(drain, 'since')}{why}"
 
 
 def _json(message: Message) -> str:
@@ -42,7 +49,13 @@ def gpu() -> None:
 @output_option
 @click.pass_obj
 def status(settings: Settings, user: str, node: str, output: str | None) -> None:
-    """Every slot: profile, state, user, container, since."""
+    """Every slot: profile, state, user, container, since; and what admins drained.
+
+    \b
+    Examples:
+      ds01 gpu status
+      ds01 gpu status --user alice -o json
+    """
     response = call(settings, lambda client: client.gpu_status(user, node))
     if (output or settings.output) == "json":
         click.echo(_json(response))
@@ -50,15 +63,54 @@ def status(settings: Settings, user: str, node: str, output: str | None) -> None
     for n in response.nodes:
         source = "simulated (declared inventory)" if n.simulated else n.inventory_source
         click.echo(f"node {n.node}: {'up' if n.up else 'DOWN'}, {source or 'unknown source'}")
+    for drain in response.drains:
+        click.echo(drain_line(drain))
     rows = []
     for a in response.allocations:
         profile = a.slot.mig_profile or f"full GPU ({a.slot.product})"
         held = a.state == common_pb2.SLOT_STATE_HELD
         hold = _when(a, "hold_until") or ("until cleared" if held else "")
-        state = _STATE.get(a.state, "?")
+        state = _STATE.get(a.state, "?") + (", drained" if a.drained else "")
         since = _when(a, "since")
         rows.append([a.slot.node, a.slot.slot_id, profile, state, a.user, a.container, since, hold])
     headers = ["NODE", "SLOT", "PROFILE", "STATE", "USER", "CONTAINER", "SINCE", "HELD UNTIL"]
+    print_table(headers, rows)
+
+
+@gpu.command()
+@output_option
+@click.pass_obj
+def queue(settings: Settings, output: str | None) -> None:
+    """Who waits for a GPU, in the order they will be served: by priority, then arrival.
+    Other users' container names are not shown.
+
+    \b
+    Examples:
+      ds01 gpu queue
+      ds01 gpu queue -o json
+    """
+    waiters = call(settings, lambda client: client.gpu_queue()).waiters
+    if (output or settings.output) == "json":
+        click.echo(json.dumps([as_json(w) for w in waiters], indent=2))
+        return
+    if not waiters:
+        click.echo("nobody is waiting for a GPU")
+        return
+    kind = allocator_pb2.SlotPreference.DESCRIPTOR
+    rows = [
+        [
+            str(w.position),
+            w.user,
+            w.container or "-",
+            f"{w.slots} {enum_word(kind, w.preference)}",
+            str(w.priority),
+            w.node or "any",
+            _when(w, "since"),
+            _when(w, "wait_until"),
+        ]
+        for w in waiters
+    ]
+    headers = ["#", "USER", "CONTAINER", "WANTS", "PRIORITY", "NODE", "SINCE", "UNTIL"]
     print_table(headers, rows)
 
 

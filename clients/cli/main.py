@@ -12,7 +12,7 @@ from typing import Any
 import click
 import grpc
 
-from ds01.cli.admin_tools import owners, stop_containers, users
+from ds01.cli.admin_tools import drain, owners, stop_containers, undrain, users
 from ds01.cli.audit import audit
 from ds01.cli.common import Settings, call, enum_word, fail, print_table, run
 from ds01.cli.container import container
@@ -202,6 +202,8 @@ admin.add_command(import_ds01)
 admin.add_command(owners)
 admin.add_command(stop_containers)
 admin.add_command(users)
+admin.add_command(drain)
+admin.add_command(undrain)
 admin.add_command(audit)
 admin.add_command(install_command)
 

@@ -248,6 +248,20 @@ class Ds01Client:
         request = allocator_pb2.GetStatusRequest(user=user, node=node)
         return await self.unary("allocator", _AllocatorStub, "GetStatus", request)
 
+    async def gpu_queue(self) -> allocator_pb2.ListWaitersResponse:
+        request = allocator_pb2.ListWaitersRequest()
+        return await self.unary("allocator", _AllocatorStub, "ListWaiters", request)
+
+    async def drain(
+        self, node: str, gpu: str = "", reason: str = ""
+    ) -> allocator_pb2.DrainResponse:
+        request = allocator_pb2.DrainRequest(node=node, gpu=gpu, reason=reason)
+        return await self.unary("allocator", _AllocatorStub, "Drain", request)
+
+    async def undrain(self, node: str, gpu: str = "") -> allocator_pb2.UndrainResponse:
+        request = allocator_pb2.UndrainRequest(node=node, gpu=gpu)
+        return await self.unary("allocator", _AllocatorStub, "Undrain", request)
+
     def watch_allocations(
         self, since_revision: int = 0
     ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:

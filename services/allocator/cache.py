@@ -20,10 +20,12 @@ import aetcd
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, wanted_slots
 from ds01.allocator.records import (
     CLAIMS,
+    DRAINS,
     HOLDERS,
     NODES,
     SLOTS,
     WAITERS,
+    DrainRecord,
     Holder,
     NodeRecord,
     SlotRecord,
@@ -32,7 +34,7 @@ from ds01.allocator.records import (
 
 log = logging.getLogger(__name__)
 
-PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS, CLAIMS)
+PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS, DRAINS, CLAIMS)
 RETRY = 1.0  # seconds before a lost watch is opened again
 
 
@@ -45,6 +47,7 @@ class View:
     holders: dict[SlotKey, Holder] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     waiters: dict[str, int] = field(default_factory=dict)
+    drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
     generations: dict[str, int] = field(default_factory=dict)  # user -> mod revision
     revision: int = 0
     node_slots: dict[str, dict[SlotKey, SlotRecord]] = field(default_factory=dict)
@@ -58,8 +61,8 @@ class View:
         waiters = sorted(self.waiters.items())
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
-            return Snapshot(slots, holders, self.nodes, waiters, self.revision)
-        return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision)
+            return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
+        return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision, self.drains)
 
     def held_by_user(self, user: str) -> float | None:
         """GPU-equivalents ``user`` holds on every node; None if a holding's slot is not
@@ -186,6 +189,7 @@ class ClusterCache:
         view = View(
             nodes=dict(snapshot.nodes),
             waiters=dict(snapshot.waiters),
+            drains=dict(snapshot.drains),
             generations=generations,
             revision=snapshot.revision,
         )
@@ -225,6 +229,8 @@ def apply(view: View, event: aetcd.rtypes.Event) -> None:
         _keyed(view.nodes, key.removeprefix(NODES), deleted, NodeRecord.decode, kv.value)
     elif key.startswith(WAITERS):
         _keyed(view.waiters, key, deleted, wanted_slots, kv.value)
+    elif key.startswith(DRAINS):
+        _keyed(view.drains, key.removeprefix(DRAINS), deleted, DrainRecord.decode, kv.value)
     elif key.startswith(CLAIMS):
         user = key.removeprefix(CLAIMS)
         if deleted:

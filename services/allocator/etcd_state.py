@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aetcd
 from aetcd.utils import prefix_range_end
@@ -21,6 +21,7 @@ from aetcd.utils import prefix_range_end
 from ds01.allocator.placement import Plan
 from ds01.allocator.records import (
     CLAIMS,
+    DRAINS,
     HOLDERS,
     NODES,
     RELEASED,
@@ -28,10 +29,13 @@ from ds01.allocator.records import (
     SLOTS,
     USER_LOCKS,
     WAITERS,
+    DrainRecord,
     Holder,
     NodeRecord,
     ReleaseMark,
     SlotRecord,
+    WaiterRecord,
+    drain_key,
     slot_key,
     split_slot_key,
 )
@@ -48,6 +52,11 @@ class Snapshot:
     nodes: dict[str, NodeRecord]  # nodes that are up
     waiters: list[tuple[str, int]]  # (waiter key, slots wanted), in serving order
     revision: int  # changes after this revision are not in the snapshot
+    drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
+
+    def drained(self, slot: SlotRecord) -> DrainRecord | None:
+        """The drain that keeps new allocations off ``slot``, if any."""
+        return self.drains.get(slot.node) or self.drains.get(f"{slot.node}/{slot.gpu}")
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
         found = [(key, h) for key, h in self.holders.items() if h.container == container]
@@ -75,7 +84,7 @@ LEASE_GONE = "requested lease not found"  # etcd's words for a lease that expire
 UNLOCK_TIMEOUT = 5.0  # seconds for one attempt to release a lock
 
 # What a snapshot reads: not the release marks or the locks.
-_SNAPSHOT_PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS)
+_SNAPSHOT_PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS, DRAINS)
 
 
 class _Decoder:
@@ -85,7 +94,7 @@ class _Decoder:
         self._seen: dict[tuple[bytes, int], object] = {}
 
     def snapshot(self, ranges: list[list], revision: int) -> Snapshot:
-        slots_kvs, holder_kvs, node_kvs, waiter_kvs = ranges
+        slots_kvs, holder_kvs, node_kvs, waiter_kvs, drain_kvs = ranges
         seen: dict[tuple[bytes, int], object] = {}
         slots = {
             split_slot_key(SLOTS, kv.key): self._decode(seen, kv, SlotRecord.decode)
@@ -102,7 +111,8 @@ class _Decoder:
         }
         self._seen = seen  # forget versions no longer current
         waiters = sorted((kv.key.decode(), wanted_slots(kv.value)) for kv in waiter_kvs)
-        return Snapshot(slots, holders, nodes, waiters, revision)  # type: ignore[arg-type]
+        drains = {(d := DrainRecord.decode(kv.value)).target: d for kv in drain_kvs}
+        return Snapshot(slots, holders, nodes, waiters, revision, drains)  # type: ignore[arg-type]
 
     def _decode(self, seen: dict, kv: object, decode: object) -> object:
         version = (kv.key, kv.mod_revision)  # type: ignore[attr-defined]
@@ -140,7 +150,7 @@ class EtcdState:
         return [tx.get(p.encode(), prefix_range_end(p.encode())) for p in _SNAPSHOT_PREFIXES]
 
     async def snapshot(self) -> Snapshot:
-        """Slots, holders, nodes and waiters in one consistent read."""
+        """Slots, holders, nodes, waiters and drains in one consistent read."""
         _, responses = await self.client.transaction(compare=[], success=self._reads(), failure=[])
         return self._decoder.snapshot(_ranges(responses), await self._revision(responses))
 
@@ -193,13 +203,18 @@ class EtcdState:
         return found
 
     def _slot_compares(self, plan: Plan) -> list:
-        """Free slots still free, displaced holders still as read."""
+        """Free slots still free, displaced holders still as read, and no drain on any
+        planned slot's node or GPU (a drain that commits first wins the race)."""
         tx = self.client.transactions
         compare = [tx.create(slot_key(HOLDERS, s.node, s.slot_id)) == 0 for s in plan.claim]
         compare += [
             tx.mod(slot_key(HOLDERS, s.node, s.slot_id)) == displaced.mod_revision
             for s, displaced in plan.preempt
         ]
+        drains = {drain_key(s.node) for s in plan.slots} | {
+            drain_key(s.node, s.gpu) for s in plan.slots
+        }
+        compare += [tx.create(key) == 0 for key in sorted(drains)]
         return compare
 
     async def lock_and_read(self, user: str) -> UserLock:
@@ -395,17 +410,38 @@ class EtcdState:
                 if not info.keys:
                     await self.client.revoke_lease(lease)
 
-    async def enqueue_waiter(
-        self, node: str, priority: int, slots: int, ttl: float
-    ) -> tuple[str, object]:
+    async def enqueue_waiter(self, waiter: WaiterRecord, ttl: float) -> tuple[str, object]:
         """A key that sorts by priority (highest first), then arrival; its value says how
         many slots the waiter needs, so others may take what it cannot use."""
         lease = await self.client.lease(max(2, round(ttl)))
-        order = f"{1_000_000 - priority:07d}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        order = f"{1_000_000 - waiter.priority:07d}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         key = f"{WAITERS}{order}"
-        value = json.dumps({"node": node, "slots": slots}).encode()
-        await self.client.put(key.encode(), value, lease=lease)
+        await self.client.put(key.encode(), waiter.encode(), lease=lease)
         return key, lease
+
+    async def waiters(self) -> list[WaiterRecord]:
+        """Every queued Allocate call, in serving order."""
+        found = await self.client.get_prefix(WAITERS.encode())
+        ordered = sorted(found, key=lambda kv: kv.key)
+        return [WaiterRecord.decode(kv.value) for kv in ordered]
+
+    async def drain(self, record: DrainRecord) -> DrainRecord:
+        """Record ``record`` unless that target is drained already: the first drain's
+        reason and time stay, so draining twice changes nothing."""
+        tx = self.client.transactions
+        key = drain_key(record.node, record.gpu)
+        succeeded, responses = await self.client.transaction(
+            compare=[tx.create(key) == 0], success=[tx.put(key, record.encode())],
+            failure=[tx.get(key)],
+        )  # fmt: skip
+        if succeeded:
+            return record
+        return DrainRecord.decode(responses[0][0][0])
+
+    async def undrain(self, node: str, gpu: str) -> DrainRecord | None:
+        """End the drain of that target; the record it had, or None if it had none."""
+        deleted = await self.client.delete(drain_key(node, gpu), prev_kv=True)
+        return DrainRecord.decode(deleted.prev_kv.value) if deleted and deleted.prev_kv else None
 
     async def dequeue_waiter(self, key: str, lease: object) -> None:
         with contextlib.suppress(Exception):

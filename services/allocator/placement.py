@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from ds01.allocator.records import Holder, SlotRecord
@@ -109,9 +109,11 @@ def plan(
     nodes_up: set[str],
     strategy: Strategy = Strategy.LEAST_ALLOCATED,
     held: float | None = None,
+    drained: Container[tuple[str, str]] = (),
 ) -> Plan:
     """The slots ``request`` gets, or AllocationRefused saying why not. ``held``: the
-    GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them."""
+    GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
+    ``drained``: slots that take no new allocation (what is held there still counts)."""
     slots = list(slots)
     if request.slots < 0 or request.gpu_equivalents < 0:
         raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
@@ -126,7 +128,7 @@ def plan(
         raise AllocationRefused(
             Refusal.NOT_ALLOWED, f"full GPUs are not allowed for group {quota.group}"
         )
-    eligible = [
+    fits = [
         slot
         for slot in slots
         if slot.node in nodes_up
@@ -135,9 +137,16 @@ def plan(
     ]
     if request.node and request.node not in nodes_up:
         raise AllocationRefused(Refusal.NO_CAPACITY, f"node {request.node} is down")
-    if not eligible:
-        where = f"node {request.node}" if request.node else "any node that is up"
+    where = f"node {request.node}" if request.node else "any node that is up"
+    if not fits:
         raise AllocationRefused(Refusal.NO_CAPACITY, f"no {_kind_name(request, quota)} on {where}")
+    eligible = [slot for slot in fits if (slot.node, slot.slot_id) not in drained]
+    if not eligible:
+        raise AllocationRefused(
+            Refusal.NO_CAPACITY,
+            f"every {_kind_name(request, quota)[:-1]} on {where} is drained by an admin "
+            "(no new allocations there): `ds01 gpu status` shows the drains",
+        )
 
     if held is None:
         weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
@@ -171,10 +180,11 @@ def plan(
         )
     in_use = sum(1 for s in eligible if (s.node, s.slot_id) in holders)
     stopped = sum(1 for s in eligible if holders.get((s.node, s.slot_id), _RUNNING).stopped)
+    closed = len(fits) - len(eligible)
     raise AllocationRefused(
         Refusal.NO_CAPACITY,
         f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
-        f"({stopped} held for stopped containers)",
+        f"({stopped} held for stopped containers)" + (f"; {closed} drained" if closed else ""),
     )
 
 

@@ -10,7 +10,9 @@
                                        so the event stream can tell a release from
                                        a hold that expired
 /ds01/v1/locks/users/<user>            per-user lock around "check quota, claim"
-/ds01/v1/waiters/<node>/<order>        Allocate calls waiting for a slot
+/ds01/v1/waiters/<order>               Allocate calls waiting for a slot, in serving
+                                       order (priority, then arrival)
+/ds01/v1/drains/<node>[/<gpu>]         no new allocations on a node or one of its GPUs
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ HOLDERS = ALLOC + "holders/"
 RELEASED = ALLOC + "released/"
 USER_LOCKS = ROOT + "locks/users/"
 WAITERS = ROOT + "waiters/"
+DRAINS = ROOT + "drains/"
 # One key per user, written by every claim for that user: a claim planned on an older
 # view compares its revision, so no two claims can both pass one quota check.
 CLAIMS = ROOT + "claims/users/"
@@ -116,3 +119,37 @@ class ReleaseMark(JsonRecord):
     by: str  # who released it: a user, an admin or svc:<service>
     reason: str = "released"
     at: float = 0.0  # when (epoch seconds); 0 in marks written before it was kept
+
+
+@dataclass(frozen=True)
+class WaiterRecord(JsonRecord):
+    """An Allocate call queued for slots: who, for what, since and until when."""
+
+    node: str
+    slots: int
+    user: str = ""  # empty in records written before the queue was shown
+    container: str = ""
+    preference: str = "any"
+    priority: int = 0
+    since: float = 0.0
+    until: float = 0.0
+
+
+@dataclass(frozen=True)
+class DrainRecord(JsonRecord):
+    """No new allocations on ``node`` (every GPU, when ``gpu`` is empty) or on one GPU
+    of it; what is allocated there stays."""
+
+    node: str
+    gpu: str
+    by: str
+    reason: str
+    since: float
+
+    @property
+    def target(self) -> str:
+        return f"{self.node}/{self.gpu}" if self.gpu else self.node
+
+
+def drain_key(node: str, gpu: str = "") -> bytes:
+    return f"{DRAINS}{node}/{gpu}".encode() if gpu else f"{DRAINS}{node}".encode()

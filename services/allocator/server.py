@@ -34,7 +34,7 @@ from ds01.allocator.placement import (
     Request,
     Strategy,
 )
-from ds01.allocator.records import Holder, NodeRecord, SlotRecord
+from ds01.allocator.records import DrainRecord, Holder, NodeRecord, SlotRecord
 from ds01.allocator.service import (
     Actor,
     Allocator,
@@ -64,6 +64,11 @@ _PREFERENCES = {
     allocator_pb2.SLOT_PREFERENCE_ANY: Preference.ANY,
     allocator_pb2.SLOT_PREFERENCE_FULL_GPU: Preference.FULL_GPU,
     allocator_pb2.SLOT_PREFERENCE_MIG: Preference.MIG,
+}
+_PREFERENCE_ENUMS = {
+    Preference.ANY.value: allocator_pb2.SLOT_PREFERENCE_ANY,
+    Preference.FULL_GPU.value: allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
+    Preference.MIG.value: allocator_pb2.SLOT_PREFERENCE_MIG,
 }
 _EVENT_TYPES = {
     EventKind.ALLOCATED: allocator_pb2.ALLOCATION_EVENT_TYPE_ALLOCATED,
@@ -235,7 +240,11 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                 continue
             holder = _visible(holder, actor) if holder else None
             message = allocation_message(slot, holder, slot.node in snapshot.nodes)
+            message.drained = snapshot.drained(slot) is not None
             response.allocations.append(message)
+        for _target, drain in sorted(snapshot.drains.items()):
+            if not request.node or drain.node == request.node:
+                response.drains.append(drain_message(drain))
         for name in sorted({s.node for s in snapshot.slots.values()} | set(snapshot.nodes)):
             record = snapshot.nodes.get(name)
             response.nodes.append(
@@ -275,6 +284,53 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                     await abort(context, grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
                 if actor.privileged or actor.name in item.users:
                     yield shared_event_message(item, None if actor.privileged else actor.name)
+
+    async def ListWaiters(
+        self, request: allocator_pb2.ListWaitersRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ListWaitersResponse:
+        actor = await self._actor(context)
+        waiters = await self._run(context, self.allocator.queue())
+        response = allocator_pb2.ListWaitersResponse()
+        for position, waiter in enumerate(waiters, start=1):
+            mine = actor.privileged or waiter.user == actor.name
+            response.waiters.append(
+                allocator_pb2.Waiter(
+                    position=position,
+                    user=waiter.user,
+                    container=waiter.container if mine else "",
+                    slots=waiter.slots,
+                    preference=_PREFERENCE_ENUMS.get(waiter.preference, 0),
+                    priority=waiter.priority,
+                    node=waiter.node,
+                    since=timestamp(waiter.since or None),
+                    wait_until=timestamp(waiter.until or None),
+                )
+            )
+        return response
+
+    async def Drain(
+        self, request: allocator_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.DrainResponse:
+        actor = await self._actor(context)
+        if not request.node:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name the node to drain")
+        drain = await self._run(
+            context, self.allocator.drain(request.node, request.gpu, request.reason, actor)
+        )
+        snapshot = await self._run(context, self.allocator.status(node=request.node))
+        staying = [
+            allocation_message(snapshot.slots[key], holder, request.node in snapshot.nodes)
+            for key, holder in sorted(snapshot.holders.items())
+            if key in snapshot.slots and (not drain.gpu or snapshot.slots[key].gpu == drain.gpu)
+        ]
+        return allocator_pb2.DrainResponse(drain=drain_message(drain), allocations=staying)
+
+    async def Undrain(
+        self, request: allocator_pb2.UndrainRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.UndrainResponse:
+        actor = await self._actor(context)
+        ended = await self._run(context, self.allocator.undrain(request.node, request.gpu, actor))
+        return allocator_pb2.UndrainResponse(drain=drain_message(ended) if ended else None)
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
         principal = caller()
@@ -323,6 +379,16 @@ def allocation_message(
         state = common_pb2.SLOT_STATE_FREE if node_up else common_pb2.SLOT_STATE_NODE_DOWN
         return common_pb2.Allocation(slot=slot_message(slot), state=state)
     return holding_message(slot_message(slot), holder, node_up)
+
+
+def drain_message(drain: DrainRecord) -> allocator_pb2.Drain:
+    return allocator_pb2.Drain(
+        node=drain.node,
+        gpu=drain.gpu,
+        by=drain.by,
+        reason=drain.reason,
+        since=timestamp(drain.since),
+    )
 
 
 def holding_message(

@@ -22,7 +22,7 @@ from ds01.allocator.placement import (
     plan,
     plan_exact,
 )
-from ds01.allocator.records import Holder, ReleaseMark, SlotRecord
+from ds01.allocator.records import DrainRecord, Holder, ReleaseMark, SlotRecord, WaiterRecord
 from ds01.core.naming import belongs_to, docker_user
 from ds01.core.pki import SERVICE_PREFIX
 
@@ -251,6 +251,11 @@ class Allocator:
             return _granted(snapshot, existing)
         if request.slot_ids:  # adopting slots in use: no quota, no queue
             return plan_exact(request, snapshot.slots, {**self._in_flight, **snapshot.holders})
+        drained = (
+            {key for key, slot in snapshot.slots.items() if snapshot.drained(slot)}
+            if snapshot.drains
+            else set()
+        )
         chosen = plan(
             request,
             quota,
@@ -259,6 +264,7 @@ class Allocator:
             set(snapshot.nodes),
             self.strategy,
             held,
+            drained,
         )
         ahead = _waiting_ahead(snapshot.waiters, waiter, quota.priority)
         if ahead:
@@ -268,7 +274,10 @@ class Allocator:
             free = sum(
                 1
                 for key, slot in snapshot.slots.items()
-                if key[0] in snapshot.nodes and key not in taken and slot.is_mig in kinds
+                if key[0] in snapshot.nodes
+                and key not in taken
+                and key not in drained
+                and slot.is_mig in kinds
             )
             if free - sum(ahead) < len(chosen.slots):
                 raise AllocationRefused(
@@ -283,9 +292,17 @@ class Allocator:
     ) -> list[Granted]:
         """Queue by priority, then arrival: a waiter may claim only what the waiters ahead
         of it leave free, so it never takes a slot from a higher-priority or earlier one."""
-        key, lease = await self.state.enqueue_waiter(
-            request.node, quota.priority, max(1, request.slots), deadline - time.time() + 5
+        waiter = WaiterRecord(
+            node=request.node,
+            slots=max(1, request.slots),
+            user=request.user,
+            container=request.container,
+            preference=request.preference.value,
+            priority=quota.priority,
+            since=time.time(),
+            until=deadline,
         )
+        key, lease = await self.state.enqueue_waiter(waiter, deadline - time.time() + 5)
         try:
             while True:
                 snapshot = await self.state.snapshot()
@@ -386,6 +403,39 @@ class Allocator:
                 return f"slot {slot_id} on {node} now belongs to {holder.container}"
             return f"slot {slot_id} on {node} now belongs to another container"
         return None
+
+    async def queue(self) -> list[WaiterRecord]:
+        """Who waits for slots, in the order they will be served."""
+        return await self.state.waiters()
+
+    async def drain(self, node: str, gpu: str, reason: str, actor: Actor) -> DrainRecord:
+        """No new allocations on ``node`` (or its GPU ``gpu``) from now on; what is
+        allocated there stays. Admins only: a drain turns every user away."""
+        self._check_admin(actor, "drain")
+        await self._check_target(node, gpu)
+        record = DrainRecord(node, gpu, actor.name, reason, time.time())
+        return await self.state.drain(record)
+
+    async def undrain(self, node: str, gpu: str, actor: Actor) -> DrainRecord | None:
+        """Allocations on that target again; the drain it had, or None if none."""
+        self._check_admin(actor, "undrain")
+        return await self.state.undrain(node, gpu)
+
+    @staticmethod
+    def _check_admin(actor: Actor, what: str) -> None:
+        if not actor.privileged or is_service(actor.name):
+            raise NotPermitted(f"only admins may {what} nodes and GPUs; {actor.name} is not one")
+
+    async def _check_target(self, node: str, gpu: str) -> None:
+        """A drain names a node with slots, and a GPU that node has: a typo must not
+        record a drain that keeps nothing off anything."""
+        slots = (await self.state.snapshot()).slots.values()
+        nodes = sorted({s.node for s in slots})
+        if node not in nodes:
+            raise NotFound(f"no node {node!r} has GPUs here; known: {', '.join(nodes) or 'none'}")
+        gpus = sorted({s.gpu for s in slots if s.node == node}, key=lambda g: (len(g), g))
+        if gpu and gpu not in gpus:
+            raise NotFound(f"node {node} has no GPU {gpu}; it has GPUs {', '.join(gpus)}")
 
     async def status(self, user: str = "", node: str = "") -> Snapshot:
         snapshot = await self.state.snapshot()

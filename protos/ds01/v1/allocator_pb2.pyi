@@ -151,14 +151,16 @@ class NodeStatus(_message.Message):
     def __init__(self, node: _Optional[str] = ..., up: _Optional[bool] = ..., inventory_source: _Optional[str] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("allocations", "nodes", "revision")
+    __slots__ = ("allocations", "nodes", "revision", "drains")
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    DRAINS_FIELD_NUMBER: _ClassVar[int]
     allocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Allocation]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     revision: int
-    def __init__(self, allocations: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+    drains: _containers.RepeatedCompositeFieldContainer[Drain]
+    def __init__(self, allocations: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., revision: _Optional[int] = ..., drains: _Optional[_Iterable[_Union[Drain, _Mapping]]] = ...) -> None: ...
 
 class WatchAllocationsRequest(_message.Message):
     __slots__ = ("since_revision",)
@@ -181,3 +183,81 @@ class WatchAllocationsResponse(_message.Message):
     released_by: str
     time: _timestamp_pb2.Timestamp
     def __init__(self, type: _Optional[_Union[AllocationEventType, str]] = ..., allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., revision: _Optional[int] = ..., previous: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., released_by: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Waiter(_message.Message):
+    __slots__ = ("position", "user", "container", "slots", "preference", "priority", "node", "since", "wait_until")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PREFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    user: str
+    container: str
+    slots: int
+    preference: SlotPreference
+    priority: int
+    node: str
+    since: _timestamp_pb2.Timestamp
+    wait_until: _timestamp_pb2.Timestamp
+    def __init__(self, position: _Optional[int] = ..., user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., priority: _Optional[int] = ..., node: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListWaitersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWaitersResponse(_message.Message):
+    __slots__ = ("waiters",)
+    WAITERS_FIELD_NUMBER: _ClassVar[int]
+    waiters: _containers.RepeatedCompositeFieldContainer[Waiter]
+    def __init__(self, waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ...) -> None: ...
+
+class Drain(_message.Message):
+    __slots__ = ("node", "gpu", "by", "reason", "since")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    gpu: str
+    by: str
+    reason: str
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("node", "gpu", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    gpu: str
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("drain", "allocations")
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    drain: Drain
+    allocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Allocation]
+    def __init__(self, drain: _Optional[_Union[Drain, _Mapping]] = ..., allocations: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ...) -> None: ...
+
+class UndrainRequest(_message.Message):
+    __slots__ = ("node", "gpu")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    gpu: str
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ...) -> None: ...
+
+class UndrainResponse(_message.Message):
+    __slots__ = ("drain",)
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    drain: Drain
+    def __init__(self, drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...

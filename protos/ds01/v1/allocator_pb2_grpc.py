@@ -70,6 +70,21 @@ class AllocatorServiceStub:
                 request_serializer=ds01_dot_v1_dot_allocator__pb2.WatchAllocationsRequest.SerializeToString,
                 response_deserializer=ds01_dot_v1_dot_allocator__pb2.WatchAllocationsResponse.FromString,
                 _registered_method=True)
+        self.ListWaiters = channel.unary_unary(
+                '/ds01.v1.AllocatorService/ListWaiters',
+                request_serializer=ds01_dot_v1_dot_allocator__pb2.ListWaitersRequest.SerializeToString,
+                response_deserializer=ds01_dot_v1_dot_allocator__pb2.ListWaitersResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/ds01.v1.AllocatorService/Drain',
+                request_serializer=ds01_dot_v1_dot_allocator__pb2.DrainRequest.SerializeToString,
+                response_deserializer=ds01_dot_v1_dot_allocator__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/ds01.v1.AllocatorService/Undrain',
+                request_serializer=ds01_dot_v1_dot_allocator__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=ds01_dot_v1_dot_allocator__pb2.UndrainResponse.FromString,
+                _registered_method=True)
 
 
 class AllocatorServiceServicer:
@@ -125,6 +140,28 @@ class AllocatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWaiters(self, request, context):
+        """Who waits for slots, in the order they will be served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Admins: no new allocations on a node or one of its GPUs; what is allocated there
+        stays. Draining what is drained already changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undrain(self, request, context):
+        """Admins: allocations there again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +199,21 @@ def add_AllocatorServiceServicer_to_server(servicer, server):
                     servicer.WatchAllocations,
                     request_deserializer=ds01_dot_v1_dot_allocator__pb2.WatchAllocationsRequest.FromString,
                     response_serializer=ds01_dot_v1_dot_allocator__pb2.WatchAllocationsResponse.SerializeToString,
+            ),
+            'ListWaiters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWaiters,
+                    request_deserializer=ds01_dot_v1_dot_allocator__pb2.ListWaitersRequest.FromString,
+                    response_serializer=ds01_dot_v1_dot_allocator__pb2.ListWaitersResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=ds01_dot_v1_dot_allocator__pb2.DrainRequest.FromString,
+                    response_serializer=ds01_dot_v1_dot_allocator__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=ds01_dot_v1_dot_allocator__pb2.UndrainRequest.FromString,
+                    response_serializer=ds01_dot_v1_dot_allocator__pb2.UndrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +406,87 @@ class AllocatorService:
             '/ds01.v1.AllocatorService/WatchAllocations',
             ds01_dot_v1_dot_allocator__pb2.WatchAllocationsRequest.SerializeToString,
             ds01_dot_v1_dot_allocator__pb2.WatchAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWaiters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ds01.v1.AllocatorService/ListWaiters',
+            ds01_dot_v1_dot_allocator__pb2.ListWaitersRequest.SerializeToString,
+            ds01_dot_v1_dot_allocator__pb2.ListWaitersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ds01.v1.AllocatorService/Drain',
+            ds01_dot_v1_dot_allocator__pb2.DrainRequest.SerializeToString,
+            ds01_dot_v1_dot_allocator__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ds01.v1.AllocatorService/Undrain',
+            ds01_dot_v1_dot_allocator__pb2.UndrainRequest.SerializeToString,
+            ds01_dot_v1_dot_allocator__pb2.UndrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64s01/v1/common.proto\x12\x07\x64s01.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x07GpuSlot\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0f\n\x07product\x18\x04 \x01(\t\x12\x13\n\x0bmig_profile\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fgpu_equivalents\x18\x07 \x01(\x01\"\x8d\x02\n\nAllocation\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.ds01.v1.GpuSlot\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.ds01.v1.SlotState\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstopped_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nhold_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x08 \x01(\x05*\x85\x01\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLOT_STATE_FREE\x10\x01\x12\x18\n\x14SLOT_STATE_ALLOCATED\x10\x02\x12\x13\n\x0fSLOT_STATE_HELD\x10\x03\x12\x18\n\x14SLOT_STATE_NODE_DOWN\x10\x04*~\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PRINCIPAL_KIND_USER\x10\x01\x12\x18\n\x14PRINCIPAL_KIND_ADMIN\x10\x02\x12\x1a\n\x16PRINCIPAL_KIND_SERVICE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64s01/v1/common.proto\x12\x07\x64s01.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x07GpuSlot\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07slot_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0f\n\x07product\x18\x04 \x01(\t\x12\x13\n\x0bmig_profile\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fgpu_equivalents\x18\x07 \x01(\x01\"\x9e\x02\n\nAllocation\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.ds01.v1.GpuSlot\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.ds01.v1.SlotState\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstopped_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nhold_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x0f\n\x07\x64rained\x18\t \x01(\x08*\x85\x01\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLOT_STATE_FREE\x10\x01\x12\x18\n\x14SLOT_STATE_ALLOCATED\x10\x02\x12\x13\n\x0fSLOT_STATE_HELD\x10\x03\x12\x18\n\x14SLOT_STATE_NODE_DOWN\x10\x04*~\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PRINCIPAL_KIND_USER\x10\x01\x12\x18\n\x14PRINCIPAL_KIND_ADMIN\x10\x02\x12\x1a\n\x16PRINCIPAL_KIND_SERVICE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ds01.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SLOTSTATE']._serialized_start=481
-  _globals['_SLOTSTATE']._serialized_end=614
-  _globals['_PRINCIPALKIND']._serialized_start=616
-  _globals['_PRINCIPALKIND']._serialized_end=742
+  _globals['_SLOTSTATE']._serialized_start=498
+  _globals['_SLOTSTATE']._serialized_end=631
+  _globals['_PRINCIPALKIND']._serialized_start=633
+  _globals['_PRINCIPALKIND']._serialized_end=759
   _globals['_GPUSLOT']._serialized_start=67
   _globals['_GPUSLOT']._serialized_end=206
   _globals['_ALLOCATION']._serialized_start=209
-  _globals['_ALLOCATION']._serialized_end=478
+  _globals['_ALLOCATION']._serialized_end=495
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class GpuSlot(_message.Message):
     def __init__(self, node: _Optional[str] = ..., slot_id: _Optional[str] = ..., uuid: _Optional[str] = ..., product: _Optional[str] = ..., mig_profile: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ...) -> None: ...
 
 class Allocation(_message.Message):
-    __slots__ = ("slot", "state", "user", "container", "since", "stopped_at", "hold_until", "priority")
+    __slots__ = ("slot", "state", "user", "container", "since", "stopped_at", "hold_until", "priority", "drained")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Allocation(_message.Message):
     STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
     HOLD_UNTIL_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
     slot: GpuSlot
     state: SlotState
     user: str
@@ -69,4 +70,5 @@ class Allocation(_message.Message):
     stopped_at: _timestamp_pb2.Timestamp
     hold_until: _timestamp_pb2.Timestamp
     priority: int
-    def __init__(self, slot: _Optional[_Union[GpuSlot, _Mapping]] = ..., state: _Optional[_Union[SlotState, str]] = ..., user: _Optional[str] = ..., container: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    drained: bool
+    def __init__(self, slot: _Optional[_Union[GpuSlot, _Mapping]] = ..., state: _Optional[_Union[SlotState, str]] = ..., user: _Optional[str] = ..., container: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., drained: _Optional[bool] = ...) -> None: ...
