@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aetcd
 
@@ -154,10 +155,12 @@ async def make_env(
     services: tuple[str, ...] | None = None,
     ds01_metadata: Path | None = None,
     run_dir: Path | None = None,
+    **containers: Any,
 ) -> AllocatorEnv:
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
     ``services`` names the ones to run in this process when that is not all of them;
-    ``run_dir`` holds the ownership service's sockets (enrollment, the gateway)."""
+    ``run_dir`` holds the ownership service's sockets (enrollment, the gateway);
+    ``containers``: more of the containers section (default_gpus=1, ...)."""
     await wipe(etcd, pki)
     files = write_files(directory, limits)
     if services is None:
@@ -174,7 +177,9 @@ async def make_env(
         inventory=files.inventory,
         allocator=files.allocator,
         containers=ContainersConfig(
-            network_mode="none", ds01_metadata_dir=ds01_metadata or directory / "no-ds01"
+            network_mode="none",
+            ds01_metadata_dir=ds01_metadata or directory / "no-ds01",
+            **containers,
         ),
         docker_host=f"unix://{docker_socket}" if docker_socket else Config.docker_host,
         ownership=(
@@ -211,13 +216,14 @@ async def full_stack(
     etcd: str,
     docker_socket: Path,
     limits: str = LIMITS,
+    **containers: Any,
 ) -> AsyncIterator[AllocatorEnv]:
     """All four services in this process, with the gateway's sockets and a copy of the
     configuration where every local user reaches them (as /run/ds01 and /etc/ds01)."""
     run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
     run_dir.chmod(0o755)
     env = await make_env(directory, pki, state_dir, etcd, docker_socket, limits,
-                         services=SERVICES, run_dir=run_dir)  # fmt: skip
+                         services=SERVICES, run_dir=run_dir, **containers)  # fmt: skip
     try:
         shared = run_dir / "ds01.yaml"
         shutil.copy(env.config_file, shared)

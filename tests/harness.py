@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import docker
 import pytest
@@ -224,10 +226,13 @@ def write_config_file(config: Config, path: Path) -> Path:
     return path
 
 
-def _containers_section(config: Config) -> dict[str, dict[str, str]]:
-    section = {"ds01_metadata_dir": str(config.containers.ds01_metadata_dir)}
-    if config.containers.network_mode:
-        section["network_mode"] = config.containers.network_mode
+def _containers_section(config: Config) -> dict[str, dict[str, object]]:
+    containers = config.containers
+    section: dict[str, object] = {"ds01_metadata_dir": str(containers.ds01_metadata_dir)}
+    if containers.network_mode:
+        section["network_mode"] = containers.network_mode
+    section |= {"default_gpus": containers.default_gpus,
+                "default_gpu_kind": containers.default_gpu_kind}  # fmt: skip
     return {"containers": section}
 
 
@@ -243,3 +248,26 @@ async def run_cli(
     return await asyncio.to_thread(
         subprocess.run, command, capture_output=True, text=True, env=env, timeout=60
     )
+
+
+class HasConfigFile(Protocol):
+    config_file: Path
+
+
+async def ds01_as(
+    env: HasConfigFile, user: str, *args: str, tty: bool = False, answer: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``ds01 ARGS`` as ``user``, in a pseudo-terminal when ``tty`` (typing ``answer``)."""
+    command = [DS01, "--config", str(env.config_file), *args]
+    if tty:
+        command = ["script", "-qec", shlex.join(command), "/dev/null"]
+    environment = [f"HOME=/home/{user}", f"DOCKER_CONFIG=/home/{user}/.docker",
+                   "PATH=/usr/bin:/bin"]  # fmt: skip
+    argv = ["runuser", "-u", user, "--", "env", *environment, *command]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, input=answer, capture_output=True, text=True, timeout=180, cwd="/"
+    )
+    if tty:  # what the terminal echoes of the end of script(1)'s input is not the output
+        for echo in ("^@", "^D", "\b"):
+            done.stdout = done.stdout.replace(echo, "")
+    return done

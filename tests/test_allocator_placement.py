@@ -207,3 +207,49 @@ def test_preemption_stays_within_the_quota():
     slots = [full("n", 0), mig("n", 3, 1)]
     chosen = plan(Request("alice", "a"), HALF, slots, stopped, {"n"})
     assert [s.slot_id for s, _ in chosen.preempt] == ["3:1"]  # the full GPU would not fit
+
+
+@pytest.mark.parametrize(
+    ("quota", "slots", "holders", "expected"),
+    [
+        # The per-container cap, when the quota allows it.
+        (RESEARCHER, FULLS, {}, ["0", "1"]),
+        # What is left of the quota: one full GPU held already, one more fits.
+        (RESEARCHER, FULLS, {("n", "0"): holder("alice", "x", 50)}, ["1"]),
+        # Fewer free than the cap: what is free.
+        (RESEARCHER, FULLS[:1], {}, ["0"]),
+        # Slices: the cap (2) within the quota (1.0 = three 2/7 slices).
+        (STUDENT, MIGS, {}, ["3:1", "3:2"]),
+        # No cap: all that fits the quota (three 2/7 slices in 1.0).
+        (Quota("open", 10, 1, None, allow_full_gpu=False), MIGS, {}, ["3:1", "3:2", "3:3"]),
+        # Free slots only while one is free: a held slot is not taken to make more.
+        (
+            Quota("high", 90, None, 3, allow_full_gpu=True),
+            FULLS[:2],
+            {("n", "1"): holder("low", "l", 10, stopped=5.0)},
+            ["0"],
+        ),
+        # None free: a preemptible held slot, as for any request.
+        (
+            Quota("high", 90, None, 3, allow_full_gpu=True),
+            FULLS[:1],
+            {("n", "0"): holder("low", "l", 10, stopped=5.0)},
+            ["0"],
+        ),
+    ],
+)
+def test_all_gpus_takes_what_the_limits_allow_and_at_least_one(quota, slots, holders, expected):
+    chosen = plan(Request("alice", "a", slots=1, as_many=True), quota, slots, holders, {"n"})
+    assert ids(chosen) == expected
+
+
+def test_all_gpus_is_refused_in_words_when_nothing_fits():
+    held = {("n", "0"): holder("alice", "x", 50), ("n", "1"): holder("alice", "y", 50)}
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a", as_many=True), RESEARCHER, FULLS, held, {"n"})
+    assert refused.value.kind is Refusal.QUOTA
+    assert "holds 2.0 of 2.0 GPU-equivalents" in refused.value.message
+    capped = Quota("none", 10, 1, 0, allow_full_gpu=True)
+    with pytest.raises(AllocationRefused) as refused:
+        plan(Request("alice", "a", as_many=True), capped, FULLS, {}, {"n"})
+    assert "at most 0 GPU slot(s)" in refused.value.message

@@ -23,7 +23,7 @@ import pytest_asyncio
 from ds01.cli.main import cli
 from ds01.core.pki import Pki, issue_client_cert
 from tests.allocator_env import AllocatorEnv, full_stack
-from tests.harness import DS01, GROUP, USERS
+from tests.harness import DS01, GROUP, USERS, ds01_as
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -45,25 +45,6 @@ async def stack(
 ) -> AsyncIterator[AllocatorEnv]:
     async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS) as env:
         yield env
-
-
-async def ds01_as(
-    env: AllocatorEnv, user: str, *args: str, tty: bool = False, answer: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``ds01 ARGS`` as ``user``, in a pseudo-terminal when ``tty`` (typing ``answer``)."""
-    command = [DS01, "--config", str(env.config_file), *args]
-    if tty:
-        command = ["script", "-qec", shlex.join(command), "/dev/null"]
-    environment = [f"HOME=/home/{user}", f"DOCKER_CONFIG=/home/{user}/.docker",
-                   "PATH=/usr/bin:/bin"]  # fmt: skip
-    argv = ["runuser", "-u", user, "--", "env", *environment, *command]
-    done = await asyncio.to_thread(
-        subprocess.run, argv, input=answer, capture_output=True, text=True, timeout=90, cwd="/"
-    )
-    if tty:  # what the terminal echoes of the end of script(1)'s input is not the output
-        for echo in ("^@", "^D", "\b"):
-            done.stdout = done.stdout.replace(echo, "")
-    return done
 
 
 async def test_open_exec_logs_and_stats_reach_the_users_own_container(
@@ -246,6 +227,10 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
         "container list": (user, ["container", "list", "-o", "json"]),
         "container inspect": (user, ["container", "inspect", "jr"]),
         "gpu status": (user, ["gpu", "status", "-o", "json"]),
+        "gpu queue": (user, ["gpu", "queue", "-o", "json"]),
+        "admin drain": (admin, ["admin", "drain", "n1/0", "--reason", "r", "-o", "json"]),
+        "admin undrain": (admin, ["admin", "undrain", "n1/0", "-o", "json"]),
+        "image list": (user, ["image", "list", "--all", "-o", "json"]),
         "gpu allocate": (
             admin,
             ["gpu", "allocate", "other._.ds01bob", "--user", BOB, "-o", "json"],
@@ -268,12 +253,13 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
     for name, (who, args) in runs.items():
         done = await stack.cli(who, *args)
         assert done.returncode == 0, (name, done.stderr)
-        if name == "events":  # one object a line, as a log
+        if name in ("events", "admin audit"):  # one object a line, as a log
             found = [json.loads(line) for line in done.stdout.splitlines()]
-            assert {e["type"] for e in found} >= {"allocated", "created", "stopped"}, found
         else:
             found = json.loads(done.stdout)
         _plainly(found, name)
+        if name == "events":
+            assert {e["type"] for e in found} >= {"allocated", "created", "stopped"}, found
     listed = await stack.cli(user, *runs["container list"][1])
     states = {c["name"]: c["state"] for c in json.loads(listed.stdout)}
     assert states == {"jc": "running", "jr": "stopped"}
@@ -481,3 +467,72 @@ async def test_create_chooses_the_kind_of_gpu_and_waits_in_the_queue_for_one(
     assert too_long.returncode == 1 and "between 0 and 24 hours" in too_long.stderr
     for name in ("m1", "m3"):
         await stack.cli(BOB, "container", "rm", "-f", name)
+
+
+DEFAULT_GPU_LIMITS = textwrap.dedent(
+    """\
+    defaults:
+      max_gpu_equivalents: 1
+      max_gpu_slots_per_container: 3
+      allow_full_gpu: false
+      gpu_hold_after_stop: 2h
+      priority: 10
+    """
+)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def default_gpu_stack(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+) -> AsyncIterator[AllocatorEnv]:
+    """A host configured as DS01 was: a create that names no GPU gets one MIG slice."""
+    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket,
+                          DEFAULT_GPU_LIMITS, default_gpus=1,
+                          default_gpu_kind="mig") as env:  # fmt: skip
+        yield env
+
+
+def _slots(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return [g["slot"]["slot_id"] for g in json.loads(result.stdout)["gpus"]]
+
+
+async def test_gpus_all_takes_what_the_limits_allow_and_no_flag_takes_the_hosts_default(
+    default_gpu_stack: AllocatorEnv, test_image: str
+):
+    stack = default_gpu_stack
+    create = ["container", "create", "--image", test_image, "-o", "json"]
+    # All bob may have: three slices (his cap is 3 slots; 3 x 2/7 is within 1.0).
+    everything = _slots(await stack.cli(BOB, *create, "big", "--gpus", "all"))
+    assert sorted(everything) == ["2:1", "2:2", "2:3"]
+    # No flag: the host's default, one MIG slice, and there is none left.
+    refused = await stack.cli(ALICE, *create, "plain")
+    assert refused.returncode == 1 and "not enough free MIG slots" in refused.stderr
+    assert (await stack.cli(BOB, "container", "rm", "-f", "big")).returncode == 0
+    assert [s.split(":")[0] for s in _slots(await stack.cli(ALICE, *create, "plain"))] == ["2"]
+    assert _slots(await stack.cli(ALICE, *create, "none", "--gpus", "0")) == []
+    # What bob may still have once alice holds one: what is free, not his cap.
+    assert len(_slots(await stack.cli(BOB, *create, "rest", "--gpus", "all"))) == 2
+    for bad in ("some", "-1", "1.5"):
+        wrong = await stack.cli(ALICE, *create, "x", "--gpus", bad)
+        assert wrong.returncode == 2 and "is not a number of GPU slots or 'all'" in wrong.stderr
+
+
+async def test_a_create_on_a_terminal_says_where_it_waits_in_the_queue(
+    default_gpu_stack: AllocatorEnv, test_image: str
+):
+    stack = default_gpu_stack
+    run = ["container", "run", "--image", test_image]
+    assert (await stack.cli(BOB, *run, "all", "--gpus", "all")).returncode == 0
+    waiting = asyncio.ensure_future(ds01_as(stack, ALICE, *run, "w", "--wait", "60s", tty=True))
+    await asyncio.sleep(3.5)
+    assert not waiting.done()
+    assert (await stack.cli(BOB, "container", "rm", "-f", "all")).returncode == 0
+    shown = await asyncio.wait_for(waiting, 60)
+    assert shown.returncode == 0, shown.stdout
+    assert "waiting for a GPU: number 1 of 1 in the queue" in shown.stdout
+    assert "w._.ds01alice: running, n1/2:" in shown.stdout
+    # In a pipe, no progress lines: the answer alone.
+    piped = await ds01_as(stack, ALICE, "container", "create", "--image", test_image, "p",
+                          "--gpus", "0")  # fmt: skip
+    assert piped.stdout == f"p._.ds01alice: created, no GPU, image {test_image}\n", piped.stdout

@@ -162,12 +162,12 @@ def users(settings: Settings, output: str | None) -> None:
     )  # fmt: skip
 
 
-def _target(text: str) -> tuple[str, str]:
-    """``NODE`` or ``NODE/GPU`` as (node, gpu)."""
-    node, _, gpu = text.partition("/")
-    if not node or (gpu and not gpu.isdigit()):
+def _target(text: str) -> tuple[str, int | None]:
+    """``NODE`` or ``NODE/GPU`` as (node, GPU index or None)."""
+    node, slash, gpu = text.partition("/")
+    if not node or (slash and not gpu.isdigit()):
         fail(f"{text!r} is not NODE or NODE/GPU (a GPU index, as in `ds01 gpu status`)")
-    return node, gpu
+    return node, int(gpu) if slash else None
 
 
 @click.command()

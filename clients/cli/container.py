@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, NoReturn
 
 import click
 from click.shell_completion import CompletionItem
+from rich.console import Console
 
 from ds01.cli.common import (
     AliasGroup,
@@ -88,10 +91,25 @@ def _seconds(_ctx: click.Context, _param: click.Parameter, text: str | None) -> 
         raise click.BadParameter(str(err)) from None
 
 
+class GpuCount(click.ParamType):
+    """``--gpus``: a number of slots, or ``all`` (as many as your limits allow)."""
+
+    name = "N|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or value == "all":
+            return value
+        if str(value).isdigit():
+            return int(value)
+        self.fail(f"{value!r} is not a number of GPU slots or 'all'", param, ctx)
+
+
 def _create(start: bool):
     @click.argument("name", metavar="NAME")
     @click.option("--image", required=True, help="A local Docker image.")
-    @click.option("--gpus", type=click.IntRange(min=0), default=0, help="GPU slots to allocate.")
+    @click.option("--gpus", type=GpuCount(), default=None,
+                  help="GPU slots, or all your limits allow (default: the host's, often 1; "
+                  "0: none).")  # fmt: skip
     @click.option("--mig", "preference", flag_value=allocator_pb2.SLOT_PREFERENCE_MIG,
                   help="MIG slices only (one, unless --gpus says more).")  # fmt: skip
     @click.option("--full", "preference", flag_value=allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
@@ -107,7 +125,7 @@ def _create(start: bool):
         settings: Settings,
         name: str,
         image: str,
-        gpus: int,
+        gpus: int | str | None,
         preference: int | None,
         wait: float,
         workspace: str,
@@ -115,26 +133,61 @@ def _create(start: bool):
         container_type: str,
         output: str | None,
     ) -> None:
-        gpus = gpus or (1 if preference else 0)
-        if wait and gpus and sys.stderr.isatty():
-            click.echo(f"waiting up to {wait:g} s for a GPU if none is free…", err=True)
-        created = call(
-            settings,
-            lambda client: client.create_container(
+        count = None if gpus == "all" else gpus
+        if count is None and preference:
+            count = 1  # --mig or --full alone: one of that kind
+
+        async def work(client: Ds01Client) -> containers_pb2.Container:
+            made = client.create_container(
                 name,
                 image,
-                gpus,
+                count,
                 os.path.abspath(workspace) if workspace else "",
                 tuple(os.path.abspath(d) for d in data_dirs),
                 start,
                 container_type,
                 gpu_preference=preference or 0,
                 gpu_wait=wait,
-            ),
-        )
-        _print(settings, output, created)
+                all_gpus=gpus == "all",
+            )
+            return await _with_progress(client, name, made, "creating and starting" if start
+                                        else "creating")  # fmt: skip
+
+        _print(settings, output, call(settings, work))
 
     return command
+
+
+async def _with_progress(client: Ds01Client, name: str, work: Awaitable[Any], doing: str) -> Any:
+    """On a terminal, a line that says what a slow call is doing: waiting in the GPU
+    queue (and where in it) or the step itself; in pipes, nothing."""
+    if not sys.stderr.isatty():
+        return await work
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    with Console(stderr=True).status(f"{doing} {name}…") as status:
+        while not (await asyncio.wait({task}, timeout=1.0))[0]:
+            place = await _queue_place(client, name)
+            waited = f"{time.monotonic() - started:.0f} s"
+            status.update(
+                f"waiting for a GPU: number {place[0]} of {place[1]} in the queue ({waited})"
+                if place
+                else f"{doing} {name}… ({waited})"
+            )
+    return task.result()
+
+
+async def _queue_place(client: Ds01Client, name: str) -> tuple[int, int] | None:
+    """(position, queue length) of the caller's create of ``name``, if it waits."""
+    try:
+        waiters = (await client.gpu_queue()).waiters
+    except Exception:  # the answer to the create itself is what counts
+        return None
+    me = getpass.getuser()
+    for waiter in waiters:
+        if waiter.user == me and waiter.container.split("._.")[0] == name:
+            return waiter.position, len(waiters)
+    return None
 
 
 container.command("create", help="Create NAME with your limits and GPUs.")(_create(False))

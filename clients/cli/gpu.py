@@ -29,7 +29,7 @@ def _when(message: Message, field: str) -> str:
 
 def drain_line(drain: allocator_pb2.Drain) -> str:
     """``node a GPU 0: drained by root since ...: reason``, as status and admin say it."""
-    target = f"node {drain.node}" + (f" GPU {drain.gpu}" if drain.gpu else "")
+    target = f"node {drain.node}" + (f" GPU {drain.gpu}" if drain.HasField("gpu") else "")
     why = f": {drain.reason}" if drain.reason else ""
     return f"{target}: drained by {drain.by} since {_when(drain, 'since')}{why}"
 

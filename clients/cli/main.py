@@ -18,6 +18,7 @@ from ds01.cli.common import Settings, call, enum_word, fail, print_table, run
 from ds01.cli.container import container
 from ds01.cli.events import events
 from ds01.cli.gpu import gpu
+from ds01.cli.image import image
 from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
@@ -49,6 +50,7 @@ cli.add_command(limits)
 cli.add_command(gpu)
 cli.add_command(events)
 cli.add_command(container)
+cli.add_command(image)
 cli.add_command(usage)
 
 

@@ -205,8 +205,11 @@ class Ds01Client:
         node: str = "",
         wait_seconds: float | None = None,
         slot_ids: tuple[str, ...] = (),
+        as_many: bool = False,
     ) -> allocator_pb2.AllocateResponse:
+        """``as_many``: all the user's limits allow (at least one); ``slots`` is ignored."""
         request = allocator_pb2.AllocateRequest(
+            as_many_as_allowed=as_many,
             user=user,
             container=container,
             slots=slots,
@@ -253,12 +256,12 @@ class Ds01Client:
         return await self.unary("allocator", _AllocatorStub, "ListWaiters", request)
 
     async def drain(
-        self, node: str, gpu: str = "", reason: str = ""
+        self, node: str, gpu: int | None = None, reason: str = ""
     ) -> allocator_pb2.DrainResponse:
         request = allocator_pb2.DrainRequest(node=node, gpu=gpu, reason=reason)
         return await self.unary("allocator", _AllocatorStub, "Drain", request)
 
-    async def undrain(self, node: str, gpu: str = "") -> allocator_pb2.UndrainResponse:
+    async def undrain(self, node: str, gpu: int | None = None) -> allocator_pb2.UndrainResponse:
         request = allocator_pb2.UndrainRequest(node=node, gpu=gpu)
         return await self.unary("allocator", _AllocatorStub, "Undrain", request)
 
@@ -284,15 +287,18 @@ class Ds01Client:
         self,
         name: str,
         image: str,
-        gpus: int = 0,
+        gpus: int | None = 0,
         workspace: str = "",
         data_dirs: tuple[str, ...] = (),
         start: bool = False,
         container_type: str = "",
         gpu_preference: int = 0,
         gpu_wait: float = 0.0,
+        all_gpus: bool = False,
     ) -> containers_pb2.Container:
-        """``gpu_wait``: seconds to queue for the GPUs (the call waits as long, too)."""
+        """``gpus``: None asks for the host's default; ``all_gpus``: all the caller's
+        limits allow. ``gpu_wait``: seconds to queue for the GPUs (the call waits as
+        long, too)."""
         request = containers_pb2.CreateContainerRequest(
             name=name,
             image=image,
@@ -302,6 +308,7 @@ class Ds01Client:
             start=start,
             container_type=container_type,
             gpu_preference=gpu_preference,
+            all_gpus=all_gpus,
         )
         request.gpu_wait.FromNanoseconds(int(gpu_wait * 1e9))
         response = await self.unary(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Container, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ds01.allocator.records import Holder, SlotRecord
 
@@ -51,6 +51,7 @@ class Request:
     preference: Preference = Preference.ANY
     node: str = ""  # empty: any node that is up
     slot_ids: tuple[str, ...] = ()  # exactly these, on node: adopting what is in use
+    as_many: bool = False  # all the quota allows, at least one: `slots` is ignored
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def plan(
     slots = list(slots)
     if request.slots < 0 or request.gpu_equivalents < 0:
         raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
+    if request.as_many:
+        request = _as_many(request, quota, slots)
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     if quota.max_slots_per_container is not None and wanted > quota.max_slots_per_container:
         raise AllocationRefused(
@@ -170,6 +173,8 @@ def plan(
     chosen = _choose(fitting, holders, request, quota, strategy, budget)
     if _enough(chosen.slots, wanted, request.gpu_equivalents):
         return chosen
+    if request.as_many and chosen.slots:  # fewer than the cap: what fits, free ones first
+        return Plan(chosen.claim, ()) if chosen.claim else chosen
     beyond = _choose(eligible, holders, request, quota, strategy, None)
     if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
         raise AllocationRefused(
@@ -186,6 +191,13 @@ def plan(
         f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
         f"({stopped} held for stopped containers)" + (f"; {closed} drained" if closed else ""),
     )
+
+
+def _as_many(request: Request, quota: Quota, slots: list[SlotRecord]) -> Request:
+    """``--gpus all``: the per-container cap, or every slot there is without one."""
+    cap = quota.max_slots_per_container
+    return replace(request, slots=cap if cap is not None else max(1, len(slots)),
+                   gpu_equivalents=0.0)  # fmt: skip
 
 
 def _choose(

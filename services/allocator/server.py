@@ -183,6 +183,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
             preference=preference,
             node=request.node,
             slot_ids=tuple(request.slot_ids),
+            as_many=request.as_many_as_allowed,
         )
         wait_until = (
             request.wait_until.ToDatetime().timestamp() if request.HasField("wait_until") else None
@@ -314,8 +315,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         actor = await self._actor(context)
         if not request.node:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name the node to drain")
+        gpu = _gpu_of(request)
         drain = await self._run(
-            context, self.allocator.drain(request.node, request.gpu, request.reason, actor)
+            context, self.allocator.drain(request.node, gpu, request.reason, actor)
         )
         snapshot = await self._run(context, self.allocator.status(node=request.node))
         staying = [
@@ -329,7 +331,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.UndrainRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.UndrainResponse:
         actor = await self._actor(context)
-        ended = await self._run(context, self.allocator.undrain(request.node, request.gpu, actor))
+        ended = await self._run(
+            context, self.allocator.undrain(request.node, _gpu_of(request), actor)
+        )
         return allocator_pb2.UndrainResponse(drain=drain_message(ended) if ended else None)
 
     async def _actor(self, context: grpc.aio.ServicerContext) -> Actor:
@@ -384,11 +388,16 @@ def allocation_message(
 def drain_message(drain: DrainRecord) -> allocator_pb2.Drain:
     return allocator_pb2.Drain(
         node=drain.node,
-        gpu=drain.gpu,
+        gpu=int(drain.gpu) if drain.gpu else None,
         by=drain.by,
         reason=drain.reason,
         since=timestamp(drain.since),
     )
+
+
+def _gpu_of(request: allocator_pb2.DrainRequest | allocator_pb2.UndrainRequest) -> str:
+    """The GPU index as the drain's key spells it; "" for the whole node."""
+    return str(request.gpu) if request.HasField("gpu") else ""
 
 
 def holding_message(

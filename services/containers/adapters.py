@@ -113,12 +113,13 @@ class DockerHost:
             self._info_cache = (time.monotonic(), await self.run(lambda: self.client.info()))
         return self._info_cache[1]
 
-    async def image_exists(self, image: str) -> bool:
+    async def image(self, image: str) -> dict[str, Any] | None:
+        """The image's inspect, or None if Docker has no image by that reference."""
         try:
-            await self.run(lambda: self.client.images.get(image))
+            found = await self.run(lambda: self.client.api.inspect_image(image))
         except docker.errors.ImageNotFound:
-            return False
-        return True
+            return None
+        return found
 
     async def find(self, name: str) -> Any | None:
         try:

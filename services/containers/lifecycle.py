@@ -48,6 +48,8 @@ from ds01.containers.spec import (
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
+from ds01.ownership.gateway.images import readable
+from ds01.ownership.owners import user_exists
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,14 @@ class CreateRequest:
     user: str
     name: str
     image: str
-    gpus: int = 0
+    gpus: int | None = 0  # None: the host's default request
     workspace: str = ""
     data_dirs: tuple[str, ...] = ()
     start: bool = False
     container_type: str = ""
     gpu_preference: int = 0  # allocator_pb2.SlotPreference: any, MIG or full GPUs
     gpu_wait: float = 0.0  # seconds to queue for the GPUs when none is free
+    all_gpus: bool = False  # as many as the user's limits allow, at least one
 
 
 @dataclass
@@ -109,6 +112,9 @@ class Lifecycle:
     metadata: MetadataStore
     client: Ds01Client  # limits and allocator, as svc:containers
     network_mode: str | None = None
+    # What a create that names no GPU request gets (containers.default_gpus, _kind).
+    default_gpus: int = 0
+    default_gpu_preference: int = 0  # allocator_pb2.SlotPreference
     cgroups: CgroupfsSlices = field(default_factory=CgroupfsSlices)
     slices: SystemdSlices = field(default_factory=SystemdSlices)
     accounts: Callable[[str], Account] = host_account
@@ -162,7 +168,9 @@ class Lifecycle:
                     "withdrawn; an admin can restore it by removing them from that file",
                 )
             step = "checking the image"
-            if not await self.docker.image_exists(request.image):
+            found = await self.docker.image(request.image)
+            # Another user's image is not there for this user, as through the gateway.
+            if found is None or not readable(request.user, request.image, found, user_exists):
                 raise ContainerError(
                     Code.PRECONDITION,
                     f"image {request.image} is not on this host: build or load it first "
@@ -199,17 +207,21 @@ class Lifecycle:
             slots: tuple[str, ...] = ()
             uuids: tuple[str, ...] = ()
             products: tuple[str, ...] = ()
-            if request.gpus:
+            gpus, preference = request.gpus, request.gpu_preference
+            if gpus is None and not request.all_gpus:
+                gpus, preference = self.default_gpus, preference or self.default_gpu_preference
+            if gpus or request.all_gpus:
                 step = "allocating GPUs"
                 intent.allocating = True
                 await self.intents.update(intent)
                 granted = await self.client.allocate(
                     name,
                     user=request.user,
-                    slots=request.gpus,
-                    preference=request.gpu_preference,
+                    slots=gpus or 0,
+                    preference=preference,
                     node=self.node,
                     wait_seconds=request.gpu_wait or None,
+                    as_many=request.all_gpus,
                 )
                 fault_point("create:allocated")
                 gpu_env = dict(granted.environment)

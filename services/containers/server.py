@@ -25,12 +25,17 @@ from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
-from ds01.v1 import common_pb2, containers_pb2, containers_pb2_grpc
+from ds01.v1 import allocator_pb2, common_pb2, containers_pb2, containers_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_GPU_WAIT = 24 * 3600.0  # seconds a create may queue for its GPUs
+GPU_KINDS = {  # containers.default_gpu_kind
+    "any": allocator_pb2.SLOT_PREFERENCE_ANY,
+    "mig": allocator_pb2.SLOT_PREFERENCE_MIG,
+    "full": allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
+}
 CONTAINERS_SERVICE = containers_pb2.DESCRIPTOR.services_by_name["ContainersService"].full_name
 _CODES = {
     Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,13 +82,14 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             user=user,
             name=request.name,
             image=request.image,
-            gpus=request.gpus,
+            gpus=request.gpus if request.HasField("gpus") else None,
             workspace=request.workspace,
             data_dirs=tuple(request.data_dirs),
             start=request.start,
             container_type=request.container_type,
             gpu_preference=request.gpu_preference,
             gpu_wait=request.gpu_wait.ToTimedelta().total_seconds(),
+            all_gpus=request.all_gpus,
         )
         if not 0 <= create.gpu_wait <= MAX_GPU_WAIT:
             await abort(
@@ -294,6 +300,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         metadata=MetadataStore(etcd, config.node),
         client=client,
         network_mode=config.containers.network_mode,
+        default_gpus=config.containers.default_gpus,
+        default_gpu_preference=GPU_KINDS[config.containers.default_gpu_kind],
         events=LifecycleEvents(etcd, config.node),
     )
     reconciler = Reconciler(

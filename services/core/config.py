@@ -55,6 +55,10 @@ class ContainersConfig:
     reconcile_interval: float = 30.0
     # DS01's records of its containers' GPUs, read when its containers are adopted.
     ds01_metadata_dir: Path = Path("/var/lib/ds01/container-metadata")
+    # GPU slots a create gets when it does not say (`ds01 container create` without
+    # --gpus, --mig or --full), and of which kind: any, mig or full.
+    default_gpus: int = 0
+    default_gpu_kind: str = "any"
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,11 @@ def _read_containers(reader: _Reader, base: Path) -> ContainersConfig:
     interval = reader.whole("reconcile_interval", 30, minimum=1, maximum=3600)
     metadata = reader.path("ds01_metadata_dir", ContainersConfig.ds01_metadata_dir, base)
     containers = ContainersConfig(
-        network_mode=mode or None, reconcile_interval=interval, ds01_metadata_dir=metadata
+        network_mode=mode or None,
+        reconcile_interval=interval,
+        ds01_metadata_dir=metadata,
+        default_gpus=reader.whole("default_gpus", 0, minimum=0, maximum=64),
+        default_gpu_kind=reader.one_of("default_gpu_kind", "any", ("any", "mig", "full")),
     )
     reader.reject_unknown()
     return containers

@@ -40,7 +40,7 @@ ALLOCATION_EVENT_TYPE_HOLD_EXPIRED: AllocationEventType
 ALLOCATION_EVENT_TYPE_PREEMPTED: AllocationEventType
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until", "node", "slot_ids")
+    __slots__ = ("user", "container", "slots", "gpu_equivalents", "preference", "wait_until", "node", "slot_ids", "as_many_as_allowed")
     USER_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class AllocateRequest(_message.Message):
     WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
+    AS_MANY_AS_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     user: str
     container: str
     slots: int
@@ -57,7 +58,8 @@ class AllocateRequest(_message.Message):
     wait_until: _timestamp_pb2.Timestamp
     node: str
     slot_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    as_many_as_allowed: bool
+    def __init__(self, user: _Optional[str] = ..., container: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_equivalents: _Optional[float] = ..., preference: _Optional[_Union[SlotPreference, str]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ..., as_many_as_allowed: _Optional[bool] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("allocations", "environment")
@@ -224,11 +226,11 @@ class Drain(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     node: str
-    gpu: str
+    gpu: int
     by: str
     reason: str
     since: _timestamp_pb2.Timestamp
-    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[int] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("node", "gpu", "reason")
@@ -236,9 +238,9 @@ class DrainRequest(_message.Message):
     GPU_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     node: str
-    gpu: str
+    gpu: int
     reason: str
-    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("drain", "allocations")
@@ -253,8 +255,8 @@ class UndrainRequest(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     node: str
-    gpu: str
-    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[str] = ...) -> None: ...
+    gpu: int
+    def __init__(self, node: _Optional[str] = ..., gpu: _Optional[int] = ...) -> None: ...
 
 class UndrainResponse(_message.Message):
     __slots__ = ("drain",)

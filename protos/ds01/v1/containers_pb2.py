@@ -28,53 +28,53 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64s01/v1/containers.proto\x12\x07\x64s01.v1\x1a\x17\x64s01/v1/allocator.proto\x1a\x14\x64s01/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x03\n\tContainer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocker_name\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.ds01.v1.ContainerState\x12!\n\x04gpus\x18\x07 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstopped_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworkspace\x18\x0b \x01(\t\x12\x11\n\tdata_dirs\x18\x0c \x03(\t\x12\x0e\n\x06notice\x18\r \x01(\t\x12\x16\n\x0e\x63ontainer_type\x18\x0e \x01(\t\x12\x0c\n\x04node\x18\x0f \x01(\t\"\xee\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x01(\x05\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x11\n\tdata_dirs\x18\x05 \x03(\t\x12\r\n\x05start\x18\x06 \x01(\x08\x12\x16\n\x0e\x63ontainer_type\x18\x07 \x01(\t\x12/\n\x0egpu_preference\x18\x08 \x01(\x0e\x32\x17.ds01.v1.SlotPreference\x12+\n\x08gpu_wait\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x17\x43reateContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"%\n\x15StartContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16StartContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\";\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x05\">\n\x15StopContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"5\n\x16RemoveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x19\n\x17RemoveContainerResponse\"8\n\x15ListContainersRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tall_users\x18\x02 \x01(\x08\"@\n\x16ListContainersResponse\x12&\n\ncontainers\x18\x01 \x03(\x0b\x32\x12.ds01.v1.Container\"#\n\x13GetContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14GetContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"*\n\x17ImportContainersRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"\xa9\x01\n\x11ImportedContainer\x12\x13\n\x0b\x64ocker_name\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontainer_type\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x11\n\tgpu_slots\x18\x05 \x03(\t\x12\x10\n\x08\x63onflict\x18\x06 \x01(\t\x12\x14\n\x0cunknown_gpus\x18\x07 \x03(\t\x12\x0f\n\x07\x61\x64opted\x18\x08 \x01(\x08\"J\n\x18ImportContainersResponse\x12.\n\ncontainers\x18\x01 \x03(\x0b\x32\x1a.ds01.v1.ImportedContainer\"C\n\x1bWatchContainerEventsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0c\n\x04user\x18\x02 \x01(\t\"\xd4\x01\n\x1cWatchContainerEventsResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.ds01.v1.ContainerEventType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocker_name\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\x03*\xe1\x01\n\x0e\x43ontainerState\x12\x1f\n\x1b\x43ONTAINER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTAINER_STATE_CREATED\x10\x01\x12\x1b\n\x17\x43ONTAINER_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43ONTAINER_STATE_STOPPED\x10\x03\x12\x18\n\x14\x43ONTAINER_STATE_GONE\x10\x04\x12\x1c\n\x18\x43ONTAINER_STATE_CREATING\x10\x05\x12\x1f\n\x1b\x43ONTAINER_STATE_INTERRUPTED\x10\x06*\xda\x02\n\x12\x43ontainerEventType\x12$\n CONTAINER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_STARTED\x10\x02\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_STOPPED\x10\x03\x12%\n!CONTAINER_EVENT_TYPE_IDLE_WARNING\x10\x04\x12\"\n\x1e\x43ONTAINER_EVENT_TYPE_IDLE_STOP\x10\x05\x12)\n%CONTAINER_EVENT_TYPE_RUNTIME_EXCEEDED\x10\x06\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_REMOVED\x10\x07\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_ADOPTED\x10\x08\x32\xc2\x05\n\x11\x43ontainersService\x12T\n\x0f\x43reateContainer\x12\x1f.ds01.v1.CreateContainerRequest\x1a .ds01.v1.CreateContainerResponse\x12Q\n\x0eStartContainer\x12\x1e.ds01.v1.StartContainerRequest\x1a\x1f.ds01.v1.StartContainerResponse\x12N\n\rStopContainer\x12\x1d.ds01.v1.StopContainerRequest\x1a\x1e.ds01.v1.StopContainerResponse\x12T\n\x0fRemoveContainer\x12\x1f.ds01.v1.RemoveContainerRequest\x1a .ds01.v1.RemoveContainerResponse\x12Q\n\x0eListContainers\x12\x1e.ds01.v1.ListContainersRequest\x1a\x1f.ds01.v1.ListContainersResponse\x12K\n\x0cGetContainer\x12\x1c.ds01.v1.GetContainerRequest\x1a\x1d.ds01.v1.GetContainerResponse\x12W\n\x10ImportContainers\x12 .ds01.v1.ImportContainersRequest\x1a!.ds01.v1.ImportContainersResponse\x12\x65\n\x14WatchContainerEvents\x12$.ds01.v1.WatchContainerEventsRequest\x1a%.ds01.v1.WatchContainerEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64s01/v1/containers.proto\x12\x07\x64s01.v1\x1a\x17\x64s01/v1/allocator.proto\x1a\x14\x64s01/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x03\n\tContainer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocker_name\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.ds01.v1.ContainerState\x12!\n\x04gpus\x18\x07 \x03(\x0b\x32\x13.ds01.v1.Allocation\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstopped_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworkspace\x18\x0b \x01(\t\x12\x11\n\tdata_dirs\x18\x0c \x03(\t\x12\x0e\n\x06notice\x18\r \x01(\t\x12\x16\n\x0e\x63ontainer_type\x18\x0e \x01(\t\x12\x0c\n\x04node\x18\x0f \x01(\t\"\x8e\x02\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x11\n\x04gpus\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x11\n\tdata_dirs\x18\x05 \x03(\t\x12\r\n\x05start\x18\x06 \x01(\x08\x12\x16\n\x0e\x63ontainer_type\x18\x07 \x01(\t\x12/\n\x0egpu_preference\x18\x08 \x01(\x0e\x32\x17.ds01.v1.SlotPreference\x12+\n\x08gpu_wait\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x61ll_gpus\x18\n \x01(\x08\x42\x07\n\x05_gpus\"@\n\x17\x43reateContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"%\n\x15StartContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16StartContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\";\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x05\">\n\x15StopContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"5\n\x16RemoveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x19\n\x17RemoveContainerResponse\"8\n\x15ListContainersRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tall_users\x18\x02 \x01(\x08\"@\n\x16ListContainersResponse\x12&\n\ncontainers\x18\x01 \x03(\x0b\x32\x12.ds01.v1.Container\"#\n\x13GetContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14GetContainerResponse\x12%\n\tcontainer\x18\x01 \x01(\x0b\x32\x12.ds01.v1.Container\"*\n\x17ImportContainersRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"\xa9\x01\n\x11ImportedContainer\x12\x13\n\x0b\x64ocker_name\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontainer_type\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x11\n\tgpu_slots\x18\x05 \x03(\t\x12\x10\n\x08\x63onflict\x18\x06 \x01(\t\x12\x14\n\x0cunknown_gpus\x18\x07 \x03(\t\x12\x0f\n\x07\x61\x64opted\x18\x08 \x01(\x08\"J\n\x18ImportContainersResponse\x12.\n\ncontainers\x18\x01 \x03(\x0b\x32\x1a.ds01.v1.ImportedContainer\"C\n\x1bWatchContainerEventsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0c\n\x04user\x18\x02 \x01(\t\"\xd4\x01\n\x1cWatchContainerEventsResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.ds01.v1.ContainerEventType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocker_name\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\x03*\xe1\x01\n\x0e\x43ontainerState\x12\x1f\n\x1b\x43ONTAINER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTAINER_STATE_CREATED\x10\x01\x12\x1b\n\x17\x43ONTAINER_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43ONTAINER_STATE_STOPPED\x10\x03\x12\x18\n\x14\x43ONTAINER_STATE_GONE\x10\x04\x12\x1c\n\x18\x43ONTAINER_STATE_CREATING\x10\x05\x12\x1f\n\x1b\x43ONTAINER_STATE_INTERRUPTED\x10\x06*\xda\x02\n\x12\x43ontainerEventType\x12$\n CONTAINER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_CREATED\x10\x01\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_STARTED\x10\x02\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_STOPPED\x10\x03\x12%\n!CONTAINER_EVENT_TYPE_IDLE_WARNING\x10\x04\x12\"\n\x1e\x43ONTAINER_EVENT_TYPE_IDLE_STOP\x10\x05\x12)\n%CONTAINER_EVENT_TYPE_RUNTIME_EXCEEDED\x10\x06\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_REMOVED\x10\x07\x12 \n\x1c\x43ONTAINER_EVENT_TYPE_ADOPTED\x10\x08\x32\xc2\x05\n\x11\x43ontainersService\x12T\n\x0f\x43reateContainer\x12\x1f.ds01.v1.CreateContainerRequest\x1a .ds01.v1.CreateContainerResponse\x12Q\n\x0eStartContainer\x12\x1e.ds01.v1.StartContainerRequest\x1a\x1f.ds01.v1.StartContainerResponse\x12N\n\rStopContainer\x12\x1d.ds01.v1.StopContainerRequest\x1a\x1e.ds01.v1.StopContainerResponse\x12T\n\x0fRemoveContainer\x12\x1f.ds01.v1.RemoveContainerRequest\x1a .ds01.v1.RemoveContainerResponse\x12Q\n\x0eListContainers\x12\x1e.ds01.v1.ListContainersRequest\x1a\x1f.ds01.v1.ListContainersResponse\x12K\n\x0cGetContainer\x12\x1c.ds01.v1.GetContainerRequest\x1a\x1d.ds01.v1.GetContainerResponse\x12W\n\x10ImportContainers\x12 .ds01.v1.ImportContainersRequest\x1a!.ds01.v1.ImportContainersResponse\x12\x65\n\x14WatchContainerEvents\x12$.ds01.v1.WatchContainerEventsRequest\x1a%.ds01.v1.WatchContainerEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ds01.v1.containers_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTAINERSTATE']._serialized_start=1969
-  _globals['_CONTAINERSTATE']._serialized_end=2194
-  _globals['_CONTAINEREVENTTYPE']._serialized_start=2197
-  _globals['_CONTAINEREVENTTYPE']._serialized_end=2543
+  _globals['_CONTAINERSTATE']._serialized_start=2001
+  _globals['_CONTAINERSTATE']._serialized_end=2226
+  _globals['_CONTAINEREVENTTYPE']._serialized_start=2229
+  _globals['_CONTAINEREVENTTYPE']._serialized_end=2575
   _globals['_CONTAINER']._serialized_start=150
   _globals['_CONTAINER']._serialized_end=548
   _globals['_CREATECONTAINERREQUEST']._serialized_start=551
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=789
-  _globals['_CREATECONTAINERRESPONSE']._serialized_start=791
-  _globals['_CREATECONTAINERRESPONSE']._serialized_end=855
-  _globals['_STARTCONTAINERREQUEST']._serialized_start=857
-  _globals['_STARTCONTAINERREQUEST']._serialized_end=894
-  _globals['_STARTCONTAINERRESPONSE']._serialized_start=896
-  _globals['_STARTCONTAINERRESPONSE']._serialized_end=959
-  _globals['_STOPCONTAINERREQUEST']._serialized_start=961
-  _globals['_STOPCONTAINERREQUEST']._serialized_end=1020
-  _globals['_STOPCONTAINERRESPONSE']._serialized_start=1022
-  _globals['_STOPCONTAINERRESPONSE']._serialized_end=1084
-  _globals['_REMOVECONTAINERREQUEST']._serialized_start=1086
-  _globals['_REMOVECONTAINERREQUEST']._serialized_end=1139
-  _globals['_REMOVECONTAINERRESPONSE']._serialized_start=1141
-  _globals['_REMOVECONTAINERRESPONSE']._serialized_end=1166
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1168
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1224
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1226
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1290
-  _globals['_GETCONTAINERREQUEST']._serialized_start=1292
-  _globals['_GETCONTAINERREQUEST']._serialized_end=1327
-  _globals['_GETCONTAINERRESPONSE']._serialized_start=1329
-  _globals['_GETCONTAINERRESPONSE']._serialized_end=1390
-  _globals['_IMPORTCONTAINERSREQUEST']._serialized_start=1392
-  _globals['_IMPORTCONTAINERSREQUEST']._serialized_end=1434
-  _globals['_IMPORTEDCONTAINER']._serialized_start=1437
-  _globals['_IMPORTEDCONTAINER']._serialized_end=1606
-  _globals['_IMPORTCONTAINERSRESPONSE']._serialized_start=1608
-  _globals['_IMPORTCONTAINERSRESPONSE']._serialized_end=1682
-  _globals['_WATCHCONTAINEREVENTSREQUEST']._serialized_start=1684
-  _globals['_WATCHCONTAINEREVENTSREQUEST']._serialized_end=1751
-  _globals['_WATCHCONTAINEREVENTSRESPONSE']._serialized_start=1754
-  _globals['_WATCHCONTAINEREVENTSRESPONSE']._serialized_end=1966
-  _globals['_CONTAINERSSERVICE']._serialized_start=2546
-  _globals['_CONTAINERSSERVICE']._serialized_end=3252
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=821
+  _globals['_CREATECONTAINERRESPONSE']._serialized_start=823
+  _globals['_CREATECONTAINERRESPONSE']._serialized_end=887
+  _globals['_STARTCONTAINERREQUEST']._serialized_start=889
+  _globals['_STARTCONTAINERREQUEST']._serialized_end=926
+  _globals['_STARTCONTAINERRESPONSE']._serialized_start=928
+  _globals['_STARTCONTAINERRESPONSE']._serialized_end=991
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=993
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=1052
+  _globals['_STOPCONTAINERRESPONSE']._serialized_start=1054
+  _globals['_STOPCONTAINERRESPONSE']._serialized_end=1116
+  _globals['_REMOVECONTAINERREQUEST']._serialized_start=1118
+  _globals['_REMOVECONTAINERREQUEST']._serialized_end=1171
+  _globals['_REMOVECONTAINERRESPONSE']._serialized_start=1173
+  _globals['_REMOVECONTAINERRESPONSE']._serialized_end=1198
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1200
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1256
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1258
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1322
+  _globals['_GETCONTAINERREQUEST']._serialized_start=1324
+  _globals['_GETCONTAINERREQUEST']._serialized_end=1359
+  _globals['_GETCONTAINERRESPONSE']._serialized_start=1361
+  _globals['_GETCONTAINERRESPONSE']._serialized_end=1422
+  _globals['_IMPORTCONTAINERSREQUEST']._serialized_start=1424
+  _globals['_IMPORTCONTAINERSREQUEST']._serialized_end=1466
+  _globals['_IMPORTEDCONTAINER']._serialized_start=1469
+  _globals['_IMPORTEDCONTAINER']._serialized_end=1638
+  _globals['_IMPORTCONTAINERSRESPONSE']._serialized_start=1640
+  _globals['_IMPORTCONTAINERSRESPONSE']._serialized_end=1714
+  _globals['_WATCHCONTAINEREVENTSREQUEST']._serialized_start=1716
+  _globals['_WATCHCONTAINEREVENTSREQUEST']._serialized_end=1783
+  _globals['_WATCHCONTAINEREVENTSRESPONSE']._serialized_start=1786
+  _globals['_WATCHCONTAINEREVENTSRESPONSE']._serialized_end=1998
+  _globals['_CONTAINERSSERVICE']._serialized_start=2578
+  _globals['_CONTAINERSSERVICE']._serialized_end=3284
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,7 @@ class Container(_message.Message):
     def __init__(self, name: _Optional[str] = ..., docker_name: _Optional[str] = ..., id: _Optional[str] = ..., user: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.Allocation, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., notice: _Optional[str] = ..., container_type: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type", "gpu_preference", "gpu_wait")
+    __slots__ = ("name", "image", "gpus", "workspace", "data_dirs", "start", "container_type", "gpu_preference", "gpu_wait", "all_gpus")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class CreateContainerRequest(_message.Message):
     CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
     GPU_PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     GPU_WAIT_FIELD_NUMBER: _ClassVar[int]
+    ALL_GPUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     gpus: int
@@ -105,7 +106,8 @@ class CreateContainerRequest(_message.Message):
     container_type: str
     gpu_preference: _allocator_pb2.SlotPreference
     gpu_wait: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ..., container_type: _Optional[str] = ..., gpu_preference: _Optional[_Union[_allocator_pb2.SlotPreference, str]] = ..., gpu_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    all_gpus: bool
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., gpus: _Optional[int] = ..., workspace: _Optional[str] = ..., data_dirs: _Optional[_Iterable[str]] = ..., start: _Optional[bool] = ..., container_type: _Optional[str] = ..., gpu_preference: _Optional[_Union[_allocator_pb2.SlotPreference, str]] = ..., gpu_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., all_gpus: _Optional[bool] = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("container",)

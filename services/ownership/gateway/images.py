@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from ds01.core.naming import OWNER_LABEL
 from ds01.ownership.gateway.strict import BadRequest
@@ -123,6 +124,28 @@ def access(
     if label_owner is not None or (tags and None not in owners):
         return Access.PRIVATE
     return Access.SHARED if tags else unowned
+
+
+def named_for_another(reference: str, user: str, exists: Callable[[str], bool]) -> str | None:
+    """The other user whose namespace ``reference`` names, if any: such a name is theirs
+    whatever image it points at (an id names nobody)."""
+    if is_id(reference):
+        return None
+    named = namespace_owner(parse_name(reference), exists)
+    return named if named not in (None, user) else None
+
+
+def readable(
+    user: str, reference: str, inspect: dict[str, Any], exists: Callable[[str], bool]
+) -> bool:
+    """May ``user`` run (or build from) the image ``reference`` found as ``inspect``:
+    their own or a shared one, never another user's, by name or by id."""
+    if named_for_another(reference, user, exists):
+        return False
+    labels = (inspect.get("Config") or {}).get("Labels") or {}
+    tags = inspect.get("RepoTags") or []
+    kind = access(user, tags, labels, exists, unowned=Access.PRIVATE)
+    return kind is not Access.PRIVATE
 
 
 def visible_tags(user: str, tags: list[str], exists: Callable[[str], bool]) -> list[str]:

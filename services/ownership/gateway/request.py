@@ -29,9 +29,7 @@ from ds01.ownership.gateway.images import (
     OWNER_LABEL,
     Access,
     access,
-    is_id,
-    namespace_owner,
-    parse_name,
+    named_for_another,
 )
 from ds01.ownership.gateway.pins import Pins
 from ds01.ownership.gateway.policy import Caller, Found, Refused, denial
@@ -185,10 +183,9 @@ class Request:
         )
 
     async def _image_found(self, reference: str) -> Found:
-        if not is_id(reference):
-            named = namespace_owner(parse_name(reference), user_exists)
-            if named not in (None, self.caller.user):  # another user's name, whatever it holds
-                return Found("", named)
+        named = named_for_another(reference, self.caller.user, user_exists)
+        if named:  # another user's name, whatever it holds
+            return Found("", named)
         found = await self.daemon.image(reference)
         if found is None:
             raise NotFound(f"No such image: {reference}")
