@@ -255,10 +255,16 @@ class HasConfigFile(Protocol):
 
 
 async def ds01_as(
-    env: HasConfigFile, user: str, *args: str, tty: bool = False, answer: str | None = None
+    env: HasConfigFile,
+    user: str,
+    *args: str,
+    tty: bool = False,
+    answer: str | None = None,
+    within: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """``ds01 ARGS`` as ``user``, in a pseudo-terminal when ``tty`` (typing ``answer``)."""
-    command = [DS01, "--config", str(env.config_file), *args]
+    """``ds01 ARGS`` as ``user``, in a pseudo-terminal when ``tty`` (typing ``answer``);
+    ``within``: a command that runs it, such as ``("timeout", "-s", "INT", "5")``."""
+    command = [*within, DS01, "--config", str(env.config_file), *args]
     if tty:
         command = ["script", "-qec", shlex.join(command), "/dev/null"]
     environment = [f"HOME=/home/{user}", f"DOCKER_CONFIG=/home/{user}/.docker",

@@ -156,9 +156,7 @@ async def test_a_drained_gpu_takes_no_new_allocation_and_keeps_what_it_has(env: 
         row = next(line for line in status.stdout.splitlines() if " 2:1 " in line)
         assert "free, drained" in row
         shown = json.loads((await env.cli("bob", "gpu", "status", "-o", "json")).stdout)
-        assert [(d["node"], d["gpu"], d["by"]) for d in shown["drains"]] == [
-            ("n1", 2, "labadmin")
-        ]
+        assert [(d["node"], d["gpu"], d["by"]) for d in shown["drains"]] == [("n1", 2, "labadmin")]
         assert {a["slot"]["slot_id"] for a in shown["allocations"] if a["drained"]} == {
             "2:1", "2:2", "2:3"
         }  # fmt: skip

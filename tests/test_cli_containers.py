@@ -245,6 +245,7 @@ async def test_every_commands_json_uses_the_tables_words_and_numbers(
         "admin owners": (admin, ["admin", "owners", "-o", "json"]),
         "admin users": (admin, ["admin", "users", "-o", "json"]),
         "usage": (user, ["usage", "-o", "json"]),
+        "top": (user, ["top", "-o", "json"]),
         "status": (user, ["-o", "json", "status"]),
         "whoami": (user, ["-o", "json", "whoami"]),
     }
@@ -536,3 +537,53 @@ async def test_a_create_on_a_terminal_says_where_it_waits_in_the_queue(
     piped = await ds01_as(stack, ALICE, "container", "create", "--image", test_image, "p",
                           "--gpus", "0")  # fmt: skip
     assert piped.stdout == f"p._.ds01alice: created, no GPU, image {test_image}\n", piped.stdout
+
+
+async def test_top_shows_slots_users_containers_and_the_queue(stack: AllocatorEnv, test_image: str):
+    run = ["container", "run", "--image", test_image]
+    assert (await stack.cli(ALICE, *run, "t1", "--mig")).returncode == 0
+    for name in ("b1", "b2"):  # with alice's, every MIG slice
+        assert (await stack.cli(BOB, *run, name, "--mig")).returncode == 0
+    waiting = asyncio.ensure_future(stack.cli(ALICE, *run, "t2", "--mig", "--wait", "60s"))
+    await asyncio.sleep(2)
+    seen = json.loads((await stack.cli(ALICE, "top", "-o", "json")).stdout)
+    held = sorted((s["user"], s["container"]) for s in seen["slots"] if s["user"])
+    assert held == [(ALICE, "t1._.ds01alice"), (BOB, ""), (BOB, "")]  # not bob's names
+    users = {u["user"]: u for u in seen["users"]}
+    # t2 is a container in the making while it waits: listed, not running.
+    assert users[ALICE] == {"user": ALICE, "gpu_equivalents": round(2 / 7, 4), "slots": 1,
+                            "containers": 2, "running": 1, "waiting": 1}  # fmt: skip
+    assert users[BOB]["slots"] == 2 and users[BOB]["containers"] == 0  # hers alone to see
+    assert {c["name"]: c["state"] for c in seen["containers"]} == {
+        "t1": "running", "t2": "creating"
+    }  # fmt: skip
+    assert [(w["position"], w["user"], w["container"]) for w in seen["waiters"]] == [
+        (1, ALICE, "t2._.ds01alice")
+    ]
+    assert seen["revision"] > 0 and dt.datetime.fromisoformat(seen["time"]).tzinfo
+    everyone = json.loads((await stack.cli("root", "top", "-o", "json")).stdout)
+    assert sorted(c["docker_name"] for c in everyone["containers"]) == [
+        "b1._.ds01bob", "b2._.ds01bob", "t1._.ds01alice", "t2._.ds01alice"
+    ]  # fmt: skip
+    assert {u["user"]: u["containers"] for u in everyone["users"]}[BOB] == 2
+    assert (await stack.cli(BOB, "container", "rm", "-f", "b2")).returncode == 0
+    assert (await asyncio.wait_for(waiting, 30)).returncode == 0
+    for user, names in ((ALICE, ("t1", "t2")), (BOB, ("b1",))):
+        for name in names:
+            await stack.cli(user, "container", "rm", "-f", name)
+
+
+async def test_top_redraws_when_an_event_comes(stack: AllocatorEnv, test_image: str):
+    """Live on a terminal: a container made while top runs shows at once, from its
+    event (the timed redraw for the queue comes only after 5 s)."""
+    watching = asyncio.ensure_future(
+        ds01_as(stack, ALICE, "top", tty=True, within=("timeout", "-s", "INT", "4.5"))
+    )
+    await asyncio.sleep(2)
+    made = await stack.cli(ALICE, "container", "create", "fresh", "--image", test_image)
+    assert made.returncode == 0, made.stderr
+    shown = await watching
+    assert "ds01 top," in shown.stdout and "Your containers" in shown.stdout, shown.stdout
+    assert "fresh" in shown.stdout, shown.stdout
+    assert "Traceback" not in shown.stdout
+    await stack.cli(ALICE, "container", "rm", "fresh")

@@ -22,6 +22,7 @@ from ds01.cli.image import image
 from ds01.cli.install import install_command
 from ds01.cli.limits import limits
 from ds01.cli.migrate import import_ds01
+from ds01.cli.top import top
 from ds01.cli.usage import usage
 from ds01.client import Ds01Client, Ds01Error, EnrollmentError, enroll
 from ds01.client.credentials import certificate_expiry
@@ -52,6 +53,7 @@ cli.add_command(events)
 cli.add_command(container)
 cli.add_command(image)
 cli.add_command(usage)
+cli.add_command(top)
 
 
 @cli.command()
