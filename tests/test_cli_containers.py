@@ -270,6 +270,10 @@ def test_every_option_and_command_says_what_it_is_for():
     groups = [("", cli), *((n, c) for n, c in cli.commands.items() if isinstance(c, click.Group))]
     for name, command in [*groups, *_commands(cli)]:
         assert command.help, f"ds01 {name} has no help text"
+        if name:  # and an example of its use, as --help shows it
+            shown = command.get_help(click.Context(command, info_name=name))
+            examples = shown.partition("Example")[2].splitlines()
+            assert any(line.strip().startswith("ds01 ") for line in examples), (name, shown)
         for param in command.params:
             if isinstance(param, click.Option) and param.name != "help":
                 assert param.help, f"ds01 {name} {param.opts[0]} has no help text"
@@ -528,6 +532,10 @@ async def test_a_create_on_a_terminal_says_where_it_waits_in_the_queue(
     waiting = asyncio.ensure_future(ds01_as(stack, ALICE, *run, "w", "--wait", "60s", tty=True))
     await asyncio.sleep(3.5)
     assert not waiting.done()
+    listed = json.loads((await stack.cli(ALICE, "container", "ls", "-o", "json")).stdout)
+    assert [(c["name"], c["state"], c["notice"]) for c in listed] == [
+        ("w", "creating", "being created: getting its GPUs (or waiting for one)")
+    ]
     assert (await stack.cli(BOB, "container", "rm", "-f", "all")).returncode == 0
     shown = await asyncio.wait_for(waiting, 60)
     assert shown.returncode == 0, shown.stdout

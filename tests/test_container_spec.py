@@ -35,7 +35,7 @@ def test_names_follow_the_mlc_convention_with_docker_safe_users():
 def test_shm_size_or_ipc_host_never_both():
     shm = spec().create_arguments()
     assert shm["shm_size"] == 1 << 28 and "ipc_mode" not in shm
-    host = spec(limits=Limits(shm_size=1 << 28, ipc_host=True)).create_arguments()
+    host = spec(limits=Limits(shm_size=1 << 28, ipc_mode="host")).create_arguments()
     assert host["ipc_mode"] == "host" and "shm_size" not in host
 
 

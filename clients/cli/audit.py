@@ -53,7 +53,13 @@ def _row(record: audit_pb2.AuditRecord) -> dict[str, str]:
 @click.pass_obj
 def audit(settings: Settings, user: str, since_text: str, limit: int, output: str | None) -> None:
     """Who did what to what, and what was decided: the gateway's decisions other than
-    plain reads, admins' actions, and refused requests (kept 90 days)."""
+    plain reads, admins' actions, and refused requests (kept 90 days).
+
+    \b
+    Examples:
+      ds01 admin audit --since 2h
+      ds01 admin audit --since 2026-11-29 -o json
+    """
     since = since_moment(since_text)
 
     async def read(client: Ds01Client) -> audit_pb2.ListAuditRecordsResponse:

@@ -167,14 +167,22 @@ async def _with_progress(client: Ds01Client, name: str, work: Awaitable[Any], do
     started = time.monotonic()
     with Console(stderr=True).status(f"{doing} {name}…") as status:
         while not (await asyncio.wait({task}, timeout=1.0))[0]:
-            place = await _queue_place(client, name)
+            place, step = await asyncio.gather(_queue_place(client, name), _step(client, name))
             waited = f"{time.monotonic() - started:.0f} s"
             status.update(
                 f"waiting for a GPU: number {place[0]} of {place[1]} in the queue ({waited})"
                 if place
-                else f"{doing} {name}… ({waited})"
+                else f"{name}: {step or doing} ({waited})"
             )
     return task.result()
+
+
+async def _step(client: Ds01Client, name: str) -> str:
+    """What the services say a create of ``name`` is doing now ("" if they cannot)."""
+    try:
+        return (await client.get_container(name)).notice
+    except Exception:  # not recorded yet, or the services are busy: the answer counts
+        return ""
 
 
 async def _queue_place(client: Ds01Client, name: str) -> tuple[int, int] | None:
@@ -190,8 +198,26 @@ async def _queue_place(client: Ds01Client, name: str) -> tuple[int, int] | None:
     return None
 
 
-container.command("create", help="Create NAME with your limits and GPUs.")(_create(False))
-container.command("run", help="Create NAME and start it.")(_create(True))
+container.command(
+    "create",
+    help="""Create NAME with your limits and GPUs (not started).
+
+\b
+Examples:
+  ds01 container create thesis --image pytorch:latest
+  ds01 container create big --image $USER/proj:v1 --gpus all --wait 30m
+""",
+)(_create(False))
+container.command(
+    "run",
+    help="""Create NAME and start it.
+
+\b
+Examples:
+  ds01 container run thesis --image pytorch:latest --mig
+  ds01 container run cpu-only --image ubuntu:22.04 --gpus 0 --data ~/datasets
+""",
+)(_create(True))
 
 
 @container.command()
@@ -199,7 +225,12 @@ container.command("run", help="Create NAME and start it.")(_create(True))
 @output_option
 @click.pass_obj
 def start(settings: Settings, name: str, output: str | None) -> None:
-    """Start NAME again (its GPU must still be held for it)."""
+    """Start NAME again (its GPU must still be held for it).
+
+    \b
+    Examples:
+      ds01 container start thesis
+    """
     _print(settings, output, call(settings, lambda client: client.start_container(name)))
 
 
@@ -413,6 +444,11 @@ def list_(settings: Settings, all_users: bool, output: str | None) -> None:
 @click.argument("name", shell_complete=_complete_names)
 @click.pass_obj
 def inspect(settings: Settings, name: str) -> None:
-    """Everything ds01 knows of NAME, as JSON."""
+    """Everything ds01 knows of NAME, as JSON.
+
+    \b
+    Examples:
+      ds01 container inspect thesis
+    """
     found = call(settings, lambda client: client.get_container(name))
     click.echo(json.dumps(as_json(found), indent=2))

@@ -141,7 +141,14 @@ def events(
     user: str,
     output: str | None,
 ) -> None:
-    """GPU allocation and container lifecycle events, oldest first, with their times."""
+    """GPU allocation and container lifecycle events, oldest first, with their times.
+
+    \b
+    Examples:
+      ds01 events
+      ds01 events --follow --type allocated --type released
+      ds01 events --since 1234 -o json
+    """
     as_json = (output or settings.output) == "json"
     # --follow alone: what happens from now on (as docker events); otherwise the history.
     revision = 0 if since is None and follow else since or OLDEST

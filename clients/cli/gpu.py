@@ -12,12 +12,11 @@ from google.protobuf.message import Message
 from ds01.cli.common import Settings, as_json, call, enum_word, output_option, print_table
 from ds01.v1 import allocator_pb2, common_pb2
 
-_STATE = {
-    common_pb2.SLOT_STATE_FREE: "free",
-    common_pb2.SLOT_STATE_ALLOCATED: "allocated",
-    common_pb2.SLOT_STATE_HELD: "held",
-    common_pb2.SLOT_STATE_NODE_DOWN: "node down",
-}
+
+def slot_state(allocation: common_pb2.Allocation) -> str:
+    """The slot's state as the JSON spells it (``node_down``), and whether drained."""
+    word = enum_word(common_pb2.SlotState.DESCRIPTOR, allocation.state)
+    return word + (", drained" if allocation.drained else "")
 
 
 def _when(message: Message, field: str) -> str:
@@ -40,7 +39,14 @@ def _json(message: Message) -> str:
 
 @click.group()
 def gpu() -> None:
-    """GPU and MIG slots: status for everyone; allocation commands for admins and services."""
+    """GPU and MIG slots: status and the queue for everyone; allocation commands for admins
+    and services.
+
+    \b
+    Examples:
+      ds01 gpu status
+      ds01 gpu queue
+    """
 
 
 @gpu.command()
@@ -70,7 +76,7 @@ def status(settings: Settings, user: str, node: str, output: str | None) -> None
         profile = a.slot.mig_profile or f"full GPU ({a.slot.product})"
         held = a.state == common_pb2.SLOT_STATE_HELD
         hold = _when(a, "hold_until") or ("until cleared" if held else "")
-        state = _STATE.get(a.state, "?") + (", drained" if a.drained else "")
+        state = slot_state(a)
         since = _when(a, "since")
         rows.append([a.slot.node, a.slot.slot_id, profile, state, a.user, a.container, since, hold])
     headers = ["NODE", "SLOT", "PROFILE", "STATE", "USER", "CONTAINER", "SINCE", "HELD UNTIL"]
@@ -139,7 +145,13 @@ def allocate(
     wait: float | None,
     output: str | None,
 ) -> None:
-    """Claim GPU slots for CONTAINER."""
+    """Claim GPU slots for CONTAINER (named NAME._.USER).
+
+    \b
+    Examples:
+      ds01 gpu allocate proj._.alice --mig
+      ds01 gpu allocate proj._.alice --user alice --slots 2 --full --wait 600
+    """
     response = call(
         settings,
         lambda client: client.allocate(
@@ -156,7 +168,7 @@ def allocate(
 
 
 def _container_command(name: str, doc: str, run: str) -> None:
-    @gpu.command(name=name, help=doc)
+    @gpu.command(name=name, help=f"{doc}\n\n\b\nExample:\n  ds01 gpu {name} proj._.alice")
     @click.argument("container")
     @click.pass_obj
     def command(settings: Settings, container: str) -> None:
@@ -166,7 +178,7 @@ def _container_command(name: str, doc: str, run: str) -> None:
                 click.echo(f"released {item}")
             else:
                 until = _when(item, "hold_until") or "until cleared"
-                state = _STATE.get(item.state, "?")
+                state = slot_state(item)
                 held = f" until {until}" if item.state == common_pb2.SLOT_STATE_HELD else ""
                 click.echo(f"{item.slot.node}/{item.slot.slot_id} {state}{held}")
 
@@ -184,7 +196,12 @@ _container_command("clear-stopped", "End the hold: CONTAINER runs again.", "clea
 @click.option("--node", default="", help="The node the slot is on (default: any).")
 @click.pass_obj
 def validate(settings: Settings, container: str, slot: str, node: str) -> None:
-    """Whether SLOT still exists and is still CONTAINER's (exit 1 if not)."""
+    """Whether SLOT still exists and is still CONTAINER's (exit 1 if not).
+
+    \b
+    Examples:
+      ds01 gpu validate proj._.alice 2:1
+    """
     result = call(settings, lambda client: client.validate(container, slot, node))
     if result.valid:
         click.echo(f"{slot} is {container}'s")

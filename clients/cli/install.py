@@ -64,6 +64,12 @@ def install_command(
     /usr/local/bin, units ds01.target, ds01-etcd.service and ds01@.service (one instance
     per service) in /etc/systemd/system, and, with the socket takeover, a docker.socket
     drop-in that moves dockerd to a root-only socket. Running it twice is harmless.
+
+    \b
+    Examples:
+      make install                 # what runs this, with the venv in /opt/ds01
+      ds01 admin install --dry-run
+      ds01 admin install --uninstall
     """
     systemd = root == Path("/") and _systemd_runs()
     if remove:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import click
+import docker
+import requests
+from docker.errors import DockerException
 
 from ds01.cli.common import (
     DefaultCommandGroup,
@@ -17,9 +20,13 @@ from ds01.cli.common import (
     enum_word,
     fail,
     output_option,
+    run,
 )
 from ds01.client import Ds01Client
+from ds01.core.docker_args import DockerInfo
 from ds01.v1 import common_pb2, limits_pb2
+
+DOCKER_API = "1.41"  # any Docker since 20.10 answers /info in this version
 
 # The seed's block, in the seed's order: (label, key).
 SEED_BLOCK = (
@@ -82,22 +89,41 @@ def limits_json(limits: limits_pb2.UserLimits) -> dict[str, object]:
 
 @click.group(cls=DefaultCommandGroup, default_command="show")
 def limits() -> None:
-    """What a user may use: `ds01 limits [USER]`, `ds01 limits check [FILE]`."""
+    """What a user may use: `ds01 limits [USER]`, `ds01 limits check [FILE]`.
+
+    \b
+    Examples:
+      ds01 limits
+      ds01 limits --docker-args
+      ds01 limits check /tmp/resource-limits.yaml
+    """
 
 
 @limits.command(hidden=True)
 @click.argument("user", required=False, default="")
-@click.option("--docker-args", is_flag=True, help="Print the Docker create flags instead.")
+@click.option(
+    "--docker-args",
+    is_flag=True,
+    help="Print the Docker create flags instead: what a container here gets.",
+)
 @click.option("--type", "container_type", default="", help="With a container type applied.")
 @output_option
 @click.pass_obj
 def show(
     settings: Settings, user: str, docker_args: bool, container_type: str, output: str | None
 ) -> None:
-    """Your limits, or USER's (admins)."""
+    """Your limits, or USER's (admins).
+
+    \b
+    Examples:
+      ds01 limits
+      ds01 limits alice -o json
+      ds01 limits --docker-args --type jupyter
+    """
     wanted_json = (output or settings.output) == "json"
     if docker_args:
-        args = call(settings, lambda client: client.get_docker_args(user, container_type))
+        here = _docker_info(settings)
+        args = call(settings, lambda client: client.get_docker_args(user, container_type, here))
         if wanted_json:
             click.echo(json.dumps(as_json(args), indent=2))
         else:
@@ -110,6 +136,25 @@ def show(
         click.echo(render_block(resolved))
 
 
+def _docker_info(settings: Settings) -> DockerInfo | None:
+    """This host's Docker, asked through the gateway as the caller's docker is: its CPUs
+    and cgroup driver decide what a container gets. None, said on stderr, when it does not
+    answer: the flags are then the limits as configured."""
+    socket = run(settings.config).ownership.proxy_socket
+    try:
+        api = docker.APIClient(base_url=f"unix://{socket}", version=DOCKER_API, timeout=10)
+        with contextlib.closing(api):
+            return DockerInfo.of(api.info())
+    except (DockerException, requests.RequestException, OSError) as err:
+        click.echo(
+            f"ds01: note: the Docker gateway at {socket} did not answer ({err}); these are the "
+            "limits as configured: a container gets no more CPUs than the host has and, "
+            "where Docker uses cgroupfs, the cgroup parent /ds01/<group>/<user>",
+            err=True,
+        )
+        return None
+
+
 @limits.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @output_option
@@ -119,6 +164,11 @@ def check(settings: Settings, file: Path | None, output: str | None) -> None:
 
     FILE is checked together with the member and override files beside the served
     resource-limits.yaml, as it would be once installed. Exits 1 if it has problems.
+
+    \b
+    Examples:
+      ds01 limits check
+      ds01 limits check /tmp/resource-limits.yaml -o json
     """
     text = None
     if file is not None:
@@ -156,7 +206,12 @@ def _issue_line(issue: limits_pb2.ConfigIssue) -> str:
 @output_option
 @click.pass_obj
 def groups(settings: Settings, output: str | None) -> None:
-    """The configured groups (members are shown to admins)."""
+    """The configured groups (members are shown to admins).
+
+    \b
+    Examples:
+      ds01 limits groups
+    """
     found = call(settings, lambda client: client.list_groups())
     if (output or settings.output) == "json":
         click.echo(json.dumps([as_json(g) for g in found], indent=2))

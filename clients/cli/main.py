@@ -66,7 +66,13 @@ cli.add_command(top)
 )
 @click.pass_obj
 def status(settings: Settings, only: str | None) -> None:
-    """Health of every ds01 service, checked over mutual TLS; exits 1 unless serving."""
+    """Health of every ds01 service, checked over mutual TLS; exits 1 unless serving.
+
+    \b
+    Examples:
+      ds01 status
+      ds01 status --service allocator   # a health check for systemd or compose
+    """
 
     async def check(client: Ds01Client, service: str) -> dict[str, Any]:
         needs: list[dict[str, Any]] = []
@@ -122,7 +128,12 @@ def _needs(needs: list[dict[str, Any]]) -> str:
 @cli.command()
 @click.pass_obj
 def whoami(settings: Settings) -> None:
-    """Who the ds01 services take you for (from your client certificate)."""
+    """Who the ds01 services take you for (from your client certificate).
+
+    \b
+    Examples:
+      ds01 whoami
+    """
     response = call(settings, lambda client: client.whoami())
     kind = enum_word(common_pb2.PrincipalKind.DESCRIPTOR, response.kind)
     expires = (
@@ -139,7 +150,12 @@ def whoami(settings: Settings) -> None:
 @cli.command("enroll")
 @click.pass_obj
 def enroll_command(settings: Settings) -> None:
-    """Get (or renew) your client certificate from this host's enrollment socket."""
+    """Get (or renew) your client certificate from this host's enrollment socket.
+
+    \b
+    Examples:
+      ds01 enroll
+    """
     config = run(settings.config)
     try:
         identity = enroll(config.ownership.enroll_socket)
@@ -155,12 +171,24 @@ def enroll_command(settings: Settings) -> None:
 
 @cli.group()
 def admin() -> None:
-    """Administration on the server itself (needs access to the state directory)."""
+    """Administration on the server itself (needs access to the state directory).
+
+    \b
+    Examples:
+      ds01 admin users
+      ds01 admin drain gpu01/3 --reason reset
+      ds01 admin stop --user alice
+    """
 
 
 @admin.group()
 def pki() -> None:
-    """The suite's certificate authority."""
+    """The suite's certificate authority.
+
+    \b
+    Examples:
+      ds01 admin pki init
+    """
 
 
 @pki.command("init")
@@ -170,7 +198,13 @@ def pki() -> None:
 @click.option("--host", "hosts", multiple=True, help="Extra name or IP for service certificates.")
 @click.pass_obj
 def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
-    """Create the CA, the service certificates and one for you, in the state directory."""
+    """Create the CA, the service certificates and one for you, in the state directory.
+
+    \b
+    Examples:
+      ds01 admin pki init
+      ds01 admin pki init --host gpu01.lab.example --host 10.0.0.5
+    """
     config = run(settings.config)
     written = run(lambda: init_pki(config.pki, force=force, hosts=hosts, admin=getpass.getuser()))
     if not written:
@@ -193,7 +227,13 @@ def pki_init(settings: Settings, force: bool, hosts: tuple[str, ...]) -> None:
 )
 @click.pass_obj
 def issue_cert(settings: Settings, user: str, days: float, out_dir: Path | None) -> None:
-    """Issue a client certificate for USER."""
+    """Issue a client certificate for USER.
+
+    \b
+    Examples:
+      ds01 admin issue-cert alice
+      ds01 admin issue-cert labbot --days 30 --out ./labbot-certs
+    """
     config = run(settings.config)
     out = CertPaths(out_dir / "client.crt", out_dir / "client.key") if out_dir else None
     paths = run(lambda: issue_client_cert(config.pki, user, days=days, out=out))

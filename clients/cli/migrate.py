@@ -38,6 +38,11 @@ def import_ds01(settings: Settings, dry_run: bool, home: Path, output: str | Non
 
     Containers are adopted oldest first; a GPU that two of them use goes to the older
     one, and the other is listed with the conflict, for you to settle.
+
+    \b
+    Examples:
+      ds01 admin import-ds01 --dry-run
+      ds01 admin import-ds01
     """
     config = run(settings.config)
     found = _plan_here(config) if dry_run else None  # before ds01 runs: from Docker itself

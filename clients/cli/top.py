@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ds01.cli.common import Settings, as_json, call, enum_word, fail, output_option
+from ds01.cli.gpu import slot_state
 from ds01.client import Ds01Client
 from ds01.v1 import allocator_pb2, common_pb2, containers_pb2
 
@@ -94,14 +95,12 @@ def _since(stamp: Any, now: dt.datetime) -> str:
 
 def render(view: Overview) -> Group:
     """The screen: slots, users, containers and the queue, one table each."""
-    state = common_pb2.SlotState.DESCRIPTOR
     slots = Table("SLOT", "PROFILE", "STATE", "USER", "CONTAINER", "FOR", title="GPU slots",
                   title_justify="left")  # fmt: skip
     for a in view.status.allocations:
-        word = enum_word(state, a.state).replace("_", " ") + (", drained" if a.drained else "")
         since = _since(a.since, view.at) if a.HasField("since") else ""
         slots.add_row(f"{a.slot.node}/{a.slot.slot_id}", a.slot.mig_profile or "full GPU",
-                      word, a.user, a.container, since)  # fmt: skip
+                      slot_state(a), a.user, a.container, since)  # fmt: skip
     users = Table("USER", "GPU-EQ", "SLOTS", "CONTAINERS", "RUNNING", "WAITING",
                   title="Users", title_justify="left")  # fmt: skip
     for row in view.users():

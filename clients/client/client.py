@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core.config import Config
+from ds01.core.docker_args import DockerInfo
 from ds01.core.messages import ANSWERED
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
@@ -179,9 +180,17 @@ class Ds01Client:
         return (await self.unary("limits", _LimitsStub, "GetLimits", request)).limits
 
     async def get_docker_args(
-        self, user: str = "", container_type: str = ""
+        self, user: str = "", container_type: str = "", docker: DockerInfo | None = None
     ) -> limits_pb2.GetDockerArgsResponse:
-        request = limits_pb2.GetDockerArgsRequest(user=user, container_type=container_type)
+        """With ``docker``, exactly what a container on that Docker gets; without, the
+        limits as configured."""
+        request = limits_pb2.GetDockerArgsRequest(
+            user=user,
+            container_type=container_type,
+            docker=limits_pb2.DockerInfo(ncpu=docker.ncpu, cgroup_driver=docker.cgroup_driver)
+            if docker is not None
+            else None,
+        )
         return await self.unary("limits", _LimitsStub, "GetDockerArgs", request)
 
     async def list_groups(self) -> list[limits_pb2.Group]:

@@ -22,6 +22,7 @@ import docker
 import docker.errors
 
 from ds01.containers.spec import Account, named_accounts
+from ds01.core.docker_args import DockerInfo
 from ds01.core.processes import docker_answers
 from ds01.core.records import JsonRecord
 
@@ -100,8 +101,10 @@ class DockerHost:
         await self.run(container.reload)
         return container.status
 
-    async def cgroup_driver(self) -> str:
-        return (await self._info()).get("CgroupDriver", "cgroupfs")
+    async def docker_info(self) -> DockerInfo:
+        """Its CPUs and cgroup driver: what the limits service needs to answer with what
+        a container here gets."""
+        return DockerInfo.of(await self._info())
 
     async def has_nvidia_runtime(self) -> bool:
         return "nvidia" in (await self._info()).get("Runtimes", {})
@@ -229,6 +232,15 @@ class Intent(JsonRecord):
     creating: bool = False  # it has asked Docker for a container named docker_name
     undoing: bool = False  # its own undo failed: the repair loop takes over
 
+    @property
+    def step(self) -> str:
+        """Where the create is, in words, from what it recorded before each side effect."""
+        if self.creating:
+            return "being created: Docker is making (and starting) it"
+        if self.allocating:
+            return "being created: getting its GPUs (or waiting for one)"
+        return "being created"
+
     def shown(self, interrupted: bool) -> Metadata:
         """How list and inspect show it: a container that is not there yet."""
         return Metadata(
@@ -243,7 +255,7 @@ class Intent(JsonRecord):
             notice=(
                 "its create was interrupted; ds01 is undoing it, then the name is free"
                 if interrupted
-                else "being created"
+                else self.step
             ),
         )
 

@@ -41,9 +41,9 @@ from ds01.containers.events import Kind, LifecycleEvents
 from ds01.containers.spec import (
     Account,
     ContainerSpec,
-    Limits,
     SpecError,
     docker_name,
+    limits_of,
 )
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
@@ -156,10 +156,12 @@ class Lifecycle:
                 raise Pending(pending, self._pending_message(pending))
             step = "looking up the host account"
             account = self.accounts(request.user)
+            step = "asking Docker for its CPUs and cgroup driver"
+            docker_info = await self.docker.docker_info()
             step = "reading the limits"
-            limits, args = await asyncio.gather(
+            limits, args = await asyncio.gather(  # args: exactly what the container gets
                 self.client.get_limits(request.user, request.container_type),
-                self.client.get_docker_args(request.user, request.container_type),
+                self.client.get_docker_args(request.user, request.container_type, docker_info),
             )
             if limits.archived:
                 raise ContainerError(
@@ -229,22 +231,14 @@ class Lifecycle:
                 uuids = tuple(a.slot.uuid for a in granted.allocations)
                 products = tuple(a.slot.product for a in granted.allocations)
             step = "preparing the user's cgroup"
-            parent = await self._cgroup_parent(args.cgroup_parent, limits)
+            await asyncio.to_thread(
+                apply_user_limits, self.cgroups, self.slices, args.cgroup_parent, limits
+            )
             spec = ContainerSpec(
                 name=request.name,
                 image=request.image,
                 account=account,
-                limits=Limits(
-                    cpus=host_cpus(args.cpus) if args.HasField("cpus") else None,
-                    memory=args.memory_bytes if args.HasField("memory_bytes") else None,
-                    memory_swap=(
-                        args.memory_swap_bytes if args.HasField("memory_swap_bytes") else None
-                    ),
-                    shm_size=args.shm_size_bytes if args.HasField("shm_size_bytes") else None,
-                    ipc_host=args.ipc_mode == "host",
-                    pids=args.pids_limit if args.HasField("pids_limit") else None,
-                    cgroup_parent=parent,
-                ),
+                limits=limits_of(args),
                 gpu_environment=gpu_env,
                 gpu_slots=slots,
                 gpu_device_ids=uuids,
@@ -581,14 +575,6 @@ class Lifecycle:
         to_make = [p for p in (workspace, *workspace.parents) if not p.exists()]
         return workspace, data, to_make
 
-    async def _cgroup_parent(self, slice_name: str, limits: Any) -> str:
-        """The systemd slice where Docker uses systemd; a cgroupfs path we limit ourselves
-        otherwise."""
-        driver = await self.docker.cgroup_driver()
-        return await asyncio.to_thread(
-            apply_user_limits, self.cgroups, self.slices, slice_name, driver, limits
-        )
-
     async def grace(self, metadata: Metadata) -> int:
         """Seconds a stop waits for the container to exit before it kills: the limits'
         sigterm_grace (DS01's sigterm_grace_s, by container type), else DEFAULT_GRACE."""
@@ -619,11 +605,6 @@ class Lifecycle:
             raise ContainerError(code, f"{doing}: {err.message}") from err
 
 
-def host_cpus(cpus: float) -> float:
-    """A CPU limit Docker accepts: no more than the host has."""
-    return min(cpus, float(len(os.sched_getaffinity(0))))
-
-
 def aggregate_of(limits: Any) -> dict[str, float | int]:
     """The user's aggregate limits (a GetLimits answer) as CgroupfsSlices writes them."""
     return {
@@ -639,21 +620,20 @@ def aggregate_of(limits: Any) -> dict[str, float | int]:
 
 
 def apply_user_limits(
-    cgroups: CgroupfsSlices, slices: SystemdSlices, slice_name: str, driver: str, limits: Any
-) -> str:
-    """The cgroup parent of a user's containers, with the user's aggregate limits and
-    the group's max_tasks (DS01's TasksMax) applied, on Docker's systemd driver or on
-    cgroupfs; limits the configuration no longer sets are lifted. For the containers
-    service and the gateway alike. It writes files: call it in a thread."""
-    parent = cgroup_parent_for(slice_name, driver)
+    cgroups: CgroupfsSlices, slices: SystemdSlices, parent: str, limits: Any
+) -> None:
+    """The cgroup parent of a user's containers (as GetDockerArgs gives it for this
+    Docker: a systemd slice's name, or a cgroupfs path) made, with the user's aggregate
+    limits and the group's max_tasks (DS01's TasksMax) applied; limits the configuration
+    no longer sets are lifted. For the containers service and the gateway alike. It
+    writes files: call it in a thread."""
     tasks = {"pids": limits.max_tasks} if limits.HasField("max_tasks") else {}
-    if parent == slice_name:  # systemd
+    if not parent.startswith("/"):  # a systemd slice
         slices.ensure(parent, aggregate_of(limits))
-        slices.ensure(group_slice(slice_name, limits.user), tasks)
+        slices.ensure(group_slice(parent, limits.user), tasks)
     else:
         cgroups.ensure(parent, aggregate_of(limits))
         cgroups.ensure(str(PurePosixPath(parent).parent), tasks)
-    return parent
 
 
 def group_slice(slice_name: str, user: str) -> str:
@@ -666,14 +646,6 @@ def _by(user: str, metadata: Metadata, manual: bool = True) -> str:
     if not manual:
         return "by policy"
     return "" if user == metadata.user else f"by {user}"
-
-
-def cgroup_parent_for(slice_name: str, driver: str) -> str:
-    """The slice itself for Docker's systemd driver; ``/ds01/<group>/<user>`` for cgroupfs."""
-    if driver == "systemd":
-        return slice_name
-    group, user = slice_name.removesuffix(".slice").removeprefix("ds01-").split("-", 1)
-    return f"/ds01/{group}/{user}"
 
 
 def count_runtime(metadata: Metadata, state: dict[str, Any]) -> bool:

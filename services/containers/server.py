@@ -200,7 +200,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
     async def _message(
         self, metadata: Metadata, container: Any = None, held: Holdings | None = None
     ) -> containers_pb2.Container:
-        held = held if held is not None else await self._holdings()
+        held = held if held is not None else await self._holdings(metadata.user)
         if metadata.pending:  # a create in progress or being undone: nothing to ask Docker
             return _container(metadata, None, held)
         if metadata.node != self.lifecycle.node:  # another node's: as that node last saw it
@@ -209,11 +209,12 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         container = container or await docker.find(metadata.container_id)
         return _container(metadata, await docker.status(container) if container else None, held)
 
-    async def _holdings(self) -> Holdings:
-        """The GPUs each container of the fleet holds now, as the allocator says: a slot
-        whose hold ended is shown no longer. Empty (and unused) when it cannot be asked."""
+    async def _holdings(self, user: str = "") -> Holdings:
+        """The GPUs each container of the fleet (or of ``user``) holds now, as the
+        allocator says: a slot whose hold ended is shown no longer. Empty (and unused)
+        when it cannot be asked."""
         try:
-            status = await self.lifecycle.client.gpu_status()
+            status = await self.lifecycle.client.gpu_status(user=user)
         except Ds01Error as err:
             log.debug("listing without the allocator's view: %s", err.message)
             return Holdings(known=False)

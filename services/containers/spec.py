@@ -15,6 +15,7 @@ from typing import Any
 from docker.types import DeviceRequest
 
 from ds01.containers.adoption import NO_GPU_ENV, TRUSTED_LABELS
+from ds01.core.docker_args import nano_cpus
 from ds01.core.naming import SEPARATOR, docker_user
 
 MLC_VERSION = "4"
@@ -52,9 +53,27 @@ class Limits:
     memory: int | None = None
     memory_swap: int | None = None
     shm_size: int | None = None
-    ipc_host: bool = False
+    ipc_mode: str = ""  # "host", "private", or "" for Docker's default
     pids: int | None = None
     cgroup_parent: str = ""
+
+
+def limits_of(args: Any) -> Limits:
+    """A GetDockerArgs answer for this host's Docker, taken as it is: the container gets
+    exactly what ``ds01 limits --docker-args`` prints."""
+
+    def given(field: str) -> Any:
+        return getattr(args, field) if args.HasField(field) else None
+
+    return Limits(
+        cpus=given("cpus"),
+        memory=given("memory_bytes"),
+        memory_swap=given("memory_swap_bytes"),
+        shm_size=given("shm_size_bytes"),
+        ipc_mode=args.ipc_mode,
+        pids=given("pids_limit"),
+        cgroup_parent=args.cgroup_parent,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,14 +155,14 @@ class ContainerSpec:
             "detach": True,
         }
         if limits.cpus is not None:
-            arguments["nano_cpus"] = int(limits.cpus * 1e9)
+            arguments["nano_cpus"] = nano_cpus(limits.cpus)
         if limits.memory is not None:
             arguments["mem_limit"] = limits.memory
         if limits.memory_swap is not None:
             arguments["memswap_limit"] = limits.memory_swap
-        if limits.ipc_host:  # never together with shm_size: Docker refuses both
-            arguments["ipc_mode"] = "host"
-        elif limits.shm_size is not None:
+        if limits.ipc_mode:
+            arguments["ipc_mode"] = limits.ipc_mode
+        if limits.ipc_mode != "host" and limits.shm_size is not None:  # Docker refuses both
             arguments["shm_size"] = limits.shm_size
         if self.network_mode:
             arguments["network_mode"] = self.network_mode

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ds01.core.docker_args import DockerArgs
 from ds01.core.naming import sanitize_for_systemd
-from ds01.core.units import format_size
 from ds01.limits.config import (
     ARCHIVED,
     SHARED_MEMORY_KEYS,
@@ -18,7 +18,7 @@ from ds01.limits.config import (
     group_of,
     override_of,
 )
-from ds01.limits.schema import LIMIT_KEYS, NUMBER
+from ds01.limits.schema import LIMIT_KEYS
 
 DEFAULT, GROUP, CONTAINER_TYPE, OVERRIDE = "default", "group", "container_type", "override"
 # Limits DS01 also writes under policies (sigterm_grace_s, created_container_timeout_m):
@@ -43,35 +43,6 @@ class Setting:
 
 
 @dataclass(frozen=True)
-class DockerArgs:
-    cpus: float | None
-    memory: int | None
-    memory_swap: int | None
-    shm_size: int | None
-    ipc_mode: str | None
-    pids_limit: int | None
-    cgroup_parent: str
-
-    def flags(self) -> str:
-        """The seed's flag line; ``--ipc=host`` replaces ``--shm-size``, never both."""
-        flags = []
-        if self.cpus is not None:
-            flags.append(f"--cpus={NUMBER.format(self.cpus)}")
-        if self.memory is not None:
-            flags.append(f"--memory={format_size(self.memory)}")
-        if self.memory_swap is not None:
-            flags.append(f"--memory-swap={format_size(self.memory_swap)}")
-        if self.ipc_mode == "host":
-            flags.append("--ipc=host")
-        elif self.shm_size is not None:
-            flags.append(f"--shm-size={format_size(self.shm_size)}")
-        if self.pids_limit is not None:
-            flags.append(f"--pids-limit={self.pids_limit}")
-        flags.append(f"--cgroup-parent={self.cgroup_parent}")
-        return " ".join(flags)
-
-
-@dataclass(frozen=True)
 class UserLimits:
     user: str
     group: str
@@ -90,6 +61,7 @@ class UserLimits:
         return self.value("priority")
 
     def docker_args(self) -> DockerArgs:
+        """As configured; ``on_host`` makes it what a container on a given Docker gets."""
         return DockerArgs(
             cpus=self.value("max_cpus"),
             memory=self.value("memory"),

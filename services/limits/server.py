@@ -11,6 +11,7 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
+from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import caller
 from ds01.core.messages import abort
 from ds01.core.pki import PkiError, validate_user_name
@@ -67,6 +68,8 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         config = await self._config(context)
         user = await self._subject(request.user, context)
         args = (await self._resolve(config, user, request.container_type, context)).docker_args()
+        if request.HasField("docker"):  # what a container on that Docker gets
+            args = args.on_host(DockerInfo(request.docker.ncpu, request.docker.cgroup_driver))
         return limits_pb2.GetDockerArgsResponse(
             cpus=args.cpus,
             memory_bytes=args.memory,

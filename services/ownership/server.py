@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -16,7 +17,8 @@ import grpc
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import CgroupfsSlices, DockerHost, SystemdSlices
 from ds01.containers.adoption import unaccounted
-from ds01.containers.lifecycle import apply_user_limits, host_cpus
+from ds01.containers.lifecycle import apply_user_limits
+from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort
@@ -139,7 +141,6 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         admins[user] = (time.monotonic() + 10, admin)  # roles change rarely; 10 s is soon
         return admin
 
-    driver: list[str] = []  # Docker's cgroup driver, asked once
     cgroups, slices = CgroupfsSlices(), SystemdSlices()
 
     known: dict[str, tuple[float, UserSettings]] = {}
@@ -155,27 +156,13 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
 
     async def read_settings(user: str) -> UserSettings:
         limits = await client.get_limits(user)
-        args = await client.get_docker_args(user)
-
-        def field(name: str) -> int | None:
-            return int(getattr(args, name)) if args.HasField(name) else None
-
-        caps = Caps(
-            nano_cpus=int(host_cpus(args.cpus) * 1e9) if args.HasField("cpus") else None,
-            memory=field("memory_bytes"),
-            memory_swap=field("memory_swap_bytes"),
-            pids=field("pids_limit"),
-            shm_size=field("shm_size_bytes"),
-        )
-        if not driver:
-            driver.append(await docker_host.cgroup_driver())
-        parent = await asyncio.to_thread(
-            apply_user_limits, cgroups, slices, args.cgroup_parent, driver[0], limits
-        )
+        # What a container on this Docker gets, as `ds01 limits --docker-args` prints it.
+        args = await client.get_docker_args(user, docker=await docker_host.docker_info())
+        await asyncio.to_thread(apply_user_limits, cgroups, slices, args.cgroup_parent, limits)
         most = (
             limits.max_containers_per_user if limits.HasField("max_containers_per_user") else None
         )
-        return UserSettings(parent, caps, most)
+        return UserSettings(args.cgroup_parent, caps_of(limits, args), most)
 
     async def container_owner(container_id: str) -> str | None:
         known = sync.known.get(container_id)  # by full id only: an id never changes owner
@@ -200,6 +187,25 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             await etcd.close()
 
     runtime.on_stop.append(close)
+
+
+def caps_of(limits: Any, args: Any) -> Caps:
+    """The ceilings of a user's gateway creates, from GetLimits and from GetDockerArgs for
+    this Docker: a request that names no value gets what `ds01 limits --docker-args`
+    prints. Swap and /dev/shm are ceilings only where the configuration sets them;
+    otherwise the printed value is Docker's own default, which a request naming none
+    gets from Docker, and one may name more: the configuration sets no limit there."""
+
+    def given(message: Any, field: str) -> int | None:
+        return int(getattr(message, field)) if message.HasField(field) else None
+
+    return Caps(
+        nano_cpus=nano_cpus(args.cpus) if args.HasField("cpus") else None,
+        memory=given(args, "memory_bytes"),
+        memory_swap=given(args, "memory_swap_bytes") if limits.memory_swap_bytes else None,
+        pids=given(args, "pids_limit"),
+        shm_size=given(args, "shm_size_bytes") if limits.shm_size_bytes else None,
+    )
 
 
 class AllocatorGpus:

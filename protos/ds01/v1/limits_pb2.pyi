@@ -128,13 +128,23 @@ class GetLimitsResponse(_message.Message):
     limits: UserLimits
     def __init__(self, limits: _Optional[_Union[UserLimits, _Mapping]] = ...) -> None: ...
 
+class DockerInfo(_message.Message):
+    __slots__ = ("ncpu", "cgroup_driver")
+    NCPU_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_DRIVER_FIELD_NUMBER: _ClassVar[int]
+    ncpu: int
+    cgroup_driver: str
+    def __init__(self, ncpu: _Optional[int] = ..., cgroup_driver: _Optional[str] = ...) -> None: ...
+
 class GetDockerArgsRequest(_message.Message):
-    __slots__ = ("user", "container_type")
+    __slots__ = ("user", "container_type", "docker")
     USER_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DOCKER_FIELD_NUMBER: _ClassVar[int]
     user: str
     container_type: str
-    def __init__(self, user: _Optional[str] = ..., container_type: _Optional[str] = ...) -> None: ...
+    docker: DockerInfo
+    def __init__(self, user: _Optional[str] = ..., container_type: _Optional[str] = ..., docker: _Optional[_Union[DockerInfo, _Mapping]] = ...) -> None: ...
 
 class GetDockerArgsResponse(_message.Message):
     __slots__ = ("cpus", "memory_bytes", "memory_swap_bytes", "shm_size_bytes", "ipc_mode", "pids_limit", "cgroup_parent", "flags")
