@@ -33,6 +33,7 @@ from ds01.core.processes import ManagedProcess, free_port, start_etcd
 from ds01.core.server import RunningService, ServiceContext, start_service
 from tests.harness import (
     ANY_PORT_METRICS,
+    USERS,
     remove_managed_containers,
     run_cli,
     write_config_file,
@@ -160,9 +161,11 @@ async def make_env(
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
     ``services`` names the ones to run in this process when that is not all of them;
     ``run_dir`` holds the ownership service's sockets (enrollment, the gateway);
-    ``containers``: more of the containers section (default_gpus=1, ...)."""
+    ``containers``: more of the containers section (tests ask for no GPU by default:
+    default_gpus=1 and default_gpu_kind restore the host default)."""
     await wipe(etcd, pki)
     files = write_files(directory, limits)
+    containers.setdefault("default_gpus", 0)
     if services is None:
         services = (
             ("limits", "allocator", "containers") if docker_socket else ("limits", "allocator")
@@ -222,6 +225,8 @@ async def full_stack(
     configuration where every local user reaches them (as /run/ds01 and /etc/ds01)."""
     run_dir = Path(tempfile.mkdtemp(prefix="ds01-run-", dir="/tmp"))
     run_dir.chmod(0o755)
+    for user in USERS:  # a certificate another test's CA issued: they enroll here afresh
+        shutil.rmtree(f"/home/{user}/.config/ds01", ignore_errors=True)
     env = await make_env(directory, pki, state_dir, etcd, docker_socket, limits,
                          services=SERVICES, run_dir=run_dir, **containers)  # fmt: skip
     try:

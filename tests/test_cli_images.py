@@ -256,11 +256,13 @@ async def test_no_one_creates_a_container_from_another_users_image(
     # An image with a shared-looking name whose label says whose it is, and one with no
     # name and no owner at all (made behind the gateway's back).
     labelled, _ = await asyncio.to_thread(
-        daemon.images.build, path=str(context), tag="ubuntu:x", labels={"ds01.user": ALICE}
-    )
+        daemon.images.build, path=str(context), tag="ubuntu:x", labels={"ds01.user": ALICE},
+        rm=True, forcerm=True,
+    )  # fmt: skip
     unnamed, _ = await asyncio.to_thread(
-        daemon.images.build, path=str(context), buildargs={"X": "1"}, nocache=True
-    )
+        daemon.images.build, path=str(context), buildargs={"X": "1"}, nocache=True, rm=True,
+        forcerm=True,
+    )  # fmt: skip
     references = [
         f"{ALICE}/proj:v1",
         f"docker.io/{ALICE}/proj:v1",

@@ -174,8 +174,13 @@ def test_every_service_comes_up_healthy_with_no_network_of_its_own(stack: Stack)
     assert sorted(networks) == ["host", "none"]  # no bridge: every service on the host's
 
 
-def test_a_user_enrolls_and_reads_limits_and_gpus_from_the_composed_services(stack: Stack):
+def test_a_user_enrolls_and_reads_limits_and_gpus_from_the_composed_services(
+    stack: Stack, request: pytest.FixtureRequest
+):
     shutil.rmtree(f"/home/{ALICE}/.config/ds01", ignore_errors=True)
+    request.addfinalizer(  # the composed stack's CA is gone after this module
+        lambda: shutil.rmtree(f"/home/{ALICE}/.config/ds01", ignore_errors=True)
+    )
     whoami = stack.ds01(ALICE, "whoami")
     assert whoami.returncode == 0 and ALICE in whoami.stdout, whoami.stderr
     limits = stack.ds01(ALICE, "limits")

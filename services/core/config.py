@@ -56,8 +56,8 @@ class ContainersConfig:
     # DS01's records of its containers' GPUs, read when its containers are adopted.
     ds01_metadata_dir: Path = Path("/var/lib/ds01/container-metadata")
     # GPU slots a create gets when it does not say (`ds01 container create` without
-    # --gpus, --mig or --full), and of which kind: any, mig or full.
-    default_gpus: int = 0
+    # --gpus, --mig or --full), and of which kind: any, mig or full. DS01 gave one.
+    default_gpus: int = 1
     default_gpu_kind: str = "any"
 
 
@@ -217,7 +217,7 @@ def _read_containers(reader: _Reader, base: Path) -> ContainersConfig:
         network_mode=mode or None,
         reconcile_interval=interval,
         ds01_metadata_dir=metadata,
-        default_gpus=reader.whole("default_gpus", 0, minimum=0, maximum=64),
+        default_gpus=reader.whole("default_gpus", 1, minimum=0, maximum=64),
         default_gpu_kind=reader.one_of("default_gpu_kind", "any", ("any", "mig", "full")),
     )
     reader.reject_unknown()
