@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -207,6 +208,13 @@ def _dump_tasks(item: pytest.Item) -> None:
         print(f"{task.get_name()}:", file=out)
         for line in _awaiting(task.get_coro()):
             print(f"    {line}", file=out)
+    # A fixture's teardown is an async generator a task awaits through an asend object,
+    # which hides the generator: print every suspended one's chain too.
+    for generator in gc.get_objects():
+        if isinstance(generator, types.AsyncGeneratorType) and generator.ag_await is not None:
+            print(f"async generator {generator.ag_code.co_qualname}:", file=out)
+            for line in _awaiting(generator):
+                print(f"    {line}", file=out)
     out.flush()
     if capture is not None:
         capture.resume_global_capture()

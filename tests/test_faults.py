@@ -19,6 +19,7 @@ from ds01.allocator.placement import Request
 from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
 from ds01.client import Ds01Client, Ds01Error
+from ds01.core import server as service_server
 from ds01.core.bounds import MAX_ITEMS, NAME_LIMIT, request_problem
 from ds01.core.etcd import connect, etcd_client
 from ds01.core.pki import Pki
@@ -253,6 +254,38 @@ async def test_health_and_status_follow_etcd_through_an_outage(own_etcd: OwnEtcd
     assert needs["limits"] == "ok"  # only what is missing is named
     await own_etcd.start()
     assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 15) == ALL_OK
+
+
+@pytest.mark.parametrize("hangs", ["hook", "server"])
+async def test_a_stop_step_that_hangs_never_keeps_a_service_from_stopping(
+    env: AllocatorEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    hangs: str,
+):  # fmt: skip
+    """A step of stopping that waits on something gone (etcd, another service) is given
+    up after STOP_STEP_TIMEOUT, with a warning that names it; the other steps still run."""
+    monkeypatch.setattr(service_server, "STOP_STEP_TIMEOUT", 0.5)
+    allocator = env.services["allocator"]
+    gone = asyncio.Event()
+    ran: list[str] = []
+
+    async def after() -> None:
+        ran.append("after")
+
+    if hangs == "hook":
+        allocator.runtime.on_stop[:0] = [after]  # runs last: stops go in reverse
+        allocator.runtime.on_stop.append(gone.wait)
+    else:
+        allocator.runtime.on_stop.append(after)
+        real_stop = allocator.server.stop
+        monkeypatch.setattr(allocator.server, "stop", lambda grace: gone.wait())
+    started = time.monotonic()
+    await env.stop("allocator")
+    assert time.monotonic() - started < 5
+    assert ran == ["after"]
+    what = "Event.wait" if hangs == "hook" else "the gRPC server's stop"
+    assert f"stopping allocator: {what} took over 0.5 s" in caplog.text, caplog.text
+    if hangs == "server":
+        await real_stop(0)  # what the test kept from stopping
 
 
 async def test_status_lists_what_each_service_needs(env: AllocatorEnv):

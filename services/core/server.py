@@ -44,6 +44,7 @@ from ds01.v1 import (
 )
 
 log = logging.getLogger(__name__)
+STOP_STEP_TIMEOUT = 10.0  # seconds one step of stopping a service may take
 T = TypeVar("T")
 VERSION = metadata.version("ds01")
 
@@ -158,12 +159,21 @@ class RunningService:
         if self._stopped:
             return
         self._stopped = True
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self._bounded(self.health.enter_graceful_shutdown(), "health shutdown")
+        await self._bounded(self.server.stop(grace), "the gRPC server's stop", grace)
         if self.metrics_endpoint is not None:
-            await asyncio.to_thread(self.metrics_endpoint.stop)
+            await self._bounded(asyncio.to_thread(self.metrics_endpoint.stop), "metrics")
         for hook in reversed(self.runtime.on_stop):
-            await hook()
+            await self._bounded(hook(), getattr(hook, "__qualname__", repr(hook)))
+
+    async def _bounded(self, step: Awaitable[object], what: str, extra: float = 0.0) -> None:
+        """One step of stopping, given STOP_STEP_TIMEOUT: a step that waits on something
+        gone (etcd, another service) must not keep the service, or systemd, waiting."""
+        try:
+            await asyncio.wait_for(step, STOP_STEP_TIMEOUT + extra)
+        except TimeoutError:
+            log.warning("stopping %s: %s took over %g s; going on without it",
+                        self.spec.name, what, STOP_STEP_TIMEOUT + extra)  # fmt: skip
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
