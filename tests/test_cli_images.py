@@ -236,6 +236,9 @@ async def test_build_mistakes_are_one_clear_line(
                    "returned a non-zero code: 1")  # fmt: skip
     assert re.search(r"^Step \d+/\d+ : RUN false$", broken.stdout, re.M)  # progress up to it
     assert held(daemon, f"{ALICE}/broken:latest") is None
+    # Nor the container of the step that failed: it would count as one of hers.
+    left = await asyncio.to_thread(daemon.containers.list, all=True)
+    assert [c.name for c in left if c.labels.get("ds01.user") == ALICE] == []
     invisible = project(ALICE, f"FROM {BOB}/proj:v1\n")
     hidden = await ds01_as(stack, ALICE, "image", "build", "x", str(invisible))
     one_clear_line(hidden, f"cannot build {ALICE}/x:latest", f"{BOB}/proj:v1")

@@ -167,7 +167,10 @@ def build(
                 dockerfile=in_archive,
                 buildargs=build_args or None,
                 nocache=no_cache,
-                rm=True,  # as docker build: no intermediate containers left behind
+                # No intermediate container left behind, even by a failed step: each would
+                # count against the user's containers.
+                rm=True,
+                forcerm=True,
                 decode=True,
             )
             for message in stream:
