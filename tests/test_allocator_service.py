@@ -360,3 +360,28 @@ async def test_container_names_say_whose_they_are(env: AllocatorEnv):
         await bob.allocate("b._.bob")
         status = {a.slot.slot_id: a for a in (await bob.gpu_status()).allocations}
     assert all(a.container in ("", "b._.bob") for a in status.values())
+
+
+async def test_one_user_waits_a_few_times_at_most_and_a_day_at_most(env: AllocatorEnv):
+    """The queue is shared: a user's waiting requests hold back what they want from
+    everyone behind them, so one user may queue four at a time, each for a day at most."""
+    async with env.client("alice") as alice, env.client("bob") as bob, env.client("carl") as c:
+        for client, name in ((alice, "a._.alice"), (bob, "b._.bob"), (c, "c._.carl")):
+            await client.allocate(name)  # every MIG slice a student may have
+        async with env.client("dave") as dave:
+            waiting = [
+                asyncio.ensure_future(dave.allocate(f"w{n}._.dave", wait_seconds=20))
+                for n in range(4)
+            ]
+            await asyncio.sleep(1.0)
+            fifth = await refused(dave.allocate("w5._.dave", wait_seconds=20))
+            assert fifth.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "dave already waits for a GPU 4 times (at most 4)" in fifth.message
+            long = await refused(bob.allocate("l._.bob", wait_seconds=25 * 3600))
+            assert long.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 24 hours" in long.message
+            await alice.release("a._.alice")
+            done, rest = await asyncio.wait(waiting, timeout=10, return_when="FIRST_COMPLETED")
+            assert [len(d.result().allocations) for d in done] == [1]  # the first in line
+            for call in rest:
+                call.cancel()

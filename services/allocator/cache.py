@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import aetcd
 
-from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, wanted_slots
+from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, waiting
 from ds01.allocator.records import (
     CLAIMS,
     DRAINS,
@@ -29,8 +29,10 @@ from ds01.allocator.records import (
     Holder,
     NodeRecord,
     SlotRecord,
+    WaiterRecord,
     split_slot_key,
 )
+from ds01.core.etcd import cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class View:
     slots: dict[SlotKey, SlotRecord] = field(default_factory=dict)
     holders: dict[SlotKey, Holder] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
-    waiters: dict[str, int] = field(default_factory=dict)
+    waiters: dict[str, WaiterRecord] = field(default_factory=dict)
     drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
     generations: dict[str, int] = field(default_factory=dict)  # user -> mod revision
     revision: int = 0
@@ -181,8 +183,7 @@ class ClusterCache:
         finally:
             self.live = False
             for watch in watches:
-                with contextlib.suppress(Exception):
-                    await watch.cancel()
+                await cancel_watch(watch)
 
     async def _load(self) -> View:
         snapshot, generations = await self.state.snapshot_with_generations()
@@ -228,7 +229,7 @@ def apply(view: View, event: aetcd.rtypes.Event) -> None:
     elif key.startswith(NODES):
         _keyed(view.nodes, key.removeprefix(NODES), deleted, NodeRecord.decode, kv.value)
     elif key.startswith(WAITERS):
-        _keyed(view.waiters, key, deleted, wanted_slots, kv.value)
+        _keyed(view.waiters, key, deleted, waiting, kv.value)
     elif key.startswith(DRAINS):
         _keyed(view.drains, key.removeprefix(DRAINS), deleted, DrainRecord.decode, kv.value)
     elif key.startswith(CLAIMS):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -39,6 +38,7 @@ from ds01.allocator.records import (
     slot_key,
     split_slot_key,
 )
+from ds01.core.etcd import cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Snapshot:
     slots: dict[SlotKey, SlotRecord]
     holders: dict[SlotKey, Holder]
     nodes: dict[str, NodeRecord]  # nodes that are up
-    waiters: list[tuple[str, int]]  # (waiter key, slots wanted), in serving order
+    waiters: list[tuple[str, WaiterRecord]]  # (waiter key, what it waits for), in order
     revision: int  # changes after this revision are not in the snapshot
     drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
 
@@ -110,7 +110,7 @@ class _Decoder:
             (record := self._decode(seen, kv, NodeRecord.decode)).node: record for kv in node_kvs
         }
         self._seen = seen  # forget versions no longer current
-        waiters = sorted((kv.key.decode(), wanted_slots(kv.value)) for kv in waiter_kvs)
+        waiters = sorted((kv.key.decode(), waiting(kv.value)) for kv in waiter_kvs)
         drains = {(d := DrainRecord.decode(kv.value)).target: d for kv in drain_kvs}
         return Snapshot(slots, holders, nodes, waiters, revision, drains)  # type: ignore[arg-type]
 
@@ -123,11 +123,12 @@ class _Decoder:
         return record
 
 
-def wanted_slots(value: bytes) -> int:
+def waiting(value: bytes) -> WaiterRecord:
+    """A waiter's record; one slot on any node, of any kind, where it cannot be read."""
     try:
-        return max(1, int(json.loads(value)["slots"]))
-    except (ValueError, KeyError, TypeError):
-        return 1
+        return WaiterRecord.decode(value)
+    except (ValueError, TypeError):
+        return WaiterRecord(node="", slots=1)
 
 
 def _ranges(responses: list) -> list[list]:
@@ -443,6 +444,11 @@ class EtcdState:
         deleted = await self.client.delete(drain_key(node, gpu), prev_kv=True)
         return DrainRecord.decode(deleted.prev_kv.value) if deleted and deleted.prev_kv else None
 
+    async def renew(self, lease: object) -> None:
+        """Keep a waiter's lease alive; a failure is the next read's to report."""
+        with contextlib.suppress(Exception):
+            await lease.refresh()  # type: ignore[attr-defined]
+
     async def dequeue_waiter(self, key: str, lease: object) -> None:
         with contextlib.suppress(Exception):
             await self.client.delete(key.encode())
@@ -467,8 +473,7 @@ class EtcdState:
             for task in tasks:
                 task.cancel()
             for watch in watches:
-                with contextlib.suppress(Exception):
-                    await watch.cancel()
+                await cancel_watch(watch)
 
 
 class NodeRegistration:

@@ -19,6 +19,7 @@ import aetcd
 from aetcd.exceptions import RevisionCompactedError
 
 from ds01.allocator.records import ALLOC, HOLDERS, RELEASED, Holder, ReleaseMark, split_slot_key
+from ds01.core.etcd import cancel_watch
 
 T = TypeVar("T")
 
@@ -139,7 +140,7 @@ async def watch_allocations(
     except RevisionCompactedError as err:
         raise HistoryCompacted(err.compacted_revision) from err
     finally:
-        await watch.cancel()
+        await cancel_watch(watch)
 
 
 async def from_oldest_kept(

@@ -116,21 +116,11 @@ def plan(
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts)."""
     slots = list(slots)
-    if request.slots < 0 or request.gpu_equivalents < 0:
-        raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
-    if request.as_many:
+    many = request.as_many
+    wanted = checked(request, quota)  # what no state of the cluster could grant
+    if many:
         request = _as_many(request, quota, slots)
-    wanted = request.slots or (0 if request.gpu_equivalents else 1)
-    if quota.max_slots_per_container is not None and wanted > quota.max_slots_per_container:
-        raise AllocationRefused(
-            Refusal.QUOTA,
-            f"a container of group {quota.group} may have at most "
-            f"{quota.max_slots_per_container} GPU slot(s); {wanted} were asked for",
-        )
-    if request.preference is Preference.FULL_GPU and not quota.allow_full_gpu:
-        raise AllocationRefused(
-            Refusal.NOT_ALLOWED, f"full GPUs are not allowed for group {quota.group}"
-        )
+        wanted = checked(request, quota)
     fits = [
         slot
         for slot in slots
@@ -173,7 +163,7 @@ def plan(
     chosen = _choose(fitting, holders, request, quota, strategy, budget)
     if _enough(chosen.slots, wanted, request.gpu_equivalents):
         return chosen
-    if request.as_many and chosen.slots:  # fewer than the cap: what fits, free ones first
+    if many and chosen.slots:  # fewer than the cap: what fits, free ones first
         return Plan(chosen.claim, ()) if chosen.claim else chosen
     beyond = _choose(eligible, holders, request, quota, strategy, None)
     if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
@@ -193,11 +183,30 @@ def plan(
     )
 
 
+def checked(request: Request, quota: Quota) -> int:
+    """How many slots ``request`` wants (0: enough for its GPU-equivalents), or
+    AllocationRefused where no state of the cluster could grant it."""
+    if request.slots < 0 or request.gpu_equivalents < 0:
+        raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
+    wanted = 1 if request.as_many else request.slots or (0 if request.gpu_equivalents else 1)
+    if quota.max_slots_per_container is not None and wanted > quota.max_slots_per_container:
+        raise AllocationRefused(
+            Refusal.QUOTA,
+            f"a container of group {quota.group} may have at most "
+            f"{quota.max_slots_per_container} GPU slot(s); {wanted} were asked for",
+        )
+    if request.preference is Preference.FULL_GPU and not quota.allow_full_gpu:
+        raise AllocationRefused(
+            Refusal.NOT_ALLOWED, f"full GPUs are not allowed for group {quota.group}"
+        )
+    return wanted
+
+
 def _as_many(request: Request, quota: Quota, slots: list[SlotRecord]) -> Request:
     """``--gpus all``: the per-container cap, or every slot there is without one."""
     cap = quota.max_slots_per_container
     return replace(request, slots=cap if cap is not None else max(1, len(slots)),
-                   gpu_equivalents=0.0)  # fmt: skip
+                   gpu_equivalents=0.0, as_many=False)  # fmt: skip
 
 
 def _choose(

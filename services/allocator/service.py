@@ -19,6 +19,7 @@ from ds01.allocator.placement import (
     Refusal,
     Request,
     Strategy,
+    checked,
     plan,
     plan_exact,
 )
@@ -29,6 +30,9 @@ from ds01.core.pki import SERVICE_PREFIX
 log = logging.getLogger(__name__)
 
 CLAIM_ATTEMPTS = 20  # a lost race re-reads and re-plans; each loss means someone else won
+MAX_WAIT = 24 * 3600.0  # seconds an Allocate may queue
+MAX_WAITING_PER_USER = 4  # queued requests of one user at a time: the queue is shared
+WAITER_TTL = 9.0  # seconds a waiter's record outlives its last renewal
 
 
 class LimitsSource(Protocol):
@@ -135,7 +139,14 @@ class Allocator:
             )
         if wait_until is None or wait_until <= time.time():
             return await self._allocate_now(request, quota, waiter=None)
-        return await self._allocate_waiting(request, quota, wait_until)
+        if wait_until - time.time() > MAX_WAIT:
+            raise AllocationRefused(
+                Refusal.INVALID, f"a request may wait at most {MAX_WAIT / 3600:g} hours"
+            )
+        # What no state of the cluster could grant is refused before it queues: a waiter
+        # holds back what it wants from everyone behind it.
+        wanted = checked(request, quota) if not request.slot_ids else len(request.slot_ids)
+        return await self._allocate_waiting(request, quota, wait_until, max(1, wanted))
 
     async def _allocate_now(
         self, request: Request, quota: Quota, waiter: str | None
@@ -266,15 +277,23 @@ class Allocator:
             held,
             drained,
         )
-        ahead = _waiting_ahead(snapshot.waiters, waiter, quota.priority)
+        # Waiters served before this request that want what it would take: slots of the
+        # same kind (full GPU or MIG slice) on the same node. One for another node, or for
+        # the other kind, holds nothing back here.
+        nodes = {slot.node for slot in chosen.slots}
+        kinds = {slot.is_mig for slot in chosen.slots}
+        ahead = [
+            w.slots
+            for w in _waiting_ahead(snapshot.waiters, waiter, quota.priority)
+            if (not w.node or w.node in nodes) and _competes(w.preference, kinds)
+        ]
         if ahead:
-            # Free slots of the kind this request gets (full GPUs or MIG slices).
             taken = {**snapshot.holders, **self._in_flight}
-            kinds = {slot.is_mig for slot in chosen.slots}
             free = sum(
                 1
                 for key, slot in snapshot.slots.items()
                 if key[0] in snapshot.nodes
+                and key[0] in nodes
                 and key not in taken
                 and key not in drained
                 and slot.is_mig in kinds
@@ -288,13 +307,20 @@ class Allocator:
         return chosen
 
     async def _allocate_waiting(
-        self, request: Request, quota: Quota, deadline: float
+        self, request: Request, quota: Quota, deadline: float, wanted: int
     ) -> list[Granted]:
         """Queue by priority, then arrival: a waiter may claim only what the waiters ahead
         of it leave free, so it never takes a slot from a higher-priority or earlier one."""
+        queued = [w for _, w in (await self.state.snapshot()).waiters if w.user == request.user]
+        if len(queued) >= MAX_WAITING_PER_USER:
+            raise AllocationRefused(
+                Refusal.QUOTA,
+                f"{request.user} already waits for a GPU {len(queued)} times (at most "
+                f"{MAX_WAITING_PER_USER}): let one be served or give up first",
+            )
         waiter = WaiterRecord(
             node=request.node,
-            slots=max(1, request.slots),
+            slots=wanted,
             user=request.user,
             container=request.container,
             preference=request.preference.value,
@@ -302,9 +328,12 @@ class Allocator:
             since=time.time(),
             until=deadline,
         )
-        key, lease = await self.state.enqueue_waiter(waiter, deadline - time.time() + 5)
+        # On a lease this loop renews: a waiter whose call is gone (cancelled, its
+        # process dead) leaves the queue within WAITER_TTL, not at its deadline.
+        key, lease = await self.state.enqueue_waiter(waiter, WAITER_TTL)
         try:
             while True:
+                await self.state.renew(lease)
                 snapshot = await self.state.snapshot()
                 try:
                     return await self._allocate_now(request, quota, waiter=key)
@@ -317,9 +346,11 @@ class Allocator:
                     raise AllocationRefused(
                         Refusal.NO_CAPACITY, f"waited until the deadline: {last.message}"
                     )
-                await self.state.wait_for_change(snapshot.revision, min(remaining, 5.0))
+                await self.state.wait_for_change(snapshot.revision, min(remaining, WAITER_TTL / 3))
         finally:
-            await self.state.dequeue_waiter(key, lease)
+            # To the end even if the caller's cancel comes again: a waiter left queued
+            # holds back what it wanted until its lease runs out.
+            await asyncio.shield(self.state.dequeue_waiter(key, lease))
 
     async def release(self, container: str, actor: Actor) -> list[str]:
         """A slot belongs to one container: while that container exists it keeps the GPU
@@ -506,13 +537,24 @@ def _granted(snapshot: Snapshot, held: list[tuple[SlotKey, Holder]]) -> list[Gra
     return [Granted(snapshot.slots[key], holder) for key, holder in held if key in snapshot.slots]
 
 
-def _waiting_ahead(waiters: list[tuple[str, int]], mine: str | None, priority: int) -> list[int]:
-    """Slots wanted by the waiters to serve before this request: those queued before it,
-    or, for a request that does not wait, those of the same or a higher priority (waiter
-    keys start with 1_000_000 - priority: a smaller number is a higher priority)."""
+def _waiting_ahead(
+    waiters: list[tuple[str, WaiterRecord]], mine: str | None, priority: int
+) -> list[WaiterRecord]:
+    """The waiters to serve before this request: those queued before it, or, for a
+    request that does not wait, those of the same or a higher priority (waiter keys start
+    with 1_000_000 - priority: a smaller number is a higher priority)."""
     keys = [key for key, _ in waiters]
     if mine in keys:
-        return [wanted for _, wanted in waiters[: keys.index(mine)]]
+        return [waiter for _, waiter in waiters[: keys.index(mine)]]
     return [
-        wanted for key, wanted in waiters if int(key.rsplit("/", 2)[-2]) <= 1_000_000 - priority
+        waiter for key, waiter in waiters if int(key.rsplit("/", 2)[-2]) <= 1_000_000 - priority
     ]
+
+
+def _competes(preference: str, kinds: set[bool]) -> bool:
+    """Whether a waiter of this preference could take slots of these kinds (is_mig)."""
+    if preference == "mig":
+        return True in kinds
+    if preference == "full":
+        return False in kinds
+    return True

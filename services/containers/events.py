@@ -21,6 +21,7 @@ from aetcd.exceptions import RevisionCompactedError
 
 from ds01.allocator.events import HistoryCompacted
 from ds01.containers.adapters import Metadata
+from ds01.core.etcd import cancel_watch
 from ds01.core.leases import RollingLease
 from ds01.core.records import JsonRecord
 
@@ -97,4 +98,4 @@ async def watch_lifecycle(
     except RevisionCompactedError as err:
         raise HistoryCompacted(err.compacted_revision) from err
     finally:
-        await watch.cancel()
+        await cancel_watch(watch)

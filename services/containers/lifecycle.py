@@ -219,7 +219,7 @@ class Lifecycle:
                 granted = await self.client.allocate(
                     name,
                     user=request.user,
-                    slots=gpus or 0,
+                    slots=0 if request.all_gpus else gpus or 0,
                     preference=preference,
                     node=self.node,
                     wait_seconds=request.gpu_wait or None,
@@ -248,6 +248,7 @@ class Lifecycle:
                 container_type=request.container_type,
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
                 gpu_products=products,
+                image_labels=tuple(((found.get("Config") or {}).get("Labels") or {}).keys()),
             )
             step = "creating the Docker container"
             intent.creating = True
@@ -256,6 +257,12 @@ class Lifecycle:
             # its thread; the undo waits for it, then removes it by name.
             creating = asyncio.ensure_future(self.docker.create(spec.create_arguments()))
             container = await asyncio.shield(creating)
+            if container.attrs.get("Image") != found["Id"]:  # the name was moved meanwhile
+                raise ContainerError(
+                    Code.PRECONDITION,
+                    f"image {request.image} changed while this create waited: run it again "
+                    "to use the image it names now",
+                )
             fault_point("create:docker-created")
             metadata = Metadata(
                 docker_name=name,

@@ -91,6 +91,8 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             gpu_wait=request.gpu_wait.ToTimedelta().total_seconds(),
             all_gpus=request.all_gpus,
         )
+        if create.gpus is not None and create.gpus < 0:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "gpus must be 0 or more")
         if not 0 <= create.gpu_wait <= MAX_GPU_WAIT:
             await abort(
                 context,

@@ -16,10 +16,12 @@ from docker.types import DeviceRequest
 
 from ds01.containers.adoption import NO_GPU_ENV, TRUSTED_LABELS
 from ds01.core.docker_args import nano_cpus
-from ds01.core.naming import SEPARATOR, docker_user
+from ds01.core.naming import GATEWAY_LABEL, SEPARATOR, docker_user
 
 MLC_VERSION = "4"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+_OURS = ("ds01.", "aime.mlc")  # label prefixes only ds01 sets on its containers
 
 
 class SpecError(ValueError):
@@ -91,6 +93,9 @@ class ContainerSpec:
     container_type: str = ""
     nvidia_runtime: bool = False  # Docker has the NVIDIA runtime: request exactly our GPUs
     gpu_products: tuple[str, ...] = ()  # of the allocated GPUs, e.g. "A100": mlc's ARCH
+    # The image's own labels: Docker copies them into the container unless it is given
+    # others under the same keys, and ds01's and mlc's are ds01's alone to say.
+    image_labels: tuple[str, ...] = ()
 
     @property
     def docker_name(self) -> str:
@@ -100,8 +105,11 @@ class ContainerSpec:
         """ds01's and MLC's labels. No value may hold a comma: MLC's parser splits on them."""
         user = self.account.user
         labels = {
-            # Each label adoption would believe, set here: never the image's.
-            **dict.fromkeys(TRUSTED_LABELS, ""),
+            # Each label ds01 or mlc reads, set here, never the image's: what the image
+            # says under those names (a committed gateway container's ds01.gateway=true,
+            # say) is blanked, and ds01's own values follow.
+            **dict.fromkeys((k for k in self.image_labels if k.startswith(_OURS)), ""),
+            **dict.fromkeys((*TRUSTED_LABELS, GATEWAY_LABEL), ""),
             "ds01.managed": "true",
             "ds01.user": user,
             "ds01.name": self.name,

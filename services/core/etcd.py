@@ -9,6 +9,8 @@ the channel opened over TLS instead, everything else (stubs, watcher, errors) it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -163,3 +165,14 @@ def _tls_context(pki: EtcdPki, identity: CertPaths) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.ca_cert))
     context.load_cert_chain(str(identity.cert), str(identity.key))
     return context
+
+
+WATCH_CANCEL_TIMEOUT = 2.0  # seconds to let etcd know a watch is no longer wanted
+
+
+async def cancel_watch(watch: object) -> None:
+    """End ``watch``, giving up after WATCH_CANCEL_TIMEOUT: aetcd's cancel queues a
+    request for a stream that may be gone (etcd restarted, a partition), and would wait
+    forever, holding whatever waits on it (a Release's dequeue, a service's stop)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(watch.cancel(), WATCH_CANCEL_TIMEOUT)  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from ds01.containers.adapters import CgroupfsSlices, DockerHost, SystemdSlices
 from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
 from ds01.core.docker_args import nano_cpus
-from ds01.core.etcd import connect
+from ds01.core.etcd import cancel_watch, connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort
 from ds01.core.server import ServiceRuntime, ServiceSpec
@@ -100,7 +100,7 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
                     continue
                 yield ownership_pb2.WatchOwnersResponse(type=kind, owner=owner_message(ownership))
         finally:
-            await watch.cancel()
+            await cancel_watch(watch)
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
