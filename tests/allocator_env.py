@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import pytest_asyncio
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.containers.adapters import DockerHost, MetadataStore
@@ -305,3 +306,19 @@ async def start_gateway(
     )
     context = ServiceContext(config=config, roles=Roles())
     return config, [await start_service(service_spec(n), context) for n in ("limits", "ownership")]
+
+
+def full_stack_fixture(limits: str = LIMITS, **containers: Any) -> Any:
+    """A test module's ``stack`` fixture: :func:`full_stack` with these limits (and
+    containers settings), for one test."""
+
+    @pytest_asyncio.fixture(loop_scope="session")
+    async def stack(
+        tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
+    ) -> AsyncIterator[AllocatorEnv]:
+        async with full_stack(
+            tmp_path, pki, state_dir, etcd_endpoint, docker_socket, limits, **containers
+        ) as env:
+            yield env
+
+    return stack

@@ -13,16 +13,15 @@ import shlex
 import shutil
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-import pytest_asyncio
 
 from ds01.cli.main import cli
-from ds01.core.pki import Pki, issue_client_cert
-from tests.allocator_env import AllocatorEnv, full_stack
+from ds01.core.pki import issue_client_cert
+from tests.allocator_env import AllocatorEnv, full_stack_fixture
 from tests.harness import DS01, GROUP, USERS, ds01_as
 
 pytestmark = pytest.mark.usefixtures("unix_users")
@@ -39,12 +38,7 @@ LIMITS = textwrap.dedent(
 )
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def stack(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
-) -> AsyncIterator[AllocatorEnv]:
-    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS) as env:
-        yield env
+stack = full_stack_fixture(LIMITS)
 
 
 async def test_open_exec_logs_and_stats_reach_the_users_own_container(
@@ -486,15 +480,8 @@ DEFAULT_GPU_LIMITS = textwrap.dedent(
 )
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def default_gpu_stack(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
-) -> AsyncIterator[AllocatorEnv]:
-    """A host configured as DS01 was: a create that names no GPU gets one MIG slice."""
-    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket,
-                          DEFAULT_GPU_LIMITS, default_gpus=1,
-                          default_gpu_kind="mig") as env:  # fmt: skip
-        yield env
+# A host configured as DS01 was: a create that names no GPU gets one MIG slice.
+default_gpu_stack = full_stack_fixture(DEFAULT_GPU_LIMITS, default_gpus=1, default_gpu_kind="mig")
 
 
 def _slots(result: subprocess.CompletedProcess[str]) -> list[str]:

@@ -12,15 +12,13 @@ import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
-import pytest_asyncio
 
-from ds01.core.pki import Pki
-from tests.allocator_env import AllocatorEnv, full_stack
+from tests.allocator_env import AllocatorEnv, full_stack_fixture
 from tests.harness import GROUP, ds01_as
 
 pytestmark = pytest.mark.usefixtures("unix_users")
@@ -40,12 +38,7 @@ MADE = (f"{ALICE}/proj:v1", f"{ALICE}/proj:latest", f"{ALICE}/x:latest",
         "library/ubuntu:x", "ubuntu:x")  # fmt: skip
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def stack(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
-) -> AsyncIterator[AllocatorEnv]:
-    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS) as env:
-        yield env
+stack = full_stack_fixture(LIMITS)
 
 
 @pytest.fixture

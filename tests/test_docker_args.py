@@ -10,20 +10,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-import pytest_asyncio
 
 from ds01.core.docker_args import DOCKER_SHM_SIZE, DockerArgs, DockerInfo, nano_cpus
-from ds01.core.pki import Pki
 from ds01.ownership.server import caps_of
 from ds01.v1 import limits_pb2
-from tests.allocator_env import AllocatorEnv, full_stack
+from tests.allocator_env import AllocatorEnv, full_stack_fixture
 from tests.harness import ds01_as
 
 ALICE, BOB = "ds01alice", "ds01bob"
@@ -53,6 +50,8 @@ LIMITS = textwrap.dedent(
 )
 FIELDS = ("NanoCpus", "CpuQuota", "CpuPeriod", "Memory", "MemorySwap", "ShmSize", "PidsLimit",
           "IpcMode", "CgroupParent")  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("unix_users")
 
 
 def _bytes(text: str) -> int:
@@ -88,17 +87,7 @@ def real_host_config(docker_socket: Path, name: str) -> dict[str, Any]:
     return {key: host.get(key) for key in FIELDS}
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def stack(
-    tmp_path: Path,
-    pki: Pki,
-    state_dir: Path,
-    etcd_endpoint: str,
-    docker_socket: Path,
-    unix_users: dict[str, int],
-) -> AsyncIterator[AllocatorEnv]:
-    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket, LIMITS) as env:
-        yield env
+stack = full_stack_fixture(LIMITS)
 
 
 async def printed(env: AllocatorEnv, user: str) -> str:

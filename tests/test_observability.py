@@ -15,23 +15,20 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import grpc
 import pytest
-import pytest_asyncio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01.client import Ds01Error
 from ds01.core.logs import JsonFormatter, TextFormatter, under_journald
-from ds01.core.pki import Pki
 from ds01.core.processes import free_port, spawn
 from ds01.v1 import containers_pb2
-from tests.allocator_env import AllocatorEnv, etcd_revision, full_stack
+from tests.allocator_env import AllocatorEnv, etcd_revision, full_stack_fixture
 from tests.harness import (
     REPO,
     metrics_text,
@@ -53,13 +50,8 @@ HOSTILE = [  # docker run arguments the gateway refuses, each for a different re
 ]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def stack(
-    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str, docker_socket: Path
-) -> AsyncIterator[AllocatorEnv]:
-    """All four services in this process, the gateway's sockets where users reach them."""
-    async with full_stack(tmp_path, pki, state_dir, etcd_endpoint, docker_socket) as env:
-        yield env
+# All four services in this process, the gateway's sockets where users reach them.
+stack = full_stack_fixture()
 
 
 def docker_as(env: AllocatorEnv, user: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -455,23 +455,31 @@ class EtcdState:
             await lease.revoke()  # type: ignore[attr-defined]
 
     async def wait_for_change(self, after_revision: int, timeout: float) -> None:
-        """Return when a holder or waiter changed after ``after_revision``, or on timeout."""
-        watches = []
-        with contextlib.suppress(TimeoutError):  # a watch that cannot be made: wait no more
-            for prefix in (HOLDERS, WAITERS):
-                made = self.client.watch_prefix(prefix.encode(), start_revision=after_revision + 1)
-                watches.append(await asyncio.wait_for(made, timeout))
-
-        async def first_event(watch: object) -> None:
-            async for _event in watch:  # type: ignore[attr-defined]
-                return
-
-        tasks = [asyncio.ensure_future(first_event(w)) for w in watches]
+        """Return when a holder or waiter changed after ``after_revision``, or on timeout.
+        A cancel is never lost here: asyncio.timeout, not wait_for, which in Python 3.11
+        returns the result instead when the awaited watch is made in the same moment (a
+        waiting Allocate whose caller left then waited on to its deadline)."""
+        watches: list[object] = []
         try:
-            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(TimeoutError):  # a watch not made in time: wait no more
+                async with asyncio.timeout(timeout):
+                    for prefix in (HOLDERS, WAITERS):
+                        start = after_revision + 1
+                        watches.append(
+                            await self.client.watch_prefix(prefix.encode(), start_revision=start)
+                        )
+
+            async def first_event(watch: object) -> None:
+                async for _event in watch:  # type: ignore[attr-defined]
+                    return
+
+            tasks = [asyncio.ensure_future(first_event(w)) for w in watches]
+            try:
+                await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
         finally:
-            for task in tasks:
-                task.cancel()
             for watch in watches:
                 await cancel_watch(watch)
 
