@@ -452,7 +452,7 @@ async def test_waiters_for_a_node_that_never_comes_do_not_block_everyone_else(
 
         def wait(n: int, slots: int, as_many: bool) -> asyncio.Future[Any]:
             call = mallory.allocate(
-                f"w{n}._.mallory", slots=slots, as_many=as_many, node="nowhere", wait_seconds=20
+                f"w{n}._.mallory", slots=slots, as_many=as_many, node="nowhere", wait_seconds=8
             )
             return asyncio.ensure_future(call)
 
@@ -480,10 +480,10 @@ async def test_waiters_for_a_node_that_never_comes_do_not_block_everyone_else(
         async def empty() -> bool:
             return not (await alice.gpu_queue()).waiters
 
-        # Gone by their deadline (20 s) at the latest. Known gap: now and then the server
+        # Gone by their deadline (8 s) at the latest. Known gap: now and then the server
         # never learns that a call was cancelled (its context says not cancelled), and
         # waits on for it until its deadline.
-        await until(empty, 25, "the cancelled waiters stayed in the queue")
+        await until(empty, 12, "the cancelled waiters stayed in the queue")
 
 
 async def test_a_gpus_all_create_waits_for_what_the_cap_allows_not_what_it_says(
