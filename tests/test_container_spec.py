@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ds01.containers.adapters import Intent
 from ds01.containers.adoption import TRUSTED_LABELS
 from ds01.containers.spec import Account, ContainerSpec, Limits, SpecError, docker_name
 
@@ -109,3 +110,18 @@ def test_gpu_visibility_is_ds01s_with_or_without_gpus(gpus, nvidia, cuda):
         nvidia,
         cuda,
     )
+
+
+@pytest.mark.parametrize(
+    ("phase", "said"),
+    [
+        ({}, "being created"),
+        ({"allocating": True}, "being created: getting its GPUs (or waiting for one)"),
+        ({"allocating": True, "creating": True}, "being created: Docker is making it"),
+        ({"creating": True, "starting": True}, "being created: starting it"),
+    ],
+)
+def test_a_create_in_progress_says_which_step_it_is_at(phase: dict[str, bool], said: str):
+    intent = Intent("p._.alice", "p", "alice", "img", "n1", "run", 0.0, **phase)
+    assert intent.shown(interrupted=False).notice == said
+    assert "undoing it" in intent.shown(interrupted=True).notice

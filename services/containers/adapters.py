@@ -230,13 +230,16 @@ class Intent(JsonRecord):
     made_dirs: list[str] = field(default_factory=list)  # directories it is about to make
     allocating: bool = False  # it has asked for (or holds) GPUs under docker_name
     creating: bool = False  # it has asked Docker for a container named docker_name
+    starting: bool = False  # the container is made; it is being started
     undoing: bool = False  # its own undo failed: the repair loop takes over
 
     @property
     def step(self) -> str:
         """Where the create is, in words, from what it recorded before each side effect."""
+        if self.starting:
+            return "being created: starting it"
         if self.creating:
-            return "being created: Docker is making (and starting) it"
+            return "being created: Docker is making it"
         if self.allocating:
             return "being created: getting its GPUs (or waiting for one)"
         return "being created"

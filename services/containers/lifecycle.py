@@ -289,6 +289,8 @@ class Lifecycle:
             fault_point("create:named")
             if request.start:
                 step = "starting the container"
+                intent.starting = True
+                await self.intents.update(intent)  # for whoever asks what the create does
                 await self._start(container, account, named=True)
                 fault_point("create:started")
             step = "recording the container's metadata"
