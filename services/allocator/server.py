@@ -48,7 +48,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA, Metadata
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
-from ds01.core.messages import abort, timestamp
+from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.core.units import parse_duration
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
@@ -64,11 +64,6 @@ _PREFERENCES = {
     allocator_pb2.SLOT_PREFERENCE_ANY: Preference.ANY,
     allocator_pb2.SLOT_PREFERENCE_FULL_GPU: Preference.FULL_GPU,
     allocator_pb2.SLOT_PREFERENCE_MIG: Preference.MIG,
-}
-_PREFERENCE_ENUMS = {
-    Preference.ANY.value: allocator_pb2.SLOT_PREFERENCE_ANY,
-    Preference.FULL_GPU.value: allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
-    Preference.MIG.value: allocator_pb2.SLOT_PREFERENCE_MIG,
 }
 _EVENT_TYPES = {
     EventKind.ALLOCATED: allocator_pb2.ALLOCATION_EVENT_TYPE_ALLOCATED,
@@ -300,7 +295,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                     user=waiter.user,
                     container=waiter.container if mine else "",
                     slots=waiter.slots,
-                    preference=_PREFERENCE_ENUMS.get(waiter.preference, 0),
+                    preference=SLOT_PREFERENCES.get(waiter.preference, 0),
                     priority=waiter.priority,
                     node=waiter.node,
                     since=timestamp(waiter.since or None),

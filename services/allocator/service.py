@@ -311,7 +311,7 @@ class Allocator:
     ) -> list[Granted]:
         """Queue by priority, then arrival: a waiter may claim only what the waiters ahead
         of it leave free, so it never takes a slot from a higher-priority or earlier one."""
-        queued = [w for _, w in (await self.state.snapshot()).waiters if w.user == request.user]
+        queued = [w for w in await self.state.waiters() if w.user == request.user]
         if len(queued) >= MAX_WAITING_PER_USER:
             raise AllocationRefused(
                 Refusal.QUOTA,

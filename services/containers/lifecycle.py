@@ -48,7 +48,7 @@ from ds01.containers.spec import (
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
-from ds01.ownership.gateway.images import readable
+from ds01.ownership.gateway.images import config_labels, readable
 from ds01.ownership.owners import user_exists
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class Lifecycle:
                 container_type=request.container_type,
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
                 gpu_products=products,
-                image_labels=tuple(((found.get("Config") or {}).get("Labels") or {}).keys()),
+                image_labels=tuple(config_labels(found)),
             )
             step = "creating the Docker container"
             intent.creating = True

@@ -23,19 +23,14 @@ from ds01.containers.metrics import Tallies
 from ds01.containers.reconcile import Reconciler
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
-from ds01.core.messages import abort, timestamp
+from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
-from ds01.v1 import allocator_pb2, common_pb2, containers_pb2, containers_pb2_grpc
+from ds01.v1 import common_pb2, containers_pb2, containers_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_GPU_WAIT = 24 * 3600.0  # seconds a create may queue for its GPUs
-GPU_KINDS = {  # containers.default_gpu_kind
-    "any": allocator_pb2.SLOT_PREFERENCE_ANY,
-    "mig": allocator_pb2.SLOT_PREFERENCE_MIG,
-    "full": allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
-}
 CONTAINERS_SERVICE = containers_pb2.DESCRIPTOR.services_by_name["ContainersService"].full_name
 _CODES = {
     Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -304,7 +299,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         client=client,
         network_mode=config.containers.network_mode,
         default_gpus=config.containers.default_gpus,
-        default_gpu_preference=GPU_KINDS[config.containers.default_gpu_kind],
+        default_gpu_preference=SLOT_PREFERENCES[config.containers.default_gpu_kind],
         events=LifecycleEvents(etcd, config.node),
     )
     reconciler = Reconciler(

@@ -5,6 +5,16 @@ from __future__ import annotations
 import grpc
 from google.protobuf import timestamp_pb2
 
+from ds01.v1 import allocator_pb2
+
+# The kinds of GPU slot in words (the allocator's Preference values, the containers
+# service's default_gpu_kind) and as the protos spell them.
+SLOT_PREFERENCES = {
+    "any": allocator_pb2.SLOT_PREFERENCE_ANY,
+    "mig": allocator_pb2.SLOT_PREFERENCE_MIG,
+    "full": allocator_pb2.SLOT_PREFERENCE_FULL_GPU,
+}
+
 
 def timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
     """A Timestamp for epoch seconds; None stays None (an unset field)."""

@@ -18,6 +18,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import CgroupfsSlices, DockerHost, SystemdSlices
 from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
+from ds01.containers.spec import limits_of
 from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import cancel_watch, connect
 from ds01.core.identity import caller
@@ -196,15 +197,13 @@ def caps_of(limits: Any, args: Any) -> Caps:
     otherwise the printed value is Docker's own default, which a request naming none
     gets from Docker, and one may name more: the configuration sets no limit there."""
 
-    def given(message: Any, field: str) -> int | None:
-        return int(getattr(message, field)) if message.HasField(field) else None
-
+    got = limits_of(args)
     return Caps(
-        nano_cpus=nano_cpus(args.cpus) if args.HasField("cpus") else None,
-        memory=given(args, "memory_bytes"),
-        memory_swap=given(args, "memory_swap_bytes") if limits.memory_swap_bytes else None,
-        pids=given(args, "pids_limit"),
-        shm_size=given(args, "shm_size_bytes") if limits.shm_size_bytes else None,
+        nano_cpus=nano_cpus(got.cpus) if got.cpus is not None else None,
+        memory=got.memory,
+        memory_swap=got.memory_swap if limits.memory_swap_bytes else None,
+        pids=got.pids,
+        shm_size=got.shm_size if limits.shm_size_bytes else None,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ds01.containers.adoption import Seen, gpu_references, made_by_gateway
-from ds01.ownership.gateway import filters, policy, verify
+from ds01.ownership.gateway import filters, images, policy, verify
 from ds01.ownership.gateway.decisions import (
     JSON,
     Answer,
@@ -125,7 +125,7 @@ class Admission(ImageRoutes, StorageRoutes):
                 raise Refused(f"{source} does not exist (any more); not starting")
             if not inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
-        labels = policy.config_labels(found)
+        labels = images.config_labels(found)
         slots = [] if made_by_gateway(labels) else labels.get(GPU_SLOTS_LABEL, "").split()
         seen = Seen.of(found)
         references = list(gpu_references(labels, seen.env, seen.device_ids))

@@ -9,7 +9,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from ds01.ownership.gateway import archives, filters, policy
+from ds01.ownership.gateway import archives, filters, images, policy
 from ds01.ownership.gateway.decisions import Decision, message, one
 from ds01.ownership.gateway.images import (
     OWNER_LABEL,
@@ -143,7 +143,7 @@ class ImageRoutes(Request):
     async def _labelled_theirs(self, name: str) -> bool:
         """An image made for the caller carries no other user's owner label."""
         found = await self.daemon.image(name) or {}
-        owner = policy.config_labels(found).get(OWNER_LABEL)
+        owner = images.config_labels(found).get(OWNER_LABEL)
         return owner in (None, self.caller.user)
 
     async def _give_back(self, name: str, previous: str | None) -> None:
@@ -167,13 +167,13 @@ class ImageRoutes(Request):
         return _undone(wrong, self.caller.user)
 
     async def _built_by_the_rules(self, made: dict[str, Any]) -> bool:
-        if policy.config_labels(made).get(OWNER_LABEL) != self.caller.user:
+        if images.config_labels(made).get(OWNER_LABEL) != self.caller.user:
             return False
         parent, seen = made.get("Parent") or "", 0
         while parent and seen < 1000:
             above = await self.daemon.image(parent) or {}
             tags = above.get("RepoTags") or []
-            labels = policy.config_labels(above)
+            labels = images.config_labels(above)
             if access(self.caller.user, tags, labels, user_exists) is Access.PRIVATE:
                 return False  # stands on an image that is not the caller's to read
             parent, seen = above.get("Parent") or "", seen + 1
@@ -198,7 +198,7 @@ class ImageRoutes(Request):
                 return status, data
             image_id = str((json.loads(data) or {}).get("Id", ""))
             made = await self.daemon.image(image_id) or {}
-            labels = policy.config_labels(made)
+            labels = images.config_labels(made)
             tags = made.get("RepoTags") or []
             if labels.get(OWNER_LABEL) != user or any(
                 access(user, [t], {}, user_exists) is not Access.OWN for t in tags

@@ -135,6 +135,11 @@ def named_for_another(reference: str, user: str, exists: Callable[[str], bool]) 
     return named if named not in (None, user) else None
 
 
+def config_labels(inspect: dict[str, Any]) -> dict[str, str]:
+    """The labels of a container's or an image's inspect (under Config)."""
+    return (inspect.get("Config") or {}).get("Labels") or {}
+
+
 def readable(
     user: str, reference: str, inspect: dict[str, Any], exists: Callable[[str], bool]
 ) -> bool:
@@ -142,9 +147,8 @@ def readable(
     their own or a shared one, never another user's, by name or by id."""
     if named_for_another(reference, user, exists):
         return False
-    labels = (inspect.get("Config") or {}).get("Labels") or {}
     tags = inspect.get("RepoTags") or []
-    kind = access(user, tags, labels, exists, unowned=Access.PRIVATE)
+    kind = access(user, tags, config_labels(inspect), exists, unowned=Access.PRIVATE)
     return kind is not Access.PRIVATE
 
 

@@ -537,11 +537,6 @@ def _env(env: list[str]) -> list[str]:
     return [*env, *(f"{key}={value}" for key, value in NO_GPU_ENV.items())]
 
 
-def config_labels(inspect: dict[str, Any]) -> dict[str, str]:
-    """The labels of a container's or an image's inspect (under Config)."""
-    return (inspect.get("Config") or {}).get("Labels") or {}
-
-
 def owner_label(found: dict[str, Any]) -> str:
     """The owner a volume or network was labelled with ("" for none)."""
     return (found.get("Labels") or {}).get(OWNER_LABEL, "")

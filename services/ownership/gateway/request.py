@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ds01.ownership.gateway import filters, policy
+from ds01.ownership.gateway import filters, images, policy
 from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.decisions import (
     JSON,
@@ -166,7 +166,7 @@ class Request:
         found = reply.json() if reply.status == 200 else None
         if not isinstance(found, dict):
             raise NotFound(f"No such container: {reference}")
-        return found, reply.body, owner_of("", "", policy.config_labels(found)).owner
+        return found, reply.body, owner_of("", "", images.config_labels(found)).owner
 
     async def _labelled_owner(
         self, lookup: Callable[[str], Awaitable[dict[str, Any] | None]], reference: str
@@ -190,7 +190,7 @@ class Request:
         if found is None:
             raise NotFound(f"No such image: {reference}")
         tags = found.get("RepoTags") or []
-        labels = policy.config_labels(found)
+        labels = images.config_labels(found)
         kind = access(self.caller.user, tags, labels, user_exists, unowned=Access.PRIVATE)
         owner = self.caller.user if kind is Access.OWN else labels.get(OWNER_LABEL, "")
         if kind is Access.PRIVATE and not owner:

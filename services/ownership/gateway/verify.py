@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ds01.ownership.gateway.images import OWNER_LABEL
+from ds01.ownership.gateway.images import OWNER_LABEL, config_labels
 from ds01.ownership.gateway.policy import (
     CPU_SHARES,
     LOG_DRIVER,
     NO_NEW_PRIVILEGES,
     Caller,
-    config_labels,
     owner_label,
     ulimit_caps,
     within,
