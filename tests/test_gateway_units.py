@@ -210,6 +210,17 @@ def test_image_access_follows_tags_and_labels():
     assert parse_name("docker.io/library/ubuntu").tagged() == "ubuntu:latest"
 
 
+@pytest.mark.parametrize(
+    "reference",
+    ["Alice/x", "ALICE/x:1", "Ubuntu", "alice/X", "a//b", "ubuntu:", "x@sha256:zz", " ubuntu"],
+)
+def test_an_image_name_docker_would_refuse_is_refused_as_docker_would(reference: str):
+    """A first part without '.' or ':' is a path's part, lower case as every other (Docker:
+    "repository name must be lowercase"): never read as a registry and let through."""
+    with pytest.raises(BadRequest, match="is not a valid image name"):
+        parse_name(reference)
+
+
 def resolved(**extra: object) -> Resolved:
     found = Resolved(
         paths={

@@ -328,6 +328,24 @@ async def test_the_create_makes_the_container_from_the_image_it_checked(
                 await alice.remove_container("moved")
 
 
+@pytest.mark.parametrize(
+    "reference",
+    ["Ds01alice/proj:1", "docker.io/library/../x", " ubuntu", "ubuntu:", "a//b", "x@sha256:zz",
+     "ubuntu:\ttab", "-x", "x" * 256],
+)  # fmt: skip
+async def test_an_image_name_docker_would_not_read_is_refused_as_such(
+    stack: AllocatorEnv, daemon: docker.DockerClient, reference: str
+):
+    """What the gateway's name rules refuse, create refuses before Docker reads it: an
+    invalid argument that says so, never a failure of Docker's, and nothing left."""
+    async with clients(stack, ALICE) as (alice,):
+        made = await create(alice, "odd", reference)
+    assert isinstance(made, Ds01Error), made
+    assert made.code == grpc.StatusCode.INVALID_ARGUMENT, made
+    assert "is not a valid image name" in made.message, made.message
+    assert daemon.containers.list(all=True, filters={"name": "odd._."}) == []
+
+
 # --- labels an image brings into a container of ds01 ------------------------------------
 
 

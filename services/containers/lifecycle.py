@@ -48,7 +48,8 @@ from ds01.containers.spec import (
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
-from ds01.ownership.gateway.images import config_labels, readable
+from ds01.ownership.gateway.images import config_labels, is_id, parse_name, readable
+from ds01.ownership.gateway.strict import BadRequest
 from ds01.ownership.owners import user_exists
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,13 @@ class Lifecycle:
                     "withdrawn; an admin can restore it by removing them from that file",
                 )
             step = "checking the image"
+            if not is_id(request.image):  # read as the gateway reads it, before Docker does
+                try:
+                    parse_name(request.image)
+                except BadRequest as err:
+                    raise ContainerError(
+                        Code.INVALID, f"{err}: name it as `ds01 image ls --all` shows it"
+                    ) from None
             found = await self.docker.image(request.image)
             # Another user's image is not there for this user, as through the gateway.
             if found is None or not readable(request.user, request.image, found, user_exists):

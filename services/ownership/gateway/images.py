@@ -64,6 +64,8 @@ def parse_name(reference: str) -> ImageName:
         raise BadRequest(f"{reference!r} is not a valid image name")
     domain, path = found["domain"], found["path"]
     if domain is not None and "." not in domain and ":" not in domain and domain != "localhost":
+        if not re.fullmatch(_COMPONENT, domain):  # a path's part, lower case, as Docker reads it
+            raise BadRequest(f"{reference!r} is not a valid image name")
         path, domain = f"{domain}/{path}", None  # "alice/proj": a path, not a registry
     if domain in ("docker.io", "index.docker.io"):
         domain = None
