@@ -47,6 +47,10 @@ def run(work: Callable[[], Any]) -> Any:
     except PermissionError as err:
         fail(f"{err.filename}: permission denied; ask an admin for access, or run this as the "
              "file's owner")  # fmt: skip
+    except KeyboardInterrupt:
+        # The calls in flight are cancelled: a create still waiting for its GPU gives up
+        # and leaves nothing; one past that point completes on the server.
+        fail("interrupted", code=130)
 
 
 def call(settings: Settings, work: Callable[[Ds01Client], Coroutine[Any, Any, Any]]) -> Any:

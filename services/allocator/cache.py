@@ -113,6 +113,23 @@ class ClusterCache:
         self.view = View()
         self.live = False
         self._task: asyncio.Task[None] | None = None
+        self._changed: asyncio.Future[None] | None = None
+
+    async def wait_for_change(self, after_revision: int, timeout: float) -> None:
+        """Return when the view moves past ``after_revision``, on timeout, or when the
+        view stops being live. One shared watch serves every waiting request, and the wait
+        is a plain future: a cancel is never lost in it (the per-request etcd watches it
+        replaced went through aetcd's wait_for, which in Python 3.11 can swallow one, and
+        a waiting Allocate whose caller had left then waited on to its deadline)."""
+        if self.view.revision > after_revision or not self.live:
+            return
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.wait([self._changed], timeout=timeout)
+
+    def _wake(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._follow())
@@ -182,6 +199,7 @@ class ClusterCache:
             raise RuntimeError("an etcd watch ended")
         finally:
             self.live = False
+            self._wake()
             for watch in watches:
                 await cancel_watch(watch)
 
@@ -203,6 +221,7 @@ class ClusterCache:
     async def _pump(self, watch: object, view: View) -> None:
         async for event in watch:  # type: ignore[attr-defined]
             apply(view, event)
+            self._wake()
 
 
 def apply(view: View, event: aetcd.rtypes.Event) -> None:

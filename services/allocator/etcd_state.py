@@ -38,7 +38,6 @@ from ds01.allocator.records import (
     slot_key,
     split_slot_key,
 )
-from ds01.core.etcd import cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -453,35 +452,6 @@ class EtcdState:
         with contextlib.suppress(Exception):
             await self.client.delete(key.encode())
             await lease.revoke()  # type: ignore[attr-defined]
-
-    async def wait_for_change(self, after_revision: int, timeout: float) -> None:
-        """Return when a holder or waiter changed after ``after_revision``, or on timeout.
-        A cancel is never lost here: asyncio.timeout, not wait_for, which in Python 3.11
-        returns the result instead when the awaited watch is made in the same moment (a
-        waiting Allocate whose caller left then waited on to its deadline)."""
-        watches: list[object] = []
-        try:
-            with contextlib.suppress(TimeoutError):  # a watch not made in time: wait no more
-                async with asyncio.timeout(timeout):
-                    for prefix in (HOLDERS, WAITERS):
-                        start = after_revision + 1
-                        watches.append(
-                            await self.client.watch_prefix(prefix.encode(), start_revision=start)
-                        )
-
-            async def first_event(watch: object) -> None:
-                async for _event in watch:  # type: ignore[attr-defined]
-                    return
-
-            tasks = [asyncio.ensure_future(first_event(w)) for w in watches]
-            try:
-                await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks:
-                    task.cancel()
-        finally:
-            for watch in watches:
-                await cancel_watch(watch)
 
 
 class NodeRegistration:

@@ -50,6 +50,7 @@ from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
+from ds01.core.tasks import cancellable
 from ds01.core.units import parse_duration
 from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2
 
@@ -183,7 +184,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         wait_until = (
             request.wait_until.ToDatetime().timestamp() if request.HasField("wait_until") else None
         )
-        granted = await self._run(context, self.allocator.allocate(wanted, actor, wait_until))
+        # A waiting call ends with its caller (a cancel here can be swallowed otherwise).
+        work = self.allocator.allocate(wanted, actor, wait_until)
+        granted = await self._run(context, cancellable(work) if wait_until else work)
         return allocator_pb2.AllocateResponse(
             allocations=[allocation_message(g.slot, g.holder, True) for g in granted],
             environment=environment(granted),

@@ -33,6 +33,7 @@ CLAIM_ATTEMPTS = 20  # a lost race re-reads and re-plans; each loss means someon
 MAX_WAIT = 24 * 3600.0  # seconds an Allocate may queue
 MAX_WAITING_PER_USER = 4  # queued requests of one user at a time: the queue is shared
 WAITER_TTL = 9.0  # seconds a waiter's record outlives its last renewal
+CHANGE_POLL = 0.5  # seconds between looks at etcd for a waiter when no watched view is live
 
 
 class LimitsSource(Protocol):
@@ -346,11 +347,19 @@ class Allocator:
                     raise AllocationRefused(
                         Refusal.NO_CAPACITY, f"waited until the deadline: {last.message}"
                     )
-                await self.state.wait_for_change(snapshot.revision, min(remaining, WAITER_TTL / 3))
+                await self._wait_for_change(snapshot.revision, min(remaining, WAITER_TTL / 3))
         finally:
             # To the end even if the caller's cancel comes again: a waiter left queued
             # holds back what it wanted until its lease runs out.
             await asyncio.shield(self.state.dequeue_waiter(key, lease))
+
+    async def _wait_for_change(self, after_revision: int, timeout: float) -> None:
+        """Until holders or waiters may have changed: told by the watched view while it
+        is live, else (etcd away, or no view) a short poll."""
+        if self.cache is not None and self.cache.live:
+            await self.cache.wait_for_change(after_revision, timeout)
+        else:
+            await asyncio.sleep(min(timeout, CHANGE_POLL))
 
     async def release(self, container: str, actor: Actor) -> list[str]:
         """A slot belongs to one container: while that container exists it keeps the GPU

@@ -48,6 +48,7 @@ from ds01.containers.spec import (
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
+from ds01.core.tasks import Abandoned, unless_set
 from ds01.ownership.gateway.images import config_labels, is_id, parse_name, readable
 from ds01.ownership.gateway.strict import BadRequest
 from ds01.ownership.owners import user_exists
@@ -134,11 +135,13 @@ class Lifecycle:
         self.intents = IntentStore(self.metadata.client, self.node)
         self.events.node = self.events.node or self.node
 
-    async def create(self, request: CreateRequest) -> Metadata:
+    async def create(
+        self, request: CreateRequest, abandoned: asyncio.Event | None = None
+    ) -> Metadata:
         lock = self._creating.setdefault(request.user, asyncio.Lock())
         async with lock:
             try:
-                made = await self._create(request)
+                made = await self._create(request, abandoned)
             finally:
                 self._in_flight.discard(request.user)
         await self.events.publish(Kind.CREATED, made, f"image {made.image}")
@@ -146,11 +149,13 @@ class Lifecycle:
             await self.events.publish(Kind.STARTED, made)
         return made
 
-    async def _create(self, request: CreateRequest) -> Metadata:
+    async def _create(self, request: CreateRequest, abandoned: asyncio.Event | None) -> Metadata:
         step = "checking the request"
         intent: Intent | None = None
         creating: asyncio.Future[Any] | None = None
         try:
+            if abandoned is not None and abandoned.is_set():  # gone while an earlier create ran
+                raise Abandoned()
             step = "checking the container name"
             name = docker_name(request.name, request.user)
             if (pending := await self.intents.get(name)) is not None:
@@ -224,7 +229,7 @@ class Lifecycle:
                 step = "allocating GPUs"
                 intent.allocating = True
                 await self.intents.update(intent)
-                granted = await self.client.allocate(
+                allocating = self.client.allocate(
                     name,
                     user=request.user,
                     slots=0 if request.all_gpus else gpus or 0,
@@ -233,6 +238,8 @@ class Lifecycle:
                     wait_seconds=request.gpu_wait or None,
                     as_many=request.all_gpus,
                 )
+                # Nothing is made yet: a caller who gave up waiting wants nothing made.
+                granted = await unless_set(abandoned, allocating)
                 fault_point("create:allocated")
                 gpu_env = dict(granted.environment)
                 slots = tuple(f"{a.slot.node}/{a.slot.slot_id}" for a in granted.allocations)
@@ -758,6 +765,8 @@ def _failed(step: str, err: BaseException, left: list[str]) -> ContainerError:
         code, why = Code.UNAVAILABLE, f"Docker: {err}"
     elif isinstance(err, asyncio.CancelledError):
         code, why = Code.UNAVAILABLE, "the call was cancelled"
+    elif isinstance(err, Abandoned):
+        code, why = Code.UNAVAILABLE, "its caller gave up waiting"
     else:
         code, why = Code.UNAVAILABLE, failure_sentence(err)
     message = f"create failed while {step}: {why}"

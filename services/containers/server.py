@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -94,7 +94,14 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"gpu_wait must be between 0 and {MAX_GPU_WAIT / 3600:g} hours",
             )
-        metadata = await self._run(context, self.lifecycle.create(create))
+        # Any create runs to its end if its caller hangs up, but one that queues for its
+        # GPUs gives up (and undoes itself) if its caller leaves while it waits.
+        abandoned = asyncio.Event() if create.gpu_wait else None
+        metadata = await self._run(
+            context,
+            self.lifecycle.create(create, abandoned),
+            on_leave=abandoned.set if abandoned else None,
+        )
         return containers_pb2.CreateContainerResponse(container=await self._message(metadata))
 
     async def StartContainer(
@@ -221,13 +228,24 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 held.by_container.setdefault(allocation.container, []).append(allocation)
         return held
 
-    async def _run(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Awaitable[T],
+        on_leave: Callable[[], object] | None = None,
+    ) -> T:
         """Run ``work`` to its end even if the caller hangs up: a create, stop or remove
-        cut off halfway would leave a container without its record, or the reverse."""
+        cut off halfway would leave a container without its record, or the reverse.
+        ``on_leave`` is told when the caller has gone."""
         task = asyncio.ensure_future(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        return await answer(context, asyncio.shield(task), _status_of)
+        try:
+            return await answer(context, asyncio.shield(task), _status_of)
+        except asyncio.CancelledError:
+            if on_leave is not None:
+                on_leave()
+            raise
 
 
 def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
