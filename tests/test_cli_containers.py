@@ -526,6 +526,8 @@ async def test_a_create_on_a_terminal_says_where_it_waits_in_the_queue(
     assert (await stack.cli(BOB, "container", "rm", "-f", "all")).returncode == 0
     shown = await asyncio.wait_for(waiting, 60)
     assert shown.returncode == 0, shown.stdout
+    # each step as it comes: the request's checks, the queue, then the answer
+    assert "creating and starting w: checking the image and your limits" in shown.stdout
     assert "waiting for a GPU: number 1 of 1 in the queue" in shown.stdout
     assert "w._.ds01alice: running, n1/2:" in shown.stdout
     # In a pipe, no progress lines: the answer alone.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import getpass
 import json
 import os
 import sys
@@ -165,16 +164,29 @@ async def _with_progress(client: Ds01Client, name: str, work: Awaitable[Any], do
         return await work
     task = asyncio.ensure_future(work)
     started = time.monotonic()
-    with Console(stderr=True).status(f"{doing} {name}…") as status:
+    with Console(stderr=True).status(f"{doing} {name}: {CHECKING}…") as status:
+        me = ""  # the name the queue knows the caller by (the certificate's)
         while not (await asyncio.wait({task}, timeout=1.0))[0]:
-            place, step = await asyncio.gather(_queue_place(client, name), _step(client, name))
+            me = me or await _identity(client)
+            place, step = await asyncio.gather(_queue_place(client, name, me), _step(client, name))
             waited = f"{time.monotonic() - started:.0f} s"
             status.update(
                 f"waiting for a GPU: number {place[0]} of {place[1]} in the queue ({waited})"
                 if place
-                else f"{name}: {step or doing} ({waited})"
+                else f"{name}: {step or CHECKING} ({waited})"
             )
     return task.result()
+
+
+# Before a create is recorded (and so has a step to tell) it checks the request.
+CHECKING = "checking the image and your limits"
+
+
+async def _identity(client: Ds01Client) -> str:
+    try:
+        return (await client.whoami()).name
+    except Exception:  # the answer to the create itself is what counts
+        return ""
 
 
 async def _step(client: Ds01Client, name: str) -> str:
@@ -185,13 +197,12 @@ async def _step(client: Ds01Client, name: str) -> str:
         return ""
 
 
-async def _queue_place(client: Ds01Client, name: str) -> tuple[int, int] | None:
-    """(position, queue length) of the caller's create of ``name``, if it waits."""
+async def _queue_place(client: Ds01Client, name: str, me: str) -> tuple[int, int] | None:
+    """(position, queue length) of the create of ``name`` by ``me``, if it waits."""
     try:
         waiters = (await client.gpu_queue()).waiters
     except Exception:  # the answer to the create itself is what counts
         return None
-    me = getpass.getuser()
     for waiter in waiters:
         if waiter.user == me and waiter.container.split("._.")[0] == name:
             return waiter.position, len(waiters)
