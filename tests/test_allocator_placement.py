@@ -57,6 +57,25 @@ def test_least_allocated_gpu_first_ties_in_numeric_order():
     assert ids(two) == ["0", "1"]
 
 
+@pytest.mark.parametrize("strategy", [Strategy.LEAST_ALLOCATED, Strategy.PACK])
+def test_spreading_breaks_ties_at_random_but_keeps_the_strategys_order(strategy: Strategy):
+    """Allocators that lost a claim to each other spread their plans over equally good
+    slots; which slots are equally good is still the strategy's call."""
+    slots = [mig("n", gpu, i) for gpu in (0, 1, 2) for i in (1, 2, 3)]
+    holders = {("n", "0:1"): holder("bob", "b"), ("n", "1:1"): holder("bob", "c")}
+    tier = {"2:1", "2:2", "2:3"} if strategy is Strategy.LEAST_ALLOCATED else {
+        "0:2", "0:3", "1:2", "1:3"}  # fmt: skip
+    request = Request("alice", "a", preference=Preference.MIG)
+
+    def chosen(spread: bool) -> str:
+        found = plan(request, RESEARCHER, slots, holders, {"n"}, strategy, spread=spread)
+        return ids(found)[0]
+
+    assert {chosen(spread=False) for _ in range(20)} == {min(tier)}  # numeric order
+    spread = {chosen(spread=True) for _ in range(200)}
+    assert spread == tier  # every equally good slot, and only those
+
+
 def test_least_allocated_spreads_mig_slices_over_gpus():
     slots = [mig("n", 0, 1), mig("n", 0, 2), mig("n", 1, 1), mig("n", 1, 2)]
     holders = {("n", "0:1"): holder("bob", "b")}

@@ -7,6 +7,7 @@ that claims the chosen slots is what makes the choice safe under races.
 from __future__ import annotations
 
 import enum
+import random
 from collections import Counter
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, replace
@@ -111,10 +112,13 @@ def plan(
     strategy: Strategy = Strategy.LEAST_ALLOCATED,
     held: float | None = None,
     drained: Container[tuple[str, str]] = (),
+    spread: bool = False,
 ) -> Plan:
     """The slots ``request`` gets, or AllocationRefused saying why not. ``held``: the
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
-    ``drained``: slots that take no new allocation (what is held there still counts)."""
+    ``drained``: slots that take no new allocation (what is held there still counts).
+    ``spread``: ties between equally good slots are broken at random, not in numeric
+    order (allocators that contend for slots then seldom plan the same one)."""
     slots = list(slots)
     many = request.as_many
     wanted = checked(request, quota)  # what no state of the cluster could grant
@@ -160,12 +164,12 @@ def plan(
             f"{smallest:.2f} more. Nothing fits until one of their containers is stopped "
             "or removed.",
         )
-    chosen = _choose(fitting, holders, request, quota, strategy, budget)
+    chosen = _choose(fitting, holders, request, quota, strategy, budget, spread)
     if _enough(chosen.slots, wanted, request.gpu_equivalents):
         return chosen
     if many and chosen.slots:  # fewer than the cap: what fits, free ones first
         return Plan(chosen.claim, ()) if chosen.claim else chosen
-    beyond = _choose(eligible, holders, request, quota, strategy, None)
+    beyond = _choose(eligible, holders, request, quota, strategy, None, spread)
     if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
         raise AllocationRefused(
             Refusal.QUOTA,
@@ -216,11 +220,12 @@ def _choose(
     quota: Quota,
     strategy: Strategy,
     budget: float | None,
+    spread: bool = False,
 ) -> Plan:
     """Free slots first, then slots held for lower-priority users' stopped containers."""
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     free = [s for s in candidates if (s.node, s.slot_id) not in holders]
-    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy, budget)
+    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy, budget, spread)
     preempt: list[tuple[SlotRecord, Holder]] = []
     if not _enough(claim, wanted, request.gpu_equivalents):
         left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
@@ -276,16 +281,19 @@ def _pick(
     equivalents: float,
     strategy: Strategy,
     budget: float | None = None,
+    spread: bool = False,
 ) -> list[SlotRecord]:
-    """Least-allocated GPU first (ties in numeric order), or most-allocated for pack;
-    with a ``budget``, only slots that keep the total within it."""
+    """Least-allocated GPU first (ties in numeric order, or at random to ``spread``),
+    or most-allocated for pack; with a ``budget``, only slots that keep the total
+    within it."""
     load = Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
     remaining = sorted(free, key=lambda s: s.order)
+    tie = {id(s): random.random() if spread else n for n, s in enumerate(remaining)}
     chosen: list[SlotRecord] = []
     spent = 0.0
     sign = -1 if strategy is Strategy.PACK else 1
     while remaining and not _enough(chosen, wanted, equivalents):
-        best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], s.order))
+        best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], tie[id(s)]))
         remaining.remove(best)
         if budget is not None and spent + best.gpu_equivalents > budget + EPSILON:
             continue

@@ -33,6 +33,7 @@ CLAIM_ATTEMPTS = 20  # a lost race re-reads and re-plans; each loss means someon
 MAX_WAIT = 24 * 3600.0  # seconds an Allocate may queue
 MAX_WAITING_PER_USER = 4  # queued requests of one user at a time: the queue is shared
 WAITER_TTL = 9.0  # seconds a waiter's record outlives its last renewal
+CONTENDED_FOR = 10.0  # seconds plans spread after a claim lost to another allocator
 CHANGE_POLL = 0.5  # seconds between looks at etcd for a waiter when no watched view is live
 
 
@@ -112,6 +113,9 @@ class Allocator:
         # Slots this process is claiming right now: its other requests plan around them
         # instead of all picking the same best slot and losing the transaction.
         self._in_flight: dict[SlotKey, Holder] = {}
+        # Until then, plans spread over equally good slots: another allocator took a
+        # slot this one planned, and the two would otherwise keep planning alike.
+        self._contended_until = 0.0
         self.stats = AllocatorStats()
 
     async def allocate(
@@ -163,6 +167,10 @@ class Allocator:
             self.stats.locked_fallbacks += 1
         return await self._allocate_locked(request, quota, waiter)
 
+    def _lost(self) -> None:
+        self.stats.claim_conflicts += 1
+        self._contended_until = time.monotonic() + CONTENDED_FOR
+
     async def _allocate_at_once(
         self, request: Request, quota: Quota, cache: ClusterCache
     ) -> list[Granted] | object | None:
@@ -192,6 +200,8 @@ class Allocator:
                 self._in_flight.pop(key, None)
         if isinstance(revision, list):  # lost: what etcd has instead goes into the view
             cache.observed(revision)
+            if any(found is not None for _key, found in revision):  # a slot, not the lock
+                self._lost()
             return LOST
         cache.claimed(keys, holder, request.user, revision)
         _log_preemptions(chosen, request.container)
@@ -232,7 +242,7 @@ class Allocator:
                     _log_preemptions(chosen, request.container)
                     self.stats.preemptions += len(chosen.preempt)
                     return [Granted(slot, holder) for slot in chosen.slots]
-                self.stats.claim_conflicts += 1
+                self._lost()
                 continue
             # Another request of this user holds the lock (or a dead process still does,
             # until its lease runs out): wait for it outside this process's claim queue.
@@ -277,6 +287,7 @@ class Allocator:
             self.strategy,
             held,
             drained,
+            spread=time.monotonic() < self._contended_until,
         )
         # Waiters served before this request that want what it would take: slots of the
         # same kind (full GPU or MIG slice) on the same node. One for another node, or for
