@@ -7,6 +7,7 @@ everything else (Docker, etcd, the limits and allocator services) is real.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -394,6 +395,56 @@ async def test_the_reconciler_follows_docker_through_a_dockerd_restart(
         await etcd.close()
         daemon.stop()
         remove_tree(root)
+
+
+async def test_a_sweep_after_docker_events_inspects_only_the_containers_they_name(
+    world, test_image, docker_socket
+):
+    """On a busy node Docker's events never pause, and each burst wakes a sweep: one
+    that inspected every container would cost dockerd an inspect per container per
+    second. A sweep after events inspects the containers they named; the sweep of each
+    interval still inspects every one."""
+    _env, reconciler = world
+    lifecycle = reconciler.lifecycle
+    made = []
+    for name in ("quiet1", "quiet2", "busy"):
+        request = CreateRequest("ds01alice", name, test_image, gpus=0, start=True)
+        made.append((await lifecycle.create(request)).docker_name)
+    *quiet, busy = made
+    inspected: collections.Counter[str] = collections.Counter()
+    run = lifecycle.docker.run
+
+    async def counting(work, *args, **kwargs):
+        if getattr(work, "__name__", "") == "reload":
+            inspected[work.__self__.name] += 1
+        return await run(work, *args, **kwargs)
+
+    lifecycle.docker.run = counting
+    reconciler.interval = 8.0
+    task = asyncio.ensure_future(reconciler.run())
+    try:
+        # The first sweeps inspect everything: the one at the start, and the one once
+        # Docker's event stream is open (what happened before it was missed).
+        await asyncio.sleep(2.5)
+        assert all(inspected[name] >= 1 for name in made), inspected
+        before = dict(inspected)
+        client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+        try:
+            client.containers.get(busy).kill()  # not through ds01: Docker's events tell
+        finally:
+            client.close()
+        await asyncio.sleep(3.0)
+        assert inspected[busy] > before[busy], inspected  # the event's sweep looked at it
+        assert all(inspected[n] == before[n] for n in quiet), inspected  # and only at it
+        [record] = [m for m in await lifecycle.metadata.all() if m.docker_name == busy]
+        assert record.status == "exited", record
+        await asyncio.sleep(6.0)  # past the interval: a sweep of everything
+        assert all(inspected[n] > before[n] for n in quiet), inspected
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        lifecycle.docker.run = run
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):

@@ -1,7 +1,8 @@
 """The lifecycle reconciler: observe Docker, compare with ds01's records and policies, act.
 
 Runs a sweep at a fixed interval and right after any Docker container event (so a
-dockerd restart is noticed at once). Each sweep is idempotent:
+dockerd restart is noticed at once). A sweep after events inspects only the containers
+they named; the one each interval inspects every container. Each sweep is idempotent:
   * adopt ds01-labelled containers ds01 has no record of (after a crash or restore);
   * forget records, and release GPUs, of containers Docker no longer has;
   * release allocations on this node whose container is gone, and report containers
@@ -307,6 +308,10 @@ class Reconciler:
     ds01_metadata: Path | None = None  # DS01's container-metadata directory, if any
     gpu_states: dict[str, int] = field(default_factory=dict)  # container -> SlotState
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Containers Docker's events named since the last sweep: on a busy node, a sweep
+    # inspects these, not every container (inspects are what a sweep costs dockerd).
+    _named: set[str] = field(default_factory=set)
+    _full_due: float = 0.0  # monotonic time of the next sweep that inspects everything
     _sweeping: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Containers that started or died: their runs are counted at once, not at a sweep.
     _runs: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
@@ -320,12 +325,19 @@ class Reconciler:
         accounting = asyncio.ensure_future(self._count_runs())
         try:
             while True:
+                only = None
+                if time.monotonic() < self._full_due:
+                    only, self._named = self._named, set()
+                else:
+                    self._named.clear()
+                    self._full_due = time.monotonic() + self.interval
                 try:
-                    await self.sweep()
+                    await self.sweep(only=only)
                 except Exception:  # a failed sweep is retried; the loop never dies
                     log.exception("reconcile sweep failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                with contextlib.suppress(TimeoutError):  # until the next full sweep at most
+                    due = max(0.0, self._full_due - time.monotonic())
+                    await asyncio.wait_for(self._wake.wait(), due)
                     # Docker's events come in bursts (a create alone is several), and on
                     # a busy node without pause: one sweep for each burst.
                     await asyncio.sleep(min(EVENT_SWEEP_GAP, self.interval))
@@ -344,7 +356,7 @@ class Reconciler:
                 self._events = events = self.lifecycle.docker.client.events(
                     decode=True, filters={"type": "container"}
                 )
-                loop.call_soon_threadsafe(self._wake.set)  # (re)connected: look again
+                loop.call_soon_threadsafe(self._look_again)  # (re)connected
                 for event in events:
                     loop.call_soon_threadsafe(self._on_event, event)
             except Exception as err:
@@ -354,12 +366,20 @@ class Reconciler:
                 return
             time.sleep(1)
 
+    def _look_again(self) -> None:
+        """Inspect every container at once: events may have been missed."""
+        self._full_due = 0.0
+        self._wake.set()
+
     def _on_event(self, event: dict[str, Any]) -> None:
         self._wake.set()
+        name = event.get("Actor", {}).get("Attributes", {}).get("name")
+        if not name:
+            self._full_due = 0.0  # an event that names no container: look at all
+            return
+        self._named.add(name)
         if event.get("Action") in ("start", "die"):
-            name = event.get("Actor", {}).get("Attributes", {}).get("name")
-            if name:
-                self._runs.put_nowait(name)
+            self._runs.put_nowait(name)
 
     async def _count_runs(self) -> None:
         """Count each run as it starts and ends: a ``docker restart`` between two sweeps
@@ -380,14 +400,16 @@ class Reconciler:
         state = container.attrs["State"]  # as Docker says now: find inspects it afresh
         await lifecycle.metadata.modify(record, lambda current: count_runtime(current, state))
 
-    async def sweep(self, now: float | None = None) -> None:
+    async def sweep(self, now: float | None = None, only: set[str] | None = None) -> None:
+        """``only``: inspect (and apply policies to) these containers alone; adoption,
+        forgetting and GPU releases still look at everything listed."""
         async with self._sweeping:  # the loop's, an import's: one at a time
             started = time.perf_counter()
-            await self._sweep(now)
+            await self._sweep(now, only)
             self.last_sweep_seconds = time.perf_counter() - started
             self.sweep_seconds += self.last_sweep_seconds
 
-    async def _sweep(self, now: float | None) -> None:
+    async def _sweep(self, now: float | None, only: set[str] | None) -> None:
         lifecycle = self.lifecycle
         now = time.time() if now is None else now
         # The order of these reads is what makes the sweep safe without any settle time:
@@ -451,6 +473,8 @@ class Reconciler:
             log.warning("%s carries GPUs but holds no allocation: check it", name)
         self.unallocated = unallocated
         self.gpu_states = held or {}
+        if only is not None:
+            containers = {name: c for name, c in containers.items() if name in only}
         inspected = await self._inspected(containers)  # created to the nanosecond, too
         # Oldest first, one at a time: of two adopted containers that use one GPU, the
         # one that had it first gets it.
