@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +36,33 @@ class Suite:
     server_pid: int = 0  # ds01d's
     # One configuration per allocator process (the first is config_path's ds01d).
     allocator_configs: list[Path] = field(default_factory=list)
+    processes: dict[str, int] = field(default_factory=dict)  # name -> pid, for CpuMeter
+
+
+class CpuMeter:
+    """CPU time of named processes (and this one) between two readings: where a run's
+    time went on a machine whose cores are all busy."""
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        self.processes = {**processes, "this bench (its clients)": os.getpid()}
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.started = self._read()
+        self.at = time.perf_counter()
+
+    def _read(self) -> dict[str, float]:
+        used = {}
+        for name, pid in self.processes.items():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                used[name] = (int(fields[11]) + int(fields[12])) / self.ticks  # utime, stime
+        return used
+
+    def report(self) -> str:
+        """Cores each process kept busy since this meter was made, and all together."""
+        now, wall = self._read(), time.perf_counter() - self.at
+        cores = {n: (now[n] - self.started.get(n, 0.0)) / wall for n in now}
+        parts = ", ".join(f"{name} {used:.2f}" for name, used in cores.items())
+        return f"cores busy: {parts}; all {sum(cores.values()):.2f} of {os.cpu_count()}"
 
 
 @contextlib.contextmanager
@@ -133,7 +161,11 @@ def suite(
         try:
             time.sleep(1.5)
             endpoint = f"127.0.0.1:{etcd_port}"
-            yield Suite(root, config_path, pki, endpoint, socket, ports, servers[0].pid, configs)
+            processes = {d.name: d.pid for d in daemons}
+            processes |= {f"ds01d {services}": servers[0].pid}
+            processes |= {f"allocator {n + 1}": p.pid for n, p in enumerate(servers[1:], 1)}
+            yield Suite(root, config_path, pki, endpoint, socket, ports, servers[0].pid, configs,
+                        processes)  # fmt: skip
         finally:
             for server in servers:
                 server.terminate()

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _suite import compare_metrics, scraping, suite
+from _suite import CpuMeter, compare_metrics, scraping, suite
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import load_config
@@ -174,7 +174,12 @@ async def fan_out(client: Ds01Client, watchers: int, events: int, tag: str = "")
 
 
 async def measure(
-    config_path: Path, pki: Pki, endpoint: str, total: int, allocator_configs: list[Path]
+    config_path: Path,
+    pki: Pki,
+    endpoint: str,
+    total: int,
+    allocator_configs: list[Path],
+    processes: dict[str, int],
 ) -> dict[str, float]:
     """Print one run's figures; the ratios that metrics must not move."""
     config = load_config(config_path)
@@ -188,7 +193,11 @@ async def measure(
             await asyncio.sleep(0.1)
         everyone = [client, *others]
         await cycles(everyone, 4, 40)  # warm-up
-        results = {c: await cycles(everyone, c, max(total, c * 4)) for c in (1, 16, 64)}
+        results, busy = {}, {}
+        for c in (1, 16, 64):
+            meter = CpuMeter(processes)
+            results[c] = await cycles(everyone, c, max(total, c * 4))
+            busy[c] = meter.report()
         for other in others:
             await other.close()
         ceilings = {c: await raw_cycles(endpoint, pki, c, max(total, c * 4)) for c in results}
@@ -215,6 +224,7 @@ async def measure(
             f"    allocate+release {rate:.0f}/s = {share:.0%} of raw txn+delete cycles at "
             f"{clients} clients ({ceilings[clients]:.0f}/s; target >= 30%)"
         )
+        print(f"    {busy[clients]}")
     print(line("event to 200 watchers (delivery delay)", fan))
     print(f"    {len(fan)} deliveries; p99 {pct(fan, 99) * 1e3:.1f} ms (target < 50 ms)")
     return ratios
@@ -241,7 +251,7 @@ def main() -> None:
         ):  # fmt: skip
             return asyncio.run(
                 measure(running.config_path, running.pki, running.etcd_endpoint, args.cycles,
-                        running.allocator_configs)
+                        running.allocator_configs, running.processes)
             )  # fmt: skip
 
     compare_metrics(run, args.metrics, args.rounds)

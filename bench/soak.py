@@ -38,7 +38,7 @@ from pathlib import Path
 
 import docker
 import grpc
-from _suite import REPO, Suite, suite
+from _suite import REPO, CpuMeter, Suite, suite
 from allocator import inventory, pct
 from containers import bare_create
 
@@ -435,6 +435,7 @@ class Outcome:
     ours_left: int
     leaks: Leaks
     later: Leaks | None  # looked again after a while, when the first look found some
+    busy: dict[str, str]  # each side: the cores each process kept busy (CpuMeter)
 
 
 async def measure(running: Suite, users: list[str], seconds: float) -> Outcome:
@@ -447,9 +448,13 @@ async def measure(running: Suite, users: list[str], seconds: float) -> Outcome:
     }
     await wait_ready(running.config_path, running.pki)
     await asyncio.to_thread(warm_up, socket, image)
+    meter = CpuMeter(running.processes)
     bare = await asyncio.to_thread(run_bare, socket, image, len(users), seconds)
+    busy = {"bare": meter.report()}
     bare_left = await asyncio.to_thread(remove_bare_left, socket)
+    meter = CpuMeter(running.processes)
     ours = await run_ds01(running.config_path, identities, image, seconds)
+    busy["ds01"] = meter.report()
     left = await asyncio.gather(
         *(remove_ds01_left(running.config_path, identity) for identity in identities.values())
     )
@@ -458,7 +463,7 @@ async def measure(running: Suite, users: list[str], seconds: float) -> Outcome:
     if any(leaks.found.values()):
         await asyncio.sleep(10)  # the repair loop runs every 5 s; hold leases last 1 s
         later = await look_for_leaks(running, users)
-    return Outcome(bare, ours, bare_left, sum(left), leaks, later)
+    return Outcome(bare, ours, bare_left, sum(left), leaks, later, busy)
 
 
 def ms(seconds: float) -> str:
@@ -520,6 +525,8 @@ def report(users: int, seconds: float, outcome: Outcome) -> None:
     print_calls("bare", outcome.bare)
     print_calls("ds01", outcome.ours)
     print_cycles(outcome.bare, outcome.ours)
+    for side, busy in outcome.busy.items():  # dockerd's: without containerd and the shims
+        print(f"  {side:<5} {busy}")
     if any(sum(r.errors[c].values()) for r in (outcome.bare, outcome.ours) for c in CALLS):
         print("errors, by message:")
         print_errors("bare", outcome.bare)
