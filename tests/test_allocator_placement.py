@@ -76,6 +76,20 @@ def test_spreading_breaks_ties_at_random_but_keeps_the_strategys_order(strategy:
     assert spread == tier  # every equally good slot, and only those
 
 
+def test_spreading_never_turns_a_grant_into_a_refusal():
+    """Slots are picked greedily within the quota: a full GPU tied with MIG slices and
+    picked first would leave no room for the second slot. Spread or not, two half-GPU
+    slices fit a 1.0 quota."""
+    half = [SlotRecord("n", f"2:{i}", f"MIG-2-{i}", "A100", "3g.40gb", 40 << 30, 0.5)
+            for i in (1, 2)]  # fmt: skip
+    slots = [*half, full("n", 3)]
+    quota = Quota("lab", 10, max_gpu_equivalents=1.0, max_slots_per_container=2,
+                  allow_full_gpu=True)  # fmt: skip
+    for _ in range(200):
+        chosen = plan(Request("alice", "a", slots=2), quota, slots, {}, {"n"}, spread=True)
+        assert sorted(ids(chosen)) == ["2:1", "2:2"]
+
+
 def test_least_allocated_spreads_mig_slices_over_gpus():
     slots = [mig("n", 0, 1), mig("n", 0, 2), mig("n", 1, 1), mig("n", 1, 2)]
     holders = {("n", "0:1"): holder("bob", "b")}

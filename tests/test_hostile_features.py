@@ -531,21 +531,22 @@ async def test_a_gpus_all_create_waits_for_what_the_cap_allows_not_what_it_says(
                 await alice.remove_container("all")
 
 
-async def _give_up_by_cancel(stack: AllocatorEnv, image: str) -> None:
+async def _give_up_by_cancel(stack: AllocatorEnv, image: str, queued: Any) -> None:
     async with clients(stack, ALICE) as (alice,):
         call = alice.create_container("late", image, gpus=1, gpu_preference=MIG, gpu_wait=600)
         waiting = asyncio.ensure_future(call)
-        await asyncio.sleep(2.0)
-        assert not waiting.done(), waiting
+        await queued()
         waiting.cancel()
         with contextlib.suppress(BaseException):
             await waiting
 
 
-async def _give_up_by_ctrl_c(stack: AllocatorEnv, image: str, tty: bool) -> None:
+async def _give_up_by_ctrl_c(stack: AllocatorEnv, image: str, queued: Any, tty: bool) -> None:
     args = ("container", "create", "late", "--image", image, "--mig", "--wait", "10m")
-    interrupt = ("timeout", "--preserve-status", "-s", "INT", "3")
-    done = await ds01_as(stack, ALICE, *args, tty=tty, within=interrupt)
+    interrupt = ("timeout", "--preserve-status", "-s", "INT", "6")
+    running = asyncio.ensure_future(ds01_as(stack, ALICE, *args, tty=tty, within=interrupt))
+    await queued()  # well before the interrupt
+    done = await running
     said = done.stdout + done.stderr
     assert done.returncode == 130 and "ds01: error: interrupted" in said, done
     assert "Traceback" not in said, done
@@ -553,8 +554,8 @@ async def _give_up_by_ctrl_c(stack: AllocatorEnv, image: str, tty: bool) -> None
 
 GIVING_UP = {
     "grpc_call_cancelled": _give_up_by_cancel,
-    "ctrl_c_in_a_pipe": lambda stack, image: _give_up_by_ctrl_c(stack, image, tty=False),
-    "ctrl_c_on_a_terminal": lambda stack, image: _give_up_by_ctrl_c(stack, image, tty=True),
+    "ctrl_c_in_a_pipe": lambda *args: _give_up_by_ctrl_c(*args, tty=False),
+    "ctrl_c_on_a_terminal": lambda *args: _give_up_by_ctrl_c(*args, tty=True),
 }
 
 
@@ -565,19 +566,29 @@ async def test_a_create_whose_caller_gives_up_waiting_makes_nothing(
     """Alice waits for a slice and gives up. Her create leaves the queue at once (not at
     its deadline) and leaves nothing: when a slice frees later it is not taken for a
     container she no longer wants, and no create of hers stays in progress."""
-    async with clients(stack, ALICE, BOB) as (alice, bob):
+    async with clients(stack, ALICE, BOB, "root") as (alice, bob, admin):
         await fill_mig(bob, test_image, ("g1", "g2", "g3"))
         try:
-            await give_up(stack, test_image)
+
+            async def waiters() -> list[str]:
+                return [w.user for w in (await bob.gpu_queue()).waiters]
+
+            async def queued() -> None:
+                async def alice_waits() -> bool:
+                    return ALICE in await waiters()
+
+                await until(alice_waits, 10, "alice's create never reached the GPU queue")
+
+            await give_up(stack, test_image, queued)
 
             async def queue_empty() -> bool:
-                return not (await bob.gpu_queue()).waiters
+                return not await waiters()
 
             await until(queue_empty, 5, "alice's abandoned create stayed in the GPU queue")
             await bob.remove_container("g2")
             await asyncio.sleep(2.0)
-            status = await bob.gpu_status()
-            assert not [a for a in status.allocations if a.user == ALICE], status.allocations
+            status = await admin.gpu_status()  # (others' holders are not shown to bob)
+            assert [a.user for a in status.allocations if a.user] == [BOB] * 2, status
             mine = await alice.list_containers()
             assert not mine, [(c.name, c.notice) for c in mine]
             # and her next create is served at once, not told one is in progress
@@ -587,6 +598,41 @@ async def test_a_create_whose_caller_gives_up_waiting_makes_nothing(
         finally:
             for name in ("g1", "g3"):
                 await bob.remove_container(name)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2])
+async def test_a_waiter_that_leaves_as_its_slice_frees_keeps_nothing(
+    stack: AllocatorEnv, test_image: str, delay: float
+):
+    """The waiting call is cancelled ``delay`` s after a slice starts to free: before,
+    while or after its claim lands. Either the call got the slice (and says so) or the
+    slice is not held for it: a claim its caller never received is given back. The
+    allocation is for a container that exists (made without a GPU), so that the node's
+    reconciler, which frees what containers that do not exist hold, leaves it be."""
+    async with clients(stack, ALICE, BOB, "root") as (alice, bob, admin):
+        await fill_mig(bob, test_image, ("s1", "s2", "s3"))
+        await alice.create_container("late", test_image, gpus=0)
+        name = f"late._.{ALICE}"
+        try:
+            call = alice.allocate(name, preference=MIG, node="n1", wait_seconds=60)
+            waiting = asyncio.ensure_future(call)
+            await asyncio.sleep(1.0)
+            freeing = asyncio.ensure_future(bob.remove_container("s2"))
+            await asyncio.sleep(delay)
+            waiting.cancel()
+            await freeing
+            got = None
+            with contextlib.suppress(BaseException):
+                got = await waiting
+            await asyncio.sleep(1.5)  # a cancel swallowed is sent again within 0.5 s
+            held = [a for a in (await admin.gpu_status()).allocations if a.container == name]
+            assert len(held) == (len(got.allocations) if got else 0), (got, held)
+        finally:
+            with contextlib.suppress(Ds01Error):
+                await admin.release(name)
+            await alice.remove_container("late")
+            for container in ("s1", "s3"):
+                await bob.remove_container(container)
 
 
 async def test_gpu_requests_stay_within_the_users_own_limits(stack: AllocatorEnv, test_image: str):

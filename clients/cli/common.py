@@ -50,7 +50,8 @@ def run(work: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         # The calls in flight are cancelled: a create still waiting for its GPU gives up
         # and leaves nothing; one past that point completes on the server.
-        fail("interrupted", code=130)
+        fail("interrupted (what the services had begun may still complete: "
+             "`ds01 container list` shows where things stand)", code=130)  # fmt: skip
 
 
 def call(settings: Settings, work: Callable[[Ds01Client], Coroutine[Any, Any, Any]]) -> Any:

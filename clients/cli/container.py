@@ -167,8 +167,14 @@ async def _with_progress(client: Ds01Client, name: str, work: Awaitable[Any], do
     with Console(stderr=True).status(f"{doing} {name}: {CHECKING}…") as status:
         me = ""  # the name the queue knows the caller by (the certificate's)
         while not (await asyncio.wait({task}, timeout=1.0))[0]:
-            me = me or await _identity(client)
-            place, step = await asyncio.gather(_queue_place(client, name, me), _step(client, name))
+            try:  # slow answers must not hold back the create's own
+                me = me or await asyncio.wait_for(_identity(client), LOOKUP_SECONDS)
+                place, step = await asyncio.wait_for(
+                    asyncio.gather(_queue_place(client, name, me), _step(client, name)),
+                    LOOKUP_SECONDS,
+                )
+            except TimeoutError:
+                continue
             waited = f"{time.monotonic() - started:.0f} s"
             status.update(
                 f"waiting for a GPU: number {place[0]} of {place[1]} in the queue ({waited})"
@@ -180,6 +186,7 @@ async def _with_progress(client: Ds01Client, name: str, work: Awaitable[Any], do
 
 # Before a create is recorded (and so has a step to tell) it checks the request.
 CHECKING = "checking the image and your limits"
+LOOKUP_SECONDS = 2.0  # the most a progress line's lookups may take
 
 
 async def _identity(client: Ds01Client) -> str:

@@ -6,6 +6,7 @@ that claims the chosen slots is what makes the choice safe under races.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from collections import Counter
@@ -118,8 +119,28 @@ def plan(
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts).
     ``spread``: ties between equally good slots are broken at random, not in numeric
-    order (allocators that contend for slots then seldom plan the same one)."""
+    order (allocators that contend for slots then seldom plan the same one). Slots are
+    picked greedily within the quota, so another order may fit less: what spreading
+    cannot grant, or --gpus all, is planned in numeric order, as without it."""
     slots = list(slots)
+    arguments = (request, quota, slots, holders, nodes_up, strategy, held, drained)
+    if spread and not request.as_many:
+        with contextlib.suppress(AllocationRefused):
+            return _plan(*arguments, spread=True)
+    return _plan(*arguments, spread=False)
+
+
+def _plan(
+    request: Request,
+    quota: Quota,
+    slots: list[SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+    nodes_up: set[str],
+    strategy: Strategy,
+    held: float | None,
+    drained: Container[tuple[str, str]],
+    spread: bool,
+) -> Plan:
     many = request.as_many
     wanted = checked(request, quota)  # what no state of the cluster could grant
     if many:

@@ -184,9 +184,12 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         wait_until = (
             request.wait_until.ToDatetime().timestamp() if request.HasField("wait_until") else None
         )
-        # A waiting call ends with its caller (a cancel here can be swallowed otherwise).
         work = self.allocator.allocate(wanted, actor, wait_until)
-        granted = await self._run(context, cancellable(work) if wait_until else work)
+        if wait_until:  # a waiting call ends with its caller, and gives back what it got
+            since = time.time()
+            give_back = functools.partial(self.allocator.give_back, wanted.container, since)
+            work = cancellable(work, dropped=give_back)
+        granted = await self._run(context, work)
         return allocator_pb2.AllocateResponse(
             allocations=[allocation_message(g.slot, g.holder, True) for g in granted],
             environment=environment(granted),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -34,7 +35,7 @@ MAX_WAIT = 24 * 3600.0  # seconds an Allocate may queue
 MAX_WAITING_PER_USER = 4  # queued requests of one user at a time: the queue is shared
 WAITER_TTL = 9.0  # seconds a waiter's record outlives its last renewal
 CONTENDED_FOR = 10.0  # seconds plans spread after a claim lost to another allocator
-CHANGE_POLL = 0.5  # seconds between looks at etcd for a waiter when no watched view is live
+CHANGE_POLL = 1.0  # seconds between looks at etcd for a waiter when no watched view is live
 
 
 class LimitsSource(Protocol):
@@ -342,13 +343,20 @@ class Allocator:
         )
         # On a lease this loop renews: a waiter whose call is gone (cancelled, its
         # process dead) leaves the queue within WAITER_TTL, not at its deadline.
-        key, lease = await self.state.enqueue_waiter(waiter, WAITER_TTL)
+        enqueued = asyncio.ensure_future(self.state.enqueue_waiter(waiter, WAITER_TTL))
         try:
+            key, lease = await asyncio.shield(enqueued)
             while True:
                 await self.state.renew(lease)
                 snapshot = await self.state.snapshot()
+                # To its end even if the caller leaves meanwhile: a claim cut off may
+                # still commit, and only a claim that has landed can be given back.
+                attempt = asyncio.ensure_future(self._allocate_now(request, quota, key))
                 try:
-                    return await self._allocate_now(request, quota, waiter=key)
+                    return await asyncio.shield(attempt)
+                except asyncio.CancelledError:
+                    await _landed(attempt)
+                    raise
                 except AllocationRefused as refused:
                     if refused.kind is not Refusal.NO_CAPACITY:
                         raise
@@ -362,7 +370,25 @@ class Allocator:
         finally:
             # To the end even if the caller's cancel comes again: a waiter left queued
             # holds back what it wanted until its lease runs out.
-            await asyncio.shield(self.state.dequeue_waiter(key, lease))
+            await asyncio.shield(self._dequeue(enqueued))
+
+    async def _dequeue(self, enqueued: asyncio.Future[tuple[str, object]]) -> None:
+        with contextlib.suppress(Exception):
+            await self.state.dequeue_waiter(*await enqueued)
+
+    async def give_back(self, container: str, since: float) -> None:
+        """Release what ``container`` was granted from ``since`` on: the caller who asked
+        has gone (a grant it never received, or a claim cut off that landed anyway)."""
+        held = [
+            (key, holder)
+            for key, holder in (await self.state.snapshot()).held_by(container)
+            if holder.since >= since
+        ]
+        if held and await self.state.release(
+            held,
+            ReleaseMark(container, held[0][1].user, held[0][1].user, "caller gone", time.time()),
+        ):
+            log.info("gave back %s's GPUs: the call that got them was gone", container)
 
     async def _wait_for_change(self, after_revision: int, timeout: float) -> None:
         """Until holders or waiters may have changed: told by the watched view while it
@@ -538,6 +564,15 @@ class Allocator:
             raise NotPermitted(
                 f"{actor.name} may not act on {held[0][1].container}, owned by {owner}"
             )
+
+
+async def _landed(attempt: asyncio.Future[object]) -> None:
+    """Wait for ``attempt`` to end whatever it comes to, through any further cancels."""
+    while not attempt.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([attempt])
+    if not attempt.cancelled():
+        attempt.exception()  # retrieved: the caller that wanted it has gone
 
 
 def _log_preemptions(chosen: Plan, container: str) -> None:

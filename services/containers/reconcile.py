@@ -65,6 +65,7 @@ GPU_CONFLICT = "its GPUs are not allocated to it"  # an adopted container's noti
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
 EVENT_SWEEP_GAP = 1.0  # seconds between a Docker event and the sweep it wakes
+SWEEP_RETRY = 5.0  # seconds before a failed sweep of every container is tried again
 SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
 KEEPALIVE_SECONDS = 2.0  # for looking at a workspace, which may be on a hung network
 
@@ -335,6 +336,11 @@ class Reconciler:
                     await self.sweep(only=only)
                 except Exception:  # a failed sweep is retried; the loop never dies
                     log.exception("reconcile sweep failed")
+                    if only is None:
+                        retry = time.monotonic() + min(self.interval, SWEEP_RETRY)
+                        self._full_due = min(self._full_due, retry)
+                    else:
+                        self._named |= only  # looked at in the next sweep
                 with contextlib.suppress(TimeoutError):  # until the next full sweep at most
                     due = max(0.0, self._full_due - time.monotonic())
                     await asyncio.wait_for(self._wake.wait(), due)

@@ -11,10 +11,13 @@ again until the task has ended.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 CANCEL_AGAIN = 0.5  # seconds before a cancel the work swallowed is sent again
 
@@ -26,15 +29,30 @@ async def cancel_surely(task: asyncio.Future[Any]) -> None:
         await asyncio.wait([task], timeout=CANCEL_AGAIN)
 
 
-async def cancellable(work: Awaitable[T]) -> T:
-    """Await ``work``; if this await is cancelled, ``work`` ends too, for sure, before
-    the cancel goes on (a second cancel meanwhile leaves the ending to the background)."""
+async def cancellable(
+    work: Awaitable[T], dropped: Callable[[], Awaitable[object]] | None = None
+) -> T:
+    """Await ``work``; if this await is cancelled, ``work`` ends too, for sure, and then
+    ``dropped`` undoes what it did, whatever it came to (an answer nobody will read, or
+    a step cut off halfway), before the cancel goes on. A second cancel meanwhile leaves
+    both to the background."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        await asyncio.shield(cancel_surely(task))
+        await asyncio.shield(_end(task, dropped))
         raise
+
+
+async def _end(task: asyncio.Future[Any], dropped: Callable[[], Awaitable[object]] | None) -> None:
+    await cancel_surely(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: nobody waits for it any more
+    if dropped is not None:
+        try:
+            await dropped()
+        except Exception:  # logged, not raised: the caller has gone
+            log.exception("could not undo what a call whose caller left had done")
 
 
 class Abandoned(Exception):
