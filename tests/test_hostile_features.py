@@ -600,6 +600,51 @@ async def test_a_create_whose_caller_gives_up_waiting_makes_nothing(
                 await bob.remove_container(name)
 
 
+async def test_the_gateway_keeps_a_waiting_creates_name_for_it(
+    stack: AllocatorEnv, test_image: str
+):
+    """While alice's create of `late` waits for a GPU, no docker create or rename through
+    the gateway may take its name: the reconciler can neither adopt such a container
+    (the create holds the name) nor hold it to the policies, for as long as the create
+    waits. Once the create is given up, the name is free again."""
+    name = f"late._.{ALICE}"
+    body = {"Image": test_image, "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}}
+    async with clients(stack, ALICE, BOB) as (alice, bob):
+        await fill_mig(bob, test_image, ("h1", "h2", "h3"))
+        call = alice.create_container("late", test_image, gpus=1, gpu_preference=MIG, gpu_wait=600)
+        waiting = asyncio.ensure_future(call)
+        try:
+
+            async def queued() -> bool:
+                return bool((await alice.gpu_queue()).waiters)
+
+            await until(queued, 10, "alice's create never reached the GPU queue")
+            answers = await gateway(stack, ALICE,
+                request("POST", f"/containers/create?name={name}", body),
+                request("POST", f"/containers/create?name=/{name}", body),
+                request("POST", "/containers/create?name=other", body),
+                request("POST", f"/containers/other/rename?name={name}"),
+                request("DELETE", "/containers/other?force=1"))  # fmt: skip
+            refused = [a[0] for a in answers[:2]] + [answers[3][0]]
+            assert all(a.status == 403 and "ds01 is creating" in a.body for a in refused), answers
+            assert answers[2][0].status == 201 and answers[4][0].status == 204, answers
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+            for container in ("h1", "h2", "h3"):
+                await bob.remove_container(container)
+
+        async def free() -> bool:
+            return not (await alice.list_containers()) and not (await alice.gpu_queue()).waiters
+
+        await until(free, 5, "alice's create was not given up")
+        (made, removed) = await gateway(stack, ALICE,
+            request("POST", f"/containers/create?name={name}", body),
+            request("DELETE", f"/containers/{name}?force=1"))  # fmt: skip
+        assert made[0].status == 201 and removed[0].status == 204, (made, removed)
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2])
 async def test_a_waiter_that_leaves_as_its_slice_frees_keeps_nothing(
     stack: AllocatorEnv, test_image: str, delay: float

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.containers.adapters import CgroupfsSlices, DockerHost, SystemdSlices
+from ds01.containers.adapters import CgroupfsSlices, DockerHost, IntentStore, SystemdSlices
 from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
 from ds01.containers.spec import limits_of
@@ -172,7 +172,12 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     daemon = Daemon(docker_socket)
     runtime.run_in_background(sweep_pins(daemon, pins), "pin-sweep")
     gpus = AllocatorGpus(client, config.node)
-    gateway = Gateway(daemon, settings, container_owner, pins, gpus)
+    intents = IntentStore(etcd, config.node)
+
+    async def create_pending(name: str) -> bool:
+        return await intents.get(name) is not None
+
+    gateway = Gateway(daemon, settings, container_owner, pins, gpus, create_pending)
     proxy = DockerGateway(
         config.ownership.proxy_socket, docker_socket, gateway, is_admin, runtime.audit
     )

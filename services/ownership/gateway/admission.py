@@ -94,8 +94,18 @@ class Admission(ImageRoutes, StorageRoutes):
         return self._forward(self._path(container=found["Id"]))
 
     async def _container_rename(self, body: bytes) -> Decision:
-        policy.admit_name(one(self.query, "name"), self.caller)
+        await self._free_name(policy.admit_name(one(self.query, "name"), self.caller))
         return await self._container(body)
+
+    async def _free_name(self, name: str) -> None:
+        """A name a ds01 create holds is that create's: a container made under it
+        meanwhile could be neither adopted nor held to the policies while it waits."""
+        pending = self.gateway.create_pending
+        if name and pending is not None and await pending(name.lstrip("/")):
+            raise Refused(
+                f"ds01 is creating a container named {name.lstrip('/')} (it may be waiting "
+                "for a GPU): let that create finish or give it up, then try again"
+            )
 
     async def _container_delete(self, body: bytes) -> Decision:
         if go_bool(one(self.query, "link")):  # removes a link name, which may be anyone's
@@ -172,7 +182,7 @@ class Admission(ImageRoutes, StorageRoutes):
         return Answer(200, {"ContainersDeleted": deleted, "SpaceReclaimed": 0})
 
     async def _container_create(self, body: bytes) -> Decision:
-        policy.admit_name(one(self.query, "name"), self.caller)
+        await self._free_name(policy.admit_name(one(self.query, "name"), self.caller))
         request = self._json(body) or {}
         caller = await self._settings()
         lock = self.gateway.creating.setdefault(caller.user, asyncio.Lock())

@@ -67,6 +67,8 @@ class Gateway:
     container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
     pins: Pins | None = None  # where bind sources are pinned (None: forwarded as paths)
     gpus: GpuCheck | None = None  # the allocator, for containers that carry GPUs
+    # Whether a ds01 create holds a container name (it may wait for GPUs for hours).
+    create_pending: Callable[[str], Awaitable[bool]] | None = None
     creating: dict[str, asyncio.Lock] = field(default_factory=dict)
     accounts: dict[int, tuple[float, Caller]] = field(default_factory=dict)
 
