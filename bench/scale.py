@@ -41,7 +41,7 @@ from ds01.allocator.records import NODES, SLOTS, NodeRecord, SlotRecord, slot_ke
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import load_config
 from ds01.core.etcd import etcd_client
-from ds01.core.pki import Pki
+from ds01.core.pki import Pki, issue_client_cert
 
 sys.path.insert(0, str(REPO))
 from tests.harness import build_test_image
@@ -244,6 +244,22 @@ def sweep_seconds(running: Suite, sweeps: int) -> float:
     return (after[total] - before[total]) / (after[count] - before[count])
 
 
+async def own_calls(
+    running: Suite, identity: ClientIdentity, image: str, count: int
+) -> tuple[list[float], list[float]]:
+    """That user's own calls to ds01, as `ds01 container list` and `create` make them:
+    what one request touches should not grow with the node's other containers."""
+    async with Ds01Client(load_config(running.config_path), identity, timeout=120) as client:
+        listed = await timed(lambda _n: client.list_containers(), count)
+        created = []
+        for _ in range(max(3, count // 4)):
+            start = time.perf_counter()
+            await client.create_container("probe", image, gpus=0)
+            created.append(time.perf_counter() - start)
+            await client.remove_container("probe")
+    return listed, created
+
+
 def measure_containers(running: Suite, largest: int, listings: int) -> None:
     assert running.docker_socket is not None
     client = docker.DockerClient(base_url=f"unix://{running.docker_socket}", max_pool_size=16)
@@ -251,7 +267,10 @@ def measure_containers(running: Suite, largest: int, listings: int) -> None:
     gateway = running.root / "run" / "docker.sock"
     rows: dict[str, list[float]] = {"docker ps -a via the gateway p50": [],
                                     "docker ps -a on dockerd itself p50": [],
+                                    "ds01 container list p50": [],
+                                    "ds01 container create p50": [],
                                     "reconcile sweep (mean of 3)": []}  # fmt: skip
+    identity = ClientIdentity(running.pki.ca_cert, issue_client_cert(running.pki, SCALE_USER))
     memory: list[float] = []
     made = 0
     steps = tuple(n for n in CONTAINER_STEPS if n <= largest)
@@ -271,6 +290,9 @@ def measure_containers(running: Suite, largest: int, listings: int) -> None:
         assert (mine, everyone) == (2, step), f"listed {mine} of {SCALE_USER}'s, {everyone} in all"
         rows["docker ps -a via the gateway p50"].append(statistics.median(through) * 1e3)
         rows["docker ps -a on dockerd itself p50"].append(statistics.median(bare) * 1e3)
+        listed, created = asyncio.run(own_calls(running, identity, image, listings))
+        rows["ds01 container list p50"].append(statistics.median(listed) * 1e3)
+        rows["ds01 container create p50"].append(statistics.median(created) * 1e3)
         rows["reconcile sweep (mean of 3)"].append(sweep_seconds(running, SWEEPS) * 1e3)
         memory.append(rss_mib(running.server_pid))
     show("containers on the node (a user with 2 of them lists theirs):", steps, rows, "ms")
