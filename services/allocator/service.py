@@ -27,6 +27,7 @@ from ds01.allocator.placement import (
 from ds01.allocator.records import DrainRecord, Holder, ReleaseMark, SlotRecord, WaiterRecord
 from ds01.core.naming import belongs_to, docker_user
 from ds01.core.pki import SERVICE_PREFIX
+from ds01.core.tasks import landed
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class Allocator:
                 try:
                     return await asyncio.shield(attempt)
                 except asyncio.CancelledError:
-                    await _landed(attempt)
+                    await landed(attempt)
                     raise
                 except AllocationRefused as refused:
                     if refused.kind is not Refusal.NO_CAPACITY:
@@ -384,10 +385,11 @@ class Allocator:
             for key, holder in (await self.state.snapshot()).held_by(container)
             if holder.since >= since
         ]
-        if held and await self.state.release(
-            held,
-            ReleaseMark(container, held[0][1].user, held[0][1].user, "caller gone", time.time()),
-        ):
+        if not held:
+            return
+        user = held[0][1].user  # the caller, who gave up: the release is theirs
+        mark = ReleaseMark(container, user, by=user, reason="caller gone", at=time.time())
+        if await self.state.release(held, mark):
             log.info("gave back %s's GPUs: the call that got them was gone", container)
 
     async def _wait_for_change(self, after_revision: int, timeout: float) -> None:
@@ -564,15 +566,6 @@ class Allocator:
             raise NotPermitted(
                 f"{actor.name} may not act on {held[0][1].container}, owned by {owner}"
             )
-
-
-async def _landed(attempt: asyncio.Future[object]) -> None:
-    """Wait for ``attempt`` to end whatever it comes to, through any further cancels."""
-    while not attempt.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([attempt])
-    if not attempt.cancelled():
-        attempt.exception()  # retrieved: the caller that wanted it has gone
 
 
 def _log_preemptions(chosen: Plan, container: str) -> None:

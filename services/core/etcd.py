@@ -174,5 +174,6 @@ async def cancel_watch(watch: object) -> None:
     """End ``watch``, giving up after WATCH_CANCEL_TIMEOUT: aetcd's cancel queues a
     request for a stream that may be gone (etcd restarted, a partition), and would wait
     forever, holding whatever waits on it (a Release's dequeue, a service's stop)."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(watch.cancel(), WATCH_CANCEL_TIMEOUT)  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):  # asyncio.timeout: wait_for can swallow a cancel
+        async with asyncio.timeout(WATCH_CANCEL_TIMEOUT):
+            await watch.cancel()  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ again until the task has ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,6 +28,21 @@ async def cancel_surely(task: asyncio.Future[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=CANCEL_AGAIN)
+
+
+async def landed(task: asyncio.Future[Any]) -> None:
+    """Return once ``task`` has ended, whatever it came to, through any further cancels
+    of the one waiting (who is being cancelled, and only lets ``task`` finish first)."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
+    _retrieve(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark what ``task`` came to as seen: nobody who wanted it waits for it any more."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def cancellable(
@@ -46,8 +62,7 @@ async def cancellable(
 
 async def _end(task: asyncio.Future[Any], dropped: Callable[[], Awaitable[object]] | None) -> None:
     await cancel_surely(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: nobody waits for it any more
+    _retrieve(task)
     if dropped is not None:
         try:
             await dropped()
@@ -73,7 +88,6 @@ async def unless_set(abandoned: asyncio.Event | None, work: Awaitable[T]) -> T:
         if not task.done():
             await asyncio.shield(cancel_surely(task))
     if task.cancelled() or abandoned.is_set():
-        if not task.cancelled():
-            task.exception()  # retrieved: what the work came to no longer matters
+        _retrieve(task)  # what the work came to no longer matters
         raise Abandoned()
     return task.result()
