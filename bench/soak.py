@@ -57,6 +57,7 @@ SLICES_PER_GPU = 7  # bench/allocator.py's inventory: seven 1g.10gb slices per G
 ETCD_PREFIXES = (
     "/ds01/v1/alloc/holders/",
     "/ds01/v1/containers/",
+    "/ds01/v1/containers-by-user/",
     "/ds01/v1/intents/",
     "/ds01/v1/locks/users/",
 )

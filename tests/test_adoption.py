@@ -113,7 +113,7 @@ async def host(
             container.remove(force=True)
     client.close()
     for record in await lifecycle.metadata.all():
-        await lifecycle.metadata.delete(record.docker_name)
+        await lifecycle.metadata.delete(record)
     await lifecycle.client.close()
     await lifecycle.docker.close()
     await etcd.close()

@@ -291,7 +291,7 @@ async def test_after_a_crash_records_allocations_and_containers_are_reconciled(
     env, reconciler = world
     lifecycle = reconciler.lifecycle
     kept = await _create(reconciler, test_image, "kept")
-    await lifecycle.metadata.delete(kept)  # the record was lost
+    await lifecycle.metadata.delete(await lifecycle.metadata.get(kept))  # the record was lost
     gone = await _create(reconciler, test_image, "gone", start=False)
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:

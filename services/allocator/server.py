@@ -45,7 +45,7 @@ from ds01.allocator.service import (
     environment,
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
-from ds01.containers.adapters import METADATA, Metadata
+from ds01.containers.adapters import METADATA, Metadata, record_key
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
@@ -470,10 +470,10 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     cache = ClusterCache(state, watch_client=connect(config, "allocator"))
     cache.start()
 
-    async def container_exists(name: str) -> bool:
-        """Whether the containers service has a record of ``name`` on any node."""
-        found = await etcd.get_prefix(METADATA.encode(), keys_only=True)
-        return any(kv.key.decode().endswith(f"/{name}") for kv in found)
+    async def container_exists(name: str, nodes: set[str]) -> bool:
+        """Whether the containers service has a record of ``name`` on one of ``nodes``."""
+        found = await asyncio.gather(*(etcd.get(record_key(METADATA, n, name)) for n in nodes))
+        return any(found)
 
     allocator = Allocator(
         state,

@@ -103,10 +103,11 @@ class Allocator:
         state: EtcdState,
         limits: LimitsSource,
         strategy: Strategy = Strategy.LEAST_ALLOCATED,
-        container_exists: Callable[[str], Awaitable[bool]] | None = None,
+        container_exists: Callable[[str, set[str]], Awaitable[bool]] | None = None,
         cache: ClusterCache | None = None,
     ) -> None:
-        self.container_exists = container_exists  # a recorded container of that name
+        # Whether a container of that name is recorded on one of those nodes.
+        self.container_exists = container_exists
         self.state = state
         self.cache = cache  # the watched view: one round trip in the common case
         self.limits = limits
@@ -404,15 +405,18 @@ class Allocator:
         """A slot belongs to one container: while that container exists it keeps the GPU
         in its environment, so only admins and the services may free the slot under it."""
         exists = self.container_exists
-        if not actor.privileged and exists is not None and await exists(container):
-            name = container.rsplit("._.", 1)[0]
-            raise StillInUse(
-                f"{container} still exists and has this GPU in its environment: remove it "
-                f"(`ds01 container remove {name}`) to free the GPU, or stop it "
-                f"(`ds01 container stop {name}`) to hold it only for a while"
-            )
 
         async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+            # Asked of the nodes the slots are on (a container's GPUs are its node's):
+            # one read, however large the fleet.
+            nodes = {node for (node, _), _ in held}
+            if not actor.privileged and exists is not None and await exists(container, nodes):
+                name = container.rsplit("._.", 1)[0]
+                raise StillInUse(
+                    f"{container} still exists and has this GPU in its environment: remove "
+                    f"it (`ds01 container remove {name}`) to free the GPU, or stop it "
+                    f"(`ds01 container stop {name}`) to hold it only for a while"
+                )
             mark = ReleaseMark(
                 container=container, user=held[0][1].user, by=actor.name, at=time.time()
             )

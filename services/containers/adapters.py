@@ -34,6 +34,9 @@ MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writ
 IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
 POOL_SIZE = 32  # connections to dockerd: many users' calls run at once in threads
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
+# A copy of each record under its user, written in the same transaction as the record:
+# a user's list and create read that user's records alone, not the fleet's.
+BY_USER = "/ds01/v1/containers-by-user/"
 
 
 class NoAccount(LookupError):
@@ -269,13 +272,35 @@ def record_key(prefix: str, node: str, docker_name: str) -> bytes:
     return f"{prefix}{node}/{docker_name}".encode()
 
 
+def user_key(user: str, node: str = "", docker_name: str = "") -> bytes:
+    """The key of a record's copy in its user's index (a prefix: all of the user's, or
+    the user's on ``node``)."""
+    if "/" in user:  # the prefix of one user would then cover another's
+        raise ValueError(f"user name {user!r} contains '/'")
+    return f"{BY_USER}{user}/{node}{'/' if node else ''}{docker_name}".encode()
+
+
 class MetadataStore:
+    """Container records of one node. Each record is written together with its copy in
+    the user's index, in one transaction, so the two never differ."""
+
     def __init__(self, client: aetcd.Client, node: str) -> None:
         self.client = client
         self.node = node
 
     def _key(self, docker_name: str) -> bytes:
         return record_key(METADATA, self.node, docker_name)
+
+    def _copy_key(self, metadata: Metadata) -> bytes:
+        return user_key(metadata.user, self.node, metadata.docker_name)
+
+    def writes(self, metadata: Metadata) -> list[Any]:
+        """The transaction operations that store ``metadata`` and its index copy."""
+        tx, value = self.client.transactions, metadata.encode()
+        return [
+            tx.put(self._key(metadata.docker_name), value),
+            tx.put(self._copy_key(metadata), value),
+        ]
 
     async def modify(
         self, metadata: Metadata, change: Callable[[Metadata], object]
@@ -293,12 +318,14 @@ class MetadataStore:
             current = Metadata.decode(found.value)
             if current.container_id != metadata.container_id:
                 return None
+            before = self._copy_key(current)
             change(current)
             if current.encode() == found.value:
                 return current
+            moved = [tx.delete(before)] if self._copy_key(current) != before else []
             written, _ = await self.client.transaction(
                 compare=[tx.value(key) == found.value],
-                success=[tx.put(key, current.encode())],
+                success=[*moved, *self.writes(current)],
                 failure=[],
             )
             if written:
@@ -312,7 +339,7 @@ class MetadataStore:
         intent = record_key(INTENTS, self.node, metadata.docker_name)
         succeeded, _ = await self.client.transaction(
             compare=[tx.create(key) == 0, tx.create(intent) == 0],
-            success=[tx.put(key, metadata.encode())],
+            success=self.writes(metadata),
             failure=[],
         )
         return succeeded
@@ -321,8 +348,16 @@ class MetadataStore:
         found = await self.client.get(self._key(docker_name))
         return Metadata.decode(found.value) if found else None
 
-    async def delete(self, docker_name: str) -> None:
-        await self.client.delete(self._key(docker_name))
+    async def delete(self, metadata: Metadata) -> None:
+        tx = self.client.transactions
+        await self.client.transaction(
+            compare=[],
+            success=[
+                tx.delete(self._key(metadata.docker_name)),
+                tx.delete(self._copy_key(metadata)),
+            ],
+            failure=[],
+        )
 
     async def all(self) -> list[Metadata]:
         found = await self.client.get_prefix(record_key(METADATA, self.node, ""))
@@ -332,6 +367,44 @@ class MetadataStore:
         """The records of every node."""
         found = await self.client.get_prefix(METADATA.encode())
         return [Metadata.decode(kv.value) for kv in found]
+
+    async def of_user(self, user: str, here: bool = False) -> list[Metadata]:
+        """The user's records on every node (``here``: on this node), read from the
+        user's index: the cost follows the user's containers, not the fleet's."""
+        found = await self.client.get_prefix(user_key(user, self.node if here else ""))
+        return [Metadata.decode(kv.value) for kv in found]
+
+    async def index(self) -> int:
+        """Bring the user index up to date with this node's records: records written by
+        an earlier ds01 have no copy yet, and one that deleted a record left its copy.
+        Each write is conditional on the record as read, so a concurrent change wins.
+        Returns how many index entries were written or removed."""
+        tx = self.client.transactions
+        records = {m.docker_name: m for m in await self.all()}
+        copies = {
+            kv.key: kv.value
+            for kv in await self.client.get_prefix(BY_USER.encode())
+            if kv.key.decode().split("/")[-2] == self.node
+        }
+        fixed = 0
+        for name, record in records.items():
+            value = record.encode()
+            if copies.pop(self._copy_key(record), None) == value:
+                continue
+            key = self._key(name)
+            written, _ = await self.client.transaction(
+                compare=[tx.value(key) == value], success=self.writes(record), failure=[]
+            )
+            fixed += written
+        for stale in copies:  # no record, or the record is now another user's
+            name = stale.decode().rsplit("/", 1)[1]
+            key, record = self._key(name), records.get(name)
+            unchanged = tx.create(key) == 0 if record is None else tx.value(key) == record.encode()
+            written, _ = await self.client.transaction(
+                compare=[unchanged], success=[tx.delete(stale)], failure=[]
+            )
+            fixed += written
+        return fixed
 
 
 class IntentStore:
@@ -366,7 +439,7 @@ class IntentStore:
         await self.client.transaction(
             compare=[],
             success=[
-                tx.put(record_key(METADATA, self.node, metadata.docker_name), metadata.encode()),
+                *MetadataStore(self.client, self.node).writes(metadata),
                 tx.delete(self._key(intent.docker_name)),
             ],
             failure=[],

@@ -368,8 +368,15 @@ class Lifecycle:
         return left
 
     async def repair_forever(self, interval: float = 5.0) -> None:
+        """Undo interrupted creates, each ``interval``; first, once, bring the user index
+        up to date with the records an earlier ds01 wrote."""
+        indexed = False
         while True:
             try:
+                if not indexed:
+                    if fixed := await self.metadata.index():
+                        log.info("user index: %d container records indexed anew", fixed)
+                    indexed = True
                 await self.repair()
             except Exception as err:  # etcd away: next round
                 log.warning("cannot repair interrupted creates yet: %s", err)
@@ -453,7 +460,7 @@ class Lifecycle:
                 await self.docker.remove(container)
             if metadata.gpu_slots:
                 await self._release(metadata.docker_name)
-            await self.metadata.delete(metadata.docker_name)
+            await self.metadata.delete(metadata)
         await self.events.publish(Kind.REMOVED, metadata, _by(user, metadata, not exact))
 
     async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
@@ -463,9 +470,8 @@ class Lifecycle:
             for intent in await self.intents.all()
             if all_users or intent.user == user
         ]
-        for metadata in await self.metadata.fleet():  # a user's on every node
-            if not all_users and metadata.user != user:
-                continue
+        records = await (self.metadata.fleet() if all_users else self.metadata.of_user(user))
+        for metadata in records:  # on every node
             here = metadata.node == self.node
             found.append(
                 (metadata, await self.docker.find(metadata.container_id) if here else None)
@@ -523,7 +529,7 @@ class Lifecycle:
         metadata = await self.metadata.get(full)
         if metadata is None and not exact and "._." not in name:
             # Adopted containers keep the names they were made with (mlc: name._.uid).
-            mine = [m for m in await self.metadata.all() if m.user == user and m.name == name]
+            mine = [m for m in await self.metadata.of_user(user, here=True) if m.name == name]
             metadata = mine[0] if len(mine) == 1 else None
         if metadata is None:
             intent = await self.intents.get(full)
@@ -557,12 +563,12 @@ class Lifecycle:
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         counted = limits.HasField("max_containers_per_user")
         records, existing, labelled = await asyncio.gather(
-            self.metadata.all(),
+            self.metadata.of_user(user, here=True),
             self.docker.find(name),
             # Containers made through the Docker gateway count too: they carry the label.
             self.docker.names_labelled(OWNER_LABEL, user) if counted else _nothing(),
         )
-        recorded = {m.docker_name for m in records if m.user == user}
+        recorded = {m.docker_name for m in records}
         if name in recorded or existing:
             raise ContainerError(Code.EXISTS, f"{name} exists already")
         if counted:

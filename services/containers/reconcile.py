@@ -649,7 +649,7 @@ class Reconciler:
         if record.gpu_slots:
             with contextlib.suppress(Ds01Error):
                 await self.lifecycle._release(record.docker_name)
-        await self.lifecycle.metadata.delete(record.docker_name)
+        await self.lifecycle.metadata.delete(current)
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
         await self.lifecycle.events.publish(Kind.REMOVED, record, "removed outside ds01")
