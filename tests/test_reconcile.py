@@ -199,7 +199,8 @@ async def _slot_state(env: AllocatorEnv) -> int:
 
 async def test_sweeps_over_unchanged_containers_write_nothing_and_are_timed(world, test_image):
     """At thousands of containers a sweep that rewrote every record would be thousands
-    of etcd writes, and as many events for every watcher, each time it looked."""
+    of etcd writes, and as many events for every watcher, each time it looked; one that
+    read each record again, after the one read of them all, thousands of reads."""
     _env, reconciler = world
     metadata = reconciler.lifecycle.metadata
     names = [await _create(reconciler, test_image, "busy"),
@@ -211,9 +212,22 @@ async def test_sweeps_over_unchanged_containers_write_nothing_and_are_timed(worl
         return [(await metadata.client.get(metadata._key(n))).mod_revision for n in names]
 
     before = await revisions()
-    for later in (1, 2, 3):
-        await reconciler.sweep(now + later)
+    reads = 0
+    read_one = metadata.client.get
+
+    async def counted(key: bytes) -> object:
+        nonlocal reads
+        reads += key.startswith(metadata._key("").rstrip(b"/"))
+        return await read_one(key)
+
+    metadata.client.get = counted  # type: ignore[method-assign]
+    try:
+        for later in (1, 2, 3):
+            await reconciler.sweep(now + later)
+    finally:
+        del metadata.client.get
     assert await revisions() == before
+    assert reads == 0  # the records as the sweep listed them
     assert reconciler.sweeps == 4
     assert 0 < reconciler.last_sweep_seconds <= reconciler.sweep_seconds
 

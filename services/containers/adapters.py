@@ -20,6 +20,7 @@ from typing import Any
 import aetcd
 import docker
 import docker.errors
+from docker.transport.unixconn import UnixHTTPAdapter
 
 from ds01.containers.spec import Account, named_accounts
 from ds01.core.docker_args import DockerInfo
@@ -60,6 +61,15 @@ def host_account(user: str) -> Account:
     return Account(user, entry.pw_uid, entry.pw_gid, group, Path(entry.pw_dir))
 
 
+class SocketAdapter(UnixHTTPAdapter):
+    """One connection pool for dockerd's socket. docker-py keeps a pool for each request's
+    whole URL, and only 25 of them: with more containers than that in turn (a sweep,
+    fifty users' creates) each call opened a new connection to dockerd and closed one."""
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection("http+docker://localhost", proxies)
+
+
 class DockerHost:
     """The Docker SDK, called from a worker thread so the event loop never blocks."""
 
@@ -76,13 +86,18 @@ class DockerHost:
         """Connected on first use: the service starts even while Docker is down."""
         if self._client is None:
             try:
-                self._client = docker.DockerClient(
+                client = docker.DockerClient(
                     base_url=self.base_url, timeout=120, max_pool_size=POOL_SIZE
                 )
             except docker.errors.DockerException as err:
                 raise DockerUnavailable(
                     f"Docker at {self.base_url} does not answer: {err}"
                 ) from err
+            if self.base_url.startswith("unix://"):
+                socket_url = "http+unix://" + self.base_url.removeprefix("unix://")
+                adapter = SocketAdapter(socket_url, timeout=120, max_pool_size=POOL_SIZE)
+                client.api.mount("http+docker://", adapter)
+            self._client = client
         return self._client
 
     async def run(self, work: Any, *args: Any, **kwargs: Any) -> Any:
@@ -303,33 +318,39 @@ class MetadataStore:
         ]
 
     async def modify(
-        self, metadata: Metadata, change: Callable[[Metadata], object]
+        self, metadata: Metadata, change: Callable[[Metadata], object], as_read: bool = False
     ) -> Metadata | None:
         """Apply ``change`` to the stored record of this very container and write it back
         only if nobody wrote it meanwhile (re-read and retried on a conflict). Never
         brings back a record a remove deleted, nor overwrites the record of a container
         made anew under the same name; None then. A change that changes nothing writes
-        nothing: a sweep over thousands of unchanged containers costs etcd only reads."""
+        nothing: a sweep over thousands of unchanged containers costs etcd only reads.
+        ``as_read``: ``metadata`` is the record as a sweep read it, tried first without
+        reading it again; then an unchanged record costs etcd nothing at all."""
         key, tx = self._key(metadata.docker_name), self.client.transactions
+        read = metadata.encode() if as_read else None
         for _attempt in range(MODIFY_ATTEMPTS):
-            found = await self.client.get(key)
-            if found is None:
-                return None
-            current = Metadata.decode(found.value)
+            if read is None:
+                found = await self.client.get(key)
+                if found is None:
+                    return None
+                read = found.value
+            current = Metadata.decode(read)
             if current.container_id != metadata.container_id:
                 return None
             before = self._copy_key(current)
             change(current)
-            if current.encode() == found.value:
+            if current.encode() == read:
                 return current
             moved = [tx.delete(before)] if self._copy_key(current) != before else []
             written, _ = await self.client.transaction(
-                compare=[tx.value(key) == found.value],
+                compare=[tx.value(key) == read],
                 success=[*moved, *self.writes(current)],
                 failure=[],
             )
             if written:
                 return current
+            read = None
         return None
 
     async def put_new(self, metadata: Metadata) -> bool:

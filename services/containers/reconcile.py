@@ -707,7 +707,7 @@ class Reconciler:
         """``container`` as Docker inspected it just now."""
         state = container.attrs["State"]
         counted = await self.lifecycle.metadata.modify(  # each run, however it ended
-            record, lambda current: count_runtime(current, state)
+            record, lambda current: count_runtime(current, state), as_read=True
         )
         if counted is None:
             return  # removed or made anew meanwhile: nothing of it to act on
