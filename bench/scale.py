@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
-from _suite import REPO, Suite, suite
+from _suite import REPO, CpuMeter, Suite, suite
 from allocator import fan_out, inventory, pct
 from soak import add_accounts, remove_accounts
 
@@ -180,15 +180,19 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
         fan_rows: dict[str, list[float]] = {"event fan-out p99": []}
         steps = tuple(w for w in (200, 1_000, 2_000) if w <= watchers_max)
         done: list[int] = []
+        cores: list[str] = []
         for watchers in steps:
+            meter = CpuMeter({"ds01d": server_pid})
             try:
                 delays = await fan_out(client, watchers, 10, tag=f"w{watchers}-")
             except (TimeoutError, Ds01Error) as err:  # the bench's own client gave out
                 print(f"  {watchers} watchers: not measured ({type(err).__name__}: {err})")
                 break
+            cores.append(f"  {watchers} watchers: {meter.report()}")
             fan_rows["event fan-out p99"].append(pct(delays, 99) * 1e3)
             done.append(watchers)
         show("allocation watchers (one client process):", tuple(done), fan_rows, "ms")
+        print("\n".join(cores))
 
 
 def listing(socket: Path, count: int, user: str | None = None) -> tuple[list[float], int]:

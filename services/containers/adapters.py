@@ -26,6 +26,7 @@ from ds01.containers.spec import Account, named_accounts
 from ds01.core.docker_args import DockerInfo
 from ds01.core.processes import docker_answers
 from ds01.core.records import JsonRecord
+from ds01.core.server import WORKER_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
 MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
 IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
-POOL_SIZE = 32  # connections to dockerd: many users' calls run at once in threads
+# Connections to dockerd: one for each thread a call may run in, and the event stream's.
+POOL_SIZE = WORKER_THREADS + 1
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
 # A copy of each record under its user, written in the same transaction as the record:
 # a user's list and create read that user's records alone, not the fleet's.

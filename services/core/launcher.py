@@ -39,6 +39,7 @@ from ds01.core.processes import (
     start_etcd,
 )
 from ds01.core.server import (
+    WORKER_THREADS,
     RunningService,
     ServiceContext,
     ServiceSpec,
@@ -48,7 +49,6 @@ from ds01.core.server import (
 
 log = logging.getLogger("ds01d")
 
-WORKER_THREADS = 64
 STOP_SECONDS = 20.0  # the longest a stop may take before ds01d exits regardless
 
 
@@ -130,8 +130,6 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
     running: list[RunningService] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # Docker SDK calls and file work run in threads; asyncio's default pool (cores + 4)
-    # would queue fifty users' creates behind each other on a small host.
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ds01"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

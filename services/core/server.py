@@ -45,6 +45,9 @@ from ds01.v1 import (
 
 log = logging.getLogger(__name__)
 STOP_STEP_TIMEOUT = 10.0  # seconds one step of stopping a service may take
+# Threads for Docker SDK calls and file work: asyncio's default pool (cores + 4) would
+# queue fifty users' creates behind each other on a small host.
+WORKER_THREADS = 64
 T = TypeVar("T")
 VERSION = metadata.version("ds01")
 
