@@ -16,7 +16,8 @@ from cryptography import x509
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.config import Config
 from ds01.core.pki import Pki, issue_client_cert
-from ds01.ownership.owners import DEVCONTAINER, NONE, owner_of
+from ds01.ownership.owners import DEVCONTAINER, NONE, Ownership, owner_of
+from ds01.ownership.sync import OwnershipSync
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
 
@@ -176,3 +177,23 @@ async def test_the_client_enrolls_by_itself_and_keeps_its_files_private(
     async with Ds01Client(config, identity) as client:
         me = await client.whoami("ownership")
     assert me.name == "root"  # the kernel's uid for this test process
+
+
+async def test_references_resolve_as_docker_resolves_them_through_renames_and_removes():
+    """Full id, then exact name (one optional '/'), then a unique id prefix; a rename
+    frees the old name and a remove forgets both, as Docker's own lookup does."""
+    sync = OwnershipSync(docker=None, store=None)  # type: ignore[arg-type]  # memory alone
+    first, second = "ab" + "1" * 62, "ac" + "2" * 62
+    named_like_an_id = Ownership(second, "ab", "bob", "ds01", True)
+    sync._remember(Ownership(first, "one", "alice", "ds01", True))
+    sync._remember(named_like_an_id)
+    assert sync.lookup(first).owner == "alice"
+    assert sync.lookup("one") is sync.lookup("/one") is sync.known[first]
+    assert sync.lookup("//one") is None  # Docker strips one '/', not more
+    assert sync.lookup("ab") is named_like_an_id  # a name before an id prefix
+    assert sync.lookup("ac").owner == "bob" and sync.lookup("a") is None  # ambiguous
+    sync._remember(Ownership(first, "renamed", "alice", "ds01", True))
+    assert sync.lookup("one") is None and sync.lookup("renamed").container_id == first
+    sync._forget(first)
+    assert sync.lookup("renamed") is None and sync.lookup(first) is None
+    assert sync.lookup("ab") is named_like_an_id

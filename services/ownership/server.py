@@ -56,14 +56,27 @@ def owner_message(ownership: Ownership) -> ownership_pb2.ContainerOwner:
 
 
 class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
-    def __init__(self, store: OwnerStore) -> None:
-        self.store = store
+    """Answers from the sync's memory of this node's containers; WatchOwners follows the
+    etcd keys the sync writes."""
+
+    def __init__(self, sync: OwnershipSync) -> None:
+        self.sync = sync
+        self.store = sync.store
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.sync.resyncs:
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the ownership service is still reading Docker's containers; try again in a moment",
+            )
 
     async def GetOwner(
         self, request: ownership_pb2.GetOwnerRequest, context: grpc.aio.ServicerContext
     ) -> ownership_pb2.GetOwnerResponse:
         principal = caller()
-        found = await self.store.resolve(request.container)
+        await self._ready(context)
+        found = self.sync.lookup(request.container)
         # Someone else's container looks the same as no container to a user.
         if found is None or not (principal.privileged or found.owner == principal.name):
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no container {request.container}")
@@ -80,7 +93,8 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only admins may list other users' containers",
             )
-        owners = [o for o in await self.store.all() if not owner or o.owner == owner]
+        await self._ready(context)
+        owners = [o for o in self.sync.known.values() if not owner or o.owner == owner]
         return ownership_pb2.ListOwnersResponse(owners=[owner_message(o) for o in owners])
 
     async def WatchOwners(
@@ -110,7 +124,6 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     store = OwnerStore(etcd, config.node)
     docker_host = DockerHost(config.docker_host)
     docker_socket = Path(config.docker_host.removeprefix("unix://"))
-    ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(store), server)
     pins = Pins(config.state_dir / "pins")
     pins.prepare()
 
@@ -120,6 +133,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             await asyncio.to_thread(pins.unpin, token)
 
     sync = OwnershipSync(docker_host, store, on_destroy=unpin)
+    ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(sync), server)
     runtime.run_in_background(sync.run(), "ownership-sync")
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
     await enrollment.start()

@@ -40,20 +40,6 @@ class OwnerStore:
         found = await self.client.get_prefix(self.prefix.encode())
         return [Ownership.decode(kv.value) for kv in found]
 
-    async def resolve(self, reference: str) -> Ownership | None:
-        """As Docker resolves a reference: full id, name (with or without '/'), then a
-        unique id prefix."""
-        owners = await self.all()
-        name = reference.lstrip("/")
-        for ownership in owners:
-            if ownership.container_id == reference:
-                return ownership
-        for ownership in owners:
-            if ownership.name == name:
-                return ownership
-        matches = [o for o in owners if o.container_id.startswith(reference)]
-        return matches[0] if len(matches) == 1 and reference else None
-
 
 class OwnershipSync:
     def __init__(
@@ -66,19 +52,37 @@ class OwnershipSync:
         self.docker = docker
         self.store = store
         self.resyncs = 0
-        self.known: dict[str, Ownership] = {}  # container id -> ownership, in memory too
+        # In memory too: a lookup by id or name costs a dict read, however many
+        # containers the node has.
+        self.known: dict[str, Ownership] = {}  # container id -> ownership
+        self._names: dict[str, str] = {}  # container name -> id
 
     def lookup(self, reference: str) -> Ownership | None:
         """As Docker resolves a reference: full id, name (with or without '/'), then a
         unique id prefix. None if not known (yet)."""
         if reference in self.known:
             return self.known[reference]
-        name = reference.lstrip("/")
-        for ownership in self.known.values():
-            if ownership.name == name:
-                return ownership
+        named = self._names.get(reference.removeprefix("/"))
+        if named is not None:
+            return self.known[named]
         matches = [o for i, o in self.known.items() if reference and i.startswith(reference)]
         return matches[0] if len(matches) == 1 else None
+
+    def _remember(self, ownership: Ownership) -> None:
+        previous = self.known.get(ownership.container_id)
+        if previous is not None:
+            self._forget_name(previous)
+        self.known[ownership.container_id] = ownership
+        self._names[ownership.name] = ownership.container_id
+
+    def _forget(self, container_id: str) -> None:
+        previous = self.known.pop(container_id, None)
+        if previous is not None:
+            self._forget_name(previous)
+
+    def _forget_name(self, ownership: Ownership) -> None:
+        if self._names.get(ownership.name) == ownership.container_id:
+            del self._names[ownership.name]
 
     async def resync(self) -> None:
         containers = await self.docker.run(
@@ -92,7 +96,9 @@ class OwnershipSync:
                 await self.store.delete(ownership.container_id)
         for ownership in current.values():
             await self.store.put(ownership)
-        self.known = current
+        self.known, self._names = {}, {}
+        for ownership in current.values():
+            self._remember(ownership)
         self.resyncs += 1
 
     async def run(self) -> None:
@@ -117,14 +123,14 @@ class OwnershipSync:
         container_id = actor.get("ID") or event.get("id", "")
         attributes = actor.get("Attributes", {})
         if action == "destroy":
-            self.known.pop(container_id, None)
+            self._forget(container_id)
             await self.store.delete(container_id)
             if self.on_destroy is not None:
                 await self.on_destroy(attributes)
         elif action == "create" or action.startswith("rename"):
             labels = {k: v for k, v in attributes.items() if k not in ("name", "image", "oldName")}
             ownership = owner_of(container_id, attributes.get("name", ""), labels)
-            self.known[container_id] = ownership
+            self._remember(ownership)
             await self.store.put(ownership)
 
     def _pump(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> None:
