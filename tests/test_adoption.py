@@ -388,3 +388,21 @@ ROWS = [  # as the allocator's GetStatus lists this node
 )
 def test_an_adopted_container_starts_only_on_gpus_allocated_to_it(references, problem):
     assert unaccounted("a._.x", references, ROWS) == problem
+
+
+@pytest.mark.parametrize("owner", ["a/b", "../ds01alice", "ds01alice/..", " ds01alice", "-x"])
+async def test_a_container_whose_owner_is_no_user_name_is_not_adopted_and_stops_no_sweep(
+    host, test_image: str, owner: str
+):
+    """An owner label no login name can have (made on dockerd, or on a DS01 host) would
+    make keys of another shape: the container is left to admins, and the others on the
+    node are adopted and swept as ever."""
+    _env, reconciler, client = host
+    ds01_container(client, test_image, "odd", {"ds01.managed": "true", "ds01.user": owner})
+    ds01_container(client, test_image, "fine._.ds01bob", {"ds01.managed": "true",
+                                                          "ds01.user": "ds01bob"})  # fmt: skip
+    for _sweep in range(2):
+        await reconciler.sweep()
+    records = {r.docker_name: r.user for r in await reconciler.lifecycle.metadata.all()}
+    assert records == {"fine._.ds01bob": "ds01bob"}
+    assert reconciler.sweeps == 2

@@ -85,6 +85,14 @@ async def test_a_users_records_come_from_their_index_on_every_node(etcd: aetcd.C
     assert (first.node, first.docker_name) not in names(await stores["a"].of_user(first.user))
     assert await stores["a"].get(first.docker_name) is None
 
+    # A remove of a container never deletes the record of one made anew under its name.
+    kept = made[4]  # alice on node a
+    earlier = Metadata.decode(kept.encode())
+    earlier.container_id = "id-of-an-earlier-container"
+    await stores["a"].delete(earlier)
+    assert (await stores["a"].get(kept.docker_name)).container_id == kept.container_id
+    assert (kept.node, kept.docker_name) in names(await stores["a"].of_user(kept.user))
+
     # A record that changes hands leaves its old owner's list.
     moved = made[1]
     await stores["a"].modify(moved, lambda m: setattr(m, "user", f"bob{tag}"))
@@ -107,7 +115,9 @@ async def test_the_index_is_brought_up_to_date_with_records_an_earlier_ds01_wrot
     etcd: aetcd.Client, tag: str
 ):
     """An upgrade: records without copies, a copy of a record removed by a ds01 without
-    the index, and a copy older than its record. Other nodes' copies are not touched."""
+    the index, a record moved to another owner, and a copy older than its record (left
+    for the record's next change to rewrite). Records whose owner no user can have stay
+    out of the index and do not stop it. Other nodes' copies are not touched."""
     store, other = MetadataStore(etcd, f"a{tag}"), MetadataStore(etcd, f"b{tag}")
     unindexed = [record(tag, "alice", "a", c) for c in ("x", "y")]
     for r in unindexed:  # as a ds01 before the index wrote them: the record alone
@@ -120,14 +130,25 @@ async def test_the_index_is_brought_up_to_date_with_records_an_earlier_ds01_wrot
     gone = record(tag, "alice", "a", "gone")
     await store.put_new(gone)
     await etcd.delete(record_key(METADATA, gone.node, gone.docker_name))
+    moved = record(tag, "alice", "a", "m")
+    await store.put_new(moved)
+    moved.user = f"bob{tag}"
+    await etcd.put(record_key(METADATA, moved.node, moved.docker_name), moved.encode())
+    strange = record(tag, "alice", "a", "s")
+    strange.user = "a/b"
+    await etcd.put(record_key(METADATA, strange.node, strange.docker_name), strange.encode())
     elsewhere = record(tag, "alice", "b", "w")
     await other.put_new(elsewhere)
     await etcd.delete(record_key(METADATA, elsewhere.node, elsewhere.docker_name))
 
-    assert await store.index() == 4  # two added, one rewritten, one removed
+    assert await store.index() == 5  # two added, one removed, one moved (two)
     listed = {r.docker_name: r for r in await store.of_user(f"alice{tag}", here=True)}
     assert set(listed) == {r.docker_name for r in (*unindexed, outdated)}
-    assert listed[outdated.docker_name].status == "exited"
+    assert names_of(await store.of_user(f"bob{tag}")) == {moved.docker_name}
+    assert listed[outdated.docker_name].status == ""  # as its copy says, until:
+    await store.modify(newer, lambda m: setattr(m, "notice", "seen"))
+    [rewritten] = [r for r in await store.of_user(f"alice{tag}") if r.name == "z"]
+    assert (rewritten.status, rewritten.notice) == ("exited", "seen")
     assert await store.index() == 0  # nothing left to do: it changes nothing twice
     # b's copy is b's to mend: a's containers service never deletes it.
     assert names_of(await other.of_user(f"alice{tag}", here=True)) == {elsewhere.docker_name}

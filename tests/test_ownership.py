@@ -14,10 +14,13 @@ import pytest
 from cryptography import x509
 
 from ds01.client import ClientIdentity, Ds01Client
+from ds01.containers.adapters import DockerHost
 from ds01.core.config import Config
+from ds01.core.etcd import etcd_client
 from ds01.core.pki import Pki, issue_client_cert
+from ds01.core.processes import free_port
 from ds01.ownership.owners import DEVCONTAINER, NONE, Ownership, owner_of
-from ds01.ownership.sync import OwnershipSync
+from ds01.ownership.sync import OwnershipSync, OwnerStore
 from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
 
@@ -197,3 +200,25 @@ async def test_references_resolve_as_docker_resolves_them_through_renames_and_re
     sync._forget(first)
     assert sync.lookup("renamed") is None and sync.lookup(first) is None
     assert sync.lookup("ab") is named_like_an_id
+
+
+async def test_owners_are_known_from_docker_while_etcd_is_away(pki, docker_socket, test_image):
+    """The map is read from Docker into memory first: GetOwner answers from there even
+    when etcd cannot take the map (a later resync writes it)."""
+    container_id = await asyncio.to_thread(
+        _docker, docker_socket, "create", "--name", "etcdless", "--network=none",
+        "--label", "ds01.user=alice", test_image, "true",
+    )  # fmt: skip
+    nowhere = etcd_client([f"127.0.0.1:{free_port()}"], pki.etcd, "ownership", timeout=2)
+    docker_host = DockerHost(f"unix://{docker_socket}")
+    sync = OwnershipSync(docker_host, OwnerStore(nowhere, "n1"))
+    try:
+        with pytest.raises(Exception):  # noqa: B017  (whatever etcd's client raises)
+            await sync.resync()
+        assert sync.resyncs == 1
+        assert sync.lookup("etcdless").owner == "alice"
+        assert sync.lookup(container_id[:12]).container_id == container_id
+    finally:
+        await asyncio.to_thread(_docker, docker_socket, "rm", "etcdless")
+        await docker_host.close()
+        await nowhere.close()

@@ -299,6 +299,30 @@ async def test_stopped_and_never_started_containers_are_removed_after_their_time
     assert await _slot_state(env) == common_pb2.SLOT_STATE_FREE
 
 
+async def test_a_sweep_never_acts_on_a_name_made_anew_since_it_listed_the_records(
+    world, test_image
+):
+    """A sweep over thousands of containers takes seconds: one it listed (and inspected)
+    may be removed and made anew under its name before the sweep reaches it. The new
+    container is then left alone: not removed, and its GPU not put on hold."""
+    env, reconciler = world
+    lifecycle = reconciler.lifecycle
+    policy = await reconciler._policy("ds01alice", "")
+    for name in ("never", "stopped"):
+        full = await _create(reconciler, test_image, name, start=name == "stopped")
+        if name == "stopped":
+            await lifecycle.stop("ds01alice", False, name, grace=1)
+        listed = await lifecycle.metadata.get(full)  # as the sweep read the records
+        inspected = await lifecycle.docker.find(full)  # and then inspected it
+        reconciler.gpu_states = {full: common_pb2.SLOT_STATE_ALLOCATED}  # as it read them
+        await lifecycle.remove("ds01alice", False, name)
+        await _create(reconciler, test_image, name)  # anew, running, with the GPU
+        await reconciler._apply(inspected, listed, policy, time.time() + 3600)
+        assert await _state(reconciler, full) == "running"
+        assert await _slot_state(env) == common_pb2.SLOT_STATE_ALLOCATED  # no hold
+        await lifecycle.remove("ds01alice", False, name)
+
+
 async def test_after_a_crash_records_allocations_and_containers_are_reconciled(
     world, test_image, docker_socket
 ):

@@ -372,15 +372,26 @@ class MetadataStore:
         return Metadata.decode(found.value) if found else None
 
     async def delete(self, metadata: Metadata) -> None:
-        tx = self.client.transactions
-        await self.client.transaction(
-            compare=[],
-            success=[
-                tx.delete(self._key(metadata.docker_name)),
-                tx.delete(self._copy_key(metadata)),
-            ],
-            failure=[],
-        )
+        """Delete the record of this very container and its copy; never the record of a
+        container made anew under the same name."""
+        key, tx = self._key(metadata.docker_name), self.client.transactions
+        current: Metadata | None = metadata  # tried as given first: callers just read it
+        for _attempt in range(MODIFY_ATTEMPTS):
+            if current is None:
+                found = await self.client.get(key)
+                if found is None:
+                    return
+                current = Metadata.decode(found.value)
+            if current.container_id != metadata.container_id:
+                return
+            deleted, _ = await self.client.transaction(
+                compare=[tx.value(key) == current.encode()],
+                success=[tx.delete(key), tx.delete(self._copy_key(current))],
+                failure=[],
+            )
+            if deleted:
+                return
+            current = None
 
     async def all(self) -> list[Metadata]:
         found = await self.client.get_prefix(record_key(METADATA, self.node, ""))
@@ -400,23 +411,28 @@ class MetadataStore:
     async def index(self) -> int:
         """Bring the user index up to date with this node's records: records written by
         an earlier ds01 have no copy yet, and one that deleted a record left its copy.
-        Each write is conditional on the record as read, so a concurrent change wins.
-        Returns how many index entries were written or removed."""
+        Each write is conditional on the record as read, so a concurrent change wins. The
+        fleet's copies are read as keys alone; a copy that is there but out of date is
+        rewritten by the record's next change. Returns how many copies were written or
+        removed."""
         tx = self.client.transactions
         records = {m.docker_name: m for m in await self.all()}
-        copies = {
-            kv.key: kv.value
-            for kv in await self.client.get_prefix(BY_USER.encode())
-            if kv.key.decode().split("/")[-2] == self.node
-        }
+        found = await self.client.get_prefix(BY_USER.encode(), keys_only=True)
+        copies = {kv.key for kv in found if kv.key.decode().split("/")[-2] == self.node}
         fixed = 0
         for name, record in records.items():
-            value = record.encode()
-            if copies.pop(self._copy_key(record), None) == value:
+            try:
+                copy = self._copy_key(record)
+            except ValueError as err:  # an owner no user can have: listed by admins only
+                log.warning("%s is left out of the user index: %s", name, err)
                 continue
-            key = self._key(name)
+            if copy in copies:
+                copies.discard(copy)
+                continue
             written, _ = await self.client.transaction(
-                compare=[tx.value(key) == value], success=self.writes(record), failure=[]
+                compare=[tx.value(self._key(name)) == record.encode()],
+                success=self.writes(record),
+                failure=[],
             )
             fixed += written
         for stale in copies:  # no record, or the record is now another user's

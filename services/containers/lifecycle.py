@@ -368,15 +368,18 @@ class Lifecycle:
         return left
 
     async def repair_forever(self, interval: float = 5.0) -> None:
-        """Undo interrupted creates, each ``interval``; first, once, bring the user index
-        up to date with the records an earlier ds01 wrote."""
+        """Undo interrupted creates, each ``interval``; and, until it has succeeded once,
+        bring the user index up to date with the records an earlier ds01 wrote."""
         indexed = False
         while True:
-            try:
-                if not indexed:
+            if not indexed:
+                try:
                     if fixed := await self.metadata.index():
                         log.info("user index: %d container records indexed anew", fixed)
                     indexed = True
+                except Exception as err:  # etcd away: next round; the repair goes on
+                    log.warning("cannot bring the user index up to date yet: %s", err)
+            try:
                 await self.repair()
             except Exception as err:  # etcd away: next round
                 log.warning("cannot repair interrupted creates yet: %s", err)
@@ -429,10 +432,10 @@ class Lifecycle:
         name: str,
         grace: int = 0,
         manual: bool = True,
-        exact: bool = False,
+        exact: Metadata | None = None,
     ) -> Metadata:
         """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows;
-        ``exact``: ``name`` is the Docker name of a record (the reconciler's)."""
+        ``exact``: the reconciler's record of the container (see ``_own``)."""
         with self._busy(user, name):
             metadata, container = await self._own(user, privileged, name, exact=exact)
             await self.docker.stop(container, grace or await self.grace(metadata))
@@ -451,7 +454,9 @@ class Lifecycle:
         await self.events.publish(Kind.STOPPED, metadata, _by(user, metadata, manual))
         return metadata
 
-    async def remove(self, user: str, privileged: bool, name: str, exact: bool = False) -> None:
+    async def remove(
+        self, user: str, privileged: bool, name: str, exact: Metadata | None = None
+    ) -> None:
         with self._busy(user, name):
             metadata, container = await self._own(
                 user, privileged, name, must_exist=False, exact=exact
@@ -461,7 +466,7 @@ class Lifecycle:
             if metadata.gpu_slots:
                 await self._release(metadata.docker_name)
             await self.metadata.delete(metadata)
-        await self.events.publish(Kind.REMOVED, metadata, _by(user, metadata, not exact))
+        await self.events.publish(Kind.REMOVED, metadata, _by(user, metadata, exact is None))
 
     async def list(self, user: str, all_users: bool) -> list[tuple[Metadata, Any]]:
         """The containers, and the creates still in progress or being undone."""
@@ -518,15 +523,20 @@ class Lifecycle:
         privileged: bool,
         name: str,
         must_exist: bool = True,
-        exact: bool = False,
+        exact: Metadata | None = None,
     ) -> tuple[Metadata, Any]:
         """The caller's container ``name`` (admins: a full ``name._.user`` for others';
-        ``exact``: the Docker name of a record, as it is)."""
+        ``exact``: a record the caller read earlier, the reconciler's: by its Docker name
+        as it is, and only while that name is still that very container's)."""
         try:
-            full = name if exact or "._." in name else docker_name(name, user)
+            full = (
+                exact.docker_name if exact else name if "._." in name else docker_name(name, user)
+            )
         except SpecError as err:
             raise ContainerError(Code.INVALID, str(err)) from err
         metadata = await self.metadata.get(full)
+        if exact and metadata and metadata.container_id != exact.container_id:
+            raise ContainerError(Code.NOT_FOUND, f"{full} was removed and made anew meanwhile")
         if metadata is None and not exact and "._." not in name:
             # Adopted containers keep the names they were made with (mlc: name._.uid).
             mine = [m for m in await self.metadata.of_user(user, here=True) if m.name == name]

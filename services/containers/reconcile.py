@@ -51,6 +51,7 @@ from ds01.containers.lifecycle import (
     Lifecycle,
     count_runtime,
 )
+from ds01.core.pki import is_user_name
 from ds01.core.units import parse_duration, parse_size
 from ds01.v1 import common_pb2
 
@@ -300,6 +301,7 @@ class Reconciler:
     sweep_seconds: float = 0.0  # all sweeps together, for the metrics
     last_sweep_seconds: float = 0.0
     unallocated: set[str] = field(default_factory=set)  # carry GPUs, hold no allocation
+    unadoptable: set[str] = field(default_factory=set)  # ids whose owner is no user name
     _suspects: set[tuple[str, str]] = field(default_factory=set)  # so in the last sweep
     demand: float = 0.0  # the share of this node's GPU slots taken, at the last sweep
     gpu_uuids: dict[str, list[str]] = field(default_factory=dict)  # container -> its GPUs
@@ -440,7 +442,9 @@ class Reconciler:
             if name in creating or recorded.get(name) != (record and record.container_id):
                 del containers[name]  # in flux: being created or undone, removed, made anew
             elif record is None and name not in busy:
-                adopted = await self._adopt(container, now)
+                adopted = None
+                with _reconciling(name):  # one that cannot be adopted stops no others
+                    adopted = await self._adopt(container, now)
                 if adopted is None:
                     del containers[name]
                 else:
@@ -524,6 +528,11 @@ class Reconciler:
             return None  # listed, then removed (an undo, a remove): nothing to adopt
         seen = Seen.of(container.attrs)
         if not seen.user:
+            return None
+        if not is_user_name(seen.user):
+            if container.id not in self.unadoptable:  # said once, not every sweep
+                self.unadoptable.add(container.id)
+                log.warning("%s is not adopted: its owner %r is no user name", seen.name, seen.user)
             return None
         record = Metadata(
             docker_name=seen.name,
@@ -642,9 +651,15 @@ class Reconciler:
             found.update((s["Id"], models.prepare_model(_listed(s))) for s in listed)
         return list(found.values())
 
-    async def _forget(self, record: Metadata) -> None:
+    async def _current(self, record: Metadata) -> Metadata | None:
+        """The record as stored now, if it is still this very container's: a sweep's
+        copy is as old as the sweep, and the name may have been removed or made anew."""
         current = await self.lifecycle.metadata.get(record.docker_name)
-        if current is None or current.container_id != record.container_id:
+        return current if current and current.container_id == record.container_id else None
+
+    async def _forget(self, record: Metadata) -> None:
+        current = await self._current(record)
+        if current is None:
             return  # its remove finished meanwhile, or the name was taken anew
         if record.gpu_slots:
             with contextlib.suppress(Ds01Error):
@@ -741,6 +756,9 @@ class Reconciler:
         )
         if action is None:
             return
+        if (current := await self._current(record)) is None:
+            return  # removed, or made anew, since the sweep listed the records
+        record = current
         who = f"{record.docker_name} ({record.user})"
         self.actions[action.value] += 1
         events = self.lifecycle.events
@@ -767,12 +785,12 @@ class Reconciler:
                 stopping = Kind.IDLE_STOP if action is Action.STOP_IDLE else Kind.RUNTIME_EXCEEDED
                 await events.publish(stopping, record)
                 await self.lifecycle.stop(
-                    record.user, True, record.docker_name, manual=False, exact=True
+                    record.user, True, record.docker_name, manual=False, exact=record
                 )
                 self.activity.pop(record.docker_name, None)
             else:
                 log.warning("removing %s: %s", who, action.value)
-                await self.lifecycle.remove(record.user, True, record.docker_name, exact=True)
+                await self.lifecycle.remove(record.user, True, record.docker_name, exact=record)
         except ContainerError as err:
             log.warning("could not act on %s (%s): %s", who, action.value, err.message)
 
@@ -781,10 +799,14 @@ class Reconciler:
         (docker start) ends it, as ds01's own stop and start do."""
         allocation = self.gpu_states.get(record.docker_name)
         client = self.lifecycle.client
+        stopped = status in ("exited", "dead") and allocation == common_pb2.SLOT_STATE_ALLOCATED
+        started = status == "running" and allocation == common_pb2.SLOT_STATE_HELD
+        if not (stopped or started) or await self._current(record) is None:
+            return  # in step; or the name's allocation is another container's by now
         try:
-            if status in ("exited", "dead") and allocation == common_pb2.SLOT_STATE_ALLOCATED:
+            if stopped:
                 await client.mark_stopped(record.docker_name)
-            elif status == "running" and allocation == common_pb2.SLOT_STATE_HELD:
+            else:
                 await client.clear_stopped(record.docker_name)
         except Ds01Error as err:
             if err.code != grpc.StatusCode.NOT_FOUND:

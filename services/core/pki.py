@@ -97,13 +97,18 @@ class EtcdPki(Authority):
         )
 
 
+def is_user_name(user: str) -> bool:
+    """A login name as ds01 accepts one (letters, digits and . _ @ -)."""
+    return bool(_USER_NAME.match(user))
+
+
 def validate_user_name(user: str) -> str:
     """Refuse names that are not login names, including the reserved service prefix."""
     if user.startswith(SERVICE_PREFIX):
         raise PkiError(
             f"{user!r}: names starting with {SERVICE_PREFIX!r} are reserved for services"
         )
-    if not _USER_NAME.match(user):
+    if not is_user_name(user):
         raise PkiError(
             f"{user!r} is not a valid user name: use letters, digits and . _ @ - "
             "(at most 128 characters, not starting with . @ or -)"

@@ -8,7 +8,6 @@ soon as Docker announces the container, with no polling.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from ds01.ownership.owners import Ownership, owner_of
 log = logging.getLogger(__name__)
 
 OWNERS = "/ds01/v1/owners/"
+RESYNC_RETRY = 2.0  # seconds before a failed update is made good by a resync
 
 
 class OwnerStore:
@@ -85,37 +85,42 @@ class OwnershipSync:
             del self._names[ownership.name]
 
     async def resync(self) -> None:
+        """Docker's containers into memory (GetOwner answers from then on), then into
+        etcd."""
         containers = await self.docker.run(
             lambda: self.docker.client.containers.list(all=True, sparse=True)
         )
         current = {
             c.id: owner_of(c.id, _name(c.attrs), c.attrs.get("Labels") or {}) for c in containers
         }
+        self.known, self._names = {}, {}
+        for ownership in current.values():
+            self._remember(ownership)
+        self.resyncs += 1
         for ownership in await self.store.all():
             if ownership.container_id not in current:
                 await self.store.delete(ownership.container_id)
         for ownership in current.values():
             await self.store.put(ownership)
-        self.known, self._names = {}, {}
-        for ownership in current.values():
-            self._remember(ownership)
-        self.resyncs += 1
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         threading.Thread(target=self._pump, args=(loop, events), daemon=True).start()
+        retry_due = False  # one retry at a time, however many updates failed
         while True:
             event = await events.get()
             try:
-                if event is None:  # the stream (re)opened: start from the truth
+                if event is None:  # the stream (re)opened, or a retry: from the truth
+                    retry_due = False
                     await self.resync()
                 else:
                     await self._apply(event)
-            except Exception:
-                log.exception("ownership update failed; resyncing")
-                with contextlib.suppress(Exception):
-                    await self.resync()
+            except Exception:  # Docker or etcd away: from the truth again, until it works
+                log.exception("ownership update failed; resyncing in %.0f s", RESYNC_RETRY)
+                if not retry_due:
+                    retry_due = True
+                    loop.call_later(RESYNC_RETRY, events.put_nowait, None)
 
     async def _apply(self, event: dict[str, Any]) -> None:
         action = event.get("Action", "")
