@@ -180,3 +180,28 @@ async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
     assert await until(lambda: watching.cache.generation("alice") > 0)
     await acting.allocator.release("seen._.alice", ADMIN)
     assert await until(lambda: key not in watching.cache.view.holders)
+
+
+async def test_a_users_status_from_the_view_is_what_etcd_holds_for_that_user(
+    env: AllocatorEnv, pair
+):
+    """A user's own status (what `container list` shows) is answered from the view, at
+    a cost that follows the user's holdings: it must say what a fresh read says, for
+    that user and no other, on either allocator once its view has followed."""
+    first, second = pair
+    for user, name in (("alice", "a1"), ("bob", "b1"), ("alice", "a2")):
+        await first.allocate(user, name)
+    await first.allocator.release("a2._.alice", ADMIN)
+    await first.allocate("carol", "c1")
+    fresh = await first.allocator.state.snapshot()
+    for user in ("alice", "bob", "carol", "dave"):
+        expected = {k: h for k, h in fresh.holders.items() if h.user == user}
+        for node in (first, second):
+            for _ in range(100):  # the second follows the first's writes by its watch
+                shown = await node.allocator.status(user)
+                if shown.holders == expected:
+                    break
+                await asyncio.sleep(0.02)
+            assert shown.holders == expected
+            assert set(shown.slots) == set(expected)
+            assert all(shown.slots[k] == fresh.slots[k] for k in expected)

@@ -66,6 +66,15 @@ class View:
             return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
         return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision, self.drains)
 
+    def snapshot_of_user(self, user: str) -> Snapshot:
+        """The slots ``user`` holds on every node, with their holders: a user's status
+        touches the user's holdings, not the fleet's slots."""
+        keys = self.user_keys.get(user, ())
+        holders = {key: self.holders[key] for key in keys}
+        slots = {key: self.slots[key] for key in keys if key in self.slots}
+        waiters = sorted(self.waiters.items())
+        return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
+
     def held_by_user(self, user: str) -> float | None:
         """GPU-equivalents ``user`` holds on every node; None if a holding's slot is not
         in the view (then the sum would be short)."""

@@ -521,7 +521,15 @@ class Allocator:
             raise NotFound(f"node {node} has no GPU {gpu}; it has GPUs {', '.join(gpus)}")
 
     async def status(self, user: str = "", node: str = "") -> Snapshot:
-        snapshot = await self.state.snapshot()
+        """The fleet's slots and holders, or a node's, or those ``user`` holds. A user's
+        own (what `container list` shows) come from the watched view while it is live,
+        at a cost that follows the user's holdings; everything else is read from etcd,
+        as the reconciler's release of orphaned allocations needs it."""
+        cache = self.cache
+        if user and cache is not None and cache.live:
+            snapshot = cache.view.snapshot_of_user(user)
+        else:
+            snapshot = await self.state.snapshot()
         if not user and not node:
             return snapshot
         return replace(

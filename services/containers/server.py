@@ -160,7 +160,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         found = await self._run(
             context, self.lifecycle.list(request.user or user, request.all_users)
         )
-        held = await self._holdings()
+        held = await self._holdings("" if request.all_users else request.user or user)
         return containers_pb2.ListContainersResponse(
             containers=[await self._message(m, c, held) for m, c in found]
         )
