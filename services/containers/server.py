@@ -209,9 +209,9 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             return _container(metadata, None, held)
         if metadata.node != self.lifecycle.node:  # another node's: as that node last saw it
             return _container(metadata, metadata.status or None, held)
-        docker = self.lifecycle.docker
-        container = container or await docker.find(metadata.container_id)
-        return _container(metadata, await docker.status(container) if container else None, held)
+        # ``container`` was inspected just now (a list's, an inspect's): not asked again.
+        container = container or await self.lifecycle.docker.find(metadata.container_id)
+        return _container(metadata, container.status if container else None, held)
 
     async def _holdings(self, user: str = "") -> Holdings:
         """The GPUs each container of the fleet (or of ``user``) holds now, as the
