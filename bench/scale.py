@@ -139,6 +139,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
     nodes_rows: dict[str, list[float]] = {"Allocate p50": [], "Allocate p99": [],
                                           "GetStatus p50 (whole fleet)": [],
                                           "GetStatus p50 (one user's GPUs)": [],
+                                          "GetStatus p50 (one node)": [],
                                           "ds01d memory (MiB)": []}  # fmt: skip
     async with Ds01Client(config, identity, timeout=60) as client:
         for _ in range(100):  # this node registered, as its allocator does
@@ -162,10 +163,13 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
             await client.allocate("held._.u1", user="u1", node=HERE)
             mine = await timed(lambda _n: client.gpu_status(user="u1"), max(10, cycles // 10))
             await client.release("held._.u1")
+            # What each node's reconciler asks every sweep.
+            node = await timed(lambda _n: client.gpu_status(node=HERE), max(10, cycles // 10))
             nodes_rows["Allocate p50"].append(statistics.median(samples) * 1e3)
             nodes_rows["Allocate p99"].append(pct(samples, 99) * 1e3)
             nodes_rows["GetStatus p50 (whole fleet)"].append(statistics.median(status) * 1e3)
             nodes_rows["GetStatus p50 (one user's GPUs)"].append(statistics.median(mine) * 1e3)
+            nodes_rows["GetStatus p50 (one node)"].append(statistics.median(node) * 1e3)
             nodes_rows["ds01d memory (MiB)"].append(rss_mib(server_pid))
         show("nodes (56, 560, 5,600 slots); Allocate includes its Release:", NODES_STEPS,
              {k: v for k, v in nodes_rows.items() if "memory" not in k}, "ms")  # fmt: skip

@@ -14,7 +14,7 @@ import pytest_asyncio
 from ds01.allocator.cache import ClusterCache
 from ds01.allocator.etcd_state import EtcdState
 from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request
-from ds01.allocator.records import HOLDERS, Holder, slot_key
+from ds01.allocator.records import HOLDERS, SLOTS, Holder, SlotRecord, slot_key
 from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
 from ds01.core.etcd import connect
@@ -205,3 +205,33 @@ async def test_a_users_status_from_the_view_is_what_etcd_holds_for_that_user(
             assert shown.holders == expected
             assert set(shown.slots) == set(expected)
             assert all(shown.slots[k] == fresh.slots[k] for k in expected)
+
+
+async def test_a_nodes_status_reads_that_nodes_keys_and_is_what_the_fleets_says(
+    env: AllocatorEnv, pair
+):
+    """Each node's reconciler asks for its node's status every sweep: that reads the
+    node's keys alone, and says what the whole fleet's read says of the node, for
+    nodes whose names begin alike (n1, n1x, n10)."""
+    first, _second = pair
+    state = first.allocator.state
+    here = env.config.node
+    others = [f"{here}x", f"{here}0"]
+    for node in others:
+        for gpu in range(2):
+            record = SlotRecord(node, f"{gpu}", f"GPU-{node}-{gpu}", "A100", "", 40 << 30, 1.0)
+            await state.client.put(slot_key(SLOTS, node, record.slot_id), record.encode())
+        holder = Holder(user="bob", container=f"{node}._.bob", since=1.0, priority=10)
+        await state.client.put(slot_key(HOLDERS, node, "1"), holder.encode())
+    await first.allocate("alice", "mine")
+    try:
+        fleet = await first.allocator.status()
+        for node in (here, *others):
+            shown = await first.allocator.status(node=node)
+            assert shown.slots == {k: s for k, s in fleet.slots.items() if k[0] == node}
+            assert shown.holders == {k: h for k, h in fleet.holders.items() if k[0] == node}
+            assert shown.slots and shown.nodes == fleet.nodes
+    finally:
+        for node in others:
+            await state.client.delete_prefix(f"{SLOTS}{node}/".encode())
+            await state.client.delete_prefix(f"{HOLDERS}{node}/".encode())

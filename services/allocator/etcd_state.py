@@ -145,14 +145,23 @@ class EtcdState:
         self._decoder = _Decoder()
         self._unlocking: set[asyncio.Future[None]] = set()  # locks still to be released
 
-    def _reads(self) -> list:
+    def _reads(self, node: str = "") -> list:
+        """The snapshot's range reads; ``node``: that node's slots and holders alone."""
         tx = self.client.transactions
-        return [tx.get(p.encode(), prefix_range_end(p.encode())) for p in _SNAPSHOT_PREFIXES]
+        prefixes = [
+            f"{p}{node}/" if node and p in (SLOTS, HOLDERS) else p for p in _SNAPSHOT_PREFIXES
+        ]
+        return [tx.get(p.encode(), prefix_range_end(p.encode())) for p in prefixes]
 
-    async def snapshot(self) -> Snapshot:
-        """Slots, holders, nodes, waiters and drains in one consistent read."""
-        _, responses = await self.client.transaction(compare=[], success=self._reads(), failure=[])
-        return self._decoder.snapshot(_ranges(responses), await self._revision(responses))
+    async def snapshot(self, node: str = "") -> Snapshot:
+        """Slots, holders, nodes, waiters and drains in one consistent read; ``node``: of
+        that node's slots and holders only, at a cost that follows the node, not the
+        fleet (each node's reconciler asks every sweep)."""
+        reads = self._reads(node)
+        _, responses = await self.client.transaction(compare=[], success=reads, failure=[])
+        # A node's few records are decoded afresh: the shared cache holds the fleet's.
+        decoder = _Decoder() if node else self._decoder
+        return decoder.snapshot(_ranges(responses), await self._revision(responses))
 
     async def _revision(self, responses: list) -> int:
         """The revision a transaction read at: every Get it returned carries it."""

@@ -524,12 +524,13 @@ class Allocator:
         """The fleet's slots and holders, or a node's, or those ``user`` holds. A user's
         own (what `container list` shows) come from the watched view while it is live,
         at a cost that follows the user's holdings; everything else is read from etcd,
-        as the reconciler's release of orphaned allocations needs it."""
+        as the reconciler's release of orphaned allocations needs it (a node's: that
+        node's keys alone)."""
         cache = self.cache
         if user and cache is not None and cache.live:
             snapshot = cache.view.snapshot_of_user(user)
         else:
-            snapshot = await self.state.snapshot()
+            snapshot = await self.state.snapshot(node)
         if not user and not node:
             return snapshot
         return replace(
