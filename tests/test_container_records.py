@@ -104,10 +104,17 @@ def names_of(records: list[Metadata]) -> set[str]:
     return {r.docker_name for r in records}
 
 
+@pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("user", ["a/b", "/", "alice/", "../alice"])
-def test_a_user_name_with_a_slash_is_never_an_index_key(user: str):
+async def test_a_user_name_with_a_slash_is_never_an_index_key(
+    etcd: aetcd.Client, tag: str, user: str
+):
     with pytest.raises(ValueError, match="contains '/'"):
         user_key(user)
+    store = MetadataStore(etcd, f"a{tag}")
+    await store.put_new(record(tag, "alice", "a", "x"))
+    assert await store.of_user(user) == []  # nobody's records, not an error
+    assert await store.of_user(f"alice{tag}/") == []
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -405,6 +405,8 @@ class MetadataStore:
     async def of_user(self, user: str, here: bool = False) -> list[Metadata]:
         """The user's records on every node (``here``: on this node), read from the
         user's index: the cost follows the user's containers, not the fleet's."""
+        if "/" in user:  # no such user's record is ever indexed (an admin's odd --user)
+            return []
         found = await self.client.get_prefix(user_key(user, self.node if here else ""))
         return [Metadata.decode(kv.value) for kv in found]
 
