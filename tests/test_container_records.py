@@ -5,6 +5,7 @@ that kept no index."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -92,6 +93,16 @@ async def test_a_users_records_come_from_their_index_on_every_node(etcd: aetcd.C
     await stores["a"].delete(earlier)
     assert (await stores["a"].get(kept.docker_name)).container_id == kept.container_id
     assert (kept.node, kept.docker_name) in names(await stores["a"].of_user(kept.user))
+
+    # A record an older ds01 wrote (fewer fields, so other bytes than ds01 writes now)
+    # is removed with its copy all the same.
+    older = made[5]  # alice on node a
+    fields = json.loads(older.encode())
+    del fields["notice"], fields["status"]
+    await etcd.put(record_key(METADATA, older.node, older.docker_name), json.dumps(fields).encode())
+    await stores["a"].delete(older)
+    assert await stores["a"].get(older.docker_name) is None
+    assert (older.node, older.docker_name) not in names(await stores["a"].of_user(older.user))
 
     # A record that changes hands leaves its old owner's list.
     moved = made[1]

@@ -323,14 +323,33 @@ class MetadataStore:
         self, metadata: Metadata, change: Callable[[Metadata], object], as_read: bool = False
     ) -> Metadata | None:
         """Apply ``change`` to the stored record of this very container and write it back
-        only if nobody wrote it meanwhile (re-read and retried on a conflict). Never
-        brings back a record a remove deleted, nor overwrites the record of a container
-        made anew under the same name; None then. A change that changes nothing writes
-        nothing: a sweep over thousands of unchanged containers costs etcd only reads.
-        ``as_read``: ``metadata`` is the record as a sweep read it, tried first without
-        reading it again; then an unchanged record costs etcd nothing at all."""
+        only if nobody wrote it meanwhile (see ``_rewrite``). A change that changes
+        nothing writes nothing: a sweep over thousands of unchanged containers costs etcd
+        only reads. ``as_read``: ``metadata`` is the record as a sweep read it, tried
+        first without reading it again; then an unchanged record costs etcd nothing."""
+        tx = self.client.transactions
+
+        def changed(current: Metadata, read: bytes) -> list[Any]:
+            before = self._copy_key(current)
+            change(current)
+            if current.encode() == read:
+                return []
+            moved = [tx.delete(before)] if self._copy_key(current) != before else []
+            return [*moved, *self.writes(current)]
+
+        return await self._rewrite(metadata, changed, metadata.encode() if as_read else None)
+
+    async def _rewrite(
+        self,
+        metadata: Metadata,
+        operations: Callable[[Metadata, bytes], list[Any]],
+        read: bytes | None,
+    ) -> Metadata | None:
+        """The stored record of this very container, with ``operations(current, read)``
+        committed only if it is still as read (``read``: the bytes the caller read, tried
+        first), re-read and retried on a conflict. None when there is no such record: a
+        remove deleted it, or a container was made anew under the name (never touched)."""
         key, tx = self._key(metadata.docker_name), self.client.transactions
-        read = metadata.encode() if as_read else None
         for _attempt in range(MODIFY_ATTEMPTS):
             if read is None:
                 found = await self.client.get(key)
@@ -340,15 +359,11 @@ class MetadataStore:
             current = Metadata.decode(read)
             if current.container_id != metadata.container_id:
                 return None
-            before = self._copy_key(current)
-            change(current)
-            if current.encode() == read:
+            writes = operations(current, read)
+            if not writes:
                 return current
-            moved = [tx.delete(before)] if self._copy_key(current) != before else []
             written, _ = await self.client.transaction(
-                compare=[tx.value(key) == read],
-                success=[*moved, *self.writes(current)],
-                failure=[],
+                compare=[tx.value(key) == read], success=writes, failure=[]
             )
             if written:
                 return current
@@ -375,23 +390,12 @@ class MetadataStore:
         """Delete the record of this very container and its copy; never the record of a
         container made anew under the same name."""
         key, tx = self._key(metadata.docker_name), self.client.transactions
-        current: Metadata | None = metadata  # tried as given first: callers just read it
-        for _attempt in range(MODIFY_ATTEMPTS):
-            if current is None:
-                found = await self.client.get(key)
-                if found is None:
-                    return
-                current = Metadata.decode(found.value)
-            if current.container_id != metadata.container_id:
-                return
-            deleted, _ = await self.client.transaction(
-                compare=[tx.value(key) == current.encode()],
-                success=[tx.delete(key), tx.delete(self._copy_key(current))],
-                failure=[],
-            )
-            if deleted:
-                return
-            current = None
+
+        def deleted(current: Metadata, _read: bytes) -> list[Any]:
+            return [tx.delete(key), tx.delete(self._copy_key(current))]
+
+        # Tried as given first: callers have just read it.
+        await self._rewrite(metadata, deleted, metadata.encode())
 
     async def all(self) -> list[Metadata]:
         found = await self.client.get_prefix(record_key(METADATA, self.node, ""))

@@ -406,7 +406,9 @@ class Reconciler:
         if record is None or container is None:
             return
         state = container.attrs["State"]  # as Docker says now: find inspects it afresh
-        await lifecycle.metadata.modify(record, lambda current: count_runtime(current, state))
+        await lifecycle.metadata.modify(  # the record was read just now
+            record, lambda current: count_runtime(current, state), as_read=True
+        )
 
     async def sweep(self, now: float | None = None, only: set[str] | None = None) -> None:
         """``only``: inspect (and apply policies to) these containers alone; adoption,
