@@ -140,6 +140,11 @@ async def test_the_index_is_brought_up_to_date_with_records_an_earlier_ds01_wrot
     unindexed = [record(tag, "alice", "a", c) for c in ("x", "y")]
     for r in unindexed:  # as a ds01 before the index wrote them: the record alone
         await etcd.put(record_key(METADATA, r.node, r.docker_name), r.encode())
+    older = record(tag, "alice", "a", "o")  # and with fewer fields than ds01 writes now
+    fields = json.loads(older.encode())
+    del fields["notice"], fields["status"]
+    await etcd.put(record_key(METADATA, older.node, older.docker_name), json.dumps(fields).encode())
+    unindexed.append(older)
     outdated = record(tag, "alice", "a", "z")
     await store.put_new(outdated)
     newer = Metadata.decode(outdated.encode())
@@ -159,7 +164,7 @@ async def test_the_index_is_brought_up_to_date_with_records_an_earlier_ds01_wrot
     await other.put_new(elsewhere)
     await etcd.delete(record_key(METADATA, elsewhere.node, elsewhere.docker_name))
 
-    assert await store.index() == 5  # two added, one removed, one moved (two)
+    assert await store.index() == 6  # three added, one removed, one moved (two)
     listed = {r.docker_name: r for r in await store.of_user(f"alice{tag}", here=True)}
     assert set(listed) == {r.docker_name for r in (*unindexed, outdated)}
     assert names_of(await store.of_user(f"bob{tag}")) == {moved.docker_name}

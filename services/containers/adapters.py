@@ -422,11 +422,14 @@ class MetadataStore:
         rewritten by the record's next change. Returns how many copies were written or
         removed."""
         tx = self.client.transactions
-        records = {m.docker_name: m for m in await self.all()}
+        # With the bytes as stored: a record an earlier ds01 wrote may have fewer fields,
+        # and the writes below hold only while it is exactly as read.
+        stored = await self.client.get_prefix(record_key(METADATA, self.node, ""))
+        records = {(m := Metadata.decode(kv.value)).docker_name: (m, kv.value) for kv in stored}
         found = await self.client.get_prefix(BY_USER.encode(), keys_only=True)
         copies = {kv.key for kv in found if kv.key.decode().split("/")[-2] == self.node}
         fixed = 0
-        for name, record in records.items():
+        for name, (record, read) in records.items():
             try:
                 copy = self._copy_key(record)
             except ValueError as err:  # an owner no user can have: listed by admins only
@@ -436,15 +439,13 @@ class MetadataStore:
                 copies.discard(copy)
                 continue
             written, _ = await self.client.transaction(
-                compare=[tx.value(self._key(name)) == record.encode()],
-                success=self.writes(record),
-                failure=[],
+                compare=[tx.value(self._key(name)) == read], success=self.writes(record), failure=[]
             )
             fixed += written
         for stale in copies:  # no record, or the record is now another user's
             name = stale.decode().rsplit("/", 1)[1]
-            key, record = self._key(name), records.get(name)
-            unchanged = tx.create(key) == 0 if record is None else tx.value(key) == record.encode()
+            key, read = self._key(name), records[name][1] if name in records else None
+            unchanged = tx.create(key) == 0 if read is None else tx.value(key) == read
             written, _ = await self.client.transaction(
                 compare=[unchanged], success=[tx.delete(stale)], failure=[]
             )
