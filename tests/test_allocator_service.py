@@ -12,7 +12,7 @@ import pytest
 from ds01.client import Ds01Error
 from ds01.core.etcd import connect, etcd_client
 from ds01.core.pki import Pki
-from ds01.v1 import allocator_pb2, common_pb2
+from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
 from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision
 
 EVENT = allocator_pb2.AllocationEventType
@@ -152,6 +152,24 @@ async def test_a_watcher_that_resumes_from_its_last_revision_misses_nothing(env:
     ]
     assert resumed[1].released_by == "alice"
     assert [e.revision for e in resumed] == sorted(e.revision for e in resumed)
+
+
+async def test_a_live_watch_says_it_is_live_before_any_event(env: AllocatorEnv):
+    """A monitor can wait for the stream's headers instead of sleeping and hoping: they
+    come as soon as the watch is registered, and nothing allocated after them is missed."""
+    async with env.client("labadmin") as admin, env.client("alice") as alice:
+        for attempt in range(3):
+            stub = allocator_pb2_grpc.AllocatorServiceStub(admin.channel("allocator"))
+            call = stub.WatchAllocations(allocator_pb2.WatchAllocationsRequest())
+            await asyncio.wait_for(call.initial_metadata(), 5)  # no event has happened
+            await alice.allocate(f"live{attempt}._.alice")  # at once: no sleep
+            event = await asyncio.wait_for(call.read(), 5)
+            call.cancel()
+            assert (event.type, event.allocation.container) == (
+                EVENT.ALLOCATION_EVENT_TYPE_ALLOCATED,
+                f"live{attempt}._.alice",
+            )
+            await alice.release(f"live{attempt}._.alice")
 
 
 async def test_resuming_from_compacted_history_is_a_clear_error(

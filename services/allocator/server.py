@@ -274,6 +274,10 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                 await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(err))
             return
         async with self.hub.subscribe() as events:
+            # Headers now, not with the first event: the watcher knows its watch is live
+            # (nothing after this can be missed), and the first event costs no more to
+            # send to a thousand watchers than the next ones.
+            await context.send_initial_metadata(())
             while True:
                 item = await events.get()
                 if isinstance(item, Overflow):

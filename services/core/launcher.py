@@ -26,6 +26,7 @@ from pathlib import Path
 import click
 
 from ds01.allocator.inventory import InventoryError, load_inventory
+from ds01.core import heap
 from ds01.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from ds01.core.etcd import etcd_answers_plain, etcd_healthy
 from ds01.core.identity import Roles
@@ -141,6 +142,7 @@ async def serve(config: Config, names: list[str], local: bool) -> int:
             running.append(await start_service(service_spec(name), context))
         for service in running:  # the first check of what each one needs
             await service.ready(timeout=10)
+        heap.settle()
         print(_summary(config, running, deps.notes, foreground=local), flush=True)
         await stop.wait()
         log.info("stopping")
