@@ -11,9 +11,10 @@ real etcd, in one run, printed as a ratio per tenfold step (nothing here asserts
     (ds01scale, made with useradd and removed at the end) owns two of them.
 
 At each size: Allocate p50/p99 on this node (as the containers service asks; with a
-release each time), GetStatus of the whole fleet, GetLimits, event fan-out p99, the
-gateway's `docker ps -a` as that user beside the same request to dockerd itself, the
-reconcile sweep (its own metric), and the memory of the ds01 process. Run as root:
+release each time) and on any node (placement over the whole fleet), GetStatus of the
+whole fleet, GetLimits, event fan-out p99, the gateway's `docker ps -a` as that user
+beside the same request to dockerd itself, the reconcile sweep (its own metric), and
+the memory of the ds01 process. Run as root:
 
     .venv/bin/python bench/scale.py [--cycles 100] [--containers-max 2000]
 """
@@ -137,6 +138,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
     pki, endpoint = running.pki, running.etcd_endpoint  # type: ignore[attr-defined]
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
     nodes_rows: dict[str, list[float]] = {"Allocate p50": [], "Allocate p99": [],
+                                          "Allocate p50 (any node)": [],
                                           "GetStatus p50 (whole fleet)": [],
                                           "GetStatus p50 (one user's GPUs)": [],
                                           "GetStatus p50 (one node)": [],
@@ -156,8 +158,13 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
                 await client.allocate(f"s{n}._.u{n % 50}", user=f"u{n % 50}", node=HERE)
                 await client.release(f"s{n}._.u{n % 50}")
 
+            async def anywhere(n: int) -> None:  # placement over the whole fleet
+                await client.allocate(f"a{n}._.u{n % 50}", user=f"u{n % 50}")
+                await client.release(f"a{n}._.u{n % 50}")
+
             await timed(cycle, 10)  # warm-up
             samples = await timed(cycle, cycles)
+            fleet = await timed(anywhere, cycles)
             status = await timed(lambda _n: client.gpu_status(), max(10, cycles // 10))
             # What `ds01 container list` asks: the user's own, whatever the fleet holds.
             await client.allocate("held._.u1", user="u1", node=HERE)
@@ -167,6 +174,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
             node = await timed(lambda _n: client.gpu_status(node=HERE), max(10, cycles // 10))
             nodes_rows["Allocate p50"].append(statistics.median(samples) * 1e3)
             nodes_rows["Allocate p99"].append(pct(samples, 99) * 1e3)
+            nodes_rows["Allocate p50 (any node)"].append(statistics.median(fleet) * 1e3)
             nodes_rows["GetStatus p50 (whole fleet)"].append(statistics.median(status) * 1e3)
             nodes_rows["GetStatus p50 (one user's GPUs)"].append(statistics.median(mine) * 1e3)
             nodes_rows["GetStatus p50 (one node)"].append(statistics.median(node) * 1e3)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from ds01.allocator.cache import ClusterCache
+from ds01.allocator.cache import ClusterCache, View
 from ds01.allocator.etcd_state import EtcdState
 from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request
 from ds01.allocator.records import HOLDERS, SLOTS, Holder, SlotRecord, slot_key
@@ -235,3 +235,17 @@ async def test_a_nodes_status_reads_that_nodes_keys_and_is_what_the_fleets_says(
         for node in others:
             await state.client.delete_prefix(f"{SLOTS}{node}/".encode())
             await state.client.delete_prefix(f"{HOLDERS}{node}/".encode())
+
+
+def test_the_view_keeps_slots_in_the_order_placement_reads_them():
+    """Placement takes the first free slots on unused GPUs in numeric order, so the view
+    must hand them over in that order, however the watch brought them: "2" before "10"."""
+    view = View()
+    arrived = [("b", "10"), ("a", "3:2"), ("b", "2"), ("a", "10:1"), ("a", "3:10"), ("a", "3:1")]
+    for node, slot_id in arrived:
+        view.set_slot((node, slot_id), SlotRecord(node, slot_id, "", "A100", "", 0, 1.0))
+    numeric = ["a/3:1", "a/3:2", "a/3:10", "a/10:1", "b/2", "b/10"]
+    assert [f"{n}/{s}" for n, s in view.snapshot().slots] == numeric
+    assert [f"{n}/{s}" for n, s in view.snapshot("a").slots] == numeric[:4]
+    view.set_slot(("b", "1"), SlotRecord("b", "1", "", "A100", "", 0, 1.0))  # one more GPU
+    assert [s for n, s in view.snapshot("b").slots] == ["1", "2", "10"]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+from unittest import mock
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds01.allocator import placement
 from ds01.allocator.placement import (
     AllocationRefused,
     Preference,
@@ -286,3 +292,57 @@ def test_all_gpus_is_refused_in_words_when_nothing_fits():
     with pytest.raises(AllocationRefused) as refused:
         plan(Request("alice", "a", as_many=True), capped, FULLS, {}, {"n"})
     assert "at most 0 GPU slot(s)" in refused.value.message
+
+
+def _fleet(draw: st.DrawFn) -> list[SlotRecord]:
+    """Up to three nodes of GPUs 0..11, each whole or split into up to three slices, in
+    numeric order (as a snapshot keeps them)."""
+    slots = []
+    for node in ("n1", "n10", "n2")[: draw(st.integers(1, 3))]:
+        for gpu in sorted(draw(st.sets(st.integers(0, 11), min_size=1, max_size=6))):
+            split = draw(st.integers(0, 3))
+            slots += [mig(node, gpu, i + 1) for i in range(split)] or [full(node, gpu)]
+    return sorted(slots, key=lambda s: s.order)
+
+
+@st.composite
+def _situations(draw: st.DrawFn) -> tuple:
+    slots = _fleet(draw)
+    keys = [(s.node, s.slot_id) for s in slots]
+    held = draw(st.sets(st.sampled_from(keys), max_size=len(keys)))
+    users = ("alice", "bob")
+    holders = {key: holder(draw(st.sampled_from(users)), f"c{n}", stopped=draw(
+        st.sampled_from([None, 1.0]))) for n, key in enumerate(sorted(held))}  # fmt: skip
+    nodes_up = {s.node for s in slots} - draw(st.sets(st.sampled_from(["n1", "n2"])))
+    drained = draw(st.sets(st.sampled_from(keys), max_size=3))
+    request = Request(
+        "alice", "new", slots=draw(st.integers(0, 3)),
+        gpu_equivalents=draw(st.sampled_from([0.0, 0.5, 1.0, 1.5])),
+        preference=draw(st.sampled_from(list(Preference))),
+        node=draw(st.sampled_from(["", "n1", "n2"])),
+    )  # fmt: skip
+    quota = Quota("lab", 20, draw(st.sampled_from([None, 1.0, 2.0, 4.0])),
+                  draw(st.sampled_from([None, 1, 2, 3])), draw(st.booleans()))  # fmt: skip
+    return request, quota, slots, holders, nodes_up, drained
+
+
+@settings(max_examples=400, deadline=None)
+@given(_situations())
+def test_the_shortcut_over_idle_gpus_chooses_as_the_full_search_does(situation: tuple):
+    """Least-allocated placement stops at the first free slots on unused GPUs instead
+    of ranking the whole fleet: every answer (grant or refusal) must be the same."""
+    request, quota, slots, holders, nodes_up, drained = situation
+
+    def outcome(shortcut: bool) -> object:
+        with contextlib.ExitStack() as stack:
+            if not shortcut:
+                stack.enter_context(
+                    mock.patch.object(placement, "_on_idle_gpus", return_value=None)
+                )
+            try:
+                chosen = plan(request, quota, slots, holders, nodes_up, drained=drained)
+            except AllocationRefused as refused:
+                return refused.kind, refused.message
+            return ids(chosen), [s.slot_id for s, _ in chosen.preempt]
+
+    assert outcome(shortcut=True) == outcome(shortcut=False)

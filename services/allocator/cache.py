@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import aetcd
 
-from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, waiting
+from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, in_numeric_order, waiting
 from ds01.allocator.records import (
     CLAIMS,
     DRAINS,
@@ -56,10 +56,15 @@ class View:
     node_holders: dict[str, dict[SlotKey, Holder]] = field(default_factory=dict)
     user_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
     container_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
+    in_order: bool = True  # slots, and each node's, are in numeric order (as planned on)
 
     def snapshot(self, node: str = "") -> Snapshot:
         """The view as the planner reads it, for one node or for all: no copies (planning
         never awaits, so nothing changes underneath it)."""
+        if not self.in_order:  # a slot was added: the inventory changed (rare)
+            self.slots = in_numeric_order(self.slots)
+            self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
+            self.in_order = True
         waiters = sorted(self.waiters.items())
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
@@ -71,7 +76,7 @@ class View:
         touches the user's holdings, not the fleet's slots."""
         keys = self.user_keys.get(user, ())
         holders = {key: self.holders[key] for key in keys}
-        slots = {key: self.slots[key] for key in keys if key in self.slots}
+        slots = in_numeric_order({key: self.slots[key] for key in keys if key in self.slots})
         waiters = sorted(self.waiters.items())
         return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
 
@@ -84,6 +89,7 @@ class View:
         return sum(self.slots[key].gpu_equivalents for key in keys)
 
     def set_slot(self, key: SlotKey, slot: SlotRecord) -> None:
+        self.in_order = self.in_order and key in self.slots
         self.slots[key] = slot
         self.node_slots.setdefault(key[0], {})[key] = slot
 

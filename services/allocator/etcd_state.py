@@ -46,7 +46,7 @@ SlotKey = tuple[str, str]  # (node, slot id)
 
 @dataclass(frozen=True)
 class Snapshot:
-    slots: dict[SlotKey, SlotRecord]
+    slots: dict[SlotKey, SlotRecord]  # in numeric order (SlotRecord.order)
     holders: dict[SlotKey, Holder]
     nodes: dict[str, NodeRecord]  # nodes that are up
     waiters: list[tuple[str, WaiterRecord]]  # (waiter key, what it waits for), in order
@@ -65,6 +65,11 @@ class Snapshot:
                 self.slots[pair[0]].order if pair[0] in self.slots else (pair[0][0], ())
             ),
         )
+
+
+def in_numeric_order(slots: dict[SlotKey, SlotRecord]) -> dict[SlotKey, SlotRecord]:
+    """``slots`` in the order placement reads them (etcd lists "10" before "2")."""
+    return dict(sorted(slots.items(), key=lambda item: item[1].order))
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ class _Decoder:
         self._seen = seen  # forget versions no longer current
         waiters = sorted((kv.key.decode(), waiting(kv.value)) for kv in waiter_kvs)
         drains = {(d := DrainRecord.decode(kv.value)).target: d for kv in drain_kvs}
-        return Snapshot(slots, holders, nodes, waiters, revision, drains)  # type: ignore[arg-type]
+        return Snapshot(in_numeric_order(slots), holders, nodes, waiters, revision, drains)  # type: ignore[arg-type]
 
     def _decode(self, seen: dict, kv: object, decode: object) -> object:
         version = (kv.key, kv.mod_revision)  # type: ignore[attr-defined]

@@ -115,7 +115,8 @@ def plan(
     drained: Container[tuple[str, str]] = (),
     spread: bool = False,
 ) -> Plan:
-    """The slots ``request`` gets, or AllocationRefused saying why not. ``held``: the
+    """The slots ``request`` gets, or AllocationRefused saying why not. ``slots`` come
+    in numeric order (``SlotRecord.order``), as a Snapshot keeps them. ``held``: the
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts).
     ``spread``: ties between equally good slots are broken at random, not in numeric
@@ -146,6 +147,17 @@ def _plan(
     if many:
         request = _as_many(request, quota, slots)
         wanted = checked(request, quota)
+    if held is None:
+        weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
+        held = sum(weights.get(key, 0.0) for key, h in holders.items() if h.user == request.user)
+    held_by_user = held
+    budget = None
+    if quota.max_gpu_equivalents is not None:
+        budget = quota.max_gpu_equivalents - held_by_user
+    if strategy is Strategy.LEAST_ALLOCATED and not spread and not many:
+        idle = _on_idle_gpus(request, quota, slots, holders, nodes_up, drained, budget, wanted)
+        if idle is not None:
+            return idle
     fits = [
         slot
         for slot in slots
@@ -166,13 +178,6 @@ def _plan(
             "(no new allocations there): `ds01 gpu status` shows the drains",
         )
 
-    if held is None:
-        weights = {(s.node, s.slot_id): s.gpu_equivalents for s in slots}
-        held = sum(weights.get(key, 0.0) for key, h in holders.items() if h.user == request.user)
-    held_by_user = held
-    budget = None
-    if quota.max_gpu_equivalents is not None:
-        budget = quota.max_gpu_equivalents - held_by_user
     # Only slots that fit what is left of the quota, in the strategy's order among them:
     # a free MIG slice within the quota beats a least-allocated full GPU beyond it.
     fitting = [s for s in eligible if budget is None or s.gpu_equivalents <= budget + EPSILON]
@@ -206,6 +211,44 @@ def _plan(
         f"not enough free {_kind_name(request, quota)}: {in_use} of {len(eligible)} in use "
         f"({stopped} held for stopped containers)" + (f"; {closed} drained" if closed else ""),
     )
+
+
+def _on_idle_gpus(
+    request: Request,
+    quota: Quota,
+    slots: list[SlotRecord],
+    holders: dict[tuple[str, str], Holder],
+    nodes_up: set[str],
+    drained: Container[tuple[str, str]],
+    budget: float | None,
+    wanted: int,
+) -> Plan | None:
+    """What least-allocated placement picks while enough slots are free on GPUs that
+    nobody uses: the first such slots in numeric order, found without looking at the
+    rest of the fleet. None when there are not enough: the full search decides then.
+
+    Greedy least-allocated placement takes an unused GPU's slot whenever one is left,
+    the first in numeric order, so while they last the two choose alike."""
+    busy = {(node, slot_id.split(":", 1)[0]) for node, slot_id in holders}
+    chosen: list[SlotRecord] = []
+    spent = 0.0
+    for slot in slots:
+        gpu = (slot.node, slot.gpu)
+        if (
+            gpu in busy
+            or slot.node not in nodes_up
+            or (request.node and slot.node != request.node)
+            or not _kind_fits(slot, request.preference, quota.allow_full_gpu)
+            or (slot.node, slot.slot_id) in drained
+            or (budget is not None and spent + slot.gpu_equivalents > budget + EPSILON)
+        ):
+            continue
+        chosen.append(slot)
+        spent += slot.gpu_equivalents
+        busy.add(gpu)
+        if _enough(chosen, wanted, request.gpu_equivalents):
+            return Plan(tuple(chosen), ())
+    return None
 
 
 def checked(request: Request, quota: Quota) -> int:

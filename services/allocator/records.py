@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -61,15 +62,16 @@ class SlotRecord(JsonRecord):
     memory_bytes: int
     gpu_equivalents: float
 
-    @property
+    # Computed once per record: placement reads them for every slot of the fleet.
+    @functools.cached_property
     def gpu(self) -> str:
         return self.slot_id.split(":", 1)[0]
 
-    @property
+    @functools.cached_property
     def is_mig(self) -> bool:
         return ":" in self.slot_id
 
-    @property
+    @functools.cached_property
     def order(self) -> tuple[str, tuple[int, ...]]:
         return (self.node, _slot_order(self.slot_id))
 

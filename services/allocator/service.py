@@ -170,6 +170,13 @@ class Allocator:
             self.stats.locked_fallbacks += 1
         return await self._allocate_locked(request, quota, waiter)
 
+    def _holders(self, snapshot: Snapshot) -> dict[SlotKey, Holder]:
+        """The snapshot's holders and this process's claims still on their way to etcd
+        (a copy of the fleet's holders only while there are such claims)."""
+        if not self._in_flight:
+            return snapshot.holders
+        return {**self._in_flight, **snapshot.holders}
+
     def _lost(self) -> None:
         self.stats.claim_conflicts += 1
         self._contended_until = time.monotonic() + CONTENDED_FOR
@@ -275,7 +282,7 @@ class Allocator:
             self._check_owner(existing, Actor(request.user, False))
             return _granted(snapshot, existing)
         if request.slot_ids:  # adopting slots in use: no quota, no queue
-            return plan_exact(request, snapshot.slots, {**self._in_flight, **snapshot.holders})
+            return plan_exact(request, snapshot.slots, self._holders(snapshot))
         drained = (
             {key for key, slot in snapshot.slots.items() if snapshot.drained(slot)}
             if snapshot.drains
@@ -285,7 +292,7 @@ class Allocator:
             request,
             quota,
             snapshot.slots.values(),
-            {**self._in_flight, **snapshot.holders},
+            self._holders(snapshot),
             set(snapshot.nodes),
             self.strategy,
             held,
