@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -170,6 +171,28 @@ async def test_a_live_watch_says_it_is_live_before_any_event(env: AllocatorEnv):
                 f"live{attempt}._.alice",
             )
             await alice.release(f"live{attempt}._.alice")
+
+
+async def test_two_thousand_watchers_connecting_at_once_all_get_their_streams(
+    env: AllocatorEnv,
+):
+    """What a restart brings: every monitor reconnects at the same moment. None of their
+    streams may be dropped, and one event reaches them all."""
+    async with env.client("labadmin") as admin, env.client("alice") as alice:
+        stub = allocator_pb2_grpc.AllocatorServiceStub(admin.channel("allocator"))
+        calls = [stub.WatchAllocations(allocator_pb2.WatchAllocationsRequest())
+                 for _ in range(2_000)]  # fmt: skip
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.initial_metadata() for c in calls)), 60)
+            ended = [(await c.code()).name for c in calls if c.done()]
+            assert not ended, f"{len(ended)} of 2,000 streams ended: {Counter(ended)}"
+            await alice.allocate("storm._.alice")
+            events = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 60)
+            assert {e.allocation.container for e in events} == {"storm._.alice"}
+        finally:
+            for call in calls:
+                call.cancel()
+        await alice.release("storm._.alice")
 
 
 async def test_resuming_from_compacted_history_is_a_clear_error(

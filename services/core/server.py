@@ -48,6 +48,10 @@ STOP_STEP_TIMEOUT = 10.0  # seconds one step of stopping a service may take
 # Threads for Docker SDK calls and file work: asyncio's default pool (cores + 4) would
 # queue fifty users' creates behind each other on a small host.
 WORKER_THREADS = 64
+# Calls that have arrived but that the event loop has not taken up yet. Past gRPC's
+# default (1,000) it cancels new calls at random: a thousand monitors reconnecting at
+# once after a restart lost some of their streams.
+PENDING_CALLS = 20_000
 T = TypeVar("T")
 VERSION = metadata.version("ds01")
 
@@ -217,7 +221,11 @@ async def start_service(
             AuthInterceptor(context.roles),
             AuditInterceptor(audit),
         ],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+        ],
     )
     health = HealthServicer()
     runtime = ServiceRuntime(context, health, metrics, audit)
