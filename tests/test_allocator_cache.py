@@ -17,6 +17,7 @@ from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Req
 from ds01.allocator.records import HOLDERS, SLOTS, Holder, SlotRecord, slot_key
 from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
+from ds01.core.audit import AUDIT
 from ds01.core.etcd import connect
 from tests.allocator_env import AllocatorEnv, etcd_revision
 
@@ -180,6 +181,18 @@ async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
     assert await until(lambda: watching.cache.generation("alice") > 0)
     await acting.allocator.release("seen._.alice", ADMIN)
     assert await until(lambda: key not in watching.cache.view.holders)
+    # Holders and claims are followed as one key range; the audit trail lies inside it
+    # (and release marks): the view passes over them and still follows what matters.
+    client = connect(env.config, "allocator")
+    try:
+        await client.put(f"{AUDIT}2026/entry".encode(), b'{"who": "labadmin"}')
+    finally:
+        await client.close()
+    [again] = await acting.allocate("bob", "after")
+    after = (env.config.node, again)
+    assert await until(lambda: after in watching.cache.view.holders)
+    fresh = await watching.allocator.state.snapshot()
+    assert watching.cache.view.holders.keys() == fresh.holders.keys()
 
 
 async def test_a_users_status_from_the_view_is_what_etcd_holds_for_that_user(

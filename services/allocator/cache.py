@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import aetcd
+from aetcd.utils import prefix_range_end
 
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, in_numeric_order, waiting
 from ds01.allocator.records import (
@@ -36,7 +37,17 @@ from ds01.core.etcd import cancel_watch
 
 log = logging.getLogger(__name__)
 
-PREFIXES = (SLOTS, HOLDERS, NODES, WAITERS, DRAINS, CLAIMS)
+# What the view follows, as key ranges. Holders and claim generations in one range: an
+# allocation writes both in one transaction, which then reaches each allocator as one
+# watch message instead of two. Between them lie only the release marks (written with a
+# holder's delete) and the audit trail (rare), which the view passes over.
+WATCHED = (
+    (HOLDERS, CLAIMS),
+    (SLOTS, SLOTS),
+    (NODES, NODES),
+    (WAITERS, WAITERS),
+    (DRAINS, DRAINS),
+)
 RETRY = 1.0  # seconds before a lost watch is opened again
 
 
@@ -201,7 +212,10 @@ class ClusterCache:
         before = await self.state.current_revision()
         view = await self._load()
         watches = [
-            await client.watch_prefix(p.encode(), start_revision=before + 1) for p in PREFIXES
+            await client.watch(
+                first.encode(), prefix_range_end(last.encode()), start_revision=before + 1
+            )
+            for first, last in WATCHED
         ]
         self.view, self.live = view, True
         try:
