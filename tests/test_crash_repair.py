@@ -6,6 +6,7 @@ Until then, the user sees the create as interrupted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -307,3 +308,75 @@ async def test_dockerd_restarted_during_a_create_leaves_nothing(
         await etcd.close()
         daemon[-1].stop()
         remove_tree(root)
+
+
+class _HeldIntents(IntentStore):
+    """The intents store with two moments held open, as a slow host holds them: a create
+    just after it has written that it is creating the container, and a repair between
+    reading the list of intents and acting on it."""
+
+    def __init__(self, store: IntentStore) -> None:
+        super().__init__(store.client, store.node)
+        self.creating_written = asyncio.Event()
+        self.create_may_go = asyncio.Event()
+        self.listed: list[Intent] = []
+        self.read = asyncio.Event()
+        self.repair_may_go = asyncio.Event()
+
+    async def update(self, intent: Intent) -> None:
+        await super().update(intent)
+        if intent.creating and not intent.starting:
+            self.creating_written.set()
+            await self.create_may_go.wait()
+            self.create_may_go.clear()
+
+    async def all(self) -> list[Intent]:
+        self.listed = await super().all()
+        self.read.set()
+        await self.repair_may_go.wait()
+        return self.listed
+
+
+@pytest.mark.parametrize("then", ["finished", "made anew"])
+async def test_a_repair_never_undoes_a_create_that_finished_after_it_read_the_intents(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, then: str
+):
+    """The repair reads every intent, then undoes the interrupted ones. A create in
+    flight at the read may finish before the repair acts on it (and its name may be a
+    new create's by then): what it finished must stay, container and GPU."""
+    name = f"race._.{USER}"
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
+    held = lifecycle.intents = _HeldIntents(lifecycle.intents)
+    request = CreateRequest(USER, "race", test_image, gpus=1)
+    try:
+        creating = asyncio.ensure_future(lifecycle.create(request))
+        await asyncio.wait_for(held.creating_written.wait(), 30)
+        repairing = asyncio.ensure_future(lifecycle.repair())
+        await asyncio.wait_for(held.read.wait(), 10)
+        assert [i.docker_name for i in held.listed] == [name]  # read while in flight
+        held.create_may_go.set()
+        await asyncio.wait_for(creating, 30)
+        if then == "made anew":
+            await lifecycle.remove(USER, False, "race")
+            held.creating_written.clear()
+            creating = asyncio.ensure_future(lifecycle.create(request))
+            await asyncio.wait_for(held.creating_written.wait(), 30)
+        held.repair_may_go.set()
+        await asyncio.sleep(0.5)  # the repair acts now, on what it read
+        held.create_may_go.set()
+        made = await asyncio.wait_for(creating, 30)
+        await asyncio.wait_for(repairing, 30)
+        container = await lifecycle.docker.find(name)
+        assert container is not None and container.id == made.container_id
+        status = await lifecycle.client.gpu_status(user=USER)
+        assert [a.container for a in status.allocations] == [name]
+        assert (await lifecycle.metadata.get(name)) is not None
+    finally:
+        held.create_may_go.set()
+        held.repair_may_go.set()
+        with contextlib.suppress(ContainerError):
+            await lifecycle.remove(USER, False, "race")
+        await held.delete(name)
+        await lifecycle.client.close()
+        await etcd.close()

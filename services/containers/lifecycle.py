@@ -358,13 +358,21 @@ class Lifecycle:
         """Undo the interrupted creates of this node: those of a previous run of the
         service, and those whose own undo failed. Returns how many are left."""
         left = 0
-        for intent in await self.intents.all():
-            if not self._interrupted(intent):
+        for listed in await self.intents.all():
+            if not self._interrupted(listed):
                 continue  # in progress in this process (one create per user at a time)
-            if await self.undo(intent):
-                left += 1
-            else:
-                log.info("undid the interrupted create of %s", intent.docker_name)
+            # Undone under the user's create lock, as the intent is now: the list is as
+            # old as its read, and the create it names may have finished since, its name
+            # may even be a new create's. Under the lock no create of the user is under
+            # way here, so an intent still there is one to undo.
+            async with self._creating.setdefault(listed.user, asyncio.Lock()):
+                intent = await self.intents.get(listed.docker_name)
+                if intent is None:
+                    continue
+                if await self.undo(intent):
+                    left += 1
+                else:
+                    log.info("undid the interrupted create of %s", intent.docker_name)
         return left
 
     async def repair_forever(self, interval: float = 5.0) -> None:
