@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from ds01.allocator.etcd_state import Snapshot
+from ds01.allocator.records import Holder
+from ds01.allocator.server import HolderTypes
 from ds01.client import Ds01Error
+from ds01.containers.adapters import METADATA, Metadata, record_key
 from ds01.core.config import ConfigError, parse_config
+from ds01.core.etcd import connect
 from ds01.core.metrics import MetricsEndpoint, ServiceMetrics
 from ds01.core.pki import Pki
 from ds01.core.tls import server_context
@@ -151,3 +156,39 @@ def test_anonymous_metrics_are_for_loopback_only(tmp_path: Path):
         assert value(scrape_metrics(address), "ds01_exporter_info", service="limits") == 1
     finally:
         endpoint.stop()
+
+
+async def test_each_holders_type_is_read_once_and_follows_a_container_made_anew(
+    env: AllocatorEnv,
+):
+    """The `interface` of ds01_gpu_allocated: read from the holders' records (in batches
+    that etcd accepts), not from the fleet's, and read again when a name is made anew."""
+    etcd = connect(env.config, "allocator")
+    types = HolderTypes(etcd)
+    node = "typed-node"
+
+    async def record(name: str, kind: str) -> None:
+        made = Metadata(name, name, "alice", "img", "id", node, 1.0, container_type=kind)
+        await etcd.put(record_key(METADATA, node, name), made.encode())
+
+    def snapshot(holders: dict[str, float]) -> Snapshot:
+        held = {(node, f"0:{n}"): Holder("alice", name, since, 10)
+                for n, (name, since) in enumerate(holders.items())}  # fmt: skip
+        return Snapshot({}, held, {}, [], 0)
+
+    try:
+        names = [f"c{n}._.alice" for n in range(250)]  # more than one transaction holds
+        for n, name in enumerate(names[:-1]):
+            await record(name, "batch" if n % 2 else "")
+        seen = await types(snapshot(dict.fromkeys(names, 1.0)))
+        assert len(seen) == 249 and names[-1] not in seen  # its create has not committed
+        assert seen[names[1]] == "batch" and seen[names[0]] == "unknown"
+        await record(names[-1], "notebook")  # committed now
+        await record(names[1], "notebook")  # c1 removed and made anew, with another type
+        again = await types(snapshot({**dict.fromkeys(names, 1.0), names[1]: 2.0}))
+        assert again[names[-1]] == "notebook" and again[names[1]] == "notebook"
+        assert again[names[3]] == "batch"
+        assert await types(snapshot({names[3]: 1.0})) == {names[3]: "batch"}
+    finally:
+        await etcd.delete_prefix(record_key(METADATA, node, ""))
+        await etcd.close()

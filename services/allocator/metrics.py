@@ -1,7 +1,9 @@
 """The allocator's metrics: who holds which GPU slot, under DS01's exporter names.
 
-Read from etcd at each scrape (the same snapshot GetStatus reads), so every allocator
-of a fleet reports the whole fleet, labelled by node.
+Every allocator of a fleet reports the whole fleet, labelled by node, as its watched
+view has it at the scrape (read from etcd while the view is not live). A scrape reads
+from etcd only the records of containers that hold a slot and that it has not seen yet,
+for their type, never the fleet's slots or records.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from ds01.allocator.records import SlotRecord
 from ds01.allocator.service import Allocator, AllocatorStats
 from ds01.core.metrics import ServiceMetrics
 
-# What each container is, by its Docker name (the containers service's records in etcd).
-ContainerTypes = Callable[[], Awaitable[dict[str, str]]]
+# What each holding container is, by its Docker name (from the containers' records).
+ContainerTypes = Callable[[Snapshot], Awaitable[dict[str, str]]]
 
 
 def gpu_slot(slot: SlotRecord) -> str:
@@ -27,8 +29,8 @@ def gpu_slot(slot: SlotRecord) -> str:
 
 def register(metrics: ServiceMetrics, allocator: Allocator, types: ContainerTypes) -> None:
     async def collect() -> Iterable[Metric]:
-        snapshot = await allocator.status()
-        return allocation_metrics(snapshot, await types())
+        snapshot = await allocator.observed()
+        return allocation_metrics(snapshot, await types(snapshot))
 
     metrics.add_async(collect)
     metrics.add(lambda: allocator_counters(allocator.stats))

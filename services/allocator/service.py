@@ -527,6 +527,14 @@ class Allocator:
         if gpu and gpu not in gpus:
             raise NotFound(f"node {node} has no GPU {gpu}; it has GPUs {', '.join(gpus)}")
 
+    async def observed(self) -> Snapshot:
+        """The fleet as the watched view has it while the view is live (no etcd read:
+        what a metrics scrape reports, on every allocator of the fleet), else read."""
+        cache = self.cache
+        if cache is not None and cache.live:
+            return cache.view.snapshot()
+        return await self.state.snapshot()
+
     async def status(self, user: str = "", node: str = "") -> Snapshot:
         """The fleet's slots and holders, or a node's, or those ``user`` holds. A user's
         own (what `container list` shows) come from the watched view while it is live,
