@@ -182,13 +182,20 @@ async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
     await acting.allocator.release("seen._.alice", ADMIN)
     assert await until(lambda: key not in watching.cache.view.holders)
     # Holders and claims are followed as one key range; the audit trail lies inside it
-    # (and release marks): the view passes over them and still follows what matters.
+    # (and release marks): the view passes over them, waking no waiting request (its
+    # revision stays), and still follows what matters.
+    revision = watching.cache.view.revision
+    waiting = asyncio.ensure_future(watching.cache.wait_for_change(revision, 2.0))
     client = connect(env.config, "allocator")
     try:
-        await client.put(f"{AUDIT}2026/entry".encode(), b'{"who": "labadmin"}')
+        for n in range(3):
+            await client.put(f"{AUDIT}2026/entry{n}".encode(), b'{"who": "labadmin"}')
     finally:
         await client.close()
+    await asyncio.sleep(0.5)
+    assert not waiting.done() and watching.cache.view.revision == revision
     [again] = await acting.allocate("bob", "after")
+    await asyncio.wait_for(waiting, 2.0)  # a holder wakes it
     after = (env.config.node, again)
     assert await until(lambda: after in watching.cache.view.holders)
     fresh = await watching.allocator.state.snapshot()

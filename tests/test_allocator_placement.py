@@ -340,9 +340,23 @@ def test_the_shortcut_over_idle_gpus_chooses_as_the_full_search_does(situation: 
                     mock.patch.object(placement, "_on_idle_gpus", return_value=None)
                 )
             try:
-                chosen = plan(request, quota, slots, holders, nodes_up, drained=drained)
+                chosen = plan(
+                    request, quota, slots, holders, nodes_up, drained=drained, in_order=True
+                )
             except AllocationRefused as refused:
                 return refused.kind, refused.message
             return ids(chosen), [s.slot_id for s, _ in chosen.preempt]
 
     assert outcome(shortcut=True) == outcome(shortcut=False)
+
+
+def test_slots_not_said_to_be_in_numeric_order_are_placed_in_numeric_order():
+    """The shortcut reads slots in the order a snapshot keeps them; slots not said to be
+    in that order (etcd lists "10" before "2") are ordered first: GPU 2 before GPU 10."""
+    slots = [full("n", 10), full("n", 2), mig("n", 3, 10), mig("n", 3, 2)]
+    assert ids(plan(Request("alice", "a"), RESEARCHER, slots, {}, {"n"})) == ["2"]
+    migs = plan(Request("alice", "a", preference=Preference.MIG), RESEARCHER, slots, {}, {"n"})
+    assert ids(migs) == ["3:2"]
+    ordered = sorted(slots, key=lambda s: s.order)
+    chosen = plan(Request("alice", "a"), RESEARCHER, ordered, {}, {"n"}, in_order=True)
+    assert ids(chosen) == ["2"]

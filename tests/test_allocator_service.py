@@ -10,6 +10,8 @@ from collections import Counter
 import grpc
 import pytest
 
+from ds01.allocator.events import EventHub, EventKind
+from ds01.allocator.records import HOLDERS, Holder, slot_key
 from ds01.client import Ds01Error
 from ds01.core.etcd import connect, etcd_client
 from ds01.core.pki import Pki
@@ -159,7 +161,7 @@ async def test_a_live_watch_says_it_is_live_before_any_event(env: AllocatorEnv):
     """A monitor can wait for the stream's headers instead of sleeping and hoping: they
     come as soon as the watch is registered, and nothing allocated after them is missed."""
     async with env.client("labadmin") as admin, env.client("alice") as alice:
-        for attempt in range(3):
+        for attempt in range(10):  # each opens the only stream: a new etcd watch
             stub = allocator_pb2_grpc.AllocatorServiceStub(admin.channel("allocator"))
             call = stub.WatchAllocations(allocator_pb2.WatchAllocationsRequest())
             await asyncio.wait_for(call.initial_metadata(), 5)  # no event has happened
@@ -171,6 +173,25 @@ async def test_a_live_watch_says_it_is_live_before_any_event(env: AllocatorEnv):
                 f"live{attempt}._.alice",
             )
             await alice.release(f"live{attempt}._.alice")
+
+
+async def test_a_subscription_misses_nothing_committed_after_it_returns(env: AllocatorEnv):
+    """What the live stream's headers promise rests on this: once subscribe() returns,
+    etcd has the hub's watch, so a write committed right after is in the queue."""
+    watcher, writer = connect(env.config, "allocator"), connect(env.config, "allocator")
+    hub = EventHub(watcher)
+    holder = Holder("alice", "early._.alice", 1.0, 10)
+    try:
+        for attempt in range(10):  # each subscribes alone: a new watch each time
+            key = slot_key(HOLDERS, "hub-node", f"9:{attempt}")
+            async with hub.subscribe() as events:
+                await writer.put(key, holder.encode())  # at once: no sleep
+                event = await asyncio.wait_for(events.get(), 5)
+            assert (event.kind, event.slot_id) == (EventKind.ALLOCATED, f"9:{attempt}")
+            await writer.delete(key)
+    finally:
+        await watcher.close()
+        await writer.close()
 
 
 async def test_two_thousand_watchers_connecting_at_once_all_get_their_streams(

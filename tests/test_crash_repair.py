@@ -380,3 +380,33 @@ async def test_a_repair_never_undoes_a_create_that_finished_after_it_read_the_in
         await held.delete(name)
         await lifecycle.client.close()
         await etcd.close()
+
+
+async def test_a_repair_does_not_wait_for_a_create_of_the_same_user(
+    env: AllocatorEnv, docker_socket: Path, test_image: str
+):
+    """A dead run left an intent of alice's; alice is creating another container now
+    (a create may wait hours for a GPU). The repair undoes the dead run's intent at once,
+    without waiting for her create, and leaves her create alone."""
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
+    held = lifecycle.intents = _HeldIntents(lifecycle.intents)
+    held.repair_may_go.set()  # this test holds the create alone
+    ghost = Intent(f"ghost._.{USER}", "ghost", USER, test_image, env.config.node, "a-dead-run",
+                   time.time())  # fmt: skip
+    try:
+        assert await held.reserve(ghost)
+        creating = asyncio.ensure_future(lifecycle.create(CreateRequest(USER, "live", test_image)))
+        await asyncio.wait_for(held.creating_written.wait(), 30)
+        assert await asyncio.wait_for(lifecycle.repair(), 10) == 0
+        assert await held.get(ghost.docker_name) is None  # undone
+        held.create_may_go.set()
+        made = await asyncio.wait_for(creating, 30)
+        assert (await lifecycle.docker.find(made.docker_name)) is not None
+    finally:
+        held.create_may_go.set()
+        with contextlib.suppress(ContainerError):
+            await lifecycle.remove(USER, False, "live")
+        await held.delete(ghost.docker_name)
+        await lifecycle.client.close()
+        await etcd.close()

@@ -189,6 +189,12 @@ async def test_each_holders_type_is_read_once_and_follows_a_container_made_anew(
         assert again[names[-1]] == "notebook" and again[names[1]] == "notebook"
         assert again[names[3]] == "batch"
         assert await types(snapshot({names[3]: 1.0})) == {names[3]: "batch"}
+        # Made anew while its release failed, it inherits the allocation (and its since):
+        # its own type shows within FRESH_FOR scrapes.
+        await record(names[3], "notebook")
+        shown = [(await types(snapshot({names[3]: 1.0})))[names[3]]
+                 for _ in range(HolderTypes.FRESH_FOR)]  # fmt: skip
+        assert shown[-1] == "notebook"
     finally:
         await etcd.delete_prefix(record_key(METADATA, node, ""))
         await etcd.close()

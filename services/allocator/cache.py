@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # What the view follows, as key ranges. Holders and claim generations in one range: an
 # allocation writes both in one transaction, which then reaches each allocator as one
-# watch message instead of two. Between them lie only the release marks (written with a
-# holder's delete) and the audit trail (rare), which the view passes over.
+# watch message instead of two. Between them lie the release marks (written with a
+# holder's delete) and the audit trail, which the view passes over without waking anyone.
+KEPT = (HOLDERS, SLOTS, NODES, WAITERS, DRAINS, CLAIMS)  # what the view holds
 WATCHED = (
     (HOLDERS, CLAIMS),
     (SLOTS, SLOTS),
@@ -249,21 +250,26 @@ class ClusterCache:
 
     async def _pump(self, watch: object, view: View) -> None:
         async for event in watch:  # type: ignore[attr-defined]
-            apply(view, event)
-            self._wake()
+            if apply(view, event):
+                self._wake()
 
 
-def apply(view: View, event: aetcd.rtypes.Event) -> None:
-    """One watch event into the view (the events of one key come in revision order)."""
+def apply(view: View, event: aetcd.rtypes.Event) -> bool:
+    """One watch event into the view (the events of one key come in revision order).
+    False for a key the view does not keep (a release mark or an audit record inside
+    its watched ranges): the view, its revision included, stays as it was, and no
+    waiting request wakes for it."""
     kv = event.kv
     key = kv.key.decode()
+    if not key.startswith(KEPT):
+        return False
     deleted = event.kind == "DELETE"
     view.revision = max(view.revision, kv.mod_revision)
     if key.startswith(HOLDERS):
         slot = split_slot_key(HOLDERS, kv.key)
         current = view.holders.get(slot)
         if current is not None and current.mod_revision > kv.mod_revision:
-            return  # this process's own claim, already in the view, is newer
+            return True  # this process's own claim, already in the view, is newer
         if deleted:
             view.drop_holder(slot)
         else:
@@ -286,6 +292,7 @@ def apply(view: View, event: aetcd.rtypes.Event) -> None:
             view.generations.pop(user, None)
         else:
             view.generations[user] = max(view.generations.get(user, 0), kv.mod_revision)
+    return True
 
 
 def _keyed(table: dict, key: object, deleted: bool, decode: Callable[[bytes], object],

@@ -126,12 +126,15 @@ class EventTranslator:
 
 
 async def watch_allocations(
-    client: aetcd.Client, since_revision: int = 0
+    client: aetcd.Client, since_revision: int = 0, watching: asyncio.Future[None] | None = None
 ) -> AsyncIterator[AllocationEvent]:
-    """Events after ``since_revision`` (0: from now on), in revision order, forever."""
+    """Events after ``since_revision`` (0: from now on), in revision order, forever.
+    ``watching`` is resolved once etcd has the watch: nothing after that is missed."""
     start = since_revision + 1 if since_revision > 0 else None
     translator = EventTranslator()
     watch = await client.watch_prefix(ALLOC.encode(), start_revision=start, prev_kv=True)
+    if watching is not None and not watching.done():
+        watching.set_result(None)
     try:
         async for raw in watch:
             event = translator.translate(raw)
@@ -179,16 +182,23 @@ class EventHub:
         self.client = client
         self._subscribers: set[asyncio.Queue[AllocationEvent | Overflow | Exception]] = set()
         self._pump: asyncio.Task[None] | None = None
+        self._watching: asyncio.Future[None] | None = None
 
     @contextlib.asynccontextmanager
     async def subscribe(
         self,
     ) -> AsyncIterator[asyncio.Queue[AllocationEvent | Overflow | Exception]]:
+        """A queue of every event from the moment this returns: etcd has the watch by
+        then (or the queue holds why it could not)."""
         queue: asyncio.Queue[AllocationEvent | Overflow | Exception] = asyncio.Queue(self.QUEUE)
         self._subscribers.add(queue)
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run(), name="allocation-events")
+            self._watching = asyncio.get_running_loop().create_future()
+            self._pump = asyncio.create_task(self._run(self._watching), name="allocation-events")
+        watching = self._watching
         try:
+            if watching is not None:  # shared: one subscriber leaving cancels no other's
+                await asyncio.shield(watching)
             yield queue
         finally:
             self._subscribers.discard(queue)
@@ -196,9 +206,9 @@ class EventHub:
                 self._pump.cancel()
                 self._pump = None
 
-    async def _run(self) -> None:
+    async def _run(self, watching: asyncio.Future[None]) -> None:
         try:
-            async for event in watch_allocations(self.client):
+            async for event in watch_allocations(self.client, watching=watching):
                 for queue in list(self._subscribers):
                     if queue.full():
                         # Resume just before the oldest event it has not received.
@@ -210,6 +220,9 @@ class EventHub:
         except Exception as err:  # etcd went away: every subscriber learns it
             for queue in list(self._subscribers):
                 self._end(queue, err)
+        finally:
+            if not watching.done():  # no watch: the subscribers' queues say why
+                watching.set_result(None)
 
     def _end(
         self, queue: asyncio.Queue[AllocationEvent | Overflow | Exception], last: object

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -29,7 +30,9 @@ def gpu_slot(slot: SlotRecord) -> str:
 
 def register(metrics: ServiceMetrics, allocator: Allocator, types: ContainerTypes) -> None:
     async def collect() -> Iterable[Metric]:
-        snapshot = await allocator.observed()
+        observed = await allocator.observed()
+        # The view goes on changing while the types are read: report it as it was.
+        snapshot = replace(observed, holders=dict(observed.holders))
         return allocation_metrics(snapshot, await types(snapshot))
 
     metrics.add_async(collect)

@@ -114,9 +114,11 @@ def plan(
     held: float | None = None,
     drained: Container[tuple[str, str]] = (),
     spread: bool = False,
+    in_order: bool = False,
 ) -> Plan:
-    """The slots ``request`` gets, or AllocationRefused saying why not. ``slots`` come
-    in numeric order (``SlotRecord.order``), as a Snapshot keeps them. ``held``: the
+    """The slots ``request`` gets, or AllocationRefused saying why not. ``in_order``:
+    ``slots`` come in numeric order (``SlotRecord.order``), as a Snapshot keeps them, so
+    least-allocated placement may stop at the first free slots on unused GPUs. ``held``: the
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts).
     ``spread``: ties between equally good slots are broken at random, not in numeric
@@ -127,8 +129,8 @@ def plan(
     arguments = (request, quota, slots, holders, nodes_up, strategy, held, drained)
     if spread and not request.as_many:
         with contextlib.suppress(AllocationRefused):
-            return _plan(*arguments, spread=True)
-    return _plan(*arguments, spread=False)
+            return _plan(*arguments, spread=True, in_order=in_order)
+    return _plan(*arguments, spread=False, in_order=in_order)
 
 
 def _plan(
@@ -141,6 +143,7 @@ def _plan(
     held: float | None,
     drained: Container[tuple[str, str]],
     spread: bool,
+    in_order: bool,
 ) -> Plan:
     many = request.as_many
     wanted = checked(request, quota)  # what no state of the cluster could grant
@@ -154,7 +157,7 @@ def _plan(
     budget = None
     if quota.max_gpu_equivalents is not None:
         budget = quota.max_gpu_equivalents - held_by_user
-    if strategy is Strategy.LEAST_ALLOCATED and not spread and not many:
+    if in_order and strategy is Strategy.LEAST_ALLOCATED and not spread and not many:
         idle = _on_idle_gpus(request, quota, slots, holders, nodes_up, drained, budget, wanted)
         if idle is not None:
             return idle

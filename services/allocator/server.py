@@ -463,12 +463,20 @@ class HolderTypes:
     seen, where the fleet's records would be thousands each time."""
 
     BATCH = 100  # reads in one transaction (etcd allows 128 operations)
+    # Scrapes between two readings of every holder's record: a container made anew can
+    # inherit its name's allocation (and its since) when a release failed; it shows its
+    # own type after this many scrapes at most.
+    FRESH_FOR = 20
 
     def __init__(self, etcd: aetcd.Client) -> None:
         self.etcd = etcd
         self.known: dict[tuple[str, str, float], str] = {}  # (node, name, since) -> type
+        self.scrapes = 0
 
     async def __call__(self, snapshot: Snapshot) -> dict[str, str]:
+        self.scrapes += 1
+        if self.scrapes % self.FRESH_FOR == 0:
+            self.known.clear()
         holding = {(key[0], h.container, h.since) for key, h in snapshot.holders.items()}
         missing = sorted(holding - self.known.keys())
         tx = self.etcd.transactions

@@ -298,6 +298,7 @@ class Allocator:
             held,
             drained,
             spread=time.monotonic() < self._contended_until,
+            in_order=True,  # a Snapshot's slots are
         )
         # Waiters served before this request that want what it would take: slots of the
         # same kind (full GPU or MIG slice) on the same node. One for another node, or for

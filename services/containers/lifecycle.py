@@ -361,19 +361,37 @@ class Lifecycle:
         for listed in await self.intents.all():
             if not self._interrupted(listed):
                 continue  # in progress in this process (one create per user at a time)
-            # Undone under the user's create lock, as the intent is now: the list is as
-            # old as its read, and the create it names may have finished since, its name
-            # may even be a new create's. Under the lock no create of the user is under
-            # way here, so an intent still there is one to undo.
-            async with self._creating.setdefault(listed.user, asyncio.Lock()):
-                intent = await self.intents.get(listed.docker_name)
-                if intent is None:
-                    continue
-                if await self.undo(intent):
-                    left += 1
-                else:
-                    log.info("undid the interrupted create of %s", intent.docker_name)
+            if listed.owner != self.instance:
+                # A dead run's: its name stays reserved until it is undone, so no create
+                # here can be making that name meanwhile.
+                left += await self._undo_if_unchanged(listed)
+                continue
+            # This run's (its own undo failed): the list is as old as its read, and the
+            # create may have finished since, or be making the name anew. Under the user's
+            # create lock no create of theirs is under way here. A create that holds it
+            # (one waiting for a GPU may, for hours) is not waited for: the next round
+            # looks again, and the other users' repairs go on meanwhile.
+            lock = self._creating.setdefault(listed.user, asyncio.Lock())
+            if lock.locked():
+                left += 1
+                continue
+            async with lock:  # free: taken at once
+                left += await self._undo_if_unchanged(listed)
         return left
+
+    async def _undo_if_unchanged(self, listed: Intent) -> int:
+        """Undo ``listed`` if it is still there as listed, and still interrupted; 1 if
+        something of it is left to undo."""
+        intent = await self.intents.get(listed.docker_name)
+        same = (listed.owner, listed.user, listed.started_at)
+        if intent is None or (intent.owner, intent.user, intent.started_at) != same:
+            return 0  # done, or the name is a new create's now
+        if not self._interrupted(intent):
+            return 0
+        if await self.undo(intent):
+            return 1
+        log.info("undid the interrupted create of %s", intent.docker_name)
+        return 0
 
     async def repair_forever(self, interval: float = 5.0) -> None:
         """Undo interrupted creates, each ``interval``; and, until it has succeeded once,
