@@ -12,10 +12,11 @@ import pytest
 
 from ds01.allocator.events import EventHub, EventKind
 from ds01.allocator.records import HOLDERS, Holder, slot_key
-from ds01.client import Ds01Error
+from ds01.client import Ds01Client, Ds01Error
 from ds01.core.etcd import connect, etcd_client
+from ds01.core.identity import STREAMS_PER_USER
 from ds01.core.pki import Pki
-from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
+from ds01.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, limits_pb2, limits_pb2_grpc
 from tests.allocator_env import HOLD_SECONDS, AllocatorEnv, etcd_revision
 
 EVENT = allocator_pb2.AllocationEventType
@@ -192,6 +193,52 @@ async def test_a_subscription_misses_nothing_committed_after_it_returns(env: All
     finally:
         await watcher.close()
         await writer.close()
+
+
+def _open(client: Ds01Client, service: str) -> grpc.aio.Call:
+    """One answer stream of ``service``, raw, so that its headers can be awaited."""
+    if service == "allocator":
+        stub = allocator_pb2_grpc.AllocatorServiceStub(client.channel("allocator"))
+        return stub.WatchAllocations(allocator_pb2.WatchAllocationsRequest())
+    limits = limits_pb2_grpc.LimitsServiceStub(client.channel("limits"))
+    return limits.WatchLimits(limits_pb2.WatchLimitsRequest())
+
+
+async def _ended(call: grpc.aio.Call) -> grpc.StatusCode | None:
+    """How ``call`` ended once its headers came (None: it is live)."""
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    if not call.done():
+        await asyncio.sleep(0.05)  # a refusal follows its headers at once
+    return await call.code() if call.done() else None
+
+
+@pytest.mark.parametrize("service", ["allocator", "limits"])
+async def test_one_user_cannot_hold_more_than_64_event_streams(env: AllocatorEnv, service: str):
+    """Every open stream costs the service work on each event (and some an etcd watch):
+    a hostile user opening thousands would slow everyone's. Past 64, a user's new stream
+    is refused with a sentence; others' (another user's, an admin's, a service's) are not
+    counted with theirs, and closing one makes room."""
+    async with (
+        env.client("alice") as alice,
+        env.client("bob") as bob,
+        env.client("labadmin") as admin,
+    ):
+        held = [_open(alice, service) for _ in range(STREAMS_PER_USER)]
+        try:
+            assert [await _ended(c) for c in held] == [None] * STREAMS_PER_USER
+            refused = _open(alice, service)
+            assert await _ended(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"alice has {STREAMS_PER_USER} event streams open" in await refused.details()
+            others = [_open(bob, service), *(_open(admin, service) for _ in range(3))]
+            assert [await _ended(c) for c in others] == [None] * 4
+            held.pop().cancel()
+            await asyncio.sleep(0.2)  # the service sees it closed
+            again = _open(alice, service)
+            assert await _ended(again) is None
+            held += [again, *others]
+        finally:
+            for call in held:
+                call.cancel()
 
 
 async def test_two_thousand_watchers_connecting_at_once_all_get_their_streams(

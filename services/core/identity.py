@@ -14,7 +14,7 @@ import contextvars
 import datetime as dt
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,9 +137,10 @@ class AuthInterceptor(WrappingInterceptor):
 
     def __init__(self, roles: Roles) -> None:
         self.roles = roles
+        self.streams = StreamCounts()
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return _wrap_handler(handler, self._authenticate, method)
+        return _wrap_handler(handler, self._authenticate, method, self.streams)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         return principal_from_auth_context(context.auth_context(), self.roles)
@@ -159,8 +160,51 @@ async def _internal(context: grpc.aio.ServicerContext, err: Exception, method: s
     )
 
 
+# Answer streams (event watches) one user may hold open on one service at a time. Each
+# costs the service work on every event, and some an etcd watch of their own: without a
+# bound, one user's thousands of streams would slow every other user's events and calls.
+# Admins and the suite's services (monitoring among them) are not bounded.
+STREAMS_PER_USER = 64
+
+
+class TooManyStreams(Exception):
+    """A user has as many answer streams open as one user may."""
+
+
+class StreamCounts:
+    """Open answer streams by user, on one server."""
+
+    def __init__(self, limit: int = STREAMS_PER_USER) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def held(self, principal: Principal) -> Iterator[None]:
+        """One stream of ``principal`` for as long as it is open; TooManyStreams past the
+        limit (users only)."""
+        name = principal.name
+        if principal.privileged:
+            yield
+            return
+        if self.open.get(name, 0) >= self.limit:
+            raise TooManyStreams(
+                f"{name} has {self.limit} event streams open on this service already, the "
+                "most one user may; close one (a `ds01 events --follow` left running?)"
+            )
+        self.open[name] = self.open.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self.open[name] -= 1
+            if not self.open[name]:
+                del self.open[name]
+
+
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, authenticate: Callable[[Any], Principal], method: str
+    handler: grpc.RpcMethodHandler,
+    authenticate: Callable[[Any], Principal],
+    method: str,
+    streams: StreamCounts,
 ) -> grpc.RpcMethodHandler:
     async def enter(
         request: Any, context: grpc.aio.ServicerContext
@@ -193,8 +237,11 @@ def _wrap_handler(
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = await enter(request, context)
             try:
-                async for response in behavior(request, context):
-                    yield response
+                with streams.held(_CALLER.get()):
+                    async for response in behavior(request, context):
+                        yield response
+            except TooManyStreams as err:
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
             except Exception as err:
                 await _internal(context, err, method)
             finally:
