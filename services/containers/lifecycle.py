@@ -45,6 +45,7 @@ from ds01.containers.spec import (
     docker_name,
     limits_of,
 )
+from ds01.core.counting import counted
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
@@ -520,13 +521,8 @@ class Lifecycle:
         """Mark a container a start, stop or remove of this process is working on: the
         reconciler leaves it alone meanwhile."""
         full = name if SEPARATOR in name else _docker_name_or(name, user)
-        self.busy[full] += 1
-        try:
+        with counted(self.busy, full):
             yield
-        finally:
-            self.busy[full] -= 1
-            if not self.busy[full]:
-                del self.busy[full]
 
     def _shown(self, intent: Intent) -> Metadata:
         return intent.shown(interrupted=self._interrupted(intent))

@@ -14,6 +14,7 @@ import contextvars
 import datetime as dt
 import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from cryptography import x509
 from google.protobuf.message import Message
 
 from ds01.core.bounds import request_problem
+from ds01.core.counting import counted
 from ds01.core.messages import abort
 from ds01.core.pki import SERVICE_PREFIX
 from ds01.v1 import common_pb2
@@ -176,7 +178,7 @@ class StreamCounts:
 
     def __init__(self, limit: int = STREAMS_PER_USER) -> None:
         self.limit = limit
-        self.open: dict[str, int] = {}
+        self.open: Counter[str] = Counter()
 
     @contextlib.contextmanager
     def held(self, principal: Principal) -> Iterator[None]:
@@ -186,18 +188,13 @@ class StreamCounts:
         if principal.privileged:
             yield
             return
-        if self.open.get(name, 0) >= self.limit:
+        if self.open[name] >= self.limit:
             raise TooManyStreams(
                 f"{name} has {self.limit} event streams open on this service already, the "
                 "most one user may; close one (a `ds01 events --follow` left running?)"
             )
-        self.open[name] = self.open.get(name, 0) + 1
-        try:
+        with counted(self.open, name):
             yield
-        finally:
-            self.open[name] -= 1
-            if not self.open[name]:
-                del self.open[name]
 
 
 def _wrap_handler(
