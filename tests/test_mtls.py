@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
-from ds01.core.identity import AuthInterceptor, Principal, Roles, _wrap_handler
+from ds01.core.identity import AuthInterceptor, Principal, Roles, StreamCounts, _wrap_handler
 from ds01.core.pki import SERVICES, CertPaths, Pki, init_pki, issue_client_cert
 from ds01.core.server import IdentityServicer
 from ds01.core.tls import channel_credentials
@@ -174,8 +174,11 @@ async def test_a_stream_its_client_left_is_closed_quietly_from_another_task(
             yield "event"
 
     handler = grpc.unary_stream_rpc_method_handler(events)
-    wrapped = _wrap_handler(handler, lambda _context: caller, "Watch")
+    streams = StreamCounts()
+    wrapped = _wrap_handler(handler, lambda _context: caller, "Watch", streams)
     stream = wrapped.unary_stream("request", object())
     assert await asyncio.ensure_future(anext(stream)) == "event"  # one task's context
+    assert streams.open == {"ds01alice": 1}
     await asyncio.ensure_future(stream.aclose())  # closed in another's
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert not streams.open  # no longer counted against the user's streams
