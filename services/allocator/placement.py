@@ -161,13 +161,7 @@ def _plan(
         idle = _on_idle_gpus(request, quota, slots, holders, nodes_up, drained, budget, wanted)
         if idle is not None:
             return idle
-    fits = [
-        slot
-        for slot in slots
-        if slot.node in nodes_up
-        and (not request.node or slot.node == request.node)
-        and _kind_fits(slot, request.preference, quota.allow_full_gpu)
-    ]
+    fits = [slot for slot in slots if _may_take(slot, request, quota, nodes_up)]
     if request.node and request.node not in nodes_up:
         raise AllocationRefused(Refusal.NO_CAPACITY, f"node {request.node} is down")
     where = f"node {request.node}" if request.node else "any node that is up"
@@ -232,16 +226,14 @@ def _on_idle_gpus(
 
     Greedy least-allocated placement takes an unused GPU's slot whenever one is left,
     the first in numeric order, so while they last the two choose alike."""
-    busy = {(node, slot_id.split(":", 1)[0]) for node, slot_id in holders}
+    busy = set(_gpu_load(holders))
     chosen: list[SlotRecord] = []
     spent = 0.0
     for slot in slots:
         gpu = (slot.node, slot.gpu)
         if (
             gpu in busy
-            or slot.node not in nodes_up
-            or (request.node and slot.node != request.node)
-            or not _kind_fits(slot, request.preference, quota.allow_full_gpu)
+            or not _may_take(slot, request, quota, nodes_up)
             or (slot.node, slot.slot_id) in drained
             or (budget is not None and spent + slot.gpu_equivalents > budget + EPSILON)
         ):
@@ -318,6 +310,21 @@ def _what_fits(eligible: list[SlotRecord], budget: float) -> str:
 _RUNNING = Holder(user="", container="", since=0, priority=0)
 
 
+def _may_take(slot: SlotRecord, request: Request, quota: Quota, nodes_up: set[str]) -> bool:
+    """Whether ``request`` may have ``slot`` at all: on a node that is up (the one it
+    names, if any), and of a kind it and its group may have. Drains are apart."""
+    return (
+        slot.node in nodes_up
+        and (not request.node or slot.node == request.node)
+        and _kind_fits(slot, request.preference, quota.allow_full_gpu)
+    )
+
+
+def _gpu_load(holders: dict[tuple[str, str], Holder]) -> Counter[tuple[str, str]]:
+    """Slots held on each (node, GPU)."""
+    return Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
+
+
 def _kind_fits(slot: SlotRecord, preference: Preference, allow_full: bool) -> bool:
     if preference is Preference.MIG:
         return slot.is_mig
@@ -353,7 +360,7 @@ def _pick(
     """Least-allocated GPU first (ties in numeric order, or at random to ``spread``),
     or most-allocated for pack; with a ``budget``, only slots that keep the total
     within it."""
-    load = Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
+    load = _gpu_load(holders)
     remaining = sorted(free, key=lambda s: s.order)
     tie = {id(s): random.random() if spread else n for n, s in enumerate(remaining)}
     chosen: list[SlotRecord] = []
