@@ -140,6 +140,24 @@ async def test_a_view_that_missed_a_release_never_answers_with_a_slot_no_longer_
     assert held is not None and held.container == "again._.alice"  # truly held again
 
 
+@pytest.mark.parametrize("missed", [1, 2])
+async def test_a_view_that_lost_races_settles_at_once_on_what_each_loss_taught_it(
+    env: AllocatorEnv, pair, missed: int
+):
+    """Each lost claim tells the view who won; planning again on it costs one round
+    trip, where the locked path would cost three and race as much."""
+    lagging, current = pair
+    await lagging.freeze()  # three MIG slices free, as far as it knows
+    taken = {*[slot for n in range(missed) for slot in await current.allocate("alice", f"a{n}")]}
+    [slot] = await lagging.allocate("bob", "late")
+    assert slot not in taken and slot.startswith("2:")
+    held = await holder_of(env, env.config.node, slot)
+    assert held is not None and held.container == "late._.bob"
+    assert 1 <= lagging.allocator.stats.claim_conflicts <= missed
+    assert lagging.allocator.stats.locked_fallbacks == 0
+    assert lagging.allocator.stats.claimed_at_once == 1
+
+
 @pytest.mark.parametrize(
     ("drained", "user", "wanted", "left"),
     [
