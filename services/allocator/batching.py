@@ -71,23 +71,24 @@ class TxnBatcher:
     async def transaction(self, compare: list, success: list, failure: list) -> tuple[bool, list]:
         """As ``aetcd.Client.transaction``. A caller cancelled before its request left
         takes it back: nothing of it reaches etcd; once it has left, it may commit."""
+        if not self._sending:  # nothing under way: this caller sends its own, at once
+            self._sending = True
+            try:
+                return await self.client.transaction(
+                    compare=compare, success=success, failure=failure
+                )
+            finally:
+                self._next()
         item = _Queued(
             self.client.transactions.txn(compare, success, failure), _writes(success + failure)
         )
-        if self._sending:
-            self._queue.append(item)
-            try:
-                return await item.answer
-            except asyncio.CancelledError:
-                if item in self._queue:
-                    self._queue.remove(item)
-                raise
-        self._sending = True  # nothing under way: this caller sends its own, at once
+        self._queue.append(item)
         try:
-            await self._send([item])
-            return item.answer.result()
-        finally:
-            self._next()
+            return await item.answer
+        except asyncio.CancelledError:
+            if item in self._queue:
+                self._queue.remove(item)
+            raise
 
     def _next(self) -> None:
         """After a send: the requests that queued meanwhile go next, in a task of their
@@ -128,9 +129,18 @@ class TxnBatcher:
 
     async def _send(self, batch: list[_Queued]) -> None:
         try:
-            _, responses = await self.client.transaction(
-                compare=[], success=[item.txn for item in batch], failure=[]
-            )
+            if len(batch) == 1:  # as it is: no transaction around it
+                alone = batch[0].txn
+                answers = [
+                    await self.client.transaction(
+                        compare=alone.compare, success=alone.success, failure=alone.failure
+                    )
+                ]
+            else:
+                _, responses = await self.client.transaction(
+                    compare=[], success=[item.txn for item in batch], failure=[]
+                )
+                answers = [_answer(response) for response in responses]
         except aetcd.exceptions.InvalidArgumentError as err:
             if len(batch) == 1:
                 _fail(batch, err)
@@ -145,9 +155,9 @@ class TxnBatcher:
         except Exception as err:  # etcd away or slow: every request of the batch failed
             _fail(batch, err)
             return
-        for item, response in zip(batch, responses, strict=True):
+        for item, answer in zip(batch, answers, strict=True):
             if not item.answer.done():
-                item.answer.set_result(_answer(response))
+                item.answer.set_result(answer)
 
 
 def _fail(batch: list[_Queued], err: Exception) -> None:
