@@ -425,12 +425,15 @@ async def test_a_waiter_leaves_what_it_cannot_use_to_others(env: AllocatorEnv):
     assert sorted(a.slot.slot_id for a in granted.allocations) == ["0", "1"]
 
 
+@pytest.mark.parametrize("watched", [False, True], ids=["read", "watched-view"])
 async def test_an_overdue_hold_is_ended_even_if_its_lease_was_renewed(
-    env: AllocatorEnv, etcd_endpoint: str
+    env: AllocatorEnv, etcd_endpoint: str, watched: bool
 ):
-    """etcd restarts a lease's time to live when it restarts; hold_until still rules."""
+    """etcd restarts a lease's time to live when it restarts; hold_until still rules,
+    found by a read or (every allocator, each second) in the watched view."""
     from dataclasses import replace
 
+    from ds01.allocator.cache import ClusterCache
     from ds01.allocator.etcd_state import EtcdState
     from ds01.allocator.service import Allocator
 
@@ -443,9 +446,19 @@ async def test_an_overdue_hold_is_ended_even_if_its_lease_was_renewed(
         held = (await state.snapshot()).held_by("late._.alice")
         overdue = replace(held[0][1], stopped_at=time.time() - 60, hold_until=time.time() - 1)
         assert await state.rewrite(held, overdue, ttl=3600)  # a lease that would run an hour
-        assert await Allocator(state, limits=None).expire_overdue() == 1  # type: ignore[arg-type]
+        cache = ClusterCache(state) if watched else None
+        if cache is not None:
+            cache.start()
+            for _ in range(100):
+                if cache.live and any(h.stopped for h in cache.view.holders.values()):
+                    break
+                await asyncio.sleep(0.05)
+        allocator = Allocator(state, limits=None, cache=cache)  # type: ignore[arg-type]
+        assert await allocator.expire_overdue() == 1
         assert not (await state.snapshot()).held_by("late._.alice")
     finally:
+        if cache is not None:
+            await cache.close()
         await client.close()
     async with env.client("labadmin") as admin:
         history = await collect(admin.watch_allocations(since_revision=start), 3, timeout=3)

@@ -468,11 +468,15 @@ class Allocator:
         """End holds whose time is up but whose lease still runs: etcd restarts every
         lease's time to live when it restarts or changes leader. Returns how many ended."""
         now = time.time() if now is None else now
-        ended = 0
-        for key, holder in (await self.state.snapshot()).holders.items():
-            if holder.hold_until is not None and holder.hold_until < now:
-                ended += await self.state.expire(key, holder)
-        return ended
+        # From the watched view while it is live: every allocator sweeps each second,
+        # and a read of the fleet's holders each time would follow the fleet's size. A
+        # stale holder only fails the comparison of its expiry; the next sweep sees it.
+        overdue = [
+            (key, holder)
+            for key, holder in (await self.observed()).holders.items()
+            if holder.hold_until is not None and holder.hold_until < now
+        ]
+        return sum([await self.state.expire(key, holder) for key, holder in overdue])
 
     async def granted_to(self, container: str) -> list[Granted]:
         snapshot = await self.state.snapshot()
