@@ -58,6 +58,7 @@ async def test_requests_under_way_together_share_a_transaction_each_on_its_own_t
     # The first went alone (nothing was under way); the seven behind it, together.
     assert len(set(revisions.values())) == 2
     assert revisions["free-0"] < revisions["free-1"] == revisions["free-9"]
+    assert (batcher.requests, batcher.transactions) == (10, 2)  # what the metrics say
     assert [(await etcd.get(key(n))).value for n in ("taken-3", "taken-6")] == [b"theirs"] * 2
 
 

@@ -54,6 +54,9 @@ async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
     migs = {labels["mig_uuid"] for labels, _ in samples["ds01_mig_slot_info"]}
     assert "MIG-0002-1" in migs
     assert value(samples, "ds01_exporter_info", service="allocator") == 1
+    # One claim, sent alone: one etcd transaction (batches show as fewer than writes).
+    assert value(samples, "ds01_allocator_etcd_writes_total") == 1
+    assert value(samples, "ds01_allocator_etcd_write_transactions_total") == 1
 
 
 async def test_grpc_calls_are_counted_by_method_and_status(env: AllocatorEnv):

@@ -67,12 +67,16 @@ class TxnBatcher:
         self._queue: list[_Queued] = []
         self._sending = False
         self._sender: asyncio.Future[None] | None = None
+        self.requests = 0  # requests sent, for the metrics: their ratio is the batching
+        self.transactions = 0  # etcd transactions they went in
 
     async def transaction(self, compare: list, success: list, failure: list) -> tuple[bool, list]:
         """As ``aetcd.Client.transaction``. A caller cancelled before its request left
         takes it back: nothing of it reaches etcd; once it has left, it may commit."""
         if not self._sending:  # nothing under way: this caller sends its own, at once
             self._sending = True
+            self.requests += 1
+            self.transactions += 1
             try:
                 return await self.client.transaction(
                     compare=compare, success=success, failure=failure
@@ -128,6 +132,8 @@ class TxnBatcher:
         return batch
 
     async def _send(self, batch: list[_Queued]) -> None:
+        self.requests += len(batch)
+        self.transactions += 1
         try:
             if len(batch) == 1:  # as it is: no transaction around it
                 alone = batch[0].txn

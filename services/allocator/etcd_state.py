@@ -149,7 +149,7 @@ class EtcdState:
         self._session_lock = asyncio.Lock()
         self._keepalive: asyncio.Future[None] | None = None
         self._decoder = _Decoder()
-        self._batched = TxnBatcher(client)  # claims and releases under way at once
+        self.batched = TxnBatcher(client)  # claims and releases under way at once
         self._unlocking: set[asyncio.Future[None]] = set()  # locks still to be released
 
     def _reads(self, node: str = "") -> list:
@@ -206,7 +206,7 @@ class EtcdState:
         compare += self._slot_compares(plan)
         keys = [slot_key(HOLDERS, s.node, s.slot_id) for s in plan.slots]
         puts = [tx.put(key, holder.encode()) for key in keys]
-        succeeded, responses = await self._batched.transaction(
+        succeeded, responses = await self.batched.transaction(
             compare=compare, success=[*puts, tx.put(claims, b"")], failure=[tx.get(k) for k in keys]
         )
         if succeeded:
@@ -383,7 +383,7 @@ class EtcdState:
         for key, _holder in held:
             ops.append(tx.put(slot_key(RELEASED, *key), mark.encode()))
             ops.append(tx.delete(slot_key(HOLDERS, *key)))
-        succeeded, _ = await self._batched.transaction(compare=compare, success=ops, failure=[])
+        succeeded, _ = await self.batched.transaction(compare=compare, success=ops, failure=[])
         if succeeded:
             await self._revoke_unused({h.lease for _, h in held})
         return succeeded

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ds01.allocator.batching import TxnBatcher
 from ds01.allocator.etcd_state import Snapshot
 from ds01.allocator.records import SlotRecord
 from ds01.allocator.service import Allocator, AllocatorStats
@@ -36,7 +37,7 @@ def register(metrics: ServiceMetrics, allocator: Allocator, types: ContainerType
         return allocation_metrics(snapshot, await types(snapshot))
 
     metrics.add_async(collect)
-    metrics.add(lambda: allocator_counters(allocator.stats))
+    metrics.add(lambda: allocator_counters(allocator.stats, allocator.state.batched))
 
 
 def allocation_metrics(snapshot: Snapshot, types: dict[str, str]) -> list[Metric]:
@@ -128,8 +129,18 @@ def allocation_metrics(snapshot: Snapshot, types: dict[str, str]) -> list[Metric
             node_up, waiters, holds]  # fmt: skip
 
 
-def allocator_counters(stats: AllocatorStats) -> list[Metric]:
+def allocator_counters(stats: AllocatorStats, batched: TxnBatcher) -> list[Metric]:
     return [
+        CounterMetricFamily(
+            "ds01_allocator_etcd_writes",
+            "Claims and releases this allocator sent to etcd.",
+            value=batched.requests,
+        ),
+        CounterMetricFamily(
+            "ds01_allocator_etcd_write_transactions",
+            "etcd transactions those went in: claims and releases under way at once share one.",
+            value=batched.transactions,
+        ),
         CounterMetricFamily(
             "ds01_preemptions",
             "Held slots of stopped containers given to another request, by this allocator.",
