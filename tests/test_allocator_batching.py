@@ -122,7 +122,7 @@ async def test_a_request_etcd_refuses_fails_alone(etcd: aetcd.Client):
     assert None not in [await etcd.get(key(f"good-{n}")) for n in range(3)]
 
 
-async def test_when_etcd_is_away_every_request_of_the_batch_says_so(etcd_endpoint: str, pki: Pki):
+async def test_when_etcd_is_away_every_request_of_the_batch_says_so(pki: Pki):
     unreachable = etcd_client(("127.0.0.1:1",), pki.etcd, "admin")
     batcher = TxnBatcher(unreachable)
     try:

@@ -75,12 +75,8 @@ class TxnBatcher:
         takes it back: nothing of it reaches etcd; once it has left, it may commit."""
         if not self._sending:  # nothing under way: this caller sends its own, at once
             self._sending = True
-            self.requests += 1
-            self.transactions += 1
             try:
-                return await self.client.transaction(
-                    compare=compare, success=success, failure=failure
-                )
+                return await self._alone(compare, success, failure)
             finally:
                 self._next()
         item = _Queued(
@@ -131,18 +127,20 @@ class TxnBatcher:
         self._queue = rest
         return batch
 
-    async def _send(self, batch: list[_Queued]) -> None:
-        self.requests += len(batch)
+    async def _alone(self, compare: list, success: list, failure: list) -> tuple[bool, list]:
+        """One request as it is: no transaction around it."""
+        self.requests += 1
         self.transactions += 1
+        return await self.client.transaction(compare=compare, success=success, failure=failure)
+
+    async def _send(self, batch: list[_Queued]) -> None:
         try:
-            if len(batch) == 1:  # as it is: no transaction around it
-                alone = batch[0].txn
-                answers = [
-                    await self.client.transaction(
-                        compare=alone.compare, success=alone.success, failure=alone.failure
-                    )
-                ]
+            if len(batch) == 1:
+                txn = batch[0].txn
+                answers = [await self._alone(txn.compare, txn.success, txn.failure)]
             else:
+                self.requests += len(batch)
+                self.transactions += 1
                 _, responses = await self.client.transaction(
                     compare=[], success=[item.txn for item in batch], failure=[]
                 )
