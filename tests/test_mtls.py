@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
-from ds01.core.identity import AuthInterceptor, Principal, Roles, StreamCounts, _wrap_handler
+from ds01.core.identity import CallInterceptor, Roles, caller
 from ds01.core.pki import SERVICES, CertPaths, Pki, init_pki, issue_client_cert
 from ds01.core.server import IdentityServicer
 from ds01.core.tls import channel_credentials
@@ -101,7 +101,7 @@ async def test_ds01_client_reports_bad_certificates_as_unauthenticated(
 async def test_interceptor_refuses_calls_without_a_verified_certificate(pki: Pki):
     """Defence in depth: even on a port that forgot to require client certificates,
     no handler runs for a caller without one."""
-    server = grpc.aio.server(interceptors=[AuthInterceptor(Roles())])
+    server = grpc.aio.server(interceptors=[CallInterceptor(Roles())])
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer("test"), server)
     health = health_pb2_grpc.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -161,24 +161,50 @@ def test_private_keys_are_readable_by_their_owner_only(pki: Pki):
     assert all(Path(k).stat().st_mode & 0o777 == 0o600 for k in keys)
 
 
-async def test_a_stream_its_client_left_is_closed_quietly_from_another_task(
-    caplog: pytest.LogCaptureFixture,
+async def test_a_stream_its_client_left_ends_in_its_own_call_and_frees_its_place(
+    pki: Pki, caplog: pytest.LogCaptureFixture
 ):
-    """A watcher that goes away while its answer is being written leaves the stream at a
-    yield; asyncio closes it later in a task of its own. That close must end quietly:
-    it logged "Task exception was never retrieved" for every watcher that left."""
-    caller = Principal("ds01alice", common_pb2.PRINCIPAL_KIND_USER)
+    """A watcher that goes away mid-stream: the handler's cleanup runs at once, knowing
+    its caller, the stream no longer counts against the user's streams, and nothing is
+    logged as an error (asyncio used to close such streams later in a task of its own,
+    where the caller was unknown, and logged "Task exception was never retrieved")."""
+    interceptor = CallInterceptor(Roles())
+    cleaned: list[str] = []
 
-    async def events(request: object, context: object):
-        while True:
-            yield "event"
+    async def events(request: bytes, context: grpc.aio.ServicerContext):
+        try:
+            while True:
+                yield b"event"
+                await asyncio.sleep(0.01)
+        finally:
+            cleaned.append(caller().name)
 
-    handler = grpc.unary_stream_rpc_method_handler(events)
-    streams = StreamCounts()
-    wrapped = _wrap_handler(handler, lambda _context: caller, "Watch", streams)
-    stream = wrapped.unary_stream("request", object())
-    assert await asyncio.ensure_future(anext(stream)) == "event"  # one task's context
-    assert streams.open == {"ds01alice": 1}
-    await asyncio.ensure_future(stream.aclose())  # closed in another's
+    handler = grpc.method_handlers_generic_handler(
+        "test.Events", {"Watch": grpc.unary_stream_rpc_method_handler(events)}
+    )
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers((handler,))
+    paths = pki.service("limits")
+    credentials = grpc.ssl_server_credentials(
+        [(paths.key.read_bytes(), paths.cert.read_bytes())],
+        root_certificates=pki.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        client = channel_credentials(pki.ca_cert, pki.client("alice"))
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", client) as channel:
+            stream = channel.unary_stream("/test.Events/Watch")(b"")
+            assert [await stream.read(), await stream.read()] == [b"event", b"event"]
+            assert interceptor.streams.open == {"alice": 1}
+            stream.cancel()
+            for _ in range(200):
+                if cleaned and not interceptor.streams.open:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await server.stop(0)
+    assert cleaned == ["alice"]
+    assert not interceptor.streams.open
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-    assert not streams.open  # no longer counted against the user's streams

@@ -81,3 +81,40 @@ async def test_a_cancelled_caller_of_unless_set_ends_the_work_too():
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(caller, 5)
     assert work.ended.is_set()
+
+
+@pytest.mark.parametrize("failure", ["container", "docker", "unexpected"])
+async def test_a_call_its_caller_hung_up_on_says_in_one_log_line_how_it_failed(
+    failure: str, caplog: pytest.LogCaptureFixture
+):
+    """A start or create runs on after its caller has gone; when it then fails, nobody is
+    left to tell but the log: one warning that names the work and the failure, and no
+    "Task exception was never retrieved" with a traceback."""
+    import gc
+
+    from ds01.containers.adapters import DockerUnavailable
+    from ds01.containers.lifecycle import Code, ContainerError
+    from ds01.containers.server import ContainersServicer
+
+    failures = {
+        "container": ContainerError(Code.PRECONDITION, "cannot start web: its GPU hold ended"),
+        "docker": DockerUnavailable("Docker at unix:///x does not answer"),
+        "unexpected": RuntimeError("cannot start web: out of luck"),
+    }
+
+    async def start_web() -> None:
+        await asyncio.sleep(0.05)
+        raise failures[failure]
+
+    servicer = ContainersServicer(lifecycle=None, reconciler=None)  # type: ignore[arg-type]
+    call = asyncio.ensure_future(servicer._run(None, start_web()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    call.cancel()  # the caller hangs up
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(0.1)
+    gc.collect()
+    said = [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert len(said) == 1, said
+    assert "start_web failed after its caller hung up: " in said[0]
+    assert "cannot start web" in said[0] or "does not answer" in said[0]

@@ -243,9 +243,21 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         try:
             return await answer(context, asyncio.shield(task), _status_of)
         except asyncio.CancelledError:
+            task.add_done_callback(_told_nobody)
             if on_leave is not None:
                 on_leave()
             raise
+
+
+def _told_nobody(task: asyncio.Future[Any]) -> None:
+    """Log, in one line, how work whose caller hung up failed: nobody else hears of it
+    (asyncio logged each as "Task exception was never retrieved", with a traceback)."""
+    if task.cancelled() or (err := task.exception()) is None:
+        return
+    status = _status_of(err) if isinstance(err, Exception) else None
+    what = getattr(task, "get_coro", lambda: None)()
+    name = getattr(what, "__qualname__", "a call")
+    log.warning("%s failed after its caller hung up: %s", name, status[1] if status else err)
 
 
 def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from ds01.core.audit import AuditLog, AuditRecord, read_audit
 from ds01.core.config import Config
 from ds01.core.etcd import connect
-from ds01.core.identity import Principal, WrappingInterceptor, caller, rebuild_around
+from ds01.core.identity import Around, Principal, caller
 from ds01.core.messages import abort, timestamp
 from ds01.core.naming import SEPARATOR, belongs_to
 from ds01.v1 import audit_pb2, audit_pb2_grpc
@@ -55,16 +55,16 @@ def on_the_record(
     return principal.is_admin or acts_on_another(principal.name, *target)
 
 
-class AuditInterceptor(WrappingInterceptor):
+class CallAudit:
     """Puts calls on the record once they end, with the status they ended with. Inside
-    the authentication interceptor: it knows who called."""
+    the authentication (an inner layer of ``CallInterceptor``): it knows who called."""
 
     SKIPPED = UNTOUCHED
 
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def around(self, method: str) -> Around:
         name = method.rpartition("/")[2]
 
         @contextlib.contextmanager
@@ -79,7 +79,7 @@ class AuditInterceptor(WrappingInterceptor):
             finally:
                 self._maybe_record(name, request, context, code)
 
-        return rebuild_around(handler, recorded)
+        return recorded
 
     def _maybe_record(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, code: Any

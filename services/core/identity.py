@@ -15,9 +15,9 @@ import datetime as dt
 import functools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
@@ -111,10 +111,43 @@ def principal_from_auth_context(auth: dict[str, list[bytes]], roles: Roles) -> P
     return Principal(name=name, kind=roles.kind_of(name), certificate_expires=expires)
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that wraps the behaviour of each method it does not skip."""
+# What a layer does around each call: a context manager made from the request and the
+# call's context, entered before the handler runs and left once it has answered (or
+# streamed its last answer, or failed).
+Around = Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractContextManager[Any]]
 
-    SKIPPED: tuple[str, ...] = ()  # method name prefixes passed through unwrapped
+
+class CallLayer(Protocol):
+    """Work done around every call of the methods it does not skip: timing, the audit."""
+
+    SKIPPED: tuple[str, ...]  # method name prefixes it leaves alone
+
+    def around(self, method: str) -> Around: ...
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call, exposes the caller through :func:`caller`, and runs
+    each layer around it: ``outer`` layers around the authentication (they see refused
+    calls too), ``inner`` ones inside it (they know the caller).
+
+    One interceptor that wraps each method once: grpc.aio consults every interceptor on
+    every call, and each wrapping of an answer stream was one more async generator that
+    each message of it passed through (a thousand watchers, a thousand times each)."""
+
+    # Health checks and reflection carry no user data; they still require mTLS at
+    # the transport, but need no principal.
+    SKIPPED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(
+        self, roles: Roles, outer: Iterable[CallLayer] = (), inner: Iterable[CallLayer] = ()
+    ) -> None:
+        self.roles = roles
+        self.streams = StreamCounts()
+        self.outer = tuple(outer)
+        self.inner = tuple(inner)
+        # By method: the handler grpc found for it, and that handler wrapped. Only
+        # methods a servicer registered get here, so this never grows past them.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -122,30 +155,49 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self.SKIPPED or ("\0",)):
+        if handler is None:
             return handler
-        return self.wrap(handler, handler_call_details.method)
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:
+            known = self._wrapped[method] = (handler, self._wrap(handler, method))
+        return known[1]
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        outer = _all_around(layer.around(method) for layer in self.outer if _applies(layer, method))
+        inner = _all_around(layer.around(method) for layer in self.inner if _applies(layer, method))
+        if method.startswith(self.SKIPPED):
+            return rebuild_handler(handler, *_plain(outer, inner))
+        return rebuild_handler(handler, *_authenticated(self, outer, inner, method))
 
-
-class AuthInterceptor(WrappingInterceptor):
-    """Authenticates every call and exposes the caller through :func:`caller`."""
-
-    # Health checks and reflection carry no user data; they still require mTLS at
-    # the transport, but need no principal.
-    SKIPPED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-    def __init__(self, roles: Roles) -> None:
-        self.roles = roles
-        self.streams = StreamCounts()
-
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return _wrap_handler(handler, self._authenticate, method, self.streams)
-
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         return principal_from_auth_context(context.auth_context(), self.roles)
+
+
+def _nothing_around(_request: Any, _context: grpc.aio.ServicerContext) -> Any:
+    return contextlib.nullcontext()
+
+
+def _applies(layer: CallLayer, method: str) -> bool:
+    return not (layer.SKIPPED and method.startswith(layer.SKIPPED))
+
+
+def _all_around(arounds: Iterable[Around]) -> Around:
+    """One context manager for several, entered in order and left in reverse."""
+    found = tuple(arounds)
+    if not found:
+        return _nothing_around
+    if len(found) == 1:
+        return found[0]
+
+    @contextlib.contextmanager
+    def stacked(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for around in found:
+                stack.enter_context(around(request, context))
+            yield
+
+    return stacked
 
 
 async def _internal(context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
@@ -197,17 +249,43 @@ class StreamCounts:
             yield
 
 
-def _wrap_handler(
-    handler: grpc.RpcMethodHandler,
-    authenticate: Callable[[Any], Principal],
-    method: str,
-    streams: StreamCounts,
-) -> grpc.RpcMethodHandler:
+Unary = Callable[..., Awaitable[Any]]
+Streaming = Callable[..., AsyncIterator[Any]]
+
+
+def _plain(outer: Around, inner: Around) -> tuple[Callable[[Unary], Unary], Callable[..., Any]]:
+    """The layers around a method that needs no caller (health, reflection)."""
+
+    def unary(behavior: Unary) -> Unary:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with outer(request, context), inner(request, context):
+                return await behavior(request, context)
+
+        return wrapper
+
+    def streaming(behavior: Streaming) -> Callable[..., Awaitable[None]]:
+        @functools.wraps(behavior)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
+            with outer(request, context), inner(request, context):
+                await _write_all(behavior(request, context), context)
+
+        return wrapper
+
+    return unary, streaming
+
+
+def _authenticated(
+    interceptor: CallInterceptor, outer: Around, inner: Around, method: str
+) -> tuple[Callable[[Unary], Unary], Callable[..., Any]]:
+    """The layers around a method whose every call must say who calls."""
+    streams = interceptor.streams
+
     async def enter(
         request: Any, context: grpc.aio.ServicerContext
     ) -> contextvars.Token[Principal]:
         try:
-            principal = authenticate(context)
+            principal = interceptor.authenticate(context)
         except AuthenticationError as err:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(err))
             raise  # abort raises; this line only satisfies the type checker
@@ -216,67 +294,48 @@ def _wrap_handler(
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request refused: {problem}")
         return _CALLER.set(principal)
 
-    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def unary(behavior: Unary) -> Unary:
         @functools.wraps(behavior)
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = await enter(request, context)
-            try:
-                return await behavior(request, context)
-            except Exception as err:
-                await _internal(context, err, method)
-            finally:
-                _CALLER.reset(token)
-
-        return wrapper
-
-    def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        @functools.wraps(behavior)
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            token = await enter(request, context)
-            try:
-                with streams.held(_CALLER.get()):
-                    async for response in behavior(request, context):
-                        yield response
-            except TooManyStreams as err:
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-            except Exception as err:
-                await _internal(context, err, method)
-            finally:
-                # A stream whose client went away mid-write is closed by asyncio in a
-                # task of its own, where the caller was never set: nothing to undo there.
-                with contextlib.suppress(ValueError):
+            with outer(request, context):
+                token = await enter(request, context)
+                try:
+                    with inner(request, context):
+                        return await behavior(request, context)
+                except Exception as err:
+                    await _internal(context, err, method)
+                finally:
                     _CALLER.reset(token)
 
         return wrapper
 
-    return rebuild_handler(handler, unary, streaming)
-
-
-def rebuild_around(
-    handler: grpc.RpcMethodHandler,
-    around: Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractContextManager[Any]],
-) -> grpc.RpcMethodHandler:
-    """``handler`` with each call run inside ``around(request, context)``: answered once
-    or streamed, the call's whole life, its failures included."""
-
-    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def streaming(behavior: Streaming) -> Callable[..., Awaitable[None]]:
         @functools.wraps(behavior)
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with around(request, context):
-                return await behavior(request, context)
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
+            with outer(request, context):
+                token = await enter(request, context)
+                try:
+                    with streams.held(_CALLER.get()), inner(request, context):
+                        await _write_all(behavior(request, context), context)
+                except TooManyStreams as err:
+                    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+                except Exception as err:
+                    await _internal(context, err, method)
+                finally:
+                    _CALLER.reset(token)
 
         return wrapper
 
-    def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        @functools.wraps(behavior)
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with around(request, context):
-                async for response in behavior(request, context):
-                    yield response
+    return unary, streaming
 
-        return wrapper
 
-    return rebuild_handler(handler, unary, streaming)
+async def _write_all(responses: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    """Send each answer of a stream as its handler yields it, and close the handler here,
+    in this call's task, once the stream ends for whatever reason (the client gone
+    included): its cleanup runs now, knowing the caller, not later in a task of its own."""
+    async with contextlib.aclosing(responses):  # type: ignore[type-var]
+        async for response in responses:
+            await context.write(response)
 
 
 def rebuild_handler(

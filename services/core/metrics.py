@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from ds01.core.config import Config
 from ds01.core.dependencies import Dependencies
-from ds01.core.identity import WrappingInterceptor, rebuild_around
+from ds01.core.identity import Around
 from ds01.core.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,9 @@ class ServiceMetrics:
 
         self.add(collect)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _MetricsInterceptor(self)
+    def timing(self) -> CallTiming:
+        """The layer that counts and times each call (see ``CallInterceptor``)."""
+        return CallTiming(self)
 
 
 class _Collector(Collector):
@@ -120,13 +121,15 @@ class _Collector(Collector):
         return self._collect()
 
 
-class _MetricsInterceptor(WrappingInterceptor):
+class CallTiming:
     """Counts and times every call by service, method and the status it ended with."""
+
+    SKIPPED: tuple[str, ...] = ()
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def around(self, method: str) -> Around:
         service, _, name = method.lstrip("/").rpartition("/")
         handled, handling = self.metrics.handled, self.metrics.handling
         children: dict[str, tuple[Any, Any]] = {}  # by status: labels() once, not per call
@@ -157,7 +160,7 @@ class _MetricsInterceptor(WrappingInterceptor):
                 count.inc()
                 timing.observe(time.perf_counter() - started)
 
-        return rebuild_around(handler, recorded)
+        return recorded
 
 
 def _status(code: Any) -> grpc.StatusCode:

@@ -25,12 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.core.audit import AuditLog
-from ds01.core.audit_service import AuditInterceptor, AuditServicer
+from ds01.core.audit_service import AuditServicer, CallAudit
 from ds01.core.bounds import MAX_MESSAGE_BYTES
 from ds01.core.config import Config
 from ds01.core.dependencies import CHECK_TIMEOUT, Dependencies, StatusServicer
 from ds01.core.etcd import connect, etcd_status
-from ds01.core.identity import AuthInterceptor, Roles, caller
+from ds01.core.identity import CallInterceptor, Roles, caller
 from ds01.core.messages import abort
 from ds01.core.metrics import MetricsEndpoint, ServiceMetrics, start_endpoint
 from ds01.core.tls import server_credentials
@@ -214,12 +214,14 @@ async def start_service(
     metrics = ServiceMetrics(spec.name, config.node, VERSION)
     audit = AuditLog(config.node, spec.name, lambda: connect(config, spec.name))
     server = grpc.aio.server(
-        # Outermost first: metrics time every call, refused ones included; the audit
-        # trail needs the caller, whom authentication establishes.
+        # Metrics time every call, refused ones included; the audit trail needs the
+        # caller, whom authentication establishes.
         interceptors=[
-            *([metrics.interceptor()] if config.metrics.listen.get(spec.name) else []),
-            AuthInterceptor(context.roles),
-            AuditInterceptor(audit),
+            CallInterceptor(
+                context.roles,
+                outer=[metrics.timing()] if config.metrics.listen.get(spec.name) else [],
+                inner=[CallAudit(audit)],
+            )
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
