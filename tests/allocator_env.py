@@ -19,6 +19,7 @@ import pytest_asyncio
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.containers.adapters import DockerHost, MetadataStore
 from ds01.containers.lifecycle import Lifecycle
+from ds01.core.account_files import AccountFiles
 from ds01.core.config import (
     AllocatorConfig,
     Config,
@@ -209,6 +210,7 @@ def make_lifecycle(env: AllocatorEnv, docker_socket: Path, etcd: aetcd.Client) -
         metadata=MetadataStore(etcd, "n1"),
         client=env.service_client("containers"),
         network_mode="none",
+        account_files=AccountFiles(env.config.state_dir / "accounts"),
     )
 
 

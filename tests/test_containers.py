@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import shutil
@@ -506,13 +507,116 @@ async def test_an_image_without_etc_still_gets_its_user_named(
         await alice.remove_container("bare")
 
 
+async def test_the_users_names_live_in_files_of_the_host_that_go_with_the_container(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
+):
+    """The container's /etc/passwd and /etc/group are files ds01 keeps on the host for
+    it, mounted read-only: nothing is written into the container. If they go, the Docker
+    gateway's start says how to mend it, and ds01's start writes them anew; they go with
+    the container, whether ds01 removes it or Docker does behind ds01's back."""
+    files = env.config.state_dir / "accounts" / "names._.ds01alice"
+    async with docker_gateway(env) as gateway:
+        async with env.client("ds01alice") as alice:
+            await alice.create_container("names", test_image, start=True)
+            passwd = (files / "passwd").read_text()
+            assert f"ds01alice:x:{unix_users['ds01alice']}:{GID}:" in passwd
+            assert passwd.startswith("root:")  # the image's own accounts stay
+            for path in (files, files / "passwd", files / "group"):
+                assert (path.stat().st_uid, path.stat().st_mode & 0o022) == (0, 0), path
+            inside = await asyncio.to_thread(
+                docker_exec, docker_socket, "names._.ds01alice", "cat", "/etc/passwd"
+            )
+            assert inside == passwd
+            write = await asyncio.to_thread(
+                subprocess.run,
+                ["docker", "-H", f"unix://{docker_socket}", "exec", "-u", "0",
+                 "names._.ds01alice", "sh", "-c", "echo x >> /etc/passwd"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert write.returncode != 0 and "Read-only" in write.stderr, write
+            await alice.stop_container("names")
+            shutil.rmtree(files)  # a state directory wiped
+            started = await gateway_start(gateway, "ds01alice", "names._.ds01alice")
+            assert started.returncode != 0 and "ds01 container start" in started.stderr, started
+            await alice.start_container("names")  # writes them anew
+            assert await name_inside(docker_socket, "names._.ds01alice") == "ds01alice"
+            await alice.remove_container("names")
+            assert not files.exists()
+            await alice.create_container("names", test_image, start=True)
+            assert files.is_dir()
+        await asyncio.to_thread(  # behind ds01's back: its reconciler notices
+            subprocess.run,
+            ["docker", "-H", f"unix://{docker_socket}", "rm", "-f", "names._.ds01alice"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for _ in range(100):
+            if not files.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert not files.exists()
+
+
 async def test_a_slot_belongs_to_one_container(
     env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
 ):
     """While a container exists, its user cannot free the GPU under it; once an admin
     does, the container starts neither through ds01 nor through the Docker gateway, and the
     next container to get the slot is the only one with it."""
-    run = Path(tempfile.mkdtemp(prefix="ds01-gpu-", dir="/tmp"))
+    async with (
+        docker_gateway(env) as gateway,
+        env.client("ds01alice") as alice,
+        env.client("root") as admin,
+    ):
+        made = await alice.create_container("gpu1", test_image, gpus=1, start=True)
+        slot = made.gpus[0].slot.slot_id
+        with pytest.raises(Ds01Error) as refused:
+            await alice.release("gpu1._.ds01alice")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ds01 container remove gpu1" in refused.value.message
+        await alice.stop_container("gpu1")
+        [held] = (await alice.get_container("gpu1")).gpus
+        assert (held.slot.slot_id, held.state) == (slot, common_pb2.SLOT_STATE_HELD)
+        assert await admin.release("gpu1._.ds01alice")  # an admin may
+        [listed] = [c for c in await alice.list_containers() if c.name == "gpu1"]
+        assert list(listed.gpus) == []  # its hold ended: no GPU shown any more
+        with pytest.raises(Ds01Error) as again:
+            await alice.start_container("gpu1")
+        assert again.value.code in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND,
+        )
+        started = await gateway_start(gateway, "ds01alice", "gpu1._.ds01alice")
+        assert started.returncode != 0 and "no longer its own" in started.stderr, started
+        async with env.client("ds01bob") as bob:  # the freed slot goes to bob
+            taken = await bob.create_container("bobs", test_image, gpus=1, start=True)
+            assert taken.gpus[0].slot.slot_id == slot
+            with pytest.raises(Ds01Error) as moved:
+                await alice.start_container("gpu1")
+            assert "now belongs to another container" in moved.value.message
+            assert "bob" not in moved.value.message  # nothing of another user's
+            await bob.remove_container("bobs")
+        other = await alice.create_container("gpu2", test_image, gpus=1, start=True)
+        assert other.gpus[0].slot.slot_id == slot
+        holders = [
+            a.container
+            for a in (await admin.gpu_status()).allocations
+            if a.slot.slot_id == slot and a.container
+        ]
+        assert holders == ["gpu2._.ds01alice"]
+        await alice.remove_container("gpu2")
+        await alice.remove_container("gpu1")
+
+
+async def gateway_start(gateway: str, user: str, container: str) -> subprocess.CompletedProcess:
+    """`docker start` through the gateway, as ``user`` (`mlc start` does the same)."""
+    argv = ["runuser", "-u", user, "--", "docker", "-H", gateway, "start", container]
+    return await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def docker_gateway(env: AllocatorEnv) -> AsyncIterator[str]:
+    """The ownership service with its Docker gateway, for this test alone: its -H URL."""
+    run = Path(tempfile.mkdtemp(prefix="ds01-gateway-", dir="/tmp"))
     run.chmod(0o755)
     env.config = dataclasses.replace(
         env.config,
@@ -522,51 +626,7 @@ async def test_a_slot_belongs_to_one_container(
     )
     await env.start("ownership")
     try:
-        async with env.client("ds01alice") as alice, env.client("root") as admin:
-            made = await alice.create_container("gpu1", test_image, gpus=1, start=True)
-            slot = made.gpus[0].slot.slot_id
-            with pytest.raises(Ds01Error) as refused:
-                await alice.release("gpu1._.ds01alice")
-            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert "ds01 container remove gpu1" in refused.value.message
-            await alice.stop_container("gpu1")
-            [held] = (await alice.get_container("gpu1")).gpus
-            assert (held.slot.slot_id, held.state) == (slot, common_pb2.SLOT_STATE_HELD)
-            assert await admin.release("gpu1._.ds01alice")  # an admin may
-            [listed] = [c for c in await alice.list_containers() if c.name == "gpu1"]
-            assert list(listed.gpus) == []  # its hold ended: no GPU shown any more
-            with pytest.raises(Ds01Error) as again:
-                await alice.start_container("gpu1")
-            assert again.value.code in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.NOT_FOUND,
-            )
-            gateway = f"unix://{run / 'docker.sock'}"
-            started = await asyncio.to_thread(
-                subprocess.run,
-                ["runuser", "-u", "ds01alice", "--", "docker", "-H", gateway,
-                 "start", "gpu1._.ds01alice"],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert started.returncode != 0 and "no longer its own" in started.stderr, started
-            async with env.client("ds01bob") as bob:  # the freed slot goes to bob
-                taken = await bob.create_container("bobs", test_image, gpus=1, start=True)
-                assert taken.gpus[0].slot.slot_id == slot
-                with pytest.raises(Ds01Error) as moved:
-                    await alice.start_container("gpu1")
-                assert "now belongs to another container" in moved.value.message
-                assert "bob" not in moved.value.message  # nothing of another user's
-                await bob.remove_container("bobs")
-            other = await alice.create_container("gpu2", test_image, gpus=1, start=True)
-            assert other.gpus[0].slot.slot_id == slot
-            holders = [
-                a.container
-                for a in (await admin.gpu_status()).allocations
-                if a.slot.slot_id == slot and a.container
-            ]
-            assert holders == ["gpu2._.ds01alice"]
-            await alice.remove_container("gpu2")
-            await alice.remove_container("gpu1")
+        yield f"unix://{run / 'docker.sock'}"
     finally:
         await env.stop("ownership")
         shutil.rmtree(run, ignore_errors=True)

@@ -119,6 +119,8 @@ async def _leftovers(env: AllocatorEnv, docker_socket: Path, name: str) -> list[
         found.append("GPU allocation")
     if Path(f"/home/{USER}/workspace/crash").exists():
         found.append("workspace directory")
+    if (env.config.state_dir / "accounts" / name).exists():
+        found.append("account files")
     return found
 
 
@@ -128,8 +130,9 @@ async def _leftovers(env: AllocatorEnv, docker_socket: Path, name: str) -> list[
         "create:reserved",
         "create:workspace",
         "create:allocated",
-        "create:docker-created",
+        "create:probed",
         "create:named",
+        "create:docker-created",
         "create:started",
     ],
 )
@@ -274,7 +277,7 @@ async def test_etcd_stopped_during_a_create_then_restarted_leaves_nothing(
             await etcd.close()
 
 
-@pytest.mark.parametrize("when", ["create", "name_account"])
+@pytest.mark.parametrize("when", ["create", "start"])
 async def test_dockerd_restarted_during_a_create_leaves_nothing(
     env: AllocatorEnv, test_image: str, when: str
 ):
@@ -288,10 +291,10 @@ async def test_dockerd_restarted_during_a_create_leaves_nothing(
         image = build_test_image(root / "docker.sock")
         _once_before(lifecycle.docker, when, daemon[0].stop)
         with pytest.raises(ContainerError) as failed:
-            await lifecycle.create(CreateRequest(USER, "dockerless", image, gpus=1))
+            await lifecycle.create(CreateRequest(USER, "dockerless", image, gpus=1, start=True))
         assert failed.value.code is Code.UNAVAILABLE
         assert "Docker" in failed.value.message, failed.value.message
-        if when == "name_account":  # the container exists and could not be removed
+        if when == "start":  # the container exists and could not be removed
             assert "ds01 keeps undoing what is left" in failed.value.message
             [shown] = await lifecycle.list(USER, False)
             assert shown[0].pending == "interrupted"

@@ -23,8 +23,11 @@ import docker
 import pytest
 import pytest_asyncio
 
+from ds01.containers import own_events
 from ds01.containers.lifecycle import CreateRequest
+from ds01.containers.own_events import OwnEvents
 from ds01.containers.reconcile import (
+    EVENT_SWEEP_GAP,
     Action,
     Observed,
     Policy,
@@ -483,6 +486,79 @@ async def test_a_sweep_after_docker_events_inspects_only_the_containers_they_nam
         with contextlib.suppress(asyncio.CancelledError):
             await task
         lifecycle.docker.run = run
+
+
+@pytest.mark.parametrize("behind_its_back", ["stop", "kill", "remove"])
+async def test_ds01s_own_calls_wake_no_sweep_and_anything_else_does_at_once(
+    world, test_image, docker_socket, behind_its_back: str
+):
+    """The Docker events of ds01's own create, start, stop and remove wake no sweep: the
+    call did what the sweep would (on a busy node those sweeps cost more than the calls).
+    The same act behind ds01's back is seen within the sweep gap: the GPU hold begins, or
+    the record goes."""
+    env, reconciler = world
+    lifecycle = reconciler.lifecycle
+    reconciler.interval = 3600  # only events wake it
+    task = asyncio.ensure_future(reconciler.run())
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+        quiet = reconciler.sweeps
+        name = await _create(reconciler, test_image, "own")
+        await lifecycle.stop("ds01alice", False, "own", grace=1)
+        await lifecycle.start("ds01alice", False, "own")
+        await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)
+        assert reconciler.sweeps == quiet, "a sweep followed ds01's own calls"
+        [record] = await lifecycle.metadata.all()
+        assert record.run_start, record  # the run ds01 began is counted all the same
+        container = client.containers.get(name)
+        if behind_its_back == "remove":
+            container.remove(force=True)
+        else:
+            getattr(container, behind_its_back)()
+        for _ in range(50):
+            if reconciler.sweeps > quiet:
+                break
+            await asyncio.sleep(0.1)
+        assert reconciler.sweeps > quiet, f"no sweep after a `docker {behind_its_back}`"
+        await asyncio.sleep(0.5)  # the sweep under way ends
+        if behind_its_back == "remove":
+            assert await lifecycle.metadata.all() == []
+        else:
+            assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client.close()
+
+
+def test_own_events_are_those_of_a_call_under_way_or_just_ended():
+    events = OwnEvents(settle=0.2)
+    with events.calling("web._.alice", own_events.STOP):
+        time.sleep(0.3)  # a call under way never settles
+        assert events.caused("web._.alice", "die")
+        assert not events.caused("web._.alice", "start")  # a crash after a start is not
+        assert not events.caused("db._.alice", "die")  # nor another container's
+    assert events.caused("web._.alice", "stop")  # its events may lag its answer
+    time.sleep(0.3)
+    assert not events.caused("web._.alice", "die")  # settled: anyone's again
+    with events.calling("db._.alice", own_events.START):
+        assert events._calls.keys() == {"db._.alice"}  # the settled are forgotten
+        with events.calling("db._.alice", own_events.STOP):  # two at once
+            assert events.caused("db._.alice", "start") and events.caused("db._.alice", "die")
+    assert not events.caused("db._.alice", "die")  # a call's end ends those before it
+    with events.calling("db._.alice", own_events.STOP):
+        pass
+    with events.calling("db._.alice", own_events.START):
+        assert not events.caused("db._.alice", "die")  # and a later call's start
+    assert events.caused("db._.alice", "start")
+    with events.calling("db._.alice", own_events.CREATE):
+        with events.calling("db._.alice", own_events.PROBE):  # a call inside another
+            pass
+        assert events.caused("db._.alice", "destroy")  # the probe's, while the create runs
+    assert not events.caused("db._.alice", "destroy")  # not after the create has ended
+    assert events.caused("db._.alice", "create")
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):

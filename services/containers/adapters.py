@@ -24,6 +24,7 @@ from docker.transport.unixconn import UnixHTTPAdapter
 
 from ds01.containers.spec import Account, named_accounts
 from ds01.core.docker_args import DockerInfo
+from ds01.core.faults import fault_point
 from ds01.core.processes import docker_answers
 from ds01.core.records import JsonRecord
 from ds01.core.server import WORKER_THREADS
@@ -79,8 +80,7 @@ class DockerHost:
         self.base_url = base_url
         self._client: docker.DockerClient | None = None
         self._info_cache: tuple[float, dict[str, Any]] | None = None
-        # An image's /etc/passwd and /etc/group, by image id (ids name content: they
-        # never go stale), oldest first.
+        # An image's /etc/passwd and /etc/group, by image id, oldest first.
         self._image_accounts: dict[str, tuple[str | None, str | None]] = {}
 
     @property
@@ -165,27 +165,45 @@ class DockerHost:
     async def start(self, container: Any) -> None:
         await self.run(container.start)
 
-    async def name_account(self, container: Any, account: Account, fresh: bool) -> None:
-        """Give the host uid and gid names inside the container by rewriting /etc/passwd
-        and /etc/group through Docker's archive API: nothing of the image runs, as root or
-        otherwise, and the names stay in the container for every later start (``mlc
-        start`` included).
+    async def image_accounts(
+        self, image_id: str, name: str, labels: dict[str, str]
+    ) -> tuple[str | None, str | None]:
+        """The image's own /etc/passwd and /etc/group ("" where it has none, None where it
+        has something else there), read once per image (ids name content: they never go
+        stale) through a container made to be read and removed: named ``name`` and
+        labelled ``labels``, a create's own, so that its undo finds it after a crash."""
+        if image_id in self._image_accounts:
+            return self._image_accounts[image_id]
+        arguments = {"image": image_id, "name": name, "command": ["true"], "labels": labels}
+        probe = await self.create({**arguments, "network_mode": "none"})
+        try:
+            fault_point("create:probed")
+            found = await self.accounts_in(probe)
+        finally:
+            await self.remove(probe)
+        self._image_accounts[image_id] = found
+        while len(self._image_accounts) > IMAGES_REMEMBERED:
+            del self._image_accounts[next(iter(self._image_accounts))]
+        return found
 
-        ``fresh``: the container was just created, so its files are still its image's;
-        those are read once per image (archive calls are among dockerd's slowest under
-        load: each mounts the container's filesystem)."""
-        image = container.attrs.get("Image", "") if fresh else ""
-        if image in self._image_accounts:
-            passwd, group = self._image_accounts[image]
-        else:
-            passwd, group = await asyncio.gather(
-                self.run(_read_file, container, "/etc/passwd"),
-                self.run(_read_file, container, "/etc/group"),
-            )
-            if image:
-                self._image_accounts[image] = (passwd, group)
-                while len(self._image_accounts) > IMAGES_REMEMBERED:
-                    del self._image_accounts[next(iter(self._image_accounts))]
+    def known_accounts(self, image_id: str) -> tuple[str | None, str | None]:
+        """The image's files as this process read them; (None, None) if it did not."""
+        return self._image_accounts.get(image_id, (None, None))
+
+    async def accounts_in(self, container: Any) -> tuple[str | None, str | None]:
+        """The container's /etc/passwd and /etc/group, through the archive API."""
+        passwd, group = await asyncio.gather(
+            self.run(_read_file, container, "/etc/passwd"),
+            self.run(_read_file, container, "/etc/group"),
+        )
+        return passwd, group
+
+    async def name_account(self, container: Any, account: Account) -> None:
+        """Give the host uid and gid names inside a container ds01 did not make (adopted
+        from DS01 or mlc) by rewriting its /etc/passwd and /etc/group through Docker's
+        archive API: nothing of the image runs, as root or otherwise, and the names stay
+        in the container for every later start (``mlc start`` included)."""
+        passwd, group = await self.accounts_in(container)
         if passwd is None or group is None:
             log.warning(
                 "%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", container.name

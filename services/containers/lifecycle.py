@@ -24,6 +24,7 @@ import docker.errors
 import grpc
 
 from ds01.client import Ds01Client, Ds01Error
+from ds01.containers import own_events
 from ds01.containers.adapters import (
     CgroupfsSlices,
     DockerHost,
@@ -38,13 +39,17 @@ from ds01.containers.adapters import (
 )
 from ds01.containers.adoption import Seen, docker_time, gpu_references, unaccounted
 from ds01.containers.events import Kind, LifecycleEvents
+from ds01.containers.own_events import OwnEvents
 from ds01.containers.spec import (
     Account,
     ContainerSpec,
     SpecError,
     docker_name,
     limits_of,
+    named_accounts,
 )
+from ds01.core.account_files import AccountFiles
+from ds01.core.config import Config
 from ds01.core.counting import counted
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
@@ -131,6 +136,12 @@ class Lifecycle:
     intents: IntentStore = field(init=False)
     # Published in etcd for monitors; counted for the metrics.
     events: LifecycleEvents = field(default_factory=lambda: LifecycleEvents(None, ""))
+    # The Docker events this process's own calls cause: no sweep needs to follow them.
+    own_events: OwnEvents = field(default_factory=OwnEvents)
+    # Each container's /etc/passwd and /etc/group, bind-mounted into it.
+    account_files: AccountFiles = field(
+        default_factory=lambda: AccountFiles(Config.state_dir / "accounts")
+    )
 
     def __post_init__(self) -> None:
         self.intents = IntentStore(self.metadata.client, self.node)
@@ -140,9 +151,11 @@ class Lifecycle:
         self, request: CreateRequest, abandoned: asyncio.Event | None = None
     ) -> Metadata:
         lock = self._creating.setdefault(request.user, asyncio.Lock())
+        name = _docker_name_or(request.name, request.user)
         async with lock:
             try:
-                made = await self._create(request, abandoned)
+                with self.own_events.calling(name, own_events.CREATE):
+                    made = await self._create(request, abandoned)
             finally:
                 self._in_flight.discard(request.user)
         await self.events.publish(Kind.CREATED, made, f"image {made.image}")
@@ -250,6 +263,11 @@ class Lifecycle:
             await asyncio.to_thread(
                 apply_user_limits, self.cgroups, self.slices, args.cgroup_parent, limits
             )
+            step = "naming the user inside the container"
+            intent.creating = True  # from here on, a container of the name may exist
+            await self.intents.update(intent)
+            account_binds = await self._account_binds(name, found["Id"], account)
+            fault_point("create:named")
             spec = ContainerSpec(
                 name=request.name,
                 image=request.image,
@@ -265,10 +283,9 @@ class Lifecycle:
                 nvidia_runtime=bool(uuids) and await self.docker.has_nvidia_runtime(),
                 gpu_products=products,
                 image_labels=tuple(config_labels(found)),
+                account_binds=account_binds,
             )
             step = "creating the Docker container"
-            intent.creating = True
-            await self.intents.update(intent)
             # Shielded: if the caller goes away meanwhile, the create still completes in
             # its thread; the undo waits for it, then removes it by name.
             creating = asyncio.ensure_future(self.docker.create(spec.create_arguments()))
@@ -300,9 +317,6 @@ class Lifecycle:
                 named=True,
                 status="running" if request.start else "created",
             )
-            step = "naming the user inside the container"
-            await self.docker.name_account(container, account, fresh=True)
-            fault_point("create:named")
             if request.start:
                 step = "starting the container"
                 intent.starting = True
@@ -318,6 +332,21 @@ class Lifecycle:
                     await creating  # a create still running in its thread: let it land
             left = await self.undo(intent) if intent is not None else []
             raise _failed(step, err, left) from err
+
+    async def _account_binds(self, name: str, image_id: str, account: Account) -> tuple[str, ...]:
+        """Write the container's /etc/passwd and /etc/group, the image's with the user's
+        names added; their read-only binds. None where the image has something other
+        than a plain file there (a symlink would lead a write elsewhere)."""
+        with self.own_events.calling(name, own_events.PROBE):  # when the image is new
+            labels = {OWNER_LABEL: account.user}
+            passwd, group = await self.docker.image_accounts(image_id, name, labels)
+        if passwd is None or group is None:
+            log.warning("%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", name)
+            return ()
+        await asyncio.to_thread(
+            self.account_files.write, name, *named_accounts(passwd, group, account)
+        )
+        return tuple(self.account_files.binds(name))
 
     async def _taken(self, name: str) -> ContainerError:
         """Why ``name`` could not be reserved: a container has it, or a create does."""
@@ -335,9 +364,12 @@ class Lifecycle:
             try:
                 container = await self.docker.find(intent.docker_name)
                 if container is not None and container.labels.get(OWNER_LABEL) == intent.user:
-                    await self.docker.remove(container)
+                    with self.own_events.calling(intent.docker_name, own_events.REMOVE):
+                        await self.docker.remove(container)
             except Exception as err:
                 problems.append(f"the Docker container: {err}")
+        if not problems:  # no container of the name left to mount them
+            await asyncio.to_thread(self.account_files.remove, intent.docker_name)
         if intent.allocating:
             try:
                 await self._release(intent.docker_name)
@@ -413,7 +445,7 @@ class Lifecycle:
             await asyncio.sleep(interval)
 
     async def start(self, user: str, privileged: bool, name: str) -> Metadata:
-        with self._busy(user, name):
+        with self._busy(user, name, own_events.START):
             metadata, container = await self._own(user, privileged, name)
             for slot in metadata.gpu_slots:
                 node, _, slot_id = slot.partition("/")
@@ -463,7 +495,7 @@ class Lifecycle:
     ) -> Metadata:
         """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows;
         ``exact``: the reconciler's record of the container (see ``_own``)."""
-        with self._busy(user, name):
+        with self._busy(user, name, own_events.STOP):
             metadata, container = await self._own(user, privileged, name, exact=exact)
             await self.docker.stop(container, grace or await self.grace(metadata))
             await self.docker.status(container)  # reload: FinishedAt is set now
@@ -484,12 +516,13 @@ class Lifecycle:
     async def remove(
         self, user: str, privileged: bool, name: str, exact: Metadata | None = None
     ) -> None:
-        with self._busy(user, name):
+        with self._busy(user, name, own_events.REMOVE):
             metadata, container = await self._own(
                 user, privileged, name, must_exist=False, exact=exact
             )
             if container is not None:
                 await self.docker.remove(container)
+            await asyncio.to_thread(self.account_files.remove, metadata.docker_name)
             if metadata.gpu_slots:
                 await self._release(metadata.docker_name)
             await self.metadata.delete(metadata)
@@ -517,11 +550,12 @@ class Lifecycle:
             return self._shown(pending.intent), None
 
     @contextlib.contextmanager
-    def _busy(self, user: str, name: str) -> Iterator[None]:
+    def _busy(self, user: str, name: str, actions: frozenset[str]) -> Iterator[None]:
         """Mark a container a start, stop or remove of this process is working on: the
-        reconciler leaves it alone meanwhile."""
+        reconciler leaves it alone meanwhile, and sweeps for none of the Docker
+        ``actions`` the call causes."""
         full = name if SEPARATOR in name else _docker_name_or(name, user)
-        with counted(self.busy, full):
+        with counted(self.busy, full), self.own_events.calling(full, actions):
             yield
 
     def _shown(self, intent: Intent) -> Metadata:
@@ -579,18 +613,37 @@ class Lifecycle:
 
     async def _start(self, container: Any, account: Account, named: bool) -> None:
         """Start, after checking again that every bind mount is inside the owner's home
-        (a path may have become a symlink since create). ``named``: the user's names are
-        in its /etc already (written at create), so three Docker calls are saved."""
-        for bind in container.attrs.get("HostConfig", {}).get("Binds") or []:
+        (a path may have become a symlink since create), but for the container's own
+        account files, which are written anew if they have gone. ``named``: the user's
+        names are in the container already (made by ds01, not adopted)."""
+        binds = container.attrs.get("HostConfig", {}).get("Binds") or []
+        own = self.account_files.binds(container.name)
+        for bind in binds:
             source = Path(bind.split(":", 1)[0])
-            if not source.resolve().is_relative_to(account.home.resolve()):
+            if bind not in own and not source.resolve().is_relative_to(account.home.resolve()):
                 raise ContainerError(
                     Code.DENIED,
                     f"{source} now leads outside {account.user}'s home; not starting",
                 )
-        if not named:  # containers ds01 adopted or made before names were written
-            await self.docker.name_account(container, account, fresh=False)
+        if set(own) <= set(binds) and self.account_files.missing(container.name):
+            await self._write_accounts_again(container, account)
+        if not named:  # containers ds01 adopted: named in their own /etc
+            await self.docker.name_account(container, account)
         await self.docker.start(container)
+
+    async def _write_accounts_again(self, container: Any, account: Account) -> None:
+        """The container's account files, gone from the host (a state directory wiped or
+        restored): from the image's files if this process read them, else with root's
+        and the user's names alone (Docker refuses to start it without them)."""
+        passwd, group = self.docker.known_accounts(container.attrs.get("Image", ""))
+        if passwd is None or group is None:
+            log.warning(
+                "%s: account files written anew with the user's names alone", container.name
+            )
+            passwd, group = "root:x:0:0:root:/root:/bin/sh\n", "root:x:0:\n"
+        await asyncio.to_thread(
+            self.account_files.write, container.name, *named_accounts(passwd, group, account)
+        )
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         counted = limits.HasField("max_containers_per_user")

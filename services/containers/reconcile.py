@@ -380,13 +380,20 @@ class Reconciler:
         self._wake.set()
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        self._wake.set()
         name = event.get("Actor", {}).get("Attributes", {}).get("name")
+        action = event.get("Action", "")
+        if name and self.lifecycle.own_events.caused(name, action):
+            # ds01's own call: it did what a sweep would. A run it began is still counted
+            # (a later `docker restart` must not hide it); the run of its stop, it counted.
+            if action == "start":
+                self._runs.put_nowait(name)
+            return
+        self._wake.set()
         if not name:
             self._full_due = 0.0  # an event that names no container: look at all
             return
         self._named.add(name)
-        if event.get("Action") in ("start", "die"):
+        if action in ("start", "die"):
             self._runs.put_nowait(name)
 
     async def _count_runs(self) -> None:
@@ -667,6 +674,7 @@ class Reconciler:
             with contextlib.suppress(Ds01Error):
                 await self.lifecycle._release(record.docker_name)
         await self.lifecycle.metadata.delete(current)
+        await asyncio.to_thread(self.lifecycle.account_files.remove, record.docker_name)
         self.activity.pop(record.docker_name, None)
         log.warning("%s is gone from Docker: its record and GPUs are released", record.docker_name)
         await self.lifecycle.events.publish(Kind.REMOVED, record, "removed outside ds01")

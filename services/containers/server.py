@@ -16,11 +16,17 @@ import grpc
 from ds01.allocator.events import HistoryCompacted, from_oldest_kept
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers import metrics as container_metrics
-from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
+from ds01.containers.adapters import (
+    DockerHost,
+    DockerUnavailable,
+    Metadata,
+    MetadataStore,
+)
 from ds01.containers.events import Kind, LifecycleEvent, LifecycleEvents, watch_lifecycle
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.containers.metrics import Tallies
 from ds01.containers.reconcile import Reconciler
+from ds01.core.account_files import AccountFiles
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
@@ -331,6 +337,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         default_gpus=config.containers.default_gpus,
         default_gpu_preference=SLOT_PREFERENCES[config.containers.default_gpu_kind],
         events=LifecycleEvents(etcd, config.node),
+        account_files=AccountFiles(config.state_dir / "accounts"),
     )
     reconciler = Reconciler(
         lifecycle,

@@ -96,6 +96,8 @@ class ContainerSpec:
     # The image's own labels: Docker copies them into the container unless it is given
     # others under the same keys, and ds01's and mlc's are ds01's alone to say.
     image_labels: tuple[str, ...] = ()
+    # Read-only binds of the container's own /etc/passwd and /etc/group (AccountFiles).
+    account_binds: tuple[str, ...] = ()
 
     @property
     def docker_name(self) -> str:
@@ -145,6 +147,7 @@ class ContainerSpec:
         for data in self.data_dirs:
             target = "/data" if len(self.data_dirs) == 1 else f"/data/{data.name}"
             mounts.append(f"{data}:{target}")
+        mounts.extend(self.account_binds)
         arguments: dict[str, Any] = {
             "image": self.image,
             "name": self.docker_name,
@@ -220,8 +223,9 @@ WAIT = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 def named_accounts(passwd: str, group: str, account: Account) -> tuple[str, str]:
     """/etc/passwd and /etc/group of an image with the host uid and gid given names, group
     first, as the files are (any image: busybox or Debian); unchanged where a name for the
-    number is there already. The service writes them with Docker's archive API, so no
-    program of the image ever runs as root for it."""
+    number is there already. The service writes them on the host (bind-mounted into the
+    container) or with Docker's archive API, so no program of the image ever runs as
+    root for it."""
     if not any(_field(line, 2) == str(account.gid) for line in group.splitlines()):
         group = _line_added(group, f"{_name(account.group)}:x:{account.gid}:")
     if not any(_field(line, 2) == str(account.uid) for line in passwd.splitlines()):

@@ -19,6 +19,7 @@ from ds01.containers.adapters import CgroupfsSlices, DockerHost, IntentStore, Sy
 from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
 from ds01.containers.spec import limits_of
+from ds01.core.account_files import AccountFiles
 from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import cancel_watch, connect
 from ds01.core.identity import caller
@@ -191,7 +192,15 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     async def create_pending(name: str) -> bool:
         return await intents.get(name) is not None
 
-    gateway = Gateway(daemon, settings, container_owner, pins, gpus, create_pending)
+    gateway = Gateway(
+        daemon,
+        settings,
+        container_owner,
+        pins=pins,
+        gpus=gpus,
+        create_pending=create_pending,
+        account_files=AccountFiles(config.state_dir / "accounts"),
+    )
     proxy = DockerGateway(
         config.ownership.proxy_socket, docker_socket, gateway, is_admin, runtime.audit
     )

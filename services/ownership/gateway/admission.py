@@ -124,9 +124,18 @@ class Admission(ImageRoutes, StorageRoutes):
         since create must not be mounted."""
         found = await self._own_container(self.match.params["container"])
         pins = self.gateway.pins
+        accounts = self.gateway.account_files
+        own_files = accounts.sources(found.get("Name", "").lstrip("/")) if accounts else []
         for mount in found.get("Mounts") or []:
             source = mount.get("Source") or ""
             if mount.get("Type") != "bind":
+                continue
+            if source in own_files:  # ds01 wrote them for this container, outside any home
+                if not existing(source):
+                    raise Refused(
+                        f"{source} is gone: `ds01 container start` writes the container's "
+                        "account files anew and starts it"
+                    )
                 continue
             if pins is not None and pins.owns(source):
                 await asyncio.to_thread(pins.repin, source)  # after a reboot: walked afresh

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from ds01.core.account_files import AccountFiles
 from ds01.ownership.gateway import filters, images, policy
 from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.decisions import (
@@ -66,6 +67,8 @@ class Gateway:
     settings: Callable[[str], Awaitable[UserSettings]]
     container_owner: Callable[[str], Awaitable[str | None]]  # id -> owner, for listings
     pins: Pins | None = None  # where bind sources are pinned (None: forwarded as paths)
+    # Where ds01's containers have their /etc/passwd and /etc/group (bind-mounted).
+    account_files: AccountFiles | None = None
     gpus: GpuCheck | None = None  # the allocator, for containers that carry GPUs
     # Whether a ds01 create holds a container name (it may wait for GPUs for hours).
     create_pending: Callable[[str], Awaitable[bool]] | None = None
