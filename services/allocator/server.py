@@ -49,6 +49,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA, Metadata, record_key
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
+from ds01.core.limits_cache import CachedLimits
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.core.tasks import cancellable
@@ -85,38 +86,18 @@ _REFUSAL_CODES = {
 
 
 class RemoteLimits:
-    """Quotas and roles from the limits service, asked as ``svc:allocator``.
-
-    Answers are cached while a WatchLimits stream is open, and the whole cache is
-    dropped on every change it reports, so a reload applies to the next request.
-    """
+    """Quotas and roles from the limits service, asked as ``svc:allocator`` (and kept
+    while its change stream is open: see ``CachedLimits``)."""
 
     def __init__(self, client: Ds01Client) -> None:
         self.client = client
-        self._cache: dict[str, limits_pb2.UserLimits] = {}
-        self._watching = False
+        self.cache = CachedLimits(client)
 
     async def follow_changes(self) -> None:
-        """Keep the change stream open; without it, nothing is cached."""
-        while True:
-            try:
-                async for _change in self.client.watch_limits():
-                    self._cache.clear()
-                    self._watching = True
-            except Ds01Error as err:
-                log.warning("limits change stream lost (%s); not caching limits", err.message)
-            self._watching = False
-            self._cache.clear()
-            await asyncio.sleep(1)
+        await self.cache.follow_changes()
 
     async def limits(self, user: str) -> limits_pb2.UserLimits:
-        cached = self._cache.get(user)
-        if cached is not None:
-            return cached
-        limits = await self.client.get_limits(user)
-        if self._watching:
-            self._cache[user] = limits
-        return limits
+        return await self.cache.get_limits(user)
 
     async def quota(self, user: str) -> Quota:
         limits = await self.limits(user)

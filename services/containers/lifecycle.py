@@ -53,6 +53,7 @@ from ds01.core.config import Config
 from ds01.core.counting import counted
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
+from ds01.core.limits_cache import CachedLimits
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
 from ds01.core.tasks import Abandoned, unless_set
 from ds01.ownership.gateway.images import config_labels, is_id, parse_name, readable
@@ -134,6 +135,8 @@ class Lifecycle:
     _in_flight: set[str] = field(default_factory=set)  # users with a create under way
     busy: Counter[str] = field(default_factory=Counter)  # containers being started, ...
     intents: IntentStore = field(init=False)
+    # The limits service's answers, kept while its change stream is followed.
+    limits: CachedLimits = field(init=False)
     # Published in etcd for monitors; counted for the metrics.
     events: LifecycleEvents = field(default_factory=lambda: LifecycleEvents(None, ""))
     # The Docker events this process's own calls cause: no sweep needs to follow them.
@@ -145,6 +148,7 @@ class Lifecycle:
 
     def __post_init__(self) -> None:
         self.intents = IntentStore(self.metadata.client, self.node)
+        self.limits = CachedLimits(self.client)
         self.events.node = self.events.node or self.node
 
     async def create(
@@ -180,8 +184,8 @@ class Lifecycle:
             docker_info = await self.docker.docker_info()
             step = "reading the limits"
             limits, args = await asyncio.gather(  # args: exactly what the container gets
-                self.client.get_limits(request.user, request.container_type),
-                self.client.get_docker_args(request.user, request.container_type, docker_info),
+                self.limits.get_limits(request.user, request.container_type),
+                self.limits.get_docker_args(request.user, request.container_type, docker_info),
             )
             if limits.archived:
                 raise ContainerError(
@@ -694,12 +698,12 @@ class Lifecycle:
         """Seconds a stop waits for the container to exit before it kills: the limits'
         sigterm_grace (DS01's sigterm_grace_s, by container type), else DEFAULT_GRACE."""
         try:
-            limits = await self.client.get_limits(metadata.user, metadata.container_type)
+            limits = await self.limits.get_limits(metadata.user, metadata.container_type)
         except Ds01Error as err:
             if err.code != grpc.StatusCode.INVALID_ARGUMENT or not metadata.container_type:
                 log.info("stopping %s with Docker's grace: %s", metadata.docker_name, err.message)
                 return DEFAULT_GRACE  # a stop never fails for want of its grace
-            limits = await self.client.get_limits(metadata.user, "")  # a type not configured
+            limits = await self.limits.get_limits(metadata.user, "")  # a type not configured
         if not limits.HasField("sigterm_grace"):
             return DEFAULT_GRACE
         return max(1, math.ceil(limits.sigterm_grace.ToTimedelta().total_seconds()))

@@ -709,11 +709,11 @@ class Reconciler:
 
     async def _policy(self, user: str, container_type: str) -> Policy:
         try:
-            limits = await self.lifecycle.client.get_limits(user, container_type)
+            limits = await self.lifecycle.limits.get_limits(user, container_type)
         except Ds01Error as err:  # a type the configuration does not list: the user's own
             if not container_type or err.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            limits = await self.lifecycle.client.get_limits(user, "")
+            limits = await self.lifecycle.limits.get_limits(user, "")
 
         def seconds(key: str) -> float | None:
             return (

@@ -204,7 +204,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         privileged = principal.is_admin
         if not privileged:
             with contextlib.suppress(Ds01Error):
-                privileged = (await self.lifecycle.client.get_limits(principal.name)).admin
+                privileged = (await self.lifecycle.limits.get_limits(principal.name)).admin
         return principal.name, privileged
 
     async def _message(
@@ -369,6 +369,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     )
     # Creates a previous run left half-done are undone first, within seconds of start.
     runtime.run_in_background(lifecycle.repair_forever(), "create-repair")
+    runtime.run_in_background(lifecycle.limits.follow_changes(), "limits-changes")
     runtime.run_in_background(reconciler.run(), "reconciler")
     runtime.needs_etcd(etcd)
     runtime.dependencies.add("docker", config.docker_host, docker_host.ping)

@@ -1,0 +1,86 @@
+"""The limits service's answers, kept by the services that ask for them on every call.
+
+The allocator asks for a user's limits at each Allocate, the containers service for
+limits and Docker arguments at each create and for policies at each sweep: each answer
+is one more gRPC round trip on the same host. Answers are kept only while a WatchLimits
+stream is open, and all of them are dropped on every change it reports, so a reload
+applies to the next request. None is kept longer than a minute: what the stream cannot
+report (a Unix group's members, which the limits service itself reads at most a minute
+old) is as fresh here as there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+from ds01.client import Ds01Client, Ds01Error
+from ds01.core.docker_args import DockerInfo
+from ds01.v1 import limits_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_ANSWERS = 50_000  # (user, container type) pairs kept; past that, all are dropped
+RECONNECT_SECONDS = 1.0
+MAX_AGE = 60.0  # seconds an answer is kept at most
+
+
+class CachedLimits:
+    """GetLimits and GetDockerArgs through ``client``, answered from memory where the
+    same question was answered since the last change."""
+
+    def __init__(self, client: Ds01Client) -> None:
+        self.client = client
+        self._answers: dict[Hashable, tuple[float, Any]] = {}  # key -> (kept until, answer)
+        self._watching = False
+        # Changes seen: an answer asked for before a change and received after it is
+        # not kept (it may predate the change).
+        self._changes = 0
+
+    async def follow_changes(self) -> None:
+        """Keep the change stream open; without it, nothing is kept."""
+        while True:
+            try:
+                async for _change in self.client.watch_limits():
+                    self._forget()
+                    self._watching = True
+            except Ds01Error as err:
+                log.warning("limits change stream lost (%s); not caching limits", err.message)
+            finally:  # lost, or no longer followed: nothing may be kept meanwhile
+                self._watching = False
+                self._forget()
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def get_limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits:
+        return await self._answer(
+            ("limits", user, container_type),
+            lambda: self.client.get_limits(user, container_type),
+        )
+
+    async def get_docker_args(
+        self, user: str, container_type: str, docker: DockerInfo
+    ) -> limits_pb2.GetDockerArgsResponse:
+        return await self._answer(
+            ("docker-args", user, container_type, docker),
+            lambda: self.client.get_docker_args(user, container_type, docker),
+        )
+
+    async def _answer(self, key: Hashable, ask: Callable[[], Awaitable[T]]) -> T:
+        kept = self._answers.get(key)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        changes = self._changes
+        answer = await ask()
+        if self._watching and changes == self._changes:
+            if len(self._answers) >= MAX_ANSWERS:
+                self._answers.clear()
+            self._answers[key] = (time.monotonic() + MAX_AGE, answer)
+        return answer
+
+    def _forget(self) -> None:
+        self._answers.clear()
+        self._changes += 1
