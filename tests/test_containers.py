@@ -556,6 +556,63 @@ async def test_the_users_names_live_in_files_of_the_host_that_go_with_the_contai
         assert not files.exists()
 
 
+def _member(name: str, text: str = "", link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    if link:
+        info.type, info.linkname = tarfile.SYMTYPE, link
+        return info, b""
+    data = text.encode()
+    info.size, info.mode = len(data), 0o644
+    return info, data
+
+
+# Over 2 MiB of accounts (Docker itself reads the file at start: lines of a sane length).
+HUGE = "root:x:0:0:root:/root:/bin/sh\n" + "".join(
+    f"user{n}:x:{100000 + n}:{100000 + n}::/nonexistent:/bin/false\n" for n in range(50_000)
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "members"),
+    [
+        ("huge-passwd", [_member("etc/passwd", HUGE)]),
+        ("huge-group", [_member("etc/group", HUGE)]),
+        ("passwd-a-symlink", [_member("etc/passwd", link="/etc/hostname")]),
+    ],
+)
+async def test_an_image_whose_account_files_are_odd_is_used_but_never_copied(
+    env: AllocatorEnv,
+    docker_socket: Path,
+    test_image: str,
+    variant: str,
+    members: list[tuple[tarfile.TarInfo, bytes]],
+):
+    """A user's image decides what its /etc/passwd is: megabytes of it would be read into
+    the service's memory and copied to the host for each of its containers; a symlink
+    would lead elsewhere. Such an image is used as it is: its users stay unnamed, and
+    nothing of it is copied."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    image = f"ds01-test/odd-accounts:{variant}"
+    try:
+        maker = client.containers.create(test_image, "true", network_mode="none")
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            for info, data in members:
+                tar.addfile(info, io.BytesIO(data))
+        assert maker.put_archive("/", archive.getvalue())
+        maker.commit(*image.split(":"))
+        maker.remove()
+    finally:
+        client.close()
+    async with env.client("ds01alice") as alice:
+        made = await alice.create_container("odd", image, start=True)
+        try:
+            assert made.state == containers_pb2.CONTAINER_STATE_RUNNING
+            assert not (env.config.state_dir / "accounts" / "odd._.ds01alice").exists()
+        finally:
+            await alice.remove_container("odd")
+
+
 async def test_a_slot_belongs_to_one_container(
     env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
 ):

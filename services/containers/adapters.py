@@ -35,6 +35,9 @@ METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
 MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
 IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
+# An image's /etc/passwd or /etc/group past this size is not read (its users stay
+# unnamed): a thousand accounts take about 60 KiB.
+ACCOUNT_FILE_BYTES = 1 << 20
 # Connections to dockerd: one for each thread a call may run in, and the event stream's.
 POOL_SIZE = WORKER_THREADS + 1
 INTENTS = "/ds01/v1/intents/"  # creates in progress, written ahead of every step
@@ -210,7 +213,9 @@ class DockerHost:
         passwd, group = await self.accounts_in(container)
         if passwd is None or group is None:
             log.warning(
-                "%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", container.name
+                "%s: /etc/passwd or /etc/group is no plain file of at most 1 MiB; "
+                "users stay unnamed",
+                container.name,
             )
             return
         named = named_accounts(passwd, group, account)
@@ -623,11 +628,15 @@ class CgroupfsSlices:
 
 def _read_file(container: Any, path: str) -> str | None:
     """A regular file of the container, through the archive API ("" if there is none;
-    None if it is something else: a symlink would lead the write elsewhere)."""
+    None if it is something else: a symlink would lead the write elsewhere; or larger
+    than ACCOUNT_FILE_BYTES, which an image of the user's could make it)."""
     try:
-        stream, _ = container.get_archive(path)
+        stream, stat = container.get_archive(path)
     except docker.errors.NotFound:
         return ""
+    if stat.get("size", 0) > ACCOUNT_FILE_BYTES:
+        stream.close()  # not read: this process's memory, and a copy per container on disk
+        return None
     data = b"".join(stream)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         member = tar.next()

@@ -345,7 +345,11 @@ class Lifecycle:
             labels = {OWNER_LABEL: account.user}
             passwd, group = await self.docker.image_accounts(image_id, name, labels)
         if passwd is None or group is None:
-            log.warning("%s: /etc/passwd or /etc/group is no plain file; users stay unnamed", name)
+            log.warning(
+                "%s: the image's /etc/passwd or /etc/group is no plain file of at most 1 MiB; "
+                "users stay unnamed",
+                name,
+            )
             return ()
         await asyncio.to_thread(
             self.account_files.write, name, *named_accounts(passwd, group, account)
