@@ -413,3 +413,52 @@ async def test_a_repair_does_not_wait_for_a_create_of_the_same_user(
         await held.delete(ghost.docker_name)
         await lifecycle.client.close()
         await etcd.close()
+
+
+@pytest.mark.parametrize("slow", ["probe", "create"])
+async def test_a_create_cancelled_while_docker_works_leaves_nothing(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, slow: str
+):
+    """A create cancelled (the service stopping) while Docker still makes a container in
+    its worker thread, the one made to read a new image or the user's own: the undo waits
+    for it to land, then removes it. Nothing with the name is left behind."""
+    etcd = connect(env.config, "containers")
+    lifecycle = make_lifecycle(env, docker_socket, etcd)
+    docker = lifecycle.docker
+    real = docker.create
+    calls: list[dict[str, object]] = []
+
+    async def slow_create(arguments: dict[str, object]) -> object:
+        calls.append(arguments)
+        is_probe = arguments.get("command") == ["true"]
+        if is_probe == (slow == "probe"):
+
+            def made_late() -> object:
+                time.sleep(1.0)
+                return docker.client.containers.create(**arguments)
+
+            return await docker.run(made_late)
+        return await real(arguments)
+
+    docker.create = slow_create  # type: ignore[method-assign]
+    name = f"late-{slow}._.{USER}"
+    try:
+        create = asyncio.ensure_future(
+            lifecycle.create(CreateRequest(USER, f"late-{slow}", test_image, gpus=0))
+        )
+        for _ in range(100):  # the slow create is in Docker's hands
+            if len(calls) == (1 if slow == "probe" else 2):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        create.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ContainerError):
+            await create
+        await asyncio.sleep(1.5)  # past the slow create's landing
+        assert await docker.find(name) is None
+        assert await lifecycle.list(USER, False) == []
+        assert not (env.config.state_dir / "accounts" / name).exists()
+    finally:
+        await lifecycle.client.close()
+        await docker.close()
+        await etcd.close()

@@ -170,7 +170,7 @@ class Lifecycle:
     async def _create(self, request: CreateRequest, abandoned: asyncio.Event | None) -> Metadata:
         step = "checking the request"
         intent: Intent | None = None
-        creating: asyncio.Future[Any] | None = None
+        landing: list[asyncio.Future[Any]] = []  # Docker work the undo must wait for
         try:
             if abandoned is not None and abandoned.is_set():  # gone while an earlier create ran
                 raise Abandoned()
@@ -270,7 +270,10 @@ class Lifecycle:
             step = "naming the user inside the container"
             intent.creating = True  # from here on, a container of the name may exist
             await self.intents.update(intent)
-            account_binds = await self._account_binds(name, found["Id"], account)
+            # Shielded, as the create below: a container made to read the image is
+            # removed by its own work or by the undo, never left behind by a cancel.
+            landing.append(asyncio.ensure_future(self._account_binds(name, found["Id"], account)))
+            account_binds = await asyncio.shield(landing[-1])
             fault_point("create:named")
             spec = ContainerSpec(
                 name=request.name,
@@ -292,8 +295,8 @@ class Lifecycle:
             step = "creating the Docker container"
             # Shielded: if the caller goes away meanwhile, the create still completes in
             # its thread; the undo waits for it, then removes it by name.
-            creating = asyncio.ensure_future(self.docker.create(spec.create_arguments()))
-            container = await asyncio.shield(creating)
+            landing.append(asyncio.ensure_future(self.docker.create(spec.create_arguments())))
+            container = await asyncio.shield(landing[-1])
             if container.attrs.get("Image") != found["Id"]:  # the name was moved meanwhile
                 raise ContainerError(
                     Code.PRECONDITION,
@@ -331,9 +334,9 @@ class Lifecycle:
             await self.intents.commit(intent, metadata)
             return metadata
         except BaseException as err:
-            if creating is not None:
+            for work in landing:
                 with contextlib.suppress(Exception):
-                    await creating  # a create still running in its thread: let it land
+                    await work  # a create still running in its thread: let it land
             left = await self.undo(intent) if intent is not None else []
             raise _failed(step, err, left) from err
 
