@@ -354,10 +354,13 @@ class Lifecycle:
                 name,
             )
             return ()
-        await asyncio.to_thread(
-            self.account_files.write, name, *named_accounts(passwd, group, account)
-        )
+        await self._write_accounts(name, passwd, group, account)
         return tuple(self.account_files.binds(name))
+
+    async def _write_accounts(self, name: str, passwd: str, group: str, account: Account) -> None:
+        """The container's account files: the given ones with the user's names added."""
+        named = named_accounts(passwd, group, account)
+        await asyncio.to_thread(self.account_files.write, name, *named)
 
     async def _taken(self, name: str) -> ContainerError:
         """Why ``name`` could not be reserved: a container has it, or a create does."""
@@ -652,9 +655,7 @@ class Lifecycle:
                 "%s: account files written anew with the user's names alone", container.name
             )
             passwd, group = "root:x:0:0:root:/root:/bin/sh\n", "root:x:0:\n"
-        await asyncio.to_thread(
-            self.account_files.write, container.name, *named_accounts(passwd, group, account)
-        )
+        await self._write_accounts(container.name, passwd, group, account)
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         counted = limits.HasField("max_containers_per_user")

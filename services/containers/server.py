@@ -16,12 +16,7 @@ import grpc
 from ds01.allocator.events import HistoryCompacted, from_oldest_kept
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers import metrics as container_metrics
-from ds01.containers.adapters import (
-    DockerHost,
-    DockerUnavailable,
-    Metadata,
-    MetadataStore,
-)
+from ds01.containers.adapters import DockerHost, DockerUnavailable, Metadata, MetadataStore
 from ds01.containers.events import Kind, LifecycleEvent, LifecycleEvents, watch_lifecycle
 from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifecycle
 from ds01.containers.metrics import Tallies
