@@ -533,32 +533,23 @@ async def test_ds01s_own_calls_wake_no_sweep_and_anything_else_does_at_once(
         client.close()
 
 
-def test_own_events_are_those_of_a_call_under_way_or_just_ended():
-    events = OwnEvents(settle=0.2)
+def test_own_events_are_those_docker_stamped_while_a_call_of_their_kind_ran():
+    events = OwnEvents()
     with events.calling("web._.alice", own_events.STOP):
-        time.sleep(0.3)  # a call under way never settles
-        assert events.caused("web._.alice", "die")
-        assert not events.caused("web._.alice", "start")  # a crash after a start is not
-        assert not events.caused("db._.alice", "die")  # nor another container's
-    assert events.caused("web._.alice", "stop")  # its events may lag its answer
-    time.sleep(0.3)
-    assert not events.caused("web._.alice", "die")  # settled: anyone's again
-    with events.calling("db._.alice", own_events.START):
-        assert events._calls.keys() == {"db._.alice"}  # the settled are forgotten
-        with events.calling("db._.alice", own_events.STOP):  # two at once
-            assert events.caused("db._.alice", "start") and events.caused("db._.alice", "die")
-    assert not events.caused("db._.alice", "die")  # a call's end ends those before it
-    with events.calling("db._.alice", own_events.STOP):
-        pass
-    with events.calling("db._.alice", own_events.START):
-        assert not events.caused("db._.alice", "die")  # and a later call's start
-    assert events.caused("db._.alice", "start")
+        during = time.time()
+        assert events.caused("web._.alice", "die", during)
+        assert not events.caused("web._.alice", "start", during)  # a crash after a start
+        assert not events.caused("db._.alice", "die", during)  # another container's
+    time.sleep(0.2)
+    after = time.time()
+    assert events.caused("web._.alice", "stop", during)  # arriving late, still its own
+    assert not events.caused("web._.alice", "die", after)  # after it: anyone's
     with events.calling("db._.alice", own_events.CREATE):
         with events.calling("db._.alice", own_events.PROBE):  # a call inside another
-            pass
-        assert events.caused("db._.alice", "destroy")  # the probe's, while the create runs
-    assert not events.caused("db._.alice", "destroy")  # not after the create has ended
-    assert events.caused("db._.alice", "create")
+            reading = time.time()
+        assert events.caused("db._.alice", "destroy", reading)
+    time.sleep(0.2)
+    assert not events.caused("db._.alice", "destroy", time.time())  # later: anyone's
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):

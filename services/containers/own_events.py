@@ -14,12 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-# Seconds after a call during which its events may still arrive: Docker sends them on
-# a stream of their own, which may lag behind the call's answer. Meanwhile the same
-# action behind ds01's back goes unnoticed until the next full sweep; a different one
-# (a `docker stop` after ds01's start, a `docker rm` after its create) never does, nor
-# any after ds01's next call on that container.
-SETTLE = 5.0
+# Seconds a call is remembered after it ended, for its events to arrive: Docker sends
+# them on a stream of their own, which lags behind the call's answer under load. An
+# event is the call's if Docker stamped it while the call ran (the same host's clock),
+# so a `docker stop` behind ds01's back a moment after ds01's own is seen all the same.
+KEEP = 60.0
+SLACK = 0.05  # seconds: the clocks' reading at either end of a call
 
 # The actions of Docker's container events that each call causes (``archive-path``
 # and ``extract-to-dir``: reading an image's accounts, naming an adopted container's).
@@ -33,45 +33,39 @@ REMOVE = frozenset({"kill", "die", "destroy"})
 @dataclass
 class _Call:
     actions: frozenset[str]
-    until: float = float("inf")  # monotonic; while under way, never past
+    started: float  # time.time()
+    ended: float = float("inf")  # while under way, never
 
 
 @dataclass
 class OwnEvents:
-    """The calls ds01 is making, or made within SETTLE seconds, by container name."""
+    """The calls ds01 is making, or made within KEEP seconds, by container name."""
 
-    settle: float = SETTLE
     _calls: dict[str, list[_Call]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def calling(self, name: str, actions: frozenset[str]) -> Iterator[None]:
-        """Around a call that acts on container ``name`` with Docker ``actions``. The
-        calls on ``name`` that have ended are over: what follows them is this call's, or
-        someone else's (a `docker stop` after ds01's stop and start must wake a sweep)."""
-        self._forget_settled()
-        call = _Call(actions)
-        under_way = [c for c in self._calls.get(name, ()) if c.until == float("inf")]
-        self._calls[name] = [*under_way, call]
+        """Around a call that acts on container ``name`` with Docker ``actions``."""
+        self._forget_old()
+        call = _Call(actions, time.time())
+        self._calls.setdefault(name, []).append(call)
         try:
             yield
         finally:
-            call.until = time.monotonic() + self.settle
-            # Calls that ended before this one are over too (a create's reading of a
-            # new image, inside it): only this one's events may still be coming.
-            self._calls[name] = [c for c in self._calls.get(name, ()) if c.until >= call.until]
+            call.ended = time.time()
 
-    def caused(self, name: str, action: str) -> bool:
-        """Whether a Docker event ``action`` on container ``name`` is one of a ds01 call's:
-        one made now, or that ended under SETTLE seconds ago, whose kind causes it."""
-        now = time.monotonic()
+    def caused(self, name: str, action: str, when: float) -> bool:
+        """Whether a Docker event ``action`` on container ``name``, stamped ``when``
+        (seconds since the epoch), happened during a ds01 call whose kind causes it."""
         return any(
-            action in call.actions and call.until > now for call in self._calls.get(name, ())
+            action in call.actions and call.started - SLACK <= when <= call.ended + SLACK
+            for call in self._calls.get(name, ())
         )
 
-    def _forget_settled(self) -> None:
-        now = time.monotonic()
+    def _forget_old(self) -> None:
+        oldest = time.time() - KEEP
         for name in list(self._calls):
-            left = [call for call in self._calls[name] if call.until > now]
+            left = [call for call in self._calls[name] if call.ended > oldest]
             if left:
                 self._calls[name] = left
             else:

@@ -382,7 +382,8 @@ class Reconciler:
     def _on_event(self, event: dict[str, Any]) -> None:
         name = event.get("Actor", {}).get("Attributes", {}).get("name")
         action = event.get("Action", "")
-        if name and self.lifecycle.own_events.caused(name, action):
+        when = event.get("timeNano", 0) / 1e9
+        if name and when and self.lifecycle.own_events.caused(name, action, when):
             # ds01's own call: it did what a sweep would. A run it began is still counted
             # (a later `docker restart` must not hide it); the run of its stop, it counted.
             if action == "start":
