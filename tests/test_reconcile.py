@@ -190,8 +190,8 @@ async def _create(reconciler: Reconciler, image: str, name: str, start: bool = T
 
 
 async def _state(reconciler: Reconciler, name: str) -> str | None:
-    container = await reconciler.lifecycle.docker.find(name)
-    return await reconciler.lifecycle.docker.status(container) if container else None
+    container = await reconciler.lifecycle.docker.find(name)  # inspected afresh
+    return container.status if container else None
 
 
 async def _slot_state(env: AllocatorEnv) -> int:
@@ -550,6 +550,30 @@ def test_own_events_are_those_docker_stamped_while_a_call_of_their_kind_ran():
         assert events.caused("db._.alice", "destroy", reading)
     time.sleep(0.2)
     assert not events.caused("db._.alice", "destroy", time.time())  # later: anyone's
+
+
+def test_own_calls_are_forgotten_keep_seconds_after_they_ended(monkeypatch):
+    monkeypatch.setattr(own_events, "KEEP", 0.3)
+    events = OwnEvents()
+    with events.calling("web._.alice", own_events.STOP):
+        stopping = time.time()
+    with (
+        events.calling("db._.alice", own_events.STOP),
+        events.calling("db._.alice", own_events.REMOVE),  # ends first
+    ):
+        removing = time.time()
+    time.sleep(0.2)
+    with events.calling("web._.alice", own_events.START):  # forgets nothing yet
+        starting = time.time()
+    assert events.caused("web._.alice", "die", stopping)
+    assert events.caused("db._.alice", "destroy", removing)
+    time.sleep(0.2)
+    with events.calling("job._.bob", own_events.START):  # the first three are past KEEP
+        pass
+    assert not events.caused("web._.alice", "die", stopping)
+    assert not events.caused("db._.alice", "destroy", removing)
+    assert not events.caused("db._.alice", "die", removing)
+    assert events.caused("web._.alice", "start", starting)  # ended 0.2 s ago: kept
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):

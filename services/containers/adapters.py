@@ -124,10 +124,6 @@ class DockerHost:
                     return
         raise DockerUnavailable(f"Docker at {self.base_url} does not answer")
 
-    async def status(self, container: Any) -> str:
-        await self.run(container.reload)
-        return container.status
-
     async def docker_info(self) -> DockerInfo:
         """Its CPUs and cgroup driver: what the limits service needs to answer with what
         a container here gets."""
@@ -169,8 +165,15 @@ class DockerHost:
     async def create(self, arguments: dict[str, Any]) -> Any:
         return await self.run(lambda: self.client.containers.create(**arguments))
 
-    async def start(self, container: Any) -> None:
-        await self.run(container.start)
+    async def start(self, container: Any) -> dict[str, Any]:
+        """Start; Docker's State of the container after (StartedAt of this run)."""
+        api = self.client.api
+
+        def start() -> dict[str, Any]:
+            api.start(container.id)
+            return api.inspect_container(container.id)["State"]
+
+        return await self.run(start)
 
     async def image_accounts(
         self, image_id: str, name: str, labels: dict[str, str]
@@ -187,7 +190,7 @@ class DockerHost:
             fault_point("create:probed")
             found = await self.accounts_in(probe)
         finally:
-            await self.remove(probe)
+            await self.remove(probe.id)
         self._image_accounts[image_id] = found
         while len(self._image_accounts) > IMAGES_REMEMBERED:
             del self._image_accounts[next(iter(self._image_accounts))]
@@ -224,11 +227,21 @@ class DockerHost:
             if not await self.run(container.put_archive, "/", archive):
                 raise DockerUnavailable("Docker refused to write /etc/passwd and /etc/group")
 
-    async def stop(self, container: Any, grace: int) -> None:
-        await self.run(container.stop, timeout=grace)
+    async def stop(self, container_id: str, grace: int) -> dict[str, Any]:
+        """Stop the container, by id; Docker's State of it after (FinishedAt set).
+        Raises docker.errors.NotFound where Docker has no such container."""
+        api = self.client.api
 
-    async def remove(self, container: Any) -> None:
-        await self.run(container.remove, force=True, v=True)
+        def stop() -> dict[str, Any]:
+            api.stop(container_id, timeout=grace)
+            return api.inspect_container(container_id)["State"]
+
+        return await self.run(stop)
+
+    async def remove(self, container_id: str) -> None:
+        """Remove the container with its anonymous volumes, by id: one gone already is."""
+        with contextlib.suppress(docker.errors.NotFound):
+            await self.run(self.client.api.remove_container, container_id, force=True, v=True)
 
     async def close(self) -> None:
         if self._client is not None:

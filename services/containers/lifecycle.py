@@ -328,7 +328,7 @@ class Lifecycle:
                 step = "starting the container"
                 intent.starting = True
                 await self.intents.update(intent)  # for whoever asks what the create does
-                await self._start(container, account, named=True)
+                count_runtime(metadata, await self._start(container, account, named=True))
                 fault_point("create:started")
             step = "recording the container's metadata"
             await self.intents.commit(intent, metadata)
@@ -379,7 +379,7 @@ class Lifecycle:
                 container = await self.docker.find(intent.docker_name)
                 if container is not None and container.labels.get(OWNER_LABEL) == intent.user:
                     with self.own_events.calling(intent.docker_name, own_events.REMOVE):
-                        await self.docker.remove(container)
+                        await self.docker.remove(container.id)
             except Exception as err:
                 problems.append(f"the Docker container: {err}")
         if not problems:  # no container of the name left to mount them
@@ -460,7 +460,10 @@ class Lifecycle:
 
     async def start(self, user: str, privileged: bool, name: str) -> Metadata:
         with self._busy(user, name, own_events.START):
-            metadata, container = await self._own(user, privileged, name)
+            metadata = await self._own(user, privileged, name)
+            container = await self.docker.find(metadata.container_id)
+            if container is None:
+                raise _gone(name)
             for slot in metadata.gpu_slots:
                 node, _, slot_id = slot.partition("/")
                 check = await self._allocator(
@@ -474,9 +477,13 @@ class Lifecycle:
                     )
             if metadata.adopted:
                 await self._check_adopted_gpus(metadata, container)
-            await self._start(container, self.accounts(metadata.user), metadata.named)
-            if metadata.notice:
-                metadata = await self.metadata.modify(metadata, _clear_notice) or metadata
+            state = await self._start(container, self.accounts(metadata.user), metadata.named)
+
+            def started(record: Metadata) -> None:
+                count_runtime(record, state)  # the run it began: counted however it ends
+                _clear_notice(record)
+
+            metadata = await self.metadata.modify(metadata, started, as_read=True) or metadata
             if metadata.gpu_slots:
                 await self._allocator(
                     self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
@@ -510,16 +517,20 @@ class Lifecycle:
         """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows;
         ``exact``: the reconciler's record of the container (see ``_own``)."""
         with self._busy(user, name, own_events.STOP):
-            metadata, container = await self._own(user, privileged, name, exact=exact)
-            await self.docker.stop(container, grace or await self.grace(metadata))
-            await self.docker.status(container)  # reload: FinishedAt is set now
-            state = container.attrs["State"]
+            metadata = await self._own(user, privileged, name, exact=exact)
+            try:  # by the recorded id: no inspect before, one after
+                state = await self.docker.stop(
+                    metadata.container_id, grace or await self.grace(metadata)
+                )
+            except docker.errors.NotFound:
+                raise _gone(name) from None
 
             def stopped(record: Metadata) -> None:
                 count_runtime(record, state)
                 _clear_notice(record)
 
-            metadata = await self.metadata.modify(metadata, stopped) or metadata
+            # The record as _own read it just now: written back with no read before.
+            metadata = await self.metadata.modify(metadata, stopped, as_read=True) or metadata
             if metadata.gpu_slots:
                 await self._allocator(
                     self.client.mark_stopped(metadata.docker_name, manual), "holding the GPU"
@@ -531,11 +542,8 @@ class Lifecycle:
         self, user: str, privileged: bool, name: str, exact: Metadata | None = None
     ) -> None:
         with self._busy(user, name, own_events.REMOVE):
-            metadata, container = await self._own(
-                user, privileged, name, must_exist=False, exact=exact
-            )
-            if container is not None:
-                await self.docker.remove(container)
+            metadata = await self._own(user, privileged, name, exact=exact)
+            await self.docker.remove(metadata.container_id)
             await asyncio.to_thread(self.account_files.remove, metadata.docker_name)
             if metadata.gpu_slots:
                 await self._release(metadata.docker_name)
@@ -559,9 +567,10 @@ class Lifecycle:
 
     async def inspect(self, user: str, privileged: bool, name: str) -> tuple[Metadata, Any]:
         try:
-            return await self._own(user, privileged, name, must_exist=False)
+            metadata = await self._own(user, privileged, name)
         except Pending as pending:
             return self._shown(pending.intent), None
+        return metadata, await self.docker.find(metadata.container_id)
 
     @contextlib.contextmanager
     def _busy(self, user: str, name: str, actions: frozenset[str]) -> Iterator[None]:
@@ -592,12 +601,12 @@ class Lifecycle:
         user: str,
         privileged: bool,
         name: str,
-        must_exist: bool = True,
         exact: Metadata | None = None,
-    ) -> tuple[Metadata, Any]:
-        """The caller's container ``name`` (admins: a full ``name._.user`` for others';
-        ``exact``: a record the caller read earlier, the reconciler's: by its Docker name
-        as it is, and only while that name is still that very container's)."""
+    ) -> Metadata:
+        """The record of the caller's container ``name`` (admins: a full ``name._.user``
+        for others'; ``exact``: a record the caller read earlier, the reconciler's: by its
+        Docker name as it is, and only while that name is still that very container's).
+        Docker is not asked: the callers act on the recorded id."""
         try:
             full = (
                 exact.docker_name if exact else name if "._." in name else docker_name(name, user)
@@ -618,18 +627,14 @@ class Lifecycle:
             raise ContainerError(Code.NOT_FOUND, f"no container {name} (`ds01 container list`)")
         if metadata.user != user and not privileged:
             raise ContainerError(Code.DENIED, f"{name} belongs to {metadata.user}")
-        container = await self.docker.find(metadata.container_id)
-        if container is None and must_exist:
-            raise ContainerError(
-                Code.NOT_FOUND, f"{name} is recorded but Docker no longer has it; remove it"
-            )
-        return metadata, container
+        return metadata
 
-    async def _start(self, container: Any, account: Account, named: bool) -> None:
+    async def _start(self, container: Any, account: Account, named: bool) -> dict[str, Any]:
         """Start, after checking again that every bind mount is inside the owner's home
         (a path may have become a symlink since create), but for the container's own
         account files, which are written anew if they have gone. ``named``: the user's
-        names are in the container already (made by ds01, not adopted)."""
+        names are in the container already (made by ds01, not adopted). Returns Docker's
+        State of the container once started."""
         binds = container.attrs.get("HostConfig", {}).get("Binds") or []
         own = self.account_files.binds(container.name)
         for bind in binds:
@@ -643,7 +648,7 @@ class Lifecycle:
             await self._write_accounts_again(container, account)
         if not named:  # containers ds01 adopted: named in their own /etc
             await self.docker.name_account(container, account)
-        await self.docker.start(container)
+        return await self.docker.start(container)
 
     async def _write_accounts_again(self, container: Any, account: Account) -> None:
         """The container's account files, gone from the host (a state directory wiped or
@@ -830,6 +835,12 @@ def _docker_name_or(name: str, user: str) -> str:
         return docker_name(name, user)
     except SpecError:
         return name
+
+
+def _gone(name: str) -> ContainerError:
+    return ContainerError(
+        Code.NOT_FOUND, f"{name} is recorded but Docker no longer has it; remove it"
+    )
 
 
 def _inside_home(path: Path, account: Account) -> Path:

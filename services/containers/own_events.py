@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,9 @@ class OwnEvents:
     """The calls ds01 is making, or made within KEEP seconds, by container name."""
 
     _calls: dict[str, list[_Call]] = field(default_factory=dict)
+    # The calls that ended, in the order they ended: the oldest are forgotten first,
+    # without a look at the others (a busy node makes thousands a minute).
+    _ended: deque[tuple[str, _Call]] = field(default_factory=deque)
 
     @contextlib.contextmanager
     def calling(self, name: str, actions: frozenset[str]) -> Iterator[None]:
@@ -53,6 +57,7 @@ class OwnEvents:
             yield
         finally:
             call.ended = time.time()
+            self._ended.append((name, call))
 
     def caused(self, name: str, action: str, when: float) -> bool:
         """Whether a Docker event ``action`` on container ``name``, stamped ``when``
@@ -64,9 +69,9 @@ class OwnEvents:
 
     def _forget_old(self) -> None:
         oldest = time.time() - KEEP
-        for name in list(self._calls):
-            left = [call for call in self._calls[name] if call.ended > oldest]
-            if left:
-                self._calls[name] = left
-            else:
+        while self._ended and self._ended[0][1].ended <= oldest:
+            name, call = self._ended.popleft()
+            calls = self._calls[name]
+            calls.remove(call)
+            if not calls:
                 del self._calls[name]

@@ -384,11 +384,7 @@ class Reconciler:
         action = event.get("Action", "")
         when = event.get("timeNano", 0) / 1e9
         if name and when and self.lifecycle.own_events.caused(name, action, when):
-            # ds01's own call: it did what a sweep would. A run it began is still counted
-            # (a later `docker restart` must not hide it); the run of its stop, it counted.
-            if action == "start":
-                self._runs.put_nowait(name)
-            return
+            return  # ds01's own call did what a sweep would, and counted the run
         self._wake.set()
         if not name:
             self._full_due = 0.0  # an event that names no container: look at all
