@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -17,7 +19,13 @@ from pathlib import Path
 import yaml
 
 from ds01.core.pki import Pki, init_pki
-from ds01.core.processes import ManagedProcess, free_port, start_dockerd, start_etcd
+from ds01.core.processes import (
+    ManagedProcess,
+    docker_answers,
+    free_port,
+    start_dockerd,
+    start_etcd,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +71,62 @@ class CpuMeter:
         cores = {n: (now[n] - self.started.get(n, 0.0)) / wall for n in now}
         parts = ", ".join(f"{name} {used:.2f}" for name, used in cores.items())
         return f"cores busy: {parts}; all {sum(cores.values()):.2f} of {os.cpu_count()}"
+
+
+@dataclass
+class Stall:
+    """dockerd stopped answering /_ping: when, and where its goroutine stacks were kept."""
+
+    at: float  # seconds into the watch
+    stacks: Path | None
+
+
+@contextlib.contextmanager
+def watching_dockerd(running: Suite, keep: Path, patience: float = 15.0) -> Iterator[list[Stall]]:
+    """Ping the bench's dockerd every 2 s. When it has not answered for ``patience``
+    seconds, ask it for its goroutine stacks (SIGUSR1) and copy them, with its log, to
+    ``keep``: what a stalled dockerd waits on is lost once the bench ends. Yields the
+    stalls seen (one at most: after it, the watch ends)."""
+    assert running.docker_socket is not None
+    docker_root = running.docker_socket.parent
+    stalls: list[Stall] = []
+    done = threading.Event()
+    began = time.monotonic()
+
+    def watch() -> None:
+        answered = time.monotonic()
+        while not done.wait(2.0):
+            if docker_answers(running.docker_socket):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= patience:
+                stalls.append(Stall(answered - began, _dump_stacks(docker_root, keep)))
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield stalls
+    finally:
+        done.set()
+        thread.join()
+
+
+def _dump_stacks(docker_root: Path, keep: Path) -> Path | None:
+    """dockerd's goroutine stacks (it writes them under its exec root) and log, copied to
+    ``keep``; the stacks' copy, if it wrote any within 10 s."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((docker_root / "docker.pid").read_text()), signal.SIGUSR1)
+    keep.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        time.sleep(0.5)
+        if found := sorted(docker_root.rglob("goroutine-stacks-*.log")):
+            time.sleep(1.0)  # written at once, but let it finish
+            shutil.copy(found[-1], keep / found[-1].name)
+            shutil.copy(docker_root / "dockerd.log", keep / "dockerd.log")
+            return keep / found[-1].name
+    with contextlib.suppress(OSError):
+        shutil.copy(docker_root / "dockerd.log", keep / "dockerd.log")
+    return None
 
 
 @contextlib.contextmanager

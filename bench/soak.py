@@ -8,7 +8,9 @@ the same private dockerd with the same image, limits and network (none):
     printed as ratios (nothing here asserts a time);
   * leaks, once every loop has stopped and every container is removed: etcd keys (GPU
     holders, container records, create intents, user locks), Docker containers labelled
-    ds01.managed=true, and the soak users' cgroups.
+    ds01.managed=true, and the soak users' cgroups;
+  * a dockerd that stops answering /_ping for 15 s: its goroutine stacks, kept beside
+    ds01d's log for a look into what it waits on.
 
 Each ds01 user runs its own loop, with its own client and certificate, on one container
 name it creates again every cycle; half of them ask for one GPU (a simulated MIG slice).
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import docker
 import grpc
-from _suite import REPO, CpuMeter, Suite, suite
+from _suite import REPO, CpuMeter, Stall, Suite, suite, watching_dockerd
 from allocator import inventory, pct
 from containers import bare_create
 
@@ -437,9 +439,17 @@ class Outcome:
     leaks: Leaks
     later: Leaks | None  # looked again after a while, when the first look found some
     busy: dict[str, str]  # each side: the cores each process kept busy (CpuMeter)
+    stalls: list[Stall]  # dockerd stopped answering /_ping
 
 
-async def measure(running: Suite, users: list[str], seconds: float) -> Outcome:
+async def measure(running: Suite, users: list[str], seconds: float, keep: Path) -> Outcome:
+    with watching_dockerd(running, keep) as stalls:
+        return await measure_sides(running, users, seconds, stalls)
+
+
+async def measure_sides(
+    running: Suite, users: list[str], seconds: float, stalls: list[Stall]
+) -> Outcome:
     assert running.docker_socket is not None
     socket = running.docker_socket
     image = await asyncio.to_thread(build_test_image, socket)
@@ -464,7 +474,7 @@ async def measure(running: Suite, users: list[str], seconds: float) -> Outcome:
     if any(leaks.found.values()):
         await asyncio.sleep(10)  # the repair loop runs every 5 s; hold leases last 1 s
         later = await look_for_leaks(running, users)
-    return Outcome(bare, ours, bare_left, sum(left), leaks, later, busy)
+    return Outcome(bare, ours, bare_left, sum(left), leaks, later, busy, stalls)
 
 
 def ms(seconds: float) -> str:
@@ -539,11 +549,18 @@ def report(users: int, seconds: float, outcome: Outcome) -> None:
     print_leaks("leaks, after every loop stopped and every container was removed:", outcome.leaks)
     if outcome.later is not None:
         print_leaks("leaks, looked again 10 s later:", outcome.later)
+    for stall in outcome.stalls:  # a run to look into, not to compare
+        kept = stall.stacks or "none written; its log is beside where they would be"
+        print(
+            f"dockerd stopped answering /_ping {stall.at:.0f} s into the run; "
+            f"its goroutine stacks: {kept}"
+        )
 
 
 def soak(users: list[str], seconds: float) -> None:
     gpus = math.ceil(len(users) / 2 / SLICES_PER_GPU) + 1  # a spare GPU of slices
-    log = Path(f"/tmp/ds01-soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    run = f"/tmp/ds01-soak-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = Path(f"{run}.log")
     with suite(
         "limits,allocator,containers",
         LIMITS,
@@ -552,7 +569,7 @@ def soak(users: list[str], seconds: float) -> None:
         docker=True,
         server_log=log,
     ) as running:
-        outcome = asyncio.run(measure(running, users, seconds))
+        outcome = asyncio.run(measure(running, users, seconds, Path(f"{run}-dockerd")))
     report(len(users), seconds, outcome)
     print_log_summary(log)
 
