@@ -73,42 +73,82 @@ class CpuMeter:
         return f"cores busy: {parts}; all {sum(cores.values()):.2f} of {os.cpu_count()}"
 
 
+@contextlib.contextmanager
+def in_background(work: Callable[[threading.Event], None]) -> Iterator[None]:
+    """Run ``work`` in a thread while the block runs; the event it gets is set at the
+    block's end, and the thread joined."""
+    done = threading.Event()
+    thread = threading.Thread(target=work, args=(done,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 @dataclass
 class Stall:
-    """dockerd stopped answering /_ping: when, and where its goroutine stacks were kept."""
+    """dockerd stopped answering: when, and where its goroutine stacks were kept."""
 
     at: float  # seconds into the watch
     stacks: Path | None
 
 
+@dataclass
+class Progress:
+    """When a bench's Docker calls last finished, while it expects them to."""
+
+    expected: bool = False
+    last: float = 0.0  # time.monotonic()
+    stalled: threading.Event = field(default_factory=threading.Event)  # make no new calls
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        self.last, self.expected = time.monotonic(), True
+        try:
+            yield
+        finally:
+            self.expected = False
+
+    def done(self) -> None:
+        self.last = time.monotonic()
+
+    def quiet(self) -> float:
+        """Seconds since a call last finished, while calls are expected; else 0."""
+        return time.monotonic() - self.last if self.expected else 0.0
+
+
 @contextlib.contextmanager
-def watching_dockerd(running: Suite, keep: Path, patience: float = 15.0) -> Iterator[list[Stall]]:
-    """Ping the bench's dockerd every 2 s. When it has not answered for ``patience``
-    seconds, ask it for its goroutine stacks (SIGUSR1) and copy them, with its log, to
-    ``keep``: what a stalled dockerd waits on is lost once the bench ends. Yields the
-    stalls seen (one at most: after it, the watch ends)."""
+def watching_dockerd(
+    running: Suite, keep: Path, progress: Progress, patience: float = 30.0
+) -> Iterator[list[Stall]]:
+    """Watch the bench's dockerd every 2 s. When it has not answered /_ping, or no call
+    of the bench has finished, for ``patience`` seconds, ask it for its goroutine stacks
+    (SIGUSR1) and copy them, with its log, to ``keep``: what a stalled dockerd waits on
+    is lost once the bench ends. (A dockerd whose containers are stuck answers /_ping
+    all the same: only its calls on those containers hang.) Then ``progress.stalled`` is
+    set: the bench makes no new calls. Yields the stalls seen (one at most)."""
     assert running.docker_socket is not None
     docker_root = running.docker_socket.parent
     stalls: list[Stall] = []
-    done = threading.Event()
     began = time.monotonic()
 
-    def watch() -> None:
+    def watch(done: threading.Event) -> None:
         answered = time.monotonic()
         while not done.wait(2.0):
+            now = time.monotonic()
             if docker_answers(running.docker_socket):
-                answered = time.monotonic()
-            elif time.monotonic() - answered >= patience:
-                stalls.append(Stall(answered - began, _dump_stacks(docker_root, keep)))
+                answered = now
+            if now - answered >= patience or progress.quiet() >= patience:
+                since = min(answered, now - progress.quiet()) - began
+                progress.stalled.set()
+                stalls.append(Stall(since, _dump_stacks(docker_root, keep)))
+                print(f"dockerd stalled; its goroutine stacks: {stalls[0].stacks}", flush=True)
                 return
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
+    with in_background(watch):
         yield stalls
-    finally:
-        done.set()
-        thread.join()
 
 
 def _dump_stacks(docker_root: Path, keep: Path) -> Path | None:
@@ -133,10 +173,9 @@ def _dump_stacks(docker_root: Path, keep: Path) -> Path | None:
 def scraping(running: Suite, interval: float = 1.0) -> Iterator[list[int]]:
     """Scrape every /metrics each ``interval`` seconds, as Prometheus would (but more
     often than its default 15 s), while the bench runs; yields the scrape count."""
-    done = threading.Event()
     count = [0]
 
-    def scrape() -> None:
+    def scrape(done: threading.Event) -> None:
         while running.metrics and not done.wait(interval):
             token = (running.root / "metrics.token").read_text().strip()
             for port in running.metrics.values():
@@ -145,13 +184,8 @@ def scraping(running: Suite, interval: float = 1.0) -> Iterator[list[int]]:
                 with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=5):
                     count[0] += 1
 
-    thread = threading.Thread(target=scrape, daemon=True)
-    thread.start()
-    try:
+    with in_background(scrape):
         yield count
-    finally:
-        done.set()
-        thread.join()
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ the same private dockerd with the same image, limits and network (none):
   * leaks, once every loop has stopped and every container is removed: etcd keys (GPU
     holders, container records, create intents, user locks), Docker containers labelled
     ds01.managed=true, and the soak users' cgroups;
-  * a dockerd that stops answering /_ping for 15 s: its goroutine stacks, kept beside
-    ds01d's log for a look into what it waits on.
+  * a dockerd that stalls (no answer to /_ping, or no call of the loops finished, for
+    30 s): its goroutine stacks, kept beside ds01d's log for a look at what it waits on.
 
 Each ds01 user runs its own loop, with its own client and certificate, on one container
 name it creates again every cycle; half of them ask for one GPU (a simulated MIG slice).
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import docker
 import grpc
-from _suite import REPO, CpuMeter, Stall, Suite, suite, watching_dockerd
+from _suite import REPO, CpuMeter, Progress, Stall, Suite, suite, watching_dockerd
 from allocator import inventory, pct
 from containers import bare_create
 
@@ -96,12 +96,15 @@ class Recorder:
     cycles: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    progress: Progress = field(default_factory=Progress)  # watched for a stalled dockerd
 
     def ok(self, call: str, seconds: float) -> None:
+        self.progress.done()
         with self.lock:
             self.calls[call].append(seconds)
 
     def failed(self, call: str, err: BaseException) -> None:
+        self.progress.done()
         with self.lock:
             self.errors[call][normalized(str(err) or type(err).__name__)] += 1
 
@@ -151,25 +154,28 @@ def bare_worker(socket: Path, image: str, worker: int, deadline: float, recorder
     client = docker.DockerClient(base_url=f"unix://{socket}", timeout=120)
     try:
         cycle = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not recorder.progress.stalled.is_set():
             bare_cycle(client, image, f"bare-{worker}-{cycle}", recorder)
             cycle += 1
     finally:
         client.close()
 
 
-def run_bare(socket: Path, image: str, workers: int, seconds: float) -> Recorder:
-    recorder = Recorder()
+def run_bare(
+    socket: Path, image: str, workers: int, seconds: float, progress: Progress
+) -> Recorder:
+    recorder = Recorder(progress=progress)
     deadline = time.monotonic() + seconds
     threads = [
         threading.Thread(target=bare_worker, args=(socket, image, w, deadline, recorder))
         for w in range(workers)
     ]
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with progress.expecting():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     recorder.elapsed = time.perf_counter() - start
     return recorder
 
@@ -183,13 +189,15 @@ def warm_up(socket: Path, image: str) -> None:
         client.close()
 
 
-def remove_bare_left(socket: Path) -> int:
+def remove_bare_left(socket: Path, progress: Progress) -> int:
     """Remove what failed bare cycles left; returns how many there were."""
     client = docker.DockerClient(base_url=f"unix://{socket}", timeout=120)
     try:
-        left = client.containers.list(all=True, filters={"name": "bare-"})
-        for container in left:
-            container.remove(force=True)
+        with progress.expecting():
+            left = client.containers.list(all=True, filters={"name": "bare-"})
+            for container in left:
+                container.remove(force=True)
+                progress.done()
         return len(left)
     finally:
         client.close()
@@ -239,18 +247,23 @@ async def ds01_user(
 
 
 async def run_ds01(
-    config_path: Path, identities: dict[str, ClientIdentity], image: str, seconds: float
+    config_path: Path,
+    identities: dict[str, ClientIdentity],
+    image: str,
+    seconds: float,
+    progress: Progress,
 ) -> Recorder:
     """Every other user (the first, the third, ...) asks for one GPU."""
-    recorder = Recorder()
+    recorder = Recorder(progress=progress)
     deadline = time.monotonic() + seconds
     start = time.perf_counter()
-    await asyncio.gather(
-        *(
-            ds01_user(config_path, identity, image, 1 - i % 2, deadline, recorder)
-            for i, identity in enumerate(identities.values())
+    with progress.expecting():
+        await asyncio.gather(
+            *(
+                ds01_user(config_path, identity, image, 1 - i % 2, deadline, recorder)
+                for i, identity in enumerate(identities.values())
+            )
         )
-    )
     recorder.elapsed = time.perf_counter() - start
     return recorder
 
@@ -439,17 +452,30 @@ class Outcome:
     leaks: Leaks
     later: Leaks | None  # looked again after a while, when the first look found some
     busy: dict[str, str]  # each side: the cores each process kept busy (CpuMeter)
-    stalls: list[Stall]  # dockerd stopped answering /_ping
+
+
+class Stalled(Exception):
+    """dockerd stalled: nothing this run measured compares with another run."""
+
+    def __init__(self, stall: Stall) -> None:
+        kept = stall.stacks or "none written; its log is beside where they would be"
+        super().__init__(
+            f"dockerd stalled {stall.at:.0f} s into the run; its goroutine stacks: {kept}"
+        )
 
 
 async def measure(running: Suite, users: list[str], seconds: float, keep: Path) -> Outcome:
-    with watching_dockerd(running, keep) as stalls:
-        return await measure_sides(running, users, seconds, stalls)
+    progress = Progress()
+    with watching_dockerd(running, keep, progress) as stalls:
+        outcome = await measure_sides(running, users, seconds, progress)
+    if stalls or outcome is None:  # the watch ended with its stall recorded
+        raise Stalled(stalls[0])
+    return outcome
 
 
 async def measure_sides(
-    running: Suite, users: list[str], seconds: float, stalls: list[Stall]
-) -> Outcome:
+    running: Suite, users: list[str], seconds: float, progress: Progress
+) -> Outcome | None:
     assert running.docker_socket is not None
     socket = running.docker_socket
     image = await asyncio.to_thread(build_test_image, socket)
@@ -460,11 +486,13 @@ async def measure_sides(
     await wait_ready(running.config_path, running.pki)
     await asyncio.to_thread(warm_up, socket, image)
     meter = CpuMeter(running.processes)
-    bare = await asyncio.to_thread(run_bare, socket, image, len(users), seconds)
+    bare = await asyncio.to_thread(run_bare, socket, image, len(users), seconds, progress)
     busy = {"bare": meter.report()}
-    bare_left = await asyncio.to_thread(remove_bare_left, socket)
+    bare_left = await asyncio.to_thread(remove_bare_left, socket, progress)
+    if progress.stalled.is_set():
+        return None  # nothing more to measure
     meter = CpuMeter(running.processes)
-    ours = await run_ds01(running.config_path, identities, image, seconds)
+    ours = await run_ds01(running.config_path, identities, image, seconds, progress)
     busy["ds01"] = meter.report()
     left = await asyncio.gather(
         *(remove_ds01_left(running.config_path, identity) for identity in identities.values())
@@ -474,7 +502,7 @@ async def measure_sides(
     if any(leaks.found.values()):
         await asyncio.sleep(10)  # the repair loop runs every 5 s; hold leases last 1 s
         later = await look_for_leaks(running, users)
-    return Outcome(bare, ours, bare_left, sum(left), leaks, later, busy, stalls)
+    return Outcome(bare, ours, bare_left, sum(left), leaks, later, busy)
 
 
 def ms(seconds: float) -> str:
@@ -549,12 +577,6 @@ def report(users: int, seconds: float, outcome: Outcome) -> None:
     print_leaks("leaks, after every loop stopped and every container was removed:", outcome.leaks)
     if outcome.later is not None:
         print_leaks("leaks, looked again 10 s later:", outcome.later)
-    for stall in outcome.stalls:  # a run to look into, not to compare
-        kept = stall.stacks or "none written; its log is beside where they would be"
-        print(
-            f"dockerd stopped answering /_ping {stall.at:.0f} s into the run; "
-            f"its goroutine stacks: {kept}"
-        )
 
 
 def soak(users: list[str], seconds: float) -> None:
@@ -569,7 +591,12 @@ def soak(users: list[str], seconds: float) -> None:
         docker=True,
         server_log=log,
     ) as running:
-        outcome = asyncio.run(measure(running, users, seconds, Path(f"{run}-dockerd")))
+        try:
+            outcome = asyncio.run(measure(running, users, seconds, Path(f"{run}-dockerd")))
+        except Stalled as stalled:
+            print(stalled)
+            print_log_summary(log)
+            sys.exit(1)
     report(len(users), seconds, outcome)
     print_log_summary(log)
 
