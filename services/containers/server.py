@@ -103,14 +103,14 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             self.lifecycle.create(create, abandoned),
             on_leave=abandoned.set if abandoned else None,
         )
-        return containers_pb2.CreateContainerResponse(container=await self._message(metadata))
+        return containers_pb2.CreateContainerResponse(container=await self._answer(metadata))
 
     async def StartContainer(
         self, request: containers_pb2.StartContainerRequest, context: grpc.aio.ServicerContext
     ) -> containers_pb2.StartContainerResponse:
         user, privileged = await self._caller(context)
         metadata = await self._run(context, self.lifecycle.start(user, privileged, request.name))
-        return containers_pb2.StartContainerResponse(container=await self._message(metadata))
+        return containers_pb2.StartContainerResponse(container=await self._answer(metadata))
 
     async def StopContainer(
         self, request: containers_pb2.StopContainerRequest, context: grpc.aio.ServicerContext
@@ -119,7 +119,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         metadata = await self._run(
             context, self.lifecycle.stop(user, privileged, request.name, request.grace_seconds)
         )
-        return containers_pb2.StopContainerResponse(container=await self._message(metadata))
+        return containers_pb2.StopContainerResponse(container=await self._answer(metadata))
 
     async def RemoveContainer(
         self, request: containers_pb2.RemoveContainerRequest, context: grpc.aio.ServicerContext
@@ -201,6 +201,12 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
             with contextlib.suppress(Ds01Error):
                 privileged = (await self.lifecycle.limits.get_limits(principal.name)).admin
         return principal.name, privileged
+
+    async def _answer(self, metadata: Metadata) -> containers_pb2.Container:
+        """The container a create, start or stop has just acted on: its status is the one
+        Docker gave that call, and the GPUs it holds are asked for only if it has any."""
+        held = await self._holdings(metadata.user) if metadata.gpu_slots else Holdings(True)
+        return _container(metadata, metadata.status, held)
 
     async def _message(
         self, metadata: Metadata, container: Any = None, held: Holdings | None = None
