@@ -98,6 +98,8 @@ async def test_the_full_lifecycle(env: AllocatorEnv, docker_socket: Path, test_i
         assert created.docker_name == "proj._.ds01alice"
         assert created.state == containers_pb2.CONTAINER_STATE_RUNNING
         assert [g.slot.slot_id for g in created.gpus] == ["2:1"]
+        assert created.gpus[0].state == common_pb2.SLOT_STATE_ALLOCATED
+        assert created.gpus[0].slot.uuid == "MIG-0002-1"
         name = created.docker_name
 
         # Limits, read from inside the container.
@@ -129,11 +131,15 @@ async def test_the_full_lifecycle(env: AllocatorEnv, docker_socket: Path, test_i
         assert stopped.state == containers_pb2.CONTAINER_STATE_STOPPED
         held = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
         assert held.state == common_pb2.SLOT_STATE_HELD and held.container == name
+        # The answers show each call's outcome as the allocator's status does.
+        assert [(g.slot.slot_id, g.state) for g in stopped.gpus] == [("2:1", held.state)]
+        assert stopped.gpus[0].hold_until == held.hold_until
 
         started = await alice.start_container("proj")
         assert started.state == containers_pb2.CONTAINER_STATE_RUNNING
         running = {a.slot.slot_id: a for a in (await alice.gpu_status()).allocations}["2:1"]
         assert running.state == common_pb2.SLOT_STATE_ALLOCATED
+        assert [(g.slot.slot_id, g.state) for g in started.gpus] == [("2:1", running.state)]
 
         await alice.remove_container("proj")
         assert await alice.list_containers() == []

@@ -152,14 +152,18 @@ class Lifecycle:
         self.events.node = self.events.node or self.node
 
     async def create(
-        self, request: CreateRequest, abandoned: asyncio.Event | None = None
+        self,
+        request: CreateRequest,
+        abandoned: asyncio.Event | None = None,
+        allocations: list[Any] | None = None,
     ) -> Metadata:
+        """``allocations``: filled with those the allocator granted (see ``start``)."""
         lock = self._creating.setdefault(request.user, asyncio.Lock())
         name = _docker_name_or(request.name, request.user)
         async with lock:
             try:
                 with self.own_events.calling(name, own_events.CREATE):
-                    made = await self._create(request, abandoned)
+                    made = await self._create(request, abandoned, allocations)
             finally:
                 self._in_flight.discard(request.user)
         await self.events.publish(Kind.CREATED, made, f"image {made.image}")
@@ -167,7 +171,12 @@ class Lifecycle:
             await self.events.publish(Kind.STARTED, made)
         return made
 
-    async def _create(self, request: CreateRequest, abandoned: asyncio.Event | None) -> Metadata:
+    async def _create(
+        self,
+        request: CreateRequest,
+        abandoned: asyncio.Event | None,
+        allocations: list[Any] | None,
+    ) -> Metadata:
         step = "checking the request"
         intent: Intent | None = None
         landing: list[asyncio.Future[Any]] = []  # Docker work the undo must wait for
@@ -260,6 +269,8 @@ class Lifecycle:
                 granted = await unless_set(abandoned, allocating)
                 fault_point("create:allocated")
                 gpu_env = dict(granted.environment)
+                if allocations is not None:
+                    allocations.extend(granted.allocations)
                 slots = tuple(f"{a.slot.node}/{a.slot.slot_id}" for a in granted.allocations)
                 uuids = tuple(a.slot.uuid for a in granted.allocations)
                 products = tuple(a.slot.product for a in granted.allocations)
@@ -458,7 +469,11 @@ class Lifecycle:
                 log.warning("cannot repair interrupted creates yet: %s", err)
             await asyncio.sleep(interval)
 
-    async def start(self, user: str, privileged: bool, name: str) -> Metadata:
+    async def start(
+        self, user: str, privileged: bool, name: str, allocations: list[Any] | None = None
+    ) -> Metadata:
+        """``allocations``: filled with the container's as the allocator gave them back to
+        the call (common_pb2.Allocation): what it holds now, without asking again."""
         with self._busy(user, name, own_events.START):
             metadata = await self._own(user, privileged, name)
             container = await self.docker.find(metadata.container_id)
@@ -485,9 +500,11 @@ class Lifecycle:
 
             metadata = await self.metadata.modify(metadata, started, as_read=True) or metadata
             if metadata.gpu_slots:
-                await self._allocator(
+                held = await self._allocator(
                     self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
                 )
+                if allocations is not None:
+                    allocations.extend(held)
         await self.events.publish(Kind.STARTED, metadata, _by(user, metadata))
         return metadata
 
@@ -513,9 +530,11 @@ class Lifecycle:
         grace: int = 0,
         manual: bool = True,
         exact: Metadata | None = None,
+        allocations: list[Any] | None = None,
     ) -> Metadata:
         """Stop; ``manual``: by a person (not a policy), for the GPU hold that follows;
-        ``exact``: the reconciler's record of the container (see ``_own``)."""
+        ``exact``: the reconciler's record of the container (see ``_own``);
+        ``allocations``: as for ``start``."""
         with self._busy(user, name, own_events.STOP):
             metadata = await self._own(user, privileged, name, exact=exact)
             try:  # by the recorded id: no inspect before, one after
@@ -532,9 +551,11 @@ class Lifecycle:
             # The record as _own read it just now: written back with no read before.
             metadata = await self.metadata.modify(metadata, stopped, as_read=True) or metadata
             if metadata.gpu_slots:
-                await self._allocator(
+                held = await self._allocator(
                     self.client.mark_stopped(metadata.docker_name, manual), "holding the GPU"
                 )
+                if allocations is not None:
+                    allocations.extend(held)
         await self.events.publish(Kind.STOPPED, metadata, _by(user, metadata, manual))
         return metadata
 

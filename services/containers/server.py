@@ -98,28 +98,34 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         # Any create runs to its end if its caller hangs up, but one that queues for its
         # GPUs gives up (and undoes itself) if its caller leaves while it waits.
         abandoned = asyncio.Event() if create.gpu_wait else None
+        gpus: list[common_pb2.Allocation] = []
         metadata = await self._run(
             context,
-            self.lifecycle.create(create, abandoned),
+            self.lifecycle.create(create, abandoned, gpus),
             on_leave=abandoned.set if abandoned else None,
         )
-        return containers_pb2.CreateContainerResponse(container=await self._answer(metadata))
+        return containers_pb2.CreateContainerResponse(container=await self._answer(metadata, gpus))
 
     async def StartContainer(
         self, request: containers_pb2.StartContainerRequest, context: grpc.aio.ServicerContext
     ) -> containers_pb2.StartContainerResponse:
         user, privileged = await self._caller(context)
-        metadata = await self._run(context, self.lifecycle.start(user, privileged, request.name))
-        return containers_pb2.StartContainerResponse(container=await self._answer(metadata))
+        gpus: list[common_pb2.Allocation] = []
+        metadata = await self._run(
+            context, self.lifecycle.start(user, privileged, request.name, gpus)
+        )
+        return containers_pb2.StartContainerResponse(container=await self._answer(metadata, gpus))
 
     async def StopContainer(
         self, request: containers_pb2.StopContainerRequest, context: grpc.aio.ServicerContext
     ) -> containers_pb2.StopContainerResponse:
         user, privileged = await self._caller(context)
-        metadata = await self._run(
-            context, self.lifecycle.stop(user, privileged, request.name, request.grace_seconds)
+        gpus: list[common_pb2.Allocation] = []
+        stopping = self.lifecycle.stop(
+            user, privileged, request.name, request.grace_seconds, allocations=gpus
         )
-        return containers_pb2.StopContainerResponse(container=await self._answer(metadata))
+        metadata = await self._run(context, stopping)
+        return containers_pb2.StopContainerResponse(container=await self._answer(metadata, gpus))
 
     async def RemoveContainer(
         self, request: containers_pb2.RemoveContainerRequest, context: grpc.aio.ServicerContext
@@ -202,10 +208,16 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 privileged = (await self.lifecycle.limits.get_limits(principal.name)).admin
         return principal.name, privileged
 
-    async def _answer(self, metadata: Metadata) -> containers_pb2.Container:
-        """The container a create, start or stop has just acted on: its status is the one
-        Docker gave that call, and the GPUs it holds are asked for only if it has any."""
-        held = await self._holdings(metadata.user) if metadata.gpu_slots else Holdings(True)
+    async def _answer(
+        self, metadata: Metadata, gpus: list[common_pb2.Allocation]
+    ) -> containers_pb2.Container:
+        """The container a create, start or stop has just acted on, as that call left it:
+        the status Docker gave it and the GPUs the allocator gave back to it. (Adopted
+        containers may hold GPUs the call did not touch: for them the allocator is asked.)"""
+        if metadata.adopted:
+            held = await self._holdings(metadata.user)
+        else:
+            held = Holdings(True, {metadata.docker_name: gpus})
         return _container(metadata, metadata.status, held)
 
     async def _message(
