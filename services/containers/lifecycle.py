@@ -493,12 +493,7 @@ class Lifecycle:
             if metadata.adopted:
                 await self._check_adopted_gpus(metadata, container)
             state = await self._start(container, self.accounts(metadata.user), metadata.named)
-
-            def started(record: Metadata) -> None:
-                count_runtime(record, state)  # the run it began: counted however it ends
-                _clear_notice(record)
-
-            metadata = await self.metadata.modify(metadata, started, as_read=True) or metadata
+            metadata = await self._record_run(metadata, state)
             if metadata.gpu_slots:
                 held = await self._allocator(
                     self.client.clear_stopped(metadata.docker_name), "ending the GPU hold"
@@ -507,6 +502,17 @@ class Lifecycle:
                     allocations.extend(held)
         await self.events.publish(Kind.STARTED, metadata, _by(user, metadata))
         return metadata
+
+    async def _record_run(self, metadata: Metadata, state: dict[str, Any]) -> Metadata:
+        """The record with the run a start began or a stop ended counted (max_runtime:
+        counted however it ends) and the owner's notice cleared; ``metadata`` as _own read
+        it just now, so it is written back with no read before."""
+
+        def change(record: Metadata) -> None:
+            count_runtime(record, state)
+            record.notice = ""
+
+        return await self.metadata.modify(metadata, change, as_read=True) or metadata
 
     async def _check_adopted_gpus(self, metadata: Metadata, container: Any) -> None:
         """A container from DS01 or mlc names its GPUs itself (labels, devices,
@@ -543,13 +549,7 @@ class Lifecycle:
                 )
             except docker.errors.NotFound:
                 raise _gone(name) from None
-
-            def stopped(record: Metadata) -> None:
-                count_runtime(record, state)
-                _clear_notice(record)
-
-            # The record as _own read it just now: written back with no read before.
-            metadata = await self.metadata.modify(metadata, stopped, as_read=True) or metadata
+            metadata = await self._record_run(metadata, state)
             if metadata.gpu_slots:
                 held = await self._allocator(
                     self.client.mark_stopped(metadata.docker_name, manual), "holding the GPU"
@@ -844,10 +844,6 @@ async def _remove_dirs(made: list[Path]) -> None:
     for directory in made:  # deepest first; only if still empty
         with contextlib.suppress(OSError):
             directory.rmdir()
-
-
-def _clear_notice(record: Metadata) -> None:
-    record.notice = ""
 
 
 def _docker_name_or(name: str, user: str) -> str:
