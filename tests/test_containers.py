@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -562,6 +564,34 @@ async def test_the_users_names_live_in_files_of_the_host_that_go_with_the_contai
         assert not files.exists()
 
 
+async def test_a_renamed_container_keeps_its_account_files_as_its_own(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, unix_users: dict[str, int]
+):
+    """A `docker rename` through the gateway leaves the container's binds of its account
+    files (named after the name ds01 made it under) its own: ds01 and the gateway both
+    still start it, and ds01 writes them anew under that name if they have gone."""
+    files = env.config.state_dir / "accounts" / "named._.ds01alice"
+    async with docker_gateway(env) as gateway, env.client("ds01alice") as alice:
+        await alice.create_container("named", test_image)
+        renamed = await asyncio.to_thread(
+            subprocess.run,
+            ["runuser", "-u", "ds01alice", "--", "docker", "-H", gateway, "rename",
+             "named._.ds01alice", "moved._.ds01alice"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert renamed.returncode == 0, renamed
+        started = await gateway_start(gateway, "ds01alice", "moved._.ds01alice")
+        assert started.returncode == 0, started
+        assert await name_inside(docker_socket, "moved._.ds01alice") == "ds01alice"
+        await alice.stop_container("named")  # ds01 knows it by the name it made it under
+        shutil.rmtree(files)
+        await alice.start_container("named")
+        assert (files / "passwd").is_file()
+        assert await name_inside(docker_socket, "moved._.ds01alice") == "ds01alice"
+        await alice.remove_container("named")
+        assert not files.exists()
+
+
 def _member(name: str, text: str = "", link: str = "") -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     if link:
@@ -810,9 +840,17 @@ async def test_a_caller_that_hangs_up_never_leaves_half_a_container(
             assert made[name].state == containers_pb2.CONTAINER_STATE_RUNNING, made
             assert await env_docker_find(docker_socket, f"{name}._.ds01alice")
         await hasty.call("containers", lambda channel: channel.channel_ready())
-        for name in names:
-            with pytest.raises(Ds01Error):
-                await hasty.remove_container(name)
+        # A remove takes Docker less than the deadline: Docker is held still meanwhile,
+        # so that each remove is in its hands when its caller gives up.
+        dockerd = int((docker_socket.parent / "docker.pid").read_text())
+        os.kill(dockerd, signal.SIGSTOP)
+        try:
+            for name in names:
+                with pytest.raises(Ds01Error) as gave_up:
+                    await hasty.remove_container(name)
+                assert gave_up.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            os.kill(dockerd, signal.SIGCONT)
         await asyncio.sleep(5)  # and the removes too
         listed = {c.name for c in await alice.list_containers()}
         assert not listed & set(names)

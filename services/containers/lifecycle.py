@@ -339,7 +339,7 @@ class Lifecycle:
                 step = "starting the container"
                 intent.starting = True
                 await self.intents.update(intent)  # for whoever asks what the create does
-                count_runtime(metadata, await self._start(container, account, named=True))
+                count_runtime(metadata, await self._start(container, account, metadata))
                 fault_point("create:started")
             step = "recording the container's metadata"
             await self.intents.commit(intent, metadata)
@@ -492,7 +492,7 @@ class Lifecycle:
                     )
             if metadata.adopted:
                 await self._check_adopted_gpus(metadata, container)
-            state = await self._start(container, self.accounts(metadata.user), metadata.named)
+            state = await self._start(container, self.accounts(metadata.user), metadata)
             metadata = await self._record_run(metadata, state)
             if metadata.gpu_slots:
                 held = await self._allocator(
@@ -650,14 +650,15 @@ class Lifecycle:
             raise ContainerError(Code.DENIED, f"{name} belongs to {metadata.user}")
         return metadata
 
-    async def _start(self, container: Any, account: Account, named: bool) -> dict[str, Any]:
+    async def _start(self, container: Any, account: Account, record: Metadata) -> dict[str, Any]:
         """Start, after checking again that every bind mount is inside the owner's home
         (a path may have become a symlink since create), but for the container's own
-        account files, which are written anew if they have gone. ``named``: the user's
-        names are in the container already (made by ds01, not adopted). Returns Docker's
-        State of the container once started."""
+        account files, which are written anew if they have gone. ``record``: ds01's, by
+        the name ds01 made it under (its files' name, kept through a `docker rename`).
+        Returns Docker's State of the container once started."""
         binds = container.attrs.get("HostConfig", {}).get("Binds") or []
-        own = self.account_files.binds(container.name)
+        made_as = record.docker_name
+        own = self.account_files.binds(made_as)
         for bind in binds:
             source = Path(bind.split(":", 1)[0])
             if bind not in own and not source.resolve().is_relative_to(account.home.resolve()):
@@ -665,23 +666,21 @@ class Lifecycle:
                     Code.DENIED,
                     f"{source} now leads outside {account.user}'s home; not starting",
                 )
-        if set(own) <= set(binds) and self.account_files.missing(container.name):
-            await self._write_accounts_again(container, account)
-        if not named:  # containers ds01 adopted: named in their own /etc
+        if set(own) <= set(binds) and self.account_files.missing(made_as):
+            await self._write_accounts_again(container, account, made_as)
+        if not record.named:  # containers ds01 adopted: named in their own /etc
             await self.docker.name_account(container, account)
         return await self.docker.start(container)
 
-    async def _write_accounts_again(self, container: Any, account: Account) -> None:
+    async def _write_accounts_again(self, container: Any, account: Account, name: str) -> None:
         """The container's account files, gone from the host (a state directory wiped or
         restored): from the image's files if this process read them, else with root's
         and the user's names alone (Docker refuses to start it without them)."""
         passwd, group = self.docker.known_accounts(container.attrs.get("Image", ""))
         if passwd is None or group is None:
-            log.warning(
-                "%s: account files written anew with the user's names alone", container.name
-            )
+            log.warning("%s: account files written anew with the user's names alone", name)
             passwd, group = "root:x:0:0:root:/root:/bin/sh\n", "root:x:0:\n"
-        await self._write_accounts(container.name, passwd, group, account)
+        await self._write_accounts(name, passwd, group, account)
 
     async def _check_room(self, user: str, name: str, limits: Any) -> None:
         counted = limits.HasField("max_containers_per_user")

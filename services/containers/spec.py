@@ -8,15 +8,16 @@ so that MLC's own ``mlc list`` and ``mlc open`` see and open ds01 containers.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from docker.types import DeviceRequest
 
-from ds01.containers.adoption import NO_GPU_ENV, TRUSTED_LABELS
+from ds01.containers.adoption import NO_GPU_ENV, TRUSTED_LABELS, made_by_gateway
 from ds01.core.docker_args import nano_cpus
-from ds01.core.naming import GATEWAY_LABEL, SEPARATOR, docker_user
+from ds01.core.naming import GATEWAY_LABEL, OWNER_LABEL, SEPARATOR, docker_user
 
 MLC_VERSION = "4"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -36,6 +37,18 @@ def docker_name(name: str, user: str) -> str:
             f"(at most 63, not starting with . _ -, and without {SEPARATOR!r})"
         )
     return f"{name}{SEPARATOR}{docker_user(user)}"
+
+
+def made_as(labels: Mapping[str, str]) -> str | None:
+    """The Docker name a ds01 create gave the container, which names its account files
+    and stays in its labels through a `docker rename`; None for a container made
+    through the gateway (whose ds01 labels a user may have set)."""
+    if made_by_gateway(labels):
+        return None
+    try:
+        return docker_name(labels.get("ds01.name", ""), labels.get(OWNER_LABEL, ""))
+    except SpecError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ds01.containers.adoption import Seen, gpu_references, made_by_gateway
+from ds01.containers.spec import made_as
 from ds01.ownership.gateway import filters, images, policy, verify
 from ds01.ownership.gateway.decisions import (
     JSON,
@@ -125,7 +126,9 @@ class Admission(ImageRoutes, StorageRoutes):
         found = await self._own_container(self.match.params["container"])
         pins = self.gateway.pins
         accounts = self.gateway.account_files
-        own_files = accounts.sources(found.get("Name", "").lstrip("/")) if accounts else []
+        labels = images.config_labels(found)
+        name = made_as(labels)  # a ds01 create's, renamed since or not
+        own_files = accounts.sources(name) if accounts and name else []
         for mount in found.get("Mounts") or []:
             source = mount.get("Source") or ""
             if mount.get("Type") != "bind":
@@ -144,7 +147,6 @@ class Admission(ImageRoutes, StorageRoutes):
                 raise Refused(f"{source} does not exist (any more); not starting")
             if not inside(source, self.caller.home):
                 raise Refused(f"{source} now leads outside your home; not starting")
-        labels = images.config_labels(found)
         slots = [] if made_by_gateway(labels) else labels.get(GPU_SLOTS_LABEL, "").split()
         seen = Seen.of(found)
         references = list(gpu_references(labels, seen.env, seen.device_ids))
