@@ -553,27 +553,29 @@ def test_own_events_are_those_docker_stamped_while_a_call_of_their_kind_ran():
 
 
 def test_own_calls_are_forgotten_keep_seconds_after_they_ended(monkeypatch):
-    monkeypatch.setattr(own_events, "KEEP", 0.3)
+    clock = SimpleNamespace(time=lambda: now)  # the host's clock, as own_events reads it
+    monkeypatch.setattr(own_events, "time", clock)
+    now = 1000.0
     events = OwnEvents()
     with events.calling("web._.alice", own_events.STOP):
-        stopping = time.time()
+        pass
     with (
         events.calling("db._.alice", own_events.STOP),
         events.calling("db._.alice", own_events.REMOVE),  # ends first
     ):
-        removing = time.time()
-    time.sleep(0.2)
+        pass
+    now += own_events.KEEP / 2
     with events.calling("web._.alice", own_events.START):  # forgets nothing yet
-        starting = time.time()
-    assert events.caused("web._.alice", "die", stopping)
-    assert events.caused("db._.alice", "destroy", removing)
-    time.sleep(0.2)
+        pass
+    assert events.caused("web._.alice", "die", 1000.0)
+    assert events.caused("db._.alice", "destroy", 1000.0)
+    now += own_events.KEEP / 2 + 1
     with events.calling("job._.bob", own_events.START):  # the first three are past KEEP
         pass
-    assert not events.caused("web._.alice", "die", stopping)
-    assert not events.caused("db._.alice", "destroy", removing)
-    assert not events.caused("db._.alice", "die", removing)
-    assert events.caused("web._.alice", "start", starting)  # ended 0.2 s ago: kept
+    assert not events.caused("web._.alice", "die", 1000.0)
+    assert not events.caused("db._.alice", "destroy", 1000.0)
+    assert not events.caused("db._.alice", "die", 1000.0)
+    assert events.caused("web._.alice", "start", 1000.0 + own_events.KEEP / 2)  # kept
 
 
 async def test_a_container_with_gpus_but_no_allocation_is_reported(world, test_image):
