@@ -592,6 +592,51 @@ async def test_a_renamed_container_keeps_its_account_files_as_its_own(
         assert not files.exists()
 
 
+@pytest.mark.parametrize(
+    ("variant", "bind", "refused"),
+    [
+        ("its own files, read-only", "forged._.ds01alice/passwd:/etc/passwd:ro", ""),
+        ("its own files, writable", "forged._.ds01alice/passwd:/etc/passwd", "outside"),
+        ("another's files", "other._.ds01alice/passwd:/etc/passwd:ro", "outside"),
+        ("its own directory", "forged._.ds01alice:/mnt:ro", "outside"),
+    ],
+)
+async def test_the_gateway_lets_only_a_containers_own_account_files_through_as_ds01_binds_them(
+    env: AllocatorEnv, docker_socket: Path, test_image: str, variant: str, bind: str, refused: str
+):
+    """A container whose labels name it a ds01 create's (as an adopted one's may) has
+    its own account files let through at a gateway start only as ds01 binds them: that
+    very file, read-only. Anything else of the accounts directory is a bind outside the
+    home, refused."""
+    accounts = env.config.state_dir / "accounts"
+    async with docker_gateway(env) as gateway, env.client("ds01alice") as alice:
+        await alice.create_container("forged", test_image)
+        await alice.create_container("other", test_image)
+        try:
+            await asyncio.to_thread(
+                subprocess.run,
+                ["docker", "-H", f"unix://{docker_socket}", "create", "--name",
+                 "rogue._.ds01alice", "--label", "ds01.managed=true",
+                 "--label", "ds01.user=ds01alice", "--label", "ds01.name=forged",
+                 "--network", "none", "-v", f"{accounts}/{bind}", test_image,
+                 "sleep", "600"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            started = await gateway_start(gateway, "ds01alice", "rogue._.ds01alice")
+            if refused:
+                assert started.returncode != 0 and refused in started.stderr, (variant, started)
+            else:
+                assert started.returncode == 0, (variant, started)
+        finally:
+            await asyncio.to_thread(
+                subprocess.run,
+                ["docker", "-H", f"unix://{docker_socket}", "rm", "-f", "rogue._.ds01alice"],
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+            for name in ("forged", "other"):
+                await alice.remove_container(name)
+
+
 def _member(name: str, text: str = "", link: str = "") -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     if link:

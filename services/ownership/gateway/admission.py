@@ -133,7 +133,7 @@ class Admission(ImageRoutes, StorageRoutes):
             source = mount.get("Source") or ""
             if mount.get("Type") != "bind":
                 continue
-            if source in own_files:  # ds01 wrote them for this container, outside any home
+            if source in own_files and mount.get("RW") is False:  # as ds01 binds them
                 if not existing(source):
                     raise Refused(
                         f"{source} is gone: `ds01 container start` writes the container's "
