@@ -119,10 +119,14 @@ class Recorder:
             self.cycles.append(seconds)
             self.ended.append(time.monotonic())
 
-    def begin(self, seconds: float) -> float:
-        """Mark the loops' start; the deadline, ``seconds`` later."""
+    def begin(self, seconds: float) -> None:
+        """Mark the loops' start; the deadline is ``seconds`` later."""
         self.window, self.deadline = seconds, time.monotonic() + seconds
-        return self.deadline
+
+    def more(self) -> bool:
+        """Whether a loop may begin another cycle: before the deadline, with dockerd not
+        stalled."""
+        return time.monotonic() < self.deadline and not self.progress.stalled.is_set()
 
     @property
     def rate(self) -> float:
@@ -170,11 +174,11 @@ def bare_cycle(client: docker.DockerClient, image: str, name: str, recorder: Rec
         recorder.cycle(time.perf_counter() - start)
 
 
-def bare_worker(socket: Path, image: str, worker: int, deadline: float, recorder: Recorder) -> None:
+def bare_worker(socket: Path, image: str, worker: int, recorder: Recorder) -> None:
     client = docker.DockerClient(base_url=f"unix://{socket}", timeout=120)
     try:
         cycle = 0
-        while time.monotonic() < deadline and not recorder.progress.stalled.is_set():
+        while recorder.more():
             bare_cycle(client, image, f"bare-{worker}-{cycle}", recorder)
             cycle += 1
     finally:
@@ -185,9 +189,9 @@ def run_bare(
     socket: Path, image: str, workers: int, seconds: float, progress: Progress
 ) -> Recorder:
     recorder = Recorder(progress=progress)
-    deadline = recorder.begin(seconds)
+    recorder.begin(seconds)
     threads = [
-        threading.Thread(target=bare_worker, args=(socket, image, w, deadline, recorder))
+        threading.Thread(target=bare_worker, args=(socket, image, w, recorder))
         for w in range(workers)
     ]
     start = time.perf_counter()
@@ -258,11 +262,10 @@ async def ds01_user(
     identity: ClientIdentity,
     image: str,
     gpus: int,
-    deadline: float,
     recorder: Recorder,
 ) -> None:
     async with Ds01Client(load_config(config_path), identity, timeout=120) as client:
-        while time.monotonic() < deadline:
+        while recorder.more():
             await ds01_cycle(client, image, gpus, recorder)
 
 
@@ -275,12 +278,12 @@ async def run_ds01(
 ) -> Recorder:
     """Every other user (the first, the third, ...) asks for one GPU."""
     recorder = Recorder(progress=progress)
-    deadline = recorder.begin(seconds)
+    recorder.begin(seconds)
     start = time.perf_counter()
     with progress.expecting():
         await asyncio.gather(
             *(
-                ds01_user(config_path, identity, image, 1 - i % 2, deadline, recorder)
+                ds01_user(config_path, identity, image, 1 - i % 2, recorder)
                 for i, identity in enumerate(identities.values())
             )
         )
