@@ -38,7 +38,7 @@ from _suite import REPO, CpuMeter, Suite, suite
 from allocator import fan_out, inventory, pct
 from soak import add_accounts, remove_accounts
 
-from ds01.allocator.records import NODES, SLOTS, NodeRecord, SlotRecord, slot_key
+from ds01.allocator.records import HOLDERS, NODES, SLOTS, Holder, NodeRecord, SlotRecord, slot_key
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import load_config
 from ds01.core.etcd import etcd_client
@@ -94,16 +94,26 @@ def limits(users: int) -> str:
 
 
 async def add_nodes(endpoint: str, pki: Pki, first: int, last: int) -> None:
-    """Register nodes ``first``..``last`` - 1 with 8 MIG GPUs each, on one long lease."""
+    """Register nodes ``first``..``last`` - 1 with 8 MIG GPUs each, on one long lease, and
+    hold all but one slice of each of their GPUs, as a busy fleet's allocators would."""
     etcd = etcd_client((endpoint,), pki.etcd, "admin")
+    tx = etcd.transactions
     lease = await etcd.lease(3600)
     for n in range(first, last):
         node = f"node{n:03d}"
+        writes = []
         for gpu in range(GPUS_PER_NODE):
             for instance in range(1, 8):
-                record = SlotRecord(node, f"{gpu}:{instance}", f"MIG-{node}-{gpu}-{instance}",
+                slot_id = f"{gpu}:{instance}"
+                record = SlotRecord(node, slot_id, f"MIG-{node}-{gpu}-{instance}",
                                     "A100 (simulated)", "1g.10gb", 10 << 30, 1 / 7)  # fmt: skip
-                await etcd.put(slot_key(SLOTS, node, record.slot_id), record.encode())
+                writes.append(tx.put(slot_key(SLOTS, node, slot_id), record.encode()))
+                if instance < 7:
+                    user = f"u{(n * 56 + gpu * 7 + instance) % 100}"
+                    holder = Holder(user, f"h{node}-{gpu}-{instance}._.{user}", time.time(), 20)
+                    writes.append(tx.put(slot_key(HOLDERS, node, slot_id), holder.encode()))
+        for start in range(0, len(writes), 100):  # etcd takes at most 128 in one
+            await etcd.transaction(compare=[], success=writes[start : start + 100], failure=[])
         status = NodeRecord(node, "declared", True, time.time())
         await etcd.put(f"{NODES}{node}".encode(), status.encode(), lease=lease)
 
@@ -139,6 +149,8 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
     nodes_rows: dict[str, list[float]] = {"Allocate p50": [], "Allocate p99": [],
                                           "Allocate p50 (any node)": [],
+                                          "Release p50": [],
+                                          "MarkStopped+ClearStopped p50": [],
                                           "GetStatus p50 (whole fleet)": [],
                                           "GetStatus p50 (one user's GPUs)": [],
                                           "GetStatus p50 (one node)": [],
@@ -149,6 +161,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
                 break
             await asyncio.sleep(0.1)
         registered = 1
+        releases: list[float] = []  # each cycle's Release alone
         for nodes in NODES_STEPS:
             await add_nodes(endpoint, pki, registered, nodes)
             registered = nodes
@@ -156,25 +169,37 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
 
             async def cycle(n: int) -> None:
                 await client.allocate(f"s{n}._.u{n % 50}", user=f"u{n % 50}", node=HERE)
+                start = time.perf_counter()
                 await client.release(f"s{n}._.u{n % 50}")
+                releases.append(time.perf_counter() - start)
 
             async def anywhere(n: int) -> None:  # placement over the whole fleet
                 await client.allocate(f"a{n}._.u{n % 50}", user=f"u{n % 50}")
                 await client.release(f"a{n}._.u{n % 50}")
 
             await timed(cycle, 10)  # warm-up
+            releases.clear()
             samples = await timed(cycle, cycles)
+            released = list(releases)
             fleet = await timed(anywhere, cycles)
             status = await timed(lambda _n: client.gpu_status(), max(10, cycles // 10))
             # What `ds01 container list` asks: the user's own, whatever the fleet holds.
             await client.allocate("held._.u1", user="u1", node=HERE)
             mine = await timed(lambda _n: client.gpu_status(user="u1"), max(10, cycles // 10))
+
+            async def stop_and_start(_n: int) -> None:  # what a container's stop and start ask
+                await client.mark_stopped("held._.u1")
+                await client.clear_stopped("held._.u1")
+
+            paused = await timed(stop_and_start, cycles)
             await client.release("held._.u1")
             # What each node's reconciler asks every sweep.
             node = await timed(lambda _n: client.gpu_status(node=HERE), max(10, cycles // 10))
             nodes_rows["Allocate p50"].append(statistics.median(samples) * 1e3)
             nodes_rows["Allocate p99"].append(pct(samples, 99) * 1e3)
             nodes_rows["Allocate p50 (any node)"].append(statistics.median(fleet) * 1e3)
+            nodes_rows["Release p50"].append(statistics.median(released) * 1e3)
+            nodes_rows["MarkStopped+ClearStopped p50"].append(statistics.median(paused) * 1e3)
             nodes_rows["GetStatus p50 (whole fleet)"].append(statistics.median(status) * 1e3)
             nodes_rows["GetStatus p50 (one user's GPUs)"].append(statistics.median(mine) * 1e3)
             nodes_rows["GetStatus p50 (one node)"].append(statistics.median(node) * 1e3)

@@ -275,6 +275,38 @@ async def test_a_nodes_status_reads_that_nodes_keys_and_is_what_the_fleets_says(
             await state.client.delete_prefix(f"{HOLDERS}{node}/".encode())
 
 
+async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: AllocatorEnv, pair):
+    """A release, stop or start finds the container's slots through the view's index of
+    containers, not by a scan of every holder in the fleet: on either allocator, once its
+    view has followed, that must list what a fresh read lists, in slot order, for
+    containers whose names begin alike. A stop's and a start's answers, read on the
+    container's node alone, must say what a fresh read of the fleet says."""
+    first, second = pair
+    await first.allocate("alice", "two")
+    await first.allocate("rita", "two", slots=2, preference=Preference.MIG)
+    await first.allocate("rita", "gone", preference=Preference.FULL_GPU)
+    await first.allocator.release("gone._.rita", ADMIN)
+    await first.allocate("rita", "tw", preference=Preference.FULL_GPU)
+    fresh = await first.allocator.state.snapshot()
+    assert len(fresh.held_by("two._.rita")) == 2
+    names = ("two._.rita", "tw._.rita", "two._.alice", "gone._.rita", "two", "t")
+    for node in (first, second):
+        for name in names:
+            for _ in range(100):  # the second follows the first's writes by its watch
+                if node.cache.view.held_by(name) == fresh.held_by(name):
+                    break
+                await asyncio.sleep(0.02)
+            assert node.cache.view.held_by(name) == fresh.held_by(name), name
+    for change, stopped in ((second.allocator.mark_stopped, True),
+                            (first.allocator.clear_stopped, False)):  # fmt: skip
+        answer = await change("two._.rita", ADMIN)
+        now = await first.allocator.state.snapshot()
+        assert [(g.slot, g.holder) for g in answer] == [
+            (now.slots[key], holder) for key, holder in now.held_by("two._.rita")
+        ]
+        assert all(g.holder.stopped is stopped for g in answer)
+
+
 def test_the_view_keeps_slots_in_the_order_placement_reads_them():
     """Placement takes the first free slots on unused GPUs in numeric order, so the view
     must hand them over in that order, however the watch brought them: "2" before "10"."""

@@ -85,6 +85,20 @@ async def test_users_act_only_on_their_own_containers(env: AllocatorEnv):
             bob.release("proj._.alice"),
             bob.mark_stopped("proj._.alice"),
             bob.allocate("proj._.alice", user="alice"),
+            # Validate reads the node it names; another's container is refused on any:
+            # its own node and slot, another slot, nodes where it holds nothing (one
+            # unknown, others whose names begin alike).
+            *(
+                bob.validate("proj._.alice", slot, node=node)
+                for node, slot in (
+                    ("", "2:1"),
+                    ("n1", "2:2"),
+                    ("n2", "2:1"),
+                    ("n", "2:1"),
+                    ("n1x", "0"),
+                    ("n10", "2:1"),
+                )
+            ),
         ):
             assert (await refused(call)).code == grpc.StatusCode.PERMISSION_DENIED
         theirs = slots_of(await bob.gpu_status())["2:1"]

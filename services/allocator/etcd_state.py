@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aetcd
@@ -60,12 +61,16 @@ class Snapshot:
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
         found = [(key, h) for key, h in self.holders.items() if h.container == container]
-        return sorted(
-            found,
-            key=lambda pair: (
-                self.slots[pair[0]].order if pair[0] in self.slots else (pair[0][0], ())
-            ),
-        )
+        return in_slot_order(found, self.slots)
+
+
+def in_slot_order(
+    held: Iterable[tuple[SlotKey, Holder]], slots: dict[SlotKey, SlotRecord]
+) -> list[tuple[SlotKey, Holder]]:
+    """Holdings in the order of their slots (a slot no longer listed: last on its node)."""
+    return sorted(
+        held, key=lambda pair: slots[pair[0]].order if pair[0] in slots else (pair[0][0], ())
+    )
 
 
 def in_numeric_order(slots: dict[SlotKey, SlotRecord]) -> dict[SlotKey, SlotRecord]:

@@ -452,8 +452,7 @@ class Allocator:
             holder = replace(held[0][1], stopped_at=now, hold_until=until)
             return await self.state.rewrite(held, holder, seconds)
 
-        await self._change(container, actor, change)
-        return await self.granted_to(container)
+        return await self._granted_after(container, await self._change(container, actor, change))
 
     async def clear_stopped(self, container: str, actor: Actor) -> list[Granted]:
         async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
@@ -461,8 +460,7 @@ class Allocator:
                 return True
             return await self.state.rewrite(held, held[0][1].running(), None)
 
-        await self._change(container, actor, change)
-        return await self.granted_to(container)
+        return await self._granted_after(container, await self._change(container, actor, change))
 
     async def expire_overdue(self, now: float | None = None) -> int:
         """End holds whose time is up but whose lease still runs: etcd restarts every
@@ -478,14 +476,26 @@ class Allocator:
         ]
         return sum([await self.state.expire(key, holder) for key, holder in overdue])
 
-    async def granted_to(self, container: str) -> list[Granted]:
-        snapshot = await self.state.snapshot()
-        return _granted(snapshot, snapshot.held_by(container))
+    async def _granted_after(
+        self, container: str, changed: list[tuple[SlotKey, Holder]]
+    ) -> list[Granted]:
+        """What ``container`` holds after a change to its ``changed`` holdings, read afresh
+        from etcd on their nodes alone (a container's slots are its node's): at a cost that
+        follows a node, not the fleet."""
+        granted: list[Granted] = []
+        for node in sorted({node for (node, _slot), _holder in changed}):
+            snapshot = await self.state.snapshot(node)
+            granted += _granted(snapshot, snapshot.held_by(container))
+        return granted
 
     async def validate(self, container: str, node: str, slot_id: str, actor: Actor) -> str | None:
-        """None if the slot exists and is still this container's; else why not."""
-        snapshot = await self.state.snapshot()
+        """None if the slot exists and is still this container's; else why not. Read on
+        ``node`` alone where the container holds slots there (the nodes' records, with
+        whether each is up, are read whole)."""
+        snapshot = await self.state.snapshot(node)
         held = snapshot.held_by(container)
+        if not held and not actor.privileged:  # whose it is, though its slots are elsewhere
+            held = (await self.state.snapshot()).held_by(container)
         if held:
             self._check_owner(held, actor)
         if (node, slot_id) not in snapshot.slots:
@@ -578,7 +588,7 @@ class Allocator:
         revisions, so a stale view only costs the fresh read that follows."""
         cache = self.cache
         if cache is not None and cache.live:
-            held = cache.view.snapshot().held_by(container)
+            held = cache.view.held_by(container)
             owners = {h.user for _, h in held}
             allowed = len(owners) == 1 and (actor.privileged or owners == {actor.name})
             if allowed and await change(held):  # else the fresh read decides, and says why
