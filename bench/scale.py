@@ -2,7 +2,8 @@
 real etcd, in one run, printed as a ratio per tenfold step (nothing here asserts a time).
 
   * nodes: 1, 10, 100 GPU hosts of 8 GPUs, each split 7 ways (56 to 5,600 slots); the
-    other nodes' slots and registrations are written as their allocators would;
+    other nodes' slots, registrations and holders (all but one slice of each GPU held:
+    a busy fleet) are written as their allocators would;
   * users: 100, 1,000, 10,000 in a group's member file;
   * watchers: 200, 1,000 (and 2,000 with --watchers-max 2000) allocation streams.
 
@@ -11,10 +12,11 @@ real etcd, in one run, printed as a ratio per tenfold step (nothing here asserts
     (ds01scale, made with useradd and removed at the end) owns two of them.
 
 At each size: Allocate p50/p99 on this node (as the containers service asks; with a
-release each time) and on any node (placement over the whole fleet), GetStatus of the
-whole fleet, GetLimits, event fan-out p99, the gateway's `docker ps -a` as that user
-beside the same request to dockerd itself, the reconcile sweep (its own metric), and
-the memory of the ds01 process. Run as root:
+release each time) and on any node (placement over the whole fleet), the Release alone,
+a container's stop and start (MarkStopped and ClearStopped), GetStatus of the whole
+fleet, GetLimits, event fan-out p99, the gateway's `docker ps -a` as that user beside
+the same request to dockerd itself, the reconcile sweep (its own metric), and the
+memory of the ds01 process. Run as root:
 
     .venv/bin/python bench/scale.py [--cycles 100] [--containers-max 2000]
 """
