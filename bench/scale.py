@@ -12,11 +12,11 @@ real etcd, in one run, printed as a ratio per tenfold step (nothing here asserts
     (ds01scale, made with useradd and removed at the end) owns two of them.
 
 At each size: Allocate p50/p99 on this node (as the containers service asks; with a
-release each time) and on any node (placement over the whole fleet), the Release alone,
-a container's stop and start (MarkStopped and ClearStopped), GetStatus of the whole
-fleet, GetLimits, event fan-out p99, the gateway's `docker ps -a` as that user beside
-the same request to dockerd itself, the reconcile sweep (its own metric), and the
-memory of the ds01 process. Run as root:
+release each time) and on any node (placement over the whole fleet, with idle GPUs and
+with none), the Release alone, a container's stop and start (MarkStopped and
+ClearStopped), GetStatus of the whole fleet, GetLimits, event fan-out p99, the
+gateway's `docker ps -a` as that user beside the same request to dockerd itself, the
+reconcile sweep (its own metric), and the memory of the ds01 process. Run as root:
 
     .venv/bin/python bench/scale.py [--cycles 100] [--containers-max 2000]
 """
@@ -151,6 +151,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
     identity = ClientIdentity(pki.ca_cert, pki.service("containers"))
     nodes_rows: dict[str, list[float]] = {"Allocate p50": [], "Allocate p99": [],
                                           "Allocate p50 (any node)": [],
+                                          "Allocate p50 (any node, none idle)": [],
                                           "Release p50": [],
                                           "MarkStopped+ClearStopped p50": [],
                                           "GetStatus p50 (whole fleet)": [],
@@ -184,6 +185,13 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
             samples = await timed(cycle, cycles)
             released = list(releases)
             fleet = await timed(anywhere, cycles)
+            # A fleet with no idle GPU left (this node's each hold one slice too): the
+            # choice is among the free slices of busy GPUs, the least-allocated first.
+            for gpu in range(GPUS_PER_NODE):
+                await client.allocate(f"busy{gpu}._.u99", user="u99", node=HERE)
+            busy = await timed(anywhere, cycles)
+            for gpu in range(GPUS_PER_NODE):
+                await client.release(f"busy{gpu}._.u99")
             status = await timed(lambda _n: client.gpu_status(), max(10, cycles // 10))
             # What `ds01 container list` asks: the user's own, whatever the fleet holds.
             await client.allocate("held._.u1", user="u1", node=HERE)
@@ -200,6 +208,7 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
             nodes_rows["Allocate p50"].append(statistics.median(samples) * 1e3)
             nodes_rows["Allocate p99"].append(pct(samples, 99) * 1e3)
             nodes_rows["Allocate p50 (any node)"].append(statistics.median(fleet) * 1e3)
+            nodes_rows["Allocate p50 (any node, none idle)"].append(statistics.median(busy) * 1e3)
             nodes_rows["Release p50"].append(statistics.median(released) * 1e3)
             nodes_rows["MarkStopped+ClearStopped p50"].append(statistics.median(paused) * 1e3)
             nodes_rows["GetStatus p50 (whole fleet)"].append(statistics.median(status) * 1e3)

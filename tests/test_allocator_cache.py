@@ -5,15 +5,18 @@ slow watch would), and checks that every answer is the one a fresh read gives.""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds01.allocator.cache import ClusterCache, View
 from ds01.allocator.etcd_state import EtcdState
-from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request
+from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request, gpu_of
 from ds01.allocator.records import HOLDERS, SLOTS, Holder, SlotRecord, slot_key
 from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
@@ -305,6 +308,40 @@ async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: A
             (now.slots[key], holder) for key, holder in now.held_by("two._.rita")
         ]
         assert all(g.holder.stopped is stopped for g in answer)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["slot", "unslot", "hold", "free"]),
+                          st.sampled_from(["n1", "n10"]),
+                          st.sampled_from(["0", "1:1", "1:2", "10"]),
+                          st.sampled_from(["a._.alice", "b._.bob"])), max_size=40))  # fmt: skip
+def test_the_views_indexes_stay_what_its_slots_and_holders_say(steps: list[tuple]):
+    """Slots and holders come and go in any order (a holder may come before its slot):
+    the free slots, each GPU's load and slot count, and each container's and user's
+    keys, kept up to date one change at a time, must be what the records say."""
+    view = View()
+    for step, node, slot_id, container in steps:
+        key = (node, slot_id)
+        if step == "slot":
+            view.set_slot(key, SlotRecord(node, slot_id, "", "A100", "", 0, 1.0))
+        elif step == "unslot":
+            view.drop_slot(key)
+        elif step == "hold":
+            user = container.rpartition(".")[2]
+            view.set_holder(key, Holder(user=user, container=container, since=1.0, priority=1))
+        else:
+            view.drop_holder(key)
+        assert view.free == {k: s for k, s in view.slots.items() if k not in view.holders}
+        assert view.gpu_load == Counter(map(gpu_of, view.holders))
+        assert view.gpu_slots == Counter(map(gpu_of, view.slots))
+        for name, index in (("container", view.container_keys), ("user", view.user_keys)):
+            expected: dict[str, set] = {}
+            for k, h in view.holders.items():
+                expected.setdefault(getattr(h, name), set()).add(k)
+            assert index == expected
+        fleet = view.snapshot().fleet
+        assert fleet is not None
+        assert fleet.any_idle() == any(gpu_of(k) not in view.gpu_load for k in view.slots)
 
 
 def test_the_view_keeps_slots_in_the_order_placement_reads_them():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds01.allocator import placement
+from ds01.allocator.cache import View
 from ds01.allocator.placement import (
     AllocationRefused,
     Preference,
@@ -348,6 +349,41 @@ def test_the_shortcut_over_idle_gpus_chooses_as_the_full_search_does(situation: 
             return ids(chosen), [s.slot_id for s, _ in chosen.preempt]
 
     assert outcome(shortcut=True) == outcome(shortcut=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_situations(), st.sampled_from(list(Strategy)), st.data())
+def test_placement_among_the_free_slots_chooses_as_the_full_search_does(
+    situation: tuple, strategy: Strategy, data: st.DataObject
+):
+    """Placement over a whole fleet reads the free slots and each GPU's load from the
+    view's index instead of ranking every slot and holder: every answer (grant,
+    preemption or refusal) must be the one the full search gives, with claims of this
+    process in flight (held, but not yet in the view) or without."""
+    request, quota, slots, holders, nodes_up, drained = situation
+    view = View()
+    for slot in slots:
+        view.set_slot((slot.node, slot.slot_id), slot)
+    in_flight = (
+        data.draw(st.sets(st.sampled_from(sorted(holders)), max_size=2)) if holders else set()
+    )
+    for key, held in holders.items():
+        if key not in in_flight:
+            view.set_holder(key, held)
+    index = view.snapshot().fleet
+    assert index is not None
+    if in_flight:
+        index = index.with_held(in_flight)
+
+    def outcome(index: placement.FleetIndex | None) -> object:
+        try:
+            chosen = plan(request, quota, slots, holders, nodes_up, strategy, drained=drained,
+                          in_order=True, index=index)  # fmt: skip
+        except AllocationRefused as refused:
+            return refused.kind, refused.message
+        return ids(chosen), [s.slot_id for s, _ in chosen.preempt]
+
+    assert outcome(index) == outcome(None)
 
 
 def test_slots_not_said_to_be_in_numeric_order_are_placed_in_numeric_order():

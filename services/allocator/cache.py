@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +27,7 @@ from ds01.allocator.etcd_state import (
     in_slot_order,
     waiting,
 )
+from ds01.allocator.placement import FleetIndex, GpuKey, gpu_of
 from ds01.allocator.records import (
     CLAIMS,
     DRAINS,
@@ -76,6 +78,10 @@ class View:
     user_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
     container_keys: dict[str, set[SlotKey]] = field(default_factory=dict)
     in_order: bool = True  # slots, and each node's, are in numeric order (as planned on)
+    # Placement over the whole fleet reads these instead of every slot and holder.
+    free: dict[SlotKey, SlotRecord] = field(default_factory=dict)  # slots nobody holds
+    gpu_load: Counter[GpuKey] = field(default_factory=Counter)  # holders per GPU, if any
+    gpu_slots: Counter[GpuKey] = field(default_factory=Counter)  # slots per GPU
 
     def snapshot(self, node: str = "") -> Snapshot:
         """The view as the planner reads it, for one node or for all: no copies (planning
@@ -85,10 +91,14 @@ class View:
             self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
             self.in_order = True
         waiters = sorted(self.waiters.items())
+        kept = {"containers": self.container_keys}
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
-            return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
-        return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision, self.drains)
+            return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains,
+                            **kept)  # fmt: skip
+        fleet = FleetIndex(self.free, self.gpu_load, self.gpu_slots)
+        return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision,
+                        self.drains, **kept, fleet=fleet)  # fmt: skip
 
     def snapshot_of_user(self, user: str) -> Snapshot:
         """The slots ``user`` holds on every node, with their holders: a user's status
@@ -114,13 +124,21 @@ class View:
         return sum(self.slots[key].gpu_equivalents for key in keys)
 
     def set_slot(self, key: SlotKey, slot: SlotRecord) -> None:
-        self.in_order = self.in_order and key in self.slots
+        new = key not in self.slots
+        self.in_order = self.in_order and not new
         self.slots[key] = slot
         self.node_slots.setdefault(key[0], {})[key] = slot
+        if new:
+            self.gpu_slots[gpu_of(key)] += 1
+        if key not in self.holders:
+            self.free[key] = slot
 
     def drop_slot(self, key: SlotKey) -> None:
-        self.slots.pop(key, None)
+        if self.slots.pop(key, None) is None:
+            return
         self.node_slots.get(key[0], {}).pop(key, None)
+        self.free.pop(key, None)
+        _less(self.gpu_slots, gpu_of(key))
 
     def set_holder(self, key: SlotKey, holder: Holder) -> None:
         self.drop_holder(key)
@@ -128,12 +146,17 @@ class View:
         self.node_holders.setdefault(key[0], {})[key] = holder
         self.user_keys.setdefault(holder.user, set()).add(key)
         self.container_keys.setdefault(holder.container, set()).add(key)
+        self.gpu_load[gpu_of(key)] += 1
+        self.free.pop(key, None)
 
     def drop_holder(self, key: SlotKey) -> None:
         old = self.holders.pop(key, None)
         if old is None:
             return
         self.node_holders.get(key[0], {}).pop(key, None)
+        _less(self.gpu_load, gpu_of(key))
+        if key in self.slots:
+            self.free[key] = self.slots[key]
         for index, name in ((self.user_keys, old.user), (self.container_keys, old.container)):
             keys = index.get(name)
             if keys is not None:
@@ -265,6 +288,13 @@ class ClusterCache:
         async for event in watch:  # type: ignore[attr-defined]
             if apply(view, event):
                 self._wake()
+
+
+def _less(counts: Counter[GpuKey], gpu: GpuKey) -> None:
+    """One fewer on ``gpu``; a GPU with none left is not listed (idle: not in the load)."""
+    counts[gpu] -= 1
+    if counts[gpu] <= 0:
+        del counts[gpu]
 
 
 def apply(view: View, event: aetcd.rtypes.Event) -> bool:

@@ -12,14 +12,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aetcd
 from aetcd.utils import prefix_range_end
 
 from ds01.allocator.batching import TxnBatcher
-from ds01.allocator.placement import Plan
+from ds01.allocator.placement import FleetIndex, Plan, SlotKey
 from ds01.allocator.records import (
     CLAIMS,
     DRAINS,
@@ -43,8 +43,6 @@ from ds01.allocator.records import (
 
 log = logging.getLogger(__name__)
 
-SlotKey = tuple[str, str]  # (node, slot id)
-
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -54,13 +52,21 @@ class Snapshot:
     waiters: list[tuple[str, WaiterRecord]]  # (waiter key, what it waits for), in order
     revision: int  # changes after this revision are not in the snapshot
     drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
+    # Kept by a watched view: each container's slot keys (of the fleet), and the index
+    # that placement over the whole fleet reads (a snapshot of the whole fleet only).
+    containers: Mapping[str, Collection[SlotKey]] | None = None
+    fleet: FleetIndex | None = None
 
     def drained(self, slot: SlotRecord) -> DrainRecord | None:
         """The drain that keeps new allocations off ``slot``, if any."""
         return self.drains.get(slot.node) or self.drains.get(f"{slot.node}/{slot.gpu}")
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
-        found = [(key, h) for key, h in self.holders.items() if h.container == container]
+        if self.containers is not None:
+            keys = self.containers.get(container, ())
+            found = [(key, self.holders[key]) for key in keys if key in self.holders]
+        else:
+            found = [(key, h) for key, h in self.holders.items() if h.container == container]
         return in_slot_order(found, self.slots)
 
 

@@ -10,7 +10,7 @@ import contextlib
 import enum
 import random
 from collections import Counter
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ds01.allocator.records import Holder, SlotRecord
@@ -80,6 +80,36 @@ class Plan:
         return sum(slot.gpu_equivalents for slot in self.slots)
 
 
+SlotKey = tuple[str, str]  # (node, slot id)
+GpuKey = tuple[str, str]  # (node, GPU index)
+
+
+def gpu_of(key: SlotKey) -> GpuKey:
+    """The GPU a slot is on: GPU 3 for slot "3:2" (a MIG slice) and for slot "3"."""
+    return key[0], key[1].split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class FleetIndex:
+    """What a view of the whole fleet keeps current as slots and holders come and go, so
+    that placement over the fleet reads the free slots and each GPU's load instead of
+    every slot and holder (a busy fleet of 5,600 slots has a few hundred free ones)."""
+
+    free: Mapping[SlotKey, SlotRecord]  # slots that nobody holds
+    load: Mapping[GpuKey, int]  # holders on each GPU that has any
+    slots: Mapping[GpuKey, int]  # slots on each GPU
+
+    def with_held(self, keys: Iterable[SlotKey]) -> FleetIndex:
+        """The index with ``keys`` held too: claims still on their way to etcd."""
+        load = Counter(self.load)
+        load.update(gpu_of(key) for key in keys)
+        return replace(self, load=load)
+
+    def any_idle(self) -> bool:
+        """Whether some GPU has slots and no holder."""
+        return any(gpu not in self.load for gpu in self.slots)
+
+
 def plan_exact(
     request: Request,
     slots: dict[tuple[str, str], SlotRecord],
@@ -115,6 +145,7 @@ def plan(
     drained: Container[tuple[str, str]] = (),
     spread: bool = False,
     in_order: bool = False,
+    index: FleetIndex | None = None,
 ) -> Plan:
     """The slots ``request`` gets, or AllocationRefused saying why not. ``in_order``:
     ``slots`` come in numeric order (``SlotRecord.order``), as a Snapshot keeps them, so
@@ -124,13 +155,15 @@ def plan(
     ``spread``: ties between equally good slots are broken at random, not in numeric
     order (allocators that contend for slots then seldom plan the same one). Slots are
     picked greedily within the quota, so another order may fit less: what spreading
-    cannot grant, or --gpus all, is planned in numeric order, as without it."""
+    cannot grant, or --gpus all, is planned in numeric order, as without it. ``index``:
+    of the whole fleet's ``slots`` and ``holders`` (claims in flight included), for
+    choosing among the free slots alone."""
     slots = list(slots)
     arguments = (request, quota, slots, holders, nodes_up, strategy, held, drained)
     if spread and not request.as_many:
         with contextlib.suppress(AllocationRefused):
-            return _plan(*arguments, spread=True, in_order=in_order)
-    return _plan(*arguments, spread=False, in_order=in_order)
+            return _plan(*arguments, spread=True, in_order=in_order, index=index)
+    return _plan(*arguments, spread=False, in_order=in_order, index=index)
 
 
 def _plan(
@@ -144,6 +177,7 @@ def _plan(
     drained: Container[tuple[str, str]],
     spread: bool,
     in_order: bool,
+    index: FleetIndex | None,
 ) -> Plan:
     many = request.as_many
     wanted = checked(request, quota)  # what no state of the cluster could grant
@@ -157,10 +191,17 @@ def _plan(
     budget = None
     if quota.max_gpu_equivalents is not None:
         budget = quota.max_gpu_equivalents - held_by_user
-    if in_order and strategy is Strategy.LEAST_ALLOCATED and not spread and not many:
-        idle = _on_idle_gpus(request, quota, slots, holders, nodes_up, drained, budget, wanted)
+    shortcut = in_order and strategy is Strategy.LEAST_ALLOCATED and not spread and not many
+    if shortcut and (index is None or index.any_idle()):
+        busy = set(index.load) if index is not None else set(_gpu_load(holders))
+        idle = _on_idle_gpus(request, quota, slots, busy, nodes_up, drained, budget, wanted)
         if idle is not None:
             return idle
+    if index is not None and not many:
+        chosen = _among_free(request, quota, index, holders, nodes_up, drained, strategy,
+                             budget, wanted, spread)  # fmt: skip
+        if chosen is not None:
+            return chosen
     fits = [slot for slot in slots if _may_take(slot, request, quota, nodes_up)]
     if request.node and request.node not in nodes_up:
         raise AllocationRefused(Refusal.NO_CAPACITY, f"node {request.node} is down")
@@ -214,7 +255,7 @@ def _on_idle_gpus(
     request: Request,
     quota: Quota,
     slots: list[SlotRecord],
-    holders: dict[tuple[str, str], Holder],
+    busy: set[GpuKey],
     nodes_up: set[str],
     drained: Container[tuple[str, str]],
     budget: float | None,
@@ -225,8 +266,8 @@ def _on_idle_gpus(
     rest of the fleet. None when there are not enough: the full search decides then.
 
     Greedy least-allocated placement takes an unused GPU's slot whenever one is left,
-    the first in numeric order, so while they last the two choose alike."""
-    busy = set(_gpu_load(holders))
+    the first in numeric order, so while they last the two choose alike. ``busy``: the
+    GPUs that somebody holds a slot of (changed here)."""
     chosen: list[SlotRecord] = []
     spent = 0.0
     for slot in slots:
@@ -244,6 +285,35 @@ def _on_idle_gpus(
         if _enough(chosen, wanted, request.gpu_equivalents):
             return Plan(tuple(chosen), ())
     return None
+
+
+def _among_free(
+    request: Request,
+    quota: Quota,
+    index: FleetIndex,
+    holders: dict[tuple[str, str], Holder],
+    nodes_up: set[str],
+    drained: Container[tuple[str, str]],
+    strategy: Strategy,
+    budget: float | None,
+    wanted: int,
+    spread: bool,
+) -> Plan | None:
+    """What the full search grants while free slots are enough, chosen among the free
+    slots alone, with each GPU's load from the index: the same slots, since the full
+    search ranks the free ones that fit the same way. None when they are not enough:
+    the full search decides then (a preemption, or a refusal that counts every slot)."""
+    candidates = [
+        slot
+        for key, slot in index.free.items()
+        if key not in holders  # a claim in flight
+        and key not in drained
+        and _may_take(slot, request, quota, nodes_up)
+        and (budget is None or slot.gpu_equivalents <= budget + EPSILON)
+    ]
+    equivalents = request.gpu_equivalents
+    claim = _pick(candidates, index.load, wanted, equivalents, strategy, budget, spread)
+    return Plan(tuple(claim), ()) if _enough(claim, wanted, equivalents) else None
 
 
 def checked(request: Request, quota: Quota) -> int:
@@ -284,7 +354,8 @@ def _choose(
     """Free slots first, then slots held for lower-priority users' stopped containers."""
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     free = [s for s in candidates if (s.node, s.slot_id) not in holders]
-    claim = _pick(free, holders, wanted, request.gpu_equivalents, strategy, budget, spread)
+    load = _gpu_load(holders)
+    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread)
     preempt: list[tuple[SlotRecord, Holder]] = []
     if not _enough(claim, wanted, request.gpu_equivalents):
         left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
@@ -320,9 +391,9 @@ def _may_take(slot: SlotRecord, request: Request, quota: Quota, nodes_up: set[st
     )
 
 
-def _gpu_load(holders: dict[tuple[str, str], Holder]) -> Counter[tuple[str, str]]:
+def _gpu_load(holders: dict[tuple[str, str], Holder]) -> Counter[GpuKey]:
     """Slots held on each (node, GPU)."""
-    return Counter((node, slot_id.split(":", 1)[0]) for node, slot_id in holders)
+    return Counter(map(gpu_of, holders))
 
 
 def _kind_fits(slot: SlotRecord, preference: Preference, allow_full: bool) -> bool:
@@ -350,7 +421,7 @@ def _enough(chosen: Iterable[SlotRecord], wanted: int, equivalents: float) -> bo
 
 def _pick(
     free: list[SlotRecord],
-    holders: dict[tuple[str, str], Holder],
+    held: Mapping[GpuKey, int],
     wanted: int,
     equivalents: float,
     strategy: Strategy,
@@ -359,8 +430,8 @@ def _pick(
 ) -> list[SlotRecord]:
     """Least-allocated GPU first (ties in numeric order, or at random to ``spread``),
     or most-allocated for pack; with a ``budget``, only slots that keep the total
-    within it."""
-    load = _gpu_load(holders)
+    within it. ``held``: slots held on each GPU."""
+    load = Counter(held)
     remaining = sorted(free, key=lambda s: s.order)
     tie = {id(s): random.random() if spread else n for n, s in enumerate(remaining)}
     chosen: list[SlotRecord] = []

@@ -292,17 +292,22 @@ class Allocator:
             if snapshot.drains
             else set()
         )
+        holders = self._holders(snapshot)
+        index = snapshot.fleet
+        if index is not None and holders is not snapshot.holders:  # claims in flight
+            index = index.with_held(key for key in self._in_flight if key not in snapshot.holders)
         chosen = plan(
             request,
             quota,
             snapshot.slots.values(),
-            self._holders(snapshot),
+            holders,
             set(snapshot.nodes),
             self.strategy,
             held,
             drained,
             spread=time.monotonic() < self._contended_until,
             in_order=True,  # a Snapshot's slots are
+            index=index,
         )
         # Waiters served before this request that want what it would take: slots of the
         # same kind (full GPU or MIG slice) on the same node. One for another node, or for
