@@ -287,11 +287,7 @@ class Allocator:
             return _granted(snapshot, existing)
         if request.slot_ids:  # adopting slots in use: no quota, no queue
             return plan_exact(request, snapshot.slots, self._holders(snapshot))
-        drained = (
-            {key for key, slot in snapshot.slots.items() if snapshot.drained(slot)}
-            if snapshot.drains
-            else set()
-        )
+        drained = snapshot.drained_slots()
         holders = self._holders(snapshot)
         index = snapshot.fleet
         if index is not None and holders is not snapshot.holders:  # claims in flight
