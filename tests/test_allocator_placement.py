@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from unittest import mock
 
 import pytest
@@ -318,7 +319,7 @@ def _situations(draw: st.DrawFn) -> tuple:
     drained = draw(st.sets(st.sampled_from(keys), max_size=3))
     request = Request(
         "alice", "new", slots=draw(st.integers(0, 3)),
-        gpu_equivalents=draw(st.sampled_from([0.0, 0.5, 1.0, 1.5])),
+        gpu_equivalents=draw(st.sampled_from([0.0, 1e-10, 0.5, 1.0, 1.5])),
         preference=draw(st.sampled_from(list(Preference))),
         node=draw(st.sampled_from(["", "n1", "n2"])),
     )  # fmt: skip
@@ -352,14 +353,15 @@ def test_the_shortcut_over_idle_gpus_chooses_as_the_full_search_does(situation: 
 
 
 @settings(max_examples=400, deadline=None)
-@given(_situations(), st.sampled_from(list(Strategy)), st.data())
+@given(_situations(), st.sampled_from(list(Strategy)), st.booleans(), st.data())
 def test_placement_among_the_free_slots_chooses_as_the_full_search_does(
-    situation: tuple, strategy: Strategy, data: st.DataObject
+    situation: tuple, strategy: Strategy, spread: bool, data: st.DataObject
 ):
     """Placement over a whole fleet reads the free slots and each GPU's load from the
     view's index instead of ranking every slot and holder: every answer (grant,
     preemption or refusal) must be the one the full search gives, with claims of this
-    process in flight (held, but not yet in the view) or without."""
+    process in flight (held, but not yet in the view) or without; spreading draws the
+    same random numbers for the same choices (so preempts as often)."""
     request, quota, slots, holders, nodes_up, drained = situation
     view = View()
     for slot in slots:
@@ -376,14 +378,49 @@ def test_placement_among_the_free_slots_chooses_as_the_full_search_does(
         index = index.with_held(in_flight)
 
     def outcome(index: placement.FleetIndex | None) -> object:
+        random.seed(1)
         try:
             chosen = plan(request, quota, slots, holders, nodes_up, strategy, drained=drained,
-                          in_order=True, index=index)  # fmt: skip
+                          spread=spread, in_order=True, index=index)  # fmt: skip
         except AllocationRefused as refused:
             return refused.kind, refused.message
         return ids(chosen), [s.slot_id for s, _ in chosen.preempt]
 
     assert outcome(index) == outcome(None)
+
+
+def test_spreading_preempts_as_often_with_the_fleet_index_as_without():
+    """Spreading breaks ties at random: a whole free GPU or a free half plus a stopped
+    lower-priority user's half, for one GPU-equivalent. With the index, each draw must
+    choose as it does without (a second draw among the free slots would preempt less)."""
+    slots = [full("n", 0), mig("n", 1, 1, compute=3), mig("n", 2, 1, compute=3)]
+    holders = {("n", "2:1"): holder("bob", "b", priority=1, stopped=1.0)}
+    view = View()
+    for slot in slots:
+        view.set_slot((slot.node, slot.slot_id), slot)
+    view.set_holder(("n", "2:1"), holders[("n", "2:1")])
+    quota = Quota("lab", 10, 1.0, None, allow_full_gpu=True)
+    request = Request("alice", "new", gpu_equivalents=0.8)
+    outcomes = []
+    for seed in range(20):
+        for index in (view.snapshot().fleet, None):
+            random.seed(seed)
+            chosen = plan(request, quota, slots, holders, {"n"}, spread=True, in_order=True,
+                          index=index)  # fmt: skip
+            outcomes.append((seed, ids(chosen)))
+    assert outcomes[::2] == outcomes[1::2]
+    assert {tuple(ids) for _, ids in outcomes} == {("0",), ("1:1", "2:1")}
+
+
+@pytest.mark.parametrize("equivalents", [-0.5, 1e-12, 1e-9])
+def test_a_request_for_no_gpu_at_all_is_refused_in_words(equivalents: float):
+    """A share of a GPU too small to need a slice would be granted no slot, and the
+    caller told it succeeded: it is refused as invalid, whatever is free."""
+    for slots, holders in ((FULLS, {}), (FULLS, {("n", "0"): holder("alice", "a")})):
+        with pytest.raises(AllocationRefused) as refused:
+            plan(Request("alice", "new", gpu_equivalents=equivalents), RESEARCHER, slots,
+                 holders, {"n"})  # fmt: skip
+        assert refused.value.kind is Refusal.INVALID
 
 
 def test_slots_not_said_to_be_in_numeric_order_are_placed_in_numeric_order():

@@ -54,6 +54,8 @@ class Snapshot:
     drains: dict[str, DrainRecord] = field(default_factory=dict)  # by target: node[/gpu]
     # Kept by a watched view: each container's slot keys (of the fleet), and the index
     # that placement over the whole fleet reads (a snapshot of the whole fleet only).
+    # Like the view's slots and holders they are its live tables, not copies: read them
+    # before the next await, or not at all.
     containers: Mapping[str, Collection[SlotKey]] | None = None
     fleet: FleetIndex | None = None
 

@@ -197,7 +197,7 @@ def _plan(
         idle = _on_idle_gpus(request, quota, slots, busy, nodes_up, drained, budget, wanted)
         if idle is not None:
             return idle
-    if index is not None and not many:
+    if index is not None and not many and not spread:  # spread draws at random: as before
         chosen = _among_free(request, quota, index, holders, nodes_up, drained, strategy,
                              budget, wanted, spread)  # fmt: skip
         if chosen is not None:
@@ -301,8 +301,9 @@ def _among_free(
 ) -> Plan | None:
     """What the full search grants while free slots are enough, chosen among the free
     slots alone, with each GPU's load from the index: the same slots, since the full
-    search ranks the free ones that fit the same way. None when they are not enough:
-    the full search decides then (a preemption, or a refusal that counts every slot)."""
+    search ranks the free ones that fit the same way. None when they are not enough (or
+    none was chosen): the full search decides then (a preemption, or a refusal that
+    counts every slot)."""
     candidates = [
         slot
         for key, slot in index.free.items()
@@ -313,13 +314,13 @@ def _among_free(
     ]
     equivalents = request.gpu_equivalents
     claim = _pick(candidates, index.load, wanted, equivalents, strategy, budget, spread)
-    return Plan(tuple(claim), ()) if _enough(claim, wanted, equivalents) else None
+    return Plan(tuple(claim), ()) if claim and _enough(claim, wanted, equivalents) else None
 
 
 def checked(request: Request, quota: Quota) -> int:
     """How many slots ``request`` wants (0: enough for its GPU-equivalents), or
     AllocationRefused where no state of the cluster could grant it."""
-    if request.slots < 0 or request.gpu_equivalents < 0:
+    if request.slots < 0 or request.gpu_equivalents < 0 or 0 < request.gpu_equivalents <= EPSILON:
         raise AllocationRefused(Refusal.INVALID, "ask for a positive number of slots")
     wanted = 1 if request.as_many else request.slots or (0 if request.gpu_equivalents else 1)
     if quota.max_slots_per_container is not None and wanted > quota.max_slots_per_container:

@@ -315,14 +315,15 @@ class Allocator:
             for w in _waiting_ahead(snapshot.waiters, waiter, quota.priority)
             if (not w.node or w.node in nodes) and _competes(w.preference, kinds)
         ]
-        if ahead:
-            taken = {**snapshot.holders, **self._in_flight}
+        if ahead:  # counted among the free slots alone where the view keeps them
+            unheld = snapshot.fleet.free if snapshot.fleet is not None else snapshot.slots
             free = sum(
                 1
-                for key, slot in snapshot.slots.items()
+                for key, slot in unheld.items()
                 if key[0] in snapshot.nodes
                 and key[0] in nodes
-                and key not in taken
+                and key not in snapshot.holders
+                and key not in self._in_flight
                 and key not in drained
                 and slot.is_mig in kinds
             )
@@ -491,8 +492,9 @@ class Allocator:
 
     async def validate(self, container: str, node: str, slot_id: str, actor: Actor) -> str | None:
         """None if the slot exists and is still this container's; else why not. Read on
-        ``node`` alone where the container holds slots there (the nodes' records, with
-        whether each is up, are read whole)."""
+        ``node`` alone (the nodes' records, with whether each is up, are read whole); for
+        a user, the whole fleet too where the container holds nothing on ``node``, to
+        know whose it is."""
         snapshot = await self.state.snapshot(node)
         held = snapshot.held_by(container)
         if not held and not actor.privileged:  # whose it is, though its slots are elsewhere
