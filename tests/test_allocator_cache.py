@@ -311,14 +311,15 @@ async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: A
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["slot", "unslot", "hold", "free"]),
+@given(st.lists(st.tuples(st.sampled_from(["slot", "unslot", "hold", "stop", "free"]),
                           st.sampled_from(["n1", "n10"]),
                           st.sampled_from(["0", "1:1", "1:2", "10"]),
                           st.sampled_from(["a._.alice", "b._.bob"])), max_size=40))  # fmt: skip
 def test_the_views_indexes_stay_what_its_slots_and_holders_say(steps: list[tuple]):
     """Slots and holders come and go in any order (a holder may come before its slot):
-    the free slots, each GPU's load and slot count, and each container's and user's
-    keys, kept up to date one change at a time, must be what the records say."""
+    the free slots, each GPU's load and slot count, the holds that end, and each
+    container's and user's keys, kept up to date one change at a time, must be what the
+    records say."""
     view = View()
     for step, node, slot_id, container in steps:
         key = (node, slot_id)
@@ -326,14 +327,18 @@ def test_the_views_indexes_stay_what_its_slots_and_holders_say(steps: list[tuple
             view.set_slot(key, SlotRecord(node, slot_id, "", "A100", "", 0, 1.0))
         elif step == "unslot":
             view.drop_slot(key)
-        elif step == "hold":
+        elif step in ("hold", "stop"):  # a running container's, or a stopped one's hold
             user = container.rpartition(".")[2]
-            view.set_holder(key, Holder(user=user, container=container, since=1.0, priority=1))
+            until = 9.0 if step == "stop" else None
+            view.set_holder(
+                key, Holder(user, container, 1.0, 1, stopped_at=until, hold_until=until)
+            )
         else:
             view.drop_holder(key)
         assert view.free == {k: s for k, s in view.slots.items() if k not in view.holders}
         assert view.gpu_load == Counter(map(gpu_of, view.holders))
         assert view.gpu_slots == Counter(map(gpu_of, view.slots))
+        assert view.holds == {k: h for k, h in view.holders.items() if h.hold_until is not None}
         for name, index in (("container", view.container_keys), ("user", view.user_keys)):
             expected: dict[str, set] = {}
             for k, h in view.holders.items():

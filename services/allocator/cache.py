@@ -82,6 +82,7 @@ class View:
     free: dict[SlotKey, SlotRecord] = field(default_factory=dict)  # slots nobody holds
     gpu_load: Counter[GpuKey] = field(default_factory=Counter)  # holders per GPU, if any
     gpu_slots: Counter[GpuKey] = field(default_factory=Counter)  # slots per GPU
+    holds: dict[SlotKey, Holder] = field(default_factory=dict)  # holders with an end
 
     def snapshot(self, node: str = "") -> Snapshot:
         """The view as the planner reads it, for one node or for all: no copies (planning
@@ -148,6 +149,8 @@ class View:
         self.container_keys.setdefault(holder.container, set()).add(key)
         self.gpu_load[gpu_of(key)] += 1
         self.free.pop(key, None)
+        if holder.hold_until is not None:
+            self.holds[key] = holder
 
     def drop_holder(self, key: SlotKey) -> None:
         old = self.holders.pop(key, None)
@@ -155,6 +158,7 @@ class View:
             return
         self.node_holders.get(key[0], {}).pop(key, None)
         _less(self.gpu_load, gpu_of(key))
+        self.holds.pop(key, None)
         if key in self.slots:
             self.free[key] = self.slots[key]
         for index, name in ((self.user_keys, old.user), (self.container_keys, old.container)):

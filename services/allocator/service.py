@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -468,12 +468,18 @@ class Allocator:
         """End holds whose time is up but whose lease still runs: etcd restarts every
         lease's time to live when it restarts or changes leader. Returns how many ended."""
         now = time.time() if now is None else now
-        # From the watched view while it is live: every allocator sweeps each second,
-        # and a read of the fleet's holders each time would follow the fleet's size. A
-        # stale holder only fails the comparison of its expiry; the next sweep sees it.
+        # From the watched view's holds while it is live: every allocator sweeps each
+        # second, and a pass over the fleet's holders each time would follow the fleet's
+        # size. A stale holder only fails the comparison of its expiry; the next sweep
+        # sees it.
+        cache = self.cache
+        if cache is not None and cache.live:
+            holders: Mapping[SlotKey, Holder] = cache.view.holds
+        else:
+            holders = (await self.state.snapshot()).holders
         overdue = [
             (key, holder)
-            for key, holder in (await self.observed()).holders.items()
+            for key, holder in holders.items()
             if holder.hold_until is not None and holder.hold_until < now
         ]
         return sum([await self.state.expire(key, holder) for key, holder in overdue])
