@@ -92,14 +92,13 @@ class View:
             self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
             self.in_order = True
         waiters = sorted(self.waiters.items())
-        kept = {"containers": self.container_keys}
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
             return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains,
-                            **kept)  # fmt: skip
+                            containers=self.container_keys)  # fmt: skip
         fleet = FleetIndex(self.free, self.gpu_load, self.gpu_slots)
         return Snapshot(self.slots, self.holders, self.nodes, waiters, self.revision,
-                        self.drains, **kept, fleet=fleet)  # fmt: skip
+                        self.drains, containers=self.container_keys, fleet=fleet)  # fmt: skip
 
     def snapshot_of_user(self, user: str) -> Snapshot:
         """The slots ``user`` holds on every node, with their holders: a user's status
