@@ -296,10 +296,10 @@ async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: A
     for node in (first, second):
         for name in names:
             for _ in range(100):  # the second follows the first's writes by its watch
-                if node.cache.view.held_by(name) == fresh.held_by(name):
+                if node.cache.view.snapshot().held_by(name) == fresh.held_by(name):
                     break
                 await asyncio.sleep(0.02)
-            assert node.cache.view.held_by(name) == fresh.held_by(name), name
+            assert node.cache.view.snapshot().held_by(name) == fresh.held_by(name), name
     for change, stopped in ((second.allocator.mark_stopped, True),
                             (first.allocator.clear_stopped, False)):  # fmt: skip
         answer = await change("two._.rita", ADMIN)

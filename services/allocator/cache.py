@@ -19,14 +19,7 @@ from dataclasses import dataclass, field, replace
 import aetcd
 from aetcd.utils import prefix_range_end
 
-from ds01.allocator.etcd_state import (
-    EtcdState,
-    SlotKey,
-    Snapshot,
-    in_numeric_order,
-    in_slot_order,
-    waiting,
-)
+from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, in_numeric_order, waiting
 from ds01.allocator.placement import FleetIndex, GpuKey, gpu_of
 from ds01.allocator.records import (
     CLAIMS,
@@ -108,12 +101,6 @@ class View:
         slots = in_numeric_order({key: self.slots[key] for key in keys if key in self.slots})
         waiters = sorted(self.waiters.items())
         return Snapshot(slots, holders, self.nodes, waiters, self.revision, self.drains)
-
-    def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
-        """What ``container`` holds, from the index: a release, stop or start touches the
-        container's few slots, not every holder of the fleet."""
-        keys = self.container_keys.get(container, ())
-        return in_slot_order(((key, self.holders[key]) for key in keys), self.slots)
 
     def held_by_user(self, user: str) -> float | None:
         """GPU-equivalents ``user`` holds on every node; None if a holding's slot is not

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Collection, Container, Iterable, Mapping
+from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
 
 import aetcd
@@ -69,12 +69,17 @@ class Snapshot:
         return _DrainedSlots(self) if self.drains else ()
 
     def held_by(self, container: str) -> list[tuple[SlotKey, Holder]]:
+        """The container's holdings in the order of their slots (a slot no longer listed:
+        last on its node); through the view's index of containers where there is one."""
         if self.containers is not None:
             keys = self.containers.get(container, ())
             found = [(key, self.holders[key]) for key in keys if key in self.holders]
         else:
             found = [(key, h) for key, h in self.holders.items() if h.container == container]
-        return in_slot_order(found, self.slots)
+        slots = self.slots
+        return sorted(
+            found, key=lambda pair: slots[pair[0]].order if pair[0] in slots else (pair[0][0], ())
+        )
 
 
 class _DrainedSlots:
@@ -84,15 +89,6 @@ class _DrainedSlots:
     def __contains__(self, key: object) -> bool:
         slot = self.snapshot.slots.get(key)  # type: ignore[call-overload]
         return slot is not None and self.snapshot.drained(slot) is not None
-
-
-def in_slot_order(
-    held: Iterable[tuple[SlotKey, Holder]], slots: dict[SlotKey, SlotRecord]
-) -> list[tuple[SlotKey, Holder]]:
-    """Holdings in the order of their slots (a slot no longer listed: last on its node)."""
-    return sorted(
-        held, key=lambda pair: slots[pair[0]].order if pair[0] in slots else (pair[0][0], ())
-    )
 
 
 def in_numeric_order(slots: dict[SlotKey, SlotRecord]) -> dict[SlotKey, SlotRecord]:

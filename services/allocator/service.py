@@ -597,7 +597,7 @@ class Allocator:
         revisions, so a stale view only costs the fresh read that follows."""
         cache = self.cache
         if cache is not None and cache.live:
-            held = cache.view.held_by(container)
+            held = cache.view.snapshot().held_by(container)  # by the view's index
             owners = {h.user for _, h in held}
             allowed = len(owners) == 1 and (actor.privileged or owners == {actor.name})
             if allowed and await change(held):  # else the fresh read decides, and says why
