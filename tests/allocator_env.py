@@ -16,6 +16,12 @@ from typing import Any
 import aetcd
 import pytest_asyncio
 
+from ds01.allocator.cache import ClusterCache
+from ds01.allocator.etcd_state import EtcdState
+from ds01.allocator.peers import Presence
+from ds01.allocator.placement import Request
+from ds01.allocator.server import RemoteLimits
+from ds01.allocator.service import Actor, Allocator
 from ds01.client import ClientIdentity, Ds01Client
 from ds01.containers.adapters import DockerHost, MetadataStore
 from ds01.containers.lifecycle import Lifecycle
@@ -27,7 +33,7 @@ from ds01.core.config import (
     InventoryConfig,
     OwnershipConfig,
 )
-from ds01.core.etcd import etcd_client
+from ds01.core.etcd import connect, etcd_client
 from ds01.core.identity import Roles
 from ds01.core.launcher import service_spec
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
@@ -158,6 +164,7 @@ async def make_env(
     services: tuple[str, ...] | None = None,
     ds01_metadata: Path | None = None,
     run_dir: Path | None = None,
+    inventory: str = INVENTORY,
     **containers: Any,
 ) -> AllocatorEnv:
     """limits and allocator (and containers, given a Docker socket) on a wiped etcd;
@@ -166,7 +173,7 @@ async def make_env(
     ``containers``: more of the containers section (tests ask for no GPU by default:
     default_gpus=1 and default_gpu_kind restore the host default)."""
     await wipe(etcd, pki)
-    files = write_files(directory, limits)
+    files = write_files(directory, limits, inventory)
     containers.setdefault("default_gpus", 0)
     if services is None:
         services = (
@@ -324,3 +331,86 @@ def full_stack_fixture(limits: str = LIMITS, **containers: Any) -> Any:
             yield env
 
     return stack
+
+
+ADMIN = Actor("svc:containers", True)
+
+
+@dataclass
+class AllocatorNode:
+    """One allocator process's parts, built here: its etcd client, state, watched view
+    and allocator, and its announcement among the allocators when it makes one."""
+
+    client: aetcd.Client
+    state: EtcdState
+    cache: ClusterCache
+    allocator: Allocator
+    limits: RemoteLimits
+    presence: Presence | None = None
+    keeping: asyncio.Task[None] | None = None
+
+    async def allocate(self, user: str, name: str, **wanted: object) -> list[str]:
+        request = Request(user=user, container=f"{name}._.{user}", **wanted)  # type: ignore[arg-type]
+        granted = await self.allocator.allocate(request, ADMIN)
+        return [g.slot.slot_id for g in granted]
+
+    async def freeze(self) -> None:
+        """Stop following etcd but keep planning on the view: a watch that lags."""
+        await self.cache.close()
+        self.cache.live = True
+
+    async def thaw(self, env: AllocatorEnv) -> None:
+        """Follow etcd again, and return once the view has caught up with it."""
+        self.cache.start()
+        caught_up = await etcd_revision(env.config.etcd_endpoints[0], env.pki)
+        for _ in range(200):
+            if self.cache.live and self.cache.view.revision >= caught_up:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the view did not catch up with etcd")
+
+    async def close(self) -> None:
+        if self.keeping is not None:
+            self.keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.keeping
+        await self.cache.close()
+        await self.state.close()
+        await self.limits.client.close()
+        await self.client.close()
+
+
+@contextlib.asynccontextmanager
+async def allocator_nodes(
+    env: AllocatorEnv, count: int, announce: bool = False, ttl: int = 10
+) -> AsyncIterator[list[AllocatorNode]]:
+    """``count`` allocators on the env's etcd, as processes or hosts would be, each
+    announcing itself (on a lease of ``ttl`` seconds) if ``announce``; returned once
+    each view is live with the node registered (and the announcements in it)."""
+    made = []
+    try:
+        for _ in range(count):
+            client = connect(env.config, "allocator")
+            state = EtcdState(client, lock_ttl=env.config.allocator.lock_ttl)
+            cache = ClusterCache(state)
+            cache.start()
+            limits = RemoteLimits(env.service_client("allocator"))
+            presence = Presence(client, env.config.node, ttl=ttl) if announce else None
+            me = presence.me if presence else None
+            allocator = Allocator(state, limits, cache=cache, me=me)
+            node = AllocatorNode(client, state, cache, allocator, limits, presence)
+            if presence is not None:
+                node.keeping = asyncio.ensure_future(presence.keep())
+            made.append(node)
+        ids = {n.presence.me.id for n in made if n.presence}
+        for node in made:
+            for _ in range(200):
+                seen = node.cache.view.allocators.get(env.config.node, set())
+                if node.cache.live and node.cache.view.nodes and ids <= seen:
+                    break
+                await asyncio.sleep(0.02)
+            assert node.cache.live and ids <= node.cache.view.allocators.get(env.config.node, set())
+        yield made
+    finally:
+        for node in made:
+            await node.close()

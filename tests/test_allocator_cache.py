@@ -7,67 +7,26 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds01.allocator.cache import ClusterCache, View
-from ds01.allocator.etcd_state import EtcdState
-from ds01.allocator.placement import AllocationRefused, Preference, Refusal, Request, gpu_of
+from ds01.allocator.cache import View
+from ds01.allocator.placement import AllocationRefused, Preference, Refusal, gpu_of
 from ds01.allocator.records import HOLDERS, SLOTS, Holder, SlotRecord, slot_key
-from ds01.allocator.server import RemoteLimits
-from ds01.allocator.service import Actor, Allocator
+from ds01.allocator.service import Actor
 from ds01.core.audit import AUDIT
 from ds01.core.etcd import connect
-from tests.allocator_env import AllocatorEnv, etcd_revision
-
-ADMIN = Actor("svc:containers", True)
-
-
-@dataclass
-class Node:
-    """One allocator process's parts: its etcd client, state, view and allocator."""
-
-    allocator: Allocator
-    cache: ClusterCache
-
-    async def allocate(self, user: str, name: str, **wanted: object) -> list[str]:
-        request = Request(user=user, container=f"{name}._.{user}", **wanted)  # type: ignore[arg-type]
-        granted = await self.allocator.allocate(request, ADMIN)
-        return [g.slot.slot_id for g in granted]
-
-    async def freeze(self) -> None:
-        """Stop following etcd but keep planning on the view: a watch that lags."""
-        await self.cache.close()
-        self.cache.live = True
+from tests.allocator_env import ADMIN, AllocatorEnv, AllocatorNode, allocator_nodes, etcd_revision
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def pair(env: AllocatorEnv) -> AsyncIterator[tuple[Node, Node]]:
+async def pair(env: AllocatorEnv) -> AsyncIterator[tuple[AllocatorNode, AllocatorNode]]:
     """Two allocators on one etcd, as two processes or two hosts would be."""
-    made = []
-    for _ in range(2):
-        client = connect(env.config, "allocator")
-        state = EtcdState(client, lock_ttl=env.config.allocator.lock_ttl)
-        cache = ClusterCache(state)
-        cache.start()
-        limits = RemoteLimits(env.service_client("allocator"))
-        made.append((client, state, Node(Allocator(state, limits, cache=cache), cache), limits))
-    for *_, node, _limits in made:
-        for _ in range(100):
-            if node.cache.live and node.cache.view.nodes:
-                break
-            await asyncio.sleep(0.05)
-        assert node.cache.live
-    yield made[0][2], made[1][2]
-    for client, state, node, limits in made:
-        await node.cache.close()
-        await state.close()
-        await limits.client.close()
-        await client.close()
+    async with allocator_nodes(env, 2) as (first, second):
+        yield first, second
 
 
 async def holder_of(env: AllocatorEnv, node: str, slot_id: str) -> Holder | None:

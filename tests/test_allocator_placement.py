@@ -98,6 +98,50 @@ def test_spreading_never_turns_a_grant_into_a_refusal():
         assert sorted(ids(chosen)) == ["2:1", "2:2"]
 
 
+@pytest.mark.parametrize("strategy", [Strategy.LEAST_ALLOCATED, Strategy.PACK])
+def test_an_allocator_that_contends_takes_its_share_first_then_the_strategys_best(
+    strategy: Strategy,
+):
+    """Its share comes before a better GPU elsewhere (the others take that one), in the
+    strategy's order within the share; once the share is used up, the rest as before.
+    Without contention the share changes nothing."""
+    slots = [mig("n", gpu, i) for gpu in (0, 1, 2) for i in (1, 2, 3)]
+    holders = {("n", "1:1"): holder("bob", "b"), ("n", "2:1"): holder("bob", "c"),
+               ("n", "2:2"): holder("bob", "d")}  # fmt: skip
+    share = {("n", "0:3"), ("n", "1:2"), ("n", "1:3")}
+    request = Request("alice", "a", preference=Preference.MIG)
+
+    def chosen(spread: bool, held: dict = holders, wanted: Request = request) -> list[str]:
+        found = plan(wanted, RESEARCHER, slots, held, {"n"}, strategy, spread=spread, share=share)
+        return ids(found)
+
+    best = {Strategy.LEAST_ALLOCATED: "0:1", Strategy.PACK: "2:3"}[strategy]
+    assert {chosen(spread=False)[0] for _ in range(20)} == {best}
+    # Within the share: the least allocated GPU (0, none held) or the most (1, one held).
+    mine = {Strategy.LEAST_ALLOCATED: {"0:3"}, Strategy.PACK: {"1:2", "1:3"}}[strategy]
+    assert {chosen(spread=True)[0] for _ in range(200)} == mine
+    two = chosen(spread=True, wanted=Request("alice", "a", slots=2, preference=Preference.MIG))
+    assert set(two) <= {key[1] for key in share}  # both from the share while it has them
+    used_up = {**holders, **{key: holder("carl", "e") for key in share}}
+    rest = {s.slot_id for s in slots} - {key[1] for key in used_up}
+    assert {chosen(spread=True, held=used_up)[0] for _ in range(50)} <= rest
+    assert chosen(spread=True, held=used_up)  # a full share refuses nothing
+
+
+def test_a_share_never_turns_a_grant_into_a_refusal():
+    """Taken greedily, a share's full GPU would leave no room in a 1.0 quota for a second
+    slot; the two half-GPU slices outside the share still fit, and are granted."""
+    half = [SlotRecord("n", f"2:{i}", f"MIG-2-{i}", "A100", "3g.40gb", 40 << 30, 0.5)
+            for i in (1, 2)]  # fmt: skip
+    slots = [*half, full("n", 3)]
+    quota = Quota("lab", 10, max_gpu_equivalents=1.0, max_slots_per_container=2,
+                  allow_full_gpu=True)  # fmt: skip
+    request = Request("alice", "a", slots=2)
+    for _ in range(50):
+        chosen = plan(request, quota, slots, {}, {"n"}, spread=True, share={("n", "3")})
+        assert sorted(ids(chosen)) == ["2:1", "2:2"]
+
+
 def test_least_allocated_spreads_mig_slices_over_gpus():
     slots = [mig("n", 0, 1), mig("n", 0, 2), mig("n", 1, 1), mig("n", 1, 2)]
     holders = {("n", "0:1"): holder("bob", "b")}

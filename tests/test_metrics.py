@@ -51,6 +51,7 @@ async def test_allocations_show_with_ds01s_names_and_labels(env: AllocatorEnv):
     assert value(samples, "ds01_user_gpu_equivalents", user="alice") == pytest.approx(2 / 7)
     assert value(samples, "ds01_gpu_equivalents", state="allocated") == pytest.approx(2 / 7)
     assert value(samples, "ds01_node_up", node=env.config.node) == 1
+    assert value(samples, "ds01_allocators", node=env.config.node) == 1  # it announced itself
     migs = {labels["mig_uuid"] for labels, _ in samples["ds01_mig_slot_info"]}
     assert "MIG-0002-1" in migs
     assert value(samples, "ds01_exporter_info", service="allocator") == 1

@@ -22,6 +22,7 @@ from aetcd.utils import prefix_range_end
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, in_numeric_order, waiting
 from ds01.allocator.placement import FleetIndex, GpuKey, gpu_of
 from ds01.allocator.records import (
+    ALLOCATORS,
     CLAIMS,
     DRAINS,
     HOLDERS,
@@ -41,9 +42,10 @@ log = logging.getLogger(__name__)
 
 # What the view follows, as key ranges. Holders and claim generations in one range: an
 # allocation writes both in one transaction, which then reaches each allocator as one
-# watch message instead of two. Between them lie the release marks (written with a
-# holder's delete) and the audit trail, which the view passes over without waking anyone.
-KEPT = (HOLDERS, SLOTS, NODES, WAITERS, DRAINS, CLAIMS)  # what the view holds
+# watch message instead of two. Between them lie the allocators that are up (kept), the
+# release marks (written with a holder's delete) and the audit trail, which the view
+# passes over without waking anyone.
+KEPT = (HOLDERS, SLOTS, NODES, WAITERS, DRAINS, CLAIMS, ALLOCATORS)  # what the view holds
 WATCHED = (
     (HOLDERS, CLAIMS),
     (SLOTS, SLOTS),
@@ -76,6 +78,7 @@ class View:
     gpu_load: Counter[GpuKey] = field(default_factory=Counter)  # holders per GPU, if any
     gpu_slots: Counter[GpuKey] = field(default_factory=Counter)  # slots per GPU
     holds: dict[SlotKey, Holder] = field(default_factory=dict)  # holders with an end
+    allocators: dict[str, set[str]] = field(default_factory=dict)  # node -> ids of those up
 
     def snapshot(self, node: str = "") -> Snapshot:
         """The view as the planner reads it, for one node or for all: no copies (planning
@@ -260,7 +263,7 @@ class ClusterCache:
                 await cancel_watch(watch)
 
     async def _load(self) -> View:
-        snapshot, generations = await self.state.snapshot_with_generations()
+        snapshot, generations, allocators = await self.state.snapshot_for_view()
         view = View(
             nodes=dict(snapshot.nodes),
             waiters=dict(snapshot.waiters),
@@ -268,6 +271,8 @@ class ClusterCache:
             generations=generations,
             revision=snapshot.revision,
         )
+        for node, allocator in allocators:
+            _member(view.allocators, node, allocator, deleted=False)
         for key, slot in snapshot.slots.items():
             view.set_slot(key, slot)
         for key, holder in snapshot.holders.items():
@@ -319,6 +324,8 @@ def apply(view: View, event: aetcd.rtypes.Event) -> bool:
         _keyed(view.waiters, key, deleted, waiting, kv.value)
     elif key.startswith(DRAINS):
         _keyed(view.drains, key.removeprefix(DRAINS), deleted, DrainRecord.decode, kv.value)
+    elif key.startswith(ALLOCATORS):
+        _member(view.allocators, *split_slot_key(ALLOCATORS, kv.key), deleted=deleted)
     elif key.startswith(CLAIMS):
         user = key.removeprefix(CLAIMS)
         if deleted:
@@ -334,3 +341,13 @@ def _keyed(table: dict, key: object, deleted: bool, decode: Callable[[bytes], ob
         table.pop(key, None)
     else:
         table[key] = decode(value)
+
+
+def _member(sets: dict[str, set[str]], name: str, member: str, deleted: bool) -> None:
+    """``member`` into or out of the set of ``name`` (a set that empties goes)."""
+    if not deleted:
+        sets.setdefault(name, set()).add(member)
+    elif member in sets.get(name, ()):
+        sets[name].discard(member)
+        if not sets[name]:
+            del sets[name]

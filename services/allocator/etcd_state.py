@@ -21,6 +21,7 @@ from aetcd.utils import prefix_range_end
 from ds01.allocator.batching import TxnBatcher
 from ds01.allocator.placement import FleetIndex, Plan, SlotKey
 from ds01.allocator.records import (
+    ALLOCATORS,
     CLAIMS,
     DRAINS,
     HOLDERS,
@@ -204,17 +205,20 @@ class EtcdState:
         """etcd's revision now, from an empty range read (no values travel)."""
         return (await self.client.get_prefix(f"{ROOT}revision-probe/".encode())).header.revision
 
-    async def snapshot_with_generations(self) -> tuple[Snapshot, dict[str, int]]:
-        """A snapshot, and each user's claim generation (mod revision), read together."""
+    async def snapshot_for_view(self) -> tuple[Snapshot, dict[str, int], list[tuple[str, str]]]:
+        """What a watched view starts from, read together: a snapshot, each user's claim
+        generation (mod revision), and the allocators that are up, as (node, id)."""
         tx = self.client.transactions
-        claims = tx.get(CLAIMS.encode(), prefix_range_end(CLAIMS.encode()))
+        claims, allocators = (tx.get(p.encode(), prefix_range_end(p.encode()))
+                              for p in (CLAIMS, ALLOCATORS))  # fmt: skip
         _, responses = await self.client.transaction(
-            compare=[], success=[*self._reads(), claims], failure=[]
+            compare=[], success=[*self._reads(), claims, allocators], failure=[]
         )
         ranges = _ranges(responses)
-        generations = {kv.key.decode().removeprefix(CLAIMS): kv.mod_revision for kv in ranges[-1]}
-        snapshot = self._decoder.snapshot(ranges[:-1], await self._revision(responses))
-        return snapshot, generations
+        generations = {kv.key.decode().removeprefix(CLAIMS): kv.mod_revision for kv in ranges[-2]}
+        up = [split_slot_key(ALLOCATORS, kv.key) for kv in ranges[-1]]
+        snapshot = self._decoder.snapshot(ranges[:-2], await self._revision(responses))
+        return snapshot, generations, up
 
     async def claim_at_once(
         self, plan: Plan, holder: Holder, user: str, generation: int

@@ -9,7 +9,7 @@ for their type, never the fleet's slots or records.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +38,9 @@ def register(metrics: ServiceMetrics, allocator: Allocator, types: ContainerType
 
     metrics.add_async(collect)
     metrics.add(lambda: allocator_counters(allocator.stats, allocator.state.batched))
+    if allocator.cache is not None:
+        cache = allocator.cache
+        metrics.add(lambda: allocators_up(cache.view.allocators if cache.live else None))
 
 
 def allocation_metrics(snapshot: Snapshot, types: dict[str, str]) -> list[Metric]:
@@ -168,3 +171,16 @@ def allocator_counters(stats: AllocatorStats, batched: TxnBatcher) -> list[Metri
             value=stats.locked_fallbacks,
         ),
     ]
+
+
+def allocators_up(allocators: Mapping[str, Collection[str]] | None) -> list[Metric]:
+    """None while the watched view is not live: nothing then, rather than a stale count."""
+    family = GaugeMetricFamily(
+        "ds01_allocators",
+        "Allocator processes up on each node, as announced in etcd; those of one node split "
+        "its slots between them when they race for the same ones.",
+        labels=["node"],
+    )
+    for node, ids in sorted((allocators or {}).items()):
+        family.add_metric([node], len(ids))
+    return [family]

@@ -146,23 +146,25 @@ def plan(
     spread: bool = False,
     in_order: bool = False,
     index: FleetIndex | None = None,
+    share: Container[SlotKey] = (),
 ) -> Plan:
     """The slots ``request`` gets, or AllocationRefused saying why not. ``in_order``:
     ``slots`` come in numeric order (``SlotRecord.order``), as a Snapshot keeps them, so
     least-allocated placement may stop at the first free slots on unused GPUs. ``held``: the
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts).
-    ``spread``: ties between equally good slots are broken at random, not in numeric
-    order (allocators that contend for slots then seldom plan the same one). Slots are
-    picked greedily within the quota, so another order may fit less: what spreading
-    cannot grant, or --gpus all, is planned in numeric order, as without it. ``index``:
+    ``spread``: for an allocator that contends with others for slots: the slots of its
+    ``share`` first (see peers.py), whatever their GPU's load, and ties between equally
+    good slots broken at random, not in numeric order, so that allocators seldom plan
+    the same slot. Slots are picked greedily within the quota, so another order may fit
+    less: what spreading cannot grant, or --gpus all, is planned as without it. ``index``:
     of the whole fleet's ``slots`` and ``holders`` (claims in flight included), for
     choosing among the free slots alone."""
     slots = list(slots)
     arguments = (request, quota, slots, holders, nodes_up, strategy, held, drained)
     if spread and not request.as_many:
         with contextlib.suppress(AllocationRefused):
-            return _plan(*arguments, spread=True, in_order=in_order, index=index)
+            return _plan(*arguments, spread=True, in_order=in_order, index=index, share=share)
     return _plan(*arguments, spread=False, in_order=in_order, index=index)
 
 
@@ -178,6 +180,7 @@ def _plan(
     spread: bool,
     in_order: bool,
     index: FleetIndex | None,
+    share: Container[SlotKey] = (),
 ) -> Plan:
     many = request.as_many
     wanted = checked(request, quota)  # what no state of the cluster could grant
@@ -228,12 +231,12 @@ def _plan(
             f"{smallest:.2f} more. Nothing fits until one of their containers is stopped "
             "or removed.",
         )
-    chosen = _choose(fitting, holders, request, quota, strategy, budget, spread)
+    chosen = _choose(fitting, holders, request, quota, strategy, budget, spread, share)
     if _enough(chosen.slots, wanted, request.gpu_equivalents):
         return chosen
     if many and chosen.slots:  # fewer than the cap: what fits, free ones first
         return Plan(chosen.claim, ()) if chosen.claim else chosen
-    beyond = _choose(eligible, holders, request, quota, strategy, None, spread)
+    beyond = _choose(eligible, holders, request, quota, strategy, None, spread, share)
     if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
         raise AllocationRefused(
             Refusal.QUOTA,
@@ -351,12 +354,13 @@ def _choose(
     strategy: Strategy,
     budget: float | None,
     spread: bool = False,
+    share: Container[SlotKey] = (),
 ) -> Plan:
     """Free slots first, then slots held for lower-priority users' stopped containers."""
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     free = [s for s in candidates if (s.node, s.slot_id) not in holders]
     load = _gpu_load(holders)
-    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread)
+    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread, share)
     preempt: list[tuple[SlotRecord, Holder]] = []
     if not _enough(claim, wanted, request.gpu_equivalents):
         left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
@@ -428,18 +432,24 @@ def _pick(
     strategy: Strategy,
     budget: float | None = None,
     spread: bool = False,
+    share: Container[SlotKey] = (),
 ) -> list[SlotRecord]:
     """Least-allocated GPU first (ties in numeric order, or at random to ``spread``),
     or most-allocated for pack; with a ``budget``, only slots that keep the total
-    within it. ``held``: slots held on each GPU."""
+    within it. ``held``: slots held on each GPU. When spreading, slots of ``share``
+    come before all others."""
     load = Counter(held)
     remaining = sorted(free, key=lambda s: s.order)
     tie = {id(s): random.random() if spread else n for n, s in enumerate(remaining)}
+    later = {id(s): (s.node, s.slot_id) not in share for s in remaining} if spread and share else {}
     chosen: list[SlotRecord] = []
     spent = 0.0
     sign = -1 if strategy is Strategy.PACK else 1
     while remaining and not _enough(chosen, wanted, equivalents):
-        best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], tie[id(s)]))
+        best = min(
+            remaining,
+            key=lambda s: (later.get(id(s), False), sign * load[(s.node, s.gpu)], tie[id(s)]),
+        )
         remaining.remove(best)
         if budget is not None and spent + best.gpu_equivalents > budget + EPSILON:
             continue

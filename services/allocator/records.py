@@ -13,6 +13,8 @@
 /ds01/v1/waiters/<order>               Allocate calls waiting for a slot, in serving
                                        order (priority, then arrival)
 /ds01/v1/drains/<node>[/<gpu>]         no new allocations on a node or one of its GPUs
+/ds01/v1/allocators/<node>/<id>        an allocator process that is up, on its lease
+                                       (see peers.py)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ RELEASED = ALLOC + "released/"
 USER_LOCKS = ROOT + "locks/users/"
 WAITERS = ROOT + "waiters/"
 DRAINS = ROOT + "drains/"
+ALLOCATORS = ROOT + "allocators/"
 # One key per user, written by every claim for that user: a claim planned on an older
 # view compares its revision, so no two claims can both pass one quota check.
 CLAIMS = ROOT + "claims/users/"

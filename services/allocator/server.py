@@ -27,6 +27,7 @@ from ds01.allocator.events import (
     watch_allocations,
 )
 from ds01.allocator.inventory import load_inventory
+from ds01.allocator.peers import Presence
 from ds01.allocator.placement import (
     AllocationRefused,
     Preference,
@@ -490,6 +491,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
     cache = ClusterCache(state, watch_client=connect(config, "allocator"))
     cache.start()
+    presence = Presence(etcd, config.node)
 
     async def container_exists(name: str, nodes: set[str]) -> bool:
         """Whether the containers service has a record of ``name`` on one of ``nodes``."""
@@ -502,6 +504,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         strategy=Strategy(config.allocator.strategy),
         container_exists=container_exists,
         cache=cache,
+        me=presence.me,
     )
     allocator_pb2_grpc.add_AllocatorServiceServicer_to_server(
         AllocatorServicer(allocator, limits, config.node), server
@@ -515,8 +518,10 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     runtime.run_in_background(registration.keep(runtime, etcd), f"node-{config.node}")
     runtime.run_in_background(limits.follow_changes(), "limits-changes")
     runtime.run_in_background(_expire_overdue_holds(allocator), "hold-sweeper")
+    runtime.run_in_background(presence.keep(), "presence")
 
     async def close() -> None:
+        await presence.withdraw()
         await cache.close()
         await state.close()
         await limits.client.close()

@@ -7,12 +7,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ds01.allocator.cache import ClusterCache
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot
+from ds01.allocator.peers import Peer, share_of
 from ds01.allocator.placement import (
     AllocationRefused,
     Plan,
@@ -109,19 +110,22 @@ class Allocator:
         strategy: Strategy = Strategy.LEAST_ALLOCATED,
         container_exists: Callable[[str, set[str]], Awaitable[bool]] | None = None,
         cache: ClusterCache | None = None,
+        me: Peer | None = None,
     ) -> None:
         # Whether a container of that name is recorded on one of those nodes.
         self.container_exists = container_exists
         self.state = state
         self.cache = cache  # the watched view: one round trip in the common case
+        self.me = me  # this process among the allocators, as announced (see peers.py)
         self.limits = limits
         self.strategy = strategy
         self.lock_ttl = state.lock_ttl
         # Slots this process is claiming right now: its other requests plan around them
         # instead of all picking the same best slot and losing the transaction.
         self._in_flight: dict[SlotKey, Holder] = {}
-        # Until then, plans spread over equally good slots: another allocator took a
-        # slot this one planned, and the two would otherwise keep planning alike.
+        # Until then, plans take this process's share of its node first and spread over
+        # equally good slots: another allocator took a slot this one planned, and the
+        # two would otherwise keep planning alike.
         self._contended_until = 0.0
         self.stats = AllocatorStats()
 
@@ -180,6 +184,13 @@ class Allocator:
         if not self._in_flight:
             return snapshot.holders
         return {**self._in_flight, **snapshot.holders}
+
+    def _share(self) -> Container[SlotKey]:
+        """This process's share of its node's slots, as the watched view knows the
+        node's allocators; none where it does not."""
+        if self.me is None or self.cache is None:
+            return ()
+        return share_of(self.me, self.cache.view.allocators) or ()
 
     def _lost(self) -> None:
         self.stats.claim_conflicts += 1
@@ -292,6 +303,7 @@ class Allocator:
         index = snapshot.fleet
         if index is not None and holders is not snapshot.holders:  # claims in flight
             index = index.with_held(key for key in self._in_flight if key not in snapshot.holders)
+        spread = time.monotonic() < self._contended_until
         chosen = plan(
             request,
             quota,
@@ -301,9 +313,10 @@ class Allocator:
             self.strategy,
             held,
             drained,
-            spread=time.monotonic() < self._contended_until,
+            spread=spread,
             in_order=True,  # a Snapshot's slots are
             index=index,
+            share=self._share() if spread else (),
         )
         # Waiters served before this request that want what it would take: slots of the
         # same kind (full GPU or MIG slice) on the same node. One for another node, or for

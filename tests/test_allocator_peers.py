@@ -1,0 +1,181 @@
+"""Allocators that serve one node see each other come and go, and split its slots between
+them once they race: each then takes slots of its own share first, and loses no more
+claims to the others while its share has room."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ds01.allocator.peers import Peer, share_of
+from ds01.allocator.records import HOLDERS, slot_key
+from ds01.core.pki import Pki
+from tests.allocator_env import AllocatorEnv, AllocatorNode, allocator_nodes, make_env
+
+# Nobody's quota is in the way: only which slot each allocator picks is asked about.
+UNLIMITED = (
+    "defaults:\n  max_gpu_equivalents: null\n  max_gpu_slots_per_container: null\n"
+    "  allow_full_gpu: true\n  priority: 10\n"
+)
+# Seven GPUs of seven 1g.10gb slices: 49 slots.
+SEVEN_BY_SEVEN = "gpus:\n" + "".join(
+    f"  - index: {gpu}\n    uuid: GPU-{gpu}\n    mig:\n      instances:\n"
+    + "".join(
+        f"        - {{id: {i}, profile: 1g.10gb, uuid: MIG-{gpu}-{i}}}\n" for i in range(1, 8)
+    )
+    for gpu in range(7)
+)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(
+    tmp_path: Path, pki: Pki, state_dir: Path, etcd_endpoint: str
+) -> AsyncIterator[AllocatorEnv]:
+    env = await make_env(tmp_path, pki, state_dir, etcd_endpoint, limits=UNLIMITED,
+                         inventory=SEVEN_BY_SEVEN)  # fmt: skip
+    yield env
+    await env.stop()
+
+
+node_slots = st.lists(
+    st.tuples(st.integers(0, 15), st.integers(0, 7)).map(lambda gi: f"{gi[0]}:{gi[1]}"),
+    unique=True,
+    max_size=60,
+)
+
+
+@given(
+    ids=st.lists(st.text("0123456789abcdef", min_size=1, max_size=16), min_size=1, max_size=6,
+                 unique=True),
+    slots=node_slots,
+    elsewhere=node_slots,
+)  # fmt: skip
+def test_the_allocators_of_a_node_split_its_slots_and_nothing_else(
+    ids: list[str], slots: list[str], elsewhere: list[str]
+):
+    allocators = {"gpu-01": set(ids), "gpu-02": {"other"}}
+    shares = [share_of(Peer("gpu-01", me), allocators) for me in ids]
+    keys = [("gpu-01", slot) for slot in slots]
+    for key in keys:  # each slot of the node falls to exactly one of its allocators
+        assert sum(key in share for share in shares) == 1
+    assert not any(("gpu-02", slot) in share for slot in elsewhere for share in shares)
+    assert share_of(Peer("gpu-01", "not-announced"), allocators) is None
+    assert share_of(Peer("gpu-03", ids[0]), allocators) is None
+
+
+@pytest.mark.parametrize("allocators", [2, 3, 4])
+def test_shares_are_near_even(allocators: int):
+    """Eight GPUs of seven slices on each of five nodes: every allocator of a node gets
+    about its part (the same hash in every process, so the same split)."""
+    for node in ("n1", "gpu-node-07", "dgx-a", "host12.lab.example.org", "x"):
+        ids = {f"{node}-allocator-{n}" for n in range(allocators)}
+        keys = [(node, f"{gpu}:{i}") for gpu in range(8) for i in range(1, 8)]
+        sizes = [
+            sum(key in share_of(Peer(node, me), {node: ids}) for key in keys)  # type: ignore[operator]
+            for me in ids
+        ]
+        assert sum(sizes) == len(keys)
+        assert max(sizes) <= 1.6 * len(keys) / allocators, sizes
+
+
+async def _until(check: object, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_allocators_see_each_other_come_and_go(env: AllocatorEnv):
+    node = env.config.node
+    async with allocator_nodes(env, 3, announce=True, ttl=2) as (watching, leaving, dying):
+        seen = watching.cache.view.allocators
+        # The service's own allocator is one of them: it announced itself at start.
+        assert await _until(lambda: len(seen[node]) == 4, 2.0)
+        assert {leaving.presence.me.id, dying.presence.me.id} <= seen[node]
+
+        await leaving.presence.withdraw()  # a clean stop: gone at once
+        assert await _until(lambda: leaving.presence.me.id not in seen[node], 1.0)
+
+        dying.keeping.cancel()  # kill -9: its key stays until its lease runs out
+        await asyncio.sleep(0.5)
+        assert dying.presence.me.id in seen[node]
+        assert await _until(lambda: dying.presence.me.id not in seen[node], 5.0)
+
+        await env.stop("allocator")  # the service withdraws as it stops
+        assert await _until(lambda: len(seen.get(node, ())) == 1, 1.0)
+        assert seen[node] == {watching.presence.me.id}
+
+
+async def test_an_allocator_whose_lease_was_lost_announces_itself_again(env: AllocatorEnv):
+    """etcd away longer than the lease, or restored from a backup: the key is gone."""
+    async with allocator_nodes(env, 2, announce=True, ttl=3) as (watching, lost):
+        me = lost.presence.me
+        announced = await watching.client.get(me.key)
+        await watching.client.revoke_lease(announced.lease)  # as etcd would expire it
+        seen = watching.cache.view.allocators[env.config.node]
+        assert await _until(lambda: me.id not in seen, 1.0)
+        assert await _until(lambda: me.id in seen, 3.0)  # within a third of its lease
+
+
+async def _lose_a_race(env: AllocatorEnv, racers: list[AllocatorNode], winner: AllocatorNode):
+    """Each of ``racers`` plans on a view that missed the winner's claim, and loses it."""
+    for racer in racers:
+        await racer.freeze()
+    [taken] = await winner.allocate("wanda", "first")
+    for n, racer in enumerate(racers):
+        before = racer.allocator.stats.claim_conflicts
+        [got] = await racer.allocate("lou", f"late{n}")
+        assert got != taken and racer.allocator.stats.claim_conflicts == before + 1
+        await racer.thaw(env)
+
+
+async def test_allocators_that_lost_a_race_split_the_node_and_race_no_more(env: AllocatorEnv):
+    node = env.config.node
+    async with (
+        allocator_nodes(env, 2, announce=True) as (first, second),
+        allocator_nodes(env, 1) as [winner],  # announces nothing: it has no share
+    ):
+        await _lose_a_race(env, [first, second], winner)
+        view = first.cache.view
+        shares = [share_of(racer.presence.me, view.allocators) for racer in (first, second)]
+        free = [[key for key in view.free if key in share] for share in shares]
+        burst = min(8, *map(len, free))
+        assert burst >= 3  # 49 slots over three allocators (the service's is the third)
+
+        async def claim(racer: int, n: int) -> tuple[str, str]:
+            [slot] = await (first, second)[racer].allocate(f"u{n}", f"burst{racer}-{n}")
+            return node, slot
+
+        before = [racer.allocator.stats.claim_conflicts for racer in (first, second)]
+        got = await asyncio.gather(*(claim(racer, n) for n in range(burst) for racer in (0, 1)))
+        after = [racer.allocator.stats.claim_conflicts for racer in (first, second)]
+        assert after == before  # no claim lost: each took its own share
+        assert set(got[0::2]) <= set(free[0]) and set(got[1::2]) <= set(free[1])
+        assert len(set(got)) == 2 * burst  # and each slot went once, as etcd holds it
+        for key in got:
+            assert await first.client.get(slot_key(HOLDERS, *key)) is not None
+
+
+async def test_a_full_share_refuses_nothing(env: AllocatorEnv):
+    """Once its share is taken, a contending allocator takes slots outside it."""
+    node = env.config.node
+    async with (
+        allocator_nodes(env, 2, announce=True) as (first, _second),
+        allocator_nodes(env, 1) as [winner],
+    ):
+        await _lose_a_race(env, [first], winner)
+        share = share_of(first.presence.me, first.cache.view.allocators)
+        mine = [key for key in first.cache.view.free if key in share]
+        got = [(node, (await first.allocate(f"f{n}", f"f{n}"))[0]) for n in range(len(mine))]
+        assert sorted(got) == sorted(mine)
+        [beyond] = await first.allocate("g", "beyond")
+        assert (node, beyond) not in share
