@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,10 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ds01.allocator import service
 from ds01.allocator.peers import Peer, share_of
 from ds01.allocator.records import HOLDERS, slot_key
+from ds01.core.etcd import cancel_watch
 from ds01.core.pki import Pki
 from tests.allocator_env import AllocatorEnv, AllocatorNode, allocator_nodes, make_env
 
@@ -85,45 +87,65 @@ def test_shares_are_near_even(allocators: int):
         assert max(sizes) <= 1.6 * len(keys) / allocators, sizes
 
 
-async def _until(check: object, seconds: float = 5.0) -> bool:
+async def _until(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return True
         await asyncio.sleep(0.05)
     return False
 
 
+def _seen(node: AllocatorNode, of: str) -> set[str]:
+    """The allocators of node ``of`` that are up, as ``node``'s view has them now."""
+    return node.cache.view.allocators.get(of, set())
+
+
 async def test_allocators_see_each_other_come_and_go(env: AllocatorEnv):
     node = env.config.node
     async with allocator_nodes(env, 3, announce=True, ttl=2) as (watching, leaving, dying):
-        seen = watching.cache.view.allocators
         # The service's own allocator is one of them: it announced itself at start.
-        assert await _until(lambda: len(seen[node]) == 4, 2.0)
-        assert {leaving.presence.me.id, dying.presence.me.id} <= seen[node]
+        assert await _until(lambda: len(_seen(watching, node)) == 4, 2.0)
+        assert {leaving.presence.me.id, dying.presence.me.id} <= _seen(watching, node)
 
         await leaving.presence.withdraw()  # a clean stop: gone at once
-        assert await _until(lambda: leaving.presence.me.id not in seen[node], 1.0)
+        assert await _until(lambda: leaving.presence.me.id not in _seen(watching, node), 1.0)
 
         dying.keeping.cancel()  # kill -9: its key stays until its lease runs out
         await asyncio.sleep(0.5)
-        assert dying.presence.me.id in seen[node]
-        assert await _until(lambda: dying.presence.me.id not in seen[node], 5.0)
+        assert dying.presence.me.id in _seen(watching, node)
+        assert await _until(lambda: dying.presence.me.id not in _seen(watching, node), 5.0)
+        assert leaving.presence.me.id not in _seen(watching, node)  # and it stayed away
 
         await env.stop("allocator")  # the service withdraws as it stops
-        assert await _until(lambda: len(seen.get(node, ())) == 1, 1.0)
-        assert seen[node] == {watching.presence.me.id}
+        assert await _until(lambda: _seen(watching, node) == {watching.presence.me.id}, 1.0)
 
 
-async def test_an_allocator_whose_lease_was_lost_announces_itself_again(env: AllocatorEnv):
-    """etcd away longer than the lease, or restored from a backup: the key is gone."""
-    async with allocator_nodes(env, 2, announce=True, ttl=3) as (watching, lost):
-        me = lost.presence.me
-        announced = await watching.client.get(me.key)
-        await watching.client.revoke_lease(announced.lease)  # as etcd would expire it
-        seen = watching.cache.view.allocators[env.config.node]
-        assert await _until(lambda: me.id not in seen, 1.0)
-        assert await _until(lambda: me.id in seen, 3.0)  # within a third of its lease
+@pytest.mark.parametrize("lost", ["lease", "key"])
+async def test_an_allocator_whose_announcement_was_lost_makes_it_again(
+    env: AllocatorEnv, lost: str
+):
+    """etcd away longer than the lease, or restored from a backup (the lease is gone), or
+    an admin's delete (the key is): announced again within a third of the lease."""
+    async with allocator_nodes(env, 2, announce=True, ttl=3) as (watching, gone):
+        key = gone.presence.me.key
+        announced = await watching.client.get(key)
+        events = await watching.client.watch(key, start_revision=announced.mod_revision + 1)
+        try:
+            if lost == "lease":
+                await watching.client.revoke_lease(announced.lease)
+            else:
+                await watching.client.delete(key)
+            kinds = []
+            async with asyncio.timeout(2.5):
+                async for event in events:
+                    kinds.append(event.kind)
+                    if len(kinds) == 2:
+                        break
+        finally:
+            await cancel_watch(events)
+        assert kinds == ["DELETE", "PUT"]
+        assert await _until(lambda: gone.presence.me.id in _seen(watching, env.config.node), 1.0)
 
 
 async def _lose_a_race(env: AllocatorEnv, racers: list[AllocatorNode], winner: AllocatorNode):
@@ -136,6 +158,12 @@ async def _lose_a_race(env: AllocatorEnv, racers: list[AllocatorNode], winner: A
         [got] = await racer.allocate("lou", f"late{n}")
         assert got != taken and racer.allocator.stats.claim_conflicts == before + 1
         await racer.thaw(env)
+
+
+@pytest.fixture(autouse=True)
+def contended_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long enough for a slow machine to act while the allocators still contend."""
+    monkeypatch.setattr(service, "CONTENDED_FOR", 120.0)
 
 
 async def test_allocators_that_lost_a_race_split_the_node_and_race_no_more(env: AllocatorEnv):

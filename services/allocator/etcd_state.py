@@ -41,6 +41,7 @@ from ds01.allocator.records import (
     slot_key,
     split_slot_key,
 )
+from ds01.core.leases import LeasedKey
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ class NodeRegistration:
         self.client = client
         self.record = record
         self.slots = slots
-        self.ttl = ttl
+        self.node_key = LeasedKey(client, f"{NODES}{record.node}".encode(), record.encode(), ttl)
 
     async def register(self) -> None:
         current = await self.client.get_prefix(f"{SLOTS}{self.record.node}/".encode())
@@ -521,23 +522,7 @@ class NodeRegistration:
                 await self.client.put(key, value)
         for key in recorded.keys() - wanted.keys():
             await self.client.delete(key)  # gone from the inventory: Validate says so
-        await self._put_node()
-
-    async def _put_node(self) -> None:
-        self.lease = await self.client.lease(self.ttl)
-        await self.client.put(
-            f"{NODES}{self.record.node}".encode(), self.record.encode(), lease=self.lease
-        )
+        await self.node_key.put()
 
     async def keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            try:
-                remaining = await self.lease.remaining_ttl()
-                node = await self.client.get(f"{NODES}{self.record.node}".encode())
-                if remaining <= 0 or node is None:
-                    await self._put_node()
-                else:
-                    await self.lease.refresh()
-            except Exception as err:  # etcd away for a while: try again next round
-                log.warning("node %s: keep-alive failed: %s", self.record.node, err)
+        await self.node_key.keep()

@@ -13,8 +13,6 @@ on a node, its share is all of that node's slots.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 import aetcd
 
 from ds01.allocator.records import ALLOCATORS
-from ds01.core.etcd import failure_sentence
+from ds01.core.leases import LeasedKey
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +37,7 @@ class Peer:
 
     @property
     def key(self) -> bytes:
+        """Where it announces itself: the view reads node and id back from the key."""
         return f"{ALLOCATORS}{self.node}/{self.id}".encode()
 
 
@@ -75,43 +74,11 @@ def _slot_hash(node: str, slot_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-class Presence:
-    """This allocator's key under ALLOCATORS, on a lease it keeps alive: the key goes
-    within ``ttl`` seconds of the process's end, and at once when it stops cleanly."""
+class Presence(LeasedKey):
+    """This allocator's key under ALLOCATORS, on a lease it keeps alive: the others stop
+    counting it within ``ttl`` seconds of its end, and at once when it stops cleanly."""
 
     def __init__(self, client: aetcd.Client, node: str, ttl: int = 10) -> None:
-        self.client = client
         self.me = Peer(node, secrets.token_hex(8))
-        self.ttl = ttl
-        self._lease: aetcd.leases.Lease | None = None
-        self._problem = ""
-        self._withdrawn = False
-
-    async def keep(self) -> None:
-        """Announce, then refresh the lease a few times per ``ttl``; announce again when
-        the lease ran out (etcd was away longer than that, or was restored)."""
-        while not self._withdrawn:
-            try:
-                if self._lease is None or (await self._lease.refresh()).TTL <= 0:
-                    await self._announce()
-                self._problem = ""
-            except Exception as err:  # etcd away: the others stop counting this one
-                problem = failure_sentence(err)
-                if problem != self._problem:
-                    log.warning("allocator %s: cannot announce itself: %s", self.me.id, problem)
-                self._problem = problem
-            await asyncio.sleep(self.ttl / 3)
-
-    async def _announce(self) -> None:
-        lease = await self.client.lease(self.ttl)
-        await self.client.put(self.me.key, b"", lease=lease)
-        self._lease = lease
-        log.info("allocator %s serves node %s", self.me.id, self.me.node)
-
-    async def withdraw(self) -> None:
-        """Remove the key now: the others stop counting this allocator at once."""
-        self._withdrawn = True
-        if self._lease is not None:
-            with contextlib.suppress(Exception):
-                await self._lease.revoke()
-            self._lease = None
+        super().__init__(client, self.me.key, b"", ttl)
+        log.info("allocator %s serves node %s", self.me.id, node)

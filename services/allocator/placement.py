@@ -153,11 +153,12 @@ def plan(
     least-allocated placement may stop at the first free slots on unused GPUs. ``held``: the
     GPU-equivalents the user holds, when ``slots`` and ``holders`` are not all of them.
     ``drained``: slots that take no new allocation (what is held there still counts).
-    ``spread``: for an allocator that contends with others for slots: the slots of its
-    ``share`` first (see peers.py), whatever their GPU's load, and ties between equally
-    good slots broken at random, not in numeric order, so that allocators seldom plan
-    the same slot. Slots are picked greedily within the quota, so another order may fit
-    less: what spreading cannot grant, or --gpus all, is planned as without it. ``index``:
+    ``spread``: for an allocator that contends with others for slots: ties between
+    equally good slots are broken at random, not in numeric order, and each slot chosen
+    outside its ``share`` (see peers.py) is swapped for a free one of the same kind in
+    it, on the same node, so that allocators seldom plan the same slot. Slots are picked
+    greedily within the quota, so another order may fit less: what spreading cannot
+    grant, or --gpus all, is planned as without it. ``index``:
     of the whole fleet's ``slots`` and ``holders`` (claims in flight included), for
     choosing among the free slots alone."""
     slots = list(slots)
@@ -202,7 +203,7 @@ def _plan(
             return idle
     if index is not None and not many and not spread:  # spread draws at random: as before
         chosen = _among_free(request, quota, index, holders, nodes_up, drained, strategy,
-                             budget, wanted, spread)  # fmt: skip
+                             budget, wanted)  # fmt: skip
         if chosen is not None:
             return chosen
     fits = [slot for slot in slots if _may_take(slot, request, quota, nodes_up)]
@@ -236,7 +237,7 @@ def _plan(
         return chosen
     if many and chosen.slots:  # fewer than the cap: what fits, free ones first
         return Plan(chosen.claim, ()) if chosen.claim else chosen
-    beyond = _choose(eligible, holders, request, quota, strategy, None, spread, share)
+    beyond = _choose(eligible, holders, request, quota, strategy, None, spread)
     if budget is not None and _enough(beyond.slots, wanted, request.gpu_equivalents):
         raise AllocationRefused(
             Refusal.QUOTA,
@@ -300,7 +301,6 @@ def _among_free(
     strategy: Strategy,
     budget: float | None,
     wanted: int,
-    spread: bool,
 ) -> Plan | None:
     """What the full search grants while free slots are enough, chosen among the free
     slots alone, with each GPU's load from the index: the same slots, since the full
@@ -316,7 +316,7 @@ def _among_free(
         and (budget is None or slot.gpu_equivalents <= budget + EPSILON)
     ]
     equivalents = request.gpu_equivalents
-    claim = _pick(candidates, index.load, wanted, equivalents, strategy, budget, spread)
+    claim = _pick(candidates, index.load, wanted, equivalents, strategy, budget)
     return Plan(tuple(claim), ()) if claim and _enough(claim, wanted, equivalents) else None
 
 
@@ -360,7 +360,13 @@ def _choose(
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     free = [s for s in candidates if (s.node, s.slot_id) not in holders]
     load = _gpu_load(holders)
-    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread, share)
+    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread)
+    if spread and not _enough(claim, wanted, request.gpu_equivalents):
+        # Picked greedily within the quota, a random order may fit less than the
+        # strategy's: it must never cost a stopped container its hold.
+        claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget)
+    if share:
+        claim = _into_share(claim, free, share, load, strategy)
     preempt: list[tuple[SlotRecord, Holder]] = []
     if not _enough(claim, wanted, request.gpu_equivalents):
         left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
@@ -432,24 +438,18 @@ def _pick(
     strategy: Strategy,
     budget: float | None = None,
     spread: bool = False,
-    share: Container[SlotKey] = (),
 ) -> list[SlotRecord]:
     """Least-allocated GPU first (ties in numeric order, or at random to ``spread``),
     or most-allocated for pack; with a ``budget``, only slots that keep the total
-    within it. ``held``: slots held on each GPU. When spreading, slots of ``share``
-    come before all others."""
+    within it. ``held``: slots held on each GPU."""
     load = Counter(held)
     remaining = sorted(free, key=lambda s: s.order)
     tie = {id(s): random.random() if spread else n for n, s in enumerate(remaining)}
-    later = {id(s): (s.node, s.slot_id) not in share for s in remaining} if spread and share else {}
     chosen: list[SlotRecord] = []
     spent = 0.0
     sign = -1 if strategy is Strategy.PACK else 1
     while remaining and not _enough(chosen, wanted, equivalents):
-        best = min(
-            remaining,
-            key=lambda s: (later.get(id(s), False), sign * load[(s.node, s.gpu)], tie[id(s)]),
-        )
+        best = min(remaining, key=lambda s: (sign * load[(s.node, s.gpu)], tie[id(s)]))
         remaining.remove(best)
         if budget is not None and spent + best.gpu_equivalents > budget + EPSILON:
             continue
@@ -457,6 +457,41 @@ def _pick(
         spent += best.gpu_equivalents
         load[(best.node, best.gpu)] += 1
     return chosen
+
+
+def _into_share(
+    claim: list[SlotRecord],
+    free: list[SlotRecord],
+    share: Container[SlotKey],
+    held: Mapping[GpuKey, int],
+    strategy: Strategy,
+) -> list[SlotRecord]:
+    """``claim`` with each slot outside ``share`` swapped for a free slot of the share
+    that is of the same kind and on the same node, where there is one (the least
+    allocated GPU of the share first, or for pack the most): the same sizes, so the same
+    quota, preemptions, kinds and nodes as the claim it replaces."""
+    taken = {id(slot) for slot in claim}
+    spare = [s for s in free if (s.node, s.slot_id) in share and id(s) not in taken]
+    if not spare:
+        return claim
+    load = Counter(held)
+    sign = -1 if strategy is Strategy.PACK else 1
+    swapped = []
+    for slot in claim:
+        kind = _kind(slot)
+        alike = [] if (slot.node, slot.slot_id) in share else [
+            s for s in spare if s.node == slot.node and _kind(s) == kind]  # fmt: skip
+        if alike:
+            slot = min(alike, key=lambda s: (sign * load[(s.node, s.gpu)], random.random()))
+            spare.remove(slot)
+        swapped.append(slot)
+        load[(slot.node, slot.gpu)] += 1
+    return swapped
+
+
+def _kind(slot: SlotRecord) -> tuple[str, str, int, float]:
+    """What makes two slots interchangeable for whoever gets one."""
+    return slot.product, slot.mig_profile, slot.memory_bytes, slot.gpu_equivalents
 
 
 def _preemptible(
