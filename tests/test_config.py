@@ -50,6 +50,13 @@ def test_an_explicitly_named_missing_file_is_an_error(tmp_path):
         ("inventory:\n  source: gpu\n", "key inventory.source: 'gpu' is not one of"),
         ("docker:\n  host: /var/run/docker.sock\n", "key docker.host: .* use unix://"),
         ("log_level: loud\n", "key log_level: 'loud' is not one of"),
+        ("node: rack1/gpu-01\n", "key node: 'rack1/gpu-01' is not a host name"),
+        ("node: ../etc\n", "key node: '../etc' is not a host name"),
+        ("node: gpu 01\n", "key node: 'gpu 01' is not a host name"),
+        ("node: -gpu\n", "key node: '-gpu' is not a host name"),
+        ('node: "gpu\\n01"\n', r"key node: 'gpu\\n01' is not a host name"),
+        ("node: ''\n", "key node: must be a non-empty string"),
+        ("node: 7\n", "key node: must be a non-empty string"),
         ("listen: [1, 2]\n", "key 'listen' must be a mapping"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("listen:\n  limits: [oops\n", r"line \d+ is not valid YAML"),
@@ -60,6 +67,11 @@ def test_bad_files_name_file_key_and_problem(text: str, message: str):
     with pytest.raises(ConfigError, match=message) as error:
         parse_config(text, file)
     assert str(error.value).startswith(f"{file}:")
+
+
+@pytest.mark.parametrize("node", ["gpu-node-01", "gpu-node-01.lab.example.org", "n1", "DGX_A"])
+def test_host_names_are_node_names(node: str):
+    assert parse_config(f"node: {node}\n", Path("/etc/ds01/ds01.yaml")).node == node
 
 
 def test_etcd_endpoint_may_be_written_as_https_url():

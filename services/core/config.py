@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ def parse_config(text: str, file: Path) -> Config:
     reader = _Reader(file, raw, "")
     base = file.parent
     config = Config(
-        node=reader.str("node", Config().node),
+        node=reader.str("node", Config().node, check=_check_node),
         state_dir=reader.path("state_dir", Config.state_dir, base),
         listen=_read_listen(reader.section("listen")),
         etcd_endpoints=_read_endpoints(reader.section("etcd")),
@@ -283,6 +284,20 @@ def _check_metrics_address(value: str) -> str | None:
     if sep and host and port == "0":
         return None
     return _check_address(value)
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def _check_node(value: str) -> str | None:
+    """A node's name is part of etcd keys (``/ds01/v1/slots/<node>/<slot>``), labels and
+    metrics: a host name, which never holds a slash or a space."""
+    if _NODE_NAME.fullmatch(value):
+        return None
+    return (
+        f"{value!r} is not a host name: use letters, digits, '.', '-' and '_', starting "
+        "with a letter or digit (this host's own name is the default)"
+    )
 
 
 def _check_address(value: str) -> str | None:
