@@ -422,6 +422,44 @@ async def test_a_node_that_stops_renewing_shows_down_and_keeps_its_slots(
         await client.close()
 
 
+@pytest.mark.parametrize("lost", ["lease", "key"])
+async def test_a_node_whose_registration_was_lost_registers_again(
+    etcd_endpoint: str, pki: Pki, lost: str
+):
+    """etcd away longer than the lease, or restored from a backup (the lease is gone), or
+    an admin's delete (the key is): the node is up again within a third of its lease."""
+    from ds01.allocator.etcd_state import EtcdState, NodeRegistration
+    from ds01.allocator.records import NODES, NodeRecord, SlotRecord
+
+    client = etcd_client((etcd_endpoint,), pki.etcd, "allocator")
+    slot = SlotRecord("phoenix", "0", "GPU-p", "A100", "", 1, 1.0)
+    registration = NodeRegistration(
+        client, NodeRecord("phoenix", "declared", True, time.time()), [slot], ttl=3
+    )
+    keeping = None
+    try:
+        await registration.register()
+        keeping = asyncio.ensure_future(registration.keep_alive())
+        registered = await client.get(f"{NODES}phoenix".encode())
+        if lost == "lease":
+            await client.revoke_lease(registered.lease)
+        else:
+            await client.delete(registered.key)
+        state = EtcdState(client)
+        assert "phoenix" not in (await state.snapshot()).nodes
+        for _ in range(30):
+            if "phoenix" in (await state.snapshot()).nodes:
+                break
+            await asyncio.sleep(0.1)
+        assert "phoenix" in (await state.snapshot()).nodes
+    finally:
+        if keeping is not None:
+            keeping.cancel()
+        await client.delete_prefix(b"/ds01/v1/slots/phoenix/")
+        await client.delete(f"{NODES}phoenix".encode())
+        await client.close()
+
+
 async def test_a_waiter_leaves_what_it_cannot_use_to_others(env: AllocatorEnv):
     """A researcher waiting for two full GPUs while one is free does not block a student's
     MIG slice, nor another researcher's single free GPU once the waiter's needs are met."""
