@@ -15,7 +15,7 @@ import os
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 
 from ds01.containers import own_events
+from ds01.containers.adoption import Seen
 from ds01.containers.lifecycle import CreateRequest
 from ds01.containers.own_events import OwnEvents
 from ds01.containers.reconcile import (
@@ -33,7 +34,10 @@ from ds01.containers.reconcile import (
     Policy,
     Reconciler,
     _Activity,
+    _beyond_the_list,
+    _completed,
     _kept_alive,
+    _listed,
     _workspace_of,
     decide,
     policy_of,
@@ -452,40 +456,134 @@ async def test_a_sweep_after_docker_events_inspects_only_the_containers_they_nam
         request = CreateRequest("ds01alice", name, test_image, gpus=0, start=True)
         made.append((await lifecycle.create(request)).docker_name)
     *quiet, busy = made
+    reconciler.interval = 8.0
+    task = asyncio.ensure_future(reconciler.run())
+    try:
+        with _counted_inspects(lifecycle) as inspected:
+            # The first sweeps inspect everything: the one at the start, and the one once
+            # Docker's event stream is open (what happened before it was missed).
+            await asyncio.sleep(2.5)
+            assert all(inspected[name] >= 1 for name in made), inspected
+            before = dict(inspected)
+            client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+            try:
+                client.containers.get(busy).kill()  # not through ds01: Docker's events tell
+            finally:
+                client.close()
+            await asyncio.sleep(3.0)
+            assert inspected[busy] > before[busy], inspected  # the event's sweep looked at it
+            assert all(inspected[n] == before[n] for n in quiet), inspected  # and only at it
+            [record] = [m for m in await lifecycle.metadata.all() if m.docker_name == busy]
+            assert record.status == "exited", record
+            await asyncio.sleep(6.0)  # past the interval: a sweep of everything
+            assert all(inspected[n] > before[n] for n in quiet), inspected
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_event(
+    world, test_image, docker_socket
+):
+    """A stopped or never started container changes only with an event that names it:
+    while Docker's event stream is open, the sweep of each interval reads what the last
+    inspect said of it instead of asking dockerd again (of thousands of stopped
+    containers, their inspects were nearly all of a sweep). Its policies apply all the
+    same. An event that names it, or a break in the stream, and it is inspected again."""
+    _env, reconciler = world
+    lifecycle = reconciler.lifecycle
+    stopped = await _create(reconciler, test_image, "stopped")
+    await lifecycle.stop("ds01alice", False, "stopped", grace=1)
+    never = await _create(reconciler, test_image, "never", start=False)
+    running = await _create(reconciler, test_image, "running")
+    reconciler.interval = 3600  # only events, and this test, sweep
+    task = asyncio.ensure_future(reconciler.run())
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    try:
+        with _counted_inspects(lifecycle) as inspected:
+            await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+            assert all(inspected[n] >= 1 for n in (stopped, never, running)), inspected
+            before = dict(inspected)
+            await reconciler.sweep()  # of everything, as at each interval
+            assert inspected[running] == before[running] + 1  # a running one, always
+            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+
+            container = client.containers.get(stopped)  # behind ds01's back: a run between
+            container.start()  # two sweeps
+            container.stop(timeout=1)
+            await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)  # the sweep the events wake
+            assert inspected[stopped] > before[stopped], inspected
+            before = dict(inspected)
+            await reconciler.sweep()
+            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+
+            reconciler._events.close()  # the stream breaks: what it missed is unknown
+            await asyncio.sleep(1.0 + EVENT_SWEEP_GAP + 1.5)  # reconnected: all looked at
+            assert inspected[stopped] > before[stopped] and inspected[never] > before[never]
+
+            before = dict(inspected)  # past their time, known without asking: removed
+            await reconciler.sweep(time.time() + 31)
+            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+            assert await _state(reconciler, stopped) is None
+            assert await _state(reconciler, never) is None
+            assert await _state(reconciler, running) == "running"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client.close()
+
+
+def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, docker_socket):
+    """A sweep reads a kept container as its list entry completed with what was kept of
+    its inspect: its policies, its GPUs (adoption) and its age must read as from the
+    inspect itself, for a container of ds01's, one of DS01's with GPUs in its devices and
+    environment, and one never started."""
+    client = docker.DockerClient(base_url=f"unix://{docker_socket}")
+    gpus = docker.types.DeviceRequest(device_ids=["0", "GPU-2"], capabilities=[["gpu"]])
+    made = [
+        client.containers.create(test_image, "true", name="own._.ds01alice",
+                                 labels={"ds01.user": "ds01alice", "ds01.protected": "true"},
+                                 network_mode="none"),
+        client.containers.create(test_image, "true", name="mlc._.1001", device_requests=[gpus],
+                                 environment={"NVIDIA_VISIBLE_DEVICES": "1,MIG-2-1"},
+                                 labels={"aime.mlc.USER": "ds01alice", "aime.mlc.NAME": "mlc"},
+                                 network_mode="none"),
+    ]  # fmt: skip
+    try:
+        made[0].start()
+        made[0].wait()
+        for container in made:
+            [summary] = client.api.containers(all=True, filters={"id": container.id})
+            inspected = client.api.inspect_container(container.id)
+            read = _completed(_listed(summary), _beyond_the_list(inspected))
+            assert Seen.of(read) == Seen.of(inspected)
+            assert read["State"] == inspected["State"] and read["Created"] == inspected["Created"]
+            assert read["Config"]["Labels"] == inspected["Config"]["Labels"]
+            assert read["Mounts"] == inspected["Mounts"]
+    finally:
+        for container in made:
+            container.remove(force=True)
+        client.close()
+
+
+@contextlib.contextmanager
+def _counted_inspects(lifecycle: object) -> Iterator[collections.Counter[str]]:
+    """How often each container is inspected (its model reloaded) while inside."""
     inspected: collections.Counter[str] = collections.Counter()
-    run = lifecycle.docker.run
+    run = lifecycle.docker.run  # type: ignore[attr-defined]
 
     async def counting(work, *args, **kwargs):
         if getattr(work, "__name__", "") == "reload":
             inspected[work.__self__.name] += 1
         return await run(work, *args, **kwargs)
 
-    lifecycle.docker.run = counting
-    reconciler.interval = 8.0
-    task = asyncio.ensure_future(reconciler.run())
+    lifecycle.docker.run = counting  # type: ignore[attr-defined]
     try:
-        # The first sweeps inspect everything: the one at the start, and the one once
-        # Docker's event stream is open (what happened before it was missed).
-        await asyncio.sleep(2.5)
-        assert all(inspected[name] >= 1 for name in made), inspected
-        before = dict(inspected)
-        client = docker.DockerClient(base_url=f"unix://{docker_socket}")
-        try:
-            client.containers.get(busy).kill()  # not through ds01: Docker's events tell
-        finally:
-            client.close()
-        await asyncio.sleep(3.0)
-        assert inspected[busy] > before[busy], inspected  # the event's sweep looked at it
-        assert all(inspected[n] == before[n] for n in quiet), inspected  # and only at it
-        [record] = [m for m in await lifecycle.metadata.all() if m.docker_name == busy]
-        assert record.status == "exited", record
-        await asyncio.sleep(6.0)  # past the interval: a sweep of everything
-        assert all(inspected[n] > before[n] for n in quiet), inspected
+        yield inspected
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        lifecycle.docker.run = run
+        lifecycle.docker.run = run  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("behind_its_back", ["stop", "kill", "remove"])

@@ -65,6 +65,8 @@ ADOPTED_LABELS = ("ds01.managed=true", "aime.mlc.USER")
 GPU_CONFLICT = "its GPUs are not allocated to it"  # an adopted container's notice
 KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
+# What a container does not leave without an event that names it (start, restart, rm).
+STILL = ("created", "exited", "dead")
 EVENT_SWEEP_GAP = 1.0  # seconds between a Docker event and the sweep it wakes
 SWEEP_RETRY = 5.0  # seconds before a failed sweep of every container is tried again
 SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
@@ -232,6 +234,23 @@ def _listed(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _beyond_the_list(inspected: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep reads of an inspect that ``_listed`` has not: its State, its created
+    time to the nanosecond, and what adoption reads of its GPUs."""
+    config = inspected.get("Config") or {}
+    return {
+        "Created": inspected.get("Created"),
+        "State": inspected.get("State") or {},
+        "Config": {"Env": config.get("Env"), "Image": config.get("Image")},
+        "HostConfig": {"DeviceRequests": (inspected.get("HostConfig") or {}).get("DeviceRequests")},
+    }
+
+
+def _completed(listed: dict[str, Any], beyond: dict[str, Any]) -> dict[str, Any]:
+    """A list entry (``_listed``) with what ``_beyond_the_list`` kept of its inspect."""
+    return {**listed, **beyond, "Config": {**listed.get("Config", {}), **beyond["Config"]}}
+
+
 def _workspace_of(container: Any) -> str:
     """The host directory Docker mounts at /workspace, else mlc's WORK_MOUNT label. A
     gateway container's label is its image's: a .keep-alive looked for there could be
@@ -314,6 +333,16 @@ class Reconciler:
     # Containers Docker's events named since the last sweep: on a busy node, a sweep
     # inspects these, not every container (inspects are what a sweep costs dockerd).
     _named: set[str] = field(default_factory=set)
+    # What a sweep reads of the inspect of each container that does not run, beyond
+    # Docker's list (``_beyond_the_list``), as last inspected while Docker's event stream
+    # was open (name -> (id, that)): until an event names the container or the stream
+    # breaks, none of it can change, so the sweep of each interval reads it here instead
+    # of asking Docker again (of thousands of stopped containers, their inspects were
+    # nearly all of that sweep's time).
+    _kept: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    _following: bool = False  # Docker's event stream is open
+    # Inspects under way (name -> token): one that an event overtook keeps nothing.
+    _inspecting: dict[str, object] = field(default_factory=dict)
     _full_due: float = 0.0  # monotonic time of the next sweep that inspects everything
     _sweeping: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Containers that started or died: their runs are counted at once, not at a sweep.
@@ -372,15 +401,35 @@ class Reconciler:
                     log.info("Docker event stream interrupted (%s); reconnecting", err)
             if loop.is_closed() or self._stopped:
                 return
+            loop.call_soon_threadsafe(self._not_following)
             time.sleep(1)
 
     def _look_again(self) -> None:
         """Inspect every container at once: events may have been missed."""
+        self._forget_kept()
+        self._following = True
         self._full_due = 0.0
         self._wake.set()
 
+    def _not_following(self) -> None:
+        """Events go unseen until the stream is open again: nothing kept holds now."""
+        self._following = False
+        self._forget_kept()
+
+    def _forget_kept(self, *names: str) -> None:
+        """What was kept of ``names`` (of every container, without names)."""
+        if not names:
+            self._kept.clear()
+            self._inspecting.clear()
+        for name in names:
+            self._kept.pop(name, None)
+            self._inspecting.pop(name, None)
+
     def _on_event(self, event: dict[str, Any]) -> None:
-        name = event.get("Actor", {}).get("Attributes", {}).get("name")
+        attributes = event.get("Actor", {}).get("Attributes", {})
+        name = attributes.get("name")
+        # Whatever it was (ds01's own calls too), the container is inspected again.
+        self._forget_kept(*filter(None, (name, attributes.get("oldName", "").lstrip("/"))))
         action = event.get("Action", "")
         when = event.get("timeNano", 0) / 1e9
         if name and when and self.lifecycle.own_events.caused(name, action, when):
@@ -388,6 +437,7 @@ class Reconciler:
         self._wake.set()
         if not name:
             self._full_due = 0.0  # an event that names no container: look at all
+            self._forget_kept()
             return
         self._named.add(name)
         if action in ("start", "die"):
@@ -514,17 +564,40 @@ class Reconciler:
         self.sweeps += 1
 
     async def _inspected(self, containers: dict[str, Any]) -> dict[str, Any]:
-        """Each listed container as Docker inspects it now; one removed meanwhile, or
-        that Docker cannot inspect now, is left out of this sweep."""
+        """Each listed container as Docker inspects it now (or, where nothing of it can
+        have changed, as kept: see ``_kept``); one removed meanwhile, or that Docker
+        cannot inspect now, is left out of this sweep."""
         found = {}
 
         async def inspect(name: str) -> None:
             with _reconciling(name):
-                await self.lifecycle.docker.run(containers[name].reload)
-                found[name] = containers[name]
+                container = containers[name]
+                if self._from_kept(name, container):
+                    found[name] = container
+                    return
+                token = self._inspecting[name] = object()
+                await self.lifecycle.docker.run(container.reload)
+                found[name] = container
+                if self._inspecting.get(name) is token:  # no event overtook the inspect
+                    del self._inspecting[name]
+                    if self._following and container.status in STILL:
+                        self._kept[name] = (container.id, _beyond_the_list(container.attrs))
+                    else:
+                        self._kept.pop(name, None)
 
         await _each(list(containers), inspect)
         return found
+
+    def _from_kept(self, name: str, container: Any) -> bool:
+        """Complete the listed ``container`` with what was kept of its inspect, if that
+        is of this very container in the status Docker lists it in now."""
+        known = self._kept.get(name)
+        if not self._following or known is None or known[0] != container.id:
+            return False
+        if known[1]["State"].get("Status") != container.attrs["State"]["Status"]:
+            return False
+        container.attrs = _completed(container.attrs, known[1])
+        return True
 
     async def _adopt(self, container: Any, now: float) -> Metadata | None:
         """Make a container ds01 has no record of first-class: its record (owner, type,
