@@ -23,7 +23,7 @@ import docker
 import pytest
 import pytest_asyncio
 
-from ds01.containers import own_events
+from ds01.containers import own_events, reconcile
 from ds01.containers.adoption import Seen
 from ds01.containers.lifecycle import CreateRequest
 from ds01.containers.own_events import OwnEvents
@@ -533,6 +533,32 @@ async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_
         with contextlib.suppress(asyncio.CancelledError):
             await task
         client.close()
+
+
+async def test_what_a_sweep_kept_of_a_container_is_asked_about_again_after_a_while(
+    world, test_image, monkeypatch
+):
+    """dockerd drops the events of a subscriber that falls far behind without ending its
+    stream: what a sweep kept of a stopped container goes stale at last."""
+    monkeypatch.setattr(reconcile, "KEPT_FOR", 3.0)
+    _env, reconciler = world
+    stopped = await _create(reconciler, test_image, "stopped")
+    await reconciler.lifecycle.stop("ds01alice", False, "stopped", grace=1)
+    reconciler.interval = 3600
+    task = asyncio.ensure_future(reconciler.run())
+    try:
+        with _counted_inspects(reconciler.lifecycle) as inspected:
+            await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+            before = inspected[stopped]
+            await reconciler.sweep()
+            assert inspected[stopped] == before  # kept
+            await asyncio.sleep(3.5)
+            await reconciler.sweep()
+            assert inspected[stopped] == before + 1  # kept too long: asked again
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, docker_socket):

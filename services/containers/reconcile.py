@@ -67,6 +67,9 @@ KEEPALIVE = ".keep-alive"  # in the workspace: not idle while it is fresh
 KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is unset
 # What a container does not leave without an event that names it (start, restart, rm).
 STILL = ("created", "exited", "dead")
+# Seconds a sweep relies on what it kept of a container that does not run: dockerd drops
+# the events of a subscriber that falls far behind, without ending its stream.
+KEPT_FOR = 600.0
 EVENT_SWEEP_GAP = 1.0  # seconds between a Docker event and the sweep it wakes
 SWEEP_RETRY = 5.0  # seconds before a failed sweep of every container is tried again
 SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
@@ -338,8 +341,8 @@ class Reconciler:
     # was open (name -> (id, that)): until an event names the container or the stream
     # breaks, none of it can change, so the sweep of each interval reads it here instead
     # of asking Docker again (of thousands of stopped containers, their inspects were
-    # nearly all of that sweep's time).
-    _kept: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    # nearly all of that sweep's time). At most KEPT_FOR seconds, whatever the stream said.
+    _kept: dict[str, tuple[str, float, dict[str, Any]]] = field(default_factory=dict)
     _following: bool = False  # Docker's event stream is open
     # Inspects under way (name -> token): one that an event overtook keeps nothing.
     _inspecting: dict[str, object] = field(default_factory=dict)
@@ -581,7 +584,8 @@ class Reconciler:
                 if self._inspecting.get(name) is token:  # no event overtook the inspect
                     del self._inspecting[name]
                     if self._following and container.status in STILL:
-                        self._kept[name] = (container.id, _beyond_the_list(container.attrs))
+                        kept = _beyond_the_list(container.attrs)
+                        self._kept[name] = (container.id, time.monotonic(), kept)
                     else:
                         self._kept.pop(name, None)
 
@@ -594,9 +598,11 @@ class Reconciler:
         known = self._kept.get(name)
         if not self._following or known is None or known[0] != container.id:
             return False
-        if known[1]["State"].get("Status") != container.attrs["State"]["Status"]:
+        _id, since, kept = known
+        listed = container.attrs["State"]["Status"]
+        if kept["State"].get("Status") != listed or time.monotonic() - since > KEPT_FOR:
             return False
-        container.attrs = _completed(container.attrs, known[1])
+        container.attrs = _completed(container.attrs, kept)
         return True
 
     async def _adopt(self, container: Any, now: float) -> Metadata | None:
