@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ import pytest
 import pytest_asyncio
 
 from ds01.containers import own_events, reconcile
-from ds01.containers.adoption import Seen
+from ds01.containers.adoption import Seen, gpu_references
 from ds01.containers.lifecycle import CreateRequest
 from ds01.containers.own_events import OwnEvents
 from ds01.containers.reconcile import (
@@ -502,12 +503,18 @@ async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:
         with _counted_inspects(lifecycle) as inspected:
-            await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+            await _events_followed(reconciler)
             assert all(inspected[n] >= 1 for n in (stopped, never, running)), inspected
             before = dict(inspected)
             await reconciler.sweep()  # of everything, as at each interval
             assert inspected[running] == before[running] + 1  # a running one, always
             assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+
+            await lifecycle.start("ds01alice", False, "stopped")  # ds01's own calls: they
+            await lifecycle.stop("ds01alice", False, "stopped", grace=1)  # wake no sweep
+            before = dict(inspected)
+            await reconciler.sweep()
+            assert inspected[stopped] == before[stopped] + 1  # but it is asked about again
 
             container = client.containers.get(stopped)  # behind ds01's back: a run between
             container.start()  # two sweeps
@@ -522,9 +529,10 @@ async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_
             await asyncio.sleep(1.0 + EVENT_SWEEP_GAP + 1.5)  # reconnected: all looked at
             assert inspected[stopped] > before[stopped] and inspected[never] > before[never]
 
-            before = dict(inspected)  # past their time, known without asking: removed
-            await reconciler.sweep(time.time() + 31)
-            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+            before = dict(inspected)  # past their time: decided on what was kept, and
+            await reconciler.sweep(time.time() + 31)  # asked once more before the remove
+            assert (inspected[stopped], inspected[never]) == (before[stopped] + 1,
+                                                              before[never] + 1)  # fmt: skip
             assert await _state(reconciler, stopped) is None
             assert await _state(reconciler, never) is None
             assert await _state(reconciler, running) == "running"
@@ -548,7 +556,7 @@ async def test_what_a_sweep_kept_of_a_container_is_asked_about_again_after_a_whi
     task = asyncio.ensure_future(reconciler.run())
     try:
         with _counted_inspects(reconciler.lifecycle) as inspected:
-            await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+            await _events_followed(reconciler)
             before = inspected[stopped]
             await reconciler.sweep()
             assert inspected[stopped] == before  # kept
@@ -564,16 +572,20 @@ async def test_what_a_sweep_kept_of_a_container_is_asked_about_again_after_a_whi
 def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, docker_socket):
     """A sweep reads a kept container as its list entry completed with what was kept of
     its inspect: its policies, its GPUs (adoption) and its age must read as from the
-    inspect itself, for a container of ds01's, one of DS01's with GPUs in its devices and
-    environment, and one never started."""
+    inspect itself, for a container of ds01's that ran, one of DS01's with GPUs in its
+    devices and environment, and one never started. Nothing else of its environment is
+    kept (it may hold secrets)."""
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     gpus = docker.types.DeviceRequest(device_ids=["0", "GPU-2"], capabilities=[["gpu"]])
+    workspace = tempfile.mkdtemp(prefix="ds01-kept-")
     made = [
         client.containers.create(test_image, "true", name="own._.ds01alice",
                                  labels={"ds01.user": "ds01alice", "ds01.protected": "true"},
-                                 network_mode="none"),
+                                 volumes={workspace: {"bind": "/workspace", "mode": "rw"}},
+                                 environment={"API_TOKEN": "s3cret"}, network_mode="none"),
         client.containers.create(test_image, "true", name="mlc._.1001", device_requests=[gpus],
-                                 environment={"NVIDIA_VISIBLE_DEVICES": "1,MIG-2-1"},
+                                 environment={"NVIDIA_VISIBLE_DEVICES": "1,MIG-2-1",
+                                              "CUDA_VISIBLE_DEVICES": "0", "HF_TOKEN": "x"},
                                  labels={"aime.mlc.USER": "ds01alice", "aime.mlc.NAME": "mlc"},
                                  network_mode="none"),
     ]  # fmt: skip
@@ -584,14 +596,33 @@ def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, 
             [summary] = client.api.containers(all=True, filters={"id": container.id})
             inspected = client.api.inspect_container(container.id)
             read = _completed(_listed(summary), _beyond_the_list(inspected))
-            assert Seen.of(read) == Seen.of(inspected)
-            assert read["State"] == inspected["State"] and read["Created"] == inspected["Created"]
+            kept, full = Seen.of(read), Seen.of(inspected)
+            assert replace(kept, env=()) == replace(full, env=())
+            assert gpu_references(kept.labels, kept.env, kept.device_ids) == gpu_references(
+                full.labels, full.env, full.device_ids)  # fmt: skip
+            for field in ("Status", "Running", "ExitCode", "StartedAt", "FinishedAt"):
+                assert read["State"][field] == inspected["State"][field], field
+            assert read["Created"] == inspected["Created"]
             assert read["Config"]["Labels"] == inspected["Config"]["Labels"]
-            assert read["Mounts"] == inspected["Mounts"]
+            assert [m["Destination"] for m in read["Mounts"]] == [
+                m["Destination"] for m in inspected["Mounts"]]  # fmt: skip
+            assert not any("TOKEN" in entry for entry in read["Config"]["Env"])
+        assert sorted(Seen.of(read).env) == [  # the GPU environment of DS01's is kept
+            "CUDA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1,MIG-2-1"]  # fmt: skip
     finally:
         for container in made:
             container.remove(force=True)
         client.close()
+        remove_tree(Path(workspace))
+
+
+async def _events_followed(reconciler: Reconciler) -> None:
+    """Until Docker's event stream is open and the sweep it brings has run."""
+    for _ in range(100):
+        if reconciler._following and reconciler.sweeps >= 2:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the reconciler never followed Docker's events")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import grpc
 from ds01.client import Ds01Error
 from ds01.containers.adapters import Metadata
 from ds01.containers.adoption import (
+    GPU_ENV,
     Imported,
     Seen,
     Slot,
@@ -69,7 +70,8 @@ KEEPALIVE_MAX = 24 * 3600.0  # DS01's fixed 24 h where keepalive_max_duration is
 STILL = ("created", "exited", "dead")
 # Seconds a sweep relies on what it kept of a container that does not run: dockerd drops
 # the events of a subscriber that falls far behind, without ending its stream.
-KEPT_FOR = 600.0
+KEPT_FOR = 300.0
+KEPT_STATE = ("Status", "Running", "ExitCode", "StartedAt", "FinishedAt")  # what is read
 EVENT_SWEEP_GAP = 1.0  # seconds between a Docker event and the sweep it wakes
 SWEEP_RETRY = 5.0  # seconds before a failed sweep of every container is tried again
 SWEEP_CONCURRENCY = 8  # containers a sweep looks at at once
@@ -238,15 +240,19 @@ def _listed(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _beyond_the_list(inspected: dict[str, Any]) -> dict[str, Any]:
-    """What a sweep reads of an inspect that ``_listed`` has not: its State, its created
-    time to the nanosecond, and what adoption reads of its GPUs."""
+    """What a sweep reads of an inspect that ``_listed`` has not, and no more (an
+    environment may hold secrets): the run's times and end, the created time to the
+    nanosecond, and what adoption reads of its GPUs."""
     config = inspected.get("Config") or {}
+    state = inspected.get("State") or {}
+    gpus = tuple(f"{key}=" for key in GPU_ENV)
     return {
         "Created": inspected.get("Created"),
-        "State": inspected.get("State") or {},
-        "Config": {"Env": config.get("Env"), "Image": config.get("Image")},
+        "State": {key: state.get(key) for key in KEPT_STATE if key in state},
+        "Config": {"Env": [e for e in config.get("Env") or () if e.startswith(gpus)],
+                   "Image": config.get("Image")},
         "HostConfig": {"DeviceRequests": (inspected.get("HostConfig") or {}).get("DeviceRequests")},
-    }
+    }  # fmt: skip
 
 
 def _completed(listed: dict[str, Any], beyond: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +390,7 @@ class Reconciler:
                 self._wake.clear()
         finally:
             accounting.cancel()
+            self._not_following()  # a sweep called after this one (an import) asks Docker
             self._stopped = True  # the thread following Docker's events ends too
             if self._events is not None:
                 with contextlib.suppress(Exception):
@@ -393,8 +400,11 @@ class Reconciler:
         """Wake the sweep on every container event; reconnect when dockerd restarts."""
         while not self._stopped:
             try:
+                # From before the stream opens: dockerd subscribes it only after answering,
+                # and replays what came between (it keeps the latest events).
+                since = int(time.time()) - 1
                 self._events = events = self.lifecycle.docker.client.events(
-                    decode=True, filters={"type": "container"}
+                    decode=True, filters={"type": "container"}, since=since
                 )
                 loop.call_soon_threadsafe(self._look_again)  # (re)connected
                 for event in events:
@@ -419,12 +429,12 @@ class Reconciler:
         self._following = False
         self._forget_kept()
 
-    def _forget_kept(self, *names: str) -> None:
-        """What was kept of ``names`` (of every container, without names)."""
-        if not names:
+    def _forget_kept(self, names: Iterable[str] | None = None) -> None:
+        """What was kept of ``names`` (None: of every container)."""
+        if names is None:
             self._kept.clear()
             self._inspecting.clear()
-        for name in names:
+        for name in names or ():
             self._kept.pop(name, None)
             self._inspecting.pop(name, None)
 
@@ -432,7 +442,7 @@ class Reconciler:
         attributes = event.get("Actor", {}).get("Attributes", {})
         name = attributes.get("name")
         # Whatever it was (ds01's own calls too), the container is inspected again.
-        self._forget_kept(*filter(None, (name, attributes.get("oldName", "").lstrip("/"))))
+        self._forget_kept(filter(None, (name, attributes.get("oldName", "").lstrip("/"))))
         action = event.get("Action", "")
         when = event.get("timeNano", 0) / 1e9
         if name and when and self.lifecycle.own_events.caused(name, action, when):
@@ -544,7 +554,9 @@ class Reconciler:
         self.gpu_states = held or {}
         if only is not None:
             containers = {name: c for name, c in containers.items() if name in only}
-        inspected = await self._inspected(containers)  # created to the nanosecond, too
+        if only is None:  # what was kept of names no longer listed is of nothing now
+            self._forget_kept(set(self._kept) - set(containers))
+        inspected, kept = await self._inspected(containers)  # created to the nanosecond, too
         # Oldest first, one at a time: of two adopted containers that use one GPU, the
         # one that had it first gets it.
         for name, container in sorted(inspected.items(), key=lambda c: _created(c[1])):
@@ -561,36 +573,41 @@ class Reconciler:
             if key not in policies:  # asked once a sweep for each user and type
                 policies[key] = asyncio.ensure_future(self._policy(*key))
             with _reconciling(name):  # one broken container must not stop the others
-                await self._apply(inspected[name], record, await policies[key], now)
+                await self._apply(inspected[name], record, await policies[key], now,
+                                  kept=name in kept)  # fmt: skip
 
         await _each(list(inspected), apply)
         self.sweeps += 1
 
-    async def _inspected(self, containers: dict[str, Any]) -> dict[str, Any]:
-        """Each listed container as Docker inspects it now (or, where nothing of it can
-        have changed, as kept: see ``_kept``); one removed meanwhile, or that Docker
-        cannot inspect now, is left out of this sweep."""
-        found = {}
+    async def _inspected(self, containers: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """Each listed container as Docker inspects it now, or, where nothing of it can
+        have changed, as kept (see ``_kept``; their names apart); one removed meanwhile,
+        or that Docker cannot inspect now, is left out of this sweep."""
+        found, kept = {}, set()
 
         async def inspect(name: str) -> None:
             with _reconciling(name):
                 container = containers[name]
                 if self._from_kept(name, container):
                     found[name] = container
+                    kept.add(name)
                     return
                 token = self._inspecting[name] = object()
-                await self.lifecycle.docker.run(container.reload)
+                try:
+                    await self.lifecycle.docker.run(container.reload)
+                finally:
+                    overtaken = self._inspecting.get(name) is not token  # by an event
+                    if not overtaken:
+                        del self._inspecting[name]
                 found[name] = container
-                if self._inspecting.get(name) is token:  # no event overtook the inspect
-                    del self._inspecting[name]
-                    if self._following and container.status in STILL:
-                        kept = _beyond_the_list(container.attrs)
-                        self._kept[name] = (container.id, time.monotonic(), kept)
-                    else:
-                        self._kept.pop(name, None)
+                if self._following and not overtaken and container.status in STILL:
+                    beyond = _beyond_the_list(container.attrs)
+                    self._kept[name] = (container.id, time.monotonic(), beyond)
+                elif not overtaken:
+                    self._kept.pop(name, None)
 
         await _each(list(containers), inspect)
-        return found
+        return found, kept
 
     def _from_kept(self, name: str, container: Any) -> bool:
         """Complete the listed ``container`` with what was kept of its inspect, if that
@@ -804,8 +821,12 @@ class Reconciler:
             created_container_timeout=seconds("created_container_timeout"),
         )
 
-    async def _apply(self, container: Any, record: Metadata, policy: Policy, now: float) -> None:
-        """``container`` as Docker inspected it just now."""
+    async def _apply(
+        self, container: Any, record: Metadata, policy: Policy, now: float, kept: bool = False
+    ) -> None:
+        """``container`` as Docker inspected it just now, or (``kept``) as the sweep kept
+        it: then what it would do is decided again on a fresh inspect before it is done
+        (a run whose events dockerd dropped must not end in a remove, say)."""
         state = container.attrs["State"]
         counted = await self.lifecycle.metadata.modify(  # each run, however it ended
             record, lambda current: count_runtime(current, state), as_read=True
@@ -842,6 +863,9 @@ class Reconciler:
         )
         if action is None:
             return
+        if kept:
+            await self.lifecycle.docker.run(container.reload)
+            return await self._apply(container, record, policy, now)
         if (current := await self._current(record)) is None:
             return  # removed, or made anew, since the sweep listed the records
         record = current
