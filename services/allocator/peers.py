@@ -4,11 +4,12 @@ Each allocator plans on its own watched view, so two that plan at once may both 
 slot that looks best, and one of them loses the claim: a round trip and a plan wasted,
 and a slower answer. That happens when free slots are few and requests many, and then
 breaking ties at random hardly helps (the few free slots are on the GPUs of least load,
-the same for everyone). So an allocator that has lost races lately takes slots of its
-own share first: the slots of its node that fall to it among that node's allocators, by
-a hash of the slot's key that every allocator computes alike. Each allocator announces
-itself under ALLOCATORS on a lease, so the others see it come and go; with one allocator
-on a node, its share is all of that node's slots.
+the same for everyone). So an allocator that has lost races lately swaps each slot it
+plans for a free one of the same kind from its own share (see placement.plan): the slots
+of its node that fall to it among that node's allocators, by a hash of the slot's key
+that every allocator computes alike. Each allocator announces itself under ALLOCATORS on
+a lease, so the others see it come and go; with one allocator on a node, its share is
+all of that node's slots.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class Peer:
 
 @dataclass(frozen=True)
 class Share:
-    """The slots an allocator takes first while it contends: those of its node whose
-    hash falls to it (``index``) among the node's ``of`` allocators, ordered by id."""
+    """The slots an allocator swaps its plans into while it contends: those of its node
+    whose hash falls to it (``index``) among the node's ``of`` allocators, by id."""
 
     node: str
     index: int

@@ -123,8 +123,8 @@ class Allocator:
         # Slots this process is claiming right now: its other requests plan around them
         # instead of all picking the same best slot and losing the transaction.
         self._in_flight: dict[SlotKey, Holder] = {}
-        # Until then, plans take this process's share of its node first and spread over
-        # equally good slots: another allocator took a slot this one planned, and the
+        # Until then, plans spread over equally good slots and swap into this process's
+        # share of its node: another allocator took a slot this one planned, and the
         # two would otherwise keep planning alike.
         self._contended_until = 0.0
         self.stats = AllocatorStats()
