@@ -344,7 +344,7 @@ class Reconciler:
     _named: set[str] = field(default_factory=set)
     # What a sweep reads of the inspect of each container that does not run, beyond
     # Docker's list (``_beyond_the_list``), as last inspected while Docker's event stream
-    # was open (name -> (id, that)): until an event names the container or the stream
+    # was open (name -> (id, when, that)): until an event names the container or the stream
     # breaks, none of it can change, so the sweep of each interval reads it here instead
     # of asking Docker again (of thousands of stopped containers, their inspects were
     # nearly all of that sweep's time). At most KEPT_FOR seconds, whatever the stream said.
