@@ -458,8 +458,7 @@ async def test_a_sweep_after_docker_events_inspects_only_the_containers_they_nam
         made.append((await lifecycle.create(request)).docker_name)
     *quiet, busy = made
     reconciler.interval = 8.0
-    task = asyncio.ensure_future(reconciler.run())
-    try:
+    async with _running(reconciler):
         with _counted_inspects(lifecycle) as inspected:
             # The first sweeps inspect everything: the one at the start, and the one once
             # Docker's event stream is open (what happened before it was missed).
@@ -478,10 +477,6 @@ async def test_a_sweep_after_docker_events_inspects_only_the_containers_they_nam
             assert record.status == "exited", record
             await asyncio.sleep(6.0)  # past the interval: a sweep of everything
             assert all(inspected[n] > before[n] for n in quiet), inspected
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_event(
@@ -499,47 +494,44 @@ async def test_a_container_that_does_not_run_is_asked_about_again_only_after_an_
     never = await _create(reconciler, test_image, "never", start=False)
     running = await _create(reconciler, test_image, "running")
     reconciler.interval = 3600  # only events, and this test, sweep
-    task = asyncio.ensure_future(reconciler.run())
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:
-        with _counted_inspects(lifecycle) as inspected:
-            await _events_followed(reconciler)
-            assert all(inspected[n] >= 1 for n in (stopped, never, running)), inspected
-            before = dict(inspected)
-            await reconciler.sweep()  # of everything, as at each interval
-            assert inspected[running] == before[running] + 1  # a running one, always
-            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+        async with _running(reconciler):
+            with _counted_inspects(lifecycle) as inspected:
+                await _events_followed(reconciler)
+                assert all(inspected[n] >= 1 for n in (stopped, never, running)), inspected
+                before = dict(inspected)
+                await reconciler.sweep()  # of everything, as at each interval
+                assert inspected[running] == before[running] + 1  # a running one, always
+                assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
 
-            await lifecycle.start("ds01alice", False, "stopped")  # ds01's own calls: they
-            await lifecycle.stop("ds01alice", False, "stopped", grace=1)  # wake no sweep
-            before = dict(inspected)
-            await reconciler.sweep()
-            assert inspected[stopped] == before[stopped] + 1  # but it is asked about again
+                await lifecycle.start("ds01alice", False, "stopped")  # ds01's own calls: they
+                await lifecycle.stop("ds01alice", False, "stopped", grace=1)  # wake no sweep
+                before = dict(inspected)
+                await reconciler.sweep()
+                assert inspected[stopped] == before[stopped] + 1  # but it is asked about again
 
-            container = client.containers.get(stopped)  # behind ds01's back: a run between
-            container.start()  # two sweeps
-            container.stop(timeout=1)
-            await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)  # the sweep the events wake
-            assert inspected[stopped] > before[stopped], inspected
-            before = dict(inspected)
-            await reconciler.sweep()
-            assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
+                container = client.containers.get(stopped)  # behind ds01's back: a run between
+                container.start()  # two sweeps
+                container.stop(timeout=1)
+                await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)  # the sweep the events wake
+                assert inspected[stopped] > before[stopped], inspected
+                before = dict(inspected)
+                await reconciler.sweep()
+                assert (inspected[stopped], inspected[never]) == (before[stopped], before[never])
 
-            reconciler._events.close()  # the stream breaks: what it missed is unknown
-            await asyncio.sleep(1.0 + EVENT_SWEEP_GAP + 1.5)  # reconnected: all looked at
-            assert inspected[stopped] > before[stopped] and inspected[never] > before[never]
+                reconciler._events.close()  # the stream breaks: what it missed is unknown
+                await asyncio.sleep(1.0 + EVENT_SWEEP_GAP + 1.5)  # reconnected: all looked at
+                assert inspected[stopped] > before[stopped] and inspected[never] > before[never]
 
-            before = dict(inspected)  # past their time: decided on what was kept, and
-            await reconciler.sweep(time.time() + 31)  # asked once more before the remove
-            assert (inspected[stopped], inspected[never]) == (before[stopped] + 1,
-                                                              before[never] + 1)  # fmt: skip
-            assert await _state(reconciler, stopped) is None
-            assert await _state(reconciler, never) is None
-            assert await _state(reconciler, running) == "running"
+                before = dict(inspected)  # past their time: decided on what was kept, and
+                await reconciler.sweep(time.time() + 31)  # asked once more before the remove
+                assert (inspected[stopped], inspected[never]) == (before[stopped] + 1,
+                                                                  before[never] + 1)  # fmt: skip
+                assert await _state(reconciler, stopped) is None
+                assert await _state(reconciler, never) is None
+                assert await _state(reconciler, running) == "running"
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         client.close()
 
 
@@ -553,8 +545,7 @@ async def test_what_a_sweep_kept_of_a_container_is_asked_about_again_after_a_whi
     stopped = await _create(reconciler, test_image, "stopped")
     await reconciler.lifecycle.stop("ds01alice", False, "stopped", grace=1)
     reconciler.interval = 3600
-    task = asyncio.ensure_future(reconciler.run())
-    try:
+    async with _running(reconciler):
         with _counted_inspects(reconciler.lifecycle) as inspected:
             await _events_followed(reconciler)
             before = inspected[stopped]
@@ -563,10 +554,6 @@ async def test_what_a_sweep_kept_of_a_container_is_asked_about_again_after_a_whi
             await asyncio.sleep(3.5)
             await reconciler.sweep()
             assert inspected[stopped] == before + 1  # kept too long: asked again
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, docker_socket):
@@ -616,6 +603,18 @@ def test_what_a_sweep_keeps_of_an_inspect_reads_as_the_inspect_does(test_image, 
         remove_tree(Path(workspace))
 
 
+@contextlib.asynccontextmanager
+async def _running(reconciler: Reconciler) -> AsyncIterator[None]:
+    """The reconciler's loop, as the service runs it, while inside."""
+    task = asyncio.ensure_future(reconciler.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _events_followed(reconciler: Reconciler) -> None:
     """Until Docker's event stream is open and the sweep it brings has run."""
     for _ in range(100):
@@ -654,37 +653,34 @@ async def test_ds01s_own_calls_wake_no_sweep_and_anything_else_does_at_once(
     env, reconciler = world
     lifecycle = reconciler.lifecycle
     reconciler.interval = 3600  # only events wake it
-    task = asyncio.ensure_future(reconciler.run())
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:
-        await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
-        quiet = reconciler.sweeps
-        name = await _create(reconciler, test_image, "own")
-        await lifecycle.stop("ds01alice", False, "own", grace=1)
-        await lifecycle.start("ds01alice", False, "own")
-        await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)
-        assert reconciler.sweeps == quiet, "a sweep followed ds01's own calls"
-        [record] = await lifecycle.metadata.all()
-        assert record.run_start, record  # the run ds01 began is counted all the same
-        container = client.containers.get(name)
-        if behind_its_back == "remove":
-            container.remove(force=True)
-        else:
-            getattr(container, behind_its_back)()
-        for _ in range(50):
-            if reconciler.sweeps > quiet:
-                break
-            await asyncio.sleep(0.1)
-        assert reconciler.sweeps > quiet, f"no sweep after a `docker {behind_its_back}`"
-        await asyncio.sleep(0.5)  # the sweep under way ends
-        if behind_its_back == "remove":
-            assert await lifecycle.metadata.all() == []
-        else:
-            assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
+        async with _running(reconciler):
+            await asyncio.sleep(2.5)  # its first sweeps: at the start, once events flow
+            quiet = reconciler.sweeps
+            name = await _create(reconciler, test_image, "own")
+            await lifecycle.stop("ds01alice", False, "own", grace=1)
+            await lifecycle.start("ds01alice", False, "own")
+            await asyncio.sleep(EVENT_SWEEP_GAP + 1.5)
+            assert reconciler.sweeps == quiet, "a sweep followed ds01's own calls"
+            [record] = await lifecycle.metadata.all()
+            assert record.run_start, record  # the run ds01 began is counted all the same
+            container = client.containers.get(name)
+            if behind_its_back == "remove":
+                container.remove(force=True)
+            else:
+                getattr(container, behind_its_back)()
+            for _ in range(50):
+                if reconciler.sweeps > quiet:
+                    break
+                await asyncio.sleep(0.1)
+            assert reconciler.sweeps > quiet, f"no sweep after a `docker {behind_its_back}`"
+            await asyncio.sleep(0.5)  # the sweep under way ends
+            if behind_its_back == "remove":
+                assert await lifecycle.metadata.all() == []
+            else:
+                assert await _slot_state(env) == common_pb2.SLOT_STATE_HELD
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         client.close()
 
 
@@ -772,21 +768,18 @@ async def test_runs_hidden_by_docker_restarts_still_count_toward_max_runtime(
     _env, reconciler = world
     reconciler.interval = 3600  # only events act
     name = await _create(reconciler, test_image, "restarted")
-    task = asyncio.ensure_future(reconciler.run())
     client = docker.DockerClient(base_url=f"unix://{docker_socket}")
     try:
-        await asyncio.sleep(1.5)  # the first sweep has seen the first run begin
-        for _ in range(2):
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(client.containers.get(name).restart, timeout=0)
-        await asyncio.sleep(1.5)
-        [record] = await reconciler.lifecycle.metadata.all()
-        assert record.runtime_before >= 2.0, record  # both runs before the restarts
-        assert record.runtime_before < 6.0, record  # and nothing counted twice
+        async with _running(reconciler):
+            await asyncio.sleep(1.5)  # the first sweep has seen the first run begin
+            for _ in range(2):
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(client.containers.get(name).restart, timeout=0)
+            await asyncio.sleep(1.5)
+            [record] = await reconciler.lifecycle.metadata.all()
+            assert record.runtime_before >= 2.0, record  # both runs before the restarts
+            assert record.runtime_before < 6.0, record  # and nothing counted twice
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         client.close()
 
 
@@ -798,8 +791,7 @@ async def test_sweeps_during_quick_create_remove_cycles_of_one_name_touch_nothin
     _env, reconciler = world
     reconciler.interval = 0.01  # sweep as often as it can
     lifecycle = reconciler.lifecycle
-    task = asyncio.ensure_future(reconciler.run())
-    try:
+    async with _running(reconciler):
         with caplog.at_level(logging.WARNING, logger="ds01.containers.reconcile"):
             for _ in range(6):
                 made = await lifecycle.create(
@@ -812,10 +804,6 @@ async def test_sweeps_during_quick_create_remove_cycles_of_one_name_touch_nothin
         assert reconciler.sweeps > 6
         acted = [r.getMessage() for r in caplog.records if "churn" in r.getMessage()]
         assert not acted, "the sweeps acted on a cycle"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _seen_container(labels: dict[str, str], mount: str = "") -> SimpleNamespace:
