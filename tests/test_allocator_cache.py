@@ -182,6 +182,32 @@ async def test_the_view_follows_claims_releases_and_holds_of_other_allocators(
     assert watching.cache.view.holders.keys() == fresh.holders.keys()
 
 
+async def test_a_view_whose_watch_ends_reads_etcd_again_and_follows_on(env: AllocatorEnv, pair):
+    """When its watch ends (here its connection closes, as when etcd goes away), the view
+    stops being trusted at once, then reads etcd afresh, with what was claimed in the
+    gap, and follows on: it neither stops for good nor plans on a view that no longer
+    moves."""
+    lagging, acting = pair
+    await lagging.client.close()
+
+    async def until(check: object, tries: int = 200) -> bool:
+        for _ in range(tries):
+            if check():  # type: ignore[operator]
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert await until(lambda: not lagging.cache.live, 50)
+    [gap] = await acting.allocate("alice", "gap")
+    key = (env.config.node, gap)
+    assert await until(lambda: lagging.cache.live and key in lagging.cache.view.holders)
+    assert lagging.cache.view.holders[key].container == "gap._.alice"
+    [after] = await acting.allocate("bob", "after")
+    assert await until(lambda: (env.config.node, after) in lagging.cache.view.holders)
+    await acting.allocator.release("gap._.alice", ADMIN)
+    assert await until(lambda: key not in lagging.cache.view.holders)
+
+
 async def test_a_users_status_from_the_view_is_what_etcd_holds_for_that_user(
     env: AllocatorEnv, pair
 ):

@@ -405,8 +405,10 @@ def test_placement_among_the_free_slots_chooses_as_the_full_search_does(
     view's index instead of ranking every slot and holder: every answer (grant,
     preemption or refusal) must be the one the full search gives, with claims of this
     process in flight (held, but not yet in the view) or without; spreading draws the
-    same random numbers for the same choices (so preempts as often)."""
+    same random numbers for the same choices (so preempts as often), and swaps into a
+    share alike."""
     request, quota, slots, holders, nodes_up, drained = situation
+    share = data.draw(st.sets(st.sampled_from([(s.node, s.slot_id) for s in slots])))
     view = View()
     for slot in slots:
         view.set_slot((slot.node, slot.slot_id), slot)
@@ -425,7 +427,7 @@ def test_placement_among_the_free_slots_chooses_as_the_full_search_does(
         random.seed(1)
         try:
             chosen = plan(request, quota, slots, holders, nodes_up, strategy, drained=drained,
-                          spread=spread, in_order=True, index=index)  # fmt: skip
+                          spread=spread, in_order=True, index=index, share=share)  # fmt: skip
         except AllocationRefused as refused:
             return refused.kind, refused.message
         return ids(chosen), [s.slot_id for s, _ in chosen.preempt]

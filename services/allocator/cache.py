@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aetcd
 from aetcd.utils import prefix_range_end
@@ -36,7 +37,7 @@ from ds01.allocator.records import (
     WaiterRecord,
     split_slot_key,
 )
-from ds01.core.etcd import cancel_watch
+from ds01.core.watch import DELETE, watching
 
 log = logging.getLogger(__name__)
 
@@ -241,26 +242,19 @@ class ClusterCache:
         # holds leaves the view as it was, while a skipped one would be lost.
         before = await self.state.current_revision()
         view = await self._load()
-        watches = [
-            await client.watch(
-                first.encode(), prefix_range_end(last.encode()), start_revision=before + 1
-            )
-            for first, last in WATCHED
-        ]
-        self.view, self.live = view, True
-        try:
-            pumps = [asyncio.ensure_future(self._pump(w, view)) for w in watches]
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            for pump in pumps:
-                pump.cancel()
-            for finished in done:
-                finished.result()  # raises what stopped it
-            raise RuntimeError("an etcd watch ended")
-        finally:
-            self.live = False
-            self._wake()
-            for watch in watches:
-                await cancel_watch(watch)
+        ranges = [(first.encode(), prefix_range_end(last.encode())) for first, last in WATCHED]
+        async with watching(client, ranges, before + 1) as stream:
+            self.view, self.live = view, True
+            try:
+                async for events in stream:  # until etcd ends it: WatchEnded
+                    changed = False
+                    for event in events:
+                        changed |= apply(view, event)
+                    if changed:  # one wake for a transaction's writes
+                        self._wake()
+            finally:
+                self.live = False
+                self._wake()
 
     async def _load(self) -> View:
         snapshot, generations, allocators = await self.state.snapshot_for_view()
@@ -279,11 +273,6 @@ class ClusterCache:
             view.set_holder(key, holder)
         return view
 
-    async def _pump(self, watch: object, view: View) -> None:
-        async for event in watch:  # type: ignore[attr-defined]
-            if apply(view, event):
-                self._wake()
-
 
 def _less(counts: Counter[GpuKey], gpu: GpuKey) -> None:
     """One fewer on ``gpu``; a GPU with none left is not listed (idle: not in the load)."""
@@ -292,16 +281,16 @@ def _less(counts: Counter[GpuKey], gpu: GpuKey) -> None:
         del counts[gpu]
 
 
-def apply(view: View, event: aetcd.rtypes.Event) -> bool:
+def apply(view: View, event: Any) -> bool:
     """One watch event into the view (the events of one key come in revision order).
     False for a key the view does not keep (a release mark or an audit record inside
     its watched ranges): the view, its revision included, stays as it was, and no
     waiting request wakes for it."""
-    kv = event.kv
+    kv = event.kv  # an etcd mvccpb.Event, as watching() hands it over
     key = kv.key.decode()
     if not key.startswith(KEPT):
         return False
-    deleted = event.kind == "DELETE"
+    deleted = event.type == DELETE
     view.revision = max(view.revision, kv.mod_revision)
     if key.startswith(HOLDERS):
         slot = split_slot_key(HOLDERS, kv.key)

@@ -201,9 +201,9 @@ def _plan(
         idle = _on_idle_gpus(request, quota, slots, busy, nodes_up, drained, budget, wanted)
         if idle is not None:
             return idle
-    if index is not None and not many and not spread:  # spread draws at random: as before
+    if index is not None and not many:
         chosen = _among_free(request, quota, index, holders, nodes_up, drained, strategy,
-                             budget, wanted)  # fmt: skip
+                             budget, wanted, spread, share)  # fmt: skip
         if chosen is not None:
             return chosen
     fits = [slot for slot in slots if _may_take(slot, request, quota, nodes_up)]
@@ -301,12 +301,14 @@ def _among_free(
     strategy: Strategy,
     budget: float | None,
     wanted: int,
+    spread: bool,
+    share: Container[SlotKey],
 ) -> Plan | None:
     """What the full search grants while free slots are enough, chosen among the free
-    slots alone, with each GPU's load from the index: the same slots, since the full
-    search ranks the free ones that fit the same way. None when they are not enough (or
-    none was chosen): the full search decides then (a preemption, or a refusal that
-    counts every slot)."""
+    slots alone, with each GPU's load from the index: the same slots (or, spread, the
+    same draw), since the full search ranks the free ones that fit the same way. None
+    when they are not enough (or none was chosen): the full search decides then (a
+    preemption, or a refusal that counts every slot)."""
     candidates = [
         slot
         for key, slot in index.free.items()
@@ -316,7 +318,7 @@ def _among_free(
         and (budget is None or slot.gpu_equivalents <= budget + EPSILON)
     ]
     equivalents = request.gpu_equivalents
-    claim = _pick(candidates, index.load, wanted, equivalents, strategy, budget)
+    claim = _claim(candidates, index.load, wanted, equivalents, strategy, budget, spread, share)
     return Plan(tuple(claim), ()) if claim and _enough(claim, wanted, equivalents) else None
 
 
@@ -359,14 +361,8 @@ def _choose(
     """Free slots first, then slots held for lower-priority users' stopped containers."""
     wanted = request.slots or (0 if request.gpu_equivalents else 1)
     free = [s for s in candidates if (s.node, s.slot_id) not in holders]
-    load = _gpu_load(holders)
-    claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget, spread)
-    if spread and not _enough(claim, wanted, request.gpu_equivalents):
-        # Picked greedily within the quota, a random order may fit less than the
-        # strategy's: it must never cost a stopped container its hold.
-        claim = _pick(free, load, wanted, request.gpu_equivalents, strategy, budget)
-    if share:
-        claim = _into_share(claim, free, share, load, strategy)
+    claim = _claim(free, _gpu_load(holders), wanted, request.gpu_equivalents, strategy,
+                   budget, spread, share)  # fmt: skip
     preempt: list[tuple[SlotRecord, Holder]] = []
     if not _enough(claim, wanted, request.gpu_equivalents):
         left = None if budget is None else budget - sum(s.gpu_equivalents for s in claim)
@@ -377,6 +373,28 @@ def _choose(
         ]
         preempt = preempt[: _still_needed(claim, preempt, wanted, request.gpu_equivalents)]
     return Plan(tuple(claim), tuple(preempt))
+
+
+def _claim(
+    free: list[SlotRecord],
+    load: Mapping[GpuKey, int],
+    wanted: int,
+    equivalents: float,
+    strategy: Strategy,
+    budget: float | None,
+    spread: bool,
+    share: Container[SlotKey],
+) -> list[SlotRecord]:
+    """The free slots to claim: picked (spread: ties at random), then swapped into this
+    process's ``share`` where it has one."""
+    claim = _pick(free, load, wanted, equivalents, strategy, budget, spread)
+    if spread and not _enough(claim, wanted, equivalents):
+        # Picked greedily within the quota, a random order may fit less than the
+        # strategy's: it must never cost a stopped container its hold.
+        claim = _pick(free, load, wanted, equivalents, strategy, budget)
+    if share:
+        claim = _into_share(claim, free, share, load, strategy)
+    return claim
 
 
 def _what_fits(eligible: list[SlotRecord], budget: float) -> str:
@@ -471,7 +489,11 @@ def _into_share(
     allocated GPU of the share first, or for pack the most): the same sizes, so the same
     quota, preemptions, kinds and nodes as the claim it replaces."""
     taken = {id(slot) for slot in claim}
-    spare = [s for s in free if (s.node, s.slot_id) in share and id(s) not in taken]
+    # In numeric order, whatever order ``free`` came in: the same draws for the same choices.
+    spare = sorted(
+        (s for s in free if (s.node, s.slot_id) in share and id(s) not in taken),
+        key=lambda s: s.order,
+    )
     if not spare:
         return claim
     load = Counter(held)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ds01.core.records import JsonRecord
+from ds01.core.records import JsonRecord, fields_of
 
 ROOT = "/ds01/v1/"
 NODES = ROOT + "nodes/"
@@ -96,7 +96,7 @@ class Holder:
         return self.stopped_at is not None
 
     def encode(self) -> bytes:
-        data = asdict(self)
+        data = fields_of(self)
         del data["mod_revision"], data["lease"]
         return json.dumps(data, sort_keys=True).encode()
 

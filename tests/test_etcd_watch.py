@@ -1,0 +1,86 @@
+"""The lean etcd watch the allocators' view follows: every write in its ranges after its
+start revision, each transaction's together, and a clear end where etcd ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aetcd
+import pytest
+import pytest_asyncio
+from aetcd.utils import prefix_range_end
+
+from ds01.core.etcd import etcd_client
+from ds01.core.pki import Pki
+from ds01.core.watch import DELETE, PUT, WatchEnded, watching
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def etcd(etcd_endpoint: str, pki: Pki) -> AsyncIterator[aetcd.Client]:
+    client = etcd_client((etcd_endpoint,), pki.etcd, "admin")
+    yield client
+    await client.close()
+
+
+def _ranges(base: str, *prefixes: str) -> list[tuple[bytes, bytes]]:
+    return [((base + p).encode(), prefix_range_end((base + p).encode())) for p in prefixes]
+
+
+async def _next(stream: AsyncIterator[Sequence[Any]], base: str) -> list[tuple[int, str, bytes]]:
+    """The stream's next message: each event's type, key below ``base`` and value."""
+    events = await asyncio.wait_for(anext(stream), 10)
+    return [(e.type, e.kv.key.decode().removeprefix(base), e.kv.value) for e in events]
+
+
+async def test_a_transactions_writes_in_a_range_arrive_together_and_nothing_else_does(
+    etcd: aetcd.Client,
+):
+    base = f"/test/watch/{uuid.uuid4().hex}/"
+    tx = etcd.transactions
+    start = (await etcd.put(f"{base}a/0".encode(), b"before")).header.revision
+    await etcd.put(f"{base}b/0".encode(), b"unwatched")
+    await etcd.put(f"{base}c/0".encode(), b"early")  # after the start: replayed
+    async with watching(etcd, _ranges(base, "a/", "c/"), start + 1) as stream:
+        assert await _next(stream, base) == [(PUT, "c/0", b"early")]
+        await etcd.transaction(
+            compare=[],
+            success=[tx.put(f"{base}a/1".encode(), b"x"), tx.put(f"{base}b/1".encode(), b"y"),
+                     tx.delete(f"{base}a/0".encode()), tx.put(f"{base}a/2".encode(), b"z")],
+            failure=[],
+        )  # fmt: skip
+        assert await _next(stream, base) == [
+            (PUT, "a/1", b"x"),
+            (DELETE, "a/0", b""),
+            (PUT, "a/2", b"z"),
+        ]
+        await etcd.put(f"{base}b/2".encode(), b"unwatched")
+        await etcd.delete(f"{base}c/0".encode())
+        assert await _next(stream, base) == [(DELETE, "c/0", b"")]
+
+
+async def test_a_watch_from_compacted_history_ends_saying_so(etcd: aetcd.Client):
+    base = f"/test/watch/{uuid.uuid4().hex}/"
+    first = (await etcd.put(f"{base}a/0".encode(), b"x")).header.revision
+    current = (await etcd.put(f"{base}a/1".encode(), b"y")).header.revision
+    await etcd.compact(current)
+    with pytest.raises(WatchEnded, match="compacted"):
+        async with watching(etcd, _ranges(base, "a/"), first) as stream:
+            await _next(stream, base)
+
+
+async def test_a_watch_whose_connection_goes_ends_at_once(etcd_endpoint: str, pki: Pki):
+    client = etcd_client((etcd_endpoint,), pki.etcd, "admin")
+    base = f"/test/watch/{uuid.uuid4().hex}/"
+    revision = (await client.put(f"{base}a/0".encode(), b"x")).header.revision
+    try:
+        async with watching(client, _ranges(base, "a/"), revision + 1) as stream:
+            reading = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.1)
+            await client.close()  # the channel goes, as with an etcd that went away
+            with pytest.raises(WatchEnded, match="channel closed"):  # not a CancelledError
+                await asyncio.wait_for(reading, 10)
+    finally:
+        await client.close()
