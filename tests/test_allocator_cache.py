@@ -267,8 +267,9 @@ async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: A
     """A release, stop or start finds the container's slots through the view's index of
     containers, not by a scan of every holder in the fleet: on either allocator, once its
     view has followed, that must list what a fresh read lists, in slot order, for
-    containers whose names begin alike. A stop's and a start's answers, read on the
-    container's node alone, must say what a fresh read of the fleet says."""
+    containers whose names begin alike. A stop's and a start's answers, from the view (or
+    read on the container's node alone, where there is no live view), must say what a
+    fresh read of the fleet says."""
     first, second = pair
     await first.allocate("alice", "two")
     await first.allocate("rita", "two", slots=2, preference=Preference.MIG)
@@ -285,9 +286,14 @@ async def test_what_a_container_holds_is_found_in_the_view_as_etcd_has_it(env: A
                     break
                 await asyncio.sleep(0.02)
             assert node.cache.view.snapshot().held_by(name) == fresh.held_by(name), name
-    for change, stopped in ((second.allocator.mark_stopped, True),
-                            (first.allocator.clear_stopped, False)):  # fmt: skip
-        answer = await change("two._.rita", ADMIN)
+    for node, stopped, live in ((second, True, True), (first, False, False), (second, True, False),
+                                (first, False, True)):  # fmt: skip
+        change = node.allocator.mark_stopped if stopped else node.allocator.clear_stopped
+        node.cache.live = live  # not live: as while its watch is lost
+        try:
+            answer = await change("two._.rita", ADMIN)
+        finally:
+            node.cache.live = True
         now = await first.allocator.state.snapshot()
         assert [(g.slot, g.holder) for g in answer] == [
             (now.slots[key], holder) for key, holder in now.held_by("two._.rita")

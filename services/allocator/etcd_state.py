@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Collection, Container, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aetcd
 from aetcd.utils import prefix_range_end
@@ -194,6 +194,25 @@ class EtcdState:
         # A node's few records are decoded afresh: the shared cache holds the fleet's.
         decoder = _Decoder() if node else self._decoder
         return decoder.snapshot(_ranges(responses), await self._revision(responses))
+
+    async def slot_state(
+        self, node: str, slot_id: str
+    ) -> tuple[SlotRecord | None, Holder | None, bool]:
+        """One slot's record and holder, and whether its node is up, in one consistent
+        read of three keys: what a start checks of each of its container's slots."""
+        tx = self.client.transactions
+        keys = (slot_key(SLOTS, node, slot_id), slot_key(HOLDERS, node, slot_id),
+                f"{NODES}{node}".encode())  # fmt: skip
+        _, responses = await self.client.transaction(
+            compare=[], success=[tx.get(key) for key in keys], failure=[]
+        )
+        slot_kvs, holder_kvs, node_kvs = _ranges(responses)
+        slot = SlotRecord.decode(slot_kvs[0].value) if slot_kvs else None
+        holder = None
+        if holder_kvs:
+            kv = holder_kvs[0]
+            holder = Holder.decode(kv.value, kv.mod_revision, kv.lease)
+        return slot, holder, bool(node_kvs)
 
     async def _revision(self, responses: list) -> int:
         """The revision a transaction read at: every Get it returned carries it."""
@@ -418,19 +437,25 @@ class EtcdState:
 
     async def rewrite(
         self, held: list[tuple[SlotKey, Holder]], holder: Holder, ttl: float | None
-    ) -> bool:
+    ) -> Holder | None:
         """Replace the holders of ``held`` by ``holder``: on a lease of ``ttl`` seconds (a
-        hold that etcd ends by itself), or without a lease (running, or held forever)."""
+        hold that etcd ends by itself), or without a lease (running, or held forever).
+        The holder as etcd now has it (its revision and lease); None where one of
+        ``held`` had changed."""
         lease = await self.client.lease(max(1, round(ttl))) if ttl is not None else None
         tx = self.client.transactions
         compare = [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
         puts = [tx.put(slot_key(HOLDERS, *key), holder.encode(), lease=lease) for key, _ in held]
-        succeeded, _ = await self.client.transaction(compare=compare, success=puts, failure=[])
-        if not succeeded and lease is not None:
-            await lease.revoke()
-        if succeeded:
-            await self._revoke_unused({h.lease for _, h in held})
-        return succeeded
+        succeeded, responses = await self.client.transaction(
+            compare=compare, success=puts, failure=[]
+        )
+        if not succeeded:
+            if lease is not None:
+                await lease.revoke()
+            return None
+        await self._revoke_unused({h.lease for _, h in held})
+        revision = responses[-1].response_put.header.revision
+        return replace(holder, mod_revision=revision, lease=lease.id if lease else 0)
 
     async def expire(self, key: SlotKey, holder: Holder) -> bool:
         """End an overdue hold, as the lease would have: no release mark, so the event

@@ -433,7 +433,7 @@ class Allocator:
         in its environment, so only admins and the services may free the slot under it."""
         exists = self.container_exists
 
-        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+        async def change(held: list[tuple[SlotKey, Holder]]) -> Holder | None:
             # Asked of the nodes the slots are on (a container's GPUs are its node's):
             # one read, however large the fleet.
             nodes = {node for (node, _), _ in held}
@@ -444,12 +444,11 @@ class Allocator:
                     f"it (`ds01 container remove {name}`) to free the GPU, or stop it "
                     f"(`ds01 container stop {name}`) to hold it only for a while"
                 )
-            mark = ReleaseMark(
-                container=container, user=held[0][1].user, by=actor.name, at=time.time()
-            )
-            return await self.state.release(held, mark)
+            holder = held[0][1]
+            mark = ReleaseMark(container=container, user=holder.user, by=actor.name, at=time.time())
+            return holder if await self.state.release(held, mark) else None
 
-        held = await self._change(container, actor, change)
+        held, _ended = await self._change(container, actor, change)
         return [f"{node}/{slot_id}" for (node, slot_id), _ in held]
 
     async def mark_stopped(
@@ -459,23 +458,23 @@ class Allocator:
         gpu_hold_after_manual_stop); etcd ends the hold on time."""
         now = time.time()
 
-        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+        async def change(held: list[tuple[SlotKey, Holder]]) -> Holder | None:
             if held[0][1].stopped:
-                return True  # already held: the hold keeps its original end
+                return held[0][1]  # already held: the hold keeps its original end
             seconds = await self.limits.hold_seconds(held[0][1].user, manual)
             until = now + seconds if seconds is not None else None
             holder = replace(held[0][1], stopped_at=now, hold_until=until)
             return await self.state.rewrite(held, holder, seconds)
 
-        return await self._granted_after(container, await self._change(container, actor, change))
+        return await self._granted_after(container, *await self._change(container, actor, change))
 
     async def clear_stopped(self, container: str, actor: Actor) -> list[Granted]:
-        async def change(held: list[tuple[SlotKey, Holder]]) -> bool:
+        async def change(held: list[tuple[SlotKey, Holder]]) -> Holder | None:
             if not held[0][1].stopped:
-                return True
+                return held[0][1]
             return await self.state.rewrite(held, held[0][1].running(), None)
 
-        return await self._granted_after(container, await self._change(container, actor, change))
+        return await self._granted_after(container, *await self._change(container, actor, change))
 
     async def expire_overdue(self, now: float | None = None) -> int:
         """End holds whose time is up but whose lease still runs: etcd restarts every
@@ -498,11 +497,15 @@ class Allocator:
         return sum([await self.state.expire(key, holder) for key, holder in overdue])
 
     async def _granted_after(
-        self, container: str, changed: list[tuple[SlotKey, Holder]]
+        self, container: str, changed: list[tuple[SlotKey, Holder]], holder: Holder
     ) -> list[Granted]:
-        """What ``container`` holds after a change to its ``changed`` holdings, read afresh
-        from etcd on their nodes alone (a container's slots are its node's): at a cost that
-        follows a node, not the fleet."""
+        """What ``container`` holds after a change left ``holder`` under each of its
+        ``changed`` holdings (all it holds: a change takes every one): each slot's record
+        from the watched view, as an allocation's answer has it. Where the view lacks one,
+        read afresh from etcd on their nodes alone (a container's slots are its node's)."""
+        view = self.cache.view if self.cache is not None and self.cache.live else None
+        if view is not None and all(key in view.slots for key, _ in changed):
+            return [Granted(view.slots[key], holder) for key, _ in changed]
         granted: list[Granted] = []
         for node in sorted({node for (node, _slot), _holder in changed}):
             snapshot = await self.state.snapshot(node)
@@ -513,7 +516,11 @@ class Allocator:
         """None if the slot exists and is still this container's; else why not. Read on
         ``node`` alone (the nodes' records, with whether each is up, are read whole); for
         a user, the whole fleet too where the container holds nothing on ``node``, to
-        know whose it is."""
+        know whose it is. The common answer, yes, reads the slot's three keys alone."""
+        slot, holder, up = await self.state.slot_state(node, slot_id)
+        if slot is not None and up and holder is not None and holder.container == container:
+            self._check_owner([((node, slot_id), holder)], actor)
+            return None
         snapshot = await self.state.snapshot(node)
         held = snapshot.held_by(container)
         if not held and not actor.privileged:  # whose it is, though its slots are elsewhere
@@ -603,25 +610,28 @@ class Allocator:
         self,
         container: str,
         actor: Actor,
-        change: Callable[[list[tuple[SlotKey, Holder]]], Awaitable[bool]],
-    ) -> list[tuple[SlotKey, Holder]]:
-        """Apply ``change`` to the container's holder keys, re-reading on a lost race.
-        The first try takes the keys from the watched view: ``change`` compares their
+        change: Callable[[list[tuple[SlotKey, Holder]]], Awaitable[Holder | None]],
+    ) -> tuple[list[tuple[SlotKey, Holder]], Holder]:
+        """Apply ``change`` to the container's holder keys, re-reading on a lost race;
+        the keys as they were, and the holder the change left under them (a release: the
+        one it ended). ``change`` answers None where a key had changed meanwhile. The
+        first try takes the keys from the watched view: ``change`` compares their
         revisions, so a stale view only costs the fresh read that follows."""
         cache = self.cache
         if cache is not None and cache.live:
             held = cache.view.snapshot().held_by(container)  # by the view's index
             owners = {h.user for _, h in held}
             allowed = len(owners) == 1 and (actor.privileged or owners == {actor.name})
-            if allowed and await change(held):  # else the fresh read decides, and says why
-                return held
+            # Else the fresh read decides, and says why.
+            if allowed and (after := await change(held)) is not None:
+                return held, after
         for _attempt in range(CLAIM_ATTEMPTS):
             held = (await self.state.snapshot()).held_by(container)
             if not held:
                 raise NotFound(f"container {container} holds no GPU")
             self._check_owner(held, actor)
-            if await change(held):
-                return held
+            if (after := await change(held)) is not None:
+                return held, after
             await asyncio.sleep(0)
         raise AllocationRefused(Refusal.NO_CAPACITY, f"{container} kept changing; try again")
 

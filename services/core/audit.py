@@ -15,18 +15,19 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import aetcd
 
 from ds01.core.leases import RollingLease
-from ds01.core.records import JsonRecord
+from ds01.core.records import JsonRecord, fields_of
 
 log = logging.getLogger("ds01.audit")
 
 AUDIT = "/ds01/v1/audit/"
 RETENTION = 90 * 86400  # seconds a record is kept in etcd (the log keeps its own)
 QUEUED = 10_000  # records waiting for etcd at most; beyond, only the log line is kept
+WRITTEN_AT_ONCE = 64  # records in one transaction at most (etcd allows 128 operations)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class AuditLog:
     def record(self, who: str, action: str, target: str, decision: str, reason: str = "") -> None:
         entry = AuditRecord(time.time(), self.node, self.service, who, action, target,
                             decision, reason)  # fmt: skip
-        log.info("audit: %s", entry.line(), extra={"audit": asdict(entry)})
+        log.info("audit: %s", entry.line(), extra={"audit": fields_of(entry)})
         if self._etcd is None:
             return
         try:
@@ -83,22 +84,26 @@ class AuditLog:
             log.warning("audit queue full: %s is in the log only", entry.line())
 
     async def run(self) -> None:
-        """Write queued records to etcd, for as long as the service runs."""
+        """Write queued records to etcd, for as long as the service runs: those queued
+        while a write was under way go together in the next (one transaction)."""
         while True:
-            entry = await self._queue.get()
+            entries = [await self._queue.get()]
+            while len(entries) < WRITTEN_AT_ONCE and not self._queue.empty():
+                entries.append(self._queue.get_nowait())
+            items = [(record_key(e, next(self._sequence)), e.encode()) for e in entries]
             while True:
                 try:
-                    await self._write(entry)
+                    await self._write(items)
                     break
                 except Exception as err:  # etcd away: keep the order, try again
-                    log.warning("cannot write the audit record to etcd yet: %s", err)
+                    log.warning("cannot write %d audit record(s) to etcd yet: %s", len(items), err)
                     await asyncio.sleep(2)
 
-    async def _write(self, entry: AuditRecord) -> None:
+    async def _write(self, items: list[tuple[bytes, bytes]]) -> None:
         assert self._etcd is not None
         if self._client is None:
             self._client = self._etcd()
-        await self._lease.put(self._client, record_key(entry, next(self._sequence)), entry.encode())
+        await self._lease.put_all(self._client, items)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -26,12 +26,21 @@ class RollingLease:
         self._current: tuple[float, int] | None = None  # (granted at, lease id)
 
     async def put(self, client: aetcd.Client, key: bytes, value: bytes) -> None:
+        await self.put_all(client, [(key, value)])
+
+    async def put_all(self, client: aetcd.Client, items: list[tuple[bytes, bytes]]) -> None:
+        """Put every (key, value) of ``items`` in one transaction: all or none."""
         now = time.monotonic()
         if self._current is None or now - self._current[0] > ROLL:
             granted = await client.lease(int(self.retention + ROLL))
             self._current = (now, granted.id)
+        tx = client.transactions
         try:
-            await client.put(key, value, lease=self._current[1])
+            await client.transaction(
+                compare=[],
+                success=[tx.put(key, value, lease=self._current[1]) for key, value in items],
+                failure=[],
+            )
         except Exception:  # the lease may be gone (etcd restored, a long outage): a new one
             self._current = None
             raise
