@@ -1,5 +1,6 @@
-"""The containers service's Docker client keeps its connections to dockerd: calls on
-many different containers (a sweep, fifty users) reuse a few, not one each."""
+"""The containers service's Docker client: calls on many containers (a sweep, fifty
+users) leave no connection to dockerd open behind them, and every failure is told in
+Docker's words or as Docker not answering, never as a traceback."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import docker.errors
 import pytest
 
-from ds01.containers.adapters import POOL_SIZE, DockerHost
+from ds01.containers import adapters
+from ds01.containers.adapters import DockerHost, DockerUnavailable
 
 
 @contextlib.asynccontextmanager
 async def counting_relay(docker_socket: Path) -> AsyncIterator[tuple[Path, list[int]]]:
-    """A unix socket that passes every byte to dockerd's and counts its connections."""
-    accepted = [0]
+    """A unix socket that passes every byte to dockerd's and counts its connections:
+    those accepted, and those still open."""
+    accepted = [0, 0]
     path = Path(tempfile.mkdtemp(prefix="ds01-relay-", dir="/tmp")) / "docker.sock"
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -29,8 +33,12 @@ async def counting_relay(docker_socket: Path) -> AsyncIterator[tuple[Path, list[
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted[0] += 1
+        accepted[1] += 1
         upstream_reader, upstream_writer = await asyncio.open_unix_connection(str(docker_socket))
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        try:
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        finally:
+            accepted[1] -= 1
 
     server = await asyncio.start_unix_server(relay, str(path))
     try:
@@ -43,7 +51,7 @@ async def counting_relay(docker_socket: Path) -> AsyncIterator[tuple[Path, list[
 
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("containers", [30, 80])
-async def test_calls_on_many_containers_reuse_connections(
+async def test_calls_on_many_containers_leave_no_connection_open(
     docker_socket: Path, test_image: str, containers: int
 ):
     host = DockerHost(f"unix://{docker_socket}")
@@ -54,13 +62,62 @@ async def test_calls_on_many_containers_reuse_connections(
     try:
         async with counting_relay(docker_socket) as (relay, accepted):
             through = DockerHost(f"unix://{relay}")
+            await through.find(made[0])  # the SDK's client connects (and keeps one open)
+            before, kept = accepted
             for _round in range(3):  # as three sweeps do
-                await asyncio.gather(*(through.find(c) for c in made))
-                assert all([await through.find(c) for c in made[:3]])
-            # Without the one pool: a connection per call once more than 25 were in turn.
-            assert accepted[0] <= POOL_SIZE, f"{accepted[0]} connections for {containers}"
+                found = await asyncio.gather(*(through.find(c) for c in made))
+                assert [c.id for c in found] == made
+            assert accepted[0] - before == 3 * containers  # one short connection a call
+            for _ in range(100):
+                if accepted[1] == kept:
+                    break
+                await asyncio.sleep(0.02)
+            assert accepted[1] == kept, f"{accepted[1] - kept} connections left open"
             await through.close()
     finally:
         for container in made:
             await host.run(host.client.api.remove_container, container, force=True)
         await host.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_each_docker_failure_is_told_in_words(
+    docker_socket: Path, test_image: str, monkeypatch: pytest.MonkeyPatch
+):
+    """What Docker refuses, in Docker's words; what is not there, as not found; a Docker
+    that is not there or does not answer, as that, naming where it was asked."""
+    host = DockerHost(f"unix://{docker_socket}")
+    broken = await host.run(
+        lambda: host.client.api.create_container(test_image, "/no/such/program")["Id"]
+    )
+    try:
+        assert await host.find("no-such-container-anywhere") is None
+        assert await host.image("no-such-image:anywhere") is None
+        with pytest.raises(docker.errors.NotFound, match="404"):
+            await host.stop("no-such-container-anywhere", 1)
+        await host.remove("no-such-container-anywhere")  # gone already: removed
+        with pytest.raises(docker.errors.APIError, match="/no/such/program"):
+            await host.start(await host.find(broken))
+    finally:
+        await host.remove(broken)
+        await host.close()
+    assert await host.find(broken) is None
+
+    nowhere = Path(tempfile.mkdtemp(prefix="ds01-nowhere-", dir="/tmp"))
+    silent_path = nowhere / "silent.sock"
+
+    async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, reads, never answers
+
+    server = await asyncio.start_unix_server(silent, str(silent_path))
+    monkeypatch.setattr(adapters, "CALL_SECONDS", 0.5)
+    try:
+        for url in (f"unix://{nowhere}/docker.sock", f"unix://{silent_path}", "tcp://127.0.0.1:9"):
+            away = DockerHost(url)
+            for call in (away.find("x"), away.stop("x", 0), away.remove("x"), away.image("i")):
+                with pytest.raises(DockerUnavailable, match=f"Docker at {url} does not answer"):
+                    await call
+    finally:
+        server.close()
+        silent_path.unlink(missing_ok=True)
+        nowhere.rmdir()

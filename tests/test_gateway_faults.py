@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ds01.core.docker_api import Daemon
 from ds01.ownership.gateway.admission import Gateway, UserSettings
-from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.policy import Caps
 from ds01.ownership.gateway.relay import DockerGateway
 from tests.gateway_raw import raw_as, request

@@ -789,8 +789,8 @@ async def test_image_archives_cannot_name_other_users_or_shared_images(world):
 async def test_a_name_docker_took_from_someone_is_given_back(world, unix_users):
     """The check after a load, on its own: should Docker ever tag a name the archive did
     not show us, the name goes back to the image it named before, hang-up or not."""
+    from ds01.core.docker_api import Daemon
     from ds01.ownership.gateway.admission import Admission, Gateway
-    from ds01.ownership.gateway.daemon import Daemon
     from ds01.ownership.gateway.routes import match
 
     original = world.root("image", "inspect", "-f", "{{.Id}}", f"{ALICE}/private:1")

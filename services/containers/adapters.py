@@ -1,4 +1,5 @@
-"""The containers service's adapters: Docker (SDK in a worker thread), host accounts,
+"""The containers service's adapters: Docker (the calls of every start, stop and remove
+asked of its API directly, the rest through the SDK in a worker thread), host accounts,
 container metadata in etcd, and per-user cgroups on cgroupfs."""
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aetcd
 import docker
 import docker.errors
+from docker.models.containers import Container
 from docker.transport.unixconn import UnixHTTPAdapter
 
 from ds01.containers.spec import Account, named_accounts
+from ds01.core.docker_api import Daemon, Reply
 from ds01.core.docker_args import DockerInfo
 from ds01.core.faults import fault_point
 from ds01.core.processes import docker_answers
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
+CALL_SECONDS = 120.0  # a Docker call that takes longer (a stop, beyond its grace) is stuck
 MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
 IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
 # An image's /etc/passwd or /etc/group past this size is not read (its users stay
@@ -77,11 +82,15 @@ class SocketAdapter(UnixHTTPAdapter):
 
 
 class DockerHost:
-    """The Docker SDK, called from a worker thread so the event loop never blocks."""
+    """Docker: the calls of every start, stop and remove asked of its API directly (see
+    core/docker_api.py), the others through the SDK, called from a worker thread so the
+    event loop never blocks."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
+        self.daemon = Daemon.at(base_url)
         self._client: docker.DockerClient | None = None
+        self._connecting = asyncio.Lock()
         self._info_cache: tuple[float, dict[str, Any]] | None = None
         # An image's /etc/passwd and /etc/group, by image id, oldest first.
         self._image_accounts: dict[str, tuple[str | None, str | None]] = {}
@@ -139,19 +148,52 @@ class DockerHost:
             self._info_cache = (time.monotonic(), await self.run(lambda: self.client.info()))
         return self._info_cache[1]
 
+    async def _ask(self, method: str, target: str, longer: float = 0.0) -> Reply:
+        """One call of Docker's API. DockerUnavailable where Docker does not answer (in
+        CALL_SECONDS, ``longer`` seconds more); the SDK's NotFound (404) or APIError for a
+        refusal, in Docker's words, as the SDK raised them."""
+        try:
+            async with asyncio.timeout(CALL_SECONDS + longer):
+                reply = await self.daemon.call(method, target)
+        except OSError as err:  # TimeoutError among them
+            raise DockerUnavailable(
+                f"Docker at {self.base_url} does not answer: {err or 'no answer in time'}"
+            ) from err
+        if reply.status < 400:
+            return reply
+        answer = reply.json()
+        words = answer.get("message") if isinstance(answer, dict) else None
+        refusal = docker.errors.NotFound if reply.status == 404 else docker.errors.APIError
+        raise refusal(f"{reply.status} {method} {target}: {words or 'refused'}")
+
+    async def _inspect(self, container: str) -> dict[str, Any]:
+        reply = await self._ask("GET", f"/containers/{quote(container, safe='')}/json")
+        return reply.json()  # type: ignore[no-any-return]
+
     async def image(self, image: str) -> dict[str, Any] | None:
         """The image's inspect, or None if Docker has no image by that reference."""
         try:
-            found = await self.run(lambda: self.client.api.inspect_image(image))
-        except docker.errors.ImageNotFound:
-            return None
-        return found
-
-    async def find(self, name: str) -> Any | None:
-        try:
-            return await self.run(lambda: self.client.containers.get(name))
+            reply = await self._ask("GET", f"/images/{quote(image, safe='/:@')}/json")
         except docker.errors.NotFound:
             return None
+        return reply.json()  # type: ignore[no-any-return]
+
+    async def find(self, name: str) -> Any | None:
+        """The container by name or id, as the SDK's model of it; None if there is none."""
+        try:
+            attrs = await self._inspect(name)
+        except docker.errors.NotFound:
+            return None
+        client = await self._sdk()
+        return Container(attrs=attrs, client=client, collection=client.containers)
+
+    async def _sdk(self) -> docker.DockerClient:
+        """The SDK's client, connected in a worker thread (it asks Docker for its version
+        at once), once however many ask together."""
+        async with self._connecting:
+            if self._client is None:
+                await self.run(lambda: self.client)
+        return self.client
 
     async def names_labelled(self, label: str, value: str) -> list[str]:
         """The names of every container, running or not, whose ``label`` is ``value``."""
@@ -167,13 +209,8 @@ class DockerHost:
 
     async def start(self, container: Any) -> dict[str, Any]:
         """Start; Docker's State of the container after (StartedAt of this run)."""
-        api = self.client.api
-
-        def start() -> dict[str, Any]:
-            api.start(container.id)
-            return api.inspect_container(container.id)["State"]
-
-        return await self.run(start)
+        await self._ask("POST", f"/containers/{quote(container.id, safe='')}/start")
+        return (await self._inspect(container.id))["State"]  # type: ignore[no-any-return]
 
     async def image_accounts(
         self, image_id: str, name: str, labels: dict[str, str]
@@ -230,18 +267,14 @@ class DockerHost:
     async def stop(self, container_id: str, grace: int) -> dict[str, Any]:
         """Stop the container, by id; Docker's State of it after (FinishedAt set).
         Raises docker.errors.NotFound where Docker has no such container."""
-        api = self.client.api
-
-        def stop() -> dict[str, Any]:
-            api.stop(container_id, timeout=grace)
-            return api.inspect_container(container_id)["State"]
-
-        return await self.run(stop)
+        target = f"/containers/{quote(container_id, safe='')}/stop?t={int(grace)}"
+        await self._ask("POST", target, longer=grace)
+        return (await self._inspect(container_id))["State"]  # type: ignore[no-any-return]
 
     async def remove(self, container_id: str) -> None:
         """Remove the container with its anonymous volumes, by id: one gone already is."""
         with contextlib.suppress(docker.errors.NotFound):
-            await self.run(self.client.api.remove_container, container_id, force=True, v=True)
+            await self._ask("DELETE", f"/containers/{quote(container_id, safe='')}?force=1&v=1")
 
     async def close(self) -> None:
         if self._client is not None:

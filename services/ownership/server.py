@@ -20,6 +20,7 @@ from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
 from ds01.containers.spec import limits_of
 from ds01.core.account_files import AccountFiles
+from ds01.core.docker_api import Daemon
 from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import cancel_watch, connect
 from ds01.core.identity import caller
@@ -28,7 +29,6 @@ from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.ownership import metrics as gateway_metrics
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.gateway.admission import Gateway, UserSettings
-from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.pins import PINS_LABEL, Pins
 from ds01.ownership.gateway.policy import Caps
 from ds01.ownership.gateway.relay import DockerGateway

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from ds01.core.account_files import AccountFiles
+from ds01.core.docker_api import Daemon
 from ds01.ownership.gateway import filters, images, policy
-from ds01.ownership.gateway.daemon import Daemon
 from ds01.ownership.gateway.decisions import (
     JSON,
     Answer,
