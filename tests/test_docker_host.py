@@ -109,7 +109,14 @@ async def test_each_docker_failure_is_told_in_words(
     async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
         await reader.read()  # accepts, reads, never answers
 
-    server = await asyncio.start_unix_server(silent, str(silent_path))
+    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # as Go's router answers a path it would clean
+        writer.write(b"HTTP/1.0 301 Moved Permanently\r\nLocation: /elsewhere\r\n\r\n")
+        writer.close()
+
+    redirect_path = nowhere / "redirect.sock"
+    servers = [await asyncio.start_unix_server(silent, str(silent_path)),
+               await asyncio.start_unix_server(redirecting, str(redirect_path))]  # fmt: skip
     monkeypatch.setattr(adapters, "CALL_SECONDS", 0.5)
     try:
         for url in (f"unix://{nowhere}/docker.sock", f"unix://{silent_path}", "tcp://127.0.0.1:9"):
@@ -117,7 +124,13 @@ async def test_each_docker_failure_is_told_in_words(
             for call in (away.find("x"), away.stop("x", 0), away.remove("x"), away.image("i")):
                 with pytest.raises(DockerUnavailable, match=f"Docker at {url} does not answer"):
                     await call
+        elsewhere = DockerHost(f"unix://{redirect_path}")  # no answer is taken for another's
+        for call in (elsewhere.find("x"), elsewhere.stop("x", 0), elsewhere.image("i")):
+            with pytest.raises(docker.errors.APIError, match="301"):
+                await call
     finally:
-        server.close()
-        silent_path.unlink(missing_ok=True)
+        for server in servers:
+            server.close()
+        for path in (silent_path, redirect_path):
+            path.unlink(missing_ok=True)
         nowhere.rmdir()

@@ -159,7 +159,7 @@ class DockerHost:
             raise DockerUnavailable(
                 f"Docker at {self.base_url} does not answer: {err or 'no answer in time'}"
             ) from err
-        if reply.status < 400:
+        if 200 <= reply.status < 300 or reply.status == 304:  # 304: started or stopped already
             return reply
         answer = reply.json()
         words = answer.get("message") if isinstance(answer, dict) else None
