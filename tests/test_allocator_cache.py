@@ -208,6 +208,43 @@ async def test_a_view_whose_watch_ends_reads_etcd_again_and_follows_on(env: Allo
     assert await until(lambda: key not in lagging.cache.view.holders)
 
 
+async def test_a_start_or_stop_on_a_lagging_view_is_made_in_etcd(env: AllocatorEnv, pair):
+    """A view that has not seen another allocator's stop must not take the container for
+    running already when asked to start it (nor, having missed a start, for stopped when
+    asked to stop it): etcd ends as asked (else a hold's lease would end a running
+    container's GPU, or a stopped one would keep it for ever), and the answer says what
+    etcd has."""
+    lagging, acting = pair
+    name = "lag._.alice"
+    [slot] = await acting.allocate("alice", "lag")
+    key = (env.config.node, slot)
+
+    async def etcd_has() -> Holder:
+        [(_key, holder)] = (await acting.allocator.state.snapshot()).held_by(name)
+        return holder
+
+    for stopped_first in (False, True):  # the view shows it running, then stopped
+        if stopped_first:
+            await acting.allocator.mark_stopped(name, ADMIN)
+        for _ in range(100):
+            held = lagging.cache.view.holders.get(key)
+            if held is not None and held.stopped is stopped_first:
+                break
+            await asyncio.sleep(0.02)
+        assert held is not None and held.stopped is stopped_first
+        await lagging.freeze()
+        if stopped_first:
+            await acting.allocator.clear_stopped(name, ADMIN)  # started behind its back
+            answer = await lagging.allocator.mark_stopped(name, ADMIN)
+        else:
+            await acting.allocator.mark_stopped(name, ADMIN)  # stopped behind its back
+            answer = await lagging.allocator.clear_stopped(name, ADMIN)
+        now = await etcd_has()
+        assert now.stopped is stopped_first
+        assert [g.holder for g in answer] == [now]
+        await lagging.thaw(env)
+
+
 async def test_a_users_status_from_the_view_is_what_etcd_holds_for_that_user(
     env: AllocatorEnv, pair
 ):

@@ -114,9 +114,15 @@ async def test_each_docker_failure_is_told_in_words(
         writer.write(b"HTTP/1.0 301 Moved Permanently\r\nLocation: /elsewhere\r\n\r\n")
         writer.close()
 
-    redirect_path = nowhere / "redirect.sock"
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # a dockerd that goes away mid-answer
+        writer.write(b'HTTP/1.0 200 OK\r\n\r\n{"Id": "abc", "State": {"Sta')
+        writer.close()
+
+    redirect_path, cut_path = nowhere / "redirect.sock", nowhere / "cut.sock"
     servers = [await asyncio.start_unix_server(silent, str(silent_path)),
-               await asyncio.start_unix_server(redirecting, str(redirect_path))]  # fmt: skip
+               await asyncio.start_unix_server(redirecting, str(redirect_path)),
+               await asyncio.start_unix_server(cut_short, str(cut_path))]  # fmt: skip
     monkeypatch.setattr(adapters, "CALL_SECONDS", 0.5)
     try:
         for url in (f"unix://{nowhere}/docker.sock", f"unix://{silent_path}", "tcp://127.0.0.1:9"):
@@ -128,9 +134,13 @@ async def test_each_docker_failure_is_told_in_words(
         for call in (elsewhere.find("x"), elsewhere.stop("x", 0), elsewhere.image("i")):
             with pytest.raises(docker.errors.APIError, match="301"):
                 await call
+        short = DockerHost(f"unix://{cut_path}")
+        for call in (short.find("x"), short.stop("x", 0), short.image("i")):
+            with pytest.raises(DockerUnavailable, match="cut its answer"):
+                await call
     finally:
         for server in servers:
             server.close()
-        for path in (silent_path, redirect_path):
+        for path in (silent_path, redirect_path, cut_path):
             path.unlink(missing_ok=True)
         nowhere.rmdir()

@@ -15,7 +15,7 @@ from aetcd.utils import prefix_range_end
 
 from ds01.core.etcd import etcd_client
 from ds01.core.pki import Pki
-from ds01.core.watch import DELETE, PUT, WatchEnded, watching
+from ds01.core.watch import DELETE, PUT, Compacted, WatchEnded, watching
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -61,14 +61,34 @@ async def test_a_transactions_writes_in_a_range_arrive_together_and_nothing_else
         assert await _next(stream, base) == [(DELETE, "c/0", b"")]
 
 
+async def test_a_watch_with_previous_values_tells_what_each_write_replaced(etcd: aetcd.Client):
+    """What the allocation event stream reads a preemption, a hold or a release from."""
+    base = f"/test/watch/{uuid.uuid4().hex}/"
+    key = f"{base}a/0".encode()
+    start = (await etcd.put(key, b"first")).header.revision
+    async with watching(etcd, _ranges(base, "a/"), start + 1, prev_kv=True) as stream:
+        await etcd.put(key, b"second")
+        await etcd.delete(key)
+        await etcd.put(key, b"again")
+        seen = []
+        while len(seen) < 3:
+            seen += await asyncio.wait_for(anext(stream), 10)
+    assert [(e.type, e.kv.value, e.prev_kv.value, e.HasField("prev_kv")) for e in seen] == [
+        (PUT, b"second", b"first", True),
+        (DELETE, b"", b"second", True),
+        (PUT, b"again", b"", False),  # nothing before it
+    ]
+
+
 async def test_a_watch_from_compacted_history_ends_saying_so(etcd: aetcd.Client):
     base = f"/test/watch/{uuid.uuid4().hex}/"
     first = (await etcd.put(f"{base}a/0".encode(), b"x")).header.revision
     current = (await etcd.put(f"{base}a/1".encode(), b"y")).header.revision
     await etcd.compact(current)
-    with pytest.raises(WatchEnded, match="compacted"):
+    with pytest.raises(Compacted, match="compacted") as ended:
         async with watching(etcd, _ranges(base, "a/"), first) as stream:
             await _next(stream, base)
+    assert ended.value.revision == current  # where etcd's history now begins
 
 
 async def test_a_watch_whose_connection_goes_ends_at_once(etcd_endpoint: str, pki: Pki):

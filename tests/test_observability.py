@@ -463,14 +463,17 @@ async def test_a_burst_of_audit_records_reaches_etcd_whole_in_order_and_in_few_w
 ):
     """Records queued while the writer is busy go to etcd together: a burst of 200 (a
     busy hour of a lab's calls) is all there, in the order recorded, in a handful of
-    transactions rather than one each."""
+    transactions rather than one each; a caller's long name or sentence is cut, so no
+    write is too large for etcd and holds back the records after it."""
     from ds01.core.audit import AUDIT, AuditLog, AuditRecord
     from ds01.core.etcd import etcd_client
 
     service = f"audit-burst-{os.getpid()}-{time.monotonic_ns()}"
     audit = AuditLog("n1", service, lambda: etcd_client((etcd_endpoint,), pki.etcd, "admin"))
-    for n in range(200):
-        audit.record(f"user{n}", "Release", f"c{n}._.user{n}", "allowed")
+    huge = "RUN " + "x" * 30_000  # a refusal quoting a user's Dockerfile line
+    for n in range(200):  # 64 of them long enough together to pass etcd's 1.5 MiB
+        audit.record(f"user{n}", "build", "?name=" + "n" * 1_000_000 if n == 5 else f"c{n}",
+                     "denied", huge if n < 64 else "")  # fmt: skip
     writer = asyncio.ensure_future(audit.run())
     reader = etcd_client((etcd_endpoint,), pki.etcd, "admin")
     try:
@@ -486,4 +489,6 @@ async def test_a_burst_of_audit_records_reaches_etcd_whole_in_order_and_in_few_w
         await reader.close()
         await audit.close()
     assert [r.who for r, _ in found] == [f"user{n}" for n in range(200)]
+    assert found[0][0].reason.startswith("RUN xxx") and len(found[0][0].reason) < 1100
+    assert "more characters" in found[5][0].target and len(found[5][0].target) < 1100
     assert len({revision for _, revision in found}) <= 4  # 64 a write at most: not 200

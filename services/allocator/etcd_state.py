@@ -435,6 +435,14 @@ class EtcdState:
             await self._revoke_unused({h.lease for _, h in held})
         return succeeded
 
+    async def unchanged(self, held: list[tuple[SlotKey, Holder]]) -> Holder | None:
+        """The holder of ``held`` if etcd still has every key of it as it was read (a view
+        may lag: a change it finds already made must be so in etcd too); else None."""
+        tx = self.client.transactions
+        compare = [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
+        succeeded, _ = await self.client.transaction(compare=compare, success=[], failure=[])
+        return held[0][1] if succeeded else None
+
     async def rewrite(
         self, held: list[tuple[SlotKey, Holder]], holder: Holder, ttl: float | None
     ) -> Holder | None:

@@ -13,13 +13,13 @@ import enum
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aetcd
-from aetcd.exceptions import RevisionCompactedError
+from aetcd.utils import prefix_range_end
 
 from ds01.allocator.records import ALLOC, HOLDERS, RELEASED, Holder, ReleaseMark, split_slot_key
-from ds01.core.etcd import cancel_watch
+from ds01.core.watch import DELETE, PUT, Compacted, watching
 
 T = TypeVar("T")
 
@@ -87,21 +87,22 @@ class EventTranslator:
     def __init__(self) -> None:
         self._marks: dict[tuple[str, str], tuple[int, ReleaseMark]] = {}
 
-    def translate(self, event: aetcd.rtypes.Event) -> AllocationEvent | None:
+    def translate(self, event: Any) -> AllocationEvent | None:
+        """``event``: etcd's ``mvccpb.Event``, with the value before it (see watching())."""
         key = event.kv.key.decode()
         revision = event.kv.mod_revision
         if key.startswith(RELEASED):
-            if event.kind == "PUT":
+            if event.type == PUT:
                 slot = split_slot_key(RELEASED, event.kv.key)
                 self._marks[slot] = (revision, ReleaseMark.decode(event.kv.value))
             return None
         node, slot_id = split_slot_key(HOLDERS, event.kv.key)
         previous = (
             Holder.decode(event.prev_kv.value, event.prev_kv.mod_revision, event.prev_kv.lease)
-            if event.prev_kv is not None and event.prev_kv.value
+            if event.HasField("prev_kv") and event.prev_kv.value
             else None
         )
-        if event.kind == "DELETE":
+        if event.type == DELETE:
             mark = self._marks.pop((node, slot_id), None)
             holder = previous or _NOBODY
             if mark is not None and mark[0] == revision:
@@ -126,24 +127,25 @@ class EventTranslator:
 
 
 async def watch_allocations(
-    client: aetcd.Client, since_revision: int = 0, watching: asyncio.Future[None] | None = None
+    client: aetcd.Client, since_revision: int = 0, ready: asyncio.Future[None] | None = None
 ) -> AsyncIterator[AllocationEvent]:
     """Events after ``since_revision`` (0: from now on), in revision order, forever.
-    ``watching`` is resolved once etcd has the watch: nothing after that is missed."""
-    start = since_revision + 1 if since_revision > 0 else None
+    ``ready`` is resolved once etcd has the watch: nothing after that is missed."""
+    start = since_revision + 1 if since_revision > 0 else 0
     translator = EventTranslator()
-    watch = await client.watch_prefix(ALLOC.encode(), start_revision=start, prev_kv=True)
-    if watching is not None and not watching.done():
-        watching.set_result(None)
+    prefix = ALLOC.encode()
     try:
-        async for raw in watch:
-            event = translator.translate(raw)
-            if event is not None:
-                yield event
-    except RevisionCompactedError as err:
-        raise HistoryCompacted(err.compacted_revision) from err
-    finally:
-        await cancel_watch(watch)
+        async with watching(client, [(prefix, prefix_range_end(prefix))], start,
+                            prev_kv=True) as stream:  # fmt: skip
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+            async for events in stream:
+                for raw in events:
+                    event = translator.translate(raw)
+                    if event is not None:
+                        yield event
+    except Compacted as err:
+        raise HistoryCompacted(err.revision) from err
 
 
 async def from_oldest_kept(
@@ -208,7 +210,7 @@ class EventHub:
 
     async def _run(self, watching: asyncio.Future[None]) -> None:
         try:
-            async for event in watch_allocations(self.client, watching=watching):
+            async for event in watch_allocations(self.client, ready=watching):
                 for queue in list(self._subscribers):
                     if queue.full():
                         # Resume just before the oldest event it has not received.

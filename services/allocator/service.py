@@ -459,8 +459,8 @@ class Allocator:
         now = time.time()
 
         async def change(held: list[tuple[SlotKey, Holder]]) -> Holder | None:
-            if held[0][1].stopped:
-                return held[0][1]  # already held: the hold keeps its original end
+            if held[0][1].stopped:  # already held: the hold keeps its original end
+                return await self.state.unchanged(held)
             seconds = await self.limits.hold_seconds(held[0][1].user, manual)
             until = now + seconds if seconds is not None else None
             holder = replace(held[0][1], stopped_at=now, hold_until=until)
@@ -471,7 +471,7 @@ class Allocator:
     async def clear_stopped(self, container: str, actor: Actor) -> list[Granted]:
         async def change(held: list[tuple[SlotKey, Holder]]) -> Holder | None:
             if not held[0][1].stopped:
-                return held[0][1]
+                return await self.state.unchanged(held)
             return await self.state.rewrite(held, held[0][1].running(), None)
 
         return await self._granted_after(container, *await self._change(container, actor, change))

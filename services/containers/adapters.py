@@ -157,7 +157,7 @@ class DockerHost:
                 reply = await self.daemon.call(method, target)
         except OSError as err:  # TimeoutError among them
             raise DockerUnavailable(
-                f"Docker at {self.base_url} does not answer: {err or 'no answer in time'}"
+                f"Docker at {self.base_url} does not answer: {str(err) or 'no answer in time'}"
             ) from err
         if 200 <= reply.status < 300 or reply.status == 304:  # 304: started or stopped already
             return reply
@@ -166,17 +166,23 @@ class DockerHost:
         refusal = docker.errors.NotFound if reply.status == 404 else docker.errors.APIError
         raise refusal(f"{reply.status} {method} {target}: {words or 'refused'}")
 
+    async def _inspected(self, target: str) -> dict[str, Any]:
+        """An inspect's answer; DockerUnavailable where it is no JSON object (a dockerd
+        that went away mid-answer closes the connection early: no length says so)."""
+        found = (await self._ask("GET", target)).json()
+        if not isinstance(found, dict):
+            raise DockerUnavailable(f"Docker at {self.base_url} cut its answer to {target} short")
+        return found
+
     async def _inspect(self, container: str) -> dict[str, Any]:
-        reply = await self._ask("GET", f"/containers/{quote(container, safe='')}/json")
-        return reply.json()  # type: ignore[no-any-return]
+        return await self._inspected(f"/containers/{quote(container, safe='')}/json")
 
     async def image(self, image: str) -> dict[str, Any] | None:
         """The image's inspect, or None if Docker has no image by that reference."""
         try:
-            reply = await self._ask("GET", f"/images/{quote(image, safe='/:@')}/json")
+            return await self._inspected(f"/images/{quote(image, safe='/:@')}/json")
         except docker.errors.NotFound:
             return None
-        return reply.json()  # type: ignore[no-any-return]
 
     async def find(self, name: str) -> Any | None:
         """The container by name or id, as the SDK's model of it; None if there is none."""

@@ -28,6 +28,9 @@ AUDIT = "/ds01/v1/audit/"
 RETENTION = 90 * 86400  # seconds a record is kept in etcd (the log keeps its own)
 QUEUED = 10_000  # records waiting for etcd at most; beyond, only the log line is kept
 WRITTEN_AT_ONCE = 64  # records in one transaction at most (etcd allows 128 operations)
+# A record's target and reason at most: 64 records of the longest stay far within the
+# 1.5 MiB etcd takes in one request.
+FIELD_CHARACTERS = 1024
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,15 @@ class AuditRecord(JsonRecord):
                                                        self.reason))  # fmt: skip
         text = f"{who} {action} {target or '-'}: {self.decision}"
         return f"{text} ({reason})" if reason else text
+
+
+def _cut(text: str) -> str:
+    """``text`` within FIELD_CHARACTERS: a caller's name or sentence (a 1 MiB ?name=, a
+    Dockerfile line quoted in a refusal) must not flood the log, nor make a write of
+    queued records too large for etcd, which would hold back every record after it."""
+    if len(text) <= FIELD_CHARACTERS:
+        return text
+    return f"{text[:FIELD_CHARACTERS]}... ({len(text) - FIELD_CHARACTERS} more characters)"
 
 
 def _printable(text: str) -> str:
@@ -73,8 +85,8 @@ class AuditLog:
         self._lease = RollingLease(RETENTION)
 
     def record(self, who: str, action: str, target: str, decision: str, reason: str = "") -> None:
-        entry = AuditRecord(time.time(), self.node, self.service, who, action, target,
-                            decision, reason)  # fmt: skip
+        entry = AuditRecord(time.time(), self.node, self.service, who, action, _cut(target),
+                            decision, _cut(reason))  # fmt: skip
         log.info("audit: %s", entry.line(), extra={"audit": fields_of(entry)})
         if self._etcd is None:
             return

@@ -2,8 +2,8 @@
 them.
 
 aetcd's watcher wraps every event in objects of its own and passes each through a
-coroutine and a queue. A view that follows every claim and release of a node's
-allocators paid that for each of them, in every allocator. Here a message's events are
+coroutine and a queue. The allocators' view and their event stream, which follow every
+claim and release, paid that for each of them, in every allocator. Here a message's events are
 handed over together, as the protobuf ``mvccpb.Event`` etcd sent (``type``, ``kv.key``,
 ``kv.value``, ``kv.mod_revision``, ``kv.lease``), and the stream is one gRPC call that
 ends with its context: nothing is left to cancel on an etcd that went away.
@@ -28,19 +28,35 @@ class WatchEnded(Exception):
     member that went away): what follows it must be read afresh."""
 
 
+class Compacted(WatchEnded):
+    """The start revision is older than the history etcd keeps, which now begins at
+    ``revision``."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"etcd ended a watch: compacted at revision {revision}")
+        self.revision = revision
+
+
 @contextlib.asynccontextmanager
 async def watching(
-    client: aetcd.Client, ranges: Sequence[tuple[bytes, bytes]], start_revision: int
+    client: aetcd.Client,
+    ranges: Sequence[tuple[bytes, bytes]],
+    start_revision: int,
+    prev_kv: bool = False,
 ) -> AsyncIterator[AsyncIterator[Sequence[Any]]]:
-    """Watch each ``(first key, range end)`` from ``start_revision`` on; entered once etcd
-    has created every watch, so nothing written after ``start_revision`` is missed. The
-    stream yields each message's events (one transaction's writes in a range arrive
-    together); it raises WatchEnded when etcd ends it."""
+    """Watch each ``(first key, range end)`` from ``start_revision`` on (0: from now);
+    entered once etcd has created every watch, so nothing written after
+    ``start_revision`` is missed. The stream yields each message's events (one
+    transaction's writes in a range arrive together), with each key's value before it
+    where ``prev_kv``; it raises WatchEnded when etcd ends it (Compacted where its
+    history no longer reaches ``start_revision``)."""
     await client.connect()
     call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
     try:
         for first, end in ranges:
-            create = rpc.WatchCreateRequest(key=first, range_end=end, start_revision=start_revision)
+            create = rpc.WatchCreateRequest(
+                key=first, range_end=end, start_revision=start_revision, prev_kv=prev_kv
+            )
             with _ended_in_words():
                 await call.write(rpc.WatchRequest(create_request=create))
         early: list[Sequence[Any]] = []  # a watch's events may come before the next is made
@@ -70,9 +86,10 @@ async def _read(call: Any) -> Any:
         response = await call.read()
     if response is grpc.aio.EOF:
         raise WatchEnded("etcd ended the watch stream")
-    if response.canceled or response.compact_revision:
-        reason = response.cancel_reason or f"compacted at revision {response.compact_revision}"
-        raise WatchEnded(f"etcd ended a watch: {reason}")
+    if response.compact_revision:
+        raise Compacted(response.compact_revision)
+    if response.canceled:
+        raise WatchEnded(f"etcd ended a watch: {response.cancel_reason or 'cancelled'}")
     return response
 
 
