@@ -300,7 +300,7 @@ def apply(view: View, event: Any) -> bool:
         if deleted:
             view.drop_holder(slot)
         else:
-            view.set_holder(slot, Holder.decode(kv.value, kv.mod_revision, kv.lease))
+            view.set_holder(slot, Holder.of(kv))
     elif key.startswith(SLOTS):
         where = split_slot_key(SLOTS, kv.key)
         if deleted:

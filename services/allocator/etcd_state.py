@@ -132,7 +132,7 @@ class _Decoder:
         }
         holders = {
             split_slot_key(HOLDERS, kv.key): self._decode(
-                seen, kv, lambda v, kv=kv: Holder.decode(v, kv.mod_revision, kv.lease)
+                seen, kv, lambda _value, kv=kv: Holder.of(kv)
             )
             for kv in holder_kvs
         }
@@ -208,10 +208,7 @@ class EtcdState:
         )
         slot_kvs, holder_kvs, node_kvs = _ranges(responses)
         slot = SlotRecord.decode(slot_kvs[0].value) if slot_kvs else None
-        holder = None
-        if holder_kvs:
-            kv = holder_kvs[0]
-            holder = Holder.decode(kv.value, kv.mod_revision, kv.lease)
+        holder = Holder.of(holder_kvs[0]) if holder_kvs else None
         return slot, holder, bool(node_kvs)
 
     async def _revision(self, responses: list) -> int:
@@ -261,7 +258,7 @@ class EtcdState:
         found = []
         for slot, response in zip(plan.slots, responses, strict=True):
             kv = response[0][1] if response else None
-            holder_now = Holder.decode(kv.value, kv.mod_revision, kv.lease) if kv else None
+            holder_now = Holder.of(kv) if kv else None
             found.append(((slot.node, slot.slot_id), holder_now))
         return found
 
@@ -422,10 +419,15 @@ class EtcdState:
                 await self._lease.revoke()
             self._lease = None
 
+    def _as_read(self, held: list[tuple[SlotKey, Holder]]) -> list:
+        """Comparisons that hold while every holder key of ``held`` is as it was read."""
+        tx = self.client.transactions
+        return [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
+
     async def release(self, held: list[tuple[SlotKey, Holder]], mark: ReleaseMark) -> bool:
         """Delete the holder keys, marking each as released in the same transaction."""
         tx = self.client.transactions
-        compare = [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
+        compare = self._as_read(held)
         ops = []
         for key, _holder in held:
             ops.append(tx.put(slot_key(RELEASED, *key), mark.encode()))
@@ -438,9 +440,9 @@ class EtcdState:
     async def unchanged(self, held: list[tuple[SlotKey, Holder]]) -> Holder | None:
         """The holder of ``held`` if etcd still has every key of it as it was read (a view
         may lag: a change it finds already made must be so in etcd too); else None."""
-        tx = self.client.transactions
-        compare = [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
-        succeeded, _ = await self.client.transaction(compare=compare, success=[], failure=[])
+        succeeded, _ = await self.client.transaction(
+            compare=self._as_read(held), success=[], failure=[]
+        )
         return held[0][1] if succeeded else None
 
     async def rewrite(
@@ -452,7 +454,7 @@ class EtcdState:
         ``held`` had changed."""
         lease = await self.client.lease(max(1, round(ttl))) if ttl is not None else None
         tx = self.client.transactions
-        compare = [tx.mod(slot_key(HOLDERS, *key)) == h.mod_revision for key, h in held]
+        compare = self._as_read(held)
         puts = [tx.put(slot_key(HOLDERS, *key), holder.encode(), lease=lease) for key, _ in held]
         succeeded, responses = await self.client.transaction(
             compare=compare, success=puts, failure=[]

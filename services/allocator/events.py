@@ -98,9 +98,7 @@ class EventTranslator:
             return None
         node, slot_id = split_slot_key(HOLDERS, event.kv.key)
         previous = (
-            Holder.decode(event.prev_kv.value, event.prev_kv.mod_revision, event.prev_kv.lease)
-            if event.HasField("prev_kv") and event.prev_kv.value
-            else None
+            Holder.of(event.prev_kv) if event.HasField("prev_kv") and event.prev_kv.value else None
         )
         if event.type == DELETE:
             mark = self._marks.pop((node, slot_id), None)
@@ -112,7 +110,7 @@ class EventTranslator:
                 )  # fmt: skip
             kind = EventKind.HOLD_EXPIRED if holder.stopped else EventKind.RELEASED
             return AllocationEvent(kind, node, slot_id, holder, revision)
-        holder = Holder.decode(event.kv.value, event.kv.mod_revision, event.kv.lease)
+        holder = Holder.of(event.kv)
         if previous is None:
             return AllocationEvent(EventKind.ALLOCATED, node, slot_id, holder, revision)
         if previous.container != holder.container:
@@ -184,7 +182,7 @@ class EventHub:
         self.client = client
         self._subscribers: set[asyncio.Queue[AllocationEvent | Overflow | Exception]] = set()
         self._pump: asyncio.Task[None] | None = None
-        self._watching: asyncio.Future[None] | None = None
+        self._ready: asyncio.Future[None] | None = None  # resolved once etcd has the watch
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -195,12 +193,12 @@ class EventHub:
         queue: asyncio.Queue[AllocationEvent | Overflow | Exception] = asyncio.Queue(self.QUEUE)
         self._subscribers.add(queue)
         if self._pump is None or self._pump.done():
-            self._watching = asyncio.get_running_loop().create_future()
-            self._pump = asyncio.create_task(self._run(self._watching), name="allocation-events")
-        watching = self._watching
+            self._ready = asyncio.get_running_loop().create_future()
+            self._pump = asyncio.create_task(self._run(self._ready), name="allocation-events")
+        ready = self._ready
         try:
-            if watching is not None:  # shared: one subscriber leaving cancels no other's
-                await asyncio.shield(watching)
+            if ready is not None:  # shared: one subscriber leaving cancels no other's
+                await asyncio.shield(ready)
             yield queue
         finally:
             self._subscribers.discard(queue)
@@ -208,9 +206,9 @@ class EventHub:
                 self._pump.cancel()
                 self._pump = None
 
-    async def _run(self, watching: asyncio.Future[None]) -> None:
+    async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            async for event in watch_allocations(self.client, ready=watching):
+            async for event in watch_allocations(self.client, ready=ready):
                 for queue in list(self._subscribers):
                     if queue.full():
                         # Resume just before the oldest event it has not received.
@@ -223,8 +221,8 @@ class EventHub:
             for queue in list(self._subscribers):
                 self._end(queue, err)
         finally:
-            if not watching.done():  # no watch: the subscribers' queues say why
-                watching.set_result(None)
+            if not ready.done():  # no watch: the subscribers' queues say why
+                ready.set_result(None)
 
     def _end(
         self, queue: asyncio.Queue[AllocationEvent | Overflow | Exception], last: object

@@ -105,6 +105,11 @@ class Holder:
         fields: dict[str, Any] = json.loads(data)
         return cls(**fields, mod_revision=mod_revision, lease=lease)
 
+    @classmethod
+    def of(cls, kv: Any) -> Holder:
+        """The holder an etcd key-value holds, with its revision and lease."""
+        return cls.decode(kv.value, kv.mod_revision, kv.lease)
+
     def running(self) -> Holder:
         return replace(self, stopped_at=None, hold_until=None)
 

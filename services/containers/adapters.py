@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aetcd
 import docker
@@ -26,7 +25,7 @@ from docker.models.containers import Container
 from docker.transport.unixconn import UnixHTTPAdapter
 
 from ds01.containers.spec import Account, named_accounts
-from ds01.core.docker_api import Daemon, Reply
+from ds01.core.docker_api import Daemon, Reply, container_path, image_path
 from ds01.core.docker_args import DockerInfo
 from ds01.core.faults import fault_point
 from ds01.core.processes import docker_answers
@@ -175,12 +174,12 @@ class DockerHost:
         return found
 
     async def _inspect(self, container: str) -> dict[str, Any]:
-        return await self._inspected(f"/containers/{quote(container, safe='')}/json")
+        return await self._inspected(f"{container_path(container)}/json")
 
     async def image(self, image: str) -> dict[str, Any] | None:
         """The image's inspect, or None if Docker has no image by that reference."""
         try:
-            return await self._inspected(f"/images/{quote(image, safe='/:@')}/json")
+            return await self._inspected(f"{image_path(image)}/json")
         except docker.errors.NotFound:
             return None
 
@@ -215,7 +214,7 @@ class DockerHost:
 
     async def start(self, container: Any) -> dict[str, Any]:
         """Start; Docker's State of the container after (StartedAt of this run)."""
-        await self._ask("POST", f"/containers/{quote(container.id, safe='')}/start")
+        await self._ask("POST", f"{container_path(container.id)}/start")
         return (await self._inspect(container.id))["State"]  # type: ignore[no-any-return]
 
     async def image_accounts(
@@ -273,14 +272,14 @@ class DockerHost:
     async def stop(self, container_id: str, grace: int) -> dict[str, Any]:
         """Stop the container, by id; Docker's State of it after (FinishedAt set).
         Raises docker.errors.NotFound where Docker has no such container."""
-        target = f"/containers/{quote(container_id, safe='')}/stop?t={int(grace)}"
+        target = f"{container_path(container_id)}/stop?t={int(grace)}"
         await self._ask("POST", target, longer=grace)
         return (await self._inspect(container_id))["State"]  # type: ignore[no-any-return]
 
     async def remove(self, container_id: str) -> None:
         """Remove the container with its anonymous volumes, by id: one gone already is."""
         with contextlib.suppress(docker.errors.NotFound):
-            await self._ask("DELETE", f"/containers/{quote(container_id, safe='')}?force=1&v=1")
+            await self._ask("DELETE", f"{container_path(container_id)}?force=1&v=1")
 
     async def close(self) -> None:
         if self._client is not None:

@@ -21,6 +21,16 @@ CHUNK = 65536
 MAX_REPLY = 64 * 1024 * 1024
 
 
+def container_path(reference: str) -> str:
+    """The API path of a container by name or id: one path segment, whatever it holds."""
+    return f"/containers/{quote(reference, safe='')}"
+
+
+def image_path(reference: str) -> str:
+    """The API path of an image by reference (a name may hold '/', ':' and '@')."""
+    return f"/images/{quote(reference, safe='/:@')}"
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
@@ -87,13 +97,13 @@ class Daemon:
         return reply.json() if reply.status == 200 else None
 
     async def container(self, reference: str) -> dict[str, Any] | None:
-        return await self.get(f"/containers/{quote(reference, safe='')}/json")
+        return await self.get(f"{container_path(reference)}/json")
 
     async def exec(self, reference: str) -> dict[str, Any] | None:
         return await self.get(f"/exec/{quote(reference, safe='')}/json")
 
     async def image(self, reference: str) -> dict[str, Any] | None:
-        return await self.get(f"/images/{quote(reference, safe='/:@')}/json")
+        return await self.get(f"{image_path(reference)}/json")
 
     async def volume(self, name: str) -> dict[str, Any] | None:
         return await self.get(f"/volumes/{quote(name, safe='')}")

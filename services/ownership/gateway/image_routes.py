@@ -9,6 +9,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from ds01.core.docker_api import image_path
 from ds01.ownership.gateway import archives, filters, images, policy
 from ds01.ownership.gateway.decisions import Decision, message, one
 from ds01.ownership.gateway.images import (
@@ -148,7 +149,7 @@ class ImageRoutes(Request):
 
     async def _give_back(self, name: str, previous: str | None) -> None:
         """Remove ``name`` from what was made, and point it at its old image again."""
-        await self.daemon.delete(f"/images/{quote(name, safe='/:@')}?noprune=1")
+        await self.daemon.delete(f"{image_path(name)}?noprune=1")
         if previous:
             tagged = parse_name(name)
             query = encode_query({"repo": [tagged.repository], "tag": [tagged.tag or "latest"]})

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from ds01.core.account_files import AccountFiles
-from ds01.core.docker_api import Daemon
+from ds01.core.docker_api import Daemon, container_path
 from ds01.ownership.gateway import filters, images, policy
 from ds01.ownership.gateway.decisions import (
     JSON,
@@ -167,7 +167,7 @@ class Request:
         '/' is never asked: Docker's router would read it as a link alias."""
         if "/" in reference:
             raise NotFound(f"No such container: {reference}")
-        reply = await self.daemon.call("GET", f"/containers/{quote(reference, safe='')}/json")
+        reply = await self.daemon.call("GET", f"{container_path(reference)}/json")
         found = reply.json() if reply.status == 200 else None
         if not isinstance(found, dict):
             raise NotFound(f"No such container: {reference}")
