@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ds01.allocator import service
 from ds01.allocator.peers import Peer, share_of
 from ds01.allocator.records import HOLDERS, slot_key
-from ds01.core.etcd import cancel_watch
+from ds01.core import watch
 from ds01.core.pki import Pki
 from tests.allocator_env import AllocatorEnv, AllocatorNode, allocator_nodes, make_env
 
@@ -130,21 +130,19 @@ async def test_an_allocator_whose_announcement_was_lost_makes_it_again(
     async with allocator_nodes(env, 2, announce=True, ttl=3) as (watching, gone):
         key = gone.presence.me.key
         announced = await watching.client.get(key)
-        events = await watching.client.watch(key, start_revision=announced.mod_revision + 1)
-        try:
+        since = announced.mod_revision + 1
+        async with watch.watching(watching.client, [watch.only(key)], since) as events:
             if lost == "lease":
                 await watching.client.revoke_lease(announced.lease)
             else:
                 await watching.client.delete(key)
             kinds = []
             async with asyncio.timeout(2.5):
-                async for event in events:
-                    kinds.append(event.kind)
-                    if len(kinds) == 2:
+                async for written in events:
+                    kinds += [event.type for event in written]
+                    if len(kinds) >= 2:
                         break
-        finally:
-            await cancel_watch(events)
-        assert kinds == ["DELETE", "PUT"]
+        assert kinds == [watch.DELETE, watch.PUT]
         assert await _until(lambda: gone.presence.me.id in _seen(watching, env.config.node), 1.0)
 
 

@@ -4,6 +4,7 @@ start revision, each transaction's together, and a clear end where etcd ends it.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import pytest_asyncio
 from aetcd.utils import prefix_range_end
 
+from ds01.allocator.etcd_state import EtcdState, UserLock
 from ds01.core.etcd import etcd_client
 from ds01.core.pki import Pki
 from ds01.core.watch import DELETE, PUT, Compacted, WatchEnded, watching
@@ -104,3 +106,41 @@ async def test_a_watch_whose_connection_goes_ends_at_once(etcd_endpoint: str, pk
                 await asyncio.wait_for(reading, 10)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "unlocked", ["later", "before the wait", "never", "only rewritten", "history compacted"]
+)
+async def test_a_request_waiting_for_a_users_lock_wakes_when_it_goes_and_not_before(
+    etcd: aetcd.Client, unlocked: str
+):
+    """Another request of the user holds the lock: the wait ends once etcd deletes the
+    key (however long before the wait began), else at its timeout, and a history too
+    short to tell ends it at once (the caller looks at the lock again); never an error."""
+    key = f"/test/watch/{uuid.uuid4().hex}/lock".encode()
+    taken = (await etcd.put(key, b"other")).header.revision
+    lock = UserLock(key, b"mine", None, taken)
+    if unlocked == "before the wait":
+        await etcd.delete(key)
+    if unlocked == "history compacted":
+        await etcd.delete(key)
+        await etcd.compact((await etcd.put(key + b"/next", b"x")).header.revision)
+
+    async def change_soon() -> None:
+        await asyncio.sleep(0.3)
+        if unlocked == "later":
+            await etcd.delete(key)
+        elif unlocked == "only rewritten":  # a put is no unlock
+            await etcd.put(key, b"renewed")
+
+    changing = asyncio.ensure_future(change_soon())
+    start = time.monotonic()
+    await EtcdState(etcd).wait_unlocked(lock, timeout=1.5)
+    waited = time.monotonic() - start
+    await changing
+    if unlocked == "later":
+        assert 0.25 < waited < 1.0
+    elif unlocked in ("never", "only rewritten"):
+        assert 1.4 < waited < 2.5
+    else:
+        assert waited < 0.25

@@ -256,6 +256,29 @@ async def test_health_and_status_follow_etcd_through_an_outage(own_etcd: OwnEtcd
     assert await _allocator_when(env, lambda *seen: seen == ALL_OK, 15) == ALL_OK
 
 
+@pytest.mark.parametrize("resumed", [False, True], ids=["live", "resumed from a revision"])
+async def test_an_event_stream_whose_etcd_goes_away_ends_unavailable_in_words(
+    own_etcd: OwnEtcd, resumed: bool
+):
+    """A watcher learns that etcd went (UNAVAILABLE: retry, resuming from the last
+    revision it saw), not of an internal error to report, and not by silence."""
+    env = own_etcd.env
+    async with env.client("labadmin") as admin, env.client("alice") as alice:
+        await alice.allocate("first._.alice")
+        # Resumed: a replay from etcd's history, on a watch of the stream's own.
+        stream = admin.watch_allocations(since_revision=1 if resumed else 0)
+        reading = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)
+        own_etcd.stop()
+        with pytest.raises(Ds01Error) as ended:
+            while True:  # whatever was on its way before etcd went, then the end
+                await asyncio.wait_for(reading, 15)
+                reading = asyncio.ensure_future(anext(stream))
+    assert ended.value.code == grpc.StatusCode.UNAVAILABLE, ended.value
+    assert "etcd" in ended.value.message
+    await own_etcd.start()
+
+
 @pytest.mark.parametrize("hangs", ["hook", "server"])
 async def test_a_stop_step_that_hangs_never_keeps_a_service_from_stopping(
     env: AllocatorEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,

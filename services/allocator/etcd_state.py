@@ -42,6 +42,7 @@ from ds01.allocator.records import (
     split_slot_key,
 )
 from ds01.core.leases import LeasedKey
+from ds01.core.watch import DELETE, WatchEnded, only, watching
 
 log = logging.getLogger(__name__)
 
@@ -353,17 +354,16 @@ class EtcdState:
     async def wait_unlocked(self, lock: UserLock, timeout: float) -> None:
         """Return once the lock another request holds is deleted, or after ``timeout``.
         Bounded as a whole, the watch's creation included: the caller tries again."""
-        wait = max(0.1, timeout)
-        with contextlib.suppress(aetcd.exceptions.WatchTimeoutError, TimeoutError):
-            await asyncio.wait_for(
-                self.client.watch_once(
-                    lock.key,
-                    timeout=wait,
-                    start_revision=lock.held_revision + 1,
-                    kind=aetcd.rtypes.EventKind.DELETE,
-                ),
-                wait + 1,
-            )
+        with contextlib.suppress(TimeoutError, WatchEnded):
+            async with asyncio.timeout(max(0.1, timeout)):
+                await self._deleted(lock.key, lock.held_revision + 1)
+
+    async def _deleted(self, key: bytes, after: int) -> None:
+        """Return once ``key`` is deleted at revision ``after`` or later."""
+        async with watching(self.client, [only(key)], after) as stream:
+            async for events in stream:
+                if any(event.type == DELETE for event in events):
+                    return
 
     async def claim(self, plan: Plan, holder: Holder, lock: UserLock) -> bool:
         """Take every slot of ``plan`` in one transaction, or none of them; either way

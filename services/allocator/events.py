@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aetcd
-from aetcd.utils import prefix_range_end
 
 from ds01.allocator.records import ALLOC, HOLDERS, RELEASED, Holder, ReleaseMark, split_slot_key
-from ds01.core.watch import DELETE, PUT, Compacted, watching
+from ds01.core.watch import DELETE, PUT, Compacted, under, watching
 
 T = TypeVar("T")
 
@@ -131,10 +130,8 @@ async def watch_allocations(
     ``ready`` is resolved once etcd has the watch: nothing after that is missed."""
     start = since_revision + 1 if since_revision > 0 else 0
     translator = EventTranslator()
-    prefix = ALLOC.encode()
     try:
-        async with watching(client, [(prefix, prefix_range_end(prefix))], start,
-                            prev_kv=True) as stream:  # fmt: skip
+        async with watching(client, [under(ALLOC.encode())], start, prev_kv=True) as stream:
             if ready is not None and not ready.done():
                 ready.set_result(None)
             async for events in stream:

@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import aetcd
-from aetcd.exceptions import RevisionCompactedError
 
 from ds01.allocator.events import HistoryCompacted
 from ds01.containers.adapters import Metadata
-from ds01.core.etcd import cancel_watch
 from ds01.core.leases import RollingLease
 from ds01.core.records import JsonRecord
+from ds01.core.watch import PUT, Compacted, under, watching
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,13 @@ async def watch_lifecycle(
     client: aetcd.Client, since_revision: int = 0
 ) -> AsyncIterator[LifecycleEvent]:
     """Events after ``since_revision`` (0: from now on), in revision order, forever."""
-    start = since_revision + 1 if since_revision > 0 else None
-    watch = await client.watch_prefix(LIFECYCLE.encode(), start_revision=start)
+    start = since_revision + 1 if since_revision > 0 else 0
     try:
-        async for raw in watch:
-            if raw.kind == "PUT":
-                found = LifecycleEvent.decode(raw.kv.value)
-                yield replace(found, revision=raw.kv.mod_revision)
-    except RevisionCompactedError as err:
-        raise HistoryCompacted(err.compacted_revision) from err
-    finally:
-        await cancel_watch(watch)
+        async with watching(client, [under(LIFECYCLE.encode())], start) as stream:
+            async for events in stream:
+                for raw in events:
+                    if raw.type == PUT:
+                        found = LifecycleEvent.decode(raw.kv.value)
+                        yield replace(found, revision=raw.kv.mod_revision)
+    except Compacted as err:
+        raise HistoryCompacted(err.revision) from err

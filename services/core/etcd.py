@@ -4,13 +4,12 @@ etcd runs with ``--client-cert-auth`` and trusts only the etcd CA (see ``pki``),
 local user's curl, an etcd client without a certificate and one with any certificate a
 user can get (the suite's user CA included) fail the TLS handshake before any key is
 read. aetcd 1.0 opens only insecure gRPC channels; ``TlsClient`` is aetcd's client with
-the channel opened over TLS instead, everything else (stubs, watcher, errors) its own.
+the channel opened over TLS instead, everything else (stubs, errors) its own. Watches go
+through ``ds01.core.watch``, not aetcd's watcher, which this client does not start.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import socket
 import ssl
@@ -21,7 +20,7 @@ from typing import Any
 
 import aetcd
 import grpc
-from aetcd import rpc, watcher
+from aetcd import rpc
 from aetcd.client import _handle_errors
 
 from ds01.core.config import Config
@@ -64,9 +63,6 @@ class TlsClient(aetcd.Client):
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-            )
             self._connected.set()
         finally:
             self._is_connecting = False
@@ -165,15 +161,3 @@ def _tls_context(pki: EtcdPki, identity: CertPaths) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.ca_cert))
     context.load_cert_chain(str(identity.cert), str(identity.key))
     return context
-
-
-WATCH_CANCEL_TIMEOUT = 2.0  # seconds to let etcd know a watch is no longer wanted
-
-
-async def cancel_watch(watch: object) -> None:
-    """End ``watch``, giving up after WATCH_CANCEL_TIMEOUT: aetcd's cancel queues a
-    request for a stream that may be gone (etcd restarted, a partition), and would wait
-    forever, holding whatever waits on it (a Release's dequeue, a service's stop)."""
-    with contextlib.suppress(Exception):  # asyncio.timeout: wait_for can swallow a cancel
-        async with asyncio.timeout(WATCH_CANCEL_TIMEOUT):
-            await watch.cancel()  # type: ignore[attr-defined]

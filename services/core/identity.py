@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from ds01.core.bounds import request_problem
 from ds01.core.counting import counted
+from ds01.core.etcd import etcd_status
 from ds01.core.messages import abort
 from ds01.core.pki import SERVICE_PREFIX
 from ds01.v1 import common_pb2
@@ -203,9 +204,14 @@ def _all_around(arounds: Iterable[Around]) -> Around:
 async def _internal(context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
     """A failure no handler knew: logged once with its traceback, answered as INTERNAL
     with a sentence, never as UNKNOWN with a Python class name. Statuses the handler
-    chose (an abort) pass through."""
+    chose (an abort) pass through; etcd gone (an event stream's watch ended with it
+    included) is UNAVAILABLE, which a caller retries."""
     if isinstance(err, grpc.aio.AbortError):
         raise err
+    unavailable = etcd_status(err)
+    if unavailable is not None:
+        log.warning("%s for %s ended: %s", method, _CALLER.get().name, unavailable[1])
+        await abort(context, *unavailable)
     log.error("unexpected failure in %s for %s", method, _CALLER.get().name, exc_info=err)
     await abort(
         context,

@@ -19,13 +19,15 @@ from typing import Any
 import aetcd
 import grpc
 from aetcd import exceptions, rpc
+from aetcd.utils import prefix_range_end
 
 PUT, DELETE = rpc.Event.PUT, rpc.Event.DELETE
 
 
-class WatchEnded(Exception):
+class WatchEnded(exceptions.ClientError):
     """etcd ended the stream or one of its watches (a compacted start revision, a
-    member that went away): what follows it must be read afresh."""
+    member that went away): what follows it must be read afresh. An etcd failure like
+    the others: a call it ends answers UNAVAILABLE (see ``etcd_status``)."""
 
 
 class Compacted(WatchEnded):
@@ -35,6 +37,16 @@ class Compacted(WatchEnded):
     def __init__(self, revision: int) -> None:
         super().__init__(f"etcd ended a watch: compacted at revision {revision}")
         self.revision = revision
+
+
+def under(prefix: bytes) -> tuple[bytes, bytes]:
+    """The range of every key that begins with ``prefix``."""
+    return prefix, prefix_range_end(prefix)
+
+
+def only(key: bytes) -> tuple[bytes, bytes]:
+    """The range of ``key`` alone (etcd reads an empty range end so)."""
+    return key, b""
 
 
 @contextlib.asynccontextmanager

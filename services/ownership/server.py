@@ -22,10 +22,11 @@ from ds01.containers.spec import limits_of
 from ds01.core.account_files import AccountFiles
 from ds01.core.docker_api import Daemon
 from ds01.core.docker_args import nano_cpus
-from ds01.core.etcd import cancel_watch, connect
+from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import abort
 from ds01.core.server import ServiceRuntime, ServiceSpec
+from ds01.core.watch import PUT, under, watching
 from ds01.ownership import metrics as gateway_metrics
 from ds01.ownership.enroll import EnrollmentServer
 from ds01.ownership.gateway.admission import Gateway, UserSettings
@@ -103,20 +104,27 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
     ) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
         if not caller().privileged:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
-        watch = await self.store.client.watch_prefix(self.store.prefix.encode(), prev_kv=True)
-        try:
-            async for event in watch:
-                if event.kind == "PUT":
-                    ownership = Ownership.decode(event.kv.value)
-                    kind = ownership_pb2.OWNER_EVENT_TYPE_SET
-                elif event.prev_kv is not None:
-                    ownership = Ownership.decode(event.prev_kv.value)
-                    kind = ownership_pb2.OWNER_EVENT_TYPE_REMOVED
-                else:
-                    continue
-                yield ownership_pb2.WatchOwnersResponse(type=kind, owner=owner_message(ownership))
-        finally:
-            await cancel_watch(watch)
+        prefix = under(self.store.prefix.encode())
+        async with watching(self.store.client, [prefix], 0, prev_kv=True) as stream:
+            async for events in stream:
+                for event in events:
+                    answer = owner_event(event)
+                    if answer is not None:
+                        yield answer
+
+
+def owner_event(event: Any) -> ownership_pb2.WatchOwnersResponse | None:
+    """An etcd event of an ownership key (``mvccpb.Event``, with the value before it) as
+    WatchOwners tells it; None for a removal etcd has no earlier value of."""
+    if event.type == PUT:
+        kind, value = ownership_pb2.OWNER_EVENT_TYPE_SET, event.kv.value
+    elif event.HasField("prev_kv"):
+        kind, value = ownership_pb2.OWNER_EVENT_TYPE_REMOVED, event.prev_kv.value
+    else:
+        return None
+    return ownership_pb2.WatchOwnersResponse(
+        type=kind, owner=owner_message(Ownership.decode(value))
+    )
 
 
 async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
