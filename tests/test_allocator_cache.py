@@ -102,6 +102,26 @@ async def test_a_view_that_missed_a_release_never_answers_with_a_slot_no_longer_
     assert held is not None and held.container == "again._.alice"  # truly held again
 
 
+async def test_an_allocators_own_release_frees_the_slot_in_its_view_at_once(
+    env: AllocatorEnv, pair
+):
+    """No wait for the watch: its next plans count the slot free (an allocator that lags
+    its own releases takes slots from other allocators' shares, and races them). Only
+    the holder released goes: a newer one in the view stays."""
+    releasing, _other = pair
+    await releasing.freeze()  # nothing but its own doings reaches the view
+    view = releasing.cache.view
+    [slot] = await releasing.allocate("alice", "brief")
+    key = (env.config.node, slot)
+    claimed = view.holders[key]
+    [again] = await releasing.allocate("alice", "later")
+    await releasing.allocator.release("brief._.alice", ADMIN)
+    assert key not in view.holders and key in view.free
+    later = view.holders[(env.config.node, again)]
+    releasing.cache.released([((env.config.node, again), claimed)])  # an older holder
+    assert view.holders[(env.config.node, again)] is later
+
+
 @pytest.mark.parametrize("missed", [1, 2])
 async def test_a_view_that_lost_races_settles_at_once_on_what_each_loss_taught_it(
     env: AllocatorEnv, pair, missed: int

@@ -81,13 +81,21 @@ class View:
     holds: dict[SlotKey, Holder] = field(default_factory=dict)  # holders with an end
     allocators: dict[str, set[str]] = field(default_factory=dict)  # node -> ids of those up
 
-    def snapshot(self, node: str = "") -> Snapshot:
-        """The view as the planner reads it, for one node or for all: no copies (planning
-        never awaits, so nothing changes underneath it)."""
+    def slots_of(self, node: str) -> dict[SlotKey, SlotRecord]:
+        """``node``'s slots in numeric order."""
+        self._reorder()
+        return self.node_slots.get(node, {})
+
+    def _reorder(self) -> None:
         if not self.in_order:  # a slot was added: the inventory changed (rare)
             self.slots = in_numeric_order(self.slots)
             self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
             self.in_order = True
+
+    def snapshot(self, node: str = "") -> Snapshot:
+        """The view as the planner reads it, for one node or for all: no copies (planning
+        never awaits, so nothing changes underneath it)."""
+        self._reorder()
         waiters = sorted(self.waiters.items())
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
@@ -212,6 +220,15 @@ class ClusterCache:
                 self.view.set_holder(key, replace(holder, mod_revision=revision, lease=0))
         if self.view.generations.get(user, 0) < revision:
             self.view.generations[user] = revision
+
+    def released(self, held: list[tuple[SlotKey, Holder]]) -> None:
+        """Holders this process just deleted: out of the view at once, so that its next
+        plans count their slots free (the watch brings the same soon). One the view has
+        a newer holder of stays."""
+        for key, holder in held:
+            current = self.view.holders.get(key)
+            if current is not None and current.mod_revision == holder.mod_revision:
+                self.view.drop_holder(key)
 
     def observed(self, found: list[tuple[SlotKey, Holder | None]]) -> None:
         """Holders a failed claim read from etcd: newer than the view's, or the same."""

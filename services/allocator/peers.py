@@ -6,23 +6,24 @@ and a slower answer. That happens when free slots are few and requests many, and
 breaking ties at random hardly helps (the few free slots are on the GPUs of least load,
 the same for everyone). So an allocator that has lost races lately swaps each slot it
 plans for a free one of the same kind from its own share (see placement.plan): the slots
-of its node that fall to it among that node's allocators, by a hash of the slot's key
-that every allocator computes alike. Each allocator announces itself under ALLOCATORS on
-a lease, so the others see it come and go; with one allocator on a node, its share is
-all of that node's slots.
+of its node dealt out to that node's allocators in turn, in the order every allocator's
+view lists them. An even deal matters: an allocator whose share is smaller than what its
+own requests hold at once takes slots from the others' shares, and races them again.
+Each allocator announces itself under ALLOCATORS on a lease, so the others see it come
+and go; with one allocator on a node, its share is all of that node's slots.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import itertools
 import logging
 import secrets
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import aetcd
 
+from ds01.allocator.placement import SlotKey
 from ds01.allocator.records import ALLOCATORS
 from ds01.core.leases import LeasedKey
 
@@ -42,37 +43,18 @@ class Peer:
         return f"{ALLOCATORS}{self.node}/{self.id}".encode()
 
 
-@dataclass(frozen=True)
-class Share:
-    """The slots an allocator swaps its plans into while it contends: those of its node
-    whose hash falls to it (``index``) among the node's ``of`` allocators, by id."""
-
-    node: str
-    index: int
-    of: int
-
-    def __contains__(self, key: object) -> bool:
-        return (
-            isinstance(key, tuple)
-            and key[0] == self.node
-            and _slot_hash(key[0], key[1]) % self.of == self.index
-        )
-
-
-def share_of(me: Peer, allocators: Mapping[str, Collection[str]]) -> Share | None:
-    """``me``'s share of its node, as ``allocators`` (node -> ids of those up) say; None
-    until its own announcement is among them (the others do not count it yet)."""
+def share_of(
+    me: Peer, allocators: Mapping[str, Collection[str]], slots: Iterable[SlotKey]
+) -> frozenset[SlotKey] | None:
+    """``me``'s share of its node: ``slots`` (the node's, in numeric order, as every
+    allocator's view lists them) dealt out in turn to the node's allocators, as
+    ``allocators`` (node -> ids of those up) says, in order of id. Shares differ by one
+    slot at most, and each holds slices of every GPU. None until ``me``'s own
+    announcement is among them (the others do not count it yet)."""
     peers = sorted(allocators.get(me.node, ()))
     if me.id not in peers:
         return None
-    return Share(me.node, peers.index(me.id), len(peers))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _slot_hash(node: str, slot_id: str) -> int:
-    """The same in every process (Python's own hash() of a str is not)."""
-    digest = hashlib.blake2b(f"{node}/{slot_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    return frozenset(itertools.islice(slots, peers.index(me.id), None, len(peers)))
 
 
 class Presence(LeasedKey):

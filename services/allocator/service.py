@@ -190,7 +190,8 @@ class Allocator:
         node's allocators; none where it does not."""
         if self.me is None or self.cache is None:
             return ()
-        return share_of(self.me, self.cache.view.allocators) or ()
+        view = self.cache.view
+        return share_of(self.me, view.allocators, view.slots_of(self.me.node)) or ()
 
     def _lost(self) -> None:
         self.stats.claim_conflicts += 1
@@ -449,6 +450,8 @@ class Allocator:
             return holder if await self.state.release(held, mark) else None
 
         held, _ended = await self._change(container, actor, change)
+        if self.cache is not None:
+            self.cache.released(held)
         return [f"{node}/{slot_id}" for (node, slot_id), _ in held]
 
     async def mark_stopped(
