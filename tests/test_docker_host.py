@@ -144,3 +144,53 @@ async def test_each_docker_failure_is_told_in_words(
         for path in (silent_path, redirect_path, cut_path):
             path.unlink(missing_ok=True)
         nowhere.rmdir()
+
+
+IMPOSSIBLE = [
+    "victim/json",
+    "../victim",
+    "mine/../victim",
+    "mine%2F..%2Fvictim",
+    "..",
+    ".",
+    "",
+    "-flag",
+    "mine?all=1",
+    "mine#x",
+    "mine victim",
+    "mine\n",
+    "mine\r\nHost: x",
+    "mïne",
+]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("reference", IMPOSSIBLE)
+async def test_a_reference_no_container_can_have_never_reaches_docker(reference: str):
+    """Docker's router cleans and splits paths: a name with '/' or '..' would reach
+    another object, so the containers service never asks Docker about one."""
+    nowhere = Path(tempfile.mkdtemp(prefix="ds01-asked-", dir="/tmp"))
+    asked: list[bytes] = []
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b'HTTP/1.0 200 OK\r\n\r\n{"Id": "victim", "State": {}}')
+        writer.close()
+
+    server = await asyncio.start_unix_server(recording, str(nowhere / "docker.sock"))
+    host = DockerHost(f"unix://{nowhere}/docker.sock")
+    try:
+        assert await host.find(reference) is None
+        with pytest.raises(docker.errors.NotFound, match="no container is named"):
+            await host.stop(reference, 0)
+        await host.remove(reference)  # no such container: nothing to remove
+        assert asked == []
+        assert await host.stop("mine-1.x_y", 0) == {}  # a name is asked: stop, inspect
+        assert [line.split(b" ")[1] for line in asked] == [
+            b"/containers/mine-1.x_y/stop?t=0",
+            b"/containers/mine-1.x_y/json",
+        ]
+    finally:
+        server.close()
+        (nowhere / "docker.sock").unlink(missing_ok=True)
+        nowhere.rmdir()

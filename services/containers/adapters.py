@@ -10,6 +10,7 @@ import grp
 import io
 import logging
 import pwd
+import re
 import subprocess
 import tarfile
 import time
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 METADATA = "/ds01/v1/containers/"
 INFO_SECONDS = 60.0
 CALL_SECONDS = 120.0  # a Docker call that takes longer (a stop, beyond its grace) is stuck
+DOCKER_REFERENCE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # a container's name or id
 MODIFY_ATTEMPTS = 5  # optimistic writes of one record that lost to another writer
 IMAGES_REMEMBERED = 64  # images whose /etc/passwd and /etc/group are kept
 # An image's /etc/passwd or /etc/group past this size is not read (its users stay
@@ -174,7 +176,7 @@ class DockerHost:
         return found
 
     async def _inspect(self, container: str) -> dict[str, Any]:
-        return await self._inspected(f"{container_path(container)}/json")
+        return await self._inspected(f"{_container_path(container)}/json")
 
     async def image(self, image: str) -> dict[str, Any] | None:
         """The image's inspect, or None if Docker has no image by that reference."""
@@ -214,7 +216,7 @@ class DockerHost:
 
     async def start(self, container: Any) -> dict[str, Any]:
         """Start; Docker's State of the container after (StartedAt of this run)."""
-        await self._ask("POST", f"{container_path(container.id)}/start")
+        await self._ask("POST", f"{_container_path(container.id)}/start")
         return (await self._inspect(container.id))["State"]  # type: ignore[no-any-return]
 
     async def image_accounts(
@@ -272,18 +274,30 @@ class DockerHost:
     async def stop(self, container_id: str, grace: int) -> dict[str, Any]:
         """Stop the container, by id; Docker's State of it after (FinishedAt set).
         Raises docker.errors.NotFound where Docker has no such container."""
-        target = f"{container_path(container_id)}/stop?t={int(grace)}"
+        target = f"{_container_path(container_id)}/stop?t={int(grace)}"
         await self._ask("POST", target, longer=grace)
         return (await self._inspect(container_id))["State"]  # type: ignore[no-any-return]
 
     async def remove(self, container_id: str) -> None:
         """Remove the container with its anonymous volumes, by id: one gone already is."""
         with contextlib.suppress(docker.errors.NotFound):
-            await self._ask("DELETE", f"{container_path(container_id)}?force=1&v=1")
+            await self._ask("DELETE", f"{_container_path(container_id)}?force=1&v=1")
 
     async def close(self) -> None:
         if self._client is not None:
             await self.run(self._client.close)
+
+
+def _container_path(reference: str) -> str:
+    """The API path of the container Docker could have by that name or id; NotFound,
+    before Docker is asked, for a reference no container can have: Docker's router
+    would read one with a '/' as another path (a '..' climbs to another object)."""
+    if not DOCKER_REFERENCE.fullmatch(reference):
+        raise docker.errors.NotFound(
+            f"no container is named {reference!r}: Docker's names and ids are letters, "
+            "digits, '_', '.' and '-'"
+        )
+    return container_path(reference)
 
 
 @dataclass
