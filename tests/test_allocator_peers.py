@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from ds01.allocator import service
 from ds01.allocator.peers import Peer, share_of
-from ds01.allocator.records import HOLDERS, slot_key
+from ds01.allocator.placement import kind_of
+from ds01.allocator.records import HOLDERS, SlotRecord, slot_key
 from ds01.core import watch
 from ds01.core.pki import Pki
 from tests.allocator_env import AllocatorEnv, AllocatorNode, allocator_nodes, make_env
@@ -46,11 +47,20 @@ async def env(
     await env.stop()
 
 
+PROFILES = [("1g.10gb", 1 / 7), ("2g.20gb", 2 / 7), ("3g.40gb", 3 / 7), ("", 1.0)]
+
+
+def slice_of(gpu: int, index: int, profile: int) -> SlotRecord:
+    name, weight = PROFILES[profile]  # "": a whole GPU, of its own kind
+    return SlotRecord("gpu-01", f"{gpu}:{index}", f"MIG-{gpu}-{index}", "A100", name, 10 << 30,
+                      weight)  # fmt: skip
+
+
 node_slots = st.lists(
-    st.tuples(st.integers(0, 15), st.integers(0, 7)).map(lambda gi: f"{gi[0]}:{gi[1]}"),
-    unique=True,
+    st.tuples(st.integers(0, 15), st.integers(0, 7), st.integers(0, 3)),
+    unique_by=lambda s: (s[0], s[1]),
     max_size=60,
-)
+).map(lambda found: [slice_of(*s) for s in found])
 
 
 @given(
@@ -58,27 +68,36 @@ node_slots = st.lists(
                  unique=True),
     slots=node_slots,
 )  # fmt: skip
-def test_the_allocators_of_a_node_split_its_slots_evenly(ids: list[str], slots: list[str]):
+def test_the_allocators_of_a_node_split_each_kind_of_its_slots_evenly(
+    ids: list[str], slots: list[SlotRecord]
+):
+    """Every slot to one allocator, and every kind of slot shared out evenly: a plan is
+    only swapped for a slot of its kind, so a share short of one kind would race."""
     allocators = {"gpu-01": set(ids), "gpu-02": {"other"}}
-    keys = [("gpu-01", slot) for slot in slots]
-    shares = [share_of(Peer("gpu-01", me), allocators, keys) for me in ids]
-    for key in keys:  # each slot of the node falls to exactly one of its allocators
-        assert sum(key in share for share in shares) == 1
+    keys = {(slot.node, slot.slot_id) for slot in slots}
+    shares = [share_of(Peer("gpu-01", me), allocators, reversed(slots)) for me in ids]
+    assert sorted(k for share in shares for k in share) == sorted(keys)  # each once
+    for kind in {kind_of(slot) for slot in slots}:
+        alike = {(slot.node, slot.slot_id) for slot in slots if kind_of(slot) == kind}
+        sizes = [len(share & alike) for share in shares]
+        assert max(sizes) - min(sizes) <= 1, (kind, sizes)
     sizes = [len(share) for share in shares]
-    assert max(sizes) - min(sizes) <= 1  # none takes from the others for want of its own
-    assert share_of(Peer("gpu-01", "not-announced"), allocators, keys) is None
-    assert share_of(Peer("gpu-03", ids[0]), allocators, keys) is None
+    assert max(sizes) - min(sizes) <= 1
+    assert share_of(Peer("gpu-01", "not-announced"), allocators, slots) is None
+    assert share_of(Peer("gpu-03", ids[0]), allocators, slots) is None
 
 
 @pytest.mark.parametrize("allocators", [2, 3, 4, 7])
-def test_each_share_holds_slices_of_every_gpu(allocators: int):
-    """Eight GPUs of seven slices: each allocator's share spreads over the GPUs as the
-    node's slots do, so spreading load within it is spreading it over the node."""
+def test_each_share_holds_every_kind_of_slice_on_every_gpu(allocators: int):
+    """Eight A100s split 3g+2g+1g+1g (as a lab splits them): each allocator's share
+    has every kind of slice, and spreads over the GPUs as the node's slots do."""
     ids = {f"allocator-{n}" for n in range(allocators)}
-    keys = [("n1", f"{gpu}:{i}") for gpu in range(8) for i in range(1, 8)]
+    slots = [slice_of(gpu, i, p) for gpu in range(8) for i, p in enumerate((2, 1, 0, 0))]
     for me in ids:
-        share = share_of(Peer("n1", me), {"n1": ids}, keys)
-        assert {slot.split(":")[0] for _, slot in share} == {str(gpu) for gpu in range(8)}
+        share = share_of(Peer("gpu-01", me), {"gpu-01": ids}, slots)
+        mine = [slot for slot in slots if (slot.node, slot.slot_id) in share]
+        assert {kind_of(slot) for slot in mine} == {kind_of(slot) for slot in slots}
+        assert len({slot.slot_id.split(":")[0] for slot in mine}) >= min(8, len(mine) // 2)
 
 
 async def _until(check: Callable[[], bool], seconds: float = 5.0) -> bool:
@@ -166,10 +185,7 @@ async def test_allocators_that_lost_a_race_split_the_node_and_race_no_more(env: 
     ):
         await _lose_a_race(env, [first, second], winner)
         view = first.cache.view
-        shares = [
-            share_of(racer.presence.me, view.allocators, view.slots_of(node))
-            for racer in (first, second)
-        ]
+        shares = [view.share(racer.presence.me) for racer in (first, second)]
         free = [[key for key in view.free if key in share] for share in shares]
         burst = min(8, *map(len, free))
         assert burst >= 3  # 49 slots over three allocators (the service's is the third)
@@ -196,8 +212,7 @@ async def test_a_full_share_refuses_nothing(env: AllocatorEnv):
         allocator_nodes(env, 1) as [winner],
     ):
         await _lose_a_race(env, [first], winner)
-        view = first.cache.view
-        share = share_of(first.presence.me, view.allocators, view.slots_of(node))
+        share = first.cache.view.share(first.presence.me)
         mine = [key for key in first.cache.view.free if key in share]
         got = [(node, (await first.allocate(f"f{n}", f"f{n}"))[0]) for n in range(len(mine))]
         assert sorted(got) == sorted(mine)

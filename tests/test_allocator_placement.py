@@ -462,8 +462,8 @@ def test_a_share_changes_which_slots_a_plan_takes_never_what_it_grants_or_preemp
         return
     assert isinstance(within, placement.Plan)
     assert within.preempt == without.preempt
-    kinds = sorted((s.node, placement._kind(s)) for s in without.claim)
-    assert sorted((s.node, placement._kind(s)) for s in within.claim) == kinds
+    kinds = sorted((s.node, placement.kind_of(s)) for s in without.claim)
+    assert sorted((s.node, placement.kind_of(s)) for s in within.claim) == kinds
     assert len({(s.node, s.slot_id) for s in within.claim}) == len(within.claim)
     for slot in set(within.claim) - set(without.claim):
         key = (slot.node, slot.slot_id)

@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aetcd
+import grpc
 import pytest
 import pytest_asyncio
 from aetcd.utils import prefix_range_end
 
 from ds01.allocator.etcd_state import EtcdState, UserLock
-from ds01.core.etcd import etcd_client
+from ds01.allocator.events import watch_allocations
+from ds01.containers.events import watch_lifecycle
+from ds01.core.etcd import etcd_client, etcd_status
 from ds01.core.pki import Pki
 from ds01.core.watch import DELETE, PUT, Compacted, WatchEnded, watching
 
@@ -109,26 +112,29 @@ async def test_a_watch_whose_connection_goes_ends_at_once(etcd_endpoint: str, pk
 
 
 @pytest.mark.parametrize(
-    "unlocked", ["later", "before the wait", "never", "only rewritten", "history compacted"]
-)
+    "unlocked",
+    ["later", "before the wait", "never", "only rewritten", "before a compaction",
+     "later, after a compaction"],
+)  # fmt: skip
 async def test_a_request_waiting_for_a_users_lock_wakes_when_it_goes_and_not_before(
     etcd: aetcd.Client, unlocked: str
 ):
     """Another request of the user holds the lock: the wait ends once etcd deletes the
-    key (however long before the wait began), else at its timeout, and a history too
-    short to tell ends it at once (the caller looks at the lock again); never an error."""
+    key (however long before the wait began, and whatever history etcd still keeps),
+    else at its timeout; never an error."""
     key = f"/test/watch/{uuid.uuid4().hex}/lock".encode()
     taken = (await etcd.put(key, b"other")).header.revision
     lock = UserLock(key, b"mine", None, taken)
     if unlocked == "before the wait":
         await etcd.delete(key)
-    if unlocked == "history compacted":
+    if unlocked == "before a compaction":
         await etcd.delete(key)
+    if "compaction" in unlocked:  # history no longer reaches the revision it was taken at
         await etcd.compact((await etcd.put(key + b"/next", b"x")).header.revision)
 
     async def change_soon() -> None:
         await asyncio.sleep(0.3)
-        if unlocked == "later":
+        if unlocked.startswith("later"):
             await etcd.delete(key)
         elif unlocked == "only rewritten":  # a put is no unlock
             await etcd.put(key, b"renewed")
@@ -138,9 +144,30 @@ async def test_a_request_waiting_for_a_users_lock_wakes_when_it_goes_and_not_bef
     await EtcdState(etcd).wait_unlocked(lock, timeout=1.5)
     waited = time.monotonic() - start
     await changing
-    if unlocked == "later":
+    if unlocked.startswith("later"):
         assert 0.25 < waited < 1.0
     elif unlocked in ("never", "only rewritten"):
         assert 1.4 < waited < 2.5
     else:
         assert waited < 0.25
+
+
+@pytest.mark.parametrize("follower", [watch_lifecycle, watch_allocations])
+async def test_an_event_stream_whose_etcd_goes_ends_as_etcd_away(
+    etcd_endpoint: str, pki: Pki, follower: Any
+):
+    """What ends a WatchContainerEvents or WatchAllocations stream when etcd goes: a
+    failure the server answers UNAVAILABLE (resume from the last revision), never a
+    CancelledError or an error of its own."""
+    client = etcd_client((etcd_endpoint,), pki.etcd, "admin")
+    events = follower(client)
+    try:
+        reading = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.2)
+        await client.close()  # the channel goes, as with an etcd that went away
+        with pytest.raises(Exception) as ended:
+            await asyncio.wait_for(reading, 10)
+        assert etcd_status(ended.value)[0] == grpc.StatusCode.UNAVAILABLE, ended.value
+    finally:
+        await events.aclose()
+        await client.close()

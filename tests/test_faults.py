@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from ds01.core.pki import Pki
 from ds01.core.processes import ManagedProcess
 from ds01.v1 import containers_pb2, limits_pb2
 from tests.allocator_env import AllocatorEnv, OwnEtcd, own_etcd_env
+from tests.harness import DS01
 
 HUGE = "x" * (3 * 1024 * 1024)  # the 3 MB container name of the report
 
@@ -277,6 +280,45 @@ async def test_an_event_stream_whose_etcd_goes_away_ends_unavailable_in_words(
     assert ended.value.code == grpc.StatusCode.UNAVAILABLE, ended.value
     assert "etcd" in ended.value.message
     await own_etcd.start()
+
+
+async def test_events_follow_resumes_where_it_was_once_etcd_is_back(own_etcd: OwnEtcd):
+    """`ds01 events -f` says that etcd went away, then goes on from the last event it
+    printed: nothing printed twice, nothing that happened since missed."""
+    env = own_etcd.env
+    paths = env.pki.client("root")
+    process = await asyncio.create_subprocess_exec(
+        DS01, "--config", str(env.config_file), "events", "--follow", "--type", "allocated",
+        "--type", "released", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)},
+    )  # fmt: skip
+
+    async def line() -> str:
+        return (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+
+    try:
+        assert (await line()).startswith("TIME")
+        await asyncio.sleep(1.0)  # the stream is open
+        async with env.client("alice") as alice:
+            await alice.allocate("before._.alice")
+            assert line_of(await line()) == ["allocated", "alice", "before._.alice"]
+            own_etcd.stop()
+            warning = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
+            assert "following on once it is back" in warning, warning
+            await own_etcd.start()
+            await _allocator_when(env, lambda *seen: seen == ALL_OK, 15)
+            await alice.release("before._.alice")  # while the command may still be away
+            await alice.allocate("after._.alice")
+            assert line_of(await line()) == ["released", "alice", "before._.alice"]
+            assert line_of(await line()) == ["allocated", "alice", "after._.alice"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        await process.wait()
+
+
+def line_of(printed: str) -> list[str]:
+    """An events line's type, user and container."""
+    return printed.split()[3:6]
 
 
 @pytest.mark.parametrize("hangs", ["hook", "server"])

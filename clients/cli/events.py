@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ CONTAINER_TYPES = {
     if v.number
 }
 QUIET = 1.0  # seconds without an event that end a replay (without --follow)
+RESUME_EVERY = 2.0  # seconds between tries to follow a stream again that its service ended
 OLDEST = 1  # "--since 0" and no --since: from the oldest revision etcd still keeps
 
 
@@ -105,13 +107,36 @@ def container_event(event: containers_pb2.WatchContainerEventsResponse) -> Event
 
 
 async def _pump(
-    stream: AsyncIterator[Any], convert: Any, queue: asyncio.Queue[Event | Exception]
+    open_stream: Callable[[int], AsyncIterator[Any]],
+    since: int,
+    convert: Callable[[Any], Event],
+    queue: asyncio.Queue[Event | Exception],
+    follow: bool,
 ) -> None:
-    try:
-        async for message in stream:
-            await queue.put(convert(message))
-    except Ds01Error as err:
-        await queue.put(err)
+    """Every event of one stream into ``queue``, and the error that ends it. Following, a
+    stream that ends UNAVAILABLE (its service, or the service's etcd, went away) is
+    opened again from the last revision it gave, every RESUME_EVERY seconds until it is
+    back: nothing it gave comes twice, nothing after it is missed; its error is put once
+    per outage, for a warning."""
+    told = False
+    while True:
+        try:
+            async for message in open_stream(since):
+                event = convert(message)
+                since, told = max(since, event.revision), False
+                await queue.put(event)
+            return
+        except Ds01Error as err:
+            if not told:
+                await queue.put(err)
+                told = True
+            if not follow or err.code != grpc.StatusCode.UNAVAILABLE:
+                return
+        await asyncio.sleep(RESUME_EVERY)
+
+
+def _container_events(client: Ds01Client, user: str, since: int) -> AsyncIterator[Any]:
+    return client.watch_container_events(since, user)
 
 
 @click.command()
@@ -158,11 +183,15 @@ def events(
         queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
         pumps = []
         if not wanted or wanted & set(ALLOCATION_TYPES.values()):
-            source = client.watch_allocations(revision)
-            pumps.append(asyncio.create_task(_pump(source, allocation_event, queue)))
+            allocations = client.watch_allocations
+            pumps.append(
+                asyncio.create_task(_pump(allocations, revision, allocation_event, queue, follow))
+            )
         if not wanted or wanted & set(CONTAINER_TYPES.values()):
-            source = client.watch_container_events(revision, user)
-            pumps.append(asyncio.create_task(_pump(source, container_event, queue)))
+            lifecycle = functools.partial(_container_events, client, user)
+            pumps.append(
+                asyncio.create_task(_pump(lifecycle, revision, container_event, queue, follow))
+            )
         history: list[Event] = []
         if not as_json:
             click.echo(HEADER)
@@ -174,7 +203,8 @@ def events(
                     break
                 if isinstance(item, Ds01Error) and item.code == grpc.StatusCode.UNAVAILABLE:
                     # One service away: the other's events still come, with a word.
-                    click.echo(f"ds01: warning: {item.message}", err=True)
+                    back = "; following on once it is back" if follow else ""
+                    click.echo(f"ds01: warning: {item.message}{back}", err=True)
                     continue
                 if isinstance(item, Exception):
                     raise item

@@ -21,6 +21,7 @@ import aetcd
 from aetcd.utils import prefix_range_end
 
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot, in_numeric_order, waiting
+from ds01.allocator.peers import Peer, share_of
 from ds01.allocator.placement import FleetIndex, GpuKey, gpu_of
 from ds01.allocator.records import (
     ALLOCATORS,
@@ -80,22 +81,28 @@ class View:
     gpu_slots: Counter[GpuKey] = field(default_factory=Counter)  # slots per GPU
     holds: dict[SlotKey, Holder] = field(default_factory=dict)  # holders with an end
     allocators: dict[str, set[str]] = field(default_factory=dict)  # node -> ids of those up
+    # Each allocator's share of its node, dealt again only when slots or allocators change.
+    _shares: dict[Peer, frozenset[SlotKey] | None] = field(default_factory=dict, repr=False)
 
-    def slots_of(self, node: str) -> dict[SlotKey, SlotRecord]:
-        """``node``'s slots in numeric order."""
-        self._reorder()
-        return self.node_slots.get(node, {})
+    def share(self, me: Peer) -> frozenset[SlotKey] | None:
+        """``me``'s share of its node's slots (see peers.share_of)."""
+        if me not in self._shares:
+            self._shares[me] = share_of(
+                me, self.allocators, self.node_slots.get(me.node, {}).values()
+            )
+        return self._shares[me]
 
-    def _reorder(self) -> None:
-        if not self.in_order:  # a slot was added: the inventory changed (rare)
-            self.slots = in_numeric_order(self.slots)
-            self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
-            self.in_order = True
+    def set_allocator(self, node: str, allocator: str, up: bool) -> None:
+        _member(self.allocators, node, allocator, deleted=not up)
+        self._shares.clear()
 
     def snapshot(self, node: str = "") -> Snapshot:
         """The view as the planner reads it, for one node or for all: no copies (planning
         never awaits, so nothing changes underneath it)."""
-        self._reorder()
+        if not self.in_order:  # a slot was added: the inventory changed (rare)
+            self.slots = in_numeric_order(self.slots)
+            self.node_slots = {n: in_numeric_order(s) for n, s in self.node_slots.items()}
+            self.in_order = True
         waiters = sorted(self.waiters.items())
         if node:
             slots, holders = self.node_slots.get(node, {}), self.node_holders.get(node, {})
@@ -123,6 +130,7 @@ class View:
         return sum(self.slots[key].gpu_equivalents for key in keys)
 
     def set_slot(self, key: SlotKey, slot: SlotRecord) -> None:
+        self._shares.clear()
         new = key not in self.slots
         self.in_order = self.in_order and not new
         self.slots[key] = slot
@@ -135,6 +143,7 @@ class View:
     def drop_slot(self, key: SlotKey) -> None:
         if self.slots.pop(key, None) is None:
             return
+        self._shares.clear()
         self.node_slots.get(key[0], {}).pop(key, None)
         self.free.pop(key, None)
         _less(self.gpu_slots, gpu_of(key))
@@ -283,7 +292,7 @@ class ClusterCache:
             revision=snapshot.revision,
         )
         for node, allocator in allocators:
-            _member(view.allocators, node, allocator, deleted=False)
+            view.set_allocator(node, allocator, up=True)
         for key, slot in snapshot.slots.items():
             view.set_slot(key, slot)
         for key, holder in snapshot.holders.items():
@@ -331,7 +340,7 @@ def apply(view: View, event: Any) -> bool:
     elif key.startswith(DRAINS):
         _keyed(view.drains, key.removeprefix(DRAINS), deleted, DrainRecord.decode, kv.value)
     elif key.startswith(ALLOCATORS):
-        _member(view.allocators, *split_slot_key(ALLOCATORS, kv.key), deleted=deleted)
+        view.set_allocator(*split_slot_key(ALLOCATORS, kv.key), up=not deleted)
     elif key.startswith(CLAIMS):
         user = key.removeprefix(CLAIMS)
         if deleted:

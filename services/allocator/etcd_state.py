@@ -42,7 +42,7 @@ from ds01.allocator.records import (
     split_slot_key,
 )
 from ds01.core.leases import LeasedKey
-from ds01.core.watch import DELETE, WatchEnded, only, watching
+from ds01.core.watch import DELETE, Compacted, WatchEnded, only, watching
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +356,22 @@ class EtcdState:
         Bounded as a whole, the watch's creation included: the caller tries again."""
         with contextlib.suppress(TimeoutError, WatchEnded):
             async with asyncio.timeout(max(0.1, timeout)):
-                await self._deleted(lock.key, lock.held_revision + 1)
+                await self._gone(lock.key, lock.held_revision)
 
-    async def _deleted(self, key: bytes, after: int) -> None:
-        """Return once ``key`` is deleted at revision ``after`` or later."""
-        async with watching(self.client, [only(key)], after) as stream:
-            async for events in stream:
-                if any(event.type == DELETE for event in events):
+    async def _gone(self, key: bytes, held_at: int) -> None:
+        """Return once ``key``, as etcd had it at revision ``held_at``, is deleted."""
+        after = held_at + 1
+        while True:
+            try:
+                async with watching(self.client, [only(key)], after) as stream:
+                    async for events in stream:
+                        if any(event.type == DELETE for event in events):
+                            return
+            except Compacted as err:  # history no longer reaches back: etcd's key says
+                now = await self.client.get(key)
+                if now is None or now.mod_revision != held_at:
                     return
+                after = err.revision
 
     async def claim(self, plan: Plan, holder: Holder, lock: UserLock) -> bool:
         """Take every slot of ``plan`` in one transaction, or none of them; either way

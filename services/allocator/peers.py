@@ -6,9 +6,10 @@ and a slower answer. That happens when free slots are few and requests many, and
 breaking ties at random hardly helps (the few free slots are on the GPUs of least load,
 the same for everyone). So an allocator that has lost races lately swaps each slot it
 plans for a free one of the same kind from its own share (see placement.plan): the slots
-of its node dealt out to that node's allocators in turn, in the order every allocator's
-view lists them. An even deal matters: an allocator whose share is smaller than what its
-own requests hold at once takes slots from the others' shares, and races them again.
+of its node dealt out to that node's allocators in turn, kind by kind, in the order every
+allocator's view lists them. An even deal matters: an allocator whose share is short of
+what its own requests hold at once, of some kind, takes slots of that kind from the
+others' shares, and races them again.
 Each allocator announces itself under ALLOCATORS on a lease, so the others see it come
 and go; with one allocator on a node, its share is all of that node's slots.
 """
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 
 import aetcd
 
-from ds01.allocator.placement import SlotKey
-from ds01.allocator.records import ALLOCATORS
+from ds01.allocator.placement import SlotKey, kind_of
+from ds01.allocator.records import ALLOCATORS, SlotRecord
 from ds01.core.leases import LeasedKey
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,20 @@ class Peer:
 
 
 def share_of(
-    me: Peer, allocators: Mapping[str, Collection[str]], slots: Iterable[SlotKey]
+    me: Peer, allocators: Mapping[str, Collection[str]], slots: Iterable[SlotRecord]
 ) -> frozenset[SlotKey] | None:
-    """``me``'s share of its node: ``slots`` (the node's, in numeric order, as every
-    allocator's view lists them) dealt out in turn to the node's allocators, as
-    ``allocators`` (node -> ids of those up) says, in order of id. Shares differ by one
-    slot at most, and each holds slices of every GPU. None until ``me``'s own
-    announcement is among them (the others do not count it yet)."""
+    """``me``'s share of its node's ``slots``: dealt out in turn to the node's
+    allocators (as ``allocators``, node -> ids of those up, says; in order of id), kind
+    by kind and each kind in numeric order, as every allocator's view lists them. So
+    each share has its part of every kind of slice (a plan is only swapped for one of
+    its kind), shares differ by one slot at most, and each spreads over the GPUs. None
+    until ``me``'s own announcement is among them (the others do not count it yet)."""
     peers = sorted(allocators.get(me.node, ()))
     if me.id not in peers:
         return None
-    return frozenset(itertools.islice(slots, peers.index(me.id), None, len(peers)))
+    dealt = sorted(slots, key=lambda slot: (kind_of(slot), slot.order))
+    mine = itertools.islice(dealt, peers.index(me.id), None, len(peers))
+    return frozenset((slot.node, slot.slot_id) for slot in mine)
 
 
 class Presence(LeasedKey):

@@ -500,9 +500,9 @@ def _into_share(
     sign = -1 if strategy is Strategy.PACK else 1
     swapped = []
     for slot in claim:
-        kind = _kind(slot)
+        kind = kind_of(slot)
         alike = [] if (slot.node, slot.slot_id) in share else [
-            s for s in spare if s.node == slot.node and _kind(s) == kind]  # fmt: skip
+            s for s in spare if s.node == slot.node and kind_of(s) == kind]  # fmt: skip
         if alike:
             slot = min(alike, key=lambda s: (sign * load[(s.node, s.gpu)], random.random()))
             spare.remove(slot)
@@ -511,7 +511,7 @@ def _into_share(
     return swapped
 
 
-def _kind(slot: SlotRecord) -> tuple[str, str, int, float]:
+def kind_of(slot: SlotRecord) -> tuple[str, str, int, float]:
     """What makes two slots interchangeable for whoever gets one."""
     return slot.product, slot.mig_profile, slot.memory_bytes, slot.gpu_equivalents
 

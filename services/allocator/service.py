@@ -13,7 +13,7 @@ from typing import Protocol
 
 from ds01.allocator.cache import ClusterCache
 from ds01.allocator.etcd_state import EtcdState, SlotKey, Snapshot
-from ds01.allocator.peers import Peer, share_of
+from ds01.allocator.peers import Peer
 from ds01.allocator.placement import (
     AllocationRefused,
     Plan,
@@ -190,8 +190,7 @@ class Allocator:
         node's allocators; none where it does not."""
         if self.me is None or self.cache is None:
             return ()
-        view = self.cache.view
-        return share_of(self.me, view.allocators, view.slots_of(self.me.node)) or ()
+        return self.cache.view.share(self.me) or ()
 
     def _lost(self) -> None:
         self.stats.claim_conflicts += 1

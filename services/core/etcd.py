@@ -108,6 +108,15 @@ def _address_list(endpoints: Sequence[str]) -> str:
     return ("ipv6:" if family == socket.AF_INET6 else "ipv4:") + ",".join(same)
 
 
+# etcd's answers that a request itself was wrong (too many operations in a transaction,
+# a value too large, a lease that exists already): a fault of ds01's, not an outage.
+ETCD_REFUSALS = (
+    aetcd.exceptions.InvalidArgumentError,
+    aetcd.exceptions.PreconditionFailedError,
+    aetcd.exceptions.DuplicateLeaseError,
+)
+
+
 def etcd_status(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     """An etcd failure as the status a caller can act on; None if ``err`` is not one."""
     if not isinstance(err, aetcd.exceptions.ClientError):
@@ -122,6 +131,8 @@ def etcd_status(err: Exception) -> tuple[grpc.StatusCode, str] | None:
             grpc.StatusCode.UNAVAILABLE,
             f"etcd refused this service's certificate ({details}); check pki/etcd",
         )
+    if isinstance(err, ETCD_REFUSALS):  # what this service asked is wrong: no retry mends it
+        return grpc.StatusCode.INTERNAL, f"etcd refused what ds01 asked of it: {details}"
     return grpc.StatusCode.UNAVAILABLE, f"etcd could not complete the request: {details}"
 
 

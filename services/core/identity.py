@@ -204,14 +204,14 @@ def _all_around(arounds: Iterable[Around]) -> Around:
 async def _internal(context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
     """A failure no handler knew: logged once with its traceback, answered as INTERNAL
     with a sentence, never as UNKNOWN with a Python class name. Statuses the handler
-    chose (an abort) pass through; etcd gone (an event stream's watch ended with it
-    included) is UNAVAILABLE, which a caller retries."""
+    chose (an abort) pass through; etcd out of reach or failing (an event stream's watch
+    that it ended included) is UNAVAILABLE, which a caller retries."""
     if isinstance(err, grpc.aio.AbortError):
         raise err
-    unavailable = etcd_status(err)
-    if unavailable is not None:
-        log.warning("%s for %s ended: %s", method, _CALLER.get().name, unavailable[1])
-        await abort(context, *unavailable)
+    status = etcd_status(err)
+    if status is not None and status[0] == grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s for %s ended: %s", method, _CALLER.get().name, status[1])
+        await abort(context, *status)
     log.error("unexpected failure in %s for %s", method, _CALLER.get().name, exc_info=err)
     await abort(
         context,

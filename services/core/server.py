@@ -307,12 +307,13 @@ async def answer(
     status_of: Callable[[Exception], tuple[grpc.StatusCode, str] | None],
 ) -> T:
     """Await a handler's ``work``; a failure ``status_of`` knows becomes that gRPC status
-    with its sentence. Anything else propagates (and gRPC reports it as UNKNOWN)."""
+    with its sentence, as does etcd out of reach. Anything else propagates, to be
+    logged and answered INTERNAL (an etcd refusal of what ds01 asked among them)."""
     try:
         return await work
     except Exception as err:
         status = status_of(err) or etcd_status(err)
-        if status is None:
+        if status is None or status[0] == grpc.StatusCode.INTERNAL:
             raise
         await abort(context, *status)
         raise  # abort raises; this only satisfies type checkers
