@@ -69,6 +69,33 @@ async def test_full_gpus_for_researchers_and_a_clear_refusal_for_students(env: A
     assert error.message == "full GPUs are not allowed for group students"
 
 
+async def test_an_allocator_beside_the_limits_service_asks_it_without_a_call(
+    env: AllocatorEnv, monkeypatch: pytest.MonkeyPatch
+):
+    """One ds01d with both services: each Allocate's limits come from the limits service
+    in the process, not over gRPC (a round trip per user, and under load a queue), and
+    hold as before: the group's refusals, the quota."""
+    await env.stop("allocator", "limits")
+    await env.start("limits", "allocator")  # one process, as `ds01d --services all`
+    asked: list[object] = []
+    over_grpc = Ds01Client.get_limits
+
+    async def counted(self: Ds01Client, *args: object, **kwargs: object) -> object:
+        asked.append(args)
+        return await over_grpc(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ds01Client, "get_limits", counted)
+    async with env.client("rita") as rita, env.client("alice") as alice:
+        full = await refused(alice.allocate("big._.alice", preference=2))
+        await rita.allocate("a._.rita", preference=2)
+        await rita.allocate("b._.rita", preference=2)
+        quota = await refused(rita.allocate("c._.rita"))
+    assert full.message == "full GPUs are not allowed for group students"
+    assert quota.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert quota.message.startswith("rita holds 2.0 of 2.0 GPU-equivalents")
+    assert asked == []
+
+
 async def test_quota_is_held_across_containers(env: AllocatorEnv):
     async with env.client("rita") as rita:
         await rita.allocate("a._.rita", preference=2)

@@ -834,6 +834,8 @@ async def test_each_failure_has_its_code_and_sentence(
 async def test_a_service_that_does_not_answer_is_named(env: AllocatorEnv, test_image: str):
     """Limits stopped: the allocator says that limits did not answer (before the user's
     own deadline); containers stopped: the client says it cannot reach containers."""
+    await env.stop("allocator")  # in a process of its own: it asks limits over gRPC
+    await env.start("allocator")
     await env.stop("limits")
     try:
         async with env.client("ds01alice") as alice:

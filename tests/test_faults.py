@@ -229,6 +229,8 @@ async def _allocator_when(
 async def test_a_call_waits_for_a_service_that_starts_late(env: AllocatorEnv):
     """The unlucky start order: limits comes up after the allocator. The allocator says
     NOT_SERVING and why, and a user's Allocate waits for limits instead of failing."""
+    await env.stop("allocator")  # in a process of its own: it asks limits over gRPC
+    await env.start("allocator")
     await env.stop("limits")
     health, needs = await _allocator_when(
         env, lambda h, n: h == "NOT_SERVING" and n["limits"] != "ok", 10

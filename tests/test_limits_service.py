@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +15,13 @@ import pytest_asyncio
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
+from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import Roles
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
-from ds01.limits.server import SPEC
+from ds01.limits.server import SPEC, LocalLimits
+from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2
 from tests.harness import run_cli
 from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, start_limits, write_config
@@ -88,6 +90,61 @@ async def test_cli_json_names_the_source_of_each_value(env: LimitsEnv):
     assert data["policies"] == {"warn_before_idle_stop": "2h", "exempt_from_idle": "true"}
     aggregate = {"cpus": 32.0, "memory_bytes": 128 * 1024**3, "pids": 8192}  # numbers, not strings
     assert {k: v for k, v in data["aggregate"].items() if v is not None} == aggregate
+
+
+LISTED_AND_NOT = ["student1", "alice", "carol", "d.jones@uni.example", "h.baker@hertie-school.lan",
+                  "labadmin", "root", "someone-listed-nowhere"]  # fmt: skip
+
+
+async def test_services_beside_it_get_the_answers_a_call_gets(env: LimitsEnv):
+    """What the allocator and containers services in the same ds01d are told without a
+    call: exactly what GetLimits and GetDockerArgs answer over mTLS, refusals included
+    (their code and words), for every kind of user the configuration lists or not."""
+    local = env.service.runtime.context.limits
+    assert local is not None
+    docker = DockerInfo(ncpu=4, cgroup_driver="systemd")
+    identity = ClientIdentity(env.pki.ca_cert, env.pki.service("allocator"))
+    async with Ds01Client(env.config, identity) as service:
+        for user in LISTED_AND_NOT:
+            for kind in ("", "no-such-type"):
+                calls = (service.get_limits(user, kind), service.get_docker_args(user, kind),
+                         service.get_docker_args(user, kind, docker))  # fmt: skip
+                answers = [await _answer_of(call) for call in calls]
+                here = [
+                    _told(local.limits, user, kind),
+                    _told(local.docker_args, user, kind),
+                    _told(local.docker_args, user, kind, docker),
+                ]
+                assert here == answers, (user, kind)
+                if kind:
+                    assert answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _answer_of(call: Awaitable[object]) -> object:
+    try:
+        return await call
+    except Ds01Error as err:
+        return err.code, err.problem
+
+
+def _told(ask: Callable[..., object], *args: object) -> object:
+    try:
+        return ask(*args)
+    except Ds01Error as err:
+        return err.code, err.problem
+
+
+def test_without_a_configuration_services_beside_it_are_refused_in_words(tmp_path: Path):
+    broken = tmp_path / "resource-limits.yaml"
+    broken.write_text("defaults: [not, a, mapping\n")
+    store = LimitsStore(broken)
+    store.poll()
+    with pytest.raises(Ds01Error) as refused:
+        LocalLimits(store).limits("alice")
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.problem.startswith(
+        f"no valid limits configuration has been loaded from {broken}"
+    )
 
 
 async def test_users_see_only_their_own_limits(env: LimitsEnv):

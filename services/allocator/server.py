@@ -50,7 +50,7 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA, Metadata, record_key
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
-from ds01.core.limits_cache import CachedLimits
+from ds01.core.limits_cache import CachedLimits, LocalAnswers
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
 from ds01.core.server import ServiceRuntime, ServiceSpec, answer
 from ds01.core.tasks import cancellable
@@ -90,9 +90,9 @@ class RemoteLimits:
     """Quotas and roles from the limits service, asked as ``svc:allocator`` (and kept
     while its change stream is open: see ``CachedLimits``)."""
 
-    def __init__(self, client: Ds01Client) -> None:
+    def __init__(self, client: Ds01Client, local: LocalAnswers | None = None) -> None:
         self.client = client
-        self.cache = CachedLimits(client)
+        self.cache = CachedLimits(client, local)
 
     async def follow_changes(self) -> None:
         await self.cache.follow_changes()
@@ -487,7 +487,10 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("allocator"))
     # Within a user's own deadline (10 s by default), so that the allocator can say which
     # service did not answer before the user's call runs out.
-    limits = RemoteLimits(Ds01Client(config, identity, timeout=LIMITS_TIMEOUT, wait_for_ready=True))
+    limits = RemoteLimits(
+        Ds01Client(config, identity, timeout=LIMITS_TIMEOUT, wait_for_ready=True),
+        local=runtime.context.limits,
+    )
     state = EtcdState(etcd, lock_ttl=config.allocator.lock_ttl)
     cache = ClusterCache(state, watch_client=connect(config, "allocator"))
     cache.start()

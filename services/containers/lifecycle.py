@@ -53,7 +53,7 @@ from ds01.core.config import Config
 from ds01.core.counting import counted
 from ds01.core.etcd import failure_sentence
 from ds01.core.faults import fault_point
-from ds01.core.limits_cache import CachedLimits
+from ds01.core.limits_cache import CachedLimits, LocalAnswers
 from ds01.core.naming import OWNER_LABEL, SEPARATOR, sanitize_for_systemd
 from ds01.core.tasks import Abandoned, unless_set
 from ds01.ownership.gateway.images import config_labels, is_id, parse_name, readable
@@ -136,6 +136,8 @@ class Lifecycle:
     busy: Counter[str] = field(default_factory=Counter)  # containers being started, ...
     intents: IntentStore = field(init=False)
     # The limits service's answers, kept while its change stream is followed.
+    # The limits service's answers where it runs in this process (else asked over gRPC).
+    local_limits: LocalAnswers | None = None
     limits: CachedLimits = field(init=False)
     # Published in etcd for monitors; counted for the metrics.
     events: LifecycleEvents = field(default_factory=lambda: LifecycleEvents(None, ""))
@@ -148,7 +150,7 @@ class Lifecycle:
 
     def __post_init__(self) -> None:
         self.intents = IntentStore(self.metadata.client, self.node)
-        self.limits = CachedLimits(self.client)
+        self.limits = CachedLimits(self.client, self.local_limits)
         self.events.node = self.events.node or self.node
 
     async def create(

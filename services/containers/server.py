@@ -351,6 +351,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         default_gpu_preference=SLOT_PREFERENCES[config.containers.default_gpu_kind],
         events=LifecycleEvents(etcd, config.node),
         account_files=AccountFiles(config.state_dir / "accounts"),
+        local_limits=runtime.context.limits,
     )
     reconciler = Reconciler(
         lifecycle,

@@ -68,7 +68,7 @@ def parse_services(text: str) -> list[str]:
             f"{', '.join(SERVICES)} or all",
             param_hint="--services",
         )
-    return list(dict.fromkeys(names))
+    return [name for name in SERVICES if name in names]  # each after those it asks
 
 
 @dataclass

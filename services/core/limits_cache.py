@@ -6,7 +6,8 @@ is one more gRPC round trip on the same host. Answers are kept only while a Watc
 stream is open, and all of them are dropped on every change it reports, so a reload
 applies to the next request. None is kept longer than a minute: what the stream cannot
 report (a Unix group's members, which the limits service itself reads at most a minute
-old) is as fresh here as there.
+old) is as fresh here as there. Where the limits service runs in the same process, its
+answers are asked of it directly (``LocalAnswers``): no round trip, nothing to keep.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.docker_args import DockerInfo
@@ -29,12 +30,25 @@ RECONNECT_SECONDS = 1.0
 MAX_AGE = 60.0  # seconds an answer is kept at most
 
 
+class LocalAnswers(Protocol):
+    """The limits service of this process, answering as over gRPC (its refusals as
+    Ds01Error, with the same code and words)."""
+
+    def limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits: ...
+
+    def docker_args(
+        self, user: str, container_type: str = "", docker: DockerInfo | None = None
+    ) -> limits_pb2.GetDockerArgsResponse: ...
+
+
 class CachedLimits:
     """GetLimits and GetDockerArgs through ``client``, answered from memory where the
-    same question was answered since the last change."""
+    same question was answered since the last change; by ``local`` where the limits
+    service runs in this process."""
 
-    def __init__(self, client: Ds01Client) -> None:
+    def __init__(self, client: Ds01Client, local: LocalAnswers | None = None) -> None:
         self.client = client
+        self.local = local
         self._answers: dict[Hashable, tuple[float, Any]] = {}  # key -> (kept until, answer)
         self._watching = False
         # Changes seen: an answer asked for before a change and received after it is
@@ -42,8 +56,9 @@ class CachedLimits:
         self._changes = 0
 
     async def follow_changes(self) -> None:
-        """Keep the change stream open; without it, nothing is kept."""
-        while True:
+        """Keep the change stream open; without it, nothing is kept. Asked locally,
+        nothing is kept anyway."""
+        while self.local is None:
             try:
                 async for _change in self.client.watch_limits():
                     self._forget()
@@ -56,6 +71,8 @@ class CachedLimits:
             await asyncio.sleep(RECONNECT_SECONDS)
 
     async def get_limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits:
+        if self.local is not None:
+            return self.local.limits(user, container_type)
         return await self._answer(
             ("limits", user, container_type),
             lambda: self.client.get_limits(user, container_type),
@@ -64,6 +81,8 @@ class CachedLimits:
     async def get_docker_args(
         self, user: str, container_type: str, docker: DockerInfo
     ) -> limits_pb2.GetDockerArgsResponse:
+        if self.local is not None:
+            return self.local.docker_args(user, container_type, docker)
         return await self._answer(
             ("docker-args", user, container_type, docker),
             lambda: self.client.get_docker_args(user, container_type, docker),

@@ -31,6 +31,7 @@ from ds01.core.config import Config
 from ds01.core.dependencies import CHECK_TIMEOUT, Dependencies, StatusServicer
 from ds01.core.etcd import connect, etcd_status
 from ds01.core.identity import CallInterceptor, Roles, caller
+from ds01.core.limits_cache import LocalAnswers
 from ds01.core.messages import abort
 from ds01.core.metrics import MetricsEndpoint, ServiceMetrics, start_endpoint
 from ds01.core.tls import server_credentials
@@ -66,6 +67,8 @@ class ServiceContext:
 
     config: Config
     roles: Roles
+    # The limits service's answers, where it runs in this process (it starts first).
+    limits: LocalAnswers | None = None
 
 
 @dataclass

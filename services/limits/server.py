@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
+from ds01.client import Ds01Error
 from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import caller
 from ds01.core.messages import abort
@@ -32,6 +34,7 @@ from ds01.limits.source import Issue
 from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2, limits_pb2_grpc
 
+T = TypeVar("T")
 LIMITS_SERVICE = limits_pb2.DESCRIPTOR.services_by_name["LimitsService"].full_name
 _SOURCES = {
     DEFAULT: limits_pb2.LIMIT_SOURCE_DEFAULT,
@@ -49,27 +52,42 @@ _DURATION_FIELDS = (
 )
 
 
-class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
+class LocalLimits:
+    """GetLimits and GetDockerArgs as this process's limits service answers them, for
+    the services beside it: the same answers (the gRPC methods answer through this) and
+    the same refusals, as Ds01Error, without a round trip. A user's limits are kept
+    until the configuration changes or the minute ends (admin-group members are read
+    at most a minute old): the allocator asks at every Allocate."""
+
+    MOST_KEPT = 50_000
+
     def __init__(self, store: LimitsStore) -> None:
         self.store = store
+        self._kept: dict[tuple[str, str], limits_pb2.UserLimits] = {}
+        self._kept_of: tuple[LimitsConfig, int] | None = None
 
-    async def GetLimits(
-        self, request: limits_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext
-    ) -> limits_pb2.GetLimitsResponse:
-        config = await self._config(context)
-        user = await self._subject(request.user, context)
-        message = limits_message(await self._resolve(config, user, request.container_type, context))
-        message.admin = self.store.is_admin(user)
-        return limits_pb2.GetLimitsResponse(limits=message)
+    def limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits:
+        """Shared: a caller never changes it."""
+        config = self._config()
+        era = (config, int(time.monotonic() // 60))
+        if self._kept_of is None or self._kept_of[0] is not config or self._kept_of[1] != era[1]:
+            self._kept, self._kept_of = {}, era
+        found = self._kept.get((user, container_type))
+        if found is None:
+            found = limits_message(self._resolve(config, user, container_type))
+            found.admin = self.store.is_admin(user)
+            if len(self._kept) >= self.MOST_KEPT:
+                self._kept.clear()
+            self._kept[(user, container_type)] = found
+        return found
 
-    async def GetDockerArgs(
-        self, request: limits_pb2.GetDockerArgsRequest, context: grpc.aio.ServicerContext
+    def docker_args(
+        self, user: str, container_type: str = "", docker: DockerInfo | None = None
     ) -> limits_pb2.GetDockerArgsResponse:
-        config = await self._config(context)
-        user = await self._subject(request.user, context)
-        args = (await self._resolve(config, user, request.container_type, context)).docker_args()
-        if request.HasField("docker"):  # what a container on that Docker gets
-            args = args.on_host(DockerInfo(request.docker.ncpu, request.docker.cgroup_driver))
+        """``docker``: what a container on that Docker gets; None, as configured."""
+        args = self._resolve(self._config(), user, container_type).docker_args()
+        if docker is not None:
+            args = args.on_host(docker)
         return limits_pb2.GetDockerArgsResponse(
             cpus=args.cpus,
             memory_bytes=args.memory,
@@ -79,6 +97,61 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
             pids_limit=args.pids_limit,
             cgroup_parent=args.cgroup_parent,
             flags=args.flags(),
+        )
+
+    def _config(self) -> LimitsConfig:
+        config = self.store.config
+        if config is None:
+            raise Ds01Error(grpc.StatusCode.FAILED_PRECONDITION, no_configuration(self.store))
+        return config
+
+    @staticmethod
+    def _resolve(config: LimitsConfig, user: str, container_type: str) -> UserLimits:
+        try:
+            return resolve(config, user, container_type)
+        except UnknownContainerType as err:
+            raise Ds01Error(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+
+def no_configuration(store: LimitsStore) -> str:
+    problem = f": {store.error}" if store.error else ""
+    return (
+        f"no valid limits configuration has been loaded from {store.path}{problem}. "
+        "An admin can check the file with `ds01 limits check FILE`."
+    )
+
+
+async def _answered(context: grpc.aio.ServicerContext, ask: Callable[[], T]) -> T:
+    """What ``ask`` answers; a refusal of LocalLimits as the call's status, in its words."""
+    try:
+        return ask()
+    except Ds01Error as err:
+        await abort(context, err.code, err.message)
+        raise
+
+
+class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
+    def __init__(self, store: LimitsStore) -> None:
+        self.store = store
+        self.answers = LocalLimits(store)
+
+    async def GetLimits(
+        self, request: limits_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.GetLimitsResponse:
+        await self._config(context)
+        user = await self._subject(request.user, context)
+        limits = await _answered(context, lambda: self.answers.limits(user, request.container_type))
+        return limits_pb2.GetLimitsResponse(limits=limits)
+
+    async def GetDockerArgs(
+        self, request: limits_pb2.GetDockerArgsRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.GetDockerArgsResponse:
+        await self._config(context)
+        user = await self._subject(request.user, context)
+        on = request.docker if request.HasField("docker") else None
+        docker = DockerInfo(on.ncpu, on.cgroup_driver) if on is not None else None
+        return await _answered(
+            context, lambda: self.answers.docker_args(user, request.container_type, docker)
         )
 
     async def ListGroups(
@@ -151,26 +224,10 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
                     last = current
                     yield limits_pb2.WatchLimitsResponse(users=[user], digest=change.digest)
 
-    @staticmethod
-    async def _resolve(
-        config: LimitsConfig, user: str, container_type: str, context: grpc.aio.ServicerContext
-    ) -> UserLimits:
-        try:
-            return resolve(config, user, container_type)
-        except UnknownContainerType as err:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            raise
-
     async def _config(self, context: grpc.aio.ServicerContext) -> LimitsConfig:
         config = self.store.config
         if config is None:
-            problem = f": {self.store.error}" if self.store.error else ""
-            await abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"no valid limits configuration has been loaded from {self.store.path}"
-                f"{problem}. An admin can check the file with `ds01 limits check FILE`.",
-            )
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, no_configuration(self.store))
         return config
 
     async def _subject(self, requested: str, context: grpc.aio.ServicerContext) -> str:
@@ -278,7 +335,9 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     store = LimitsStore(runtime.config.limits_file)
     await asyncio.to_thread(store.poll)
     runtime.context.roles.admin_check = store.is_admin
-    limits_pb2_grpc.add_LimitsServiceServicer_to_server(LimitsServicer(store), server)
+    servicer = LimitsServicer(store)
+    runtime.context.limits = servicer.answers  # the services beside it ask it directly
+    limits_pb2_grpc.add_LimitsServiceServicer_to_server(servicer, server)
     limits_metrics.register(runtime.metrics, store)
 
     async def report_health() -> None:
