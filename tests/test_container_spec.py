@@ -28,7 +28,7 @@ def spec(**changes) -> ContainerSpec:
 
 def test_names_follow_the_mlc_convention_with_docker_safe_users():
     assert spec().docker_name == "proj._.h.baker_uni.org"
-    for bad in ("", "-x", "a._.b", "a/b", "x" * 64):
+    for bad in ("", "-x", "a._.b", "a/b", "x" * 64, "proj\n", "proj\n._.bob"):
         with pytest.raises(SpecError):
             docker_name(bad, "alice")
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds01.ownership.gateway import fields, policy, verify
-from ds01.ownership.gateway.images import Access, access, parse_name, require_writable
+from ds01.ownership.gateway.images import Access, access, is_id, parse_name, require_writable
 from ds01.ownership.gateway.policy import Caller, Caps, Found, Refused, Resolved
 from ds01.ownership.gateway.routes import match
 from ds01.ownership.gateway.strict import BadRequest, decode_json, encode_query, parse_query
@@ -212,9 +212,11 @@ def test_image_access_follows_tags_and_labels():
 
 @pytest.mark.parametrize(
     "reference",
-    ["Alice/x", "ALICE/x:1", "Ubuntu", "alice/X", "a//b", "ubuntu:", "x@sha256:zz", " ubuntu"],
-)
+    ["Alice/x", "ALICE/x:1", "Ubuntu", "alice/X", "a//b", "ubuntu:", "x@sha256:zz", " ubuntu",
+     "ubuntu\n", "alice/x:1\n", "bob/private\n", f"x@sha256:{'a' * 64}\n"],
+)  # fmt: skip
 def test_an_image_name_docker_would_refuse_is_refused_as_docker_would(reference: str):
+    assert not is_id(reference)
     """A first part without '.' or ':' is a path's part, lower case as every other (Docker:
     "repository name must be lowercase"): never read as a registry and let through."""
     with pytest.raises(BadRequest, match="is not a valid image name"):
@@ -315,6 +317,9 @@ def resolved(**extra: object) -> Resolved:
         ({"PublishAllPorts": True}, "PublishAllPorts"),
         ({"Tmpfs": {"/t": "suid"}}, "tmpfs option"),
         ({"Tmpfs": {"/t": "size=50%"}}, "tmpfs size"),
+        ({"Tmpfs": {"/t": "size=64m\n"}}, "tmpfs size"),  # a pattern's $ passes a last \n
+        ({"PortBindings": {"80/tcp": [{"HostPort": "8080\n"}]}}, "1024"),
+        ({"PortBindings": {"80/tcp": [{"HostPort": "2000-3000\n"}]}}, "1024"),
         ({"SecurityOpt": ["seccomp=unconfined"]}, "security option"),
         ({"SecurityOpt": ["apparmor=unconfined"]}, "security option"),
         ({"SecurityOpt": ["label=disable"]}, "security option"),
@@ -593,3 +598,9 @@ def test_a_path_that_cannot_be_resolved_is_no_bind_source(tmp_path):
     assert existing(str(loop)) == "" and existing(str(tmp_path / "missing")) == ""
     assert not inside(str(loop), PurePosixPath(tmp_path))
     assert existing(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("reference", [f"{'a' * 12}\n", f"sha256:{'b' * 64}\n", "0123456789ab\n"])
+def test_an_image_id_with_a_last_newline_is_no_id(reference: str):
+    """Read as an id it would reach no one's image by name checks; Docker reads no id."""
+    assert not is_id(reference) and is_id(reference.rstrip("\n"))

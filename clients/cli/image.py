@@ -28,7 +28,7 @@ from docker.errors import APIError, DockerException
 
 from ds01.cli.common import AliasGroup, Settings, fail, output_option, print_table, run
 
-_ID = re.compile(r"^(?:sha256:)?[a-f0-9]{12,64}$")
+_ID = re.compile(r"(?:sha256:)?[a-f0-9]{12,64}")
 
 
 def _me() -> str:
@@ -297,7 +297,7 @@ def list_(settings: Settings, shared: bool, output: str | None) -> None:
 def _resolve(api: docker.APIClient, name: str, user: str) -> str:
     """The image NAME means: an id or a name with a namespace as given (the gateway
     decides); a bare name the caller's own first, else a shared one of that name."""
-    if _ID.match(name) or "/" in name:
+    if _ID.fullmatch(name) or "/" in name:
         return name
     candidates = [f"{user}/{name}", f"ds01-{user}/{name}", name]
     for candidate in candidates:
@@ -332,7 +332,7 @@ def remove(settings: Settings, name: str, force: bool) -> None:
             if err.status_code == 409:
                 fail(f"cannot remove {target}: {_reason(err)}; remove the container first "
                      "(`ds01 container ls`), or use --force")  # fmt: skip
-            if err.status_code == 403 and not (_own(target, user) or _ID.match(target)):
+            if err.status_code == 403 and not (_own(target, user) or _ID.fullmatch(target)):
                 fail(f"cannot remove {target}: Permission denied: it is not in your namespace "
                      f"({user}/NAME or ds01-{user}/NAME); another user's image is theirs to "
                      "remove, a shared one an admin's (`ds01 image ls` lists yours)")  # fmt: skip

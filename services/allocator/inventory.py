@@ -23,7 +23,7 @@ import yaml
 from ds01.core.config import Config
 from ds01.core.units import parse_size
 
-_MIG_PROFILE = re.compile(r"^(?P<slices>\d+)g\.(?P<memory>\d+)gb$")
+_MIG_PROFILE = re.compile(r"(?P<slices>\d+)g\.(?P<memory>\d+)gb")
 DEFAULT_SLICES = 7
 
 
@@ -156,7 +156,7 @@ def _declared_mig(where: str, j: int, inst: Any, slices: int) -> MigInstance:
     if not isinstance(inst, dict):
         raise InventoryError(f"{where}: expected a mapping")
     profile = str(inst.get("profile", ""))
-    match = _MIG_PROFILE.match(profile)
+    match = _MIG_PROFILE.fullmatch(profile)
     if not match:
         raise InventoryError(f"{where}: profile {profile!r} is not like '2g.20gb'")
     compute = int(match["slices"])

@@ -20,7 +20,7 @@ from ds01.core.docker_args import nano_cpus
 from ds01.core.naming import GATEWAY_LABEL, OWNER_LABEL, SEPARATOR, docker_user
 
 MLC_VERSION = "4"
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
 
 _OURS = ("ds01.", "aime.mlc")  # label prefixes only ds01 sets on its containers
 
@@ -31,7 +31,7 @@ class SpecError(ValueError):
 
 def docker_name(name: str, user: str) -> str:
     """``<name>._.<user>``, the seed's and MLC's convention."""
-    if not _NAME.match(name) or SEPARATOR in name:
+    if not _NAME.fullmatch(name) or SEPARATOR in name:
         raise SpecError(
             f"{name!r} is not a valid container name: use letters, digits and _ . - "
             f"(at most 63, not starting with . _ -, and without {SEPARATOR!r})"

@@ -32,7 +32,7 @@ SERVICE_DAYS = 825
 CLIENT_DAYS = 365
 
 # Login names as Linux, LDAP and AD produce them: h.baker@hertie-school.lan included.
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}$")
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}")
 
 
 class PkiError(Exception):
@@ -99,7 +99,7 @@ class EtcdPki(Authority):
 
 def is_user_name(user: str) -> bool:
     """A login name as ds01 accepts one (letters, digits and . _ @ -)."""
-    return bool(_USER_NAME.match(user))
+    return bool(_USER_NAME.fullmatch(user))
 
 
 def validate_user_name(user: str) -> str:

@@ -20,10 +20,10 @@ from ds01.ownership.gateway.strict import BadRequest
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?)"
 _NAME = re.compile(
-    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+    rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?"
 )
-_ID = re.compile(r"^(?:sha256:)?[a-f0-9]{1,64}$")
+_ID = re.compile(r"(?:sha256:)?[a-f0-9]{1,64}")
 
 
 class Access(Enum):
@@ -59,7 +59,7 @@ class ImageName:
 
 
 def parse_name(reference: str) -> ImageName:
-    found = _NAME.match(reference)
+    found = _NAME.fullmatch(reference)
     if not found or len(reference) > 255:
         raise BadRequest(f"{reference!r} is not a valid image name")
     domain, path = found["domain"], found["path"]
@@ -75,7 +75,9 @@ def parse_name(reference: str) -> ImageName:
 
 
 def is_id(reference: str) -> bool:
-    return bool(_ID.match(reference)) and (reference.startswith("sha256:") or len(reference) >= 12)
+    return bool(_ID.fullmatch(reference)) and (
+        reference.startswith("sha256:") or len(reference) >= 12
+    )
 
 
 def namespace_owner(name: ImageName, exists: Callable[[str], bool]) -> str | None:

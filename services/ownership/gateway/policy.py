@@ -23,8 +23,8 @@ CPU_SHARES = 1024  # Docker's default weight: nobody gets more than an equal sha
 MAX_NOFILE = 1 << 20
 NO_NEW_PRIVILEGES = "no-new-privileges"
 SHARED_NETWORKS = frozenset({"none", "bridge", "default"})
-_PORT = re.compile(r"^(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?$")
-_SIZE = re.compile(r"^(?P<n>[0-9]{1,19})(?P<unit>[kmg]?)$", re.IGNORECASE)
+_PORT = re.compile(r"(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?")
+_SIZE = re.compile(r"(?P<n>[0-9]{1,19})(?P<unit>[kmg]?)", re.IGNORECASE)
 _TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "nosuid", "nodev"})
 _BIND_MODES = frozenset({"ro", "rw", "nocopy"})
 
@@ -432,7 +432,7 @@ def _ports(bindings: dict[str, Any]) -> dict[str, Any]:
                 raise Refused("ports may be published on 127.0.0.1 only")
             host_port = binding.get("HostPort") or ""
             if host_port:
-                found = _PORT.match(host_port)
+                found = _PORT.fullmatch(host_port)
                 ports = [int(p) for p in (found["low"], found["high"]) if p] if found else []
                 if not ports or min(ports) < 1024 or max(ports) > 65535:
                     raise Refused(f"host port {host_port!r}: only ports 1024-65535")
@@ -441,7 +441,7 @@ def _ports(bindings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size(text: str) -> int:
-    found = _SIZE.match(text)
+    found = _SIZE.fullmatch(text)
     if not found:
         raise Refused(f"tmpfs size {text!r}: give bytes or a k, m or g size")
     return int(found["n"]) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[found["unit"].lower()]

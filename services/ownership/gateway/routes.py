@@ -18,7 +18,7 @@ from ds01.ownership.gateway.fields import Schema
 from ds01.ownership.gateway.strict import BadRequest
 
 TAR = "tar"  # a body Docker reads as a tar archive (build context, image load/import)
-_VERSION = re.compile(r"^/v(?P<version>[0-9][0-9.]*)(?P<rest>/.*)$")
+_VERSION = re.compile(r"/v(?P<version>[0-9][0-9.]*)(?P<rest>/.*)")
 _PARAMS = {
     "container": r"(?P<container>[^/]+)",
     "exec": r"(?P<exec>[^/]+)",
@@ -172,7 +172,7 @@ def split_target(target: str) -> tuple[str | None, str, str]:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
         raise BadRequest("control characters or spaces in the path are refused")
     version = None
-    found = _VERSION.match(path)
+    found = _VERSION.fullmatch(path)
     if found:
         version, path = found["version"], found["rest"]
         if not re.fullmatch(r"1\.[0-9]{1,2}", version):
