@@ -17,7 +17,14 @@ from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config
 from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import Roles
-from ds01.core.pki import SERVICES, Pki, issue_client_cert
+from ds01.core.pki import (
+    SERVICES,
+    Pki,
+    PkiError,
+    is_user_name,
+    issue_client_cert,
+    validate_user_name,
+)
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
 from ds01.limits.server import SPEC, LocalLimits
@@ -94,18 +101,21 @@ async def test_cli_json_names_the_source_of_each_value(env: LimitsEnv):
 
 LISTED_AND_NOT = ["student1", "alice", "carol", "d.jones@uni.example", "h.baker@hertie-school.lan",
                   "labadmin", "root", "someone-listed-nowhere"]  # fmt: skip
+NO_LOGIN_NAMES = ["svc:allocator", "svc:", "../alice", "alice/../root", "-rf", ".hidden",
+                  "@lab", "a b", "alice\n", "x" * 129, "ålice"]  # fmt: skip
 
 
 async def test_services_beside_it_get_the_answers_a_call_gets(env: LimitsEnv):
     """What the allocator and containers services in the same ds01d are told without a
     call: exactly what GetLimits and GetDockerArgs answer over mTLS, refusals included
-    (their code and words), for every kind of user the configuration lists or not."""
+    (their code and words), for every kind of user the configuration lists or not, and
+    for names no login has (a service's among them)."""
     local = env.service.runtime.context.limits
     assert local is not None
     docker = DockerInfo(ncpu=4, cgroup_driver="systemd")
     identity = ClientIdentity(env.pki.ca_cert, env.pki.service("allocator"))
     async with Ds01Client(env.config, identity) as service:
-        for user in LISTED_AND_NOT:
+        for user in [*LISTED_AND_NOT, *NO_LOGIN_NAMES]:
             for kind in ("", "no-such-type"):
                 calls = (service.get_limits(user, kind), service.get_docker_args(user, kind),
                          service.get_docker_args(user, kind, docker))  # fmt: skip
@@ -116,7 +126,7 @@ async def test_services_beside_it_get_the_answers_a_call_gets(env: LimitsEnv):
                     _told(local.docker_args, user, kind, docker),
                 ]
                 assert here == answers, (user, kind)
-                if kind:
+                if kind or user in NO_LOGIN_NAMES:
                     assert answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -332,3 +342,12 @@ async def test_a_service_started_on_a_broken_file_is_not_serving(
             assert await eventually(recovered)
     finally:
         await service.stop(grace=0)
+
+
+@pytest.mark.parametrize("name", NO_LOGIN_NAMES)
+def test_a_name_no_login_has_is_refused_everywhere_names_are_checked(name: str):
+    """Certificates, enrollment, limits and adoption all ask is_user_name: a name with a
+    last newline (which a pattern's $ lets through) is no login name either."""
+    assert not is_user_name(name)
+    with pytest.raises(PkiError):
+        validate_user_name(name)

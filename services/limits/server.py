@@ -64,14 +64,15 @@ class LocalLimits:
     def __init__(self, store: LimitsStore) -> None:
         self.store = store
         self._kept: dict[tuple[str, str], limits_pb2.UserLimits] = {}
-        self._kept_of: tuple[LimitsConfig, int] | None = None
+        self._kept_config: LimitsConfig | None = None  # what the kept answers are of
+        self._kept_minute = 0
 
     def limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits:
         """Shared: a caller never changes it."""
         config = self._config()
-        era = (config, int(time.monotonic() // 60))
-        if self._kept_of is None or self._kept_of[0] is not config or self._kept_of[1] != era[1]:
-            self._kept, self._kept_of = {}, era
+        minute = int(time.monotonic() // 60)
+        if config is not self._kept_config or minute != self._kept_minute:
+            self._kept, self._kept_config, self._kept_minute = {}, config, minute
         found = self._kept.get((user, container_type))
         if found is None:
             found = limits_message(self._resolve(config, user, container_type))
@@ -107,9 +108,11 @@ class LocalLimits:
 
     @staticmethod
     def _resolve(config: LimitsConfig, user: str, container_type: str) -> UserLimits:
+        """A login name's limits; a service's name or no login name is refused, as a
+        call naming it is."""
         try:
-            return resolve(config, user, container_type)
-        except UnknownContainerType as err:
+            return resolve(config, validate_user_name(user), container_type)
+        except (PkiError, UnknownContainerType) as err:
             raise Ds01Error(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
 
 
