@@ -10,7 +10,7 @@ from collections import Counter
 import grpc
 import pytest
 
-from ds01.allocator.events import EventHub, EventKind
+from ds01.allocator.events import EventHub, EventKind, Overflow
 from ds01.allocator.records import HOLDERS, Holder, slot_key
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.etcd import connect, etcd_client
@@ -232,6 +232,35 @@ async def test_a_subscription_misses_nothing_committed_after_it_returns(env: All
             assert (event.kind, event.slot_id) == (EventKind.ALLOCATED, f"9:{attempt}")
             await writer.delete(key)
     finally:
+        await watcher.close()
+        await writer.close()
+
+
+async def test_a_watcher_that_falls_behind_is_cut_off_without_holding_back_the_others(
+    env: AllocatorEnv,
+):
+    """A stream that stops reading is ended with the revision to resume from once QUEUE
+    events wait for it, and ended for good; one that reads gets every event meanwhile."""
+    watcher, writer = connect(env.config, "allocator"), connect(env.config, "allocator")
+    hub = EventHub(watcher)
+    hub.QUEUE = 3
+    holder = Holder("alice", "behind._.alice", 1.0, 10)
+    keys = [slot_key(HOLDERS, "hub-node", f"8:{n}") for n in range(5)]
+    try:
+        async with hub.subscribe() as idle, hub.subscribe() as reader:
+            revisions, seen = [], []
+            for key in keys:
+                revisions.append((await writer.put(key, holder.encode())).header.revision)
+                seen.append(await asyncio.wait_for(reader.get(), 5))
+            assert [(e.slot_id, e.revision) for e in seen] == [
+                (f"8:{n}", revision) for n, revision in enumerate(revisions)
+            ]
+            ended = await asyncio.wait_for(idle.get(), 5)
+            assert ended == Overflow(revisions[0] - 1)  # what the stream tells its watcher
+            assert await asyncio.wait_for(idle.get(), 5) == ended  # and nothing after it
+    finally:
+        for key in keys:
+            await writer.delete(key)
         await watcher.close()
         await writer.close()
 

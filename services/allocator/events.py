@@ -8,6 +8,7 @@ etcd compacted that history away.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import time
@@ -32,8 +33,11 @@ class EventKind(enum.Enum):
     PREEMPTED = "preempted"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AllocationEvent:
+    """One change to a slot's holder. Each is made once per process and shared by every
+    stream, so it is known by identity: hashing it (to find its message) costs nothing."""
+
     kind: EventKind
     node: str
     slot_id: str
@@ -165,6 +169,54 @@ class Overflow:
     revision: int
 
 
+class Subscription:
+    """What one live stream has yet to send, in order, and how it ended.
+
+    The hub appends without waiting; the stream takes. A stream that has nothing to send
+    waits on a future of its own, woken once per batch of events however many it brings:
+    a thousand of these cost the hub a thousand appends per event, and little more.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: collections.deque[AllocationEvent] = collections.deque()
+        self._last: Overflow | Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def get(self) -> AllocationEvent | Overflow | Exception:
+        """The next event; once the stream is ended, why, every time it is asked."""
+        while not self._pending and self._last is None:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._pending.popleft() if self._pending else self._last  # type: ignore[return-value]
+
+    def offer(self, event: AllocationEvent, most: int) -> bool:
+        """Add ``event``, or end the stream if ``most`` are already waiting; False once
+        it is ended."""
+        if self._last is not None:
+            return False
+        if len(self._pending) >= most:
+            # Resume just before the oldest event it has not received.
+            self.end(Overflow(self._pending[0].revision - 1))
+            return False
+        self._pending.append(event)
+        self._wake()
+        return True
+
+    def end(self, last: Overflow | Exception) -> None:
+        """Make ``last`` the only thing left to take."""
+        self._pending.clear()
+        self._last = last
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class EventHub:
     """One etcd watch per process, shared by every live WatchAllocations stream.
 
@@ -177,18 +229,16 @@ class EventHub:
 
     def __init__(self, client: aetcd.Client) -> None:
         self.client = client
-        self._subscribers: set[asyncio.Queue[AllocationEvent | Overflow | Exception]] = set()
+        self._subscribers: set[Subscription] = set()
         self._pump: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None  # resolved once etcd has the watch
 
     @contextlib.asynccontextmanager
-    async def subscribe(
-        self,
-    ) -> AsyncIterator[asyncio.Queue[AllocationEvent | Overflow | Exception]]:
-        """A queue of every event from the moment this returns: etcd has the watch by
-        then (or the queue holds why it could not)."""
-        queue: asyncio.Queue[AllocationEvent | Overflow | Exception] = asyncio.Queue(self.QUEUE)
-        self._subscribers.add(queue)
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        """Every event from the moment this returns: etcd has the watch by then (or the
+        subscription holds why it could not)."""
+        subscription = Subscription(asyncio.get_running_loop())
+        self._subscribers.add(subscription)
         if self._pump is None or self._pump.done():
             self._ready = asyncio.get_running_loop().create_future()
             self._pump = asyncio.create_task(self._run(self._ready), name="allocation-events")
@@ -196,9 +246,9 @@ class EventHub:
         try:
             if ready is not None:  # shared: one subscriber leaving cancels no other's
                 await asyncio.shield(ready)
-            yield queue
+            yield subscription
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.discard(subscription)
             if not self._subscribers and self._pump is not None:
                 self._pump.cancel()
                 self._pump = None
@@ -206,26 +256,12 @@ class EventHub:
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
             async for event in watch_allocations(self.client, ready=ready):
-                for queue in list(self._subscribers):
-                    if queue.full():
-                        # Resume just before the oldest event it has not received.
-                        oldest = queue.get_nowait()
-                        revision = oldest.revision if isinstance(oldest, AllocationEvent) else 0
-                        self._end(queue, Overflow(revision - 1))
-                    else:
-                        queue.put_nowait(event)
+                ended = [s for s in self._subscribers if not s.offer(event, self.QUEUE)]
+                self._subscribers.difference_update(ended)
         except Exception as err:  # etcd went away: every subscriber learns it
-            for queue in list(self._subscribers):
-                self._end(queue, err)
+            for subscription in self._subscribers:
+                subscription.end(err)
+            self._subscribers.clear()
         finally:
-            if not ready.done():  # no watch: the subscribers' queues say why
+            if not ready.done():  # no watch: the subscriptions say why
                 ready.set_result(None)
-
-    def _end(
-        self, queue: asyncio.Queue[AllocationEvent | Overflow | Exception], last: object
-    ) -> None:
-        """Make ``last`` the only thing left for a subscriber, and stop feeding it."""
-        self._subscribers.discard(queue)
-        while not queue.empty():
-            queue.get_nowait()
-        queue.put_nowait(last)
