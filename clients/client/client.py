@@ -105,6 +105,9 @@ class Ds01Client:
         self.timeout = timeout
         self._interceptors = [_WaitForReady(), _WaitForReadyStream()] if wait_for_ready else []
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Stubs by service and kind: making one registers every method of its service
+        # with the channel, a cost worth paying once per client, not once per call.
+        self._stubs: dict[tuple[str, type], Any] = {}
 
     async def __aenter__(self) -> Ds01Client:
         return self
@@ -116,6 +119,7 @@ class Ds01Client:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._stubs.clear()
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in SERVICES:
@@ -133,6 +137,13 @@ class Ds01Client:
             )
         return self._channels[service]
 
+    def stub(self, service: str, kind: type) -> Any:
+        """``kind(channel)`` for the service's channel, made once."""
+        made = self._stubs.get((service, kind))
+        if made is None:
+            made = self._stubs[(service, kind)] = kind(self.channel(service))
+        return made
+
     async def call(self, service: str, rpc: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
         """Run ``rpc`` on the service's channel, translating failures into Ds01Error."""
         channel = self.channel(service)
@@ -147,9 +158,8 @@ class Ds01Client:
         """Call ``stub(channel).method(request)`` on ``service`` with the default deadline,
         longer by ``wait`` seconds for a request that may queue that long."""
         timeout = self.timeout + wait
-        return await self.call(
-            service, lambda ch: getattr(stub(ch), method)(request, timeout=timeout)
-        )
+        call = getattr(self.stub(service, stub), method)
+        return await self.call(service, lambda _channel: call(request, timeout=timeout))
 
     async def health(self, service: str) -> str:
         """The service's standard health status name, such as ``SERVING``."""
@@ -279,7 +289,7 @@ class Ds01Client:
     ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:
         """Every allocation event after ``since_revision`` (0: from now on)."""
         request = allocator_pb2.WatchAllocationsRequest(since_revision=since_revision)
-        stub = _AllocatorStub(self.channel("allocator"))
+        stub = self.stub("allocator", _AllocatorStub)
         return self._follow("allocator", stub.WatchAllocations(request))
 
     def watch_container_events(
@@ -289,7 +299,7 @@ class Ds01Client:
         request = containers_pb2.WatchContainerEventsRequest(
             since_revision=since_revision, user=user
         )
-        stub = _ContainersStub(self.channel("containers"))
+        stub = self.stub("containers", _ContainersStub)
         return self._follow("containers", stub.WatchContainerEvents(request))
 
     async def create_container(
@@ -366,7 +376,7 @@ class Ds01Client:
 
     def watch_limits(self, user: str = "") -> AsyncIterator[limits_pb2.WatchLimitsResponse]:
         """Each reload that changes limits (the user's, or anyone's for admins)."""
-        stub = _LimitsStub(self.channel("limits"))
+        stub = self.stub("limits", _LimitsStub)
         return self._follow("limits", stub.WatchLimits(limits_pb2.WatchLimitsRequest(user=user)))
 
     async def _follow(self, service: str, stream: Any) -> AsyncIterator[Any]:
