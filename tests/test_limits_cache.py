@@ -1,6 +1,7 @@
 """The limits service's answers as the allocator and the containers service keep them:
-asked once while nothing changes, asked again after a reload, after a minute, and
-always while the change stream is not followed."""
+asked once while nothing changes, asked again after a change is reported (a reload here;
+the admin group's members in test_limits_service), and always while the change stream
+is not followed."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
-import pytest
 import pytest_asyncio
 
-from ds01.core import limits_cache
 from ds01.core.limits_cache import CachedLimits
 from tests.allocator_env import AllocatorEnv
 
@@ -72,18 +71,6 @@ async def test_an_answer_is_asked_once_until_a_reload_changes_it(
         assert (await cache.get_limits("alice")).priority == 11  # the next request has it
     finally:
         await _reload(env, "priority: 11", "priority: 10")
-
-
-async def test_an_answer_is_kept_a_minute_at_most(
-    cache: CachedLimits, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setattr(limits_cache, "MAX_AGE", 0.3)  # what Unix groups could change
-    asked = Asked(cache)
-    await cache.get_limits("alice")
-    await cache.get_limits("alice")
-    await asyncio.sleep(0.4)
-    await cache.get_limits("alice")
-    assert asked.count == {"alice": 2}
 
 
 async def test_an_answer_that_a_reload_overtook_is_not_kept(env: AllocatorEnv, cache: CachedLimits):

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds01.core.naming import sanitize_for_systemd
-from ds01.limits import resolve as resolve_module
 from ds01.limits.config import LimitsConfigError, SourceFiles, load_limits, parse_sources
 from ds01.limits.resolve import (
     DEFAULT,
@@ -395,7 +394,6 @@ def test_an_account_named_like_the_admin_group_is_no_admin():
         assert not is_admin(config, lookalike)  # its primary group has the name: not enough
         assert not is_admin(config, member)
         subprocess.run(["usermod", "-aG", group, member], check=True, capture_output=True)
-        resolve_module._cached_unix_group.cache_clear()  # NSS answers are kept a minute
         assert is_admin(config, member)
     finally:
         subprocess.run(["userdel", member], capture_output=True)

@@ -27,6 +27,7 @@ from ds01.core.pki import (
 )
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.limits import store as store_module
 from ds01.limits.server import SPEC, LocalLimits
 from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2
@@ -288,6 +289,71 @@ async def test_member_file_changes_are_picked_up_and_watchers_told(env: LimitsEn
                 with contextlib.suppress(Exception):
                     await stream.aclose()
             write_config(env.limits_file.parent)
+
+
+ADMIN_GROUP, ADMIN_TO_BE = "ds01gadm", "ds01gadmx"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def group_env(
+    tmp_path: Path, pki: Pki, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LimitsEnv]:
+    """A limits service whose admin group is a Linux group (of no members yet), read
+    every 0.2 s instead of every minute; one user outside it."""
+    monkeypatch.setattr(store_module, "UNIX_GROUP_EVERY", 0.2)
+    subprocess.run(["groupadd", ADMIN_GROUP], check=True, capture_output=True)
+    subprocess.run(["useradd", "-M", ADMIN_TO_BE], check=True, capture_output=True)
+    limits_file = write_config(tmp_path / "etc")
+    limits_file.write_text(
+        RESOURCE_LIMITS.replace("admin_group: admin", f"admin_group: {ADMIN_GROUP}")
+    )
+    config_file = tmp_path / "ds01.yaml"
+    try:
+        config, service = await start_limits(state_dir, limits_file, config_file)
+        yield LimitsEnv(config, config_file, limits_file, pki, service)
+        await service.stop()
+    finally:
+        subprocess.run(["userdel", ADMIN_TO_BE], capture_output=True)
+        subprocess.run(["groupdel", ADMIN_GROUP], capture_output=True)
+
+
+async def test_who_joins_or_leaves_the_admin_group_is_told_and_answered_within_its_reading(
+    group_env: LimitsEnv,
+):
+    """Services keep limits answers until the change stream reports a change (see
+    CachedLimits): joining or leaving the admin group's Linux members, which no file
+    shows, is reported on it, and the answers in the process follow at once."""
+    user = ADMIN_TO_BE
+    local = group_env.service.runtime.context.limits
+    assert local is not None
+    async with group_env.client("root") as root, group_env.client(user) as them:
+        everyone = root.watch_limits()
+        assert not (await anext(everyone)).users  # subscribed
+        try:
+            assert not (await root.get_limits(user)).admin and not local.limits(user).admin
+            for joined, command in ((True, ["usermod", "-aG", ADMIN_GROUP, user]),
+                                    (False, ["gpasswd", "-d", user, ADMIN_GROUP])):  # fmt: skip
+                subprocess.run(command, check=True, capture_output=True)
+                change = await asyncio.wait_for(anext(everyone), 5)
+                assert list(change.users) == [user] and change.digest
+                assert (await root.get_limits(user)).admin is joined
+                assert local.limits(user).admin is joined  # kept answers dropped
+                # What an admin may see, they see now: the groups' members.
+                seen = {g.name: g for g in await them.list_groups()}
+                assert ("alice" in seen["researchers"].members) is joined
+        finally:
+            await everyone.aclose()
+
+
+def test_the_admin_group_read_again_unchanged_reports_nothing(tmp_path: Path):
+    """A reading that finds the same members is no change: nothing is published, so no
+    service drops what it keeps once a minute for nothing."""
+    limits_file = write_config(tmp_path / "etc")
+    store = LimitsStore(limits_file)
+    assert store.poll() is not None
+    assert store.read_admin_group() is None
+    limits_file.touch()  # a reload of the same text, the same members: no change either
+    assert store.poll() is None
 
 
 async def test_a_member_file_for_an_undefined_group_is_refused(env: LimitsEnv):

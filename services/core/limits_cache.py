@@ -4,9 +4,9 @@ The allocator asks for a user's limits at each Allocate, the containers service 
 limits and Docker arguments at each create and for policies at each sweep: each answer
 is one more gRPC round trip on the same host. Answers are kept only while a WatchLimits
 stream is open, and all of them are dropped on every change it reports, so a reload
-applies to the next request. None is kept longer than a minute: what the stream cannot
-report (a Unix group's members, which the limits service itself reads at most a minute
-old) is as fresh here as there. Where the limits service runs in the same process, its
+applies to the next request. The stream reports every change an answer could see: a
+reload, and who joined or left the admin group's Linux members (which the limits
+service reads once a minute). Where the limits service runs in the same process, its
 answers are asked of it directly (``LocalAnswers``): no round trip, nothing to keep.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol, TypeVar
 
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_ANSWERS = 50_000  # (user, container type) pairs kept; past that, all are dropped
 RECONNECT_SECONDS = 1.0
-MAX_AGE = 60.0  # seconds an answer is kept at most
 
 
 class LocalAnswers(Protocol):
@@ -49,7 +47,7 @@ class CachedLimits:
     def __init__(self, client: Ds01Client, local: LocalAnswers | None = None) -> None:
         self.client = client
         self.local = local
-        self._answers: dict[Hashable, tuple[float, Any]] = {}  # key -> (kept until, answer)
+        self._answers: dict[Hashable, Any] = {}
         self._watching = False
         # Changes seen: an answer asked for before a change and received after it is
         # not kept (it may predate the change).
@@ -90,14 +88,14 @@ class CachedLimits:
 
     async def _answer(self, key: Hashable, ask: Callable[[], Awaitable[T]]) -> T:
         kept = self._answers.get(key)
-        if kept is not None and kept[0] > time.monotonic():
-            return kept[1]
+        if kept is not None:
+            return kept
         changes = self._changes
         answer = await ask()
         if self._watching and changes == self._changes:
             if len(self._answers) >= MAX_ANSWERS:
                 self._answers.clear()
-            self._answers[key] = (time.monotonic() + MAX_AGE, answer)
+            self._answers[key] = answer
         return answer
 
     def _forget(self) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import grp
-import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,12 +140,14 @@ def _settle_shared_memory(settings: dict[str, Setting], layers: list[tuple[str, 
             return
 
 
-def is_admin(config: LimitsConfig, user: str) -> bool:
+def is_admin(config: LimitsConfig, user: str, unix_members: Collection[str] | None = None) -> bool:
     """root, access_control.admin_users, and members of the admin group: the ds01 group
     of that name in the configuration, or supplementary members of the Linux group of that
     name. A primary group does not count: an account named like the admin group gets a
     user-private group of that very name. Every service asks this one function (through
-    the limits service)."""
+    the limits service). ``unix_members``: the Linux group's members as last read (the
+    limits service reads them once a minute, and reports who joined or left); None reads
+    them now."""
     if user == "root" or user in config.admin_users:
         return True
     group = config.admin_group
@@ -155,18 +156,13 @@ def is_admin(config: LimitsConfig, user: str) -> bool:
     # Raw names only: sanitizing is lossy, and h.baker_x must not pass for h_baker_x.
     if group in config.groups and user in config.groups[group].member_set:
         return True
-    # NSS (LDAP) lookups can be slow: remember answers for a minute.
-    return _cached_unix_group(user, group, int(time.monotonic() // 60))
+    return user in (unix_group_members(group) if unix_members is None else unix_members)
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_unix_group(user: str, group: str, minute: int) -> bool:
-    return _in_unix_group(user, group)
-
-
-def _in_unix_group(user: str, group: str) -> bool:
+def unix_group_members(group: str) -> frozenset[str]:
+    """The supplementary members of the Linux group ``group``; none if there is no such
+    group (or NSS, LDAP perhaps, does not answer for it)."""
     try:
-        entry = grp.getgrnam(group)
+        return frozenset(grp.getgrnam(group).gr_mem)
     except KeyError:
-        return False
-    return user in entry.gr_mem
+        return frozenset()

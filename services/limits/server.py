@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -56,23 +55,22 @@ class LocalLimits:
     """GetLimits and GetDockerArgs as this process's limits service answers them, for
     the services beside it: the same answers (the gRPC methods answer through this) and
     the same refusals, as Ds01Error, without a round trip. A user's limits are kept
-    until the configuration changes or the minute ends (admin-group members are read
-    at most a minute old): the allocator asks at every Allocate."""
+    until the configuration or the admin group's members change: the allocator asks at
+    every Allocate."""
 
     MOST_KEPT = 50_000
 
     def __init__(self, store: LimitsStore) -> None:
         self.store = store
         self._kept: dict[tuple[str, str], limits_pb2.UserLimits] = {}
-        self._kept_config: LimitsConfig | None = None  # what the kept answers are of
-        self._kept_minute = 0
+        # What the kept answers are of: a configuration and a reading of the admin group.
+        self._kept_of: tuple[LimitsConfig | None, frozenset[str]] = (None, frozenset())
 
     def limits(self, user: str, container_type: str = "") -> limits_pb2.UserLimits:
         """Shared: a caller never changes it."""
-        config = self._config()
-        minute = int(time.monotonic() // 60)
-        if config is not self._kept_config or minute != self._kept_minute:
-            self._kept, self._kept_config, self._kept_minute = {}, config, minute
+        config, admins = self._config(), self.store.unix_admins
+        if config is not self._kept_of[0] or admins is not self._kept_of[1]:
+            self._kept, self._kept_of = {}, (config, admins)
         found = self._kept.get((user, container_type))
         if found is None:
             found = limits_message(self._resolve(config, user, container_type))
