@@ -10,8 +10,10 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
+from ds01.core import limits_cache
 from ds01.core.limits_cache import CachedLimits
 from tests.allocator_env import AllocatorEnv
 
@@ -71,6 +73,20 @@ async def test_an_answer_is_asked_once_until_a_reload_changes_it(
         assert (await cache.get_limits("alice")).priority == 11  # the next request has it
     finally:
         await _reload(env, "priority: 11", "priority: 10")
+
+
+async def test_an_answer_is_asked_again_after_ten_minutes_however_quiet(
+    cache: CachedLimits, monkeypatch: pytest.MonkeyPatch
+):
+    """The resync: a change stream whose peer vanished without a word keeps nothing
+    for ever."""
+    monkeypatch.setattr(limits_cache, "RESYNC_AFTER", 0.3)
+    asked = Asked(cache)
+    await cache.get_limits("alice")
+    await cache.get_limits("alice")
+    await asyncio.sleep(0.4)
+    await cache.get_limits("alice")
+    assert asked.count == {"alice": 2}
 
 
 async def test_an_answer_that_a_reload_overtook_is_not_kept(env: AllocatorEnv, cache: CachedLimits):

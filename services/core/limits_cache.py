@@ -6,14 +6,18 @@ is one more gRPC round trip on the same host. Answers are kept only while a Watc
 stream is open, and all of them are dropped on every change it reports, so a reload
 applies to the next request. The stream reports every change an answer could see: a
 reload, and who joined or left the admin group's Linux members (which the limits
-service reads once a minute). Where the limits service runs in the same process, its
-answers are asked of it directly (``LocalAnswers``): no round trip, nothing to keep.
+service reads once a minute). No answer is kept past RESYNC_AFTER all the same, as
+informers resync: a stream whose peer vanished without a word (a host gone, its
+connection half open) can go unnoticed that long. Where the limits service runs in the
+same process, its answers are asked of it directly (``LocalAnswers``): no round trip,
+nothing to keep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol, TypeVar
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_ANSWERS = 50_000  # (user, container type) pairs kept; past that, all are dropped
 RECONNECT_SECONDS = 1.0
+RESYNC_AFTER = 600.0  # seconds an answer is kept at most, changes reported or not
 
 
 class LocalAnswers(Protocol):
@@ -47,7 +52,7 @@ class CachedLimits:
     def __init__(self, client: Ds01Client, local: LocalAnswers | None = None) -> None:
         self.client = client
         self.local = local
-        self._answers: dict[Hashable, Any] = {}
+        self._answers: dict[Hashable, tuple[float, Any]] = {}  # key -> (kept until, answer)
         self._watching = False
         # Changes seen: an answer asked for before a change and received after it is
         # not kept (it may predate the change).
@@ -88,14 +93,14 @@ class CachedLimits:
 
     async def _answer(self, key: Hashable, ask: Callable[[], Awaitable[T]]) -> T:
         kept = self._answers.get(key)
-        if kept is not None:
-            return kept
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
         changes = self._changes
         answer = await ask()
         if self._watching and changes == self._changes:
             if len(self._answers) >= MAX_ANSWERS:
                 self._answers.clear()
-            self._answers[key] = answer
+            self._answers[key] = (time.monotonic() + RESYNC_AFTER, answer)
         return answer
 
     def _forget(self) -> None:
