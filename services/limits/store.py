@@ -40,7 +40,7 @@ _UNLISTED = "\x00unlisted"
 
 @dataclass(frozen=True)
 class Change:
-    """What one successful reload changed."""
+    """What one successful reload, or one reading of the admin group, changed."""
 
     users: frozenset[str]  # listed users (members or overrides) whose limits changed,
     # or who joined or left the admin group's Linux members
