@@ -28,7 +28,7 @@ from ds01.core.pki import Pki
 from ds01.core.processes import ManagedProcess
 from ds01.v1 import containers_pb2, limits_pb2
 from tests.allocator_env import AllocatorEnv, OwnEtcd, own_etcd_env
-from tests.harness import DS01
+from tests.harness import DS01, Partition
 
 HUGE = "x" * (3 * 1024 * 1024)  # the 3 MB container name of the report
 
@@ -373,55 +373,6 @@ async def test_status_lists_what_each_service_needs(env: AllocatorEnv):
     assert result.returncode == 1
     table = await env.cli("alice", "status")
     assert "etcd ok, limits ok, inventory ok" in table.stdout, table.stdout
-
-
-class Partition:
-    """A TCP relay on loopback between one etcd client and etcd. ``cut`` holds every
-    byte in both directions (a partition: nothing is refused, nothing arrives);
-    ``heal`` delivers what was held, late, as TCP's retransmissions would."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.endpoint = ""
-        self._open = asyncio.Event()
-        self._open.set()
-        self._server: asyncio.Server | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Partition:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.endpoint = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for pump in self._pumps:
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-
-    def cut(self) -> None:
-        self._open.clear()
-
-    def heal(self) -> None:
-        self._open.set()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, _, port = self.target.rpartition(":")
-        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            pump = asyncio.ensure_future(self._pump(source, sink))
-            self._pumps.add(pump)
-            pump.add_done_callback(self._pumps.discard)
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while chunk := await source.read(65536):
-                await self._open.wait()
-                sink.write(chunk)
-                await sink.drain()
-        finally:
-            sink.close()
 
 
 class _CutDuringClaim(EtcdState):

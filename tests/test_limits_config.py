@@ -19,6 +19,7 @@ from ds01.limits.resolve import (
     group_of,
     is_admin,
     resolve,
+    unix_group_members,
 )
 from ds01.limits.schema import ALIASES, LIMIT_KEYS
 from tests.limits_fixtures import RESOURCE_LIMITS, write_config
@@ -381,6 +382,23 @@ def test_a_container_type_applies_between_group_and_override(config_path: Path):
     assert resolve(config, "alice", "batch").value("max_cpus") == 12  # the override wins
     with pytest.raises(ValueError, match="unknown container type 'gpu'; configured: batch"):
         resolve(config, "carol", "gpu")
+
+
+@pytest.mark.parametrize(
+    "name", ['"adm\\0in"', '"adm:in"', '"adm\\nin"', '""', '"  "', "12", "[admin]"]
+)
+def test_an_admin_group_no_system_could_name_is_refused_with_its_line(name: str):
+    """Such a name is refused where it is written, not read and then asked of NSS
+    (which a NUL byte makes raise): a broken file never replaces a working one."""
+    issues = issues_of(f"access_control:\n  admin_group: {name}\n")
+    assert any("access_control.admin_group" in i and "must be a group name" in i for i in issues)
+    assert all("resource-limits.yaml:2" in i for i in issues if "admin_group" in i)
+
+
+def test_a_group_nss_cannot_read_makes_nobody_an_admin(caplog: pytest.LogCaptureFixture):
+    """An NSS failure other than 'no such group' fails closed, in words."""
+    assert unix_group_members("adm\0in") == frozenset()
+    assert "cannot read the members of group" in caplog.text
 
 
 def test_an_account_named_like_the_admin_group_is_no_admin():

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -14,9 +14,11 @@ import pytest
 import pytest_asyncio
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
+from ds01.core import keepalive
 from ds01.core.config import Config
 from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import Roles
+from ds01.core.limits_cache import CachedLimits
 from ds01.core.pki import (
     SERVICES,
     Pki,
@@ -31,7 +33,7 @@ from ds01.limits import store as store_module
 from ds01.limits.server import SPEC, LocalLimits
 from ds01.limits.store import LimitsStore
 from ds01.v1 import limits_pb2
-from tests.harness import run_cli
+from tests.harness import Partition, run_cli
 from tests.limits_fixtures import RESOURCE_LIMITS, SEED_BLOCK_ALICE, start_limits, write_config
 
 
@@ -354,6 +356,77 @@ def test_the_admin_group_read_again_unchanged_reports_nothing(tmp_path: Path):
     assert store.read_admin_group() is None
     limits_file.touch()  # a reload of the same text, the same members: no change either
     assert store.poll() is None
+
+
+async def test_a_failed_round_of_reading_does_not_end_the_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Reloads (and admin-group readings) go on after a round that failed: one error
+    must not leave the service on its last configuration, and its admins, for good."""
+    store = LimitsStore(write_config(tmp_path / "etc"))
+    real, rounds = store.poll, []
+
+    def failing_once() -> object:
+        rounds.append(None)
+        if len(rounds) == 1:
+            raise OSError("the disk hiccuped")
+        return real()
+
+    monkeypatch.setattr(store, "poll", failing_once)
+    reading = asyncio.ensure_future(store.run(interval=0.05))
+    try:
+        for _ in range(100):
+            if store.config is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert store.config is not None and len(rounds) > 1
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+
+async def test_a_change_stream_to_a_service_gone_silent_ends_and_nothing_is_kept(
+    tmp_path: Path, pki: Pki, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Answers kept by another process (CachedLimits) are only as fresh as its change
+    stream. A limits service cut off without a word (nothing refused, nothing arrives:
+    a host powered off) leaves the stream's pings unanswered: it ends, and nothing is
+    kept. While the service answers them, a quiet stream stays open (a ping a second
+    here, the most gRPC sends; every 20 s in service: the server accepts them)."""
+    monkeypatch.setattr(keepalive, "PING_EVERY_MS", 300)
+    monkeypatch.setattr(keepalive, "PING_ANSWER_MS", 300)
+    limits_file = write_config(tmp_path / "etc")
+    config, service = await start_limits(state_dir, limits_file, tmp_path / "ds01.yaml")
+    try:
+        async with Partition(config.address("limits")) as partition:
+            relayed = replace(config, listen={**config.listen, "limits": partition.endpoint})
+            cache = CachedLimits(
+                Ds01Client(relayed, ClientIdentity(pki.ca_cert, pki.service("containers")))
+            )
+            following = asyncio.ensure_future(cache.follow_changes())
+
+            async def watching() -> bool:
+                return cache._watching
+
+            async def ended() -> bool:
+                return not cache._watching
+
+            try:
+                assert await eventually(watching)
+                await cache.get_limits("alice")
+                await asyncio.sleep(5)  # four pings or more, each answered
+                assert cache._watching and cache._answers, "a quiet stream was ended"
+                partition.cut()
+                assert await eventually(ended, timeout=5), "a dead stream went unnoticed"
+                assert not cache._answers
+            finally:
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await following
+                await cache.client.close()
+    finally:
+        await service.stop(grace=0)
 
 
 async def test_a_member_file_for_an_undefined_group_is_refused(env: LimitsEnv):

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ds01.client.credentials import ClientIdentity, find_identity
+from ds01.core import keepalive
 from ds01.core.config import Config
 from ds01.core.docker_args import DockerInfo
 from ds01.core.messages import ANSWERED
@@ -132,7 +133,7 @@ class Ds01Client:
             self._channels[service] = grpc.aio.secure_channel(
                 self.config.address(service),
                 credentials,
-                options=[("grpc.service_config", _RETRY_READS)],
+                options=[("grpc.service_config", _RETRY_READS), *keepalive.client_options()],
                 interceptors=self._interceptors,
             )
         return self._channels[service]

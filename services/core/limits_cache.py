@@ -6,11 +6,11 @@ is one more gRPC round trip on the same host. Answers are kept only while a Watc
 stream is open, and all of them are dropped on every change it reports, so a reload
 applies to the next request. The stream reports every change an answer could see: a
 reload, and who joined or left the admin group's Linux members (which the limits
-service reads once a minute). No answer is kept past RESYNC_AFTER all the same, as
-informers resync: a stream whose peer vanished without a word (a host gone, its
-connection half open) can go unnoticed that long. Where the limits service runs in the
-same process, its answers are asked of it directly (``LocalAnswers``): no round trip,
-nothing to keep.
+service reads once a minute). A stream whose server vanished without a word ends
+within half a minute (keepalive pings, see ``keepalive``), and all is dropped with it.
+No answer is kept past RESYNC_AFTER all the same, as informers resync. Where the limits
+service runs in the same process, its answers are asked of it directly
+(``LocalAnswers``): no round trip, nothing to keep.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ds01.client import ClientIdentity, Ds01Client
+from ds01.core import keepalive
 from ds01.core.audit import AuditLog
 from ds01.core.audit_service import AuditServicer, CallAudit
 from ds01.core.bounds import MAX_MESSAGE_BYTES
@@ -230,6 +231,7 @@ async def start_service(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.server.max_pending_requests", PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+            *keepalive.server_options(),
         ],
     )
     health = HealthServicer()

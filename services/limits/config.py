@@ -395,8 +395,11 @@ class _Checker:
         if "wrapper" in access:
             self.note(("access_control", "wrapper"), NOTES["access_control.wrapper"])
         admin_group = access.get("admin_group")
-        if admin_group is not None and not isinstance(admin_group, str):
-            self.problem(("access_control", "admin_group"), "must be a group name")
+        if admin_group is not None and not _is_group_name(admin_group):
+            self.problem(
+                ("access_control", "admin_group"),
+                f"must be a group name (printable, no ':'), got {_describe(admin_group)}",
+            )
             admin_group = None
         if "bare_metal_access" in top:
             self.note(("bare_metal_access",), NOTES["bare_metal_access"])
@@ -619,6 +622,14 @@ def _unknown_key(key: str, allowed: tuple[str, ...] | list[str]) -> str:
     close = difflib.get_close_matches(key, list(allowed), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown key {key!r}{hint}"
+
+
+def _is_group_name(value: object) -> bool:
+    """What /etc/group or a directory can name: not empty, printable, no ':' (the
+    field separator), nothing NSS would refuse (a NUL byte, a newline)."""
+    return (
+        isinstance(value, str) and value.isprintable() and ":" not in value and bool(value.strip())
+    )
 
 
 def _describe(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from ds01.limits.config import (
     override_of,
 )
 from ds01.limits.schema import LIMIT_KEYS
+
+log = logging.getLogger(__name__)
 
 DEFAULT, GROUP, CONTAINER_TYPE, OVERRIDE = "default", "group", "container_type", "override"
 # Limits DS01 also writes under policies (sigterm_grace_s, created_container_timeout_m):
@@ -161,8 +164,11 @@ def is_admin(config: LimitsConfig, user: str, unix_members: Collection[str] | No
 
 def unix_group_members(group: str) -> frozenset[str]:
     """The supplementary members of the Linux group ``group``; none if there is no such
-    group (or NSS, LDAP perhaps, does not answer for it)."""
+    group, or NSS (LDAP perhaps) cannot say: nobody is an admin by a group unread."""
     try:
         return frozenset(grp.getgrnam(group).gr_mem)
     except KeyError:
+        return frozenset()
+    except Exception as err:  # OSError, a name NSS refuses: fail closed, say why
+        log.warning("cannot read the members of group %r (%s); none count as admins", group, err)
         return frozenset()

@@ -175,12 +175,15 @@ class LimitsStore:
         self._loop = asyncio.get_running_loop()
         group_read = time.monotonic()
         while True:
-            await asyncio.to_thread(self.poll)
-            if time.monotonic() - group_read >= UNIX_GROUP_EVERY:
-                group_read = time.monotonic()
-                await asyncio.to_thread(self.read_admin_group)
-            if after_poll is not None:
-                await after_poll()
+            try:
+                await asyncio.to_thread(self.poll)
+                if time.monotonic() - group_read >= UNIX_GROUP_EVERY:
+                    group_read = time.monotonic()
+                    await asyncio.to_thread(self.read_admin_group)
+                if after_poll is not None:
+                    await after_poll()
+            except Exception:  # one failed round must not end reloads for good
+                log.exception("reading the limits configuration failed; trying again")
             await asyncio.sleep(interval)
 
     @contextlib.contextmanager
