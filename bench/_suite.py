@@ -265,7 +265,7 @@ def suite(
             yield Suite(root, config_path, pki, endpoint, socket, ports, servers[0].pid, configs,
                         processes)  # fmt: skip
         finally:
-            for server in servers:
+            for server in reversed(servers):  # the limits service last: others follow it
                 server.terminate()
                 server.wait()
             if log:
