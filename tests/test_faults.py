@@ -15,17 +15,20 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from aetcd.exceptions import ConnectionFailedError
 
 from ds01.allocator.etcd_state import EtcdState
 from ds01.allocator.placement import Request
 from ds01.allocator.server import RemoteLimits
 from ds01.allocator.service import Actor, Allocator
 from ds01.client import Ds01Client, Ds01Error
+from ds01.core import keepalive
 from ds01.core import server as service_server
 from ds01.core.bounds import MAX_ITEMS, NAME_LIMIT, request_problem
 from ds01.core.etcd import connect, etcd_client
 from ds01.core.pki import Pki
 from ds01.core.processes import ManagedProcess
+from ds01.core.watch import under, watching
 from ds01.v1 import containers_pb2, limits_pb2
 from tests.allocator_env import AllocatorEnv, OwnEtcd, own_etcd_env
 from tests.harness import DS01, Partition
@@ -429,3 +432,28 @@ async def test_an_allocator_cut_off_from_etcd_holds_nobody_up_and_books_nothing_
             await b_state.close()
             await cut_client.close()
             await direct.close()
+
+
+async def test_a_watch_on_an_etcd_member_gone_silent_ends(
+    env: AllocatorEnv, etcd_endpoint: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A watch sends nothing after it starts. An etcd member cut off without a word (a
+    host powered off: nothing refused, nothing arrives) left the allocators' view and
+    event streams waiting on it for as long as TCP takes; its pings go unanswered now,
+    so the watch ends as an etcd gone away and is opened again. While pings are
+    answered, a quiet watch stays open (etcd accepts one each 5 s: every 20 s in
+    service, 6 s here)."""
+    monkeypatch.setattr(keepalive, "PING_EVERY_MS", 6_000)
+    monkeypatch.setattr(keepalive, "PING_ANSWER_MS", 1_000)
+    async with Partition(etcd_endpoint) as partition:
+        client = etcd_client([partition.endpoint], env.config.pki.etcd, "allocator")
+        try:
+            async with watching(client, [under(b"/probe/")], 0) as batches:
+                following = asyncio.ensure_future(anext(batches))
+                await asyncio.sleep(7.5)  # a ping at 6 s, answered
+                assert not following.done(), "a quiet watch was ended"
+                partition.cut()
+                with pytest.raises(ConnectionFailedError):
+                    await asyncio.wait_for(following, 10)
+        finally:
+            await client.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from ds01.core.pki import (
 )
 from ds01.core.processes import free_port
 from ds01.core.server import RunningService, ServiceContext, start_service
+from ds01.limits import resolve as resolve_module
 from ds01.limits import store as store_module
 from ds01.limits.server import SPEC, LocalLimits
 from ds01.limits.store import LimitsStore
@@ -296,27 +300,71 @@ async def test_member_file_changes_are_picked_up_and_watchers_told(env: LimitsEn
 ADMIN_GROUP, ADMIN_TO_BE = "ds01gadm", "ds01gadmx"
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def group_env(
-    tmp_path: Path, pki: Pki, state_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[LimitsEnv]:
-    """A limits service whose admin group is a Linux group (of no members yet), read
-    every 0.2 s instead of every minute; one user outside it."""
-    monkeypatch.setattr(store_module, "UNIX_GROUP_EVERY", 0.2)
+@pytest.fixture
+def group_file(tmp_path: Path) -> Iterator[Path]:
+    """A limits file whose admin group is a Linux group (of no members yet); one user
+    outside it."""
     subprocess.run(["groupadd", ADMIN_GROUP], check=True, capture_output=True)
     subprocess.run(["useradd", "-M", ADMIN_TO_BE], check=True, capture_output=True)
     limits_file = write_config(tmp_path / "etc")
     limits_file.write_text(
         RESOURCE_LIMITS.replace("admin_group: admin", f"admin_group: {ADMIN_GROUP}")
     )
-    config_file = tmp_path / "ds01.yaml"
     try:
-        config, service = await start_limits(state_dir, limits_file, config_file)
-        yield LimitsEnv(config, config_file, limits_file, pki, service)
-        await service.stop()
+        yield limits_file
     finally:
         subprocess.run(["userdel", ADMIN_TO_BE], capture_output=True)
         subprocess.run(["groupdel", ADMIN_GROUP], capture_output=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def group_env(
+    tmp_path: Path, pki: Pki, state_dir: Path, group_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LimitsEnv]:
+    """A limits service on ``group_file``, reading the group every 0.2 s instead of
+    every minute."""
+    monkeypatch.setattr(store_module, "UNIX_GROUP_EVERY", 0.2)
+    config_file = tmp_path / "ds01.yaml"
+    config, service = await start_limits(state_dir, group_file, config_file)
+    yield LimitsEnv(config, config_file, group_file, pki, service)
+    await service.stop()
+
+
+def test_an_nss_that_stops_answering_holds_up_no_reload_and_makes_nobody_an_admin(
+    group_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An LDAP server that stops answering without refusing (nslcd waits for ever by
+    default) left the reloads waiting on it: an edit of the files never applied, and
+    the members last read stayed admins. A lookup now has NSS_TIMEOUT; what NSS does
+    not say by then counts as no members, and while it hangs no other is started."""
+    subprocess.run(["usermod", "-aG", ADMIN_GROUP, ADMIN_TO_BE], check=True, capture_output=True)
+    store = LimitsStore(group_file)
+    assert store.poll() is not None and store.is_admin(ADMIN_TO_BE)
+    monkeypatch.setattr(resolve_module, "NSS_TIMEOUT", 0.3)
+    answers, asked, real = threading.Event(), [], grp.getgrnam
+
+    def hanging(name: str) -> grp.struct_group:
+        asked.append(name)
+        answers.wait(30)
+        return real(name)
+
+    monkeypatch.setattr(grp, "getgrnam", hanging)
+    started = time.monotonic()
+    change = store.read_admin_group()
+    assert change is not None and change.users == {ADMIN_TO_BE}  # reported as gone
+    assert not store.is_admin(ADMIN_TO_BE)
+    group_file.write_text(
+        group_file.read_text().replace("max_containers_per_user: 3", "max_containers_per_user: 4")
+    )
+    assert store.poll() is not None, "an edit waited on NSS"
+    assert time.monotonic() - started < 5 and not store.is_admin(ADMIN_TO_BE)
+    assert asked == [ADMIN_GROUP], "a second lookup was started while one hangs"
+    answers.set()  # NSS answers again: the next reading finds the member
+    for _ in range(50):
+        if not resolve_module._hung or not resolve_module._hung[-1].is_alive():
+            break
+        time.sleep(0.05)
+    assert store.read_admin_group() is not None and store.is_admin(ADMIN_TO_BE)
 
 
 async def test_who_joins_or_leaves_the_admin_group_is_told_and_answered_within_its_reading(

@@ -23,6 +23,7 @@ import grpc
 from aetcd import rpc
 from aetcd.client import _handle_errors
 
+from ds01.core import keepalive
 from ds01.core.config import Config
 from ds01.core.pki import CertPaths, EtcdPki
 
@@ -81,10 +82,13 @@ def etcd_client(
         private_key=paths.key.read_bytes(),
         certificate_chain=paths.cert.read_bytes(),
     )
+    # A watch sends nothing after it starts: without pings, a member that vanished
+    # without a word would leave the allocators' view and event streams waiting on it.
+    options: dict[str, Any] = dict(keepalive.client_options())
     if len(endpoints) == 1:
-        return TlsClient(endpoints[0], credentials, timeout, {})
+        return TlsClient(endpoints[0], credentials, timeout, options)
     name = endpoints[0].rpartition(":")[0].strip("[]")
-    options = {"grpc.ssl_target_name_override": name, "grpc.default_authority": name}
+    options |= {"grpc.ssl_target_name_override": name, "grpc.default_authority": name}
     return TlsClient(_address_list(endpoints), credentials, timeout, options)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import logging
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -162,9 +163,36 @@ def is_admin(config: LimitsConfig, user: str, unix_members: Collection[str] | No
     return user in (unix_group_members(group) if unix_members is None else unix_members)
 
 
+NSS_TIMEOUT = 5.0  # seconds NSS may take to list a group (an LDAP server's answer)
+_hung: list[threading.Thread] = []  # a lookup NSS has not answered, while it has not
+
+
 def unix_group_members(group: str) -> frozenset[str]:
     """The supplementary members of the Linux group ``group``; none if there is no such
-    group, or NSS (LDAP perhaps) cannot say: nobody is an admin by a group unread."""
+    group, or NSS (LDAP perhaps) cannot say within NSS_TIMEOUT: nobody is an admin by a
+    group unread, and an NSS that stops answering holds up no reload of the files. While
+    one lookup hangs no other is started, and each reading finds none."""
+    if _hung and _hung[-1].is_alive():
+        log.warning("NSS has still not listed group %r's members; none count as admins", group)
+        return frozenset()
+    _hung.clear()
+    found: list[frozenset[str]] = []
+    lookup = threading.Thread(
+        target=lambda: found.append(_members(group)), name="nss-group", daemon=True
+    )
+    lookup.start()
+    lookup.join(NSS_TIMEOUT)
+    if lookup.is_alive():
+        _hung.append(lookup)
+        log.warning(
+            "NSS did not list group %r's members within %s s; none count as admins",
+            group,
+            NSS_TIMEOUT,
+        )
+    return found[0] if found else frozenset()
+
+
+def _members(group: str) -> frozenset[str]:
     try:
         return frozenset(grp.getgrnam(group).gr_mem)
     except KeyError:
