@@ -792,6 +792,60 @@ async def test_top_queue_status_and_streams_show_no_other_users_container_names(
     assert BOB in seen["ListWaiters"] or BOB in seen["gpu queue -o json"]  # who waits: shown
 
 
+admin_stack = full_stack_fixture(LIMITS + f"access_control:\n  admin_users: [root, {ALICE}]\n")
+
+
+async def test_an_admin_removed_sees_nothing_more_of_others_on_streams_opened_before(
+    admin_stack: AllocatorEnv, test_image: str, etcd_endpoint: str
+):
+    """Rights are checked as a call starts, and a stream stays open for days (its pings
+    keep it so): an admin removed from the configuration kept every user's allocations,
+    container events and limits changes on each stream opened while they were one.
+    Each of them, live or replaying, of everyone or of one other user, now ends
+    PERMISSION_DENIED and shows nothing of another's made after the removal."""
+    stack, secret = admin_stack, "zebrafish"
+    since = await etcd_revision(etcd_endpoint, stack.pki)
+    async with clients(stack, ALICE, BOB) as (alice, bob):
+        collectors = {
+            "WatchAllocations live": Collector(alice.watch_allocations()),
+            "WatchAllocations replay": Collector(alice.watch_allocations(since)),
+            "WatchContainerEvents live": Collector(alice.watch_container_events()),
+            "WatchContainerEvents replay": Collector(alice.watch_container_events(since)),
+            "WatchContainerEvents of bob": Collector(alice.watch_container_events(user=BOB)),
+            "WatchLimits of everyone": Collector(alice.watch_limits()),
+            "WatchLimits of bob": Collector(alice.watch_limits(BOB)),
+        }
+        await asyncio.sleep(0.5)
+        await bob.create_container("before", test_image, gpus=1, gpu_preference=MIG)
+        try:
+
+            async def shown_as_admin() -> bool:
+                return all(
+                    "before" in str(c.got) for k, c in collectors.items() if "Limits" not in k
+                )
+
+            await until(shown_as_admin, 10, "an admin's streams to show bob's container")
+            stack.config.limits_file.write_text(LIMITS)  # alice is an admin no more
+
+            async def removed() -> bool:
+                return not (await alice.get_limits()).admin
+
+            await until(removed, 10, "the edit to apply")
+            await bob.create_container(secret, test_image, gpus=1, gpu_preference=MIG)
+            await asyncio.sleep(1.5)
+            for name, collector in collectors.items():
+                got = await collector.stop()
+                assert secret not in str(got), f"{name} showed bob's container to a non-admin"
+                ended = got[-1] if got else None
+                assert isinstance(ended, Ds01Error), f"{name} stayed open: {got}"
+                assert ended.code == grpc.StatusCode.PERMISSION_DENIED, (name, ended)
+                assert "no longer an admin" in ended.message
+        finally:
+            for name in ("before", secret):
+                with contextlib.suppress(Ds01Error):
+                    await bob.remove_container(name)
+
+
 # --- 5. GetDockerArgs with a caller's DockerInfo ----------------------------------------
 
 

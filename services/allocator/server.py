@@ -48,6 +48,7 @@ from ds01.allocator.service import (
 )
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.containers.adapters import METADATA, Metadata, record_key
+from ds01.core.admin_view import AdminView
 from ds01.core.etcd import connect, failure_sentence
 from ds01.core.identity import caller
 from ds01.core.limits_cache import CachedLimits, LocalAnswers
@@ -246,12 +247,13 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
         self, request: allocator_pb2.WatchAllocationsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[allocator_pb2.WatchAllocationsResponse]:
         actor = await self._actor(context)
+        view = AdminView(caller(), actor.privileged, self.limits.is_admin, "allocations")
         if request.since_revision:  # a replay from etcd's history, then live
             try:
                 client = self.allocator.state.client
                 watch = functools.partial(watch_allocations, client)
                 async for event in from_oldest_kept(watch, request.since_revision):
-                    if actor.privileged or actor.name in event.users:
+                    if await view.shows(context, event.users):
                         yield event_message(event, actor)
             except HistoryCompacted as err:
                 await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(err))
@@ -271,7 +273,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                     )
                 if isinstance(item, Exception):
                     await abort(context, grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")
-                if actor.privileged or actor.name in item.users:
+                if await view.shows(context, item.users):
                     yield shared_event_message(item, None if actor.privileged else actor.name)
 
     async def ListWaiters(

@@ -22,6 +22,7 @@ from ds01.containers.lifecycle import Code, ContainerError, CreateRequest, Lifec
 from ds01.containers.metrics import Tallies
 from ds01.containers.reconcile import Reconciler
 from ds01.core.account_files import AccountFiles
+from ds01.core.admin_view import AdminView
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
 from ds01.core.messages import SLOT_PREFERENCES, abort, timestamp
@@ -145,11 +146,14 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 context, grpc.StatusCode.PERMISSION_DENIED, "only admins see others' events"
             )
         wanted = request.user or ("" if privileged else user)
+        view = AdminView(caller(), privileged, self._is_admin, "container events")
         client = self.lifecycle.metadata.client
         try:
             watch = functools.partial(watch_lifecycle, client)
             async for event in from_oldest_kept(watch, request.since_revision):
-                if not wanted or event.user == wanted:
+                if (not wanted or event.user == wanted) and await view.shows(
+                    context, (event.user,)
+                ):
                     yield lifecycle_message(event)
         except HistoryCompacted as err:
             await abort(context, grpc.StatusCode.OUT_OF_RANGE, str(err))
@@ -205,8 +209,11 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         privileged = principal.is_admin
         if not privileged:
             with contextlib.suppress(Ds01Error):
-                privileged = (await self.lifecycle.limits.get_limits(principal.name)).admin
+                privileged = await self._is_admin(principal.name)
         return principal.name, privileged
+
+    async def _is_admin(self, user: str) -> bool:
+        return (await self.lifecycle.limits.get_limits(user)).admin
 
     async def _answer(
         self, metadata: Metadata, gpus: list[common_pb2.Allocation]

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
 from ds01.client import Ds01Error
+from ds01.core.admin_view import AdminView
 from ds01.core.docker_args import DockerInfo
 from ds01.core.identity import caller
 from ds01.core.messages import abort
@@ -207,12 +208,15 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
         user = request.user
         if user or not principal.privileged:
             user = await self._subject(user, context)
+        view = AdminView(principal, principal.privileged, self._is_admin, "limits")
         with self.store.subscribe() as changes:
             last = resolve(self.store.config, user) if user and self.store.config else None
             serving = self.store.config.digest if self.store.config else ""
             yield limits_pb2.WatchLimitsResponse(digest=serving)
             while True:
                 change = await changes.get()
+                if not await view.shows(context, (user,)):
+                    continue
                 if not user:
                     yield limits_pb2.WatchLimitsResponse(
                         users=sorted(change.users),
@@ -224,6 +228,9 @@ class LimitsServicer(limits_pb2_grpc.LimitsServiceServicer):
                 if current != last:
                     last = current
                     yield limits_pb2.WatchLimitsResponse(users=[user], digest=change.digest)
+
+    async def _is_admin(self, user: str) -> bool:
+        return self.store.is_admin(user)
 
     async def _config(self, context: grpc.aio.ServicerContext) -> LimitsConfig:
         config = self.store.config
