@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
+import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import textwrap
@@ -27,6 +30,8 @@ import pytest
 
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.docker_args import DockerInfo, nano_cpus
+from ds01.ownership import server as ownership_server
+from ds01.ownership.gateway import relay as relay_module
 from ds01.v1 import allocator_pb2
 from tests.allocator_env import AllocatorEnv, etcd_revision, full_stack_fixture
 from tests.gateway_raw import Answer, raw_as, request
@@ -841,6 +846,97 @@ async def test_an_admin_removed_sees_nothing_more_of_others_on_streams_opened_be
                 assert ended.code == grpc.StatusCode.PERMISSION_DENIED, (name, ended)
                 assert "no longer an admin" in ended.message
         finally:
+            for name in ("before", secret):
+                with contextlib.suppress(Ds01Error):
+                    await bob.remove_container(name)
+
+
+# One Docker API connection kept open as a Unix user: ``list`` lists every container on
+# each line read from stdin; ``events`` follows /events. Each answer is a JSON line.
+HELD = r"""
+import http.client, json, socket, sys
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("docker", timeout=60)
+        self.unix_path, self.auto_open = path, 0  # never a second connection
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.unix_path)
+def say(item):
+    print(json.dumps(item), flush=True)
+connection = Unix(sys.argv[1])
+connection.connect()
+try:
+    if sys.argv[2] == "list":
+        for _ in sys.stdin:
+            connection.request("GET", "/containers/json?all=1")
+            answer = connection.getresponse()
+            say({"names": [n for c in json.loads(answer.read()) for n in c["Names"]]})
+    else:
+        connection.request("GET", "/events")
+        answer = connection.getresponse()
+        say({"status": answer.status})
+        for line in answer:
+            say({"event": line.decode()})
+    say({"closed": "at its end"})
+except Exception as err:
+    say({"closed": repr(err)})
+"""
+
+
+async def held_connection(user: str, socket: str, mode: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        "runuser", "-u", user, "--", "/usr/bin/python3", "-c", HELD, socket, mode,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+
+async def said(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    return json.loads(await asyncio.wait_for(process.stdout.readline(), 20))
+
+
+async def test_an_admin_removed_keeps_no_docker_connection_opened_as_one(
+    admin_stack: AllocatorEnv, test_image: str, monkeypatch: pytest.MonkeyPatch
+):
+    """An admin's connection to the Docker gateway passes every request unchanged (the
+    daemon's whole API: root on the host), and was decided once, as it opened: a
+    removed admin who kept one open kept all of it, a stream of everyone's events
+    included. It is closed once they are no admin (asked every 5 s; 0.3 s here), so
+    neither a next request on it nor its stream shows anything more."""
+    monkeypatch.setattr(relay_module, "ADMIN_RECHECK", 0.3)
+    monkeypatch.setattr(ownership_server, "ADMIN_KEPT", 0.3)
+    stack, secret = admin_stack, "zebrafish"
+    socket = str(stack.config.ownership.proxy_socket)
+    async with clients(stack, ALICE, BOB) as (alice, bob):
+        await bob.create_container("before", test_image, gpus=0)
+        lister = await held_connection(ALICE, socket, "list")
+        events = await held_connection(ALICE, socket, "events")
+        assert lister.stdin is not None
+        try:
+            lister.stdin.write(b"\n")
+            assert any("before._." in name for name in (await said(lister))["names"])
+            assert (await said(events))["status"] == 200
+            stack.config.limits_file.write_text(LIMITS)  # alice is an admin no more
+
+            async def removed() -> bool:
+                return not (await alice.get_limits()).admin
+
+            await until(removed, 10, "the edit to apply")
+            await asyncio.sleep(1.5)  # a recheck or more after the kept answer lapsed
+            await bob.create_container(secret, test_image, gpus=0)
+            lister.stdin.write(b"\n")
+            after = await said(lister)
+            assert "closed" in after and secret not in str(after), after
+            followed = [await said(events)]
+            while "closed" not in followed[-1]:
+                followed.append(await said(events))
+            assert secret not in str(followed), followed
+        finally:
+            for process in (lister, events):  # runuser and the client it runs
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
             for name in ("before", secret):
                 with contextlib.suppress(Ds01Error):
                     await bob.remove_container(name)

@@ -39,6 +39,7 @@ from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
 log = logging.getLogger(__name__)
 OWNERSHIP_SERVICE = ownership_pb2.DESCRIPTOR.services_by_name["OwnershipService"].full_name
+ADMIN_KEPT = 10.0  # seconds the gateway keeps "is this user an admin": roles change rarely
 _SOURCES = {
     DS01_LABEL: ownership_pb2.OWNER_SOURCE_DS01_LABEL,
     MLC_LABEL: ownership_pb2.OWNER_SOURCE_MLC_LABEL,
@@ -162,7 +163,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             admin = (await client.get_limits(user)).admin
         except Ds01Error:
             return False  # fail closed: not known to be an admin
-        admins[user] = (time.monotonic() + 10, admin)  # roles change rarely; 10 s is soon
+        admins[user] = (time.monotonic() + ADMIN_KEPT, admin)
         return admin
 
     cgroups, slices = CgroupfsSlices(), SystemdSlices()

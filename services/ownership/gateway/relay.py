@@ -14,7 +14,7 @@ import logging
 import re
 import resource
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ CONNECTIONS_PER_USER = 128
 IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
 HEAD_TIMEOUT = 30.0  # seconds a request's head may take once it has begun
 BODY_TIMEOUT = 60.0  # seconds a request may pause while it is being sent
+ADMIN_RECHECK = 5.0  # seconds between asking whether an admin's open connection still is one
 _TOO_MANY = (
     b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
     b"Connection: close\r\nContent-Length: 75\r\n\r\n"
@@ -112,7 +113,10 @@ class DockerGateway:
         session = _Session(self, None if admin else account, reader, writer, user)
         self.stats.connections[user] += 1
         try:
-            await session.run()
+            if admin and uid != 0:
+                await self._while_admin(user, session.run())
+            else:
+                await session.run()
         except (OSError, EOFError, h11.ProtocolError) as err:  # a client or daemon went away
             log.debug("gateway connection of %s ended: %s", user, err)
         except Exception:
@@ -124,6 +128,24 @@ class DockerGateway:
             if not admin:
                 self.slots.give(uid)
             writer.close()
+
+    async def _while_admin(self, user: str, serving: Coroutine[Any, Any, None]) -> None:
+        """Serve an admin's connection, whose requests pass unchanged, only while they
+        are one: asked again every ADMIN_RECHECK seconds, it is closed (with a stream or
+        an attached terminal in it) once they are not, or that cannot be told."""
+        task = asyncio.ensure_future(serving)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=ADMIN_RECHECK)
+                if not task.done() and not await self.is_admin(user):
+                    log.warning("%s is no longer an admin: their Docker connection is closed", user)
+                    ended = "an admin's connection, closed: no longer an admin"
+                    self.decided(user, "connect", "", "denied", "no_longer_admin", ended)
+                    break
+        finally:
+            task.cancel()  # a no-op once it is done; else no admin now, or the gateway stops
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     def decided(
         self, user: str, route: str, target: str, decision: str, reason: str = "",
