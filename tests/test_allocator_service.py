@@ -265,6 +265,33 @@ async def test_a_watcher_that_falls_behind_is_cut_off_without_holding_back_the_o
         await writer.close()
 
 
+async def test_a_message_of_more_events_than_the_queue_cuts_off_no_watcher_that_keeps_up(
+    env: AllocatorEnv,
+):
+    """etcd hands a watch that catches up up to a thousand revisions in one message, and
+    one transaction's slots come together: a message of more than QUEUE events reaches
+    each stream whole (it cut off every stream, fast or not, and all of them replayed
+    from etcd at once); only what still waits from earlier messages counts."""
+    watcher, writer = connect(env.config, "allocator"), connect(env.config, "allocator")
+    hub = EventHub(watcher)
+    hub.QUEUE = 3
+    holder = Holder("alice", "batch._.alice", 1.0, 10)
+    keys = [slot_key(HOLDERS, "hub-node", f"9:{n}") for n in range(5)]
+    try:
+        async with hub.subscribe() as first, hub.subscribe() as second:
+            puts = [writer.transactions.put(key, holder.encode()) for key in keys]
+            await writer.transaction(compare=[], success=puts, failure=[])
+            for stream in (first, second):
+                got = [await asyncio.wait_for(stream.get(), 5) for _ in keys]
+                assert [getattr(e, "slot_id", e) for e in got] == [f"9:{n}" for n in range(5)]
+                assert len({e.revision for e in got}) == 1  # one transaction's, together
+    finally:
+        for key in keys:
+            await writer.delete(key)
+        await watcher.close()
+        await writer.close()
+
+
 def _open(client: Ds01Client, service: str) -> grpc.aio.Call:
     """One answer stream of ``service``, raw, so that its headers can be awaited."""
     if service == "allocator":

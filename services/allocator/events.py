@@ -128,10 +128,20 @@ class EventTranslator:
 
 
 async def watch_allocations(
-    client: aetcd.Client, since_revision: int = 0, ready: asyncio.Future[None] | None = None
+    client: aetcd.Client, since_revision: int = 0
 ) -> AsyncIterator[AllocationEvent]:
-    """Events after ``since_revision`` (0: from now on), in revision order, forever.
-    ``ready`` is resolved once etcd has the watch: nothing after that is missed."""
+    """Events after ``since_revision`` (0: from now on), in revision order, forever."""
+    async for batch in allocation_batches(client, since_revision):
+        for event in batch:
+            yield event
+
+
+async def allocation_batches(
+    client: aetcd.Client, since_revision: int = 0, ready: asyncio.Future[None] | None = None
+) -> AsyncIterator[list[AllocationEvent]]:
+    """The events of each message etcd sends (one or more whole revisions: a watch that
+    catches up gets up to a thousand at once), as ``watch_allocations``. ``ready`` is
+    resolved once etcd has the watch: nothing after that is missed."""
     start = since_revision + 1 if since_revision > 0 else 0
     translator = EventTranslator()
     try:
@@ -139,10 +149,9 @@ async def watch_allocations(
             if ready is not None and not ready.done():
                 ready.set_result(None)
             async for events in stream:
-                for raw in events:
-                    event = translator.translate(raw)
-                    if event is not None:
-                        yield event
+                batch = [e for e in map(translator.translate, events) if e is not None]
+                if batch:
+                    yield batch
     except Compacted as err:
         raise HistoryCompacted(err.revision) from err
 
@@ -193,16 +202,17 @@ class Subscription:
                 self._waiter = None
         return self._pending.popleft() if self._pending else self._last  # type: ignore[return-value]
 
-    def offer(self, event: AllocationEvent, most: int) -> bool:
-        """Add ``event``, or end the stream if ``most`` are already waiting; False once
-        it is ended."""
+    def offer(self, batch: list[AllocationEvent], most: int) -> bool:
+        """Add one message's events, or end the stream if ``most`` from earlier ones are
+        still waiting (a message larger than that cuts off no stream that keeps up);
+        False once it is ended."""
         if self._last is not None:
             return False
         if len(self._pending) >= most:
             # Resume just before the oldest event it has not received.
             self.end(Overflow(self._pending[0].revision - 1))
             return False
-        self._pending.append(event)
+        self._pending.extend(batch)
         self._wake()
         return True
 
@@ -221,8 +231,9 @@ class EventHub:
     """One etcd watch per process, shared by every live WatchAllocations stream.
 
     Translating each event once instead of once per watcher keeps delivery to many
-    watchers fast. A subscriber that falls more than QUEUE events behind is cut off
-    with the revision to resume from, instead of holding the others back.
+    watchers fast. A subscriber that falls more than QUEUE events behind (not counting
+    the message being handed out) is cut off with the revision to resume from, instead
+    of holding the others back.
     """
 
     QUEUE = 1024
@@ -255,8 +266,8 @@ class EventHub:
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            async for event in watch_allocations(self.client, ready=ready):
-                ended = [s for s in self._subscribers if not s.offer(event, self.QUEUE)]
+            async for batch in allocation_batches(self.client, ready=ready):
+                ended = [s for s in self._subscribers if not s.offer(batch, self.QUEUE)]
                 self._subscribers.difference_update(ended)
         except Exception as err:  # etcd went away: every subscriber learns it
             for subscription in self._subscribers:
