@@ -6,7 +6,13 @@ import asyncio
 import datetime as dt
 import json
 import time
+from collections.abc import AsyncIterator
 
+import grpc
+import pytest
+
+from ds01.cli import events as events_cli
+from ds01.client import Ds01Error
 from tests.allocator_env import AllocatorEnv, etcd_revision
 
 
@@ -188,3 +194,32 @@ async def test_only_admins_drain_and_a_drain_must_name_what_exists(env: Allocato
     assert "only admins may undrain" in denied.stderr
     shown = json.loads((await env.cli("bob", "gpu", "status", "-o", "json")).stdout)
     assert shown["drains"] == []  # no refused attempt left a drain behind
+
+
+async def test_events_follow_resumes_a_stream_cut_inside_a_transaction_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """One transaction's events share a revision (an allocation of two slots gives two).
+    A stream cut between them was opened again after that revision, and the second was
+    never printed; it is opened from just before it now, skipping what was printed."""
+    monkeypatch.setattr(events_cli, "RESUME_EVERY", 0)
+    history = [_event(5, "1:1"), _event(5, "1:2"), _event(6, "2:1")]
+    opened: list[int] = []
+
+    async def stream(since: int) -> AsyncIterator[events_cli.Event]:
+        opened.append(since)
+        for n, event in enumerate(e for e in history if e.revision > since):
+            if len(opened) == 1 and n == 1:
+                raise Ds01Error(grpc.StatusCode.UNAVAILABLE, "the allocator went away")
+            yield event
+
+    queue: asyncio.Queue[events_cli.Event | Exception] = asyncio.Queue()
+    await asyncio.wait_for(events_cli._pump(stream, 0, lambda e: e, queue, True), 5)
+    printed = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [getattr(e, "slot", "cut") for e in printed] == ["1:1", "cut", "1:2", "2:1"]
+    assert opened == [0, 4]
+
+
+def _event(revision: int, slot: str) -> events_cli.Event:
+    return events_cli.Event("allocation", "allocated", "", revision, "alice", "x._.alice",
+                            "n1", slot, "")  # fmt: skip

@@ -115,15 +115,22 @@ async def _pump(
 ) -> None:
     """Every event of one stream into ``queue``, and the error that ends it. Following, a
     stream that ends UNAVAILABLE (its service, or the service's etcd, went away) is
-    opened again from the last revision it gave, every RESUME_EVERY seconds until it is
-    back: nothing it gave comes twice, nothing after it is missed; its error is put once
-    per outage, for a warning."""
-    told = False
+    opened again every RESUME_EVERY seconds until it is back, from just before the last
+    revision it gave: one transaction's events share a revision, and a stream cut
+    between them would otherwise lose the rest. Those of it already given are skipped,
+    so nothing comes twice and nothing is missed; the error is put once per outage, for
+    a warning."""
+    told, given = False, 0  # given: how many events of revision ``since`` were put
     while True:
         try:
-            async for message in open_stream(since):
+            skip = given
+            async for message in open_stream(since - 1 if given else since):
                 event = convert(message)
-                since, told = max(since, event.revision), False
+                if skip and event.revision == since:  # given before the stream was cut
+                    skip -= 1
+                    continue
+                skip, given = 0, given + 1 if event.revision == since else 1
+                since, told = event.revision, False
                 await queue.put(event)
             return
         except Ds01Error as err:
