@@ -406,6 +406,34 @@ def test_the_admin_group_read_again_unchanged_reports_nothing(tmp_path: Path):
     assert store.poll() is None
 
 
+async def test_an_edit_whose_changes_cannot_be_told_still_goes_out_as_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Whatever fails in telling what an edit changed, the edit applies and a change
+    goes out, of every unlisted user: the services that keep answers drop them all,
+    instead of keeping the old ones (a removed admin's included) until their resync."""
+    limits_file = write_config(tmp_path / "etc")
+    store = LimitsStore(limits_file)
+    store._loop = asyncio.get_running_loop()  # as run() sets it
+    assert store.poll() is not None
+    await asyncio.sleep(0.05)  # the first load's change is delivered: not awaited below
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in comparing configurations")
+
+    monkeypatch.setattr(store_module, "changed_users", broken)
+    with store.subscribe() as changes:
+        limits_file.write_text(
+            limits_file.read_text().replace(
+                "max_containers_per_user: 3", "max_containers_per_user: 4"
+            )
+        )
+        change = store.poll()
+        assert change is not None and change.default_users_changed
+        assert await asyncio.wait_for(changes.get(), 2) == change
+        assert store.config is not None and store.config.digest == change.digest
+
+
 async def test_a_failed_round_of_reading_does_not_end_the_reloads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -473,6 +501,45 @@ async def test_a_change_stream_to_a_service_gone_silent_ends_and_nothing_is_kept
                 with contextlib.suppress(asyncio.CancelledError):
                     await following
                 await cache.client.close()
+    finally:
+        await service.stop(grace=0)
+
+
+async def test_the_stream_of_a_client_gone_silent_is_let_go(
+    tmp_path: Path, pki: Pki, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A service pings the clients of its open calls: the change stream of a client
+    gone without a word (its host powered off) no longer holds its subscription, and its
+    place among its user's streams, for gRPC's two hours (a minute in service; its
+    pings every 0.9 s here)."""
+    monkeypatch.setattr(keepalive, "PING_EVERY_MS", 300)
+    monkeypatch.setattr(keepalive, "PING_ANSWER_MS", 300)
+    limits_file = write_config(tmp_path / "etc")
+    config, service = await start_limits(state_dir, limits_file, tmp_path / "ds01.yaml")
+    local = service.runtime.context.limits
+    assert local is not None
+    try:
+        async with Partition(config.address("limits")) as partition:
+            relayed = replace(config, listen={**config.listen, "limits": partition.endpoint})
+            async with Ds01Client(
+                relayed, ClientIdentity(pki.ca_cert, pki.service("containers"))
+            ) as client:
+                stream = client.watch_limits()
+                await anext(stream)  # subscribed
+
+                async def subscribed() -> int:
+                    return len(local.store._subscribers)
+
+                await asyncio.sleep(3)  # pings both ways, answered
+                assert await subscribed() == 1, "a live stream was let go"
+                partition.cut()
+
+                async def let_go() -> bool:
+                    return await subscribed() == 0
+
+                assert await eventually(let_go, timeout=5), "a silent client's stream stayed"
+                with contextlib.suppress(Ds01Error):
+                    await stream.aclose()
     finally:
         await service.stop(grace=0)
 

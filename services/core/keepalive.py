@@ -6,8 +6,9 @@ open) goes unnoticed for as long as TCP takes, which can be hours: a service fol
 the limits service's changes would keep answers that no change can reach any more.
 Clients ping every PING_EVERY_MS while a call is open and give a connection up when a
 ping is not answered within PING_ANSWER_MS, so its streams end UNAVAILABLE and are
-opened again. Servers accept pings that often: gRPC's default is one per five minutes,
-and a client that pings more often has its connection closed.
+opened again. Servers accept pings that often (gRPC's default is one per five minutes,
+and a client that pings more often has its connection closed), and ping their clients
+in turn, which lets the calls of a client that vanished go.
 """
 
 from __future__ import annotations
@@ -28,5 +29,14 @@ def client_options() -> list[tuple[str, int]]:
 
 
 def server_options() -> list[tuple[str, int]]:
-    """Server options that accept those pings, with room for a late timer."""
-    return [("grpc.http2.min_ping_interval_without_data_ms", PING_EVERY_MS // 2)]
+    """Server options that accept those pings, with room for a late timer; and ping a
+    client with a call open every three of its intervals, so that the stream of a
+    client gone without a word (its subscription, its slot among a user's streams) is
+    let go within a minute, not after gRPC's two hours."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", PING_EVERY_MS // 2),
+        ("grpc.keepalive_time_ms", PING_EVERY_MS * 3),
+        ("grpc.keepalive_timeout_ms", PING_ANSWER_MS),
+        ("grpc.http2.ping_timeout_ms", PING_ANSWER_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

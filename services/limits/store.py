@@ -136,12 +136,22 @@ class LimitsStore:
             return None
         moved = self._take_admins(new)
         old, self.config, self.error = self.config, new, None
+        try:
+            change = self._what_changed(old, new, moved)
+        except Exception:  # whatever it was, what other services keep must go
+            log.exception("cannot tell what limits configuration %s changed", new.digest)
+            change = Change(moved, True, new.digest)
+        if change is not None:
+            self._publish(change)
+        return change
+
+    def _what_changed(
+        self, old: LimitsConfig | None, new: LimitsConfig, moved: frozenset[str]
+    ) -> Change | None:
         if old is None:
             # First configuration (perhaps after a broken start): everyone's limits are new.
             log.info("limits configuration %s loaded from %s", new.digest, self.path)
-            change = Change(frozenset(listed_users(new)), True, new.digest)
-            self._publish(change)
-            return change
+            return Change(frozenset(listed_users(new)), True, new.digest)
         if old.digest != new.digest:
             change = changed_users(old, new, moved)
             log.info(
@@ -150,12 +160,10 @@ class LimitsStore:
                 ", ".join(sorted(change.users)) or "no listed user",
                 " and every unlisted user" if change.default_users_changed else "",
             )
-        elif moved:  # the same text: only the admin group's members changed
-            change = Change(moved, False, new.digest)
-        else:
-            return None
-        self._publish(change)
-        return change
+            return change
+        if moved:  # the same text: only the admin group's members changed
+            return Change(moved, False, new.digest)
+        return None
 
     def poll(self) -> Change | None:
         signature = self.signature()
