@@ -385,7 +385,8 @@ def test_a_container_type_applies_between_group_and_override(config_path: Path):
 
 
 @pytest.mark.parametrize(
-    "name", ['"adm\\0in"', '"adm:in"', '"adm\\nin"', '""', '"  "', "12", "[admin]"]
+    "name",
+    ['"adm\\0in"', '"adm:in"', '"adm\\nin"', '"  "', '" admin"', '"admin "', "12", "[admin]"],
 )
 def test_an_admin_group_no_system_could_name_is_refused_with_its_line(name: str):
     """Such a name is refused where it is written, not read and then asked of NSS
@@ -393,6 +394,15 @@ def test_an_admin_group_no_system_could_name_is_refused_with_its_line(name: str)
     issues = issues_of(f"access_control:\n  admin_group: {name}\n")
     assert any("access_control.admin_group" in i and "must be a group name" in i for i in issues)
     assert all("resource-limits.yaml:2" in i for i in issues if "admin_group" in i)
+
+
+@pytest.mark.parametrize("none", ['""', "", "null"])
+def test_an_admin_group_left_empty_names_none(none: str):
+    """An empty admin_group names no group, as a missing one does: it was read so
+    before, and a file that says it keeps working."""
+    config = parse(RESOURCE_LIMITS.replace("admin_group: admin", f"admin_group: {none}"))
+    assert config.admin_group is None
+    assert not is_admin(config, "alice") and is_admin(config, "root")
 
 
 def test_a_group_nss_cannot_read_makes_nobody_an_admin(caplog: pytest.LogCaptureFixture):

@@ -395,10 +395,13 @@ class _Checker:
         if "wrapper" in access:
             self.note(("access_control", "wrapper"), NOTES["access_control.wrapper"])
         admin_group = access.get("admin_group")
+        if admin_group == "":  # names none, as a missing key does (read so before)
+            admin_group = None
         if admin_group is not None and not _is_group_name(admin_group):
             self.problem(
                 ("access_control", "admin_group"),
-                f"must be a group name (printable, no ':'), got {_describe(admin_group)}",
+                "must be a group name (printable, no ':', no spaces around it), got "
+                + _describe(admin_group),
             )
             admin_group = None
         if "bare_metal_access" in top:
@@ -626,9 +629,14 @@ def _unknown_key(key: str, allowed: tuple[str, ...] | list[str]) -> str:
 
 def _is_group_name(value: object) -> bool:
     """What /etc/group or a directory can name: not empty, printable, no ':' (the
-    field separator), nothing NSS would refuse (a NUL byte, a newline)."""
+    field separator), nothing NSS would refuse (a NUL byte, a newline), and no spaces
+    around it (a group that could only be a typo: it would make nobody an admin)."""
     return (
-        isinstance(value, str) and value.isprintable() and ":" not in value and bool(value.strip())
+        isinstance(value, str)
+        and value.isprintable()
+        and ":" not in value
+        and bool(value)
+        and value == value.strip()
     )
 
 
