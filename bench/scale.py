@@ -15,7 +15,9 @@ At each size: Allocate p50/p99 on this node (as the containers service asks; wit
 release each time) and on any node (placement over the whole fleet, with idle GPUs and
 with none), the Release alone, a container's stop and start (MarkStopped and
 ClearStopped), GetStatus of the whole fleet, GetLimits, event fan-out p99, the
-gateway's `docker ps -a` as that user beside the same request to dockerd itself, the
+gateway's `docker ps -a` as that user beside the same request to dockerd itself (all
+containers, and one of the label filters the gateway sends, which Docker applies by
+reading every container: that part of the gateway's cost is Docker's), the
 reconcile sweep (its own metric: the first after the new containers were adopted, which
 inspects each of them, and those after it, which ask Docker only about containers that
 run or that an event named), and the memory of the ds01 process. Run as root:
@@ -36,6 +38,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import docker
 from _suite import REPO, CpuMeter, Suite, suite
@@ -78,7 +81,7 @@ class Unix(http.client.HTTPConnection):
 connection, seconds = Unix(sys.argv[1]), []
 for _ in range(int(sys.argv[2])):
     start = time.perf_counter()
-    connection.request("GET", "/containers/json?all=1")
+    connection.request("GET", "/containers/json?all=1" + sys.argv[3])
     answer = connection.getresponse()
     body = answer.read()
     seconds.append(time.perf_counter() - start)
@@ -255,12 +258,14 @@ async def measure(running: object, cycles: int, watchers_max: int, server_pid: i
         print("\n".join(cores))
 
 
-def listing(socket: Path, count: int, user: str | None = None) -> tuple[list[float], int]:
-    """``count`` container listings on ``socket`` as ``user`` (root: None), and how
-    many containers the last one showed."""
+def listing(
+    socket: Path, count: int, user: str | None = None, query: str = ""
+) -> tuple[list[float], int]:
+    """``count`` container listings on ``socket`` as ``user`` (root: None), with
+    ``query`` added (``&filters=...``), and how many containers the last one showed."""
     who = ["runuser", "-u", user, "--"] if user else []
-    done = subprocess.run([*who, "/usr/bin/python3", "-c", LISTING, str(socket), str(count)],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    argv = [*who, "/usr/bin/python3", "-c", LISTING, str(socket), str(count), query]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"listing as {user or 'root'} failed: {done.stderr.strip()}")
     result = json.loads(done.stdout)
@@ -331,6 +336,7 @@ def measure_containers(running: Suite, largest: int, listings: int) -> None:
     gateway = running.root / "run" / "docker.sock"
     rows: dict[str, list[float]] = {"docker ps -a via the gateway p50": [],
                                     "docker ps -a on dockerd itself p50": [],
+                                    "the same, the user's label only, p50": [],
                                     "ds01 container list p50": [],
                                     "ds01 container create p50": [],
                                     "reconcile sweep, first after adoption": [],
@@ -356,9 +362,16 @@ def measure_containers(running: Suite, largest: int, listings: int) -> None:
         sweep = sweep_seconds(running, SWEEPS)
         through, mine = listing(gateway, listings, SCALE_USER)
         bare, everyone = listing(running.docker_socket, listings)
-        assert (mine, everyone) == (2, step), f"listed {mine} of {SCALE_USER}'s, {everyone} in all"
+        # What Docker itself spends on one of the label filters the gateway asks for:
+        # it reads every container to apply one, so that part grows with the node.
+        label = quote(json.dumps({"label": [f"ds01.user={SCALE_USER}"]}))
+        filtered, labelled = listing(running.docker_socket, listings, query=f"&filters={label}")
+        assert (mine, everyone, labelled) == (2, step, 2), (
+            f"listed {mine} of {SCALE_USER}'s, {everyone} in all"
+        )
         rows["docker ps -a via the gateway p50"].append(statistics.median(through) * 1e3)
         rows["docker ps -a on dockerd itself p50"].append(statistics.median(bare) * 1e3)
+        rows["the same, the user's label only, p50"].append(statistics.median(filtered) * 1e3)
         listed, created = asyncio.run(own_calls(running, identity, image, listings))
         rows["ds01 container list p50"].append(statistics.median(listed) * 1e3)
         rows["ds01 container create p50"].append(statistics.median(created) * 1e3)
