@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import aetcd
 import grpc
 import pytest
 
@@ -236,33 +239,53 @@ async def test_a_subscription_misses_nothing_committed_after_it_returns(env: All
         await writer.close()
 
 
-async def test_a_watcher_that_falls_behind_is_cut_off_without_holding_back_the_others(
-    env: AllocatorEnv,
-):
-    """A stream that stops reading is ended with the revision to resume from once QUEUE
-    events wait for it, and ended for good; one that reads gets every event meanwhile."""
+@dataclass
+class SmallHub:
+    """An event hub that cuts a stream off once 3 events wait for it, a writer, and five
+    slots' keys for one holder to take."""
+
+    hub: EventHub
+    writer: aetcd.Client
+    holder: Holder
+    keys: list[bytes]
+
+
+@contextlib.asynccontextmanager
+async def small_hub(env: AllocatorEnv, gpu: int, container: str) -> AsyncIterator[SmallHub]:
     watcher, writer = connect(env.config, "allocator"), connect(env.config, "allocator")
     hub = EventHub(watcher)
     hub.QUEUE = 3
-    holder = Holder("alice", "behind._.alice", 1.0, 10)
-    keys = [slot_key(HOLDERS, "hub-node", f"8:{n}") for n in range(5)]
+    keys = [slot_key(HOLDERS, "hub-node", f"{gpu}:{n}") for n in range(5)]
     try:
-        async with hub.subscribe() as idle, hub.subscribe() as reader:
-            revisions, seen = [], []
-            for key in keys:
-                revisions.append((await writer.put(key, holder.encode())).header.revision)
-                seen.append(await asyncio.wait_for(reader.get(), 5))
-            assert [(e.slot_id, e.revision) for e in seen] == [
-                (f"8:{n}", revision) for n, revision in enumerate(revisions)
-            ]
-            ended = await asyncio.wait_for(idle.get(), 5)
-            assert ended == Overflow(revisions[0] - 1)  # what the stream tells its watcher
-            assert await asyncio.wait_for(idle.get(), 5) == ended  # and nothing after it
+        yield SmallHub(hub, writer, Holder("alice", container, 1.0, 10), keys)
     finally:
         for key in keys:
             await writer.delete(key)
         await watcher.close()
         await writer.close()
+
+
+async def test_a_watcher_that_falls_behind_is_cut_off_without_holding_back_the_others(
+    env: AllocatorEnv,
+):
+    """A stream that stops reading is ended with the revision to resume from once QUEUE
+    events wait for it, and ended for good; one that reads gets every event meanwhile."""
+    async with (
+        small_hub(env, 8, "behind._.alice") as small,
+        small.hub.subscribe() as idle,
+        small.hub.subscribe() as reader,
+    ):
+        revisions, seen = [], []
+        for key in small.keys:
+            written = await small.writer.put(key, small.holder.encode())
+            revisions.append(written.header.revision)
+            seen.append(await asyncio.wait_for(reader.get(), 5))
+        assert [(e.slot_id, e.revision) for e in seen] == [
+            (f"8:{n}", revision) for n, revision in enumerate(revisions)
+        ]
+        ended = await asyncio.wait_for(idle.get(), 5)
+        assert ended == Overflow(revisions[0] - 1)  # what the stream tells its watcher
+        assert await asyncio.wait_for(idle.get(), 5) == ended  # and nothing after it
 
 
 async def test_a_message_of_more_events_than_the_queue_cuts_off_no_watcher_that_keeps_up(
@@ -272,24 +295,18 @@ async def test_a_message_of_more_events_than_the_queue_cuts_off_no_watcher_that_
     one transaction's slots come together: a message of more than QUEUE events reaches
     each stream whole (it cut off every stream, fast or not, and all of them replayed
     from etcd at once); only what still waits from earlier messages counts."""
-    watcher, writer = connect(env.config, "allocator"), connect(env.config, "allocator")
-    hub = EventHub(watcher)
-    hub.QUEUE = 3
-    holder = Holder("alice", "batch._.alice", 1.0, 10)
-    keys = [slot_key(HOLDERS, "hub-node", f"9:{n}") for n in range(5)]
-    try:
-        async with hub.subscribe() as first, hub.subscribe() as second:
-            puts = [writer.transactions.put(key, holder.encode()) for key in keys]
-            await writer.transaction(compare=[], success=puts, failure=[])
-            for stream in (first, second):
-                got = [await asyncio.wait_for(stream.get(), 5) for _ in keys]
-                assert [getattr(e, "slot_id", e) for e in got] == [f"9:{n}" for n in range(5)]
-                assert len({e.revision for e in got}) == 1  # one transaction's, together
-    finally:
-        for key in keys:
-            await writer.delete(key)
-        await watcher.close()
-        await writer.close()
+    async with (
+        small_hub(env, 9, "batch._.alice") as small,
+        small.hub.subscribe() as first,
+        small.hub.subscribe() as second,
+    ):
+        value = small.holder.encode()
+        puts = [small.writer.transactions.put(key, value) for key in small.keys]
+        await small.writer.transaction(compare=[], success=puts, failure=[])
+        for stream in (first, second):
+            got = [await asyncio.wait_for(stream.get(), 5) for _ in small.keys]
+            assert [getattr(e, "slot_id", e) for e in got] == [f"9:{n}" for n in range(5)]
+            assert len({e.revision for e in got}) == 1  # one transaction's, together
 
 
 def _open(client: Ds01Client, service: str) -> grpc.aio.Call:
