@@ -361,7 +361,7 @@ def test_an_nss_that_stops_answering_holds_up_no_reload_and_makes_nobody_an_admi
     assert asked == [ADMIN_GROUP], "a second lookup was started while one hangs"
     answers.set()  # NSS answers again: the next reading finds the member
     for _ in range(50):
-        if not resolve_module._hung or not resolve_module._hung[-1].is_alive():
+        if not resolve_module._last[-1].thread.is_alive():
             break
         time.sleep(0.05)
     assert store.read_admin_group() is not None and store.is_admin(ADMIN_TO_BE)

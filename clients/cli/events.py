@@ -120,16 +120,18 @@ async def _pump(
     between them would otherwise lose the rest. Those of it already given are skipped,
     so nothing comes twice and nothing is missed; the error is put once per outage, for
     a warning."""
-    told, given = False, 0  # given: how many events of revision ``since`` were put
+    told, given = False, set[Event]()  # given: the events of revision ``since`` put
     while True:
         try:
-            skip = given
-            async for message in open_stream(since - 1 if given else since):
+            # (Not from revision 1, which asks for the oldest history etcd keeps.)
+            back = since - 1 if given and since > 2 else since
+            async for message in open_stream(back):
                 event = convert(message)
-                if skip and event.revision == since:  # given before the stream was cut
-                    skip -= 1
+                if event.revision == since and event in given:  # put before the cut
                     continue
-                skip, given = 0, given + 1 if event.revision == since else 1
+                if event.revision != since:
+                    given.clear()
+                given.add(event)
                 since, told = event.revision, False
                 await queue.put(event)
             return

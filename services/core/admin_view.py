@@ -31,19 +31,24 @@ class AdminView:
         opened; ``still_admin`` asks whether a user is an admin now; ``what``: the things
         the stream shows, for the words that end it."""
         self.name = principal.name
-        self.service = principal.is_service
-        self.admin = admin or self.service
+        # Services, and root, are admins whatever the configuration says: not asked.
+        self.fixed = principal.is_service or principal.name == "root"
+        self.admin = admin or self.fixed
         self._still_admin = still_admin
         self._what = what
 
     async def shows(self, context: grpc.aio.ServicerContext, owners: Collection[str]) -> bool:
-        """Whether a thing of ``owners`` goes to this watcher: their own always, another's
-        to a service or to an admin who still is one. Ends the stream when an admin is
-        no longer one, or it cannot be told (it fails closed)."""
-        if self.name in owners:
+        """Whether a thing of ``owners`` goes to this watcher: their own always (with what
+        it holds of others' hidden unless they are an admin still), another's to a
+        service or to an admin who still is one. Ends the stream when an admin is no
+        longer one, or it cannot be told (it fails closed)."""
+        own = self.name in owners
+        if own and all(owner == self.name for owner in owners):
             return True
-        if not self.admin or self.service:
-            return self.admin
+        if not self.admin:
+            return own
+        if self.fixed:
+            return True
         try:
             still = await self._still_admin(self.name)
         except Exception as err:

@@ -164,32 +164,42 @@ def is_admin(config: LimitsConfig, user: str, unix_members: Collection[str] | No
 
 
 NSS_TIMEOUT = 5.0  # seconds NSS may take to list a group (an LDAP server's answer)
-_hung: list[threading.Thread] = []  # a lookup NSS has not answered, while it has not
+
+
+@dataclass
+class _Lookup:
+    group: str
+    thread: threading.Thread
+    found: list[frozenset[str]]
+
+
+_last: list[_Lookup] = []  # the last lookup started: hung while its thread is alive
+_starting = threading.Lock()
 
 
 def unix_group_members(group: str) -> frozenset[str]:
     """The supplementary members of the Linux group ``group``; none if there is no such
     group, or NSS (LDAP perhaps) cannot say within NSS_TIMEOUT: nobody is an admin by a
-    group unread, and an NSS that stops answering holds up no reload of the files. While
-    one lookup hangs no other is started, and each reading finds none."""
-    if _hung and _hung[-1].is_alive():
-        log.warning("NSS has still not listed group %r's members; none count as admins", group)
-        return frozenset()
-    _hung.clear()
-    found: list[frozenset[str]] = []
-    lookup = threading.Thread(
-        target=lambda: found.append(_members(group)), name="nss-group", daemon=True
-    )
-    lookup.start()
-    lookup.join(NSS_TIMEOUT)
-    if lookup.is_alive():
-        _hung.append(lookup)
+    group unread, and an NSS that stops answering holds up no reload of the files. One
+    lookup at a time: a caller while one is under way waits for its answer."""
+    with _starting:
+        lookup = _last[0] if _last else None
+        if lookup is None or not lookup.thread.is_alive() or lookup.group != group:
+            found: list[frozenset[str]] = []
+            thread = threading.Thread(
+                target=lambda: found.append(_members(group)), name="nss-group", daemon=True
+            )
+            lookup = _Lookup(group, thread, found)
+            _last[:] = [lookup]
+            thread.start()
+    lookup.thread.join(NSS_TIMEOUT)
+    if lookup.thread.is_alive():
         log.warning(
             "NSS did not list group %r's members within %s s; none count as admins",
             group,
             NSS_TIMEOUT,
         )
-    return found[0] if found else frozenset()
+    return lookup.found[0] if lookup.found else frozenset()
 
 
 def _members(group: str) -> frozenset[str]:

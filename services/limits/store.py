@@ -140,7 +140,8 @@ class LimitsStore:
             change = self._what_changed(old, new, moved)
         except Exception:  # whatever it was, what other services keep must go
             log.exception("cannot tell what limits configuration %s changed", new.digest)
-            change = Change(moved, True, new.digest)
+            listed = listed_users(new) | (listed_users(old) if old else set())
+            change = Change(frozenset(listed) | moved, True, new.digest)
         if change is not None:
             self._publish(change)
         return change

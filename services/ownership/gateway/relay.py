@@ -144,8 +144,9 @@ class DockerGateway:
                     break
         finally:
             task.cancel()  # a no-op once it is done; else no admin now, or the gateway stops
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait({task})  # its cleanup before the connection's
+        if not task.cancelled():
+            task.result()  # what it raised, for the connection's own handling
 
     def decided(
         self, user: str, route: str, target: str, decision: str, reason: str = "",
