@@ -22,11 +22,14 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from aetcd.exceptions import ClientError
 
 from ds01.client import ClientIdentity, Ds01Client, Ds01Error
 from ds01.core.config import Config, ContainersConfig, InventoryConfig
+from ds01.core.etcd import etcd_client
 from ds01.core.pki import SERVICES, Pki, issue_client_cert
 from ds01.core.processes import EtcdMember, free_port, start_dockerd, start_etcd_cluster
+from ds01.core.watch import under, watching
 from ds01.v1 import allocator_pb2, common_pb2
 from tests.harness import (
     ANY_PORT_METRICS,
@@ -259,3 +262,24 @@ async def test_two_nodes_on_one_etcd_cluster_serve_one_fleet(fleet: Fleet, unix_
         assert _up(await fleet.status("n2")) == {"n1", "n2"}
     finally:
         fleet.members[0].start(pki.etcd)
+
+
+async def test_a_watch_on_a_member_cut_off_from_the_quorum_ends(
+    members: list[EtcdMember], pki: Pki
+):
+    """A member that lost the others still answers pings, so its watches stayed open
+    with nothing to send: an allocator's view and event streams went quiet and stale.
+    Watches ask etcd to end them when their member has no leader (as etcd's own client
+    does): the watch ends as etcd gone away, and is opened again elsewhere."""
+    client = etcd_client([members[0].endpoint], pki.etcd, "allocator")
+    try:
+        async with watching(client, [under(b"/probe/")], 0) as batches:
+            following = asyncio.ensure_future(anext(batches))
+            await asyncio.sleep(1)
+            assert not following.done(), "a watch on a healthy cluster ended"
+            for member in members[1:]:
+                member.stop()
+            with pytest.raises(ClientError, match="no leader"):
+                await asyncio.wait_for(following, 30)
+    finally:
+        await client.close()

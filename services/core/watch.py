@@ -22,6 +22,9 @@ from aetcd import exceptions, rpc
 from aetcd.utils import prefix_range_end
 
 PUT, DELETE = rpc.Event.PUT, rpc.Event.DELETE
+# As etcd's own client asks: a member cut off from the others' quorum ends the watch
+# ("no leader") instead of keeping it open, answering pings, with no events to send.
+_HAS_LEADER = ("hasleader", "true")
 
 
 class WatchEnded(exceptions.ClientError):
@@ -63,7 +66,7 @@ async def watching(
     where ``prev_kv``; it raises WatchEnded when etcd ends it (Compacted where its
     history no longer reaches ``start_revision``)."""
     await client.connect()
-    call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+    call = rpc.WatchStub(client.channel).Watch(metadata=(*(client.metadata or ()), _HAS_LEADER))
     try:
         for first, end in ranges:
             create = rpc.WatchCreateRequest(
