@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from ds01.client import Ds01Error
 from ds01.core import limits_cache
 from ds01.core.limits_cache import CachedLimits
 from tests.allocator_env import AllocatorEnv
@@ -73,6 +74,24 @@ async def test_an_answer_is_asked_once_until_a_reload_changes_it(
         assert (await cache.get_limits("alice")).priority == 11  # the next request has it
     finally:
         await _reload(env, "priority: 11", "priority: 10")
+
+
+async def test_many_asking_at_once_ask_once(cache: CachedLimits):
+    """A burst for one user (Allocates right after a change dropped what was kept, or
+    the same admin's streams each asking again) makes one GetLimits, not one each; a
+    refusal reaches each of them alike."""
+    asked = Asked(cache)
+    asked.hold.clear()
+    answers = [asyncio.ensure_future(cache.get_limits("alice")) for _ in range(20)]
+    await asyncio.sleep(0.2)
+    asked.hold.set()
+    got = await asyncio.gather(*answers)
+    assert asked.count == {"alice": 1} and all(answer == got[0] for answer in got)
+    refused = await asyncio.gather(
+        *(cache.get_limits("no/such") for _ in range(5)), return_exceptions=True
+    )
+    assert asked.count["no/such"] == 1
+    assert all(isinstance(r, Ds01Error) and "no/such" in r.message for r in refused), refused
 
 
 async def test_an_answer_is_asked_again_after_ten_minutes_however_quiet(

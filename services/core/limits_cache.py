@@ -57,6 +57,9 @@ class CachedLimits:
         # Changes seen: an answer asked for before a change and received after it is
         # not kept (it may predate the change).
         self._changes = 0
+        # Questions on their way, by (key, changes seen when asked): asked once however
+        # many ask at once, and never answered by a request begun before a change.
+        self._asking: dict[tuple[Hashable, int], asyncio.Future[Any]] = {}
 
     async def follow_changes(self) -> None:
         """Keep the change stream open; without it, nothing is kept. Asked locally,
@@ -95,6 +98,22 @@ class CachedLimits:
         kept = self._answers.get(key)
         if kept is not None and kept[0] > time.monotonic():
             return kept[1]
+        # A burst for one user (Allocates right after a change dropped what was kept)
+        # makes one request, not one each.
+        flight = (key, self._changes)
+        asking = self._asking.get(flight)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(key, ask))
+            self._asking[flight] = asking
+            asking.add_done_callback(lambda done: self._landed(flight, done))
+        return await asyncio.shield(asking)
+
+    def _landed(self, flight: tuple[Hashable, int], done: asyncio.Future[Any]) -> None:
+        del self._asking[flight]
+        if not done.cancelled():
+            done.exception()  # told to every asker; none left is no unread error
+
+    async def _ask(self, key: Hashable, ask: Callable[[], Awaitable[T]]) -> T:
         changes = self._changes
         answer = await ask()
         if self._watching and changes == self._changes:
