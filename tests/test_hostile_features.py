@@ -801,13 +801,15 @@ admin_stack = full_stack_fixture(LIMITS + f"access_control:\n  admin_users: [roo
 
 
 async def test_an_admin_removed_sees_nothing_more_of_others_on_streams_opened_before(
-    admin_stack: AllocatorEnv, test_image: str, etcd_endpoint: str
+    admin_stack: AllocatorEnv, test_image: str, etcd_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ):
     """Rights are checked as a call starts, and a stream stays open for days (its pings
     keep it so): an admin removed from the configuration kept every user's allocations,
-    container events and limits changes on each stream opened while they were one.
+    container events, limits changes and container owners on each stream opened while
+    they were one.
     Each of them, live or replaying, of everyone or of one other user, now ends
     PERMISSION_DENIED and shows nothing of another's made after the removal."""
+    monkeypatch.setattr(ownership_server, "ADMIN_KEPT", 0.3)  # 10 s in service
     stack, secret = admin_stack, "zebrafish"
     since = await etcd_revision(etcd_endpoint, stack.pki)
     async with clients(stack, ALICE, BOB) as (alice, bob):
@@ -819,6 +821,7 @@ async def test_an_admin_removed_sees_nothing_more_of_others_on_streams_opened_be
             "WatchContainerEvents of bob": Collector(alice.watch_container_events(user=BOB)),
             "WatchLimits of everyone": Collector(alice.watch_limits()),
             "WatchLimits of bob": Collector(alice.watch_limits(BOB)),
+            "WatchOwners": Collector(alice.watch_owners()),
         }
         await asyncio.sleep(0.5)
         await bob.create_container("before", test_image, gpus=1, gpu_preference=MIG)

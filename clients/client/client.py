@@ -367,6 +367,12 @@ class Ds01Client:
         request = ownership_pb2.ListOwnersRequest(owner=owner)
         return list((await self.unary("ownership", _OwnershipStub, "ListOwners", request)).owners)
 
+    def watch_owners(self) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
+        """Each container's owner as it is set or removed, from now on (services and
+        admins)."""
+        stub = self.stub("ownership", _OwnershipStub)
+        return self._follow("ownership", stub.WatchOwners(ownership_pb2.WatchOwnersRequest()))
+
     async def import_containers(self, dry_run: bool) -> list[containers_pb2.ImportedContainer]:
         """Adopt (or, dry_run, plan adopting) a DS01 host's containers; admins only."""
         request = containers_pb2.ImportContainersRequest(dry_run=dry_run)

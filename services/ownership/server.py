@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +20,7 @@ from ds01.containers.adoption import unaccounted
 from ds01.containers.lifecycle import apply_user_limits
 from ds01.containers.spec import limits_of
 from ds01.core.account_files import AccountFiles
+from ds01.core.admin_view import AdminView
 from ds01.core.docker_api import Daemon
 from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import connect
@@ -62,9 +63,10 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
     """Answers from the sync's memory of this node's containers; WatchOwners follows the
     etcd keys the sync writes."""
 
-    def __init__(self, sync: OwnershipSync) -> None:
+    def __init__(self, sync: OwnershipSync, is_admin: Callable[[str], Awaitable[bool]]) -> None:
         self.sync = sync
         self.store = sync.store
+        self.is_admin = is_admin
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> None:
         if not self.sync.resyncs:
@@ -103,14 +105,16 @@ class OwnershipServicer(ownership_pb2_grpc.OwnershipServiceServicer):
     async def WatchOwners(
         self, request: ownership_pb2.WatchOwnersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ownership_pb2.WatchOwnersResponse]:
-        if not caller().privileged:
+        principal = caller()
+        if not principal.privileged:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "for services and admins")
+        view = AdminView(principal, True, self.is_admin, "container owners")
         prefix = under(self.store.prefix.encode())
         async with watching(self.store.client, [prefix], 0, prev_kv=True) as stream:
             async for events in stream:
                 for event in events:
                     answer = owner_event(event)
-                    if answer is not None:
+                    if answer is not None and await view.shows(context, (answer.owner.owner,)):
                         yield answer
 
 
@@ -142,17 +146,8 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         for token in labels.get(PINS_LABEL, "").split():
             await asyncio.to_thread(pins.unpin, token)
 
-    sync = OwnershipSync(docker_host, store, on_destroy=unpin)
-    ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(OwnershipServicer(sync), server)
-    runtime.run_in_background(sync.run(), "ownership-sync")
-    enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
-    await enrollment.start()
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("ownership"))
     client = Ds01Client(config, identity, wait_for_ready=True)
-    runtime.needs_etcd(etcd)
-    runtime.dependencies.add("docker", config.docker_host, docker_host.ping)
-    runtime.needs_services(identity, "limits")
-
     admins: dict[str, tuple[float, bool]] = {}
 
     async def is_admin(user: str) -> bool:
@@ -165,6 +160,16 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
             return False  # fail closed: not known to be an admin
         admins[user] = (time.monotonic() + ADMIN_KEPT, admin)
         return admin
+
+    sync = OwnershipSync(docker_host, store, on_destroy=unpin)
+    servicer = OwnershipServicer(sync, is_admin)
+    ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(servicer, server)
+    runtime.run_in_background(sync.run(), "ownership-sync")
+    enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
+    await enrollment.start()
+    runtime.needs_etcd(etcd)
+    runtime.dependencies.add("docker", config.docker_host, docker_host.ping)
+    runtime.needs_services(identity, "limits")
 
     cgroups, slices = CgroupfsSlices(), SystemdSlices()
 
