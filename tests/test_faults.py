@@ -321,6 +321,40 @@ async def test_events_follow_resumes_where_it_was_once_etcd_is_back(own_etcd: Ow
         await process.wait()
 
 
+async def test_events_follow_that_printed_nothing_yet_misses_nothing_while_away(
+    env: AllocatorEnv,
+):
+    """`ds01 events -f` (from now on) cut off before it had printed anything went on from
+    its own return, and what happened while it was away was never printed. It begins
+    at a revision read as it starts, and goes on from there."""
+    paths = env.pki.client("root")
+    process = await asyncio.create_subprocess_exec(
+        DS01, "--config", str(env.config_file), "events", "--follow", "--type", "allocated",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DS01_CERT": str(paths.cert), "DS01_KEY": str(paths.key)},
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    other = EtcdState(connect(env.config, "allocator"))
+    try:
+        assert (await asyncio.wait_for(process.stdout.readline(), 20)).startswith(b"TIME")
+        await asyncio.sleep(1.0)  # the stream is open
+        await env.stop("allocator")
+        warning = ""
+        while "following on once it is back" not in warning:  # past gRPC's own log lines
+            warning = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
+            assert warning, "no warning that the stream was cut"
+        # Meanwhile another allocator process (one on the same etcd) books a slot.
+        alice = Actor("alice", False)
+        await (await _allocator(env, other)).allocate(Request("alice", "away._.alice"), alice)
+        await env.start("allocator")
+        printed = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        assert line_of(printed) == ["allocated", "alice", "away._.alice"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        await process.wait()
+        await other.close()
+
+
 def line_of(printed: str) -> list[str]:
     """An events line's type, user and container."""
     return printed.split()[3:6]

@@ -189,17 +189,24 @@ def events(
     wanted = set(types)
 
     async def stream(client: Ds01Client) -> None:
+        start = revision
+        if not start:
+            # "Now" as a revision: a stream opened again before it printed anything goes
+            # on from here, not from its return (what happened meanwhile would be lost).
+            with contextlib.suppress(Ds01Error):
+                me = (await client.whoami("allocator")).name  # one user: cheap on any fleet
+                start = (await client.gpu_status(user=me)).revision
         queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
         pumps = []
         if not wanted or wanted & set(ALLOCATION_TYPES.values()):
             allocations = client.watch_allocations
             pumps.append(
-                asyncio.create_task(_pump(allocations, revision, allocation_event, queue, follow))
+                asyncio.create_task(_pump(allocations, start, allocation_event, queue, follow))
             )
         if not wanted or wanted & set(CONTAINER_TYPES.values()):
             lifecycle = functools.partial(_container_events, client, user)
             pumps.append(
-                asyncio.create_task(_pump(lifecycle, revision, container_event, queue, follow))
+                asyncio.create_task(_pump(lifecycle, start, container_event, queue, follow))
             )
         history: list[Event] = []
         if not as_json:
