@@ -19,13 +19,7 @@ PING_ANSWER_MS = 10_000
 
 def client_options() -> list[tuple[str, int]]:
     """Channel options for a client of a ds01 service."""
-    return [
-        ("grpc.keepalive_time_ms", PING_EVERY_MS),
-        ("grpc.keepalive_timeout_ms", PING_ANSWER_MS),
-        ("grpc.http2.ping_timeout_ms", PING_ANSWER_MS),  # what recent gRPC waits for
-        # A stream that only receives still pings (gRPC stops after two by default).
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    return _pinging(PING_EVERY_MS)
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -35,8 +29,17 @@ def server_options() -> list[tuple[str, int]]:
     let go within a minute, not after gRPC's two hours."""
     return [
         ("grpc.http2.min_ping_interval_without_data_ms", PING_EVERY_MS // 2),
-        ("grpc.keepalive_time_ms", PING_EVERY_MS * 3),
+        *_pinging(PING_EVERY_MS * 3),
+    ]
+
+
+def _pinging(every_ms: int) -> list[tuple[str, int]]:
+    """Ping the peer every ``every_ms`` while a call is open; give the connection up
+    when a ping goes unanswered for PING_ANSWER_MS."""
+    return [
+        ("grpc.keepalive_time_ms", every_ms),
         ("grpc.keepalive_timeout_ms", PING_ANSWER_MS),
-        ("grpc.http2.ping_timeout_ms", PING_ANSWER_MS),
+        ("grpc.http2.ping_timeout_ms", PING_ANSWER_MS),  # what recent gRPC waits for
+        # A stream that only receives still pings (gRPC stops after two by default).
         ("grpc.http2.max_pings_without_data", 0),
     ]
