@@ -25,6 +25,7 @@ from ds01.core.docker_api import Daemon
 from ds01.core.docker_args import nano_cpus
 from ds01.core.etcd import connect
 from ds01.core.identity import caller
+from ds01.core.limits_cache import CachedLimits
 from ds01.core.messages import abort
 from ds01.core.server import ServiceRuntime, ServiceSpec
 from ds01.core.watch import PUT, under, watching
@@ -40,7 +41,6 @@ from ds01.v1 import ownership_pb2, ownership_pb2_grpc
 
 log = logging.getLogger(__name__)
 OWNERSHIP_SERVICE = ownership_pb2.DESCRIPTOR.services_by_name["OwnershipService"].full_name
-ADMIN_KEPT = 10.0  # seconds the gateway keeps "is this user an admin": roles change rarely
 _SOURCES = {
     DS01_LABEL: ownership_pb2.OWNER_SOURCE_DS01_LABEL,
     MLC_LABEL: ownership_pb2.OWNER_SOURCE_MLC_LABEL,
@@ -148,18 +148,20 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
 
     identity = ClientIdentity(config.pki.ca_cert, config.pki.service("ownership"))
     client = Ds01Client(config, identity, wait_for_ready=True)
-    admins: dict[str, tuple[float, bool]] = {}
+    limits = CachedLimits(client, runtime.context.limits)
+    runtime.run_in_background(limits.follow_changes(), "limits-changes")
 
     async def is_admin(user: str) -> bool:
-        cached = admins.get(user)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        """Whether ``user`` is an admin now (an answer kept until limits change); raises
+        Ds01Error when that cannot be told, for a stream to end UNAVAILABLE."""
+        return (await limits.get_limits(user)).admin
+
+    async def known_admin(user: str) -> bool:
+        """For the gateway, which fails closed: not known to be an admin is none."""
         try:
-            admin = (await client.get_limits(user)).admin
+            return await is_admin(user)
         except Ds01Error:
-            return False  # fail closed: not known to be an admin
-        admins[user] = (time.monotonic() + ADMIN_KEPT, admin)
-        return admin
+            return False
 
     sync = OwnershipSync(docker_host, store, on_destroy=unpin)
     servicer = OwnershipServicer(sync, is_admin)
@@ -185,14 +187,12 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         return found
 
     async def read_settings(user: str) -> UserSettings:
-        limits = await client.get_limits(user)
+        found = await limits.get_limits(user)
         # What a container on this Docker gets, as `ds01 limits --docker-args` prints it.
-        args = await client.get_docker_args(user, docker=await docker_host.docker_info())
-        await asyncio.to_thread(apply_user_limits, cgroups, slices, args.cgroup_parent, limits)
-        most = (
-            limits.max_containers_per_user if limits.HasField("max_containers_per_user") else None
-        )
-        return UserSettings(args.cgroup_parent, caps_of(limits, args), most)
+        args = await limits.get_docker_args(user, "", await docker_host.docker_info())
+        await asyncio.to_thread(apply_user_limits, cgroups, slices, args.cgroup_parent, found)
+        most = found.max_containers_per_user if found.HasField("max_containers_per_user") else None
+        return UserSettings(args.cgroup_parent, caps_of(found, args), most)
 
     async def container_owner(container_id: str) -> str | None:
         known = sync.known.get(container_id)  # by full id only: an id never changes owner
@@ -216,7 +216,7 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
         account_files=AccountFiles(config.state_dir / "accounts"),
     )
     proxy = DockerGateway(
-        config.ownership.proxy_socket, docker_socket, gateway, is_admin, runtime.audit
+        config.ownership.proxy_socket, docker_socket, gateway, known_admin, runtime.audit
     )
     gateway_metrics.register(runtime.metrics, proxy.stats)
     await proxy.start()
