@@ -220,6 +220,67 @@ async def test_events_follow_resumes_a_stream_cut_inside_a_transaction_and_loses
     assert opened == [0, 4]
 
 
+BEHIND = "this watcher fell behind"
+# How a following stream ends, after how many of its events, as the service ends it:
+# (code, resume_after given, events before the end).
+CUTS = {
+    "fell behind, after an event": (grpc.StatusCode.RESOURCE_EXHAUSTED, True, 1),
+    "fell behind, mid-transaction": (grpc.StatusCode.RESOURCE_EXHAUSTED, True, 2),
+    "fell behind, before any event": (grpc.StatusCode.RESOURCE_EXHAUSTED, True, 0),
+    "its service away, after an event": (grpc.StatusCode.UNAVAILABLE, False, 1),
+}
+
+
+@pytest.mark.parametrize("cut", CUTS)
+async def test_events_follow_goes_on_from_a_stream_its_service_ended_and_loses_nothing(
+    cut: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A live stream whose reader fell behind (a paused pager stops ``ds01 events -f``
+    reading) is ended by its service with the revision to resume after, and the command
+    ended with the error; it follows on at once now, as after an outage, from the last
+    event it had: nothing twice, nothing missed, and one warning for each cut."""
+    code, resumable, before = CUTS[cut]
+    # An outage is waited out (RESUME_EVERY); a stream that fell behind goes on at once.
+    away = code == grpc.StatusCode.UNAVAILABLE
+    monkeypatch.setattr(events_cli, "RESUME_EVERY", 0 if away else 60)
+    history = [_event(5, "1:1"), _event(6, "2:1"), _event(6, "2:2"), _event(7, "3:1")]
+    first = 3  # the stream's own start: the revision of a status read as it began
+    opened: list[int] = []
+
+    async def stream(since: int) -> AsyncIterator[events_cli.Event]:
+        opened.append(since)
+        for n, event in enumerate(e for e in history if e.revision > since):
+            if len(opened) == 1 and n == before:
+                after = (event.revision - 1) if resumable else None
+                raise Ds01Error(code, BEHIND, resume_after=after)
+            yield event
+
+    queue: asyncio.Queue[events_cli.Event | Exception] = asyncio.Queue()
+    await asyncio.wait_for(events_cli._pump(stream, first, lambda e: e, queue, True), 5)
+    printed = [queue.get_nowait() for _ in range(queue.qsize())]
+    every = [e.slot for e in history]
+    assert [getattr(e, "slot", "cut") for e in printed] == [*every[:before], "cut", *every[before:]]
+    assert len(opened) == 2
+
+
+@pytest.mark.parametrize("since", [0, 3])
+async def test_events_follow_gives_up_on_a_refusal_it_cannot_follow_on_from(since: int):
+    """Not every RESOURCE_EXHAUSTED is a stream to follow on: too many streams open is a
+    refusal, with no revision to resume after; the command ends with it, asking once."""
+    opened: list[int] = []
+
+    async def stream(since: int) -> AsyncIterator[events_cli.Event]:
+        opened.append(since)
+        raise Ds01Error(grpc.StatusCode.RESOURCE_EXHAUSTED, "alice has 64 event streams open")
+        yield  # an async generator, as the client's streams are
+
+    queue: asyncio.Queue[events_cli.Event | Exception] = asyncio.Queue()
+    await asyncio.wait_for(events_cli._pump(stream, since, lambda e: e, queue, True), 5)
+    (ended,) = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert isinstance(ended, Ds01Error) and ended.resume_after is None
+    assert opened == [since]
+
+
 def _event(revision: int, slot: str) -> events_cli.Event:
     return events_cli.Event("allocation", "allocated", "", revision, "alice", "x._.alice",
                             "n1", slot, "")  # fmt: skip

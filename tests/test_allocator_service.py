@@ -8,13 +8,15 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import grpc
 import pytest
 
-from ds01.allocator.events import EventHub, EventKind, Overflow
+from ds01.allocator.events import AllocationEvent, EventHub, EventKind, Overflow, Subscription
 from ds01.allocator.records import HOLDERS, Holder, slot_key
+from ds01.cli import events as events_cli
 from ds01.client import Ds01Client, Ds01Error
 from ds01.core.etcd import connect, etcd_client
 from ds01.core.identity import STREAMS_PER_USER
@@ -286,6 +288,70 @@ async def test_a_watcher_that_falls_behind_is_cut_off_without_holding_back_the_o
         ended = await asyncio.wait_for(idle.get(), 5)
         assert ended == Overflow(revisions[0] - 1)  # what the stream tells its watcher
         assert await asyncio.wait_for(idle.get(), 5) == ended  # and nothing after it
+
+
+@pytest.mark.parametrize("given_before", [1, 0])
+async def test_a_watcher_cut_off_for_falling_behind_is_told_where_to_follow_on(
+    env: AllocatorEnv, monkeypatch: pytest.MonkeyPatch, given_before: int
+):
+    """A live stream cut off because its reader fell QUEUE events behind ends
+    RESOURCE_EXHAUSTED with the revision to resume after, in words and for programs
+    (``Ds01Error.resume_after``, set on no other refusal): resuming there, the library
+    user gets the event it was cut at and what came after. `ds01 events -f` follows on
+    by itself, at once, from the last it had: nothing twice, nothing missed."""
+    offer = Subscription.offer
+
+    def falls_behind(self: Subscription, batch: list[AllocationEvent], most: int) -> bool:
+        """Every stream is as far behind as the hub allows when the "cut" event comes."""
+        if any(event.holder.container == "cut._.alice" for event in batch):
+            self.end(Overflow(batch[0].revision - 1))
+            return False
+        return offer(self, batch, most)
+
+    monkeypatch.setattr(Subscription, "offer", falls_behind)
+    names = [*["before._.alice"][:given_before], "cut._.alice", "after._.bob"]
+    got: list[Any] = []
+
+    async def read_live() -> None:
+        try:
+            async for event in admin.watch_allocations():  # live: the hub's
+                got.append(event.allocation.container)
+        except Ds01Error as err:
+            got.append(err)
+
+    async with env.client("labadmin") as admin:
+        queue: asyncio.Queue[events_cli.Event | Exception] = asyncio.Queue()
+        following = [  # and as `ds01 events -f` from now on
+            asyncio.ensure_future(read_live()),
+            asyncio.ensure_future(
+                events_cli._pump(admin.watch_allocations, 0, events_cli.allocation_event,
+                                 queue, True)
+            ),
+        ]  # fmt: skip
+        try:
+            await asyncio.sleep(0.5)  # both are open
+            for name in names:
+                await admin.allocate(name, user=name.split("._.")[1])
+            await asyncio.wait_for(following[0], 10)
+            *before, ended = got
+            assert before == names[:given_before]
+            assert isinstance(ended, Ds01Error), got
+            assert ended.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"since_revision={ended.resume_after}" in ended.message
+            resumed = await collect(admin.watch_allocations(ended.resume_after), 2, 5)
+            assert [e.allocation.container for e in resumed] == names[given_before:]
+            printed: list[Any] = []
+            while sum(isinstance(e, events_cli.Event) for e in printed) < len(names):
+                printed.append(await asyncio.wait_for(queue.get(), 10))
+            assert [getattr(e, "container", "cut") for e in printed] == [
+                *names[:given_before],
+                "cut",
+                *names[given_before:],
+            ]
+            assert not following[1].done()  # still following
+        finally:
+            for task in following:
+                task.cancel()
 
 
 async def test_a_message_of_more_events_than_the_queue_cuts_off_no_watcher_that_keeps_up(

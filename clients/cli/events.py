@@ -115,11 +115,11 @@ async def _pump(
 ) -> None:
     """Every event of one stream into ``queue``, and the error that ends it. Following, a
     stream that ends UNAVAILABLE (its service, or the service's etcd, went away) is
-    opened again every RESUME_EVERY seconds until it is back, from just before the last
-    revision it gave: one transaction's events share a revision, and a stream cut
-    between them would otherwise lose the rest. Those of it already given are skipped,
-    so nothing comes twice and nothing is missed; the error is put once per outage, for
-    a warning."""
+    opened again every RESUME_EVERY seconds until it is back, and one its service ended
+    because it fell behind at once; either from just before the last revision it gave:
+    one transaction's events share a revision, and a stream cut between them would
+    otherwise lose the rest. Those of it already given are skipped, so nothing comes
+    twice and nothing is missed; the error is put once per outage, for a warning."""
     told, given = False, set[Event]()  # given: the events of revision ``since`` put
     while True:
         try:
@@ -139,7 +139,12 @@ async def _pump(
             if not told:
                 await queue.put(err)
                 told = True
-            if not follow or err.code != grpc.StatusCode.UNAVAILABLE:
+            if not follow:
+                return
+            if err.resume_after is not None:  # it fell behind: on at once, from here
+                since = since or err.resume_after  # (the service's word if none came yet)
+                continue
+            if err.code != grpc.StatusCode.UNAVAILABLE:
                 return
         await asyncio.sleep(RESUME_EVERY)
 
@@ -217,6 +222,13 @@ def events(
                     item = await asyncio.wait_for(queue.get(), None if follow else QUIET)
                 except TimeoutError:
                     break
+                if isinstance(item, Ds01Error) and item.resume_after is not None and follow:
+                    click.echo(
+                        "ds01: warning: events came faster than they were printed and the "
+                        "service ended the stream; following on from the last one printed",
+                        err=True,
+                    )
+                    continue
                 if isinstance(item, Ds01Error) and item.code == grpc.StatusCode.UNAVAILABLE:
                     # One service away: the other's events still come, with a word.
                     back = "; following on once it is back" if follow else ""

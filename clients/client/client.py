@@ -18,7 +18,7 @@ from ds01.client.credentials import ClientIdentity, find_identity
 from ds01.core import keepalive
 from ds01.core.config import Config
 from ds01.core.docker_args import DockerInfo
-from ds01.core.messages import ANSWERED
+from ds01.core.messages import ANSWERED, RESUME_AFTER
 from ds01.core.pki import SERVICES
 from ds01.core.tls import certificate_problem, channel_credentials
 from ds01.v1 import (
@@ -76,11 +76,20 @@ _RETRY_READS = json.dumps(
 
 
 class Ds01Error(Exception):
-    """A failed call: ``code`` is the gRPC status, ``message`` says what to do."""
+    """A failed call: ``code`` is the gRPC status, ``message`` says what to do;
+    ``resume_after``, on a live stream its service ended because it fell behind, the
+    revision to follow on after."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, advice: str = "") -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        advice: str = "",
+        resume_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.resume_after = resume_after
         self.message = f"{message}; {advice}" if advice else message
         self.problem = message  # without the advice: for a caller that advises itself
 
@@ -400,7 +409,9 @@ class Ds01Client:
         code = err.code()
         trailing = err.trailing_metadata()
         if trailing and trailing.get(ANSWERED[0]) == ANSWERED[1]:  # the service's own sentence
-            return Ds01Error(code, err.details() or code.name.lower())
+            resume = trailing.get(RESUME_AFTER)
+            after = int(resume) if isinstance(resume, str) and resume.isdigit() else None
+            return Ds01Error(code, err.details() or code.name.lower(), resume_after=after)
         if code == grpc.StatusCode.UNAVAILABLE:
             problem = certificate_problem(self.identity.ca_cert, self.identity.cert)
             if problem:

@@ -270,6 +270,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):
                         context,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"this watcher fell behind; resume with since_revision={item.revision}",
+                        resume_after=item.revision,
                     )
                 if isinstance(item, Exception):
                     await abort(context, grpc.StatusCode.UNAVAILABLE, f"etcd watch failed: {item}")

@@ -134,7 +134,9 @@ class AllocatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAllocations(self, request, context):
-        """Every allocation change, each with its etcd revision; resumable.
+        """Every allocation change, each with its etcd revision; resumable. A live stream
+        (since_revision 0) whose reader falls 1,024 events behind ends RESOURCE_EXHAUSTED
+        with trailing metadata "ds01-resume-after": the revision to resume after.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
