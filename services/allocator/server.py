@@ -131,7 +131,7 @@ class RemoteLimits:
         return limits.gpu_hold_after_stop.ToTimedelta().total_seconds()
 
     async def is_admin(self, user: str) -> bool:
-        return (await self.limits(user)).admin
+        return await self.cache.is_admin(user)
 
 
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServiceServicer):

@@ -146,7 +146,7 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
                 context, grpc.StatusCode.PERMISSION_DENIED, "only admins see others' events"
             )
         wanted = request.user or ("" if privileged else user)
-        view = AdminView(caller(), privileged, self._is_admin, "container events")
+        view = AdminView(caller(), privileged, self.lifecycle.limits.is_admin, "container events")
         client = self.lifecycle.metadata.client
         try:
             watch = functools.partial(watch_lifecycle, client)
@@ -209,11 +209,8 @@ class ContainersServicer(containers_pb2_grpc.ContainersServiceServicer):
         privileged = principal.is_admin
         if not privileged:
             with contextlib.suppress(Ds01Error):
-                privileged = await self._is_admin(principal.name)
+                privileged = await self.lifecycle.limits.is_admin(principal.name)
         return principal.name, privileged
-
-    async def _is_admin(self, user: str) -> bool:
-        return (await self.lifecycle.limits.get_limits(user)).admin
 
     async def _answer(
         self, metadata: Metadata, gpus: list[common_pb2.Allocation]

@@ -84,6 +84,11 @@ class CachedLimits:
             lambda: self.client.get_limits(user, container_type),
         )
 
+    async def is_admin(self, user: str) -> bool:
+        """Whether ``user`` is an admin now; Ds01Error when that cannot be told (each
+        caller decides whether to fail closed or end its call)."""
+        return (await self.get_limits(user)).admin
+
     async def get_docker_args(
         self, user: str, container_type: str, docker: DockerInfo
     ) -> limits_pb2.GetDockerArgsResponse:

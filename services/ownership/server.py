@@ -151,20 +151,16 @@ async def register(server: grpc.aio.Server, runtime: ServiceRuntime) -> None:
     limits = CachedLimits(client, runtime.context.limits)
     runtime.run_in_background(limits.follow_changes(), "limits-changes")
 
-    async def is_admin(user: str) -> bool:
-        """Whether ``user`` is an admin now (an answer kept until limits change); raises
-        Ds01Error when that cannot be told, for a stream to end UNAVAILABLE."""
-        return (await limits.get_limits(user)).admin
-
     async def known_admin(user: str) -> bool:
         """For the gateway, which fails closed: not known to be an admin is none."""
         try:
-            return await is_admin(user)
+            return await limits.is_admin(user)
         except Ds01Error:
             return False
 
     sync = OwnershipSync(docker_host, store, on_destroy=unpin)
-    servicer = OwnershipServicer(sync, is_admin)
+    # WatchOwners ends UNAVAILABLE when whether its admin still is one cannot be told.
+    servicer = OwnershipServicer(sync, limits.is_admin)
     ownership_pb2_grpc.add_OwnershipServiceServicer_to_server(servicer, server)
     runtime.run_in_background(sync.run(), "ownership-sync")
     enrollment = EnrollmentServer(config.pki, config.ownership.enroll_socket)
